@@ -1,0 +1,390 @@
+"""Typed configuration: YAML sections -> dataclasses, `--set a.b=c` overrides, validation.
+
+Everything is checked before anything is allocated: unknown keys get a "did you mean" hint and
+impossible combinations name the keys involved. Values are coerced by the field's annotation,
+so `--set optim.lr=3e-4` and YAML `lr: 3e-4` mean the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from smoltrain.errors import ConfigError
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    num_layers: int = 30
+    num_heads: int = 9
+    num_kv_heads: int = 3  # == num_heads: MHA, 1: MQA, between: GQA
+    head_dim: Optional[int] = None  # derived as hidden_size // num_heads unless given (Qwen3 sets it)
+    intermediate_size: int = 1536  # SwiGLU width
+    tie_embeddings: bool = True
+    position_encoding: Literal["rope", "none"] = "rope"
+    rope_theta: float = 10000.0
+    nope_every: int = 0  # k > 0: every k-th layer (1-based) has no positions, as HF SmolLM3's no_rope_layers
+    document_masking: bool = True  # attend only within a document; positions restart per document
+    qk_norm: bool = False  # RMSNorm on queries and keys per head (Qwen3)
+    z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2), a stability term
+    init_std: float = 0.02
+    norm_eps: float = 1e-6
+    max_seq_len: int = 2048
+    attention_kernel: Literal["auto", "sdpa", "flex"] = "auto"  # auto: flex on CUDA, sdpa on CPU
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def uses_rope(self, layer: int) -> bool:
+        """HF SmolLM3 semantics: no_rope_layers[i] = 1 (RoPE) unless (i + 1) % interval == 0."""
+        if self.position_encoding == "none":
+            return False
+        return not (self.nope_every > 0 and (layer + 1) % self.nope_every == 0)
+
+
+@dataclass
+class StageConfig:
+    """One stage of a multi-stage curriculum; omitted fields keep the previous stage's value."""
+
+    name: str = "stage"
+    start_step: int = 0
+    mixture: dict[str, float] = field(default_factory=dict)
+    seq_len: Optional[int] = None  # long-context stage: a new sequence length
+    rope_theta: Optional[float] = None  # ABF: a larger RoPE base for long context
+    reset_schedule: bool = False  # fresh warmup/decay starting at start_step
+    lr: Optional[float] = None  # peak lr of the fresh schedule
+
+
+@dataclass
+class DataConfig:
+    # Where tokenized shards live: source name -> folder of `<name>_<5 digits>.bin/.idx` + meta.json.
+    # The special value "embedded" builds the embedded corpus, tokenizer and shards on first use.
+    sources: dict[str, str] = field(default_factory=dict)
+    validation: dict[str, str] = field(default_factory=dict)  # source name -> validation shard folder
+    mixture: dict[str, float] = field(default_factory=dict)  # source name -> weight (empty: equal)
+    tokenizer: Optional[str] = None  # tokenizer.json or a Hugging Face tokenizer folder
+    embedded: bool = False  # build the embedded demo corpus, tokenizer and shards on first use
+    embedded_vocab_size: int = 4096
+    cache_dir: str = ".cache/smoltrain"
+    seq_len: int = 2048
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 0.0  # floor of cosine and WSD decay
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    no_decay_embeddings: bool = True  # playbook stability rule; norms and biases never decay
+    grad_clip: float = 1.0  # 0 disables clipping
+    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.1  # WSD: share of steps spent decaying
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 1000
+    log_every: int = 10
+    save_every: int = 500
+    eval_every: int = 500
+    keep_checkpoints: int = 2
+    global_batch_tokens: int = 65536
+    micro_batch_size: int = 8
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: Literal["auto", "on", "off"] = "auto"  # auto: per-block compile on CUDA
+    activation_checkpointing: bool = False
+    peak_tflops: Optional[float] = None  # overrides the table of known accelerators for MFU
+    init: Optional[str] = None  # model folder to start from (imported weights)
+    spike_std: float = 6.0  # a loss this many std above its recent mean is a spike
+    spike_window: int = 50
+    spike_action: Literal["warn", "skip", "rewind"] = "warn"
+    spike_skip_batches: int = 10  # rewind: batches skipped after the checkpoint
+    tensorboard: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever the world size leaves after dp_replicate and tp
+    tp: int = 1
+    ddp: bool = False  # plain DistributedDataParallel instead of FSDP2
+    sequence_parallel: bool = True
+    loss_parallel: bool = False
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=list)  # embedded task names or task files
+    limit: Optional[int] = None  # items per task
+    batch_size: int = 16
+    val_batches: int = 20  # validation batches per source
+    num_fewshot: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- coercion
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(options)})"
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none", "~") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed (expected one of: {', '.join(map(str, args))})")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls, values: Any, prefix: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{full}'{_did_you_mean(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    path, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return path.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings to a raw config mapping (values parsed as YAML)."""
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: '{k}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
+    raw = apply_overrides(dict(raw or {}), overrides or [])
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or start from defaults when path is None), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections (model, data, optim, train, ...)")
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as e:
+        if path is not None:
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (temp name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config.to_yaml())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_model(m: ModelConfig) -> None:
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_seq_len"):
+        _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    if m.head_dim is None:
+        _require(
+            m.hidden_size % m.num_heads == 0,
+            f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})",
+        )
+    else:
+        _require(m.head_dim > 0, f"model.head_dim must be positive, got {m.head_dim}")
+    _require(
+        m.num_heads % m.num_kv_heads == 0,
+        f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({m.num_kv_heads})",
+    )
+    if m.position_encoding == "rope":
+        _require(
+            m.resolved_head_dim % 2 == 0,
+            f"model.head_dim ({m.resolved_head_dim}) must be even with model.position_encoding=rope",
+        )
+        _require(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
+    _require(m.nope_every >= 0, f"model.nope_every must be >= 0, got {m.nope_every}")
+    _require(m.z_loss >= 0, f"model.z_loss must be >= 0, got {m.z_loss}")
+    _require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
+    _require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
+
+
+def validate(c: Config) -> None:
+    validate_model(c.model)
+    d, o, t, p = c.data, c.optim, c.train, c.parallel
+    _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
+    _require(
+        d.seq_len <= c.model.max_seq_len,
+        f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({c.model.max_seq_len})",
+    )
+    for name, weight in d.mixture.items():
+        _require(weight >= 0, f"data.mixture.{name} must be >= 0, got {weight}")
+        if d.sources:
+            _require(name in d.sources, f"data.mixture.{name}: no such source{_did_you_mean(name, list(d.sources))}")
+    previous = -1
+    for i, stage in enumerate(d.stages):
+        _require(stage.start_step > previous, f"data.stages[{i}].start_step must increase, got {stage.start_step}")
+        previous = stage.start_step
+        seq_len = stage.seq_len or d.seq_len
+        _require(
+            seq_len <= c.model.max_seq_len,
+            f"data.stages[{i}].seq_len ({seq_len}) exceeds model.max_seq_len ({c.model.max_seq_len})",
+        )
+        for name in stage.mixture:
+            if d.sources:
+                _require(name in d.sources, f"data.stages[{i}].mixture.{name}: no such source{_did_you_mean(name, list(d.sources))}")
+    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    _require(0 <= o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must lie in [0, optim.lr ({o.lr})]")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _require(0 <= o.decay_fraction <= 1, f"optim.decay_fraction must lie in [0, 1], got {o.decay_fraction}")
+    _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+    for key in ("max_steps", "log_every", "save_every", "eval_every", "global_batch_tokens", "micro_batch_size", "keep_checkpoints"):
+        _require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
+    micro_tokens = t.micro_batch_size * d.seq_len
+    _require(
+        t.global_batch_tokens % micro_tokens == 0,
+        f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of "
+        f"train.micro_batch_size x data.seq_len ({t.micro_batch_size} x {d.seq_len} = {micro_tokens})",
+    )
+    for key in ("dp_replicate", "tp"):
+        _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be -1 (auto) or >= 1, got {p.dp_shard}")
+    _require(
+        c.model.num_kv_heads % p.tp == 0,
+        f"parallel.tp ({p.tp}) must divide model.num_kv_heads ({c.model.num_kv_heads})",
+    )

@@ -1,0 +1,128 @@
+"""Positions and attention kernels: rotary tables, document masks, sdpa or flex_attention.
+
+Positions restart at every document boundary, so RoPE layers see document-relative offsets and
+a packed sequence gives each document exactly the logits it would get alone. On CPU the
+document mask is a dense boolean block-diagonal matrix for sdpa (flex_attention has no CPU
+backward in torch 2.13); on CUDA it is a flex_attention BlockMask (about 2x faster than causal
+flash attention at 4096 tokens with 512-token documents).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def rotary_inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    # Same float32 recipe as transformers' default RoPE, so exported models match bit for bit.
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [max_seq_len, head_dim] in the rotate-half layout (first half, second half)."""
+    inv_freq = rotary_inverse_frequencies(head_dim, theta).to(device)
+    positions = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]; cos/sin: [batch, 1, seq, head_dim]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document: 0 at every document start. [batch, seq] -> [batch, seq]."""
+    seq = document_ids.shape[-1]
+    index = torch.arange(seq, device=document_ids.device).expand_as(document_ids)
+    is_start = torch.ones_like(document_ids, dtype=torch.bool)
+    is_start[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
+    start_index = torch.where(is_start, index, torch.zeros_like(index)).cummax(dim=-1).values
+    return index - start_index
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def resolve_kernel(requested: str, device: torch.device) -> str:
+    """Choose the attention kernel explicitly and say so once (no silent fallback)."""
+    if requested == "auto":
+        kernel = "flex" if device.type == "cuda" else "sdpa"
+    else:
+        kernel = requested
+    if kernel == "flex" and device.type != "cuda":
+        _note_once("flex_attention has no backward on CPU; using sdpa with a dense document mask")
+        kernel = "sdpa"
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _note_once(message: str) -> None:
+    log.info(message)
+
+
+def document_mask_dense(document_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean [batch, 1, seq, seq]: causal and same document."""
+    seq = document_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    return (causal & same_document)[:, None]
+
+
+def document_block_mask(document_ids: torch.Tensor):
+    """flex_attention BlockMask for causal attention within documents."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal_document(b, h, q, kv):
+        return (q >= kv) & (document_ids[b, q] == document_ids[b, kv])
+
+    batch, seq = document_ids.shape
+    return create_block_mask(causal_document, batch, None, seq, seq, device=document_ids.device)
+
+
+def build_mask(document_ids: torch.Tensor | None, kernel: str):
+    """The mask argument for `attend`: None means plain causal."""
+    if document_ids is None:
+        return None
+    if kernel == "flex":
+        return document_block_mask(document_ids)
+    return document_mask_dense(document_ids)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # flex_attention is only fast when compiled; eager it materialises the scores.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """q: [batch, heads, seq_q, dim]; k, v: [batch, kv_heads, seq_kv, dim] (GQA when fewer heads).
+
+    mask: None (causal, seq_q == seq_kv), a boolean tensor broadcastable to [batch, 1, seq_q, seq_kv]
+    (True = attend), or a flex_attention BlockMask.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)

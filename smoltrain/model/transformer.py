@@ -1,0 +1,297 @@
+"""The SmolLM3-style decoder, top to bottom: RMSNorm, attention (GQA, RoPE/NoPE, QK-norm), SwiGLU,
+block, model (embed -> blocks -> norm -> tied head), loss, initialisation.
+
+Module names follow Hugging Face's Llama family (minus the `model.` prefix), so export is a rename.
+Initialisation is a function of (seed, parameter name) only, never of the parallel layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from smoltrain.config import ModelConfig
+from smoltrain.model.attention import (
+    apply_rotary,
+    attend,
+    build_mask,
+    positions_from_documents,
+    resolve_kernel,
+    rotary_tables,
+)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (as transformers does), then cast back: matters under bf16 autocast.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class KVCache:
+    """Pre-allocated keys and values of every layer, for incremental decoding."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32):
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.resolved_head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens already stored
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.keys.shape[3]:
+            raise ValueError(f"KV cache holds {self.keys.shape[3]} tokens, asked for {end}")
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.resolved_head_dim
+        self.use_rope = config.uses_rope(layer)
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 instead of num_heads: tensor parallelism shards the projections and leaves local head counts.
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, -1, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim)
+        if self.q_norm is not None:  # per head, before RoPE (Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.use_rope:
+            q, k = apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype)), apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype))
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = attend(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LossOutput(NamedTuple):
+    loss: torch.Tensor  # what to backpropagate: cross-entropy + z_loss x mean(logsumexp^2)
+    ce_loss: torch.Tensor  # cross-entropy alone, for logging
+    num_tokens: torch.Tensor  # tokens that carried a label
+
+
+# Float32 logits alive at once in the loss: 2^28 elements = 1 GiB (8k tokens at a 32k vocabulary).
+LOSS_CHUNK_ELEMENTS = 2**28
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        # Tied: the head reuses the embedding matrix (no second Parameter to keep tied through
+        # meta-device builds, FSDP and checkpoints).
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope_theta = config.rope_theta
+        self._register_rope(config.max_seq_len, device=None)
+
+    def _register_rope(self, max_seq_len: int, device) -> None:
+        cos, sin = rotary_tables(self.config.resolved_head_dim, max_seq_len, self.rope_theta, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def set_rope(self, theta: float | None = None, max_seq_len: int | None = None) -> None:
+        """Long-context extension: a larger RoPE base (ABF) and/or longer tables."""
+        if theta is not None:
+            self.rope_theta = theta
+        length = max(max_seq_len or 0, self.rope_cos.shape[0])
+        device = self.rope_cos.device if self.rope_cos.device.type != "meta" else None
+        self._register_rope(length, device)
+
+    # ------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        reduction: str = "mean",
+    ):
+        """Logits [batch, seq, vocab] when labels is None, else a LossOutput.
+
+        document_ids [batch, seq] turn on intra-document masking (if the config enables it) with
+        positions restarting per document. position_ids and a boolean attention_mask
+        [batch, 1, seq, seq_kv] override both, for padded batches and cached decoding.
+        """
+        batch, seq = input_ids.shape
+        offset = cache.length if cache is not None else 0
+        use_documents = self.config.document_masking and document_ids is not None
+        kernel = resolve_kernel(self.config.attention_kernel, input_ids.device)
+
+        if position_ids is None:
+            if use_documents:
+                position_ids = positions_from_documents(document_ids)
+            else:
+                position_ids = torch.arange(offset, offset + seq, device=input_ids.device).expand(batch, seq)
+        mask = attention_mask
+        if mask is None and use_documents:
+            mask = build_mask(document_ids, kernel)
+        if mask is None and offset > 0:  # decoding after a prefix: causal relative to the cache
+            keys = torch.arange(offset + seq, device=input_ids.device)
+            queries = torch.arange(offset, offset + seq, device=input_ids.device)
+            mask = (keys[None, :] <= queries[:, None])[None, None]
+        cos = self.rope_cos[position_ids][:, None]
+        sin = self.rope_sin[position_ids][:, None]
+
+        x = self.embed_tokens(input_ids)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache)
+        x = self.norm(x)
+        if cache is not None:
+            cache.length += seq
+        if labels is None:
+            return self.output(x)
+        return self._loss(x, labels, reduction)
+
+    def output(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden)
+
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str) -> LossOutput:
+        """Cross-entropy (+ z-loss) over chunks of tokens, so at most LOSS_CHUNK_ELEMENTS float32
+        logits exist at once; chunks are recomputed in backward instead of stored."""
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels = labels.reshape(-1)
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
+        z_weight = self.config.z_loss
+        ce_sum = hidden.new_zeros((), dtype=torch.float32)
+        z_sum = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            args = (hidden[start : start + chunk], labels[start : start + chunk])
+            if hidden.shape[0] > chunk and torch.is_grad_enabled():
+                ce, z = torch.utils.checkpoint.checkpoint(self._loss_chunk, *args, use_reentrant=False)
+            else:
+                ce, z = self._loss_chunk(*args)
+            ce_sum = ce_sum + ce
+            z_sum = z_sum + z
+        num_tokens = (labels != -100).sum()
+        if reduction == "sum":
+            return LossOutput(ce_sum + z_weight * z_sum, ce_sum.detach(), num_tokens)
+        denominator = num_tokens.clamp(min=1)
+        ce_mean = ce_sum / denominator
+        return LossOutput(ce_mean + z_weight * z_sum / denominator, ce_mean.detach(), num_tokens)
+
+    def _loss_chunk(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.output(hidden).float()
+        valid = labels != -100
+        log_normaliser = torch.logsumexp(logits, dim=-1)
+        target = logits.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
+        ce = torch.where(valid, log_normaliser - target, 0.0).sum()
+        z = torch.where(valid, log_normaliser.pow(2), 0.0).sum()
+        return ce, z
+
+    # ------------------------------------------------------------------------- init
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Normal(0, init_std) matrices, ones for norms; each tensor drawn from its own generator
+        keyed by (seed, canonical name), then sharded if the parameter is a DTensor."""
+        for name, param in self.named_parameters():
+            full = _initial_value(canonical_name(name), tuple(param.shape), self.config.init_std, seed)
+            _copy_full_into(param, full)
+        self.set_rope(max_seq_len=self.rope_cos.shape[0])
+
+
+def canonical_name(name: str) -> str:
+    """Parameter name without wrapper prefixes added by compile or activation checkpointing."""
+    for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def _initial_value(name: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
+    if len(shape) == 1:  # RMSNorm weights
+        return torch.ones(shape)
+    key = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = None
+    if DTensor is not None and isinstance(param, DTensor):
+        # Every rank holds the same full tensor, so each takes its shard locally (no communication).
+        local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(local.to_local())
+    else:
+        param.copy_(full.to(param.device, param.dtype))
+
+
+def build_model(config: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> Transformer:
+    """A model with initialised weights on `device` (parallel builds start from meta, see train.parallelize)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["Transformer", "KVCache", "LossOutput", "build_model", "count_parameters", "canonical_name"]
