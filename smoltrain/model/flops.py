@@ -1,0 +1,87 @@
+"""Counting: parameters, training FLOPs per token, KV-cache bytes and training memory, from the
+config alone (no model is built), so the planner can size a 3B run on a laptop.
+
+FLOPs per token follow the playbook: 6 x matmul parameters (the output head included, tied or not,
+because its matmul runs either way) + 6 x layers x attention width x sequence (causal attention).
+"""
+
+from __future__ import annotations
+
+from smoltrain.config import ModelConfig
+
+# Float32 logits alive at once in the chunked loss (transformer.LOSS_CHUNK_ELEMENTS).
+_LOSS_CHUNK_ELEMENTS = 2**28
+
+
+def _layer_matmul_parameters(cfg: ModelConfig) -> int:
+    hidden, head_dim = cfg.hidden_size, cfg.resolved_head_dim
+    attention = hidden * head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, o + k, v
+    mlp = 3 * hidden * cfg.intermediate_size  # gate, up, down
+    return attention + mlp
+
+
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """total (as stored: a tied head counts once), embedding, non_embedding and matmul parameters."""
+    embedding = cfg.vocab_size * cfg.hidden_size
+    untied_head = 0 if cfg.tie_embeddings else embedding
+    norms_per_layer = 2 * cfg.hidden_size + (2 * cfg.resolved_head_dim if cfg.qk_norm else 0)
+    layers = cfg.num_layers * (_layer_matmul_parameters(cfg) + norms_per_layer)
+    total = embedding + untied_head + layers + cfg.hidden_size  # + final norm
+    return {
+        "total": total,
+        "embedding": embedding + untied_head,
+        "non_embedding": total - embedding - untied_head,
+        "matmul": cfg.num_layers * _layer_matmul_parameters(cfg) + embedding,  # + the head's matmul
+    }
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token at a sequence length."""
+    attention_width = cfg.num_heads * cfg.resolved_head_dim
+    return 6.0 * parameter_counts(cfg)["matmul"] + 6.0 * cfg.num_layers * attention_width * seq_len
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
+    """Keys and values of every layer for one token: what GQA saves at inference."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.resolved_head_dim * bytes_per_value
+
+
+def training_memory_bytes(
+    cfg: ModelConfig,
+    micro_batch_size: int,
+    seq_len: int,
+    activation_checkpointing: bool = False,
+    num_shards: int = 1,
+    master_bytes: int = 4,
+    activation_bytes: int = 2,
+) -> dict[str, int]:
+    """Estimated peak bytes per device for AdamW training with fp32 master weights.
+
+    Weights, gradients and the two AdamW moments are divided by `num_shards` (FSDP). Activations are
+    per device and assume a flash/flex attention kernel (no seq x seq scores stored). Per layer and
+    token a block keeps about 6 x hidden + 2 x kv width + 4 x SwiGLU width values (norm inputs and
+    outputs, q/k/v, attention output, gate/up/activation/product); with activation checkpointing it
+    keeps only its input, and one block's activations exist again during its recompute.
+    """
+    params = parameter_counts(cfg)["total"]
+    tokens = micro_batch_size * seq_len
+    kv_width = cfg.num_kv_heads * cfg.resolved_head_dim
+    per_layer_token = 6 * cfg.hidden_size + 2 * kv_width + 4 * cfg.intermediate_size
+    if activation_checkpointing:
+        saved = cfg.num_layers * cfg.hidden_size + per_layer_token
+    else:
+        saved = cfg.num_layers * per_layer_token
+    activations = tokens * saved * activation_bytes
+    # Loss: one chunk of float32 logits and its gradient; the embedding output and final norm.
+    logits = 2 * min(tokens * cfg.vocab_size, _LOSS_CHUNK_ELEMENTS) * 4
+    activations += logits + 2 * tokens * cfg.hidden_size * activation_bytes
+    weights = params * master_bytes // num_shards
+    gradients = params * master_bytes // num_shards
+    optimizer = 2 * params * 4 // num_shards
+    return {
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "activations": activations,
+        "total": weights + gradients + optimizer + activations,
+    }
