@@ -1,0 +1,552 @@
+"""Hugging Face interop: our model folder, export to and import from transformers (Llama, SmolLM3, Qwen3).
+
+Our parameter names are Hugging Face's minus the `model.` prefix, so conversion is a rename; the one
+decision is the architecture: Llama when every layer has RoPE and no QK-norm, SmolLM3 when some layers
+have no positions (its `no_rope_layers`), Qwen3 for QK-norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from smoltrain.config import Config, ModelConfig, config_from_dict, load_config, save_config, validate_model
+from smoltrain.errors import CheckpointError, ConfigError
+from smoltrain.model.transformer import Transformer, canonical_name
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+# Copied as they are when present; tokenizer_config.json is written when the source has none.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+# Hugging Face class -> (model_type, config defaults that differ between the families).
+SUPPORTED = {
+    "LlamaForCausalLM": ("llama", {"tie_word_embeddings": False, "max_position_embeddings": 2048}),
+    "SmolLM3ForCausalLM": ("smollm3", {"tie_word_embeddings": True, "max_position_embeddings": 32768}),
+    "Qwen3ForCausalLM": ("qwen3", {"tie_word_embeddings": False, "max_position_embeddings": 32768, "head_dim": 128}),
+}
+_SUPPORTED_TEXT = "LlamaForCausalLM (RoPE in every layer), SmolLM3ForCausalLM (NoPE layers), Qwen3ForCausalLM (QK-norm)"
+
+
+# ----------------------------------------------------------------------------- config mapping
+
+
+def hf_architecture(m: ModelConfig) -> str:
+    """The transformers class that computes exactly what our model computes."""
+    all_rope = all(m.uses_rope(i) for i in range(m.num_layers))
+    if m.qk_norm:
+        if not all_rope:
+            raise CheckpointError(
+                "no Hugging Face architecture has QK-norm together with NoPE layers "
+                f"(model.qk_norm with model.nope_every/position_encoding); supported: {_SUPPORTED_TEXT}"
+            )
+        return "Qwen3ForCausalLM"
+    # LlamaConfig insists on hidden_size % num_heads == 0 even with an explicit head_dim; SmolLM3
+    # with RoPE in every layer is the same computation without that check.
+    if all_rope and m.hidden_size % m.num_heads == 0:
+        return "LlamaForCausalLM"
+    return "SmolLM3ForCausalLM"
+
+
+def to_hf_config(m: ModelConfig, special_ids: dict[str, int] | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    """config.json contents for the architecture `hf_architecture(m)` picks."""
+    architecture = hf_architecture(m)
+    model_type = SUPPORTED[architecture][0]
+    # Token ids must lie inside the vocabulary (SmolLM3Config's defaults do not for small vocabularies).
+    special = {k: v for k, v in (special_ids or {}).items() if v is not None and 0 <= v < m.vocab_size}
+    kwargs = dict(
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        head_dim=m.resolved_head_dim,
+        hidden_act="silu",
+        max_position_embeddings=m.max_seq_len,
+        initializer_range=m.init_std,
+        rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=m.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
+        attention_bias=False,
+        bos_token_id=special.get("bos"),
+        eos_token_id=special.get("eos"),
+        pad_token_id=special.get("pad"),
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    if model_type == "llama":
+        kwargs.update(mlp_bias=False)
+    elif model_type == "smollm3":
+        kwargs.update(
+            mlp_bias=False,
+            no_rope_layers=[int(m.uses_rope(i)) for i in range(m.num_layers)],
+            no_rope_layer_interval=m.nope_every if m.nope_every > 0 else 4,
+            use_sliding_window=False,
+        )
+    else:
+        kwargs.update(use_sliding_window=False, max_window_layers=m.num_layers)
+
+    from transformers import AutoConfig
+
+    hf = AutoConfig.for_model(model_type, **kwargs)
+    hf.architectures = [architecture]
+    return hf.to_dict()
+
+
+def _nope_pattern(no_rope_layers: list[int], num_layers: int, where: str) -> dict:
+    """SmolLM3's per-layer list (1 = RoPE) -> our position_encoding / nope_every."""
+    flags = [int(bool(x)) for x in no_rope_layers[:num_layers]]
+    if len(flags) < num_layers:
+        raise CheckpointError(f"{where}: no_rope_layers has {len(flags)} entries for {num_layers} layers")
+    if all(flags):
+        return {"nope_every": 0}
+    if not any(flags):
+        return {"position_encoding": "none"}
+    for every in range(2, num_layers + 1):
+        if flags == [int((i + 1) % every != 0) for i in range(num_layers)]:
+            return {"nope_every": every}
+    raise CheckpointError(
+        f"{where}: no_rope_layers {flags} is not 'no RoPE in every k-th layer', the only NoPE pattern smoltrain models"
+    )
+
+
+def from_hf_config(hf: dict, where: str = "config.json") -> ModelConfig:
+    """Our ModelConfig from a Hugging Face config.json mapping; unsupported features name their key."""
+    architectures = hf.get("architectures") or []
+    architecture = architectures[0] if architectures else None
+    if architecture is None:  # some configs only carry model_type
+        by_type = {model_type: name for name, (model_type, _) in SUPPORTED.items()}
+        architecture = by_type.get(hf.get("model_type"))
+    if architecture not in SUPPORTED:
+        found = architecture or hf.get("model_type") or "no architecture"
+        raise CheckpointError(f"{where}: unsupported architecture {found}; supported: {_SUPPORTED_TEXT}")
+    model_type, defaults = SUPPORTED[architecture]
+
+    def get(key, default=None):
+        value = hf.get(key)
+        return defaults.get(key, default) if value is None else value
+
+    for key in ("attention_bias", "mlp_bias", "use_sliding_window"):
+        if hf.get(key):
+            raise CheckpointError(f"{where}: {key}=true is not supported by smoltrain's model")
+    if get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (smoltrain uses SwiGLU with silu)")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    rope_type = rope.get("rope_type") or rope.get("type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    if rope_type not in (None, "default"):
+        raise CheckpointError(f"{where}: RoPE scaling {rope_type!r} is not supported (only default RoPE)")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(hf.get(key), int):
+            raise CheckpointError(f"{where}: missing or non-integer {key}")
+
+    num_layers, num_heads, hidden = hf["num_hidden_layers"], hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = get("head_dim")
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=get("num_key_value_heads", num_heads),
+        # Stored only when it differs from the derived value, so Llama shapes keep head_dim: null.
+        head_dim=None if head_dim in (None, hidden // num_heads) and hidden % num_heads == 0 else head_dim,
+        intermediate_size=hf["intermediate_size"],
+        tie_embeddings=bool(get("tie_word_embeddings")),
+        rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0),
+        qk_norm=model_type == "qwen3",
+        init_std=float(get("initializer_range", 0.02)),
+        norm_eps=float(get("rms_norm_eps", 1e-6)),
+        max_seq_len=int(get("max_position_embeddings")),
+    )
+    if model_type == "smollm3":
+        interval = get("no_rope_layer_interval", 4)
+        pattern = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
+        fields.update(_nope_pattern(pattern, num_layers, where))
+    model_config = ModelConfig(**fields)
+    try:
+        validate_model(model_config)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return model_config
+
+
+def _config_for_model(model_config: ModelConfig, tokenizer: str | None = None) -> Config:
+    """A full, valid Config around an imported model section (sequence length capped by the model)."""
+    seq_len = min(2048, model_config.max_seq_len)
+    micro_batch = 8
+    batches = -(-65536 // (micro_batch * seq_len))
+    raw = {
+        "model": dataclasses.asdict(model_config),
+        "data": {"seq_len": seq_len, "tokenizer": tokenizer},
+        "train": {"micro_batch_size": micro_batch, "global_batch_tokens": batches * micro_batch * seq_len},
+    }
+    return config_from_dict(raw)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Our parameter names (wrappers stripped) -> full CPU tensors (DTensor shards gathered)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        state[canonical_name(name)] = tensor.detach().to("cpu").contiguous()
+    return state
+
+
+def to_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name if name.startswith("lm_head.") else f"model.{name}": t for name, t in state.items()}
+
+
+def from_hf_names(tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, tensor in tensors.items():
+        if name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved; we recompute it
+            continue
+        if name == "lm_head.weight" and tied:
+            continue
+        state[name.removeprefix("model.")] = tensor
+    return state
+
+
+def _expected_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+def _check_state(state: dict[str, torch.Tensor], model_config: ModelConfig, where: str) -> None:
+    expected = _expected_shapes(model_config)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+        raise CheckpointError(f"{where}: weights do not match the config ({'; '.join(parts)})")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(f"{where}: {name} has shape {tuple(state[name].shape)}, the config implies {shape}")
+
+
+def _model_from_state(model_config: ModelConfig, state: dict[str, torch.Tensor], device, where: str) -> Transformer:
+    """Build on meta, materialise on `device` and copy the weights in (no wasted random init)."""
+    _check_state(state, model_config, where)
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    model.to_empty(device=device)
+    model.load_state_dict(state, strict=True)
+    model.set_rope(max_seq_len=model_config.max_seq_len)  # rope tables are buffers to_empty left blank
+    return model.eval()
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """One model.safetensors or a sharded set with its index."""
+    single = folder / WEIGHTS_FILE
+    index = folder / "model.safetensors.index.json"
+    try:
+        if single.is_file():
+            return load_file(single)
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            tensors = {}
+            for shard in shards:
+                tensors.update(load_file(folder / shard))
+            return tensors
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder}: cannot read weights ({e})") from None
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise CheckpointError(f"{folder}: only PyTorch .bin weights found; convert them to safetensors first")
+    raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (or sharded model.safetensors.index.json)")
+
+
+def _stored_dtype(path: Path) -> torch.dtype | None:
+    """The floating dtype of a safetensors file's matrices, without reading the tensors."""
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            return names.get(f.get_slice(key).get_dtype())
+    return None
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+
+def _prepare_out_dir(out_dir: str | os.PathLike, source: Path | None = None) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder")
+    if source is not None and out.resolve() == source.resolve():
+        raise CheckpointError(f"{out}: the output folder must differ from the input folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer files
+
+
+def _tokenizer_source(tokenizer: str | os.PathLike | None) -> Path | None:
+    if tokenizer is None:
+        return None
+    path = Path(tokenizer)
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise CheckpointError(f"{path}: no tokenizer.json in this tokenizer folder")
+        return path
+    if not path.is_file():
+        raise CheckpointError(f"{path}: tokenizer not found (expected a tokenizer.json or a folder holding one)")
+    return path
+
+
+def _special_token_ids(tokenizer_json: Path, tokenizer_config: dict) -> dict[str, int]:
+    """bos/eos/pad/unk ids: from tokenizer_config.json when it names them, else guessed from the
+    special tokens' conventional names (<|endoftext|> serves as bos and eos, as in SmolLM2)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special]
+    hints = {
+        "bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|bos|>", "<|endoftext|>"),
+        "eos": ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eos|>"),
+        "pad": ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>"),
+        "unk": ("<unk>", "<|unk|>"),
+    }
+    ids = {}
+    for role, candidates in hints.items():
+        named = tokenizer_config.get(f"{role}_token")
+        if isinstance(named, dict):
+            named = named.get("content")
+        if named is None:
+            named = next((c for c in candidates if c in specials), None)
+        token_id = tok.token_to_id(named) if isinstance(named, str) else None
+        if token_id is not None:
+            ids[role] = token_id
+    return ids
+
+
+def copy_tokenizer(tokenizer: str | os.PathLike | None, out_dir: Path, model_max_length: int) -> dict[str, int]:
+    """Copy tokenizer files into out_dir, writing a tokenizer_config.json that transformers'
+    AutoTokenizer loads when the source has none. Returns the special token ids."""
+    source = _tokenizer_source(tokenizer)
+    if source is None:
+        return {}
+    if source.is_dir():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file() and (source / name).resolve() != (out_dir / name).resolve():
+                _write_atomic(out_dir / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+    elif source.resolve() != (out_dir / "tokenizer.json").resolve():
+        _write_atomic(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(source, tmp))
+    config_path = out_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    ids = _special_token_ids(out_dir / "tokenizer.json", tokenizer_config)
+    if not tokenizer_config:
+        from tokenizers import Tokenizer
+
+        vocab = {i: t for t, i in Tokenizer.from_file(str(out_dir / "tokenizer.json")).get_vocab(with_added_tokens=True).items()}
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **{f"{role}_token": vocab[i] for role, i in ids.items()},
+            "model_max_length": model_max_length,
+            "clean_up_tokenization_spaces": False,
+        }
+        _write_text(config_path, json.dumps(tokenizer_config, indent=2) + "\n")
+    return ids
+
+
+def _folder_tokenizer(folder: Path) -> Path | None:
+    return folder if (folder / "tokenizer.json").is_file() else None
+
+
+# ----------------------------------------------------------------------------- model folder
+
+
+def save_model_folder(model: nn.Module, config: Config, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """config.yaml (resolved) + model.safetensors (our names) + tokenizer files when known.
+
+    The RoPE base and table length are read from the model, so a long-context stage's ABF theta
+    is what gets saved. config.yaml is written last: its presence marks a complete folder.
+    """
+    out = _prepare_out_dir(out_dir)
+    base = getattr(model, "_orig_mod", model)
+    model_config = config.model
+    if isinstance(base, Transformer):
+        model_config = dataclasses.replace(
+            model_config, rope_theta=float(base.rope_theta), max_seq_len=max(model_config.max_seq_len, base.rope_cos.shape[0])
+        )
+    config = dataclasses.replace(config, model=model_config)
+    _save_tensors(out / WEIGHTS_FILE, _full_state_dict(model))
+    tokenizer = tokenizer if tokenizer is not None else _existing(config.data.tokenizer)
+    copy_tokenizer(tokenizer, out, model_config.max_seq_len)
+    if (out / "tokenizer.json").is_file():
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=str((out / "tokenizer.json").resolve())))
+    save_config(config, out / CONFIG_FILE)
+    return out
+
+
+def _existing(path: str | None) -> str | None:
+    return path if path and Path(path).exists() else None
+
+
+def load_model_folder(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, Config]:
+    folder = Path(path)
+    if not (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{folder}: not a model folder (no {CONFIG_FILE})")
+    config = load_config(folder / CONFIG_FILE)
+    state = _read_safetensors(folder)
+    return _model_from_state(config.model, state, device, str(folder)), config
+
+
+def _read_hf_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return hf
+
+
+def _load_hf_folder(folder: Path, device) -> tuple[Transformer, Config]:
+    model_config = from_hf_config(_read_hf_config(folder), str(folder / "config.json"))
+    state = from_hf_names(_read_safetensors(folder), model_config.tie_embeddings)
+    model = _model_from_state(model_config, state, device, str(folder))
+    tokenizer = folder / "tokenizer.json"
+    return model, _config_for_model(model_config, str(tokenizer.resolve()) if tokenizer.is_file() else None)
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """A training run folder (checkpoints/latest), its checkpoints/ folder, or one DCP checkpoint (.metadata)."""
+    return (folder / "checkpoints" / "latest").is_file() or (folder / "latest").is_file() or (folder / ".metadata").is_file()
+
+
+def _embedded_tokenizer(config: Config) -> str | None:
+    # Only when the embedded data was already built (it is, for any run trained on it): building
+    # the corpus as a side effect of exporting would be a surprise.
+    if not config.data.embedded or not Path(config.data.cache_dir).is_dir():
+        return None
+    try:
+        from smoltrain.data.embedded import ensure_embedded_data
+    except ImportError:
+        return None
+    return _existing(ensure_embedded_data(config.data).tokenizer)
+
+
+def load_any(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, Config, str | None]:
+    """A model from a model folder, a Hugging Face folder, a training run folder or a checkpoint folder,
+    with its config and tokenizer (a tokenizer.json file or a folder holding one; None when unknown)."""
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such file or folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: expected a folder (model folder, Hugging Face folder, run or checkpoint)")
+    if (folder / CONFIG_FILE).is_file() and ((folder / WEIGHTS_FILE).is_file() or not _is_checkpoint(folder)):
+        model, config = load_model_folder(folder, device)
+        tokenizer = _folder_tokenizer(folder) or _existing(config.data.tokenizer)
+        return model, config, str(tokenizer) if tokenizer else None
+    if _is_checkpoint(folder):
+        from smoltrain.train.checkpoint import load_model_from_checkpoint
+
+        model, config = load_model_from_checkpoint(str(folder), device)
+        tokenizer = _existing(config.data.tokenizer) or _embedded_tokenizer(config)
+        return model, config, tokenizer
+    if (folder / "config.json").is_file():
+        model, config = _load_hf_folder(folder, device)
+        tokenizer = _folder_tokenizer(folder)
+        return model, config, str(tokenizer) if tokenizer else None
+    raise CheckpointError(
+        f"{folder}: not a model folder ({CONFIG_FILE} + {WEIGHTS_FILE}), Hugging Face folder (config.json), "
+        "run folder (checkpoints/latest) or checkpoint (.metadata)"
+    )
+
+
+# ----------------------------------------------------------------------------- export / import
+
+
+def export_hf(
+    path_or_model: str | os.PathLike | nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads offline.
+
+    dtype: of the saved weights; default the model's, or for a model folder the dtype it was stored in
+    (an imported bf16 checkpoint exports as bf16, bit for bit).
+    """
+    source = None
+    if isinstance(path_or_model, nn.Module):
+        model = getattr(path_or_model, "_orig_mod", path_or_model)
+        model_config = dataclasses.replace(
+            model.config, rope_theta=float(model.rope_theta), max_seq_len=max(model.config.max_seq_len, model.rope_cos.shape[0])
+        )
+    else:
+        source = Path(path_or_model)
+        model, config, known_tokenizer = load_any(source)
+        model_config = config.model
+        tokenizer = tokenizer if tokenizer is not None else known_tokenizer
+        if dtype is None and (source / WEIGHTS_FILE).is_file():
+            dtype = _stored_dtype(source / WEIGHTS_FILE)
+    architecture = hf_architecture(model_config)  # fail before writing anything
+    out = _prepare_out_dir(out_dir, source)
+    state = _full_state_dict(model)
+    dtype = dtype or next(iter(state.values())).dtype
+    state = {name: t.to(dtype) for name, t in to_hf_names(state).items()}
+    special_ids = copy_tokenizer(tokenizer, out, model_config.max_seq_len)
+    _save_tensors(out / WEIGHTS_FILE, state)
+    hf = to_hf_config(model_config, special_ids, dtype)
+    assert hf["architectures"] == [architecture]
+    _write_text(out / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """A Hugging Face Llama / SmolLM3 / Qwen3 folder -> our model folder, weights kept in their dtype
+    (renamed only), tokenizer files copied. Training can start from the result (train.init)."""
+    folder = Path(hf_dir)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    model_config = from_hf_config(_read_hf_config(folder), str(folder / "config.json"))
+    state = from_hf_names(_read_safetensors(folder), model_config.tie_embeddings)
+    _check_state(state, model_config, str(folder))
+    out = _prepare_out_dir(out_dir, folder)
+    _save_tensors(out / WEIGHTS_FILE, {name: t.contiguous() for name, t in state.items()})
+    copy_tokenizer(_folder_tokenizer(folder), out, model_config.max_seq_len)
+    tokenizer = out / "tokenizer.json"
+    config = _config_for_model(model_config, str(tokenizer.resolve()) if tokenizer.is_file() else None)
+    save_config(config, out / CONFIG_FILE)
+    return out
+
+
+__all__ = [
+    "SUPPORTED", "save_model_folder", "load_model_folder", "load_any", "export_hf", "import_hf",
+    "hf_architecture", "to_hf_config", "from_hf_config", "copy_tokenizer",
+]
