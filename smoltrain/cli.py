@@ -5,6 +5,7 @@ library function of the same name. User mistakes (SmoltrainError) become one lin
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -31,6 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
+    p = verbs.add_parser("export", help="write a Hugging Face transformers folder (Llama / SmolLM3 / Qwen3)")
+    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="model folder, run folder or checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tokenizer", help="tokenizer.json or tokenizer folder (default: the one the model knows)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weight dtype (auto: as stored)")
+    p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("import", help="read a Hugging Face Llama / SmolLM3 / Qwen3 folder into a model folder")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json + safetensors (+ tokenizer)")
+    p.add_argument("--out", required=True, help="output model folder (config.yaml + model.safetensors)")
+    p.set_defaults(func=cmd_import)
+
     return parser
 
 
@@ -38,6 +52,33 @@ def cmd_config(args) -> int:
     from smoltrain.config import load_config
 
     print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+    from rich.console import Console
+
+    from smoltrain.model.hf import export_hf
+
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    with Console(stderr=True).status(f"exporting {args.model}"):
+        out = export_hf(args.model, args.out, tokenizer=args.tokenizer, dtype=dtype)
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
+    print(f"wrote {out} ({architecture}, {tokenizer})")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from rich.console import Console
+
+    from smoltrain.model.hf import import_hf
+
+    with Console(stderr=True).status(f"importing {args.hf_dir}"):
+        out = import_hf(args.hf_dir, args.out)
+    tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
+    print(f"wrote {out} (model folder, {tokenizer})")
     return 0
 
 
