@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model folder (config.yaml + model.safetensors)")
     p.set_defaults(func=cmd_import)
 
+    p = verbs.add_parser("ablate", help="run a grid of (variant, seed) runs against a baseline and report verdicts")
+    p.add_argument("ablation", metavar="ABLATION.yaml", help="baseline, variants, seeds, budget (recipes/ablations/)")
+    p.add_argument("--out", help="output folder (default: the file's out_dir, else runs/ablations/NAME)")
+    p.set_defaults(func=cmd_ablate)
+
+    p = verbs.add_parser("report", help="markdown + PNG + HTML report of a training run folder")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="training run folder (config.yaml + metrics.jsonl)")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
+
     return parser
 
 
@@ -79,6 +89,26 @@ def cmd_import(args) -> int:
         out = import_hf(args.hf_dir, args.out)
     tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
     print(f"wrote {out} (model folder, {tokenizer})")
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from smoltrain.ablate.grid import ablate
+
+    results = ablate(args.ablation, out_dir=args.out)
+    for warning in results["parameter_warnings"].values():
+        print(f"warning: {warning}", file=sys.stderr)
+    for v in results["verdicts"]:
+        print(f"{v['variant']:>24}  {v['metric']:<32} {v['difference']:+.4g}  {v['verdict']}")
+    print(f"wrote {results['report_md']} and {results['report_html']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from smoltrain.report.run import report_run
+
+    md_path, html_path = report_run(args.run_dir, args.out)
+    print(f"wrote {md_path} and {html_path}")
     return 0
 
 

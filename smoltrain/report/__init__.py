@@ -1,0 +1,3 @@
+"""Reports shared by every stage: PNG plots (matplotlib, Agg), markdown, and one HTML file with the
+PNGs embedded, so a report is a single file to send around. `smoltrain report RUN_DIR` renders a run.
+"""

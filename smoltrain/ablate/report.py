@@ -1,0 +1,175 @@
+"""The ablation's results: `results.json` for programs, `report.md` / `report.html` + PNGs for people
+(loss curves with seed spread, eval scores with error bars, parameters, throughput, verdicts)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from smoltrain.ablate.compare import BETTER, WORSE, compare, mean, parameter_warnings, sample_std
+from smoltrain.ablate.spec import BASELINE, AblationSpec
+from smoltrain.report import plots
+from smoltrain.report.document import Report, format_value
+
+
+def summarize(spec: AblationSpec, records: list[dict]) -> dict:
+    """Per-arm statistics, parameter warnings and verdicts from the run records."""
+    arms: dict[str, dict] = {}
+    for variant in spec.variants:
+        runs = sorted((r for r in records if r["variant"] == variant), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        metrics: dict[str, list[float]] = {}
+        for r in runs:
+            for key, value in (r.get("metrics") or {}).items():
+                if value is not None:
+                    metrics.setdefault(key, []).append(value)
+        throughput = [r["tokens_per_s"] for r in runs if r.get("tokens_per_s") is not None]
+        mfu = [r["mfu"] for r in runs if r.get("mfu") is not None]
+        arms[variant] = {
+            "overrides": spec.variants[variant],
+            "parameters": runs[0]["parameters"],
+            "seeds": [r["seed"] for r in runs],
+            "metrics": {k: {"mean": mean(v), "std": sample_std(v), "values": v} for k, v in metrics.items()},
+            "tokens_per_s": {"mean": mean(throughput), "std": sample_std(throughput)} if throughput else None,
+            "mfu": {"mean": mean(mfu), "std": sample_std(mfu)} if mfu else None,
+            "runs": [{k: r.get(k) for k in ("seed", "final_loss", "tokens", "tokens_per_s", "mfu", "wall_s", "max_steps")}
+                     | {"run_dir": str(spec.run_dir(variant, r["seed"]))} for r in runs],
+        }
+    base_params = arms[BASELINE]["parameters"]
+    warnings = parameter_warnings({a: v["parameters"] for a, v in arms.items()}, BASELINE, spec.param_tolerance)
+    for arm, data in arms.items():
+        data["parameter_delta"] = (data["parameters"] - base_params) / base_params
+        data["parameter_warning"] = warnings.get(arm)
+    verdicts = compare({a: {k: v["values"] for k, v in d["metrics"].items()} for a, d in arms.items()},
+                       BASELINE, spec.noise_sigma)
+    first = records[0] if records else {}
+    return {
+        "name": spec.name,
+        "source": spec.source,
+        "out_dir": spec.out_dir,
+        "budget": {"steps": first.get("max_steps"), "tokens_per_run": first.get("tokens"),
+                   "requested_steps": spec.budget_steps, "requested_tokens": spec.budget_tokens},
+        "seeds": spec.seeds,
+        "noise_sigma": spec.noise_sigma,
+        "param_tolerance": spec.param_tolerance,
+        "arms": arms,
+        "parameter_warnings": warnings,
+        "verdicts": [v.to_dict() for v in verdicts],
+    }
+
+
+def _headline_metrics(results: dict) -> list[str]:
+    """Metrics worth a plot: final training loss, validation losses, task accuracies, aggregates
+    (bits per byte and secondary normalisations stay in the tables)."""
+    keys = list(results["arms"][BASELINE]["metrics"])
+    chosen = [k for k in keys if k == "train/final_loss" or (k.startswith("val/") and k.endswith("/loss"))
+              or k.startswith("aggregate/") or (k.startswith("tasks/") and k.rsplit("/", 1)[-1] in ("acc", "acc_norm", "exact_match", "em"))]
+    return chosen or keys
+
+
+def write_report(results: dict, curves: dict[str, list[dict[int, float]]], out_dir: Path) -> tuple[Path, Path]:
+    """curves[arm] = one {step: loss} per seed."""
+    arms = results["arms"]
+    names = list(arms)
+    colors = {n: plots.color_of(i) for i, n in enumerate(names)}
+    fig_dir = out_dir / "figures"
+    report = Report(f"Ablation: {results['name']}")
+    budget = results["budget"]
+    report.text(
+        f"Baseline from `{results['source']}`; {len(names) - 1} variant(s) x {len(results['seeds'])} seed(s) "
+        f"({', '.join(map(str, results['seeds']))}); {format_value(budget['steps'])} steps and "
+        f"{format_value(budget['tokens_per_run'])} tokens per run. A difference counts when it exceeds "
+        f"{results['noise_sigma']:g} standard errors of the difference, computed from the seed-to-seed "
+        f"spread pooled over all arms."
+    )
+
+    report.heading("Verdicts")
+    rows = []
+    for v in results["verdicts"]:
+        verdict = f"**{v['verdict']}**" if v["verdict"] in (BETTER, WORSE) else v["verdict"]
+        rows.append((v["variant"], v["metric"], v["baseline_mean"], v["variant_mean"], f"{v['difference']:+.4g}",
+                     v["threshold"], verdict))
+    report.table(["variant", "metric", "baseline", "variant", "difference", "noise threshold", "verdict"], rows)
+
+    report.heading("Parameters")
+    report.table(["arm", "overrides", "parameters", "vs baseline"],
+                 [(a, ", ".join(d["overrides"]) or "-", d["parameters"], f"{d['parameter_delta']:+.1%}") for a, d in arms.items()])
+    if results["parameter_warnings"]:
+        report.bullets([f"WARNING: {w}" for w in results["parameter_warnings"].values()])
+    else:
+        report.text(f"Every variant is within {results['param_tolerance']:.0%} of the baseline's parameter count.")
+
+    report.heading("Loss curves")
+    series, bands = {}, {}
+    for arm in names:
+        per_seed = curves.get(arm, [])
+        if not per_seed:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in per_seed)))
+        if not steps:
+            continue
+        values = [[c[s] for c in per_seed] for s in steps]
+        series[arm] = (steps, [mean(v) for v in values])
+        bands[arm] = (steps, [min(v) for v in values], [max(v) for v in values])
+    if series:
+        report.image(plots.line_plot(fig_dir / "loss_curves.png", series, bands=bands, colors=colors,
+                                     title="training loss (mean over seeds, band: min-max)", ylabel="loss"),
+                     "training loss per arm: mean over seeds, shaded between the lowest and highest seed")
+
+    report.heading("Evaluation")
+    panels = {}
+    for metric in _headline_metrics(results):
+        present = [a for a in names if metric in arms[a]["metrics"]]
+        panels[metric] = (present, [arms[a]["metrics"][metric]["mean"] for a in present],
+                          [arms[a]["metrics"][metric]["std"] for a in present])
+    if panels:
+        report.image(plots.bar_panels(fig_dir / "eval.png", panels, colors=[colors[a] for a in names]),
+                     "final metrics per arm: mean over seeds, error bars one seed-to-seed standard deviation")
+    all_metrics = list(arms[BASELINE]["metrics"])
+    report.table(["metric"] + names, [
+        [m] + [_mean_std(arms[a]["metrics"].get(m)) for a in names] for m in all_metrics
+    ])
+
+    report.heading("Throughput")
+    tput = [a for a in names if arms[a]["tokens_per_s"]]
+    if tput:
+        report.image(plots.bar_plot(fig_dir / "throughput.png", tput, [arms[a]["tokens_per_s"]["mean"] for a in tput],
+                                    errors=[arms[a]["tokens_per_s"]["std"] for a in tput], colors=[colors[a] for a in tput],
+                                    title="training throughput", ylabel="tokens/s", value_format="{:,.0f}"),
+                     "median training tokens/s per run, mean over seeds")
+    report.image(plots.bar_plot(fig_dir / "parameters.png", names, [arms[a]["parameters"] for a in names],
+                                colors=[colors[a] for a in names], title="parameters", ylabel="parameters",
+                                value_format="{:,.0f}"), "parameter count per arm")
+
+    report.heading("Runs")
+    report.table(["arm", "seed", "final loss", "tokens", "tokens/s", "MFU", "wall (s)", "folder"],
+                 [(a, r["seed"], r["final_loss"], r["tokens"], r["tokens_per_s"], r["mfu"], r["wall_s"], f"`{r['run_dir']}`")
+                  for a in names for r in arms[a]["runs"]])
+    return report.write(out_dir)
+
+
+def _mean_std(stat: dict | None) -> str:
+    if not stat:
+        return "-"
+    if len(stat["values"]) < 2:
+        return format_value(stat["mean"])
+    return f"{format_value(stat['mean'])} ± {format_value(stat['std'], 2)}"
+
+
+def write_results(spec: AblationSpec, records: list[dict]) -> dict:
+    """results.json, report.md, report.html and figures/ under spec.out_dir; returns the results."""
+    out_dir = Path(spec.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = summarize(spec, records)
+    curves: dict[str, list[dict[int, float]]] = {}
+    for r in records:
+        curve = r.get("curve") or {}
+        curves.setdefault(r["variant"], []).append(dict(zip(curve.get("step", []), curve.get("loss", []))))
+    md_path, html_path = write_report(results, curves, out_dir)
+    results["report_md"], results["report_html"] = str(md_path), str(html_path)
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out_dir / "results.json")
+    return results

@@ -1,0 +1,224 @@
+"""The ablation file: a baseline, named variants (each a set of config overrides), seeds and a budget.
+
+```yaml
+name: document-masking            # default: the file name
+baseline: ../demo.yaml            # a recipe (relative to this file) or an inline config mapping
+set: [train.log_every=10]         # optional overrides applied to every run, baseline included
+variants:
+  no-document-masking: [model.document_masking=false]     # `--set` strings ...
+  mqa: {model.num_kv_heads: 1, model.num_layers: 7}       # ... or a key: value mapping
+seeds: [0, 1]
+budget: {steps: 200}              # or {tokens: 2_000_000}: steps = ceil(tokens / global batch)
+eval: {tasks: [arithmetic], val_batches: 8}   # the one suite every run is scored on
+noise_sigma: 2.0                  # verdict threshold, in standard errors of the difference
+param_tolerance: 0.05             # warn when a variant's parameters differ more than this
+out_dir: runs/ablations/document-masking
+```
+
+Variants may not touch what must stay equal across runs (seed, budget, output folder, the
+evaluation suite); the grid sets those itself, so a comparison is fair by construction.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smoltrain.config import Config, apply_overrides, config_from_dict
+from smoltrain.errors import ConfigError
+
+BASELINE = "baseline"
+_TOP_KEYS = ("name", "baseline", "set", "variants", "seeds", "budget", "eval", "noise_sigma", "param_tolerance", "out_dir")
+# Keys the grid owns: a variant changing them would not be a like-for-like comparison.
+_FIXED_PREFIXES = ("train.seed", "train.out_dir", "train.max_steps", "eval.")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass
+class AblationSpec:
+    name: str
+    baseline: dict  # raw config mapping, `set` already applied
+    variants: dict[str, list[str]]  # name -> `section.key=value` overrides (baseline included, empty)
+    seeds: list[int]
+    budget_steps: int | None = None
+    budget_tokens: int | None = None
+    eval: dict = field(default_factory=dict)
+    noise_sigma: float = 2.0
+    param_tolerance: float = 0.05
+    out_dir: str = ""
+    source: str = "<inline>"  # the file it came from, for error messages
+
+    def run_dir(self, variant: str, seed: int) -> Path:
+        return Path(self.out_dir) / "runs" / variant / f"seed{seed}"
+
+    def runs(self) -> list[tuple[str, int]]:
+        """Every (variant, seed), seed-major so a partial grid already holds one seed of each variant."""
+        return [(v, s) for s in self.seeds for v in self.variants]
+
+    def config_for(self, variant: str, seed: int) -> Config:
+        """The validated config of one run: baseline + variant overrides + the grid's own keys."""
+        where = f"{self.source}: variants.{variant}" if variant != BASELINE else f"{self.source}: baseline"
+        raw = copy.deepcopy(self.baseline)
+        try:
+            apply_overrides(raw, self.variants[variant])
+            if self.eval:
+                raw["eval"] = {**(raw.get("eval") or {}), **copy.deepcopy(self.eval)}
+            apply_overrides(raw, [f"train.seed={seed}", f"train.out_dir={json.dumps(str(self.run_dir(variant, seed)))}"])
+            config = config_from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if self.budget_steps is not None:
+            steps = self.budget_steps
+        else:
+            steps = math.ceil(self.budget_tokens / config.train.global_batch_tokens)
+        train = dataclasses.replace(config.train, max_steps=steps)
+        return dataclasses.replace(config, train=train)
+
+
+def _fail(source: str, message: str) -> None:
+    raise ConfigError(f"{source}: {message}")
+
+
+def _overrides(source: str, key: str, value: Any) -> list[str]:
+    """A variant as `--set` strings; mappings become `key=<json>` (JSON is YAML, so types survive)."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        items = [f"{k}={json.dumps(v)}" for k, v in value.items()]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        _fail(source, f"{key}: expected a list of 'section.key=value' strings or a mapping of key: value")
+    for item in items:
+        path = item.split("=", 1)[0].strip()
+        if "=" not in item or "." not in path:
+            _fail(source, f"{key}: {item!r} is not 'section.key=value'")
+        if any(path == p or (p.endswith(".") and path.startswith(p)) for p in _FIXED_PREFIXES):
+            _fail(source, f"{key}: '{path}' is set by the ablation itself (seeds, budget, out_dir, eval) and must be equal across runs")
+    return items
+
+
+def _mark(source: str, text: str, key: str) -> str:
+    """`file:line` of a top-level key, so errors point at the right place."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"^{re.escape(key)}\s*:", line):
+            return f"{source}:{number}"
+    return source
+
+
+def load_ablation(path: str | os.PathLike | None = None, raw: dict | None = None, out_dir: str | None = None) -> AblationSpec:
+    """Read and validate an ablation file (or an already-parsed mapping); every run's config is
+    built and validated here, before anything is trained."""
+    text = ""
+    base_dir = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: ablation file not found")
+        text = p.read_text()
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise ConfigError(f"{p}{f':{mark.line + 1}' if mark else ''}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        source, base_dir = str(p), p.parent
+        default_name = p.stem
+    else:
+        source, default_name = "<ablation>", "ablation"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with baseline, variants, seeds and budget")
+    for key in raw:
+        if key not in _TOP_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(_TOP_KEYS)})"
+            _fail(_mark(source, text, key), f"unknown key '{key}'{hint}")
+    for key in ("baseline", "variants", "seeds", "budget"):
+        if key not in raw:
+            _fail(source, f"missing '{key}'")
+
+    # Baseline: a recipe path or an inline mapping.
+    baseline = raw["baseline"]
+    if isinstance(baseline, str):
+        recipe = (base_dir / baseline) if not Path(baseline).is_absolute() else Path(baseline)
+        if not recipe.is_file():
+            _fail(_mark(source, text, "baseline"), f"baseline: recipe {recipe} not found")
+        try:
+            baseline = yaml.safe_load(recipe.read_text()) or {}
+        except yaml.YAMLError:
+            _fail(str(recipe), "not valid YAML")
+        if not isinstance(baseline, dict):
+            _fail(str(recipe), "expected a mapping of config sections")
+    elif not isinstance(baseline, dict):
+        _fail(_mark(source, text, "baseline"), "baseline: expected a recipe path or a config mapping")
+    baseline = copy.deepcopy(baseline)
+    apply_overrides(baseline, _overrides(_mark(source, text, "set"), "set", raw.get("set")))
+
+    variants_raw = raw["variants"]
+    if not isinstance(variants_raw, dict) or not variants_raw:
+        _fail(_mark(source, text, "variants"), "variants: expected a non-empty mapping of name -> overrides")
+    variants: dict[str, list[str]] = {BASELINE: []}
+    for name, value in variants_raw.items():
+        name = str(name)
+        if name == BASELINE:
+            _fail(_mark(source, text, "variants"), "variants: 'baseline' is reserved (the baseline always runs)")
+        if not _NAME.match(name):
+            _fail(_mark(source, text, "variants"), f"variants: {name!r} is not a usable name (letters, digits, . _ + -)")
+        overrides = _overrides(_mark(source, text, "variants"), f"variants.{name}", value)
+        if not overrides:
+            _fail(_mark(source, text, "variants"), f"variants.{name}: no overrides (it would equal the baseline)")
+        variants[name] = overrides
+
+    seeds = raw["seeds"]
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = list(range(seeds))  # `seeds: 3` means seeds 0, 1, 2
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        _fail(_mark(source, text, "seeds"), "seeds: expected a list of integers or a count")
+    if len(set(seeds)) != len(seeds):
+        _fail(_mark(source, text, "seeds"), f"seeds: repeated seed in {seeds}")
+
+    budget = raw["budget"]
+    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("steps", "tokens"):
+        _fail(_mark(source, text, "budget"), "budget: expected {steps: N} or {tokens: N}")
+    (unit, amount), = budget.items()
+    if isinstance(amount, float) and amount.is_integer():
+        amount = int(amount)
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+        _fail(_mark(source, text, "budget"), f"budget.{unit}: expected a positive integer, got {amount!r}")
+
+    eval_section = raw.get("eval") or {}
+    if not isinstance(eval_section, dict):
+        _fail(_mark(source, text, "eval"), "eval: expected a mapping (the eval config section)")
+    noise_sigma = raw.get("noise_sigma", 2.0)
+    param_tolerance = raw.get("param_tolerance", 0.05)
+    for key, value in (("noise_sigma", noise_sigma), ("param_tolerance", param_tolerance)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            _fail(_mark(source, text, key), f"{key}: expected a positive number, got {value!r}")
+
+    name = str(raw.get("name") or default_name)
+    spec = AblationSpec(
+        name=name,
+        baseline=baseline,
+        variants=variants,
+        seeds=list(seeds),
+        budget_steps=amount if unit == "steps" else None,
+        budget_tokens=amount if unit == "tokens" else None,
+        eval=copy.deepcopy(eval_section),
+        noise_sigma=float(noise_sigma),
+        param_tolerance=float(param_tolerance),
+        out_dir=str(out_dir or raw.get("out_dir") or Path("runs") / "ablations" / name),
+        source=source,
+    )
+    for variant in spec.variants:  # every run's config is valid before the first one starts
+        spec.config_for(variant, spec.seeds[0])
+    return spec

@@ -1,0 +1,148 @@
+"""PNG plots for reports: line curves with seed bands, bars with error bars, panels of bars.
+
+Figures are built with matplotlib's object API on the Agg canvas (no pyplot global state), so
+plotting is safe in any process, with or without a display, and never leaks figures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# A fixed palette so a variant keeps its colour across every plot of a report.
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
+
+
+def color_of(index: int) -> str:
+    return PALETTE[index % len(PALETTE)]
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def line_plot(
+    path: str | os.PathLike,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    bands: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]] | None = None,
+    hlines: Mapping[str, float] | None = None,
+    title: str = "",
+    xlabel: str = "step",
+    ylabel: str = "",
+    logy: bool = False,
+    colors: Mapping[str, str] | None = None,
+) -> Path:
+    """One line per label (x, y); optional shaded (x, low, high) band per label and dashed
+    horizontal reference lines (e.g. a unigram baseline)."""
+    fig = Figure(figsize=(7.5, 4.2))
+    ax = fig.subplots()
+    for i, (label, (x, y)) in enumerate(series.items()):
+        color = (colors or {}).get(label, color_of(i))
+        ax.plot(list(x), list(y), label=label, color=color, linewidth=1.6)
+        if bands and label in bands:
+            bx, low, high = bands[label]
+            ax.fill_between(list(bx), list(low), list(high), color=color, alpha=0.2, linewidth=0)
+    for j, (label, value) in enumerate((hlines or {}).items()):
+        ax.axhline(value, linestyle="--", color="#555555", linewidth=1.0, alpha=0.8 - 0.2 * (j % 3))
+        ax.annotate(label, xy=(1.0, value), xycoords=("axes fraction", "data"), xytext=(-4, 3),
+                    textcoords="offset points", ha="right", fontsize=8, color="#555555")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def bar_plot(
+    path: str | os.PathLike,
+    labels: Sequence[str],
+    values: Sequence[float],
+    *,
+    errors: Sequence[float] | None = None,
+    reference: tuple[str, float] | None = None,
+    title: str = "",
+    ylabel: str = "",
+    colors: Sequence[str] | None = None,
+    value_format: str = "{:.3g}",
+) -> Path:
+    """Bars with optional error bars, the value written on each bar, and a dashed reference line."""
+    fig = Figure(figsize=(max(4.0, 1.0 + 0.9 * len(labels)), 3.8))
+    ax = fig.subplots()
+    _bars(ax, labels, values, errors, colors, value_format)
+    if reference is not None:
+        ax.axhline(reference[1], linestyle="--", color="#555555", linewidth=1.0, label=reference[0])
+        ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    return _save(fig, path)
+
+
+def bar_panels(
+    path: str | os.PathLike,
+    panels: Mapping[str, tuple[Sequence[str], Sequence[float], Sequence[float] | None]],
+    *,
+    references: Mapping[str, float] | None = None,
+    title: str = "",
+    ncols: int = 3,
+    colors: Sequence[str] | None = None,
+) -> Path:
+    """Small multiples: one bar chart per metric (metrics have different scales), same labels in each."""
+    n = max(1, len(panels))
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(3.6 * ncols, 3.0 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax, (name, (labels, values, errors)) in zip(axes.flat, panels.items()):
+        _bars(ax, labels, values, errors, colors, "{:.3g}")
+        if references and name in references:
+            ax.axhline(references[name], linestyle="--", color="#555555", linewidth=1.0)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8, rotation=20)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _bars(ax, labels, values, errors, colors, value_format) -> None:
+    colors = list(colors) if colors else [color_of(i) for i in range(len(labels))]
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    clean = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
+    yerr = [e if e is not None and math.isfinite(e) else 0.0 for e in errors] if errors is not None else None
+    ax.bar(range(len(labels)), clean, yerr=yerr, color=colors[: len(labels)], capsize=4, alpha=0.85)
+    ax.set_xticks(range(len(labels)), labels)
+    for i, v in enumerate(values):
+        if v is not None and math.isfinite(v):
+            top_of_bar = v + (yerr[i] if yerr and v >= 0 else 0.0)
+            ax.annotate(value_format.format(v), xy=(i, top_of_bar), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7)
+    if finite:
+        low, high = min(finite), max(finite)
+        err = max(yerr) if yerr else 0.0
+        if low > 0 and high - low < 0.25 * high:
+            # Losses sit far from zero and differ little: zoom in instead of starting the axis at 0.
+            spread = max(high - low + 2 * err, 0.05 * high)
+            ax.set_ylim(low - err - 0.6 * spread, high + err + 0.3 * spread)
+        else:
+            top = max(high + err, 0.0)
+            ax.set_ylim(min(low - err, 0.0), top * 1.12 if top > 0 else 1.0)
+    ax.yaxis.get_major_formatter().set_useOffset(False)
+    ax.grid(axis="y", alpha=0.3)

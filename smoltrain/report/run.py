@@ -1,0 +1,208 @@
+"""`smoltrain report RUN_DIR`: markdown + PNG + HTML report of any training run folder, read only
+from its `config.yaml` and `metrics.jsonl` (so it works on a run that is still going or crashed).
+
+A truncated last line of metrics.jsonl (a run killed mid-write) is ignored; any other bad line is
+a DataError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from smoltrain.errors import DataError
+from smoltrain.model.flops import parameter_counts
+from smoltrain.report import plots
+from smoltrain.report.document import Report, format_value
+
+LOWER_IS_BETTER = ("loss", "bpb", "perplexity", "ppl")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """(training lines, evaluation lines) of `RUN_DIR/metrics.jsonl`, in file order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path}: no metrics.jsonl (is {run_dir} a training run folder?)")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    train, evals = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # a run killed while appending its last line
+                break
+            raise DataError(f"{path}:{number}: not valid JSON") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise DataError(f"{path}:{number}: expected an object with a 'step' key")
+        if isinstance(row.get("eval"), dict):
+            evals.append(row)
+        elif "loss" in row:
+            train.append(row)
+    return _last_per_step(train), _last_per_step(evals)
+
+
+def _last_per_step(rows: list[dict]) -> list[dict]:
+    """A resumed run re-logs the steps after its checkpoint: keep the newest line of each step."""
+    by_step: dict[int, dict] = {}
+    for row in rows:
+        by_step[int(row["step"])] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def flatten_eval(result: dict) -> dict[str, float]:
+    """`{"val": {src: {loss, bpb}}, "tasks": {name: {metric: v}}, "aggregate": {k: v}}` ->
+    `{"val/src/loss": ..., "tasks/name/metric": ..., "aggregate/k": ...}` (counts left out)."""
+    flat: dict[str, float] = {}
+    for source, values in (result.get("val") or {}).items():
+        for key, value in (values or {}).items():
+            if key != "tokens" and _is_number(value):
+                flat[f"val/{source}/{key}"] = float(value)
+    for task, values in (result.get("tasks") or {}).items():
+        for key, value in (values or {}).items():
+            if key != "n" and "baseline" not in key and _is_number(value):
+                flat[f"tasks/{task}/{key}"] = float(value)
+    for key, value in (result.get("aggregate") or {}).items():
+        if _is_number(value) and "baseline" not in key:
+            flat[f"aggregate/{key}"] = float(value)
+    return flat
+
+
+def lower_is_better(metric: str) -> bool:
+    leaf = metric.rsplit("/", 1)[-1]
+    return any(word in leaf for word in LOWER_IS_BETTER)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def median_of(rows: list[dict], key: str, skip_first: int = 1) -> float | None:
+    """Median of a logged quantity, leaving out the first lines (compile and warm-up)."""
+    values = [r[key] for r in rows[skip_first:] if _is_number(r.get(key))]
+    if not values:
+        values = [r[key] for r in rows if _is_number(r.get(key))]
+    return statistics.median(values) if values else None
+
+
+def final_loss(rows: list[dict], fraction: float = 0.1) -> float | None:
+    """Mean training loss over the last `fraction` of logged steps (one step alone is too noisy)."""
+    values = [r["loss"] for r in rows if _is_number(r.get("loss"))]
+    if not values:
+        return None
+    tail = values[-max(1, int(round(len(values) * fraction))):]
+    return sum(tail) / len(tail)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def add_run_sections(report: Report, run_dir: Path, config, train: list[dict], evals: list[dict],
+                     figures_dir: Path, prefix: str = "") -> None:
+    """Append the summary table, curves and final evaluation of one run to `report`."""
+    m = config.model
+    counts = parameter_counts(m)
+    last = train[-1] if train else {}
+    positions = "none" if m.position_encoding == "none" else (
+        f"RoPE (theta {m.rope_theta:g})" + (f", NoPE every {m.nope_every}" if m.nope_every else ""))
+    rows = [
+        ("shape", f"{m.num_layers} layers x {m.hidden_size} hidden, {m.num_heads} heads / {m.num_kv_heads} KV heads, "
+                  f"SwiGLU {m.intermediate_size}, vocab {m.vocab_size}"),
+        ("embeddings", "tied" if m.tie_embeddings else "untied"),
+        ("positions", positions),
+        ("document masking", m.document_masking),
+        ("parameters", f"{counts['total']:,} ({counts['non_embedding']:,} non-embedding)"),
+        ("steps", f"{last.get('step', 0):,} of {config.train.max_steps:,}"),
+        ("tokens", last.get("tokens")),
+        ("sequence length", config.data.seq_len),
+        ("final training loss (last 10% of logs)", final_loss(train)),
+        ("tokens/s (median)", median_of(train, "tokens_per_s")),
+        ("MFU (median)", _percent(median_of(train, "mfu"))),
+        ("elapsed", _duration(last.get("elapsed_s"))),
+    ]
+    report.table(["", ""], [(k, v) for k, v in rows])
+
+    if train:
+        steps = [r["step"] for r in train]
+        curves = {"train": (steps, [r["loss"] for r in train])}
+        val_sources = sorted({s for e in evals for s in (e["eval"].get("val") or {})})
+        for source in val_sources:
+            points = [(e["step"], e["eval"]["val"][source].get("loss")) for e in evals
+                      if _is_number((e["eval"].get("val") or {}).get(source, {}).get("loss"))]
+            if points:
+                curves[f"val {source}"] = ([p[0] for p in points], [p[1] for p in points])
+        report.image(plots.line_plot(figures_dir / f"{prefix}loss.png", curves, title="loss", ylabel="cross-entropy (nats/token)"),
+                     "training loss and validation loss per source")
+        extra = [(k, label) for k, label in (("lr", "learning rate"), ("grad_norm", "gradient norm"),
+                                              ("tokens_per_s", "tokens/s")) if any(_is_number(r.get(k)) for r in train)]
+        for key, label in extra:
+            points = [(r["step"], r[key]) for r in train if _is_number(r.get(key))]
+            report.image(plots.line_plot(figures_dir / f"{prefix}{key}.png", {label: ([p[0] for p in points], [p[1] for p in points])},
+                                         title=label, ylabel=label, logy=key == "grad_norm"), label)
+
+    if evals:
+        final = evals[-1]
+        report.heading(f"Evaluation at step {final['step']:,}", 3)
+        add_eval_tables(report, final["eval"])
+
+
+def add_eval_tables(report: Report, result: dict) -> None:
+    """Validation loss/bpb per source and task scores (with their random baseline when the suite gives one)."""
+    val = result.get("val") or {}
+    if val:
+        report.table(["source", "loss", "bpb", "tokens"],
+                     [(s, v.get("loss"), v.get("bpb"), v.get("tokens")) for s, v in sorted(val.items())])
+    tasks = result.get("tasks") or {}
+    if tasks:
+        rows = []
+        for name, values in sorted(tasks.items()):
+            baseline = next((values[k] for k in values if "baseline" in k and _is_number(values[k])), None)
+            for metric, value in values.items():
+                if metric == "n" or "baseline" in metric or not _is_number(value):
+                    continue
+                rows.append((name, metric, value, baseline, values.get("n")))
+        report.table(["task", "metric", "score", "random baseline", "n"], rows)
+    aggregate = {k: v for k, v in (result.get("aggregate") or {}).items() if _is_number(v)}
+    if aggregate:
+        report.table(["aggregate", "value"], sorted(aggregate.items()))
+
+
+def _percent(value: float | None) -> str | None:
+    return None if value is None else f"{100 * value:.2f}%"
+
+
+def _duration(seconds: float | None) -> str | None:
+    if not _is_number(seconds):
+        return None
+    return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.1f} s"
+
+
+def report_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Write `report.md`, `report.html` and PNGs for a run folder (default: RUN_DIR/report); returns (md, html)."""
+    from smoltrain.config import load_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: no such run folder")
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise DataError(f"{config_path}: missing (is {run_dir} a training run folder?)")
+    config = load_config(config_path)
+    train, evals = read_metrics(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
+    report = Report(f"Run report: {run_dir.resolve().name}")
+    report.text(f"Run folder `{run_dir}`; {len(train)} training log lines, {len(evals)} evaluations.")
+    add_run_sections(report, run_dir, config, train, evals, out_dir)
+    return report.write(out_dir)
+
+
+__all__ = ["read_metrics", "flatten_eval", "lower_is_better", "report_run",
+           "add_run_sections", "add_eval_tables", "final_loss", "median_of", "format_value"]
