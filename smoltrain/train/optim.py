@@ -1,0 +1,111 @@
+"""AdamW with parameter groups, and learning-rate schedules as pure functions of the step.
+
+The schedule is never stored as optimizer state: `lr_at(cfg, step, total_steps)` is recomputed
+every step, so resuming, rewinding or changing `max_steps` can never desynchronise it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from smoltrain.config import Config, OptimConfig
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def param_groups(cfg: OptimConfig, model: nn.Module) -> list[dict]:
+    """Two groups: matrices decay; norms, biases (any tensor with fewer than 2 dims) and, when
+    `no_decay_embeddings` is set, the token embedding do not (a playbook stability rule:
+    decaying embeddings shrinks rare tokens' vectors towards zero)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or (cfg.no_decay_embeddings and id(param) in embeddings)
+        (no_decay if skip else decay).append(param)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": cfg.weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.AdamW:
+    params = list(model.parameters())
+    # Fused AdamW is one kernel for all parameters on CUDA (~10% of a small model's step);
+    # on CPU the foreach implementation is the default and is as fast.
+    fused = bool(params) and all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(
+        param_groups(cfg, model),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=fused or None,
+    )
+
+
+def apply_hyperparameters(cfg: OptimConfig, optimizer: torch.optim.Optimizer) -> None:
+    """Make the config win over hyperparameters restored from a checkpoint (lr is set per step)."""
+    for group in optimizer.param_groups:
+        group["betas"] = (cfg.beta1, cfg.beta2)
+        group["eps"] = cfg.eps
+        group["weight_decay"] = cfg.weight_decay if group.get("name", "decay") == "decay" else 0.0
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def lr_at(cfg: OptimConfig, step: int, total_steps: int, peak_lr: float | None = None) -> float:
+    """Learning rate of the update that follows `step` completed updates (0-based), for a schedule
+    of `total_steps` updates.
+
+    Warmup is linear and reaches the peak on its last step: lr = peak x (step + 1) / warmup_steps.
+    WSD stays at the peak, then decays over the last `decay_fraction` of the steps, linearly or
+    as 1 - sqrt(progress), with progress = (step - decay_start) / decay_steps: the first decay step
+    still uses the peak and the value would reach `min_lr` at step == total_steps. Cosine goes
+    from the peak after warmup to `min_lr` at step == total_steps. Constant stays at the peak.
+    """
+    peak = cfg.lr if peak_lr is None else peak_lr
+    floor = min(cfg.min_lr, peak)
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+    # WSD
+    decay_steps = round(cfg.decay_fraction * total_steps)
+    decay_start = max(cfg.warmup_steps, total_steps - decay_steps)
+    if decay_steps == 0 or step < decay_start:
+        return peak
+    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+    shape = progress if cfg.decay_shape == "linear" else math.sqrt(progress)
+    return floor + (peak - floor) * (1.0 - shape)
+
+
+def schedule_segment(config: Config, step: int) -> tuple[int, int, float]:
+    """(start, end, peak lr) of the schedule that owns `step`: a stage with `reset_schedule`
+    starts a fresh warmup/decay that runs until the next resetting stage or `max_steps`."""
+    starts = [0] + [s.start_step for s in config.data.stages if s.reset_schedule]
+    peaks = [config.optim.lr] + [s.lr or config.optim.lr for s in config.data.stages if s.reset_schedule]
+    index = max(i for i, start in enumerate(starts) if start <= step)
+    end = starts[index + 1] if index + 1 < len(starts) else config.train.max_steps
+    return starts[index], end, peaks[index]
+
+
+def lr_for_step(config: Config, step: int) -> float:
+    """The run's learning rate at `step` completed updates, stages included."""
+    start, end, peak = schedule_segment(config, step)
+    return lr_at(config.optim, step - start, end - start, peak)
