@@ -32,6 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
+    p = verbs.add_parser("train", help="pretrain (resumes from the run folder's latest checkpoint)")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
+    p.add_argument("--init", metavar="MODEL_FOLDER", help="start from these weights (model, HF, run or checkpoint folder)")
+    p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("plan", help="parameters, FLOPs, memory, time or GPU count of a config")
+    _add_config_args(p)
+    p.add_argument("--gpus", type=int, help="GPUs to time the run on (default 1)")
+    p.add_argument("--days", type=float, help="target wall-clock days: print the GPUs needed instead")
+    p.add_argument("--mfu", type=float, default=0.30, help="model FLOPs utilisation (default 0.30, SmolLM3's)")
+    p.add_argument("--peak-tflops", type=float, help="bf16 peak per GPU (default train.peak_tflops, else H100 989)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=cmd_plan)
+
     p = verbs.add_parser("export", help="write a Hugging Face transformers folder (Llama / SmolLM3 / Qwen3)")
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="model folder, run folder or checkpoint folder")
     p.add_argument("--out", required=True, help="output folder")
@@ -62,6 +77,43 @@ def cmd_config(args) -> int:
     from smoltrain.config import load_config
 
     print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import signal
+
+    from smoltrain.config import load_config
+    from smoltrain.train.trainer import run
+
+    config = load_config(args.config, args.overrides)
+    if args.init:
+        config.train.init = args.init
+    summary = run(config, resume=args.resume)
+    if summary["stopped_by"]:  # checkpoint saved; the conventional status tells a requeue script why
+        return 128 + signal.Signals[summary["stopped_by"]].value
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from rich.console import Console
+
+    from smoltrain.config import load_config
+    from smoltrain.errors import ConfigError
+    from smoltrain.train.plan import plan, plan_table
+
+    for name in ("gpus", "days", "mfu", "peak_tflops"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or (name == "mfu" and value > 1)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive{' and at most 1' if name == 'mfu' else ''}, got {value}")
+    result = plan(load_config(args.config, args.overrides), gpus=args.gpus, mfu=args.mfu,
+                  peak_tflops=args.peak_tflops, days=args.days)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        Console().print(plan_table(result))
     return 0
 
 
