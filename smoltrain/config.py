@@ -136,11 +136,14 @@ class ParallelConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=list)  # embedded task names or task files
-    limit: Optional[int] = None  # items per task
+    # Embedded tasks or groups (embedded, arithmetic, code_tokens, ...), task files (F.jsonl) or
+    # published datasets (ADAPTER=PATH, e.g. arc_easy=data/ARC-Easy); `@mcf` for lettered choices.
+    tasks: list[str] = field(default_factory=list)
+    limit: Optional[int] = None  # items per task (embedded tasks generate this many)
     batch_size: int = 16
     val_batches: int = 20  # validation batches per source
     num_fewshot: int = 0
+    seed: int = 0  # the embedded suite and few-shot draws; not train.seed, so every run sees the same items
 
 
 @dataclass
@@ -343,6 +346,13 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
 
 
+def validate_eval(e: EvalConfig) -> None:
+    _require(e.batch_size > 0, f"eval.batch_size must be positive, got {e.batch_size}")
+    _require(e.val_batches >= 0, f"eval.val_batches must be >= 0, got {e.val_batches}")
+    _require(e.num_fewshot >= 0, f"eval.num_fewshot must be >= 0, got {e.num_fewshot}")
+    _require(e.limit is None or e.limit > 0, f"eval.limit must be positive (or null for all items), got {e.limit}")
+
+
 def validate(c: Config) -> None:
     validate_model(c.model)
     d, o, t, p = c.data, c.optim, c.train, c.parallel
@@ -388,3 +398,4 @@ def validate(c: Config) -> None:
         c.model.num_kv_heads % p.tp == 0,
         f"parallel.tp ({p.tp}) must divide model.num_kv_heads ({c.model.num_kv_heads})",
     )
+    validate_eval(c.eval)

@@ -1,0 +1,247 @@
+"""`smoltrain eval`: score a model (model folder, checkpoint, run or Hugging Face folder) on tasks
+and validation data, print a table, write results.json and results.md.
+
+One entry function walks the stage: load the model, resolve the task specs, score each task
+(log-likelihood or generation), add validation loss / bits per byte, centre and aggregate, write.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from smoltrain.errors import ConfigError, DataError
+from smoltrain.eval.adapters import adapter_for, load_adapter_task
+from smoltrain.eval.generative import count_generations, score_generative
+from smoltrain.eval.scoring import count_requests, end_of_text_id, load_tokenizer, score_multiple_choice
+from smoltrain.eval.suite import BUILDERS, DEFAULT_ITEMS, SUITE, aggregate, centred, embedded_task
+from smoltrain.eval.tasks import Task, read_task_file
+
+# Names that stand for several embedded tasks.
+GROUPS = {
+    "embedded": SUITE,
+    "suite": SUITE,
+    "arithmetic": ("arithmetic_choice", "arithmetic_answer"),
+    "code": ("code_tokens",),
+    "prose": ("prose_cloze",),
+}
+TASK_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
+
+
+# ----------------------------------------------------------------------------- task specs
+
+
+def resolve_tasks(specs: Sequence[str], limit: int | None = None, num_fewshot: int | None = None, seed: int = 0) -> list[Task]:
+    """Task objects for specs: an embedded task or group (`embedded`, `arithmetic`, `code_tokens`, ...),
+    a task file (`F.jsonl`), or a published dataset (`ADAPTER=PATH`, e.g. `arc_easy=data/ARC-Easy`);
+    any of them may end in `@mcf` (lettered choices) or `@cloze`."""
+    tasks: list[Task] = []
+    for spec in specs:
+        spec = spec.strip()
+        if not spec:
+            continue
+        formulation = None
+        for suffix in ("@mcf", "@cloze"):
+            if spec.endswith(suffix):
+                spec, formulation = spec[: -len(suffix)], suffix[1:]
+        shots = num_fewshot or 0
+        if spec in GROUPS or spec in BUILDERS:
+            names = GROUPS.get(spec, (spec,))
+            found = [embedded_task(name, seed, max(limit or DEFAULT_ITEMS, 1)) for name in names]
+        elif "=" in spec:
+            name, path = spec.split("=", 1)
+            found = [load_adapter_task(name.strip(), path.strip(), num_fewshot=shots)]
+        elif spec.endswith(TASK_FILE_SUFFIXES) or Path(spec).is_file():
+            found = [read_task_file(spec)]
+        else:
+            known = sorted([*GROUPS, *BUILDERS])
+            close = difflib.get_close_matches(spec, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint += "; published datasets are ADAPTER=PATH" if adapter_for(spec) else ""
+            raise ConfigError(f"unknown task '{spec}'{hint} (embedded: {', '.join(known)}; or a .jsonl task file)")
+        for task in found:
+            if formulation:
+                if task.kind != "multiple_choice":
+                    raise ConfigError(f"task '{task.name}': @{formulation} applies to multiple-choice tasks only")
+                task.formulation = formulation
+                task.name = f"{task.name}_{formulation}" if formulation == "mcf" else task.name
+            if num_fewshot is not None:
+                task.num_fewshot = num_fewshot
+            tasks.append(task.limited(limit))
+    names = [t.name for t in tasks]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"task names must be unique, got {', '.join(duplicates)} twice")
+    return tasks
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def score_tasks(model, tokenizer, tasks: Sequence[Task], batch_size: int = 16, seed: int = 0, device=None,
+                progress: bool = True, details: list | None = None) -> dict[str, dict]:
+    """{task: {metric: value, ..., "n", "score", "random_baseline", "centred"}} for each task."""
+    device = resolve_device(device) if device is not None else next(model.parameters()).device
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    eot = end_of_text_id(tokenizer)
+    empty_context = [eot] if eot is not None else []
+    results: dict[str, dict] = {}
+    bar = _progress(progress)
+    with bar:
+        for task in tasks:
+            total = count_requests(task) if task.kind == "multiple_choice" else count_generations(task)
+            handle = bar.add_task(task.name, total=total)
+            advance = lambda n, h=handle: bar.advance(h, n)  # noqa: E731
+            if task.kind == "multiple_choice":
+                metrics = score_multiple_choice(model, tokenizer, task, batch_size, seed, empty_context_ids=empty_context,
+                                                autocast_dtype=autocast_dtype, on_batch=advance, details=details)
+            else:
+                metrics = score_generative(model, tokenizer, task, batch_size, seed, prefix_ids=(),
+                                           stop_token_ids=empty_context, on_batch=advance, details=details)
+            metrics["score"] = metrics[task.metric]
+            metrics["random_baseline"] = task.baseline
+            metrics["centred"] = centred(metrics["score"], task.baseline)
+            results[task.name] = metrics
+    return results
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("eval {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True, disable=not enabled)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def evaluate(
+    path_or_model,
+    tasks: Sequence[str] | None = None,
+    *,
+    task_files: Sequence[str] = (),
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int | None = None,
+    val_batches: int | None = None,
+    device: str | torch.device | None = "auto",
+    tokenizer: str | os.PathLike | None = None,
+    config=None,
+    seed: int | None = None,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate a model (or a path `load_any` reads) -> {"tasks", "aggregate", "val"}; writes `out`
+    (JSON, plus a markdown table beside it) when given.
+
+    tasks: specs as `resolve_tasks` takes them; default the config's `eval.tasks`, else the
+    embedded suite. val_batches: validation batches per source (default `eval.val_batches` when
+    the config names validation data, 0 otherwise).
+    """
+    device = resolve_device(device)
+    if isinstance(path_or_model, torch.nn.Module):
+        from smoltrain.config import Config
+
+        model = path_or_model
+        config = config or Config(model=model.config)
+        tokenizer_path = tokenizer or config.data.tokenizer
+    else:
+        from smoltrain.model.hf import load_any
+
+        model, loaded_config, known_tokenizer = load_any(path_or_model, device=device)
+        config = config or loaded_config
+        tokenizer_path = tokenizer or known_tokenizer
+    model.to(device)
+    e = config.eval
+    specs = list(tasks) if tasks else ([] if task_files else list(e.tasks) or ["embedded"])
+    specs += list(task_files)
+    task_list = resolve_tasks(specs, limit if limit is not None else e.limit,
+                              num_fewshot if num_fewshot is not None else (e.num_fewshot or None), e.seed if seed is None else seed)
+    if task_list and tokenizer_path is None:
+        raise ConfigError("no tokenizer is known for this model: pass --tokenizer PATH (tokenizer.json or a folder)")
+    was_training = model.training
+    model.eval()
+    try:
+        results = score_tasks(model, load_tokenizer(tokenizer_path), task_list, batch_size or e.batch_size,
+                              e.seed if seed is None else seed, device, progress) if task_list else {}
+        val = {}
+        num_val = val_batches if val_batches is not None else e.val_batches
+        if num_val > 0 and (config.data.validation or config.data.embedded):
+            from smoltrain.eval.validation import validation_per_source
+
+            val = validation_per_source(model, config, num_val, batch_size or e.batch_size, device,
+                                        torch.bfloat16 if device.type == "cuda" else None)
+    finally:
+        model.train(was_training)
+    report = {"tasks": results, "aggregate": aggregate(results), "val": val, "main_metric": main_metrics(task_list)}
+    if out is not None:
+        write_results(report, out)
+    return report
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main_metrics(tasks: Sequence[Task]) -> dict[str, str]:
+    return {t.name: t.metric for t in tasks}
+
+
+def results_table(report: dict) -> list[list[str]]:
+    """Rows (task, metric, score, +-stderr, baseline, centred, n) and the validation rows."""
+    metrics = report.get("main_metric") or {}
+    rows = []
+    for name, r in report["tasks"].items():
+        metric = metrics.get(name, "score")
+        stderr = r.get(f"{metric}_stderr")
+        rows.append([name, metric, f"{r['score']:.4f}", f"{stderr:.4f}" if stderr is not None else "",
+                     f"{r['random_baseline']:.4f}", f"{r['centred']:+.4f}", str(r["n"])])
+    if report.get("aggregate"):
+        a = report["aggregate"]
+        rows.append(["aggregate", "centred mean", f"{a['score']:.4f}", "", f"{a['random_baseline']:.4f}", f"{a['centred']:+.4f}", str(a["tasks"])])
+    for source, v in (report.get("val") or {}).items():
+        rows.append([f"val/{source}", "loss / bpb", f"{v['loss']:.4f}", "", "", f"bpb {v['bpb']:.4f}", str(v["tokens"])])
+    return rows
+
+
+HEADER = ["task", "metric", "score", "stderr", "baseline", "centred", "n"]
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in results_table(report)]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*HEADER)
+    for row in results_table(report):
+        table.add_row(*row)
+    Console().print(table)
+
+
+def write_results(report: dict, out: str | os.PathLike) -> Path:
+    path = Path(out)
+    _atomic_write(path, json.dumps(report, indent=2) + "\n")
+    _atomic_write(path.with_suffix(".md"), "# Evaluation\n\n" + markdown_table(report))
+    return path

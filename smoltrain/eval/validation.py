@@ -1,0 +1,133 @@
+"""Validation loss per data source, and bits per byte so different tokenizers can be compared.
+
+bpb = (nats over the text's tokens) / (ln 2 x the text's UTF-8 bytes). Special tokens (end of
+text) have no bytes and are left out of both sums, as nanochat does; the loss keeps them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from smoltrain.eval.scoring import LOGPROB_CHUNK_ELEMENTS, _autocast, load_tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def _uses_byte_level(tokenizer) -> bool:
+    spec = json.loads(tokenizer.to_str())
+
+    def has_byte_level(node) -> bool:
+        if isinstance(node, dict):
+            return node.get("type") == "ByteLevel" or any(has_byte_level(v) for v in node.values())
+        if isinstance(node, list):
+            return any(has_byte_level(v) for v in node)
+        return False
+
+    return has_byte_level(spec.get("decoder")) or has_byte_level(spec.get("pre_tokenizer"))
+
+
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (int64 [vocab]); 0 for special tokens."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    lengths = torch.zeros(max(vocab.values()) + 1, dtype=torch.int64)
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    if _uses_byte_level(tokenizer):
+        byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
+        for token, i in vocab.items():
+            if token in special:
+                continue
+            # Added non-special tokens are stored as plain text, vocabulary tokens byte-mapped.
+            mapped = all(ch in byte_of for ch in token)
+            lengths[i] = len(token) if mapped else len(token.encode("utf-8"))
+    else:
+        for token, i in vocab.items():
+            if token not in special:
+                lengths[i] = len(tokenizer.decode([i], skip_special_tokens=False).encode("utf-8"))
+    return lengths
+
+
+@torch.no_grad()
+def validation_metrics(
+    model,
+    batches: Iterable[dict],
+    token_bytes: torch.Tensor,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
+    """{"loss", "bpb", "tokens"} over batches of the loader's dicts (input_ids, labels, document_ids)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    vocab = model.config.vocab_size
+    token_bytes = token_bytes.to(device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    text_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = 0
+    total_bytes = 0
+    for batch in batches:
+        input_ids = batch["input_ids"].to(device)
+        labels = batch["labels"].to(device)
+        document_ids = batch.get("document_ids")
+        # Full-vocabulary logits for a few rows at a time: 16 x 2048 x 49152 float32 would be 6 GiB.
+        rows = max(1, LOGPROB_CHUNK_ELEMENTS // (input_ids.shape[1] * vocab))
+        for s in range(0, input_ids.shape[0], rows):
+            docs = document_ids[s : s + rows].to(device) if document_ids is not None else None
+            with _autocast(device, autocast_dtype):
+                logits = model(input_ids[s : s + rows], document_ids=docs)
+            target = labels[s : s + rows]
+            valid = target != -100
+            nats = F.cross_entropy(logits.float().flatten(0, 1), target.flatten().clamp(min=0), reduction="none")
+            nats = torch.where(valid.flatten(), nats, 0.0)
+            nbytes = torch.where(valid, token_bytes[target.clamp(min=0)], 0).flatten()
+            total_nats += nats.sum().double()
+            text_nats += (nats * (nbytes > 0)).sum().double()
+            total_tokens += int(valid.sum())
+            total_bytes += int(nbytes.sum())
+    if total_tokens == 0:
+        return {"loss": float("nan"), "bpb": float("nan"), "tokens": 0}
+    bpb = float(text_nats) / (math.log(2) * total_bytes) if total_bytes else float("nan")
+    return {"loss": float(total_nats) / total_tokens, "bpb": bpb, "tokens": total_tokens}
+
+
+def resolve_data_config(config):
+    """The config with data paths resolved (the embedded corpus is built on first use, then cached)."""
+    if not config.data.embedded:
+        return config
+    from smoltrain.data.embedded import ensure_embedded_data
+
+    return dataclasses.replace(config, data=ensure_embedded_data(config.data))
+
+
+def validation_per_source(model, config, num_batches: int, batch_size: int, device=None, autocast_dtype=None) -> dict:
+    """{source: {"loss", "bpb", "tokens"}} over the first `num_batches` validation batches of each source."""
+    from smoltrain.data.loader import validation_batches
+
+    config = resolve_data_config(config)
+    if not config.data.validation or num_batches <= 0:
+        return {}
+    if not config.data.tokenizer:
+        from smoltrain.errors import ConfigError
+
+        raise ConfigError("data.tokenizer is needed to count bytes for bits per byte")
+    token_bytes = token_byte_lengths(load_tokenizer(config.data.tokenizer))
+    return {
+        source: validation_metrics(
+            model, validation_batches(config, source, num_batches, batch_size), token_bytes, device, autocast_dtype
+        )
+        for source in config.data.validation
+    }
