@@ -60,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model folder (config.yaml + model.safetensors)")
     p.set_defaults(func=cmd_import)
 
+    p = verbs.add_parser("eval", help="score a model on tasks (log-likelihood and generative) and validation data")
+    p.add_argument("model", metavar="MODEL", help="model folder, checkpoint, run folder or Hugging Face folder")
+    p.add_argument("--tasks", help="comma-separated: embedded, arithmetic, code_tokens, prose_cloze, F.jsonl, "
+                   "ADAPTER=PATH (hellaswag, arc_easy, piqa, winogrande, openbookqa, commonsense_qa, mmlu, gsm8k); "
+                   "@mcf for lettered choices (default: the config's eval.tasks, else embedded)")
+    p.add_argument("--task-file", action="append", default=[], metavar="F.jsonl", help="a task file (repeatable)")
+    p.add_argument("--limit", type=int, help="items per task")
+    p.add_argument("--num-fewshot", type=int, help="solved examples before each item")
+    p.add_argument("--batch-size", type=int, help="rows per forward pass")
+    p.add_argument("--val-batches", type=int, help="validation batches per source (0: none)")
+    p.add_argument("--tokenizer", help="tokenizer.json or folder, when the model folder has none")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, help="embedded suite and few-shot seed (default eval.seed)")
+    p.add_argument("--out", default="results.json", help="results JSON (a markdown table is written beside it)")
+    p.set_defaults(func=cmd_eval)
+
     p = verbs.add_parser("ablate", help="run a grid of (variant, seed) runs against a baseline and report verdicts")
     p.add_argument("ablation", metavar="ABLATION.yaml", help="baseline, variants, seeds, budget (recipes/ablations/)")
     p.add_argument("--out", help="output folder (default: the file's out_dir, else runs/ablations/NAME)")
@@ -141,6 +157,25 @@ def cmd_import(args) -> int:
         out = import_hf(args.hf_dir, args.out)
     tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
     print(f"wrote {out} (model folder, {tokenizer})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from smoltrain.errors import ConfigError
+    from smoltrain.eval.run import evaluate, print_table
+
+    for name in ("limit", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("num_fewshot", "val_batches"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    tasks = [t for t in (args.tasks or "").split(",") if t.strip()]
+    report = evaluate(args.model, tasks, task_files=args.task_file, limit=args.limit, num_fewshot=args.num_fewshot,
+                      batch_size=args.batch_size, val_batches=args.val_batches, device=args.device,
+                      tokenizer=args.tokenizer, seed=args.seed, out=args.out)
+    print_table(report)
+    print(f"wrote {args.out}")
     return 0
 
 
