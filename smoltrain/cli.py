@@ -86,6 +86,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: RUN_DIR/report)")
     p.set_defaults(func=cmd_report)
 
+    p = verbs.add_parser("data", help="embedded corpus, tokenizer training and comparison, tokenization into shards")
+    data = p.add_subparsers(dest="data_verb", required=True, metavar="SUBCOMMAND")
+    q = data.add_parser("corpus", help="write the embedded corpus (prose, code, math; train/validation jsonl.gz)")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--seed", type=int, default=0, help="seed of the split and the math generator")
+    q.add_argument("--fraction", type=float, default=1.0, help="keep this share of every source")
+    q.set_defaults(func=cmd_data_corpus)
+    q = data.add_parser("tokenizer", help="train a byte-level BPE tokenizer (tokenizer.json for transformers)")
+    q.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="jsonl, jsonl.gz, parquet or text files")
+    q.add_argument("--vocab-size", type=int, required=True)
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--text-key", default="text", help="JSON key / parquet column of the text")
+    q.add_argument("--max-mb", type=float, default=None, help="train on at most this much text, shared by the files")
+    q.set_defaults(func=cmd_data_tokenizer)
+    q = data.add_parser("tokenizer-report", help="fertility, split-word share and bytes/token per source")
+    q.add_argument("--tokenizer", action="append", required=True, help="tokenizer.json or HF folder (repeatable)")
+    q.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="files; the source is the name's first dotted part")
+    q.add_argument("--text-key", default="text")
+    q.add_argument("--max-mb", type=float, default=2.0, help="text sampled per source")
+    q.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+    q.set_defaults(func=cmd_data_tokenizer_report)
+    q = data.add_parser("tokenize", help="tokenize files into token shards (.bin + .idx + meta.json)")
+    q.add_argument("--tokenizer", required=True, help="tokenizer.json or HF tokenizer folder")
+    q.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="jsonl, jsonl.gz, parquet or text files")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--text-key", default="text", help="JSON key / parquet column of the text")
+    q.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    q.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+    q.add_argument("--add-bos", action="store_true", help="start every document with the tokenizer's BOS token")
+    q.add_argument("--name", default=None, help="shard name prefix (default: the output folder's name)")
+    q.set_defaults(func=cmd_data_tokenize)
+
     return parser
 
 
@@ -196,6 +228,55 @@ def cmd_report(args) -> int:
 
     md_path, html_path = report_run(args.run_dir, args.out)
     print(f"wrote {md_path} and {html_path}")
+    return 0
+
+
+def cmd_data_corpus(args) -> int:
+    from smoltrain.data.corpus import build_corpus
+
+    manifest = build_corpus(args.out, seed=args.seed, fraction=args.fraction, progress=print)
+    for name, f in manifest["files"].items():
+        print(f"{name}: {f['documents']} documents, {f['characters'] / 1e6:.2f}M characters")
+    return 0
+
+
+def cmd_data_tokenizer(args) -> int:
+    from smoltrain.data.tokenizer import train_tokenizer_files
+
+    path = train_tokenizer_files(args.input, args.vocab_size, args.out, args.text_key, args.max_mb)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_data_tokenizer_report(args) -> int:
+    import json
+
+    from smoltrain.data.tokenizer import report_markdown, tokenizer_report
+
+    report = tokenizer_report(args.tokenizer, args.input, args.text_key, args.max_mb)
+    print(report_markdown(report), end="")
+    if args.json_out:
+        from smoltrain.data.shards import write_json_atomic
+
+        write_json_atomic(args.json_out, report)
+        print(f"wrote {args.json_out}")
+    else:
+        print(json.dumps(report))
+    return 0
+
+
+def cmd_data_tokenize(args) -> int:
+    from smoltrain.data.tokenize_shards import tokenize
+
+    meta = tokenize(args.tokenizer, args.input, args.out, text_key=args.text_key, workers=args.workers,
+                    skip_bad=args.skip_bad, add_bos=args.add_bos, name=args.name)
+    rate = meta["num_tokens"] / max(1e-9, meta["elapsed_s"]) if meta["tokenized_files"] else 0.0
+    print(f"{args.out}: {meta['num_tokens']:,} tokens, {meta['num_documents']:,} documents, "
+          f"{len(meta['shards'])} shards ({meta['tokenized_files']} tokenized now, {rate / 1e6:.2f}M tokens/s)")
+    skipped = sum(meta["skipped_records"].values())
+    if skipped:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(meta["skipped_records"].items()))
+        print(f"skipped {skipped} bad records ({detail})")
     return 0
 
 

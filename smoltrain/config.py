@@ -72,13 +72,14 @@ class StageConfig:
 @dataclass
 class DataConfig:
     # Where tokenized shards live: source name -> folder of `<name>_<5 digits>.bin/.idx` + meta.json.
-    # The special value "embedded" builds the embedded corpus, tokenizer and shards on first use.
+    # With `embedded: true` these (and validation, tokenizer) are filled in by the embedded build.
     sources: dict[str, str] = field(default_factory=dict)
     validation: dict[str, str] = field(default_factory=dict)  # source name -> validation shard folder
     mixture: dict[str, float] = field(default_factory=dict)  # source name -> weight (empty: equal)
     tokenizer: Optional[str] = None  # tokenizer.json or a Hugging Face tokenizer folder
     embedded: bool = False  # build the embedded demo corpus, tokenizer and shards on first use
     embedded_vocab_size: int = 4096
+    embedded_fraction: float = 1.0  # share of the embedded corpus to build (tests use a few percent)
     cache_dir: str = ".cache/smoltrain"
     seq_len: int = 2048
     stages: list[StageConfig] = field(default_factory=list)

@@ -1,0 +1,159 @@
+"""Documents out of jsonl, jsonl.gz, parquet and plain-text files, streamed, with errors that name file:line.
+
+Every bad record (not JSON, no text key, not a string, empty, invalid UTF-8) is a DataError at its
+line, or, with skip_bad, a counted skip. Plain text files (any other extension) are one document each.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+from smoltrain.errors import DataError
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Globs (recursive `**` allowed) -> sorted, de-duplicated files; a pattern that matches nothing is an error."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(pattern), recursive=True))
+        matches = [m for m in matches if m.is_file()]
+        if not matches:
+            raise DataError(f"{pattern}: no input file matches")
+        files.extend(matches)
+    seen, unique = set(), []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def input_kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+class DocumentReader:
+    """Iterate the texts of one file. `bytes_read` follows the position on disk (for progress bars)."""
+
+    def __init__(self, path: str | os.PathLike, text_key: str = "text", skip_bad: bool = False):
+        self.path = Path(path)
+        self.text_key = text_key
+        self.skip_bad = skip_bad
+        self.kind = input_kind(self.path)
+        self.size = self.path.stat().st_size
+        self.bytes_read = 0
+        self.documents = 0
+        self.skipped: Counter[str] = Counter()
+
+    def _bad(self, where: str, reason: str, kind: str) -> None:
+        if not self.skip_bad:
+            raise DataError(f"{self.path}:{where}: {reason}")
+        self.skipped[kind] += 1
+
+    def __iter__(self) -> Iterator[str]:
+        records = {"jsonl": self._jsonl, "parquet": self._parquet, "text": self._text}[self.kind]()
+        for text in records:
+            self.documents += 1
+            yield text
+        self.bytes_read = self.size
+        if self.documents == 0:
+            skipped = f" ({sum(self.skipped.values())} bad records skipped)" if self.skipped else ""
+            raise DataError(f"{self.path}: no documents{skipped}")
+
+    # ------------------------------------------------------------------------- formats
+
+    def _jsonl(self) -> Iterator[str]:
+        with open(self.path, "rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+            line_no = 0
+            try:
+                for line in stream:
+                    line_no += 1
+                    if line_no % 256 == 0:
+                        self.bytes_read = raw.tell()
+                    text = self._json_record(line, line_no)
+                    if text is not None:
+                        yield text
+            except (OSError, EOFError, zlib.error) as e:
+                raise DataError(f"{self.path}:{line_no + 1}: unreadable gzip data ({e})") from None
+
+    def _json_record(self, line: bytes, line_no: int) -> str | None:
+        if not line.strip():
+            return None
+        try:
+            decoded = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return self._bad(line_no, f"invalid UTF-8 at byte {e.start} of the line", "invalid_utf8")
+        try:
+            record = json.loads(decoded)
+        except json.JSONDecodeError as e:
+            return self._bad(line_no, f"not valid JSON ({e.msg} at column {e.colno})", "not_json")
+        if not isinstance(record, dict):
+            return self._bad(line_no, f"expected a JSON object, got {type(record).__name__}", "not_object")
+        if self.text_key not in record:
+            keys = ", ".join(list(record)[:8]) or "none"
+            return self._bad(line_no, f"no '{self.text_key}' key (keys: {keys}; see --text-key)", "missing_key")
+        return self._text_value(record[self.text_key], line_no)
+
+    def _text_value(self, text, where) -> str | None:
+        if not isinstance(text, str):
+            return self._bad(where, f"'{self.text_key}' is {type(text).__name__}, not a string", "not_string")
+        if not text:
+            return self._bad(where, f"empty '{self.text_key}'", "empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates from \ud800-style JSON escapes
+            return self._bad(where, f"invalid UTF-8 (lone surrogate at character {e.start})", "invalid_utf8")
+        return text
+
+    def _parquet(self) -> Iterator[str]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(self.path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{self.path}: not a readable parquet file ({e})") from None
+        columns = parquet.schema_arrow.names
+        if self.text_key not in columns:
+            raise DataError(f"{self.path}: no column '{self.text_key}' (columns: {', '.join(columns)}; see --text-key)")
+        row, total = 0, max(1, parquet.metadata.num_rows)
+        try:
+            for batch in parquet.iter_batches(batch_size=1024, columns=[self.text_key]):
+                for value in batch.column(0).to_pylist():
+                    row += 1
+                    text = self._text_value(value, f"row {row}")
+                    if text is not None:
+                        yield text
+                self.bytes_read = self.size * row // total
+        except pa.ArrowException as e:
+            raise DataError(f"{self.path}: unreadable after row {row} ({e})") from None
+
+    def _text(self) -> Iterator[str]:
+        data = self.path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            self._bad(line, f"invalid UTF-8 at byte {e.start}", "invalid_utf8")
+            return
+        self.bytes_read = self.size
+        if text.strip():
+            yield text

@@ -1,0 +1,243 @@
+"""`smoltrain data tokenize`: input files -> token shards, one shard per input file, in parallel.
+
+One shard per file makes the output independent of the number of workers and makes re-runs cheap:
+a shard whose input file, tokenizer and settings are unchanged is kept. Workers stream documents in
+batches (bounded memory), write under temp names and rename; meta.json is written last, so a folder
+with a meta.json is always complete and consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from smoltrain.data.readers import DocumentReader, expand_inputs
+from smoltrain.data.shards import META, ShardWriter, shard_name, token_dtype, write_json_atomic, write_meta
+from smoltrain.errors import DataError
+
+_BATCH_CHARS = 1 << 20  # characters per encode_batch call: large enough to keep Rust busy, small for memory
+
+
+def _done_marker(out: Path, shard: str) -> Path:
+    return out / f".{shard}.done.json"
+
+
+def _fingerprint(path: Path, settings: dict) -> dict:
+    st = path.stat()
+    return {"input": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, **settings}
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_worker: dict = {}
+
+
+def _init_worker(progress_queue, tokenizer_path: str, threads: int) -> None:
+    # Rayon sizes its pool on first use: give each worker its share of the cores.
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    from smoltrain.data.tokenizer import load_tokenizer
+
+    _worker.update(queue=progress_queue, tokenizer=load_tokenizer(tokenizer_path))
+
+
+def _tokenize_file(task: dict) -> dict:
+    """Tokenize one input file into one shard; returns the shard entry for meta.json."""
+    tok, report = _worker["tokenizer"], _worker["queue"]
+    out, path = Path(task["out"]), Path(task["path"])
+    prefix = [task["bos_id"]] if task["bos_id"] is not None else []
+    eot, dtype = task["eot_id"], np.dtype(task["dtype"])
+    reader = DocumentReader(path, task["text_key"], task["skip_bad"])
+    num_bytes, reported = 0, 0
+    with ShardWriter(out, task["shard"], dtype) as writer:
+
+        def flush(texts: list[str]) -> None:
+            nonlocal num_bytes, reported
+            if not texts:
+                return
+            encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+            flat: list[int] = []
+            lengths = np.empty(len(encodings), dtype=np.int64)
+            for i, enc in enumerate(encodings):
+                ids = enc.ids
+                flat.extend(prefix)
+                flat.extend(ids)
+                flat.append(eot)
+                lengths[i] = len(ids) + len(prefix) + 1
+            writer.add_documents(np.array(flat, dtype=dtype), lengths)
+            num_bytes += sum(len(t.encode("utf-8")) for t in texts)
+            if report is not None:
+                report.put((reader.bytes_read - reported, len(flat)))
+                reported = reader.bytes_read
+
+        batch, chars = [], 0
+        for text in reader:
+            batch.append(text)
+            chars += len(text)
+            if chars >= _BATCH_CHARS:
+                flush(batch)
+                batch, chars = [], 0
+        flush(batch)
+        entry = writer.close()
+    if report is not None:
+        report.put((reader.size - reported, 0))
+    entry.update(num_bytes=num_bytes, skipped=dict(reader.skipped), **task["fingerprint"])
+    write_json_atomic(_done_marker(out, task["shard"]), entry)
+    return entry
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _finished(out: Path, shard: str, fingerprint: dict, previous: dict) -> dict | None:
+    """The shard's entry if it exists and was made from the same input with the same settings."""
+    marker = _done_marker(out, shard)
+    entry = None
+    if marker.is_file():
+        try:
+            entry = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            entry = None
+    entry = entry or previous.get(shard)
+    if not entry or any(entry.get(k) != v for k, v in fingerprint.items()):
+        return None
+    if not (out / f"{shard}.bin").is_file() or not (out / f"{shard}.idx").is_file():
+        return None
+    return entry
+
+
+def _cleanup(out: Path, shards: list[str]) -> None:
+    for shard in shards:
+        for tmp in out.glob(f".{shard}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def tokenize(tokenizer: str, inputs: list[str], out_dir: str | os.PathLike, text_key: str = "text",
+             workers: int | None = None, skip_bad: bool = False, add_bos: bool = False, name: str | None = None,
+             show_progress: bool = True) -> dict:
+    """Tokenize jsonl / jsonl.gz / parquet / text files into the shard contract; returns meta.json's content."""
+    from smoltrain.data.tokenizer import load_tokenizer, special_token_id, tokenizer_file_hash
+
+    files = expand_inputs(inputs)
+    tok = load_tokenizer(tokenizer)
+    eot_id = special_token_id(tok, "eos")
+    bos_id = special_token_id(tok, "bos") if add_bos else None
+    vocab_size = tok.get_vocab_size()
+    dtype = token_dtype(vocab_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = name or out.name
+    tok_hash = tokenizer_file_hash(tokenizer)
+    settings = {"tokenizer_hash": tok_hash, "text_key": text_key, "add_bos": add_bos, "skip_bad": skip_bad,
+                "dtype": dtype.name}
+
+    # A previous complete run lists its shards in meta.json; take it down now so that the folder never
+    # claims to be complete while its shards are being replaced.
+    previous: dict = {}
+    meta_path = out / META
+    if meta_path.is_file():
+        try:
+            previous = {s["name"]: s for s in json.loads(meta_path.read_text()).get("shards", [])}
+        except (json.JSONDecodeError, TypeError, KeyError):
+            previous = {}
+        meta_path.unlink()
+
+    tasks, entries = [], {}
+    for index, path in enumerate(files):
+        shard = shard_name(name, index)
+        fingerprint = _fingerprint(path, settings)
+        done = _finished(out, shard, fingerprint, previous)
+        if done is not None:
+            entries[shard] = done
+            continue
+        tasks.append({"out": str(out), "path": str(path), "shard": shard, "fingerprint": fingerprint,
+                      "text_key": text_key, "skip_bad": skip_bad, "eot_id": eot_id, "bos_id": bos_id,
+                      "dtype": dtype.name})
+    shards = [shard_name(name, i) for i in range(len(files))]
+    _cleanup(out, shards)
+    for stale in out.glob(f"{name}_[0-9][0-9][0-9][0-9][0-9].*"):  # shards of inputs no longer given
+        if stale.stem not in shards:
+            stale.unlink()
+
+    started = time.perf_counter()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(workers or cores, len(tasks) or 1))
+    total_bytes = sum(Path(t["path"]).stat().st_size for t in tasks)
+    try:
+        for entry in _run(tasks, tokenizer, workers, max(1, cores // workers), total_bytes, show_progress):
+            entries[entry["name"]] = entry
+    except BaseException:
+        _cleanup(out, shards)
+        raise
+    elapsed = time.perf_counter() - started
+
+    ordered = [entries[s] for s in shards]
+    skipped = Counter()
+    for entry in ordered:
+        skipped.update(entry.get("skipped", {}))
+    meta = write_meta(
+        out, shards=ordered, dtype=dtype, vocab_size=vocab_size, tokenizer_hash=tok_hash,
+        tokenizer=str(tokenizer), eot_token_id=eot_id, bos_token_id=bos_id, text_key=text_key,
+        num_bytes=int(sum(e["num_bytes"] for e in ordered)), source_files=[str(f) for f in files],
+        skipped_records=dict(skipped),
+    )
+    for shard in shards:
+        _done_marker(out, shard).unlink(missing_ok=True)
+    meta["elapsed_s"] = elapsed
+    meta["tokenized_files"] = len(tasks)
+    return meta
+
+
+def _run(tasks: list[dict], tokenizer: str, workers: int, threads: int, total_bytes: int, show_progress: bool):
+    """Yield shard entries as tasks finish, with a progress bar fed by the workers."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    if not tasks:
+        return
+    columns = [TextColumn("tokenize"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
+    with Progress(*columns, disable=not show_progress, transient=False) as progress:
+        bar = progress.add_task("tokenize", total=total_bytes, rate="")
+        started, tokens = time.perf_counter(), 0
+
+        def advance(num_bytes: int, num_tokens: int) -> None:
+            nonlocal tokens
+            tokens += num_tokens
+            rate = tokens / max(1e-9, time.perf_counter() - started)
+            progress.update(bar, advance=num_bytes, rate=f"{rate / 1e6:.2f}M tok/s")
+
+        if workers == 1:  # in-process: Rust threads parallelise encode_batch across the cores
+            local: queue.SimpleQueue = queue.SimpleQueue()
+            _init_worker(local, tokenizer, threads)
+            for task in tasks:
+                entry = _tokenize_file(task)
+                while not local.empty():
+                    advance(*local.get())
+                yield entry
+            return
+
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        progress_queue = ctx.Queue()
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(progress_queue, tokenizer, threads)) as pool:
+            pending = [pool.apply_async(_tokenize_file, (task,)) for task in tasks]
+            while pending:
+                try:
+                    while True:
+                        advance(*progress_queue.get(timeout=0.1))
+                except queue.Empty:
+                    pass
+                for result in [r for r in pending if r.ready()]:
+                    pending.remove(result)
+                    yield result.get()  # re-raises a worker's DataError here; the pool is then terminated
+            while True:
+                try:
+                    advance(*progress_queue.get_nowait())
+                except queue.Empty:
+                    break
