@@ -276,3 +276,66 @@ def test_changed_config_in_an_existing_run_folder_is_an_error(tmp_path):
     changed = load_ablation(_write(tmp_path, data), out_dir=spec.out_dir)
     with pytest.raises(ConfigError, match=r"seed0 was trained with a different config: model.hidden_size \(32 then, 64 now\)"):
         ablate(spec=changed, train_fn=FakeTrainer(), evaluate_fn=_no_eval)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _counting_shards(folder: Path, num_documents: int, vocab: int, seed: int) -> None:
+    """Documents that count upward modulo the vocabulary from a random start: learnable in a few steps."""
+    from smoltrain.data.shards import ShardWriter, shard_name, token_dtype, write_meta
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(8, 40, size=num_documents)
+    starts = rng.integers(1, vocab, size=num_documents)
+    tokens = np.concatenate([(s + np.arange(n)) % (vocab - 1) + 1 for s, n in zip(starts, lengths)])
+    with ShardWriter(folder, shard_name("toy", 0), token_dtype(vocab)) as writer:
+        writer.add_documents(tokens, lengths)
+        entry = writer.close()
+    write_meta(folder, shards=[entry], dtype=token_dtype(vocab), vocab_size=vocab, tokenizer_hash=None)
+
+
+@pytest.mark.slow
+def test_tiny_ablation_end_to_end_with_the_real_trainer_and_evaluation(tmp_path):
+    from smoltrain.ablate.grid import train_with_trainer
+
+    from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
+
+    # A byte-level tokenizer of 320 tokens only gives bits per byte their byte counts.
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 50, 320, False)
+    tokenizer, vocab = save_tokenizer(tok, tmp_path / "tok"), tok.get_vocab_size()  # about 290 tokens
+    _counting_shards(tmp_path / "train", 2000, vocab, seed=0)
+    _counting_shards(tmp_path / "val", 200, vocab, seed=1)
+    baseline = {
+        "model": {"vocab_size": 320, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 64, "max_seq_len": 32},
+        "data": {"sources": {"toy": str(tmp_path / "train")}, "validation": {"toy": str(tmp_path / "val")}, "seq_len": 32,
+                 "tokenizer": str(tokenizer)},
+        "optim": {"lr": 1e-2, "warmup_steps": 2, "schedule": "constant"},
+        "train": {"global_batch_tokens": 256, "micro_batch_size": 8, "log_every": 2, "save_every": 1000,
+                  "eval_every": 1000, "device": "cpu", "tensorboard": False},
+    }
+    data = {"baseline": baseline, "variants": {"no-document-masking": ["model.document_masking=false"]},
+            "seeds": [0, 1], "budget": {"steps": 12}, "eval": {"val_batches": 2, "batch_size": 4}}
+    spec = load_ablation(_write(tmp_path, data), out_dir=str(tmp_path / "out"))
+    calls = []
+    counting = lambda config: calls.append(config.train.out_dir) or train_with_trainer(config)  # noqa: E731
+
+    results = ablate(spec=spec, train_fn=counting)
+    assert len(calls) == 4
+    assert results["parameter_warnings"] == {}  # masking changes no parameter
+    for arm in ("baseline", "no-document-masking"):
+        val = results["arms"][arm]["metrics"]["val/toy/loss"]
+        assert len(val["values"]) == 2
+        assert max(val["values"]) < math.log(vocab) - 1.0  # learned the counting pattern, far below uniform
+        for run in results["arms"][arm]["runs"]:
+            assert run["tokens"] == 12 * 256
+            assert (Path(run["run_dir"]) / "checkpoints" / "latest").is_file()
+    metrics = {v["metric"] for v in results["verdicts"] if v["variant"] == "no-document-masking"}
+    assert {"train/final_loss", "val/toy/loss", "val/toy/bpb"} <= metrics
+    assert all(v["verdict"] in (BETTER, WORSE, WITHIN_NOISE) for v in results["verdicts"])
+    assert "## Verdicts" in Path(results["report_md"]).read_text()
+
+    ablate(spec=spec, train_fn=counting)  # everything finished: nothing is trained again
+    assert len(calls) == 4

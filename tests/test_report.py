@@ -29,8 +29,11 @@ def _eval(step: int) -> dict:
     return {"step": step, "eval": {
         "val": {"code": {"loss": 5.0 - step / 20, "bpb": 2.0, "tokens": 4096},
                 "prose": {"loss": 5.5 - step / 20, "bpb": 2.2, "tokens": 4096}},
-        "tasks": {"arithmetic": {"acc": 0.3, "acc_norm": 0.32, "random_baseline": 0.25, "n": 100}},
-        "aggregate": {"centered_acc": 0.07},
+        "tasks": {"arithmetic_choice": {"acc": 0.3, "acc_norm": 0.32, "acc_stderr": 0.046, "n": 100, "score": 0.3,
+                                        "random_baseline": 0.25, "centred": 0.0667},
+                  "arithmetic_answer": {"exact_match": 0.01, "quasi_exact_match": 0.02, "quasi_exact_match_stderr": 0.014,
+                                        "n": 100, "score": 0.02, "random_baseline": 0.0, "centred": 0.02}},
+        "aggregate": {"centred": 0.0433, "score": 0.16, "random_baseline": 0.125, "tasks": 2},
     }}
 
 
@@ -94,18 +97,22 @@ def test_run_report_states_parameters_throughput_and_final_eval(run_dir):
     median = statistics.median(throughput[1:])  # the first log line (warm-up) is left out
     assert f"{median:.4g}" in markdown
     assert "Evaluation at step 40" in markdown
-    assert "| arithmetic | acc | 0.3 | 0.25 | 100 |" in markdown
+    assert "| arithmetic_choice | acc | 0.3 | 0.046 | 0.25 | 0.0667 | 100 |" in markdown
+    assert "| arithmetic_answer | quasi_exact_match | 0.02 | 0.014 | 0 | 0.02 | 100 |" in markdown
+    assert "mean score 0.16 against a random baseline of 0.125" in markdown and "**+0.0433**" in markdown
     assert "| code | 3 | 2 | 4,096 |" in markdown
 
 
-def test_flatten_eval_keeps_scores_and_drops_counts_and_baselines():
+def test_flatten_eval_keeps_main_scores_and_drops_counts_errors_and_baselines():
     flat = flatten_eval(_eval(10)["eval"])
     assert flat == {
         "val/code/loss": 4.5, "val/code/bpb": 2.0, "val/prose/loss": 5.0, "val/prose/bpb": 2.2,
-        "tasks/arithmetic/acc": 0.3, "tasks/arithmetic/acc_norm": 0.32, "aggregate/centered_acc": 0.07,
+        "tasks/arithmetic_choice/score": 0.3, "tasks/arithmetic_answer/score": 0.02,
+        "aggregate/centred": 0.0433, "aggregate/score": 0.16,
     }
+    assert flatten_eval({"tasks": {"custom": {"acc": 0.5, "acc_stderr": 0.1, "n": 4}}}) == {"tasks/custom/acc": 0.5}
     assert lower_is_better("val/code/loss") and lower_is_better("val/code/bpb")
-    assert not lower_is_better("tasks/arithmetic/acc_norm") and not lower_is_better("aggregate/centered_acc")
+    assert not lower_is_better("tasks/arithmetic_choice/score") and not lower_is_better("aggregate/centred")
 
 
 def test_markdown_and_html_escape_table_cells(tmp_path):

@@ -97,7 +97,10 @@ def run_one(spec: AblationSpec, variant: str, seed: int, train_fn: TrainFn, eval
     start = time.perf_counter()
     if not done:
         _write_json(record_path, record)
-        train_fn(config)
+        summary = train_fn(config)
+        if isinstance(summary, dict) and summary.get("stopped_by"):
+            # Stopped by a signal after a clean checkpoint: the same command resumes from it.
+            raise KeyboardInterrupt(f"{run_dir} stopped by {summary['stopped_by']} at step {summary.get('step')}")
         train_rows, eval_rows = read_metrics(run_dir)
         if not train_rows or train_rows[-1]["step"] < max_steps:
             raise RuntimeError(f"{run_dir}: the trainer returned before step {max_steps} (last logged "

@@ -61,11 +61,11 @@ def summarize(spec: AblationSpec, records: list[dict]) -> dict:
 
 
 def _headline_metrics(results: dict) -> list[str]:
-    """Metrics worth a plot: final training loss, validation losses, task accuracies, aggregates
-    (bits per byte and secondary normalisations stay in the tables)."""
+    """Metrics worth a plot: final training loss, validation losses, task scores, the centred
+    aggregate (bits per byte stay in the tables)."""
     keys = list(results["arms"][BASELINE]["metrics"])
     chosen = [k for k in keys if k == "train/final_loss" or (k.startswith("val/") and k.endswith("/loss"))
-              or k.startswith("aggregate/") or (k.startswith("tasks/") and k.rsplit("/", 1)[-1] in ("acc", "acc_norm", "exact_match", "em"))]
+              or k.startswith("tasks/") or k == "aggregate/centred"]
     return chosen or keys
 
 

@@ -59,20 +59,25 @@ def _last_per_step(rows: list[dict]) -> list[dict]:
 
 
 def flatten_eval(result: dict) -> dict[str, float]:
-    """`{"val": {src: {loss, bpb}}, "tasks": {name: {metric: v}}, "aggregate": {k: v}}` ->
-    `{"val/src/loss": ..., "tasks/name/metric": ..., "aggregate/k": ...}` (counts left out)."""
+    """`{"val": {src: {loss, bpb}}, "tasks": {name: {...}}, "aggregate": {...}}` -> flat metric names:
+    `val/src/loss`, `val/src/bpb`, `tasks/name/score` (the task's main metric, as the eval suite
+    names it; every metric when a task gives no score) and `aggregate/centred`, `aggregate/score`."""
     flat: dict[str, float] = {}
     for source, values in (result.get("val") or {}).items():
-        for key, value in (values or {}).items():
-            if key != "tokens" and _is_number(value):
-                flat[f"val/{source}/{key}"] = float(value)
+        for key in ("loss", "bpb"):
+            if _is_number((values or {}).get(key)):
+                flat[f"val/{source}/{key}"] = float(values[key])
     for task, values in (result.get("tasks") or {}).items():
-        for key, value in (values or {}).items():
-            if key != "n" and "baseline" not in key and _is_number(value):
+        values = values or {}
+        if _is_number(values.get("score")):
+            flat[f"tasks/{task}/score"] = float(values["score"])
+            continue
+        for key, value in values.items():
+            if key != "n" and not key.endswith("_stderr") and "baseline" not in key and _is_number(value):
                 flat[f"tasks/{task}/{key}"] = float(value)
-    for key, value in (result.get("aggregate") or {}).items():
-        if _is_number(value) and "baseline" not in key:
-            flat[f"aggregate/{key}"] = float(value)
+    for key in ("centred", "score"):
+        if _is_number((result.get("aggregate") or {}).get(key)):
+            flat[f"aggregate/{key}"] = float(result["aggregate"][key])
     return flat
 
 
@@ -164,15 +169,17 @@ def add_eval_tables(report: Report, result: dict) -> None:
     if tasks:
         rows = []
         for name, values in sorted(tasks.items()):
-            baseline = next((values[k] for k in values if "baseline" in k and _is_number(values[k])), None)
-            for metric, value in values.items():
-                if metric == "n" or "baseline" in metric or not _is_number(value):
-                    continue
-                rows.append((name, metric, value, baseline, values.get("n")))
-        report.table(["task", "metric", "score", "random baseline", "n"], rows)
-    aggregate = {k: v for k, v in (result.get("aggregate") or {}).items() if _is_number(v)}
-    if aggregate:
-        report.table(["aggregate", "value"], sorted(aggregate.items()))
+            # The suite reports a standard error for its main metric only: that names the metric.
+            metric = next((k[: -len("_stderr")] for k in values if k.endswith("_stderr")), "score")
+            main = values.get("score", values.get(metric))
+            stderr = values.get(f"{metric}_stderr")
+            rows.append((name, metric, main, stderr, values.get("random_baseline"), values.get("centred"), values.get("n")))
+        report.table(["task", "metric", "score", "stderr", "random baseline", "centred", "n"], rows)
+    aggregate = result.get("aggregate") or {}
+    if _is_number(aggregate.get("centred")):
+        report.text(f"Aggregate over {aggregate.get('tasks', len(tasks))} tasks: mean score {format_value(aggregate.get('score'))} "
+                    f"against a random baseline of {format_value(aggregate.get('random_baseline'))}; centred score "
+                    f"(score - baseline) / (1 - baseline), averaged: **{aggregate['centred']:+.4f}** (0 = chance).")
 
 
 def _percent(value: float | None) -> str | None:
