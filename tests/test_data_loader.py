@@ -91,6 +91,24 @@ def test_windows_documents_and_positions_match_brute_force(tmp_path, seq_len):
         assert positions[i].tolist() == pos
 
 
+def test_windows_match_brute_force_with_thousands_of_tiny_documents(tmp_path):
+    """Shards of ~1,500 documents (binary search over .idx) and windows holding dozens of documents."""
+    rng = np.random.default_rng(9)
+    documents = random_documents(rng, 3000, 1, 1000, max_len=4)
+    dataset = PackedDataset(TokenSource(write_source(tmp_path / "a", documents, docs_per_shard=1500)), 96)
+    expected = brute_force_windows(documents, 96)
+    batch = batch_of_windows(dataset, list(range(len(dataset))))
+    assert max(ids[-1] for _, _, ids, _ in expected) > 40
+    for i, (inputs, labels, ids, _) in enumerate(expected):
+        assert batch["input_ids"][i].tolist() == inputs and batch["labels"][i].tolist() == labels
+        assert batch["document_ids"][i].tolist() == ids
+    # every offset: is a document starting one token later? (exercises the .idx search at every position)
+    ends = set(np.cumsum([len(d) + 1 for d in documents]).tolist())
+    source = dataset.source
+    assert [len(source.document_starts(x, x + 2)) for x in range(source.num_tokens - 2)] == [
+        int(x + 1 in ends) for x in range(source.num_tokens - 2)]
+
+
 def test_validation_batches_are_the_first_windows_in_order(tmp_path):
     rng = np.random.default_rng(1)
     documents = random_documents(rng, 30, 1, 1000)

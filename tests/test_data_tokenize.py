@@ -52,13 +52,15 @@ def write_inputs(folder, docs):
 
 
 def shard_documents(folder):
-    """Split each shard's tokens at its .idx ends: the documents as the loader will see them."""
-    source = TokenSource(folder)
+    """Split each shard's tokens at its .idx ends (read with numpy directly): one list of documents per shard."""
+    meta = TokenSource(folder).meta  # also checks the folder as the loader will
     docs = []
-    for shard in source._shards:
-        starts = np.concatenate([[0], shard.ends[:-1]])
-        docs.append([shard.tokens[a:b].tolist() for a, b in zip(starts, shard.ends)])
-    return source.meta, docs
+    for entry in meta["shards"]:
+        tokens = np.fromfile(f"{folder}/{entry['name']}.bin", dtype=meta["dtype"])
+        ends = np.fromfile(f"{folder}/{entry['name']}.idx", dtype=np.int64)
+        starts = np.concatenate([[0], ends[:-1]])
+        docs.append([tokens[a:b].tolist() for a, b in zip(starts, ends)])
+    return meta, docs
 
 
 # ----------------------------------------------------------------------------- tokenizer

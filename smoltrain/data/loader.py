@@ -23,7 +23,6 @@ from smoltrain.data.stages import resolve_stage, stage_at
 from smoltrain.errors import ConfigError, DataError
 
 STATE_VERSION = 1
-_RELEASE_EVERY = 128  # sequences between dropping our view of mapped pages (bounds resident memory)
 
 
 def _prepare(config: Config) -> DataConfig:
@@ -73,7 +72,6 @@ class TrainLoader:
         self._stage_start = 0  # global sequence at which the current stage began
         self._segment = 0  # number of sequence-length changes so far: part of every permutation key
         self._base = {name: 0 for name in self.sources}  # draws per source before the current stage
-        self._since_release = 0
         self._permutations: dict[tuple, KeyedPermutation] = {}
         self._configure(stage_at(data, 0))
 
@@ -129,11 +127,6 @@ class TrainLoader:
             name, _, index = self.locate(self._sequence + self.dp_rank + self.dp_world * row)
             self.datasets[name].fill(index, tokens[row], starts[row])
         self._sequence += B * self.dp_world
-        self._since_release += B
-        if self._since_release >= _RELEASE_EVERY:
-            for source in self.sources.values():
-                source.release()
-            self._since_release = 0
         return assemble_batch(tokens, starts)
 
     def __iter__(self) -> Iterator[dict]:

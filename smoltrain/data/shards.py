@@ -1,8 +1,9 @@
 """Token shards on disk: `<name>_<5 digits>.bin` (tokens) + `.idx` (document end offsets) + one meta.json.
 
-Shards are memory-mapped, never read whole. The process's view of the pages is dropped from time to
-time (`release`), so resident memory stays flat however many tokens the run walks through: the
-bytes stay in the OS page cache, which is shared and not counted against us.
+Shards are read with pread, never whole and never memory-mapped: on current kernels (6.x, ext4 large
+folios) one fault on a mapped shard maps up to 2 MB, so random windows would grow resident memory by
+~1.4 MB each (measured, docs/LOG.md). pread copies only the window; the OS page cache, shared and not
+counted against the process, does the caching. Document ends are found by binary search on the .idx file.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import mmap
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,25 +159,23 @@ def read_meta(folder: str | os.PathLike) -> dict:
 
 # ----------------------------------------------------------------------------- reading
 
-
-def _map(path: Path) -> mmap.mmap:
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+_OPEN_FILES = 64  # descriptors kept open per source; thousand-shard datasets stay under the fd limit
+_BLOCK = 512  # .idx entries (4 KB) read at once once the binary search has narrowed down to them
 
 
 @dataclass
 class _Shard:
     start: int  # global offset of the shard's first token in the folder's token stream
-    tokens: np.ndarray  # views of the maps below
-    ends: np.ndarray  # document end offsets, local to the shard (the last one == len(tokens))
-    maps: tuple
+    num_tokens: int
+    num_documents: int
+    bin_path: Path
+    idx_path: Path
 
 
 class TokenSource:
     """One shard folder seen as a single token stream with document boundaries.
 
-    Memory is O(number of shards), never O(tokens or documents): `read` and `document_ends`
-    go through the maps.
+    Memory is O(number of shards), never O(tokens or documents).
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -185,49 +184,80 @@ class TokenSource:
         self.dtype = np.dtype(self.meta["dtype"])
         self.vocab_size = int(self.meta["vocab_size"])
         self.tokenizer_hash = self.meta.get("tokenizer_hash")
+        self._files: OrderedDict[Path, int] = OrderedDict()
+        self._scratch = np.empty(0, dtype=self.dtype)
         self._shards: list[_Shard] = []
         self._starts: list[int] = []
-        self._touched: set[int] = set()
         start = 0
         for entry in self.meta["shards"]:
-            self._shards.append(self._open(entry, start))
+            shard = self._check(entry, start)
+            self._shards.append(shard)
             self._starts.append(start)
-            start += len(self._shards[-1].tokens)
+            start += shard.num_tokens
         self.num_tokens = start
         if self.num_tokens == 0:
             raise DataError(f"{self.folder / META}: lists no tokens")
 
-    def _open(self, entry: dict, start: int) -> _Shard:
+    def _check(self, entry: dict, start: int) -> _Shard:
         name = entry["name"]
         bin_path, idx_path = self.folder / f"{name}.bin", self.folder / f"{name}.idx"
         for p in (bin_path, idx_path):
             if not p.is_file():
                 raise DataError(f"{p}: missing (listed in {self.folder / META})")
-        expected = int(entry["num_tokens"])
-        if bin_path.stat().st_size != expected * self.dtype.itemsize:
-            raise DataError(f"{bin_path}: {bin_path.stat().st_size} bytes, meta.json says {expected} {self.dtype.name} tokens")
-        if idx_path.stat().st_size != 8 * int(entry["num_documents"]) or entry["num_documents"] == 0:
-            raise DataError(f"{idx_path}: size does not match {entry['num_documents']} documents in meta.json")
-        bin_map, idx_map = _map(bin_path), _map(idx_path)
-        tokens = np.frombuffer(bin_map, dtype=self.dtype)
-        ends = np.frombuffer(idx_map, dtype=np.int64)
-        if int(ends[-1]) != expected:
-            raise DataError(f"{idx_path}: last document ends at {int(ends[-1])}, the shard has {expected} tokens")
-        return _Shard(start, tokens, ends, (bin_map, idx_map))
+        tokens, documents = int(entry["num_tokens"]), int(entry["num_documents"])
+        if bin_path.stat().st_size != tokens * self.dtype.itemsize:
+            raise DataError(f"{bin_path}: {bin_path.stat().st_size} bytes, meta.json says {tokens} {self.dtype.name} tokens")
+        if documents == 0 or idx_path.stat().st_size != 8 * documents:
+            raise DataError(f"{idx_path}: size does not match {documents} documents in meta.json")
+        shard = _Shard(start, tokens, documents, bin_path, idx_path)
+        last = self._ends(shard, documents - 1, 1)[0]
+        if last != tokens:
+            raise DataError(f"{idx_path}: last document ends at {last}, the shard has {tokens} tokens")
+        return shard
+
+    def _fd(self, path: Path) -> int:
+        fd = self._files.get(path)
+        if fd is None:
+            if len(self._files) >= _OPEN_FILES:
+                os.close(self._files.popitem(last=False)[1])
+            fd = self._files[path] = os.open(path, os.O_RDONLY)
+        else:
+            self._files.move_to_end(path)
+        return fd
+
+    def _ends(self, shard: _Shard, first: int, count: int) -> np.ndarray:
+        data = os.pread(self._fd(shard.idx_path), 8 * count, 8 * first)
+        return np.frombuffer(data, dtype=np.int64)
 
     def read(self, start: int, out: np.ndarray) -> None:
         """Copy tokens [start, start + len(out)) of the stream into `out` (any integer dtype)."""
         stop = start + len(out)
+        if len(self._scratch) < len(out):
+            self._scratch = np.empty(len(out), dtype=self.dtype)
         k = bisect.bisect_right(self._starts, start) - 1
         pos = start
         while pos < stop:
             shard = self._shards[k]
-            lo = pos - shard.start
-            hi = min(stop - shard.start, len(shard.tokens))
-            out[pos - start : pos - start + hi - lo] = shard.tokens[lo:hi]
-            self._touched.add(k)
+            lo, hi = pos - shard.start, min(stop - shard.start, shard.num_tokens)
+            buf = self._scratch[: hi - lo]
+            got = os.preadv(self._fd(shard.bin_path), [buf], lo * self.dtype.itemsize)
+            if got != buf.nbytes:
+                raise DataError(f"{shard.bin_path}: short read at token {lo} (file changed while training?)")
+            out[pos - start : pos - start + hi - lo] = buf
             pos += hi - lo
             k += 1
+
+    def _first_end_after(self, shard: _Shard, x: int) -> int:
+        """Smallest i with ends[i] > x: binary search with one 8-byte pread per step, then one block."""
+        lo, hi = 0, shard.num_documents
+        fd = self._fd(shard.idx_path)
+        while hi - lo > _BLOCK:
+            mid = (lo + hi) // 2
+            if int.from_bytes(os.pread(fd, 8, 8 * mid), "little", signed=True) > x:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo + int(np.searchsorted(self._ends(shard, lo, hi - lo), x, side="right"))
 
     def document_starts(self, start: int, stop: int) -> np.ndarray:
         """Offsets p in (start, stop), relative to start, where a new document begins at start + p."""
@@ -235,29 +265,29 @@ class TokenSource:
         k = bisect.bisect_right(self._starts, start) - 1
         while k < len(self._shards) and self._shards[k].start < stop:
             shard = self._shards[k]
-            lo = np.searchsorted(shard.ends, start - shard.start, side="right")
-            hi = np.searchsorted(shard.ends, stop - shard.start, side="left")
-            self._touched.add(k)
-            if hi > lo:
-                found.append(shard.ends[lo:hi] + (shard.start - start))
+            local_stop = stop - shard.start
+            i = self._first_end_after(shard, start - shard.start)
+            count = 16  # usually a handful of documents end inside a window; read more only when needed
+            while i < shard.num_documents:
+                ends = self._ends(shard, i, min(count, shard.num_documents - i))
+                inside = ends[: np.searchsorted(ends, local_stop, side="left")]
+                if len(inside):
+                    found.append(inside + (shard.start - start))
+                if len(inside) < len(ends):
+                    break
+                i += len(ends)
+                count = min(count * 8, 1 << 16)
             k += 1
         if not found:
             return np.empty(0, dtype=np.int64)
         return np.concatenate(found)
 
-    def release(self) -> None:
-        """Drop our mapping of the pages touched since the last call (they stay in the page cache)."""
-        for k in self._touched:
-            for m in self._shards[k].maps:
-                m.madvise(mmap.MADV_DONTNEED)
-        self._touched.clear()
-
     def close(self) -> None:
-        shards, self._shards = self._shards, []
-        for shard in shards:
-            shard.tokens = shard.ends = None
-            for m in shard.maps:
-                try:
-                    m.close()
-                except BufferError:  # a caller still holds a view; the map goes with it
-                    pass
+        while self._files:
+            os.close(self._files.popitem()[1])
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
