@@ -234,11 +234,13 @@ class Transformer(nn.Module):
 
     def _loss_chunk(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.output(hidden).float()
-        valid = labels != -100
+        # F.cross_entropy's fused log-softmax: 1.8x cheaper on CPU than logsumexp + gather written
+        # out (1024 x 16384 logits, fwd+bwd, one core: 200 -> 113 ms; 11% of a 19M-model step).
+        ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        if self.config.z_loss == 0:
+            return ce, torch.zeros_like(ce)
         log_normaliser = torch.logsumexp(logits, dim=-1)
-        target = logits.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
-        ce = torch.where(valid, log_normaliser - target, 0.0).sum()
-        z = torch.where(valid, log_normaliser.pow(2), 0.0).sum()
+        z = torch.where(labels != -100, log_normaliser.pow(2), 0.0).sum()
         return ce, z
 
     # ------------------------------------------------------------------------- init
