@@ -234,7 +234,9 @@ def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(*HEADER)
+    table = Table()
+    for i, name in enumerate(HEADER):
+        table.add_column(name, no_wrap=i == 0, justify="left" if i < 2 else "right")
     for row in results_table(report):
         table.add_row(*row)
     Console().print(table)

@@ -3,14 +3,16 @@ minutes on the embedded corpus (code + prose + arithmetic) moves on, each with i
 
 Arithmetic is scored both as cloze multiple choice and as exact-match generation; code-token
 completion asks for the keyword or symbol Python's syntax forces; prose cloze asks for the last
-word of a held-out documentation sentence. The aggregate is nanochat's CORE-style centred score.
+word of a documentation sentence of the corpus' prose. The aggregate is nanochat's CORE-style centred score.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import random
 import re
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from smoltrain.eval.tasks import Task
 
@@ -33,16 +35,28 @@ def _arithmetic_problem(rng: random.Random) -> tuple[str, int]:
     return f"{a} + {b}", a + b
 
 
+def _distinct_problems(rng: random.Random, count: int) -> list[tuple[str, int]]:
+    # About 15k distinct problems exist (121 products), so a few thousand items stay distinct.
+    problems, seen = [], set()
+    while len(problems) < count:
+        expression, answer = _arithmetic_problem(rng)
+        if expression not in seen:
+            seen.add(expression)
+            problems.append((expression, answer))
+    return problems
+
+
 def arithmetic_prompt(expression: str) -> str:
-    return f"Question: What is {expression}?\nAnswer:"
+    # The corpus' worked solutions write every step as "a op b = c", so the answer follows " =".
+    return f"Question: Compute {expression}.\nAnswer: {expression} ="
 
 
 def arithmetic_choice(seed: int, num_items: int = DEFAULT_ITEMS) -> Task:
     """Pick the right result among near misses (off by one or ten, digits swapped, an operand)."""
     rng = random.Random(f"{seed}/arithmetic_choice")
+    problems = _distinct_problems(random.Random(f"{seed}/arithmetic_choice/problems"), num_items)
     items = []
-    while len(items) < num_items:
-        expression, answer = _arithmetic_problem(rng)
+    for expression, answer in problems:
         operands = [int(x) for x in re.findall(r"\d+", expression)]
         near = {answer + 1, answer - 1, answer + 10, answer - 10, int(str(answer)[::-1]), *operands}
         near = sorted(x for x in near if x >= 0 and x != answer)
@@ -62,9 +76,8 @@ def arithmetic_answer(seed: int, num_items: int = DEFAULT_ITEMS) -> Task:
     """Write the result: greedy decoding, quasi-exact match, random baseline 0."""
     rng = random.Random(f"{seed}/arithmetic_answer")
     items = []
-    for i in range(num_items):
-        expression, answer = _arithmetic_problem(rng)
-        items.append({"id": f"arithmetic_answer/{i}", "query": arithmetic_prompt(expression), "answer": str(answer), "stop": ["\n"]})
+    for i, (expression, answer) in enumerate(_distinct_problems(rng, num_items)):
+        items.append({"id": f"arithmetic_answer/{i}", "query": arithmetic_prompt(expression), "answer": str(answer), "stop": [".", "\n"]})
     return Task(name="arithmetic_answer", kind="generative", items=items, max_new_tokens=8, random_baseline=0.0)
 
 
@@ -75,31 +88,35 @@ _NAMES = ("data", "items", "value", "result", "path", "name", "key", "line", "co
 _FUNCTIONS = ("parse", "load", "update", "process", "collect", "render", "handle", "build", "read", "check")
 _CLASSES = ("Parser", "Reader", "Node", "Handler", "Config", "Record", "Buffer", "Entry", "Table", "Cache")
 _MODULES = ("os", "sys", "re", "json", "collections", "itertools", "functools", "pathlib")
-_KEYWORDS = (" in", " is", " as", " import", " not", " and", " or", " if", " else", " for", " return", " None", " from")
+_KEYWORDS = (" in", " is", " as", " import", " from", " else", " return", " None", " if", " for", " class", " def")
 _SYMBOL_ENDINGS = (":", ";", ",", ".")
+_METHODS = (".append", ".split", ".strip", ".lower", ".keys", ".items", ".encode", ".join", ".upper")
 
-# Each snippet marks the text Python's syntax (or its strongest idiom) forces with <<...>> and
-# names the pool the three wrong choices come from (None: the same punctuation with another last
-# symbol). The context always ends where byte-level pre-tokenisers split (a letter before
-# punctuation or a space), so the answer's tokens are the same alone as after the context.
+# Each snippet marks the text Python's syntax or its strongest idiom asks for with <<...>> and
+# names the pool of wrong choices (None: the same punctuation ending in another symbol). Every
+# answer starts with a space or punctuation right after a letter (or after punctuation for a
+# spaced keyword): a point where byte-level pre-tokenisers (GPT-2's and Llama-3's) always split, so
+# the answer's tokens are the same alone as after the context and the scores are comparable.
 _SNIPPETS: tuple[tuple[str, Sequence[str] | None], ...] = (
-    ("def {f}({a}):\n    {r} = []\n    for {v}<< in>> {a}:\n", _KEYWORDS),
-    ("def {f}({a}):\n    {r} = [{v} for {v}<< in>> {a}]\n", _KEYWORDS),
-    ("def {f}(path):\n    with open(path)<< as>> f:\n", _KEYWORDS),
-    ("def {f}({a}, {b}=None):\n    if {b}<< is>> None:\n", _KEYWORDS),
-    ("from {m}<< import>> {C}\n", _KEYWORDS),
-    ("def {f}({a}):\n    if not {a}:\n        <<return>> None\n", ("import", "class", "def", "else", "while", "from")),
-    ("class {C}:\n    def __init__(<<self>>, {a}):\n", ("None", "True", "data", "value", "import", "return")),
-    ("class {C}:\n    def {f}(self, {a}):\n        <<self>>.{a} = {a}\n", ("None", "True", "return", "import", "class", "def")),
-    ("def {f}({a}):\n    try:\n        {v} = int({a})\n    <<except>> ValueError:\n", ("finally", "import", "class", "return", "while", "def")),
-    ("def {f}({a}):\n    {r} = []\n    for {v} in {a}:\n        {r}.<<append>>({v})\n", ("split", "strip", "lower", "keys", "items", "encode")),
-    ("def {f}({a}):\n    for {v} in range(len({a}<<)):>>\n", None),
-    ("class {C}({D}<<):>>\n", None),
-    ("def {f}({a}, {b}<<):>>\n", None),
-    ("def {f}({a}):\n    {r} = {{}}\n    for {v}, {w} in {a}.items<<():>>\n", None),
-    ("if __name__ == \"__main__<<\":>>\n", None),
-    ("def {f}({a}):\n    while {a}<<:>>\n", None),
-    ("import {m}\n<<import>> {n}\n", ("return", "class", "while", "else", "except", "with")),
+    ("def {f}({a}):\n    {r} = []\n    for {v}<< in>> {a}:", _KEYWORDS),
+    ("def {f}({a}):\n    return [{v} for {v}<< in>> {a}]", _KEYWORDS),
+    ("def {f}(path):\n    with open(path)<< as>> f:", _KEYWORDS),
+    ("def {f}({a}, {b}=None):\n    if {b}<< is>> None:", _KEYWORDS),
+    ("import {n}\nfrom {m}<< import>> {C}", _KEYWORDS),
+    ("def {f}({a}):\n    if not {a}:\n        return<< None>>", _KEYWORDS),
+    ("def {f}({a}):\n    try:\n        {v} = int({a})\n    except<< ValueError>>:",
+     (" import", " return", " class", " def", " from", " else")),
+    ("class {C}:\n    def {f}<<(self>>, {a}):", ("(None", "(True", "(import", "(return", "(class")),
+    ("class {C}:\n    def __init__(self, {a}):\n        self.{a}<< =>> {a}", (" import", " return", " class", " def")),
+    ("def {f}({a}):\n    {r} = []\n    for {v} in {a}:\n        {r}<<.append>>({v})", _METHODS),
+    ("import os\n\n\ndef {f}({a}, {b}):\n    return os.path<<.join>>({a}, {b})", _METHODS),
+    ("def {f}({a}):\n    for {v} in range(len({a}<<)):>>", None),
+    ("class {C}({D}<<):>>", None),
+    ("def {f}({a}, {b}<<):>>", None),
+    ("def {f}({a}):\n    {r} = {{}}\n    for {v}, {w} in {a}.items<<():>>", None),
+    ("if __name__ == \"__main<<__\":>>", None),
+    ("def {f}({a}):\n    while {a}<<:>>", None),
+    ("def {f}({a}):\n    print({v}<<)>>", (":", ";", "]", "}")),
 )
 
 
@@ -134,19 +151,35 @@ _SENTENCE_END = re.compile(r"(?<=[a-z][.!?])\s+(?=[A-Z])")
 _PLAIN_SENTENCE = re.compile(r"^[A-Z][A-Za-z ,;'()-]+ [a-z]{3,}\.$")
 
 
-def documentation_text() -> list[str]:
-    """Prose paragraphs of the Python documentation topics (`pydoc_data`), in a fixed order."""
-    from pydoc_data.topics import topics
-
+def prose_paragraphs(documents: Iterable[str]) -> list[str]:
+    """Plain-prose paragraphs of documents, each joined onto one line (headings, indented code,
+    grammar and tables are skipped)."""
     paragraphs = []
-    for key in sorted(topics):
-        for block in topics[key].split("\n\n"):
-            lines = block.split("\n")
-            # Skip headings (underlined), code and grammar (indented), and tables.
-            if any(line.startswith((" ", "*", "=", "-", "+", "|")) for line in lines) or len(lines) < 2:
+    for document in documents:
+        for block in document.split("\n\n"):
+            lines = block.strip("\n").split("\n")
+            if any(line.startswith((" ", "*", "=", "-", "+", "|", ">>>")) for line in lines):
                 continue
             paragraphs.append(" ".join(line.strip() for line in lines))
     return paragraphs
+
+
+@functools.lru_cache(maxsize=1)
+def prose_source() -> tuple[str, ...]:
+    """Paragraphs of the embedded corpus' prose (stdlib docstrings and documentation topics), or,
+    without the data package, of the documentation topics alone; in a fixed order."""
+    try:
+        from smoltrain.data.corpus import prose_documents
+    except ImportError:
+        from pydoc_data.topics import topics
+
+        return tuple(prose_paragraphs(topics[key] for key in sorted(topics)))
+    # Docstring pages cost a parse each: a fixed quarter of them (with all topics) gives ~1.5k
+    # sentences in ~1 s instead of ~6k in ~4 s.
+    def keep(key: str) -> bool:
+        return not key.startswith("doc:") or hashlib.sha256(key.encode()).digest()[0] < 64
+
+    return tuple(prose_paragraphs(text for _, text in prose_documents(keep)))
 
 
 def prose_sentences(paragraphs: Sequence[str], min_words: int = 8, max_words: int = 40) -> list[str]:
@@ -185,11 +218,6 @@ def prose_cloze(seed: int, num_items: int = DEFAULT_ITEMS, paragraphs: Sequence[
         rng.shuffle(choices)
         items.append({"id": f"prose_cloze/{len(items)}", "query": context, "choices": choices, "gold": choices.index(f" {last}")})
     return Task(name="prose_cloze", kind="multiple_choice", items=items, main_metric="acc_norm_nospace")
-
-
-def prose_source() -> list[str]:
-    """Held-out prose of the embedded corpus when the data package provides it, else the docs topics."""
-    return documentation_text()
 
 
 # ----------------------------------------------------------------------------- suite
