@@ -10,6 +10,7 @@ from smoltrain.config import config_from_dict
 from smoltrain.data.dataset import PackedDataset, batch_of_windows
 from smoltrain.data.loader import build_train_loader, validation_batches
 from smoltrain.data.mixture import MixtureSchedule
+from smoltrain.data import shards
 from smoltrain.data.permutation import KeyedPermutation
 from smoltrain.data.shards import ShardWriter, TokenSource, shard_name, write_meta
 from smoltrain.data.stages import stage_at
@@ -91,11 +92,15 @@ def test_windows_documents_and_positions_match_brute_force(tmp_path, seq_len):
         assert positions[i].tolist() == pos
 
 
-def test_windows_match_brute_force_with_thousands_of_tiny_documents(tmp_path):
-    """Shards of ~1,500 documents (binary search over .idx) and windows holding dozens of documents."""
+@pytest.mark.parametrize("block", [4, 2048])
+def test_windows_match_brute_force_with_thousands_of_tiny_documents(tmp_path, monkeypatch, block):
+    """A 5,000-document shard of uneven lengths, windows holding dozens of documents. With 4-entry .idx
+    blocks the interpolation guess mostly misses, so the binary search and multi-block reads run too."""
+    monkeypatch.setattr(shards, "_BLOCK", block)
     rng = np.random.default_rng(9)
-    documents = random_documents(rng, 3000, 1, 1000, max_len=4)
-    dataset = PackedDataset(TokenSource(write_source(tmp_path / "a", documents, docs_per_shard=1500)), 96)
+    documents = (random_documents(rng, 3000, 1, 1000, max_len=4) + random_documents(rng, 300, 1, 1000, max_len=60)
+                 + random_documents(rng, 2500, 1, 1000, max_len=4))
+    dataset = PackedDataset(TokenSource(write_source(tmp_path / "a", documents, docs_per_shard=5000)), 96)
     expected = brute_force_windows(documents, 96)
     batch = batch_of_windows(dataset, list(range(len(dataset))))
     assert max(ids[-1] for _, _, ids, _ in expected) > 40

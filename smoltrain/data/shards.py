@@ -160,7 +160,7 @@ def read_meta(folder: str | os.PathLike) -> dict:
 # ----------------------------------------------------------------------------- reading
 
 _OPEN_FILES = 64  # descriptors kept open per source; thousand-shard datasets stay under the fd limit
-_BLOCK = 512  # .idx entries (4 KB) read at once once the binary search has narrowed down to them
+_BLOCK = 2048  # .idx entries (16 KB) read at once: the guessed neighbourhood, or the end of a binary search
 
 
 @dataclass
@@ -247,9 +247,21 @@ class TokenSource:
             pos += hi - lo
             k += 1
 
-    def _first_end_after(self, shard: _Shard, x: int) -> int:
-        """Smallest i with ends[i] > x: binary search with one 8-byte pread per step, then one block."""
-        lo, hi = 0, shard.num_documents
+    def _ends_from(self, shard: _Shard, x: int) -> tuple[int, np.ndarray]:
+        """(i, ends[i:i+m]) with i the first document ending after local offset x (m >= 0 entries).
+
+        Document lengths are roughly even within a shard, so the position is first guessed by
+        interpolation and one block around the guess usually holds it (one pread per window);
+        otherwise a binary search with one 8-byte pread per step narrows it down.
+        """
+        lo, hi = 0, shard.num_documents  # invariant: the answer lies in [lo, hi]
+        if hi > _BLOCK:
+            first = min(max(0, x * hi // shard.num_tokens - _BLOCK // 2), hi - _BLOCK)
+            block = self._ends(shard, first, _BLOCK)
+            if block[0] <= x < block[-1]:
+                i = int(np.searchsorted(block, x, side="right"))
+                return first + i, block[i:]
+            lo, hi = (first + _BLOCK, hi) if block[-1] <= x else (lo, first)
         fd = self._fd(shard.idx_path)
         while hi - lo > _BLOCK:
             mid = (lo + hi) // 2
@@ -257,7 +269,9 @@ class TokenSource:
                 hi = mid
             else:
                 lo = mid + 1
-        return lo + int(np.searchsorted(self._ends(shard, lo, hi - lo), x, side="right"))
+        block = self._ends(shard, lo, min(_BLOCK, shard.num_documents - lo))
+        i = int(np.searchsorted(block[: hi - lo], x, side="right"))
+        return lo + i, block[i:]
 
     def document_starts(self, start: int, stop: int) -> np.ndarray:
         """Offsets p in (start, stop), relative to start, where a new document begins at start + p."""
@@ -266,17 +280,15 @@ class TokenSource:
         while k < len(self._shards) and self._shards[k].start < stop:
             shard = self._shards[k]
             local_stop = stop - shard.start
-            i = self._first_end_after(shard, start - shard.start)
-            count = 16  # usually a handful of documents end inside a window; read more only when needed
-            while i < shard.num_documents:
-                ends = self._ends(shard, i, min(count, shard.num_documents - i))
+            i, ends = self._ends_from(shard, start - shard.start)
+            while True:
                 inside = ends[: np.searchsorted(ends, local_stop, side="left")]
                 if len(inside):
                     found.append(inside + (shard.start - start))
-                if len(inside) < len(ends):
-                    break
                 i += len(ends)
-                count = min(count * 8, 1 << 16)
+                if len(inside) < len(ends) or i >= shard.num_documents:
+                    break
+                ends = self._ends(shard, i, min(_BLOCK, shard.num_documents - i))  # a window of many tiny documents
             k += 1
         if not found:
             return np.empty(0, dtype=np.int64)
