@@ -187,3 +187,26 @@ def test_lettered_formulation_lists_choices_and_scores_letters():
     context_ids = encode(tok, details[0]["context"])
     expected = [_brute_force_sum(model, context_ids, encode(tok, letter)) for letter in (" A", " B", " C")]
     assert details[0]["logprobs"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_answers_differing_only_in_their_last_token_share_one_forward_row():
+    model = tiny_model()
+    seen_rows = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, input_ids):
+            seen_rows.append(input_ids.shape[0])
+            return self.inner(input_ids)
+
+    context = [5, 6, 7, 8]
+    requests = [(context, [t]) for t in (10, 11, 12, 13)]  # lettered choices: one token each
+    requests += [(context, [20, t]) for t in (30, 31)]  # a shared first token, different last ones
+    requests += [(context, [21, 30])]  # a different first token: its own row
+    got = loglikelihoods(Counting(), requests, batch_size=64)
+    assert sum(seen_rows) == 3
+    for (ctx, cont), value in zip(requests, got):
+        assert value == pytest.approx(_brute_force_sum(model, ctx, cont), abs=1e-5)
