@@ -26,6 +26,9 @@ class PackedDataset:
     def __len__(self) -> int:
         return self.num_sequences
 
+    def prefetch(self, index: int) -> None:
+        self.source.prefetch(index * self.seq_len, self.seq_len + 1)
+
     def fill(self, index: int, tokens: np.ndarray, document_starts: np.ndarray) -> None:
         """Write window `index` into tokens [L + 1] (int64) and mark document starts in [L] (zeros)."""
         start = index * self.seq_len

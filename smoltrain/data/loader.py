@@ -10,6 +10,7 @@ are all O(1). Nothing here grows with the dataset or with the number of steps.
 
 from __future__ import annotations
 
+import collections
 from typing import Iterator
 
 import numpy as np
@@ -23,6 +24,7 @@ from smoltrain.data.stages import resolve_stage, stage_at
 from smoltrain.errors import ConfigError, DataError
 
 STATE_VERSION = 1
+_READ_AHEAD_SEQUENCES = 256  # windows handed to the OS ahead of use (page cache only, not our memory)
 
 
 def _prepare(config: Config) -> DataConfig:
@@ -73,11 +75,15 @@ class TrainLoader:
         self._segment = 0  # number of sequence-length changes so far: part of every permutation key
         self._base = {name: 0 for name in self.sources}  # draws per source before the current stage
         self._permutations: dict[tuple, KeyedPermutation] = {}
+        # Read-ahead: (g, source, window) of this rank's next sequences, already handed to the OS.
+        self._plan: collections.deque[tuple[int, str, int]] = collections.deque()
+        self.read_ahead = max(_READ_AHEAD_SEQUENCES, 2 * micro_batch_size)
         self._configure(stage_at(data, 0))
 
     # ------------------------------------------------------------------------- stages
 
     def _configure(self, index: int) -> None:
+        self._plan.clear()  # the plan was made for the old stage's mapping
         stage = resolve_stage(self.data, index)
         if not any(w > 0 for w in stage.mixture.values()):
             raise ConfigError(f"data mixture of stage {stage.name!r} has no positive weight")
@@ -119,14 +125,38 @@ class TrainLoader:
         epoch, slot = divmod(k, self.datasets[name].num_sequences)
         return name, epoch, self._permutation(name, epoch)(slot)
 
+    def _planned(self, g: int) -> tuple[str, int]:
+        """(source, window) of this rank's sequence g, from the read-ahead plan when it is there."""
+        plan = self._plan
+        while plan and plan[0][0] < g:  # skipped past
+            plan.popleft()
+        if plan and plan[0][0] == g:
+            return plan.popleft()[1:]
+        plan.clear()
+        name, _, index = self.locate(g)
+        return name, index
+
+    def _read_ahead(self) -> None:
+        """Plan this rank's next sequences and ask the OS to start reading them: random windows of a
+        dataset larger than the page cache then overlap their disk reads instead of waiting one by one."""
+        plan, step = self._plan, self.dp_world
+        g = plan[-1][0] + step if plan else self._sequence + self.dp_rank
+        while len(plan) < self.read_ahead:
+            name, _, index = self.locate(g)
+            self.datasets[name].prefetch(index)
+            plan.append((g, name, index))
+            g += step
+
     def next_batch(self) -> dict:
         B, L = self.micro_batch_size, self.seq_len
         tokens = np.empty((B, L + 1), dtype=np.int64)
         starts = np.zeros((B, L), dtype=np.int32)
         for row in range(B):
-            name, _, index = self.locate(self._sequence + self.dp_rank + self.dp_world * row)
+            name, index = self._planned(self._sequence + self.dp_rank + self.dp_world * row)
             self.datasets[name].fill(index, tokens[row], starts[row])
         self._sequence += B * self.dp_world
+        if self.read_ahead:
+            self._read_ahead()
         return assemble_batch(tokens, starts)
 
     def __iter__(self) -> Iterator[dict]:
@@ -165,6 +195,7 @@ class TrainLoader:
         if not -1 <= stage < len(self.data.stages):
             raise DataError(f"loader state names stage {stage}, the config has {len(self.data.stages)} stages")
         self._sequence, self._stage_start, self._segment = sequence, stage_start, segment
+        self._plan.clear()
         # A source added since the state was saved starts at its beginning.
         self._base = {name: base.get(name, 0) for name in self.sources}
         self._configure(stage)

@@ -159,6 +159,7 @@ def read_meta(folder: str | os.PathLike) -> dict:
 
 # ----------------------------------------------------------------------------- reading
 
+_HAS_FADVISE = hasattr(os, "posix_fadvise")  # Linux; elsewhere reads simply wait for the disk
 _OPEN_FILES = 64  # descriptors kept open per source; thousand-shard datasets stay under the fd limit
 _BLOCK = 2048  # .idx entries (16 KB) read at once: the guessed neighbourhood, or the end of a binary search
 
@@ -245,6 +246,19 @@ class TokenSource:
                 raise DataError(f"{shard.bin_path}: short read at token {lo} (file changed while training?)")
             out[pos - start : pos - start + hi - lo] = buf
             pos += hi - lo
+            k += 1
+
+    def prefetch(self, start: int, length: int) -> None:
+        """Ask the OS to start reading tokens [start, start + length) into the page cache; returns at once."""
+        if not _HAS_FADVISE:
+            return
+        stop = start + length
+        k = bisect.bisect_right(self._starts, start) - 1
+        while k < len(self._shards) and self._shards[k].start < stop:
+            shard = self._shards[k]
+            lo, hi = max(0, start - shard.start), min(stop - shard.start, shard.num_tokens)
+            size = self.dtype.itemsize
+            os.posix_fadvise(self._fd(shard.bin_path), lo * size, (hi - lo) * size, os.POSIX_FADV_WILLNEED)
             k += 1
 
     def _ends_from(self, shard: _Shard, x: int) -> tuple[int, np.ndarray]:
