@@ -168,6 +168,10 @@ def evaluate(
     specs += list(task_files)
     task_list = resolve_tasks(specs, limit if limit is not None else e.limit,
                               num_fewshot if num_fewshot is not None else (e.num_fewshot or None), e.seed if seed is None else seed)
+    if task_list and tokenizer_path is None and config.data.embedded:
+        from smoltrain.eval.validation import resolve_data_config
+
+        tokenizer_path = resolve_data_config(config).data.tokenizer  # built once, then cached
     if task_list and tokenizer_path is None:
         raise ConfigError("no tokenizer is known for this model: pass --tokenizer PATH (tokenizer.json or a folder)")
     was_training = model.training

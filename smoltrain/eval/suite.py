@@ -52,16 +52,24 @@ def arithmetic_prompt(expression: str) -> str:
 
 
 def arithmetic_choice(seed: int, num_items: int = DEFAULT_ITEMS) -> Task:
-    """Pick the right result among near misses (off by one or ten, digits swapped, an operand)."""
+    """Pick the result among the other operations' results on the same operands and near misses.
+
+    No operand is ever a wrong choice: young models copy numbers from the context, which would
+    put them below chance for a reason that has nothing to do with arithmetic. The other
+    operations' results differ in magnitude (a sense a small model acquires first), the near
+    misses (+-10, +-1) only in digits, so the task grades from "knows magnitudes" to "adds".
+    """
     rng = random.Random(f"{seed}/arithmetic_choice")
     problems = _distinct_problems(random.Random(f"{seed}/arithmetic_choice/problems"), num_items)
     items = []
     for expression, answer in problems:
-        operands = [int(x) for x in re.findall(r"\d+", expression)]
-        near = {answer + 1, answer - 1, answer + 10, answer - 10, int(str(answer)[::-1]), *operands}
-        near = sorted(x for x in near if x >= 0 and x != answer)
-        distractors = rng.sample(near, 3)
-        choices = [answer] + distractors
+        a, op, b = expression.split()
+        a, b = int(a), int(b)
+        others = {a + b, abs(a - b), a * b} - {answer}
+        near = [answer + 10, answer - 10, answer + 1, answer - 1]
+        distractors = sorted(x for x in others if x >= 0)
+        distractors += [x for x in near if x >= 0 and x != answer and x not in distractors]
+        choices = [answer] + distractors[:3]
         rng.shuffle(choices)
         items.append({
             "id": f"arithmetic_choice/{len(items)}",
