@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-file", action="append", default=[], metavar="F.jsonl", help="a task file (repeatable)")
     p.add_argument("--limit", type=int, help="items per task")
     p.add_argument("--num-fewshot", type=int, help="solved examples before each item")
+    p.add_argument("--samples", type=int, help="generative tasks: k sampled answers per item, scored as avg@k and pass@k")
+    p.add_argument("--temperature", type=float, help="generative sampling temperature (default 0.8 with --samples)")
     p.add_argument("--batch-size", type=int, help="rows per forward pass")
     p.add_argument("--val-batches", type=int, help="validation batches per source (0: none)")
     p.add_argument("--tokenizer", help="tokenizer.json or folder, when the model folder has none")
@@ -196,16 +198,17 @@ def cmd_eval(args) -> int:
     from smoltrain.errors import ConfigError
     from smoltrain.eval.run import evaluate, print_table
 
-    for name in ("limit", "batch_size"):
+    for name in ("limit", "batch_size", "samples"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("num_fewshot", "val_batches"):
+    for name in ("num_fewshot", "val_batches", "temperature"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     tasks = [t for t in (args.tasks or "").split(",") if t.strip()]
     report = evaluate(args.model, tasks, task_files=args.task_file, limit=args.limit, num_fewshot=args.num_fewshot,
-                      batch_size=args.batch_size, val_batches=args.val_batches, device=args.device,
-                      tokenizer=args.tokenizer, seed=args.seed, out=args.out)
+                      num_samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
+                      val_batches=args.val_batches, device=args.device, tokenizer=args.tokenizer, seed=args.seed,
+                      out=args.out)
     print_table(report)
     print(f"wrote {args.out}")
     return 0

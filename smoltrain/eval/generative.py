@@ -141,7 +141,9 @@ def score_generative(
         passed.append(pass_at_k(k, sum(correct), k))
         if details is not None:
             details.append({"task": task.name, "context": context, "answer": item["answer"], "predictions": samples, "correct": correct})
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
     if k == 1:
         result = {"exact_match": mean(exact), "quasi_exact_match": mean(quasi)}
     else:

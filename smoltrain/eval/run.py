@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from smoltrain.errors import ConfigError, DataError
+from smoltrain.errors import ConfigError
 from smoltrain.eval.adapters import adapter_for, load_adapter_task
 from smoltrain.eval.generative import count_generations, score_generative
 from smoltrain.eval.scoring import count_requests, end_of_text_id, load_tokenizer, score_multiple_choice
@@ -36,7 +36,8 @@ TASK_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
 # ----------------------------------------------------------------------------- task specs
 
 
-def resolve_tasks(specs: Sequence[str], limit: int | None = None, num_fewshot: int | None = None, seed: int = 0) -> list[Task]:
+def resolve_tasks(specs: Sequence[str], limit: int | None = None, num_fewshot: int | None = None, seed: int = 0,
+                  num_samples: int | None = None, temperature: float | None = None) -> list[Task]:
     """Task objects for specs: an embedded task or group (`embedded`, `arithmetic`, `code_tokens`, ...),
     a task file (`F.jsonl`), or a published dataset (`ADAPTER=PATH`, e.g. `arc_easy=data/ARC-Easy`);
     any of them may end in `@mcf` (lettered choices) or `@cloze`."""
@@ -72,6 +73,9 @@ def resolve_tasks(specs: Sequence[str], limit: int | None = None, num_fewshot: i
                 task.name = f"{task.name}_{formulation}" if formulation == "mcf" else task.name
             if num_fewshot is not None:
                 task.num_fewshot = num_fewshot
+            if task.kind == "generative":  # k samples per item: avg@k and pass@k instead of greedy
+                task.num_samples = num_samples or task.num_samples
+                task.temperature = temperature if temperature is not None else task.temperature
             tasks.append(task.limited(limit))
     names = [t.name for t in tasks]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -133,6 +137,8 @@ def evaluate(
     task_files: Sequence[str] = (),
     limit: int | None = None,
     num_fewshot: int | None = None,
+    num_samples: int | None = None,
+    temperature: float | None = None,
     batch_size: int | None = None,
     val_batches: int | None = None,
     device: str | torch.device | None = "auto",
@@ -146,7 +152,8 @@ def evaluate(
     (JSON, plus a markdown table beside it) when given.
 
     tasks: specs as `resolve_tasks` takes them; default the config's `eval.tasks`, else the
-    embedded suite. val_batches: validation batches per source (default `eval.val_batches` when
+    embedded suite. num_samples > 1: that many sampled answers per generative item (temperature,
+    default 0.8) scored as avg@k and pass@k. val_batches: validation batches per source (default `eval.val_batches` when
     the config names validation data, 0 otherwise).
     """
     device = resolve_device(device)
@@ -167,7 +174,8 @@ def evaluate(
     specs = list(tasks) if tasks else ([] if task_files else list(e.tasks) or ["embedded"])
     specs += list(task_files)
     task_list = resolve_tasks(specs, limit if limit is not None else e.limit,
-                              num_fewshot if num_fewshot is not None else (e.num_fewshot or None), e.seed if seed is None else seed)
+                              num_fewshot if num_fewshot is not None else (e.num_fewshot or None), e.seed if seed is None else seed,
+                              num_samples, temperature)
     if task_list and tokenizer_path is None and config.data.embedded:
         from smoltrain.eval.validation import resolve_data_config
 

@@ -8,6 +8,7 @@ from a generator keyed by (seed, task, item index), so an item's prompt never de
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import random
@@ -59,13 +60,7 @@ class Task:
         if limit is None or limit >= len(self.items):
             return self
         pool = self.fewshot_pool or self.items
-        return _replace(self, items=self.items[:limit], fewshot_pool=pool)
-
-
-def _replace(task: Task, **changes) -> Task:
-    import dataclasses
-
-    return dataclasses.replace(task, **changes)
+        return dataclasses.replace(self, items=self.items[:limit], fewshot_pool=pool)
 
 
 # ----------------------------------------------------------------------------- items
