@@ -117,3 +117,14 @@ def test_task_specs_resolve_files_groups_and_formulations(tmp_path):
         resolve_tasks(["hellaswag"])
     with pytest.raises(ConfigError, match="multiple-choice tasks only"):
         resolve_tasks(["arithmetic_answer@mcf"])
+
+
+def test_an_items_own_fewshot_pool_is_validated_and_used(tmp_path):
+    shot = {"query": "Q: 1 + 1?\nA:", "choices": [" 2", " 3"], "gold": 0}
+    item = {**GOOD, "fewshot": [shot]}
+    task = read_task_file(_write(tmp_path / "pool.jsonl", [item, {**GOOD, "query": "other"}]))
+    task.num_fewshot = 3
+    assert build_prompt(task, 0)[0] == "Q: 1 + 1?\nA: 2\n\n" + GOOD["query"]
+    bad = _write(tmp_path / "bad.jsonl", [{**GOOD, "fewshot": [{"query": "q", "choices": [" a"], "gold": 1}]}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: fewshot\[0\]: gold 1 is out of range"):
+        read_task_file(bad)
