@@ -35,6 +35,8 @@ SHAPES = [
     ("SmolLM3ForCausalLM", dict(num_layers=4, num_heads=4, num_kv_heads=2, nope_every=4, tie_embeddings=True)),
     ("SmolLM3ForCausalLM", dict(num_layers=5, num_heads=8, num_kv_heads=4, nope_every=2, tie_embeddings=False)),
     ("SmolLM3ForCausalLM", dict(num_layers=2, num_heads=4, num_kv_heads=2, position_encoding="none")),
+    # RoPE everywhere but hidden_size % num_heads != 0: LlamaConfig refuses that, SmolLM3 computes it.
+    ("SmolLM3ForCausalLM", dict(num_layers=2, num_heads=6, num_kv_heads=2, head_dim=16)),
     ("Qwen3ForCausalLM", dict(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=24, qk_norm=True, tie_embeddings=True)),
     ("Qwen3ForCausalLM", dict(num_layers=3, num_heads=8, num_kv_heads=1, qk_norm=True, tie_embeddings=False)),
 ]
