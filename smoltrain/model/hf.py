@@ -304,7 +304,13 @@ def _prepare_out_dir(out_dir: str | os.PathLike, source: Path | None = None) -> 
         raise CheckpointError(f"{out}: exists and is not a folder")
     if source is not None and out.resolve() == source.resolve():
         raise CheckpointError(f"{out}: the output folder must differ from the input folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    stale = out / "model.safetensors.index.json"  # a sharded index left there would shadow our single file
+    if stale.is_file():
+        stale.unlink()
     return out
 
 
