@@ -236,3 +236,22 @@ def test_the_resolved_config_and_summary_are_written(data_dir, tmp_path):
     # Re-running a finished run does nothing and says so in the summary.
     again = trainer.run(config)
     assert again["finished"] and again["step"] == 2 and again["loss"] == summary["loss"]
+
+
+def test_periodic_evaluation_writes_validation_loss_and_bpb_per_source(tmp_path):
+    config = config_from_dict({
+        "model": {"vocab_size": 512, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 64, "max_seq_len": 32},
+        "data": {"embedded": True, "embedded_fraction": 0.03, "embedded_vocab_size": 512,
+                 "cache_dir": str(tmp_path / "cache"), "seq_len": 32},
+        "train": {"out_dir": str(tmp_path / "run"), "max_steps": 4, "log_every": 1, "save_every": 100,
+                  "eval_every": 2, "global_batch_tokens": 128, "micro_batch_size": 4, "tensorboard": False},
+        "eval": {"val_batches": 1, "batch_size": 4},
+    })
+    trainer.run(config)
+    evals = [m for m in metrics(tmp_path / "run") if "eval" in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    for m in evals:
+        assert set(m["eval"]["val"]) == {"prose", "code", "math"}
+        for source in m["eval"]["val"].values():
+            assert source["tokens"] > 0 and 0 < source["loss"] < 10 and 0 < source["bpb"] < 10
