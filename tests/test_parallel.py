@@ -29,13 +29,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from smoltrain.config import Config, ModelConfig, ParallelConfig, config_from_dict
-from smoltrain.errors import ConfigError
+from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.transformer import build_model
 from smoltrain.train import parallelize
 from smoltrain.train.parallelize import (
     ParallelContext,
     build_parallel_model,
     clip_grad_norm_,
+    load_full_state_dict,
     resolve_layout,
     runtime_seed,
     set_gradient_sync,
@@ -121,7 +122,7 @@ def parallel_step(model, optimizer, ctx: ParallelContext, step: int, vocab: int)
 @functools.lru_cache(maxsize=None)
 def reference(tied: bool, checkpoint_dir: str | None = None) -> dict:
     """The 1-process run: initial weights, (loss, grad norm) per step, weights at SAVE_AT (and a DCP
-    checkpoint there when checkpoint_dir is given)."""
+    checkpoint there when checkpoint_dir is given) and at the end."""
     config = make_config(tied=tied)
     torch.manual_seed(0)
     model = build_model(config.model, config.train.seed)
@@ -139,6 +140,7 @@ def reference(tied: bool, checkpoint_dir: str | None = None) -> dict:
             result["saved"] = {k: v.clone() for k, v in model.state_dict().items()}
             if checkpoint_dir is not None:
                 save_checkpoint(model, optimizer, checkpoint_dir)
+    result["final"] = {k: v.clone() for k, v in model.state_dict().items()}
     return result
 
 
@@ -184,6 +186,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cases: list[dict]) -
             # fused: one kernel over DTensors from several meshes (what the trainer uses on CUDA).
             optimizer = make_optimizer(model, fused=case.get("fused", False))
             start = 0
+            if case.get("load_full"):
+                load_full_state_dict(model, torch.load(case["load_full"]))
+                record["loaded_full"] = full_weights(model)
             if case.get("load"):
                 load_checkpoint(model, optimizer, case["load"])
                 record["loaded"] = full_weights(model)
@@ -244,11 +249,15 @@ def two_process(tmp_path_factory, checkpoints) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def four_process(tmp_path_factory) -> dict[str, dict]:
+def four_process(tmp_path_factory, checkpoints) -> dict[str, dict]:
+    torch.save(reference(False)["final"], checkpoints / "untied_full.pt")  # not what the DCP checkpoint holds
+    reference(False, str(checkpoints / "single_untied"))
     cases = [
         {"name": "fsdp_x_tp", "parallel": {"tp": 2}, "ac": True, "fused": True},
-        # Initial weights only: uneven vocabulary shards under TP (row/column-wise) and FSDP (strided).
-        {"name": "fsdp_x_tp_untied_no_sp", "parallel": {"tp": 2, "sequence_parallel": False}, "tied": False, "steps": 0},
+        # Uneven vocabulary shards under TP (row/column-wise) and FSDP (strided): loaded from full
+        # tensors (imported weights), then from a 1-process DCP checkpoint, then trained on.
+        {"name": "fsdp_x_tp_untied_no_sp", "parallel": {"tp": 2, "sequence_parallel": False}, "tied": False,
+         "load_full": str(checkpoints / "untied_full.pt"), "load": str(checkpoints / "single_untied")},
         {"name": "hsdp", "parallel": {"dp_replicate": 2}},
     ]
     return run_cases(4, tmp_path_factory.mktemp("four_process"), cases)
@@ -286,6 +295,19 @@ def test_runtime_seeds_differ_across_data_parallel_ranks_and_agree_across_tensor
 
 
 # ----------------------------------------------------------------------------- resharding checkpoints
+
+
+@pytest.mark.slow
+def test_full_weights_load_into_fsdp_x_tp_shards(four_process):
+    loaded = four_process["fsdp_x_tp_untied_no_sp"]["loaded_full"]
+    assert_bit_identical(loaded, reference(False)["final"], "full state dict -> FSDP 2 x TP 2")
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_by_one_process_resumes_under_fsdp2_x_tp2(four_process):
+    run = four_process["fsdp_x_tp_untied_no_sp"]
+    assert_bit_identical(run["loaded"], reference(False)["saved"], "1 process -> FSDP 2 x TP 2 weights")
+    assert_same_curve(run["steps"], reference(False)["steps"][SAVE_AT:], "1 process -> FSDP 2 x TP 2")
 
 
 @pytest.mark.slow
@@ -368,6 +390,18 @@ def test_sequence_parallel_needs_sequence_lengths_divisible_by_tp():
     ctx = ParallelContext(0, 0, 4, 1, 4, 1, False, torch.device("cpu"), None, 0)  # 8 sequences, dp 4 x micro 8
     with pytest.raises(ConfigError, match=r"micro_batch_size x data parallel degree x seq_len \(8 x 4 x 15\)"):
         build_parallel_model(config, ctx)
+
+
+def test_full_weights_that_do_not_fit_are_a_one_line_checkpoint_error():
+    model = build_model(make_config().model, seed=0)
+    state = {k: v.clone() for k, v in reference(True)["init"].items()}
+    state["norm.weight"] = torch.ones(31)
+    with pytest.raises(CheckpointError, match=r"norm.weight is \(31,\), expected \(32,\)") as error:
+        load_full_state_dict(model, state)
+    assert "\n" not in str(error.value)
+    del state["norm.weight"]
+    with pytest.raises(CheckpointError, match=r"missing \['norm.weight'\]"):
+        load_full_state_dict(model, state)
 
 
 def test_one_process_build_equals_build_model():

@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from smoltrain.config import Config, ModelConfig, ParallelConfig
-from smoltrain.errors import ConfigError
-from smoltrain.model.transformer import Transformer
+from smoltrain.errors import CheckpointError, ConfigError
+from smoltrain.model.transformer import Transformer, canonical_name
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +338,31 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
 # ----------------------------------------------------------------------------- training-loop helpers
 
 
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy full (unsharded) tensors, e.g. imported weights for train.init, into a model of any
+    layout: every rank holds the full tensors and keeps its own shard, without communication.
+
+    (torch 2.13's set_model_state_dict(full_state_dict=True) scatters from rank 0 and asserts on
+    uneven strided FSDP x TP shards, e.g. a vocabulary of 97 over 2 x 2.)
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = {canonical_name(name): param for name, param in model.named_parameters()}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, param in params.items():
+        full = state[name]
+        if tuple(full.shape) != tuple(param.shape):
+            raise CheckpointError(f"weights do not fit the model: {name} is {tuple(full.shape)}, expected {tuple(param.shape)}")
+        full = full.to(param.device, param.dtype)
+        if isinstance(param, DTensor):
+            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param = param.to_local()
+        param.copy_(full)
+
+
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Gradient accumulation: skip the data-parallel reduction on all but the last micro-batch."""
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 and composable DDP
@@ -383,6 +408,7 @@ __all__ = [
     "apply_tensor_parallel",
     "build_parallel_model",
     "clip_grad_norm_",
+    "load_full_state_dict",
     "resolve_layout",
     "runtime_seed",
     "set_gradient_sync",
