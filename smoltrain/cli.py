@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the file's out_dir, else runs/ablations/NAME)")
     p.set_defaults(func=cmd_ablate)
 
+    p = verbs.add_parser("demo", help="the whole playbook in miniature on the embedded corpus, with a report")
+    p.add_argument("--out", default="runs/smoltrain-demo", help="output folder (default: runs/smoltrain-demo)")
+    p.add_argument("--minutes", type=float, default=10.0, help="time budget; training budgets adapt to it (default: 10)")
+    p.add_argument("--recipe", help="demo recipe (default: recipes/demo.yaml)")
+    p.add_argument("--ablation-steps", type=int, help="fixed steps per ablation run instead of a share of --minutes")
+    p.add_argument("--pretrain-steps", type=int, help="fixed pretraining steps instead of the time that is left")
+    p.set_defaults(func=cmd_demo)
+
     p = verbs.add_parser("report", help="markdown + PNG + HTML report of a training run folder")
     p.add_argument("run_dir", metavar="RUN_DIR", help="training run folder (config.yaml + metrics.jsonl)")
     p.add_argument("--out", help="output folder (default: RUN_DIR/report)")
@@ -223,6 +231,13 @@ def cmd_ablate(args) -> int:
     for v in results["verdicts"]:
         print(f"{v['variant']:>24}  {v['metric']:<32} {v['difference']:+.4g}  {v['verdict']}")
     print(f"wrote {results['report_md']} and {results['report_html']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from smoltrain.demo import demo
+
+    demo(args.out, args.minutes, args.recipe, ablation_steps=args.ablation_steps, pretrain_steps=args.pretrain_steps)
     return 0
 
 

@@ -98,7 +98,7 @@ def run_one(spec: AblationSpec, variant: str, seed: int, train_fn: TrainFn, eval
     if not done:
         _write_json(record_path, record)
         summary = train_fn(config)
-        if isinstance(summary, dict) and summary.get("stopped_by"):
+        if isinstance(summary, dict) and summary.get("stopped_by") and not summary.get("finished"):
             # Stopped by a signal after a clean checkpoint: the same command resumes from it.
             raise KeyboardInterrupt(f"{run_dir} stopped by {summary['stopped_by']} at step {summary.get('step')}")
         train_rows, eval_rows = read_metrics(run_dir)

@@ -84,7 +84,7 @@ def bar_plot(
     """Bars with optional error bars, the value written on each bar, and a dashed reference line."""
     fig = Figure(figsize=(max(4.0, 1.0 + 0.9 * len(labels)), 3.8))
     ax = fig.subplots()
-    _bars(ax, labels, values, errors, colors, value_format)
+    _bars(ax, labels, values, errors, colors, value_format, zoom=False)
     if reference is not None:
         ax.axhline(reference[1], linestyle="--", color="#555555", linewidth=1.0, label=reference[0])
         ax.legend(fontsize=8)
@@ -101,6 +101,7 @@ def bar_panels(
     title: str = "",
     ncols: int = 3,
     colors: Sequence[str] | None = None,
+    zoom: bool = True,
 ) -> Path:
     """Small multiples: one bar chart per metric (metrics have different scales), same labels in each."""
     n = max(1, len(panels))
@@ -109,7 +110,7 @@ def bar_panels(
     fig = Figure(figsize=(3.6 * ncols, 3.0 * nrows))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, (name, (labels, values, errors)) in zip(axes.flat, panels.items()):
-        _bars(ax, labels, values, errors, colors, "{:.3g}")
+        _bars(ax, labels, values, errors, colors, "{:.3g}", zoom)
         if references and name in references:
             ax.axhline(references[name], linestyle="--", color="#555555", linewidth=1.0)
         ax.set_title(name, fontsize=9)
@@ -122,7 +123,8 @@ def bar_panels(
     return _save(fig, path)
 
 
-def _bars(ax, labels, values, errors, colors, value_format) -> None:
+def _bars(ax, labels, values, errors, colors, value_format, zoom: bool = True) -> None:
+    """zoom: values far from zero that differ little (losses) get an axis around them, not from 0."""
     colors = list(colors) if colors else [color_of(i) for i in range(len(labels))]
     finite = [v for v in values if v is not None and math.isfinite(v)]
     clean = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
@@ -137,8 +139,7 @@ def _bars(ax, labels, values, errors, colors, value_format) -> None:
     if finite:
         low, high = min(finite), max(finite)
         err = max(yerr) if yerr else 0.0
-        if low > 0 and high - low < 0.25 * high:
-            # Losses sit far from zero and differ little: zoom in instead of starting the axis at 0.
+        if zoom and low > 0 and high - low < 0.25 * high:
             spread = max(high - low + 2 * err, 0.05 * high)
             ax.set_ylim(low - err - 0.6 * spread, high + err + 0.3 * spread)
         else:
