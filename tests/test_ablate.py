@@ -339,3 +339,12 @@ def test_tiny_ablation_end_to_end_with_the_real_trainer_and_evaluation(tmp_path)
 
     ablate(spec=spec, train_fn=counting)  # everything finished: nothing is trained again
     assert len(calls) == 4
+
+
+def test_ablate_cli_reports_a_bad_file_in_one_line(tmp_path, capsys):
+    from smoltrain.cli import main
+
+    path = _write(tmp_path, {"baseline": TINY, "variants": {"a": ["model.num_kv_heads=3"]}, "seeds": [0], "budget": {"steps": 1}})
+    assert main(["ablate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "variants.a: model.num_heads (4) must be divisible by model.num_kv_heads (3)" in err
