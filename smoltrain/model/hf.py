@@ -398,6 +398,7 @@ def save_model_folder(model: nn.Module, config: Config, out_dir: str | os.PathLi
     The RoPE base and table length are read from the model, so a long-context stage's ABF theta
     is what gets saved. config.yaml is written last: its presence marks a complete folder.
     """
+    _tokenizer_source(tokenizer)  # fail before writing anything
     out = _prepare_out_dir(out_dir)
     base = getattr(model, "_orig_mod", model)
     model_config = config.model
@@ -520,6 +521,7 @@ def export_hf(
         if dtype is None and (source / WEIGHTS_FILE).is_file():
             dtype = _stored_dtype(source / WEIGHTS_FILE)
     architecture = hf_architecture(model_config)  # fail before writing anything
+    _tokenizer_source(tokenizer)
     out = _prepare_out_dir(out_dir, source)
     state = _full_state_dict(model)
     dtype = dtype or next(iter(state.values())).dtype
