@@ -260,3 +260,14 @@ def test_cli_export_then_import_round_trip(tmp_path, capsys):
     back, _ = load_model_folder(tmp_path / "back")
     for (name, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a.to(torch.bfloat16).float(), b), name
+
+
+def test_missing_tokenizer_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
+    model = build_model(ModelConfig(**BASE, num_layers=1, num_heads=4, num_kv_heads=2), seed=0)
+    config = Config(model=model.config)
+    config.data.seq_len = 64
+    config.train.global_batch_tokens = 512
+    save_model_folder(model, config, tmp_path / "folder")
+    code = cli.main(["export", str(tmp_path / "folder"), "--out", str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "nope.json")])
+    assert code == 2 and "nope.json" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
