@@ -164,10 +164,16 @@ def forward_backward(model: nn.Module, micro_batches: list[dict], device: torch.
             out = model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"])
         (out.loss / len(micro_batches)).backward()
         total += out.ce_loss.detach()
+    loss = total / len(micro_batches)
+    if dist.is_available() and dist.is_initialized():
+        # Every rank must see the same loss, or the spike guard would skip the update on some ranks
+        # only. (SUM then divide: gloo has no AVG.)
+        dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+        loss = loss / dist.get_world_size()
     # max_norm=inf measures without clipping; the norm is needed anyway for the non-finite guard.
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP/TP
-    return (total / len(micro_batches)).item(), norm.item()
+    return loss.item(), norm.item()
 
 
 # ----------------------------------------------------------------------------- state
