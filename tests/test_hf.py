@@ -271,3 +271,18 @@ def test_missing_tokenizer_is_a_one_line_error_and_writes_nothing(tmp_path, caps
     code = cli.main(["export", str(tmp_path / "folder"), "--out", str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "nope.json")])
     assert code == 2 and "nope.json" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_tokenizer_json_brings_its_companion_config_and_null_bos_stays_null(tmp_path):
+    (tmp_path / "tok").mkdir()
+    tok = _tokenizer_json(tmp_path / "tok" / "tokenizer.json")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "extra_special_tokens": ["<|im_start|>", "<|im_end|>"]}))
+    model = build_model(ModelConfig(**BASE, num_layers=1, num_heads=4, num_kv_heads=2), seed=0)
+    export_hf(model, tmp_path / "hf", tokenizer=tmp_path / "tok" / "tokenizer.json")
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    endoftext = tok.token_to_id("<|endoftext|>")
+    assert (hf_config["bos_token_id"], hf_config["eos_token_id"], hf_config["pad_token_id"]) == (None, endoftext, endoftext)
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert loaded.bos_token is None and loaded.pad_token_id == endoftext

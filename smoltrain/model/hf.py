@@ -327,12 +327,14 @@ def _tokenizer_source(tokenizer: str | os.PathLike | None) -> Path | None:
         return path
     if not path.is_file():
         raise CheckpointError(f"{path}: tokenizer not found (expected a tokenizer.json or a folder holding one)")
+    if path.name == "tokenizer.json" and (path.parent / "tokenizer_config.json").is_file():
+        return path.parent  # its companion files (special tokens, chat template) travel with it
     return path
 
 
 def _special_token_ids(tokenizer_json: Path, tokenizer_config: dict) -> dict[str, int]:
-    """bos/eos/pad/unk ids: from tokenizer_config.json when it names them, else guessed from the
-    special tokens' conventional names (<|endoftext|> serves as bos and eos, as in SmolLM2)."""
+    """bos/eos/pad/unk ids: from tokenizer_config.json when it has the key (null: no such token), else
+    guessed from the special tokens' conventional names (<|endoftext|> is bos and eos, as in SmolLM2)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
@@ -345,11 +347,10 @@ def _special_token_ids(tokenizer_json: Path, tokenizer_config: dict) -> dict[str
     }
     ids = {}
     for role, candidates in hints.items():
-        named = tokenizer_config.get(f"{role}_token")
+        key = f"{role}_token"
+        named = tokenizer_config[key] if key in tokenizer_config else next((c for c in candidates if c in specials), None)
         if isinstance(named, dict):
             named = named.get("content")
-        if named is None:
-            named = next((c for c in candidates if c in specials), None)
         token_id = tok.token_to_id(named) if isinstance(named, str) else None
         if token_id is not None:
             ids[role] = token_id
