@@ -145,6 +145,17 @@ def test_spike_rewind_restores_the_checkpoint_and_really_skips_the_next_batches(
     assert [m["event"] for m in lines if "event" in m] == ["spike", "rewind"]
 
 
+def test_a_spike_that_persists_after_three_rewinds_is_skipped_instead(data_dir, tmp_path, monkeypatch):
+    config = make_config(data_dir, tmp_path / "run", spike_action="rewind", spike_window=5, spike_std=10,
+                         save_every=6)
+    Recorder(monkeypatch, tamper={call: lambda model, loss, norm: (loss * 50, norm) for call in range(7, 40)})
+    summary = trainer.run(config)
+    assert summary["finished"] and summary["rewinds"] == 3
+    assert summary["skipped_steps"] == 4  # steps 7-10, after the third rewind to step 6
+    lines = metrics(tmp_path / "run")
+    assert [m["event"] for m in lines if m.get("event") == "rewind"] == ["rewind"] * 3
+
+
 def test_stages_switch_mixture_sequence_length_rope_and_schedule(data_dir, tmp_path, monkeypatch):
     config = make_config(data_dir, tmp_path / "run", max_steps=6, save_every=100)
     config.data.mixture = {"low": 1.0, "high": 0.0}

@@ -285,16 +285,17 @@ def run(config: Config, resume: str | None = None) -> dict:
     state = TrainState()
     stage = loader.stage
 
-    def restore(path: Path) -> int:
-        """Load a checkpoint into every part; returns its stage."""
+    def restore(path: Path) -> None:
+        """Load a checkpoint into every part."""
+        nonlocal stage
         saved = load_checkpoint(path, model, optimizer)
         apply_hyperparameters(config.optim, optimizer)
         loader.load_state_dict(saved["loader"])
         spikes.load_state_dict(saved["spike_window"])
         fields = {f.name for f in dataclasses.fields(TrainState)}
         state.__dict__.update({k: v for k, v in saved.items() if k in fields})
-        model.set_rope(theta=stage_rope_theta(config, saved["stage"]), max_seq_len=loader.seq_len)
-        return saved["stage"]
+        stage = saved["stage"]
+        model.set_rope(theta=stage_rope_theta(config, stage), max_seq_len=loader.seq_len)
 
     def save() -> None:
         extra = {"loader": loader.state_dict(), "spike_window": spikes.state_dict(), "stage": stage,
@@ -302,12 +303,33 @@ def run(config: Config, resume: str | None = None) -> dict:
         save_checkpoint(run_dir, state.step, model, optimizer, dict(dataclasses.asdict(state), **extra), config,
                         keep=t.keep_checkpoints)
 
+    def rewind() -> bool:
+        """Back to the latest checkpoint, then skip the next spike_skip_batches batches of data.
+        Counters survive the rewind. At most 3 rewinds to the same checkpoint: a spike that survives
+        skipping 3 x N batches is not the data's fault, and looping forever would hide it."""
+        target = find_checkpoint(run_dir)
+        if target is None:
+            return False
+        target_step = read_train_state(target)["step"]
+        repeats = state.rewind_count if state.rewind_target == target_step else 0
+        if repeats >= 3:
+            return False
+        counters = dataclasses.replace(state)
+        restore(target)
+        state.spikes, state.skipped_steps, state.elapsed_s = counters.spikes, counters.skipped_steps, counters.elapsed_s
+        state.rewinds, state.rewind_target, state.rewind_count = counters.rewinds + 1, target_step, repeats + 1
+        loader.skip(t.spike_skip_batches * accum[loader.seq_len])
+        metrics.restart_at(state.step, keep_events=True)
+        metrics.write({"step": state.step, "event": "rewind", "skipped_batches": t.spike_skip_batches})
+        say(f"rewound to step {state.step}, skipping the next {t.spike_skip_batches} batches")
+        return True
+
     def say(message: str) -> None:
         if main:
             console.print(message)
 
     if checkpoint is not None:
-        stage = restore(checkpoint)
+        restore(checkpoint)
         say(f"resumed from {checkpoint} (step {state.step}, {state.tokens:,} tokens)")
     else:
         model.set_rope(theta=stage_rope_theta(config, stage), max_seq_len=loader.seq_len)
@@ -343,43 +365,31 @@ def run(config: Config, resume: str | None = None) -> dict:
             loss, grad_norm = forward_backward(model, micro_batches, device, precision, config.optim.grad_clip)
 
             # The guard: a non-finite loss or gradient never reaches the weights; a spike is handled
-            # as train.spike_action says.
-            update = True
+            # as train.spike_action says (warn: update anyway, skip, or rewind and skip data).
+            action = "update"
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                update = False
-                state.skipped_steps += 1
+                action = "skip"
                 metrics.write({"step": state.step + 1, "event": "nonfinite", "loss": _finite(loss),
                                "grad_norm": _finite(grad_norm)})
                 say(f"step {state.step + 1}: non-finite loss or gradient, update skipped")
             elif spikes.is_spike(loss):
+                action = {"warn": "update", "skip": "skip", "rewind": "rewind"}[t.spike_action]
                 state.spikes += 1
                 metrics.write({"step": state.step + 1, "event": "spike", "loss": loss,
                                "threshold": spikes.threshold(), "action": t.spike_action})
                 say(f"step {state.step + 1}: loss spike {loss:.4f} > {spikes.threshold():.4f} ({t.spike_action})")
-                if t.spike_action == "skip":
-                    update = False
-                    state.skipped_steps += 1
-                elif t.spike_action == "rewind":
-                    target = find_checkpoint(run_dir)
-                    if target is not None and rewind_allowed(state, target):
-                        optimizer.zero_grad(set_to_none=True)
-                        counters = dataclasses.replace(state)
-                        stage = restore(target)
-                        state.spikes, state.skipped_steps, state.elapsed_s = counters.spikes, counters.skipped_steps, counters.elapsed_s
-                        state.rewinds = counters.rewinds + 1
-                        state.rewind_count = counters.rewind_count + 1 if counters.rewind_target == state.step else 1
-                        state.rewind_target = state.step
-                        loader.skip(t.spike_skip_batches * accum[loader.seq_len])
-                        metrics.restart_at(state.step, keep_events=True)
-                        metrics.write({"step": state.step, "event": "rewind", "skipped_batches": t.spike_skip_batches})
-                        say(f"rewound to step {state.step}, skipping the next {t.spike_skip_batches} batches")
-                        continue
-                    say("no checkpoint to rewind to (or rewound there 3 times): update skipped")
-                    update = False
-                    state.skipped_steps += 1
-            if update:
+            else:
+                spikes.update(loss)  # spikes never raise the bar for the next one
+            if action == "rewind":
+                optimizer.zero_grad(set_to_none=True)
+                if rewind():
+                    continue
+                say("no checkpoint to rewind to (or rewound there 3 times already): update skipped")
+                action = "skip"
+            if action == "update":
                 optimizer.step()
-                spikes.update(loss)
+            else:
+                state.skipped_steps += 1
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.tokens += t.global_batch_tokens
@@ -438,10 +448,3 @@ def run(config: Config, resume: str | None = None) -> dict:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, run_dir / "summary.json")
     return summary
-
-
-def rewind_allowed(state: TrainState, target: Path) -> bool:
-    """At most 3 rewinds to the same checkpoint: a spike that survives skipping 3 x N batches is
-    not the data's fault, and looping forever would hide it."""
-    step = read_train_state(target)["step"]
-    return not (state.rewind_target == step and state.rewind_count >= 3)
