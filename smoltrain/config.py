@@ -384,8 +384,11 @@ def validate(c: Config) -> None:
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(0 <= o.decay_fraction <= 1, f"optim.decay_fraction must lie in [0, 1], got {o.decay_fraction}")
     _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
-    for key in ("max_steps", "log_every", "save_every", "eval_every", "global_batch_tokens", "micro_batch_size", "keep_checkpoints"):
+    for key in ("max_steps", "log_every", "save_every", "eval_every", "global_batch_tokens", "micro_batch_size", "keep_checkpoints",
+                "spike_std", "spike_window"):
         _require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
+    _require(t.spike_skip_batches >= 0, f"train.spike_skip_batches must be >= 0, got {t.spike_skip_batches}")
+    _require(t.peak_tflops is None or t.peak_tflops > 0, f"train.peak_tflops must be positive, got {t.peak_tflops}")
     micro_tokens = t.micro_batch_size * d.seq_len
     _require(
         t.global_batch_tokens % micro_tokens == 0,
