@@ -254,8 +254,9 @@ def apply_activation_checkpointing(model: Transformer) -> None:
 
 
 def apply_compile(model: Transformer, **compile_kwargs) -> None:
-    """Compile each block in place: blocks share one graph (fast compile), names stay unchanged
-    (checkpoints do not see `_orig_mod.`), and FSDP's per-block hooks stay outside the graph."""
+    """Compile each block in place: names stay unchanged (checkpoints never see `_orig_mod.`), blocks
+    of one kind share a graph (4 RoPE blocks: 1 graph; NoPE every 2nd: 2), and FSDP2's hooks are
+    dynamo-disabled, so they run eagerly around the compiled block."""
     for block in model.layers:
         block.compile(**compile_kwargs)
 
