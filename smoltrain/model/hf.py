@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -450,8 +451,15 @@ def _load_hf_folder(folder: Path, device) -> tuple[Transformer, Config]:
 
 
 def _is_checkpoint(folder: Path) -> bool:
-    """A training run folder (checkpoints/latest), its checkpoints/ folder, or one DCP checkpoint (.metadata)."""
-    return (folder / "checkpoints" / "latest").is_file() or (folder / "latest").is_file() or (folder / ".metadata").is_file()
+    """A training run folder (checkpoints/), its checkpoints/ folder (latest), or one checkpoint
+    (DCP .metadata, the COMPLETE marker, or a step_<8 digits> name)."""
+    return (
+        (folder / "checkpoints").is_dir()
+        or (folder / "latest").is_file()
+        or (folder / ".metadata").is_file()
+        or (folder / "COMPLETE").is_file()
+        or re.fullmatch(r"step_\d{8}", folder.name) is not None
+    )
 
 
 def _embedded_tokenizer(config: Config) -> str | None:
@@ -490,7 +498,7 @@ def load_any(path: str | os.PathLike, device: str | torch.device = "cpu") -> tup
         return model, config, str(tokenizer) if tokenizer else None
     raise CheckpointError(
         f"{folder}: not a model folder ({CONFIG_FILE} + {WEIGHTS_FILE}), Hugging Face folder (config.json), "
-        "run folder (checkpoints/latest) or checkpoint (.metadata)"
+        "run folder (checkpoints/) or checkpoint (checkpoints/step_<8 digits>)"
     )
 
 
