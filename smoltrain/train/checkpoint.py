@@ -226,7 +226,7 @@ def save_checkpoint(
         entries = {k: v for part in gathered for k, v in part.items()}
     if rank == 0:
         for name in files:
-            with open(tmp / name, "rb+") as f:
+            with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         _write_durable(tmp / MARKER, json.dumps({"step": step, "files": entries}, indent=1))
         crash_point(f"save_{step}_after_marker")
