@@ -277,3 +277,18 @@ def test_activation_checkpointing_changes_memory_not_results(data_dir, tmp_path)
     a, _ = load_model_from_checkpoint(tmp_path / "ac")
     b, _ = load_model_from_checkpoint(tmp_path / "plain")
     assert same_weights(a.state_dict(), b.state_dict())
+
+
+def test_rerun_with_a_truncated_latest_checkpoint_resumes_from_the_previous_one(data_dir, tmp_path, capsys):
+    config = make_config(data_dir, tmp_path / "run", max_steps=8)
+    first = trainer.run(config)
+    data = tmp_path / "run" / "checkpoints" / "step_00000008" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    capsys.readouterr()
+    again = trainer.run(config)
+    out = capsys.readouterr().out
+    assert "step_00000004 (step 4" in out and again["step"] == 8
+    lines = metrics(tmp_path / "run")
+    assert [m["step"] for m in lines if "loss" in m] == list(range(1, 9))  # steps 5-8 redone once
+    assert again["loss"] == first["loss"]
+    assert trainer.find_checkpoint(tmp_path / "run").name == "step_00000008"  # rewritten, sound
