@@ -42,7 +42,7 @@ _worker: dict = {}
 def _init_worker(progress_queue, tokenizer_path: str, threads: int) -> None:
     # Rayon sizes its pool on first use: give each worker its share of the cores.
     os.environ["RAYON_NUM_THREADS"] = str(threads)
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"  # "false" also silences the fork warning
     from smoltrain.data.tokenizer import load_tokenizer
 
     _worker.update(queue=progress_queue, tokenizer=load_tokenizer(tokenizer_path))
@@ -171,6 +171,7 @@ def tokenize(tokenizer: str, inputs: list[str], out_dir: str | os.PathLike, text
     workers = max(1, min(workers or cores, len(tasks) or 1))
     total_bytes = sum(Path(t["path"]).stat().st_size for t in tasks)
     try:
+        tasks.sort(key=lambda t: -Path(t["path"]).stat().st_size)  # largest first: the last to finish is short
         for entry in _run(tasks, tokenizer, workers, max(1, cores // workers), total_bytes, show_progress):
             entries[entry["name"]] = entry
     except BaseException:
@@ -223,7 +224,13 @@ def _run(tasks: list[dict], tokenizer: str, workers: int, threads: int, total_by
                 yield entry
             return
 
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        # A forked child must not start Rust threads if the parent used them (tokenizers deadlocks), so
+        # workers that get several threads start from a fresh fork server instead.
+        methods = mp.get_all_start_methods()
+        if threads == 1 and "fork" in methods:
+            ctx = mp.get_context("fork")
+        else:
+            ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         progress_queue = ctx.Queue()
         with ctx.Pool(workers, initializer=_init_worker, initargs=(progress_queue, tokenizer, threads)) as pool:
             pending = [pool.apply_async(_tokenize_file, (task,)) for task in tasks]
