@@ -166,6 +166,7 @@ class TrainLoader:
     def skip(self, num_batches: int) -> None:
         """Advance past num_batches micro-batches (on every rank) without reading them."""
         self._sequence += num_batches * self.micro_batch_size * self.dp_world
+        self._plan.clear()
 
     @property
     def sequences_consumed(self) -> int:
