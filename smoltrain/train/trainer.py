@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -229,11 +228,8 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def evaluate(model: nn.Module, config: Config, device: torch.device) -> dict | None:
+def evaluate(model: nn.Module, config: Config, device: torch.device) -> dict:
     """Periodic evaluation (validation loss and bits per byte per source, tasks) from the eval package."""
-    if importlib.util.find_spec("smoltrain.eval.during_training") is None:
-        _note_once("smoltrain.eval.during_training is not available: periodic evaluation skipped")
-        return None
     from smoltrain.eval.during_training import evaluate_during_training
 
     was_training = model.training
@@ -242,15 +238,6 @@ def evaluate(model: nn.Module, config: Config, device: torch.device) -> dict | N
         result = evaluate_during_training(model, config, device)
     model.train(was_training)
     return result
-
-
-_notes: set[str] = set()
-
-
-def _note_once(message: str) -> None:
-    if message not in _notes:
-        _notes.add(message)
-        console.print(message)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -418,9 +405,9 @@ def run(config: Config, resume: str | None = None) -> dict:
                 say(console_line({**record, "loss": loss, "grad_norm": grad_norm}, t.max_steps, eta))
                 interval_tokens, interval_steps, interval_start = 0, 0, time.perf_counter()
 
-            if state.step % t.eval_every == 0:
+            if state.step % t.eval_every == 0 or state.step == t.max_steps:  # the final model is always evaluated
                 result = evaluate(model, config, device)
-                if result is not None:
+                if result["val"] or result["tasks"]:  # nothing configured to evaluate: no line
                     metrics.write({"step": state.step, "eval": result})
                 interval_start = time.perf_counter()  # evaluation time is not training throughput
 
