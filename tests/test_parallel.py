@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -440,20 +441,19 @@ def test_two_torchrun_nodes_on_loopback_train_like_one_process(tmp_path):
         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=loopback-{port}",
         "--local_addr=127.0.0.1", "--max_restarts=0", __file__, str(out),
     ]
-    nodes = [
-        subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        for _ in range(2)
-    ]
-    logs = []
-    try:
-        for node in nodes:
-            logs.append(node.communicate(timeout=240)[0].decode(errors="replace"))
-    finally:
-        for node in nodes:
-            if node.poll() is None:  # a hung rendezvous: end the agent and its worker
-                os.killpg(node.pid, 9)
-                node.wait()
-    assert all(node.returncode == 0 for node in nodes), "\n".join(log[-3000:] for log in logs)
+    logs = [tmp_path / f"node{index}.log" for index in range(2)]
+    nodes = []
+    for log in logs:
+        with log.open("w") as sink:
+            nodes.append(subprocess.Popen(command, cwd=root, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True))
+    deadline, codes = time.monotonic() + 180, []
+    for node in nodes:
+        try:
+            codes.append(node.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:  # a hung rendezvous: end the agent and its worker
+            os.killpg(node.pid, 9)
+            codes.append(node.wait())
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
     result = json.loads(out.read_text())
     assert (result["world"], result["dp_world"]) == (2, 2)
     assert_same_curve(result["steps"], reference(True)["steps"][:5], "two torchrun nodes")
