@@ -344,9 +344,11 @@ def check_compatible(checkpoint: Path, config: Config) -> None:
         raise CheckpointError(f"{checkpoint} was written for another model shape ({'; '.join(diffs)})")
 
 
-def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Load weights in place; with an optimizer (resuming training) also its state and this rank's
-    RNG states. Returns the train state."""
+def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    restore_rng: bool = True) -> dict:
+    """Load weights in place, resharded from whatever layout saved them; with an optimizer (resuming
+    training) also its state and, when restore_rng, this rank's RNG states (the caller passes False
+    when the layout changed: rank r's stream belonged to another position). Returns the train state."""
     rank, _ = _rank_world()
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
@@ -361,7 +363,7 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     train_state = read_train_state(checkpoint)
     rngs = train_state.get("rng") or []
-    if optimizer is not None and rank < len(rngs):  # a run resumed on more ranks keeps new ranks' seeds
+    if optimizer is not None and restore_rng and rank < len(rngs):
         set_rng_state(rngs[rank])
     return train_state
 

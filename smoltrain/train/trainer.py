@@ -5,6 +5,11 @@ parallel ranks) and nothing it does depends on wall-clock or on how often the ru
 a resumed run reproduces the uninterrupted one bit for bit on CPU: the schedule is a function of
 the step, the data loader's position, the optimizer, the spike statistics and RNG states are all
 in the checkpoint.
+
+The same loop runs on one process or under torchrun: train/parallelize.py sets up the mesh and
+wraps the model (FSDP2, TP, DDP); the loop adds only gradient sync on the last micro-batch, a
+layout-independent gradient norm and a data-parallel mean of the loss. Every rank evaluates (the
+forward has collectives), rank 0 alone writes files other than its checkpoint shards.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from smoltrain.config import Config, save_config
 from smoltrain.data.stages import stage_at
 from smoltrain.errors import ConfigError
 from smoltrain.model.flops import flops_per_token
-from smoltrain.model.transformer import build_model, count_parameters
+from smoltrain.model.transformer import count_parameters
 from smoltrain.train.checkpoint import (
     SHAPE_KEYS,
     check_compatible,
@@ -42,6 +47,15 @@ from smoltrain.train.checkpoint import (
 )
 from smoltrain.train.metrics import MetricsLogger, SpikeDetector, console_line, mfu, peak_tflops
 from smoltrain.train.optim import apply_hyperparameters, build_optimizer, lr_for_step, set_lr
+from smoltrain.train.parallelize import (
+    ParallelContext,
+    build_parallel_model,
+    clip_grad_norm_,
+    load_full_state_dict,
+    runtime_seed,
+    set_gradient_sync,
+    setup_distributed,
+)
 
 log = logging.getLogger(__name__)
 console = Console(highlight=False, markup=False, soft_wrap=True)
@@ -50,27 +64,41 @@ console = Console(highlight=False, markup=False, soft_wrap=True)
 # ----------------------------------------------------------------------------- devices and layout
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
 def resolve_precision(requested: str, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if requested == "auto" else requested
 
 
-def distributed_layout() -> tuple[int, int, int, int]:
-    """(rank, world, dp_rank, dp_world). Data parallel spans every rank until parallelize.py
-    brings tensor parallelism, whose peers share a dp_rank."""
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        return rank, world, rank, world
-    return 0, 1, 0, 1
+def single_process_context(device: torch.device) -> ParallelContext:
+    """The layout of a plain (non-torchrun) process, for callers that build parts without setup_distributed."""
+    return ParallelContext(rank=0, local_rank=0, world_size=1, dp_replicate=1, dp_shard=1, tp=1, ddp=False,
+                           device=device, mesh=None, seed=0)
+
+
+def describe_layout(ctx: ParallelContext) -> str:
+    if not ctx.distributed:
+        return "1 process"
+    dp = "DDP" if ctx.ddp else ("HSDP" if ctx.dp_replicate > 1 else "FSDP2")
+    parts = [f"dp_replicate {ctx.dp_replicate}"] if ctx.dp_replicate > 1 else []
+    parts += [f"dp_shard {ctx.dp_shard}"] if ctx.dp_shard > 1 else []
+    parts += [f"tp {ctx.tp}"] if ctx.tp > 1 else []
+    return f"{ctx.world_size} ranks = {' x '.join(parts)} ({dp if ctx.dp_world > 1 else 'TP'})"
+
+
+def check_eval_layout(config: Config) -> None:
+    """Generation needs a KV cache of the model's global head count; under TP each rank holds a slice
+    of the heads, so generative eval tasks cannot run there. Refused before the run starts, not at
+    the first evaluation hours later. (Log-likelihood tasks and validation run under any layout.)"""
+    if config.parallel.tp <= 1 or not config.eval.tasks:
+        return
+    from smoltrain.eval.run import resolve_tasks
+
+    e = config.eval
+    generative = [task.name for task in resolve_tasks(e.tasks, e.limit, e.num_fewshot or None, e.seed)
+                  if task.kind == "generative"]
+    if generative:
+        raise ConfigError(f"eval.tasks: generative tasks ({', '.join(generative)}) cannot run under parallel.tp "
+                          f"({config.parallel.tp}) > 1 (the KV cache holds all heads); drop them from eval.tasks "
+                          f"or evaluate the checkpoint afterwards with `smoltrain eval`")
 
 
 def stage_seq_lens(config: Config) -> list[int]:
@@ -104,7 +132,8 @@ def stage_rope_theta(config: Config, index: int) -> float:
 
 
 def load_init_weights(model: nn.Module, path: str, config: Config) -> None:
-    """Start from imported weights (a model folder, Hugging Face folder, run or checkpoint)."""
+    """Start from imported weights (a model folder, Hugging Face folder, run or checkpoint): every
+    rank reads the full tensors and keeps its own shard, whatever the layout."""
     from smoltrain.model.hf import load_any
 
     source, source_config, _ = load_any(path)
@@ -112,26 +141,18 @@ def load_init_weights(model: nn.Module, path: str, config: Config) -> None:
              for k in SHAPE_KEYS if getattr(source_config.model, k) != getattr(config.model, k)]
     if diffs:
         raise ConfigError(f"train.init: {path} has another model shape ({'; '.join(diffs)})")
-    model.load_state_dict(source.state_dict())
+    load_full_state_dict(model, source.state_dict())
 
 
-def build_training_model(config: Config, device: torch.device, init_from: str | None = None) -> nn.Module:
-    """The model as training runs it: initialised from (seed, names) or `init_from`, then wrapped
-    from outside in torchtitan's order: (TP) -> activation checkpointing -> per-block compile ->
-    (FSDP2). train/parallelize.py adds the distributed techniques around the same steps."""
-    model = build_model(config.model, seed=config.train.seed, device=device)
+def build_training_model(config: Config, device: torch.device, init_from: str | None = None,
+                         ctx: ParallelContext | None = None) -> nn.Module:
+    """The model as training runs it, built by train/parallelize.py in torchtitan's order: (TP) ->
+    activation checkpointing -> per-block compile -> (FSDP2 | DDP), initialised from (seed, names)
+    whatever the layout, then overwritten by `init_from` when given. One process: build_model's
+    weights exactly (the recipe's distributed steps are skipped)."""
+    model = build_parallel_model(config, ctx or single_process_context(device), device)
     if init_from:
         load_init_weights(model, init_from, config)
-    if config.train.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        for i, block in enumerate(model.layers):
-            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-    if config.train.compile == "on" or (config.train.compile == "auto" and device.type == "cuda"):
-        # Per block, in place: names stay the same (checkpoints and exports see no `_orig_mod`), and
-        # every block shares one compiled graph, so compile time does not grow with depth.
-        for block in model.layers:
-            block.compile()
     return model
 
 
@@ -151,27 +172,30 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def forward_backward(model: nn.Module, micro_batches: list[dict], device: torch.device, precision: str,
-                     grad_clip: float) -> tuple[float, float]:
-    """Accumulate gradients over the micro-batches (mean loss), clip; returns (loss, grad norm).
-    bf16 autocast is entered per forward, over float32 master weights."""
+                     grad_clip: float, ctx: ParallelContext | None = None) -> tuple[float, float]:
+    """Accumulate gradients over this rank's micro-batches (mean loss), clip; returns the global
+    (loss, grad norm), identical on every rank. bf16 autocast is entered per forward, over float32
+    master weights."""
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     total = torch.zeros((), device=device)
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        # Data-parallel gradients are reduced once, after the last micro-batch, not after each.
+        set_gradient_sync(model, i == len(micro_batches) - 1)
         batch = _to_device(batch, device)
         with autocast:
             out = model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"])
         (out.loss / len(micro_batches)).backward()
         total += out.ce_loss.detach()
     loss = total / len(micro_batches)
-    if dist.is_available() and dist.is_initialized():
-        # Every rank must see the same loss, or the spike guard would skip the update on some ranks
-        # only. (SUM then divide: gloo has no AVG.)
-        dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-        loss = loss / dist.get_world_size()
-    # max_norm=inf measures without clipping; the norm is needed anyway for the non-finite guard.
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP/TP
+    if ctx is not None and ctx.distributed:
+        # Every rank must see the same loss, or the spike guard would skip the update on some ranks only.
+        loss = ctx.all_reduce_dp(loss)
+        # FSDP x TP gradients live on several meshes; torch's clip cannot combine their norms.
+        norm = clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        # max_norm=inf measures without clipping; the norm is needed anyway for the non-finite guard.
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
     return loss.item(), norm.item()
 
 
@@ -195,9 +219,10 @@ class StopSignal:
     """SIGTERM/SIGINT ask the loop to save and stop after the current step (SLURM preemption,
     Ctrl-C). A second signal gets the default behaviour back."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device = torch.device("cpu")):
         self.received: int | None = None
         self._previous = {}
+        self.device = device  # where the agreement's all-reduce runs (NCCL needs CUDA tensors)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -218,7 +243,7 @@ class StopSignal:
     def requested(self) -> bool:
         flag = self.received is not None
         if dist.is_available() and dist.is_initialized():  # every rank must stop at the same step
-            t = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
+            t = torch.tensor([int(flag)], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t.item())
         return flag
@@ -245,12 +270,31 @@ def evaluate(model: nn.Module, config: Config, device: torch.device) -> dict:
 
 def run(config: Config, resume: str | None = None) -> dict:
     """Train `config` to train.max_steps, resuming from `resume` (a run or checkpoint folder) or
-    from the run folder's own `latest` checkpoint. Returns a summary (also written to summary.json)."""
+    from the run folder's own `latest` checkpoint. Returns a summary (also written to summary.json).
+
+    Under torchrun this starts the process group (and ends it when done, also on errors) unless the
+    caller started one already. A layout that cannot fit the world size fails before anything is
+    allocated or any rank waits for another."""
+    check_eval_layout(config)
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    ctx = setup_distributed(config.parallel, config.model, seed=config.train.seed, device=config.train.device)
+    try:
+        summary = _train(config, ctx, resume)
+    except BaseException:
+        if owns_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # no barrier: a failing rank's peers may never reach it
+        raise
+    if owns_group:
+        ctx.close()
+    return summary
+
+
+def _train(config: Config, ctx: ParallelContext, resume: str | None) -> dict:
     t = config.train
-    device = resolve_device(t.device)
+    device = ctx.device
     precision = resolve_precision(t.precision, device)
-    rank, world, dp_rank, dp_world = distributed_layout()
-    main = rank == 0
+    world, dp_rank, dp_world = ctx.world_size, ctx.dp_rank, ctx.dp_world
+    main = ctx.is_main
     accum = {seq_len: grad_accumulation(config, seq_len, dp_world) for seq_len in stage_seq_lens(config)}
     run_dir = Path(t.out_dir)
     if device.type == "cuda":
@@ -263,19 +307,27 @@ def run(config: Config, resume: str | None = None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
 
-    # Build the parts.
-    torch.manual_seed(t.seed + dp_rank)  # runtime randomness differs per data-parallel rank; init does not use it
-    model = build_training_model(config, device, init_from=None if checkpoint else t.init)
+    # Build the parts. (setup_distributed seeded the runtime RNG per data-parallel rank; init does not use it.)
+    model = build_training_model(config, device, init_from=None if checkpoint else t.init, ctx=ctx)
     optimizer = build_optimizer(config.optim, model)
     loader = build_loader(config, dp_rank, dp_world)
     spikes = SpikeDetector(t.spike_std, t.spike_window)
     state = TrainState()
     stage = loader.stage
 
+    layout = [ctx.dp_replicate, ctx.dp_shard, ctx.tp]
+
     def restore(path: Path) -> None:
-        """Load a checkpoint into every part."""
+        """Load a checkpoint into every part, whatever layout saved it: DCP reshards the weights and
+        optimizer state, the loader's position is in global sequences and is re-split for dp_world."""
         nonlocal stage
-        saved = load_checkpoint(path, model, optimizer)
+        saved = read_train_state(path)
+        same_layout = saved.get("layout", [1, saved.get("dp_world", 1), 1]) == layout
+        saved = load_checkpoint(path, model, optimizer, restore_rng=same_layout)
+        if not same_layout:
+            # Rank r's saved RNG stream belonged to another (dp, tp) position: start fresh streams that
+            # still differ per data-parallel rank and agree across TP peers, and move on with the step.
+            torch.manual_seed(runtime_seed(t.seed + 1_000_003 * saved["step"], dp_rank))
         apply_hyperparameters(config.optim, optimizer)
         loader.load_state_dict(saved["loader"])
         spikes.load_state_dict(saved["spike_window"])
@@ -286,7 +338,7 @@ def run(config: Config, resume: str | None = None) -> dict:
 
     def save() -> None:
         extra = {"loader": loader.state_dict(), "spike_window": spikes.state_dict(), "stage": stage,
-                 "rope_theta": model.rope_theta, "dp_world": dp_world}
+                 "rope_theta": model.rope_theta, "dp_world": dp_world, "layout": layout}
         save_checkpoint(run_dir, state.step, model, optimizer, dict(dataclasses.asdict(state), **extra), config,
                         keep=t.keep_checkpoints)
 
@@ -327,14 +379,15 @@ def run(config: Config, resume: str | None = None) -> dict:
     metrics = MetricsLogger(run_dir, enabled=main, tensorboard=t.tensorboard, start_step=state.step)
     say(f"smoltrain train: {count_parameters(model) / 1e6:.1f}M parameters | "
             f"{t.global_batch_tokens:,} tokens/step = {t.micro_batch_size} x {loader.seq_len} x "
-            f"{accum[loader.seq_len]} accumulation x {dp_world} ranks | {device.type} {precision} | "
+            f"{accum[loader.seq_len]} accumulation x {dp_world} data-parallel | {describe_layout(ctx)} | "
+            f"{device.type} {precision} | "
             f"compile {t.compile} | to step {t.max_steps} in {run_dir}")
 
     # Loop.
     session_tokens, session_time = 0, 0.0
     interval_tokens, interval_steps, interval_start = 0, 0, time.perf_counter()
     stopped_by = None
-    with StopSignal() as stop:
+    with StopSignal(device) as stop:
         while state.step < t.max_steps:
             index = stage_at(config.data, state.step)
             if index != stage:  # a new curriculum stage: mixture, and maybe sequence length and RoPE base
@@ -349,7 +402,7 @@ def run(config: Config, resume: str | None = None) -> dict:
             lr = lr_for_step(config, state.step)
             set_lr(optimizer, lr)
             micro_batches = [loader.next_batch() for _ in range(accum[loader.seq_len])]
-            loss, grad_norm = forward_backward(model, micro_batches, device, precision, config.optim.grad_clip)
+            loss, grad_norm = forward_backward(model, micro_batches, device, precision, config.optim.grad_clip, ctx)
 
             # The guard: a non-finite loss or gradient never reaches the weights; a spike is handled
             # as train.spike_action says (warn: update anyway, skip, or rewind and skip data).
