@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -47,6 +48,9 @@ MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"
 CONFIG = "config.yaml"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Optimizer state keyed by parameter name alone (param_groups.<name>.lr, not param_groups.<index>):
+# a layout that groups parameters differently (TP splits DTensor from plain ones) still loads it.
+FLAT_OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
 # Model fields that change parameter shapes: a checkpoint only loads into the same values.
 SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                "intermediate_size", "tie_embeddings", "qk_norm")
@@ -199,7 +203,7 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
     with _single_process_quiet():
         dcp.save(
             {"model": model_state, "optimizer": optim_state},
@@ -353,14 +357,19 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
     else:
-        model_state, optim_state = get_state_dict(model, optimizer)
+        reader = dcp.FileSystemReader(checkpoint)
+        # Checkpoints written before the flat layout number their param groups: read them as written.
+        nested = any(k.startswith("optimizer.param_groups.0.") for k in reader.read_metadata().state_dict_metadata)
+        options = StateDictOptions(flatten_optimizer_state_dict=not nested)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
         state = {"model": model_state, "optimizer": optim_state}
     with _single_process_quiet():
         dcp.load(state, storage_reader=dcp.FileSystemReader(checkpoint), no_dist=not _distributed())
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=options)
     train_state = read_train_state(checkpoint)
     rngs = train_state.get("rng") or []
     if optimizer is not None and restore_rng and rank < len(rngs):
