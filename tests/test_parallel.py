@@ -1,20 +1,18 @@
-"""Distributed training on CPU with gloo: layout-invariant initialisation, per-step losses equal to one
-process under DDP / FSDP2 / TP / FSDP x TP / HSDP, DCP checkpoints that reshard between layouts,
-one-line errors for impossible layouts, and two torchrun "nodes" on the loopback interface.
+"""Distributed building blocks on CPU with gloo, below the trainer: layout-invariant initialisation,
+per-step losses equal to one process under FSDP2 (with activation checkpointing and compile) / HSDP /
+FSDP x TP, raw DCP checkpoints that reshard between layouts (uneven shards included), runtime seeds,
+and one-line errors for impossible layouts.
 
 The reference is always an independent single-process run: `build_model` + torch's own AdamW and
-clip_grad_norm_ on the whole global batch. Run as a script, this file is the torchrun worker.
+clip_grad_norm_ on the whole global batch. The trainer-level tests (DDP / FSDP / TP / FSDP x TP
+curves, resharding resumes through `trainer.run`, two torchrun nodes) are in test_parallel_trainer.py.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -237,14 +235,11 @@ def checkpoints(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_process(tmp_path_factory, checkpoints) -> dict[str, dict]:
-    reference(True, str(checkpoints / "single"))  # the 1-process checkpoint the FSDP run resumes from
+    # DDP, TP with sequence parallel and 1 process -> FSDP 2 run through the trainer in test_parallel_trainer.py.
     cases = [
-        {"name": "ddp", "parallel": {"ddp": True}},
         {"name": "fsdp", "parallel": {}, "save": str(checkpoints / "fsdp")},
-        {"name": "tp_untied", "parallel": {"tp": 2}, "tied": False},
         {"name": "fsdp_ac_compile_untied", "parallel": {}, "tied": False, "ac": True, "compile": True},
         {"name": "tp_no_sp_from_fsdp", "parallel": {"tp": 2, "sequence_parallel": False}, "load": str(checkpoints / "fsdp")},
-        {"name": "fsdp_from_single", "parallel": {}, "load": str(checkpoints / "single")},
     ]
     return run_cases(2, tmp_path_factory.mktemp("two_process"), cases)
 
@@ -276,9 +271,9 @@ def test_initial_full_weights_are_bit_identical_across_layouts(two_process, four
 
 
 @pytest.mark.slow
-def test_losses_match_single_process_for_ddp_fsdp_tp_and_fsdp_x_tp(two_process, four_process):
+def test_losses_match_single_process_for_fsdp_hsdp_and_fsdp_x_tp(two_process, four_process):
     runs = {**two_process, **four_process}
-    for name in ("ddp", "fsdp", "tp_untied", "fsdp_ac_compile_untied", "fsdp_x_tp", "hsdp"):
+    for name in ("fsdp", "fsdp_ac_compile_untied", "fsdp_x_tp", "hsdp"):
         want = reference("untied" not in name)["steps"]
         assert want[-1][0] < 0.75 * want[0][0], "the reference run must learn, or equal curves prove little"
         assert_same_curve(runs[name]["steps"], want, name)
@@ -327,13 +322,6 @@ def test_checkpoint_saved_by_fsdp2_resumes_in_one_process(two_process, checkpoin
         optimizer.step()
         optimizer.zero_grad()
     assert_same_curve(steps, reference(True)["steps"][SAVE_AT:], "FSDP 2 -> 1 process")
-
-
-@pytest.mark.slow
-def test_checkpoint_saved_by_one_process_resumes_under_fsdp2(two_process):
-    run = two_process["fsdp_from_single"]
-    assert_bit_identical(run["loaded"], reference(True)["saved"], "1 process -> FSDP 2 weights")
-    assert_same_curve(run["steps"], reference(True)["steps"][SAVE_AT:], "1 process -> FSDP 2")
 
 
 @pytest.mark.slow
@@ -412,52 +400,3 @@ def test_one_process_build_equals_build_model():
     assert (ctx.world_size, ctx.dp_world, ctx.tp, ctx.mesh) == (1, 1, 1, None)
     model = build_parallel_model(config, ctx)
     assert_bit_identical(full_weights(model), reference(True)["init"], "1-process parallel build")
-
-
-# ----------------------------------------------------------------------------- multi-node
-
-
-def _torchrun_main(out_path: str) -> None:
-    """Worker for the two-node test: FSDP over every rank torchrun started, a few steps."""
-    torch.set_num_threads(1)
-    config = make_config()
-    ctx = setup_distributed(config.parallel, config.model, seed=config.train.seed, device="cpu")
-    model = build_parallel_model(config, ctx)
-    optimizer = make_optimizer(model)
-    steps = [parallel_step(model, optimizer, ctx, step, config.model.vocab_size) for step in range(5)]
-    if ctx.is_main:
-        Path(out_path).write_text(json.dumps({"world": ctx.world_size, "dp_world": ctx.dp_world, "steps": steps}))
-    ctx.close()
-
-
-@pytest.mark.slow
-def test_two_torchrun_nodes_on_loopback_train_like_one_process(tmp_path):
-    """Two torchrun agents (one process each) meet through a c10d rendezvous, as two nodes would."""
-    port, out = _free_port(), tmp_path / "two_nodes.json"
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-        "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=loopback-{port}",
-        "--local_addr=127.0.0.1", "--max_restarts=0", __file__, str(out),
-    ]
-    logs = [tmp_path / f"node{index}.log" for index in range(2)]
-    nodes = []
-    for log in logs:
-        with log.open("w") as sink:
-            nodes.append(subprocess.Popen(command, cwd=root, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True))
-    deadline, codes = time.monotonic() + 180, []
-    for node in nodes:
-        try:
-            codes.append(node.wait(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:  # a hung rendezvous: end the agent and its worker
-            os.killpg(node.pid, 9)
-            codes.append(node.wait())
-    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
-    result = json.loads(out.read_text())
-    assert (result["world"], result["dp_world"]) == (2, 2)
-    assert_same_curve(result["steps"], reference(True)["steps"][:5], "two torchrun nodes")
-
-
-if __name__ == "__main__":
-    _torchrun_main(sys.argv[1])
