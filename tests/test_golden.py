@@ -16,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "demo_loss_curve.json"
 STEPS = 10
-# Loose enough for another CPU's summation order (float reordering moves these ~1e-6), tight enough that
-# any change in what is computed (a different mask, init, batch or lr) fails by orders of magnitude.
+# Loose enough for another CPU's summation order (float reordering moves these ~1e-6), tight enough
+# to catch the subtlest switch: document masking off moves the curve by 5e-4 to 6e-4 relative.
 RELATIVE_TOLERANCE = 1e-4
 
 
