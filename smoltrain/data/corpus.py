@@ -49,6 +49,14 @@ def _unit_hash(*parts) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
+VALIDATION_FRACTION = 0.04
+
+
+def in_validation_split(key: str, seed: int = 0, validation_fraction: float = VALIDATION_FRACTION) -> bool:
+    """Whether a document goes to the validation split (what evaluations may use without leakage)."""
+    return _unit_hash(seed, "split", key) < validation_fraction
+
+
 # ----------------------------------------------------------------------------- code
 
 
@@ -287,7 +295,7 @@ def _write_jsonl_gz(path: Path, records: list[str]) -> None:
 
 
 def build_corpus(out_dir: str | os.PathLike, seed: int = 0, fraction: float = 1.0, math_documents_count: int = 12000,
-                 validation_fraction: float = 0.04, progress: Callable[[str], None] | None = None) -> dict:
+                 validation_fraction: float = VALIDATION_FRACTION, progress: Callable[[str], None] | None = None) -> dict:
     """`smoltrain data corpus`: <source>.<split>.jsonl.gz per source and split, plus corpus.json.
 
     fraction < 1 keeps a deterministic subset of every source (tests use a few percent).
@@ -310,7 +318,7 @@ def build_corpus(out_dir: str | os.PathLike, seed: int = 0, fraction: float = 1.
             progress(f"corpus: {source}")
         splits = {s: [] for s in SPLITS}
         for key, text in generators[source]():
-            split = "validation" if _unit_hash(seed, "split", key) < validation_fraction else "train"
+            split = "validation" if in_validation_split(key, seed, validation_fraction) else "train"
             splits[split].append(text)
         if not splits["validation"] and len(splits["train"]) > 1:  # tiny fractions: both splits stay usable
             splits["validation"].append(splits["train"].pop())
