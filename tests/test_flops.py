@@ -86,3 +86,10 @@ def test_training_memory_sharding_and_checkpointing_reduce_the_right_terms():
     checkpointed = training_memory_bytes(cfg, micro_batch_size=2, seq_len=4096, activation_checkpointing=True)
     assert checkpointed["activations"] < full["activations"] / 5
     assert checkpointed["total"] == sum(v for k, v in checkpointed.items() if k != "total")
+
+
+def test_tensor_parallel_splits_activations():
+    cfg = ModelConfig(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192)
+    alone = training_memory_bytes(cfg, micro_batch_size=2, seq_len=4096)
+    split = training_memory_bytes(cfg, micro_batch_size=2, seq_len=4096, tensor_parallel=2)
+    assert split["activations"] == alone["activations"] // 2

@@ -52,6 +52,7 @@ def training_memory_bytes(
     seq_len: int,
     activation_checkpointing: bool = False,
     num_shards: int = 1,
+    tensor_parallel: int = 1,
     master_bytes: int = 4,
     activation_bytes: int = 2,
 ) -> dict[str, int]:
@@ -61,7 +62,9 @@ def training_memory_bytes(
     per device and assume a flash/flex attention kernel (no seq x seq scores stored). Per layer and
     token a block keeps about 6 x hidden + 2 x kv width + 4 x SwiGLU width values (norm inputs and
     outputs, q/k/v, attention output, gate/up/activation/product); with activation checkpointing it
-    keeps only its input, and one block's activations exist again during its recompute.
+    keeps only its input, and one block's activations exist again during its recompute. Tensor
+    parallelism with sequence parallel splits every activation over `tensor_parallel` ranks (its
+    share of the weights is already in `num_shards`).
     """
     params = parameter_counts(cfg)["total"]
     tokens = micro_batch_size * seq_len
@@ -75,6 +78,7 @@ def training_memory_bytes(
     # Loss: one chunk of float32 logits and its gradient; the embedding output and final norm.
     logits = 2 * min(tokens * cfg.vocab_size, _LOSS_CHUNK_ELEMENTS) * 4
     activations += logits + 2 * tokens * cfg.hidden_size * activation_bytes
+    activations //= tensor_parallel
     weights = params * master_bytes // num_shards
     gradients = params * master_bytes // num_shards
     optimizer = 2 * params * 4 // num_shards

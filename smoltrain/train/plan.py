@@ -57,7 +57,7 @@ def plan(config: Config, gpus: int | None = None, mfu: float = DEFAULT_MFU, peak
     dp_shard = 1 if p.ddp else (p.dp_shard if p.dp_shard > 0 else max(1, gpus // (p.dp_replicate * p.tp)))
     longest = max((s["seq_len"] for s in segments), default=config.data.seq_len)
     memory = training_memory_bytes(m, t.micro_batch_size, longest, t.activation_checkpointing,
-                                   num_shards=dp_shard * p.tp)
+                                   num_shards=dp_shard * p.tp, tensor_parallel=p.tp)
     mean_flops_per_token = total_flops / total_tokens if total_tokens else flops_per_token(m, config.data.seq_len)
     return {
         "parameters": counts,
