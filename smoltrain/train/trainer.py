@@ -239,10 +239,11 @@ class StopSignal:
     """SIGTERM/SIGINT ask the loop to save and stop after the current step (SLURM preemption,
     Ctrl-C). A second signal gets the default behaviour back."""
 
-    def __init__(self, device: torch.device = torch.device("cpu")):
+    def __init__(self, device: torch.device = torch.device("cpu"), announce: bool = True):
         self.received: int | None = None
         self._previous = {}
         self.device = device  # where the agreement's all-reduce runs (NCCL needs CUDA tensors)
+        self.announce = announce  # torchrun signals every rank; one line is enough
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -254,7 +255,8 @@ class StopSignal:
         self.received = signum
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        console.print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step")
+        if self.announce:
+            console.print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step")
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -407,7 +409,7 @@ def _train(config: Config, ctx: ParallelContext, resume: str | None) -> dict:
     session_tokens, session_time = 0, 0.0
     interval_tokens, interval_steps, interval_start = 0, 0, time.perf_counter()
     stopped_by = None
-    with StopSignal(device) as stop:
+    with StopSignal(device, announce=main) as stop:
         while state.step < t.max_steps:
             index = stage_at(config.data, state.step)
             if index != stage:  # a new curriculum stage: mixture, and maybe sequence length and RoPE base
