@@ -93,3 +93,30 @@ def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, capsys):
 
     demo(str(out), minutes=1, recipe=str(recipe), suite_items=4, ablation_steps=2, pretrain_steps=2)  # a re-run replaces its own folder
     assert (out / "report.html").is_file()
+
+
+def test_deadline_preempts_the_trainer_which_saves_and_returns(tmp_path):
+    """The demo's time box: the real trainer, told to run 100,000 steps, stops at the deadline with
+    a complete checkpoint, and the demo process survives the signal."""
+    from rich.console import Console
+
+    from smoltrain.config import config_from_dict
+    from smoltrain.data.synthetic import write_synthetic_shards
+    from smoltrain.demo import deadline
+    from smoltrain.train.checkpoint import load_model_from_checkpoint
+    from smoltrain.train.trainer import run
+
+    write_synthetic_shards(tmp_path / "data", 50_000, vocab_size=64, mean_document_tokens=50)
+    config = config_from_dict({
+        "model": {"vocab_size": 64, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+                  "intermediate_size": 32, "max_seq_len": 16},
+        "data": {"sources": {"toy": str(tmp_path / "data")}, "seq_len": 16},
+        "train": {"out_dir": str(tmp_path / "run"), "max_steps": 100_000, "global_batch_tokens": 64, "micro_batch_size": 4,
+                  "log_every": 50, "save_every": 100_000, "eval_every": 100_000, "device": "cpu", "tensorboard": False},
+    })
+    with deadline(2.0, Console(quiet=True), minimum=0.0) as fired:
+        summary = run(config)
+    assert fired.is_set() and not summary["finished"] and summary["stopped_by"] == "SIGTERM"
+    assert 0 < summary["step"] < 100_000
+    model, saved = load_model_from_checkpoint(tmp_path / "run", "cpu")
+    assert saved.train.max_steps == 100_000

@@ -33,8 +33,11 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
     )
     headline = [
         ("parameters", f"{counts['total']:,} ({counts['non_embedding']:,} non-embedding)"),
-        ("tokens", f"{last['tokens']:,} in {last['step']:,} steps of {config.train.global_batch_tokens:,}"),
-        ("tokens/s (median)", tps),
+        ("tokens", f"{last['tokens']:,} in {last['step']:,} steps of {config.train.global_batch_tokens:,}"
+                   + ("" if facts["pretrain"]["summary"]["finished"] else
+                      f" (stopped by the time budget; {facts['pretrain']['steps']:,} were planned)")),
+        ("tokens/s", f"{tps:,.0f} median over log intervals, {facts['pretrain']['summary']['tokens_per_s'] or 0:,.0f} "
+                     f"on average over the run"),
         ("MFU (median)", f"{100 * mfu:.1f}% of {1e3 * facts['peak_tflops']:.1f} GFLOP/s measured fp32 matmul peak"
          if mfu and facts.get("peak_tflops") else "-"),
     ]
@@ -47,6 +50,9 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
         ("wall time", f"{total_s / 60:.1f} min"),
     ]
     report.table(["", ""], headline)
+    report.image(overview_figure(figures / "overview.png", train, evals, result, unigram),
+                 "left: training loss and validation loss per source (dashed: unigram baselines); "
+                 "right: embedded suite scores against their random baselines")
 
     # Data
     report.heading("1. Data")
@@ -125,6 +131,41 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
         report.code(f"{s['prompt']}⟪{s['completion']}⟫")
 
     return report
+
+
+def overview_figure(path: Path, train: list[dict], evals: list[dict], result: dict, unigram: dict[str, float]) -> Path:
+    """The picture for a README: how far below the unigram baselines the losses went, and the suite
+    against chance."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1]})
+    left.plot([r["step"] for r in train], [r["loss"] for r in train], color="#444444", linewidth=1.2, label="train")
+    for i, source in enumerate(unigram):
+        color = plots.color_of(i)
+        points = [(e["step"], e["eval"]["val"][source]["loss"]) for e in evals if source in (e["eval"].get("val") or {})]
+        if result["val"].get(source):
+            points.append((train[-1]["step"], result["val"][source]["loss"]))
+        if points:
+            left.plot(*zip(*sorted(dict(points).items())), marker="o", color=color, label=f"val {source}")
+        left.axhline(unigram[source], linestyle="--", color=color, linewidth=1, alpha=0.7)
+    left.set_xlabel("step")
+    left.set_ylabel("loss (nats/token)")
+    left.set_title("loss vs unigram baseline (dashed)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    tasks = result["tasks"]
+    names = list(tasks)
+    x = range(len(names))
+    right.bar([i - 0.2 for i in x], [tasks[n]["random_baseline"] for n in names], width=0.4, color="#aaaaaa", label="random")
+    right.bar([i + 0.2 for i in x], [tasks[n]["score"] for n in names], width=0.4, color="#2ca02c", label="model")
+    right.set_xticks(list(x), [n.replace("_", "\n") for n in names], fontsize=8)
+    right.set_ylim(0, max(0.5, max(tasks[n]["score"] for n in names) * 1.2))
+    right.set_title(f"embedded suite (centred {result['aggregate']['centred']:+.3f})")
+    right.legend(fontsize=8)
+    right.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return plots.save_figure(fig, path)
 
 
 def add_wall_times(report: Report, figures: Path, wall: dict[str, float], total_s: float) -> None:

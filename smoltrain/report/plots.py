@@ -22,7 +22,8 @@ def color_of(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Render on the Agg canvas and write atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -66,7 +67,7 @@ def line_plot(
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bar_plot(
@@ -90,7 +91,7 @@ def bar_plot(
         ax.legend(fontsize=8)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bar_panels(
@@ -120,7 +121,7 @@ def bar_panels(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _bars(ax, labels, values, errors, colors, value_format, zoom: bool = True) -> None:
