@@ -8,9 +8,7 @@ because its matmul runs either way) + 6 x layers x attention width x sequence (c
 from __future__ import annotations
 
 from smoltrain.config import ModelConfig
-
-# Float32 logits alive at once in the chunked loss (transformer.LOSS_CHUNK_ELEMENTS).
-_LOSS_CHUNK_ELEMENTS = 2**28
+from smoltrain.model.transformer import LOSS_CHUNK_ELEMENTS
 
 
 def _layer_matmul_parameters(cfg: ModelConfig) -> int:
@@ -76,7 +74,7 @@ def training_memory_bytes(
         saved = cfg.num_layers * per_layer_token
     activations = tokens * saved * activation_bytes
     # Loss: one chunk of float32 logits and its gradient; the embedding output and final norm.
-    logits = 2 * min(tokens * cfg.vocab_size, _LOSS_CHUNK_ELEMENTS) * 4
+    logits = 2 * min(tokens * cfg.vocab_size, LOSS_CHUNK_ELEMENTS) * 4
     activations += logits + 2 * tokens * cfg.hidden_size * activation_bytes
     activations //= tensor_parallel
     weights = params * master_bytes // num_shards
