@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -27,30 +26,16 @@ import torch.multiprocessing as mp
 
 from smoltrain.cli import main as cli_main
 from smoltrain.config import config_from_dict
-from smoltrain.data.shards import ShardWriter, shard_name, write_meta
 from smoltrain.train import trainer
 from smoltrain.train.checkpoint import load_model_from_checkpoint
+
+from synthetic_shards import write_random_documents
 
 STEPS, SAVE_AT = 20, 10
 REL_TOL = 1e-5  # losses (float32); gradient norms get 1e-4
 
 
 # ----------------------------------------------------------------------------- data and config
-
-
-def write_source(folder: Path, name: str, low: int, high: int, num_tokens: int, seed: int) -> None:
-    """Documents of 10-60 tokens drawn from [low, high), each closed by token 0 (as byte 0)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    with ShardWriter(folder, shard_name(name, 0), np.uint16) as writer:
-        written = 0
-        while written < num_tokens:
-            doc = rng.integers(low, high, size=int(rng.integers(10, 60)))
-            doc[-1] = 0
-            writer.add_document(doc)
-            written += len(doc)
-        shard = writer.close()
-    write_meta(folder, shards=[shard], dtype=np.uint16, vocab_size=256, tokenizer_hash=None)
 
 
 def write_byte_tokenizer(path: Path) -> None:
@@ -121,9 +106,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("parallel_trainer")
-    write_source(root / "low", "low", 1, 100, 6000, seed=1)
-    write_source(root / "high", "high", 100, 200, 6000, seed=2)
-    write_source(root / "val", "val", 1, 100, 1000, seed=3)
+    write_random_documents(root / "low", "low", 1, 100, 6000, seed=1)
+    write_random_documents(root / "high", "high", 100, 200, 6000, seed=2)
+    write_random_documents(root / "val", "val", 1, 100, 1000, seed=3)
     write_byte_tokenizer(root / "tokenizer.json")
     return root
 

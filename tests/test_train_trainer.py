@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,9 +14,10 @@ import smoltrain.train.trainer as trainer
 from smoltrain.cli import main as cli_main
 from smoltrain.config import StageConfig, config_from_dict, load_config
 from smoltrain.data.loader import build_train_loader
-from smoltrain.data.shards import ShardWriter, shard_name, write_meta
 from smoltrain.errors import ConfigError
 from smoltrain.train.checkpoint import load_model_from_checkpoint
+
+from synthetic_shards import write_random_documents
 
 
 @pytest.fixture(autouse=True)
@@ -28,26 +28,11 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def write_source(folder, name, low, high, num_tokens=6000, seed=0):
-    """Documents of 10-60 tokens drawn from [low, high), each closed by token 0."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    with ShardWriter(folder, shard_name(name, 0), np.uint16) as writer:
-        written = 0
-        while written < num_tokens:
-            doc = rng.integers(low, high, size=int(rng.integers(10, 60)))
-            doc[-1] = 0
-            writer.add_document(doc)
-            written += len(doc)
-        shard = writer.close()
-    write_meta(folder, shards=[shard], dtype=np.uint16, vocab_size=256, tokenizer_hash=None)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    write_source(root / "low", "low", 1, 100, seed=1)
-    write_source(root / "high", "high", 100, 200, seed=2)
+    write_random_documents(root / "low", "low", 1, 100, seed=1)
+    write_random_documents(root / "high", "high", 100, 200, seed=2)
     return root
 
 
