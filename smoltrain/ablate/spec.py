@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -138,8 +139,6 @@ def load_ablation(path: str | os.PathLike | None = None, raw: dict | None = None
         raise ConfigError(f"{source}: expected a mapping with baseline, variants, seeds and budget")
     for key in raw:
         if key not in _TOP_KEYS:
-            import difflib
-
             close = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(_TOP_KEYS)})"
             _fail(_mark(source, text, key), f"unknown key '{key}'{hint}")

@@ -88,7 +88,7 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
 
     # Pretraining
     report.heading("3. Pretraining")
-    add_run_sections(report, Path(config.train.out_dir), config, train, evals, figures, prefix="pretrain_")
+    add_run_sections(report, config, train, evals, figures, prefix="pretrain_")
 
     # Evaluation
     report.heading("4. Evaluation")

@@ -110,7 +110,7 @@ def final_loss(rows: list[dict], fraction: float = 0.1) -> float | None:
 # ----------------------------------------------------------------------------- report
 
 
-def add_run_sections(report: Report, run_dir: Path, config, train: list[dict], evals: list[dict],
+def add_run_sections(report: Report, config, train: list[dict], evals: list[dict],
                      figures_dir: Path, prefix: str = "") -> None:
     """Append the summary table, curves and final evaluation of one run to `report`."""
     m = config.model
@@ -207,7 +207,7 @@ def report_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
     report = Report(f"Run report: {run_dir.resolve().name}")
     report.text(f"Run folder `{run_dir}`; {len(train)} training log lines, {len(evals)} evaluations.")
-    add_run_sections(report, run_dir, config, train, evals, out_dir)
+    add_run_sections(report, config, train, evals, out_dir)
     return report.write(out_dir)
 
 
