@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from smoltrain.config import Config, OptimConfig
 
@@ -28,11 +29,15 @@ def param_groups(cfg: OptimConfig, model: nn.Module) -> list[dict]:
             continue
         skip = param.ndim < 2 or (cfg.no_decay_embeddings and id(param) in embeddings)
         (no_decay if skip else decay).append(param)
-    groups = [
-        {"name": "decay", "params": decay, "weight_decay": cfg.weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+    groups = []
+    for name, params, weight_decay in (("decay", decay, cfg.weight_decay), ("no_decay", no_decay, 0.0)):
+        # Fused AdamW runs one kernel per group and refuses to mix DTensors with plain tensors, which
+        # TP without FSDP leaves side by side (the final norm and a tied embedding stay plain).
+        for distributed in (True, False):
+            part = [p for p in params if isinstance(p, DTensor) == distributed]
+            if part:
+                groups.append({"name": name, "params": part, "weight_decay": weight_decay})
+    return groups
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.AdamW:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -155,25 +154,6 @@ def build_training_model(config: Config, device: torch.device, init_from: str | 
     if init_from:
         load_init_weights(model, init_from, config)
     return model
-
-
-def build_training_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """optim.build_optimizer, with each parameter group split into DTensor and plain-tensor parts when
-    the layout leaves both (TP without FSDP keeps the final norm and a tied embedding plain): fused
-    AdamW runs one kernel per group and refuses to mix them."""
-    from torch.distributed.tensor import DTensor
-
-    optimizer = build_optimizer(config.optim, model)
-    if len({isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]}) < 2:
-        return optimizer
-    groups = []
-    for group in optimizer.param_groups:
-        for distributed in (True, False):
-            params = [p for p in group["params"] if isinstance(p, DTensor) == distributed]
-            if params:
-                groups.append({**group, "params": params})
-    accepted = inspect.signature(type(optimizer)).parameters
-    return type(optimizer)(groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
 
 
 def build_loader(config: Config, dp_rank: int, dp_world: int):
@@ -331,7 +311,7 @@ def _train(config: Config, ctx: ParallelContext, resume: str | None) -> dict:
 
     # Build the parts. (setup_distributed seeded the runtime RNG per data-parallel rank; init does not use it.)
     model = build_training_model(config, device, init_from=None if checkpoint else t.init, ctx=ctx)
-    optimizer = build_training_optimizer(config, model)
+    optimizer = build_optimizer(config.optim, model)
     loader = build_loader(config, dp_rank, dp_world)
     spikes = SpikeDetector(t.spike_std, t.spike_window)
     state = TrainState()
