@@ -14,12 +14,7 @@ from smoltrain.model.transformer import build_model
 from smoltrain.train.optim import build_optimizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: threads only contend
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp_path, **model):
