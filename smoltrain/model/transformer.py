@@ -198,21 +198,21 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         for block in self.layers:
             x = block(x, cos, sin, mask, cache)
-        x = self.norm(x)
         if cache is not None:
             cache.length += seq
         if labels is None:
-            return self.output(x)
+            return self.output(self.norm(x))
         return self._loss(x, labels, reduction)
 
     def output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of already normalised hidden states."""
         if self.lm_head is None:
             return F.linear(hidden, self.embed_tokens.weight)
         return self.lm_head(hidden)
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str) -> LossOutput:
-        """Cross-entropy (+ z-loss) over chunks of tokens, so at most LOSS_CHUNK_ELEMENTS float32
-        logits exist at once; chunks are recomputed in backward instead of stored."""
+        """Cross-entropy (+ z-loss) of the last block's output over chunks of tokens, so at most
+        LOSS_CHUNK_ELEMENTS float32 logits exist at once; chunks are recomputed in backward."""
         hidden = hidden.reshape(-1, hidden.shape[-1])
         labels = labels.reshape(-1)
         chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
@@ -222,9 +222,9 @@ class Transformer(nn.Module):
         for start in range(0, hidden.shape[0], chunk):
             args = (hidden[start : start + chunk], labels[start : start + chunk])
             if hidden.shape[0] > chunk and torch.is_grad_enabled():
-                ce, z = torch.utils.checkpoint.checkpoint(self._loss_chunk, *args, use_reentrant=False)
+                ce, z = torch.utils.checkpoint.checkpoint(self.loss_chunk, *args, use_reentrant=False)
             else:
-                ce, z = self._loss_chunk(*args)
+                ce, z = self.loss_chunk(*args)
             ce_sum = ce_sum + ce
             z_sum = z_sum + z
         num_tokens = (labels != -100).sum()
@@ -234,8 +234,10 @@ class Transformer(nn.Module):
         ce_mean = ce_sum / denominator
         return LossOutput(ce_mean + z_weight * z_sum / denominator, ce_mean.detach(), num_tokens)
 
-    def _loss_chunk(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.output(hidden).float()
+    def loss_chunk(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy and z-loss of one chunk: final norm, head, log-softmax. One
+        function so that `apply_compile` can fuse it (the logits pass runs once, not 3-4 times)."""
+        logits = self.output(self.norm(hidden)).float()
         # F.cross_entropy's fused log-softmax: 1.8x cheaper on CPU than logsumexp + gather written
         # out (1024 x 16384 logits, fwd+bwd, one core: 200 -> 113 ms; 11% of a 19M-model step).
         ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
