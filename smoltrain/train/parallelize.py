@@ -259,8 +259,8 @@ def apply_activation_checkpointing(model: Transformer) -> None:
 def apply_compile(model: Transformer, **compile_kwargs) -> None:
     """Compile each block in place: names stay unchanged (checkpoints never see `_orig_mod.`), blocks
     of one kind share a graph (4 RoPE blocks: 1 graph; NoPE every 2nd: 2), and FSDP2's hooks are
-    dynamo-disabled, so they run eagerly around the compiled block. Then the final norm + head +
-    cross-entropy: fused, the float32 logits are read once per pass instead of once per op."""
+    dynamo-disabled, so they run eagerly around the compiled block. Then the head + cross-entropy:
+    fused, the float32 logits are read once per pass instead of once per op."""
     for block in model.layers:
         block.compile(**compile_kwargs)
     model.loss_chunk = torch.compile(model.loss_chunk, **compile_kwargs)
