@@ -11,6 +11,7 @@ reported. Plain causal attention on both sides (one document per sequence).
     python bench/train_step.py                                   # CPU, 19M-parameter shape, fp32
     python bench/train_step.py --shape smollm2-135m --device cuda --peer-compile
     python bench/train_step.py --shape smollm3-3b --device cuda --batch 2 --seq 4096 --activation-checkpointing --sequential
+    python bench/train_step.py --shape demo --batch 8 --compile on --precision bf16   # CPU, the demo's shape
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from smoltrain.train.optim import build_optimizer
 from smoltrain.train.trainer import build_training_model, forward_backward
 
 SHAPES = {
+    "demo": dict(vocab_size=4096, hidden_size=128, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=384,
+                 nope_every=4),
     # SmolLM2-135M's proportions at 19M parameters: what 2 CPU cores can time in a minute.
     "19m": dict(vocab_size=16384, hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=2, intermediate_size=1024),
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536),
@@ -49,7 +52,8 @@ def bench_config(args, device: torch.device):
         "optim": {"lr": 3e-4, "weight_decay": 0.1, "grad_clip": 1.0},
         "train": {"micro_batch_size": args.batch, "global_batch_tokens": args.batch * args.seq,
                   "device": device.type, "precision": args.precision,
-                  "compile": args.compile, "activation_checkpointing": args.activation_checkpointing},
+                  "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
+                  "activation_checkpointing_every": args.activation_checkpointing_every},
     })
 
 
@@ -125,6 +129,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], help="both sides (default bf16 autocast on CUDA, fp32 on CPU)")
     parser.add_argument("--peer-compile", action="store_true", help="transformers model.compile()")
     parser.add_argument("--activation-checkpointing", action="store_true", help="both sides")
+    parser.add_argument("--activation-checkpointing-every", type=int, default=1, metavar="N",
+                        help="ours recomputes only every Nth block (transformers checkpoints all of them)")
     parser.add_argument("--sequential", action="store_true",
                         help="time ours, free it, then the peer (models too big to hold both)")
     parser.add_argument("--skip-peer", action="store_true", help="time ours only")
@@ -186,6 +192,7 @@ def main() -> None:
         "parameters": parameter_counts(config.model)["total"], "batch": args.batch, "seq": args.seq,
         "precision": config.train.precision, "compile": config.train.compile, "peer_compile": args.peer_compile,
         "activation_checkpointing": args.activation_checkpointing,
+        "activation_checkpointing_every": args.activation_checkpointing_every,
         "tokens_per_s": rates, "mfu": {k: mfu(v, per_token, peak) for k, v in rates.items()},
         "ratio": rates["smoltrain"] / rates["transformers"] if "transformers" in rates else None,
     }

@@ -116,6 +116,9 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: Literal["auto", "on", "off"] = "auto"  # auto: per-block compile on CUDA
     activation_checkpointing: bool = False
+    # Recompute every Nth block only (1: all). 2 keeps half the blocks' activations for half the
+    # recompute: the trade to try when a model almost fits without checkpointing.
+    activation_checkpointing_every: int = 1
     peak_tflops: Optional[float] = None  # overrides the table of known accelerators for MFU
     init: Optional[str] = None  # model folder to start from (imported weights)
     spike_std: float = 6.0  # a loss this many std above its recent mean is a spike
@@ -385,7 +388,7 @@ def validate(c: Config) -> None:
     _require(0 <= o.decay_fraction <= 1, f"optim.decay_fraction must lie in [0, 1], got {o.decay_fraction}")
     _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
     for key in ("max_steps", "log_every", "save_every", "eval_every", "global_batch_tokens", "micro_batch_size", "keep_checkpoints",
-                "spike_std", "spike_window"):
+                "spike_std", "spike_window", "activation_checkpointing_every"):
         _require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
     _require(t.spike_skip_batches >= 0, f"train.spike_skip_batches must be >= 0, got {t.spike_skip_batches}")
     _require(t.peak_tflops is None or t.peak_tflops > 0, f"train.peak_tflops must be positive, got {t.peak_tflops}")

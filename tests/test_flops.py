@@ -89,6 +89,9 @@ def test_training_memory_sharding_and_checkpointing_reduce_the_right_terms():
     saved_values = 2 * 4096 * ((36 - 1) * per_layer - 36 * 2048)
     assert full["activations"] - checkpointed["activations"] == saved_values * 2  # bf16 bytes
     assert checkpointed["activations"] < full["activations"] / 2
+    # Every 2nd block of 36: 18 keep only their input, 18 keep everything, one is recomputed at a time.
+    half = training_memory_bytes(cfg, micro_batch_size=2, seq_len=4096, activation_checkpointing=True, checkpoint_every=2)
+    assert full["activations"] - half["activations"] == 2 * 4096 * ((18 - 1) * per_layer - 18 * 2048) * 2
     assert checkpointed["total"] == sum(v for k, v in checkpointed.items() if k != "total")
 
 

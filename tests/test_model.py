@@ -61,6 +61,16 @@ def test_init_is_the_same_when_blocks_are_wrapped_for_activation_checkpointing()
         assert torch.equal(a, b), name
 
 
+def test_activation_checkpointing_every_nth_block_wraps_only_those():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from smoltrain.train.parallelize import apply_activation_checkpointing
+
+    model = build_model(ModelConfig(**{**BASE, "num_layers": 5}), seed=0)
+    apply_activation_checkpointing(model, every=2)
+    assert [isinstance(block, CheckpointWrapper) for block in model.layers] == [True, False, True, False, True]
+
+
 def _brute_force_attention(attention, x):
     """softmax(q k^T / sqrt(d)) v with each KV head copied for its group of query heads, causal."""
     batch, seq, _ = x.shape

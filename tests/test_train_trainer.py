@@ -251,8 +251,11 @@ def test_periodic_evaluation_writes_validation_loss_and_bpb_per_source(tmp_path)
 def test_activation_checkpointing_changes_memory_not_results(data_dir, tmp_path):
     plain = trainer.run(make_config(data_dir, tmp_path / "plain", max_steps=3))
     checkpointed = trainer.run(make_config(data_dir, tmp_path / "ac", max_steps=3, activation_checkpointing=True))
+    trainer.run(make_config(data_dir, tmp_path / "ac2", max_steps=3, activation_checkpointing=True,
+                            activation_checkpointing_every=2))
     losses = lambda d: [m["loss"] for m in metrics(d) if "loss" in m]  # noqa: E731
     assert losses(tmp_path / "ac") == losses(tmp_path / "plain") and checkpointed["loss"] == plain["loss"]
+    assert losses(tmp_path / "ac2") == losses(tmp_path / "plain")
     # Checkpoints keep canonical names: the wrapped model's weights load into a plain model.
     a, _ = load_model_from_checkpoint(tmp_path / "ac")
     b, _ = load_model_from_checkpoint(tmp_path / "plain")

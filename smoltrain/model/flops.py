@@ -50,6 +50,7 @@ def training_memory_bytes(
     seq_len: int,
     activation_checkpointing: bool = False,
     num_shards: int = 1,
+    checkpoint_every: int = 1,
     tensor_parallel: int = 1,
     master_bytes: int = 4,
     activation_bytes: int = 2,
@@ -59,8 +60,9 @@ def training_memory_bytes(
     Weights, gradients and the two AdamW moments are divided by `num_shards` (FSDP). Activations are
     per device and assume a flash/flex attention kernel (no seq x seq scores stored). Per layer and
     token a block keeps about 6 x hidden + 2 x kv width + 4 x SwiGLU width values (norm inputs and
-    outputs, q/k/v, attention output, gate/up/activation/product); with activation checkpointing it
-    keeps only its input, and one block's activations exist again during its recompute. Tensor
+    outputs, q/k/v, attention output, gate/up/activation/product); with activation checkpointing a
+    recomputed block (every `checkpoint_every`-th) keeps only its input, and one block's activations
+    exist again during its recompute. Tensor
     parallelism with sequence parallel splits every activation over `tensor_parallel` ranks (its
     share of the weights is already in `num_shards`).
     """
@@ -68,10 +70,10 @@ def training_memory_bytes(
     tokens = micro_batch_size * seq_len
     kv_width = cfg.num_kv_heads * cfg.resolved_head_dim
     per_layer_token = 6 * cfg.hidden_size + 2 * kv_width + 4 * cfg.intermediate_size
-    if activation_checkpointing:
-        saved = cfg.num_layers * cfg.hidden_size + per_layer_token
-    else:
-        saved = cfg.num_layers * per_layer_token
+    recomputed = len(range(0, cfg.num_layers, checkpoint_every)) if activation_checkpointing else 0
+    saved = recomputed * cfg.hidden_size + (cfg.num_layers - recomputed) * per_layer_token
+    if recomputed:
+        saved += per_layer_token
     activations = tokens * saved * activation_bytes
     # Loss: one chunk of float32 logits and its gradient; the embedding output and final norm.
     logits = 2 * min(tokens * cfg.vocab_size, LOSS_CHUNK_ELEMENTS) * 4

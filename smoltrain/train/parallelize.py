@@ -246,12 +246,15 @@ def apply_tensor_parallel(model: Transformer, tp_mesh, sequence_parallel: bool) 
         parallelize_module(block, tp_mesh, layer_plan)
 
 
-def apply_activation_checkpointing(model: Transformer) -> None:
-    """Recompute each block in backward: activation memory of one block instead of all of them,
-    for about a third more compute (the 3B recipe needs it at micro-batch 2, sequence 4096)."""
+def apply_activation_checkpointing(model: Transformer, every: int = 1) -> None:
+    """Recompute blocks in backward: activation memory of one block instead of all of them, for
+    about a third more compute (the 3B recipe needs it at micro-batch 2, sequence 4096). With
+    `every` = N only blocks 0, N, 2N, ... are recomputed (torchtitan's selective per-layer AC)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for index, block in enumerate(model.layers):
+        if index % every:
+            continue
         # The model draws no random numbers in forward, so the recomputation needs no saved RNG state.
         model.layers.register_module(str(index), checkpoint_wrapper(block, preserve_rng_state=False))
 
@@ -329,7 +332,7 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
     if ctx.tp > 1:
         apply_tensor_parallel(model, ctx.tp_mesh, config.parallel.sequence_parallel)
     if config.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, config.train.activation_checkpointing_every)
     if _resolve_compile(config, device):
         apply_compile(model)
     if ctx.dp_world > 1 and not ctx.ddp:

@@ -57,7 +57,8 @@ def plan(config: Config, gpus: int | None = None, mfu: float = DEFAULT_MFU, peak
     dp_shard = 1 if p.ddp else (p.dp_shard if p.dp_shard > 0 else max(1, gpus // (p.dp_replicate * p.tp)))
     longest = max((s["seq_len"] for s in segments), default=config.data.seq_len)
     memory = training_memory_bytes(m, t.micro_batch_size, longest, t.activation_checkpointing,
-                                   num_shards=dp_shard * p.tp, tensor_parallel=p.tp)
+                                   num_shards=dp_shard * p.tp, tensor_parallel=p.tp,
+                                   checkpoint_every=t.activation_checkpointing_every)
     mean_flops_per_token = total_flops / total_tokens if total_tokens else flops_per_token(m, config.data.seq_len)
     return {
         "parameters": counts,
@@ -73,8 +74,17 @@ def plan(config: Config, gpus: int | None = None, mfu: float = DEFAULT_MFU, peak
         "wall_clock_days": gpu_seconds / gpus / 86400,
         "memory_per_device_gb": {k: v / 2**30 for k, v in memory.items()},
         "memory_assumes": {"micro_batch_size": t.micro_batch_size, "seq_len": longest,
-                           "activation_checkpointing": t.activation_checkpointing, "num_shards": dp_shard * p.tp},
+                           "activation_checkpointing": t.activation_checkpointing,
+                           "activation_checkpointing_every": t.activation_checkpointing_every,
+                           "num_shards": dp_shard * p.tp},
     }
+
+
+def _checkpointing(assumes: dict) -> str:
+    if not assumes["activation_checkpointing"]:
+        return "off"
+    every = assumes["activation_checkpointing_every"]
+    return "on" if every == 1 else f"on for every {every}th block"
 
 
 def _si(x: float) -> str:
@@ -104,7 +114,7 @@ def plan_table(result: dict):
         ("memory per device", f"{mem['total']:.1f} GiB (weights {mem['weights']:.1f}, grads {mem['gradients']:.1f}, "
                               f"AdamW {mem['optimizer']:.1f}, activations {mem['activations']:.1f})"),
         ("  assuming", f"micro-batch {a['micro_batch_size']} x seq {a['seq_len']}, activation checkpointing "
-                       f"{'on' if a['activation_checkpointing'] else 'off'}, sharded over {a['num_shards']}"),
+                       f"{_checkpointing(a)}, sharded over {a['num_shards']}"),
         ("throughput", f"{_si(result['tokens_per_s_per_gpu'])} tokens/s/GPU at {100 * result['mfu']:.0f}% MFU "
                        f"of {result['peak_tflops']:g} TFLOP/s"),
         ("GPU-hours", f"{result['gpu_hours']:,.0f}"),
