@@ -61,9 +61,8 @@ def test_cli_eval_writes_results_and_a_hugging_face_export_scores_the_same(tmp_p
             assert value == pytest.approx(report["tasks"][name][key], abs=1e-9), (name, key)
 
 
-@pytest.mark.slow
-def test_evaluation_during_training_reports_validation_bpb_per_source_and_tasks(tmp_path):
-    from smoltrain.data.loader import validation_batches
+def _validation_setup(tmp_path, **eval_config):
+    """A tiny model and a config with two tokenized validation sources; also the tokenizer."""
     from smoltrain.data.tokenize_shards import tokenize
 
     tok = tiny_tokenizer()
@@ -80,8 +79,16 @@ def test_evaluation_during_training_reports_validation_bpb_per_source_and_tasks(
     model = tiny_model()
     config = Config(model=model.config,
                     data=DataConfig(seq_len=32, tokenizer=str(tok_path), sources=validation, validation=validation),
-                    eval=EvalConfig(tasks=["arithmetic_choice", "code_tokens"], limit=8, val_batches=2, batch_size=3))
+                    eval=EvalConfig(**eval_config))
+    return model, config, tok
 
+
+@pytest.mark.slow
+def test_evaluation_during_training_reports_validation_bpb_per_source_and_tasks(tmp_path):
+    from smoltrain.data.loader import validation_batches
+
+    model, config, tok = _validation_setup(tmp_path, tasks=["arithmetic_choice", "code_tokens"], limit=8,
+                                           val_batches=2, batch_size=3)
     result = evaluate_during_training(model, config, torch.device("cpu"))
     assert set(result) == {"val", "tasks", "aggregate"}
     assert set(result["val"]) == {"code", "prose"}
@@ -95,3 +102,28 @@ def test_evaluation_during_training_reports_validation_bpb_per_source_and_tasks(
     assert result["aggregate"]["tasks"] == 2
     # The dict goes to metrics.jsonl as it is.
     json.dumps(result)
+
+
+def test_validation_split_over_data_parallel_ranks_adds_up_and_keeps_ranks_in_lockstep(tmp_path, monkeypatch):
+    """Each of 2 data-parallel ranks scores every 2nd batch; their sums add up to the 1-rank result,
+    and both run the same number of forwards (FSDP gathers weights in each: a mismatch hangs)."""
+    from smoltrain.eval import validation
+    from smoltrain.eval.validation import metrics_from_sums, validation_per_source
+
+    model, config, _ = _validation_setup(tmp_path)
+    # 2 rows per forward: batches of 3 take 2 forwards; rank 0 gets batches 0 and 2, rank 1 batch 1.
+    monkeypatch.setattr(validation, "LOGPROB_CHUNK_ELEMENTS", 2 * 32 * model.config.vocab_size)
+    whole = validation_per_source(model, config, num_batches=3, batch_size=3)
+    sums, forwards = [], []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, group=None: sums.append(tensor.clone()))
+    for rank in range(2):
+        calls = []
+        hook = model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+        validation_per_source(model, config, num_batches=3, batch_size=3, data_parallel=(rank, 2, None))
+        hook.remove()
+        forwards.append(len(calls))
+    assert forwards[0] == forwards[1] == 2 * 4  # 2 sources x (2 + 2) forwards; rank 1 pads 2 of them
+    for i, source in enumerate(whole):  # sums arrive source by source, rank 0's then rank 1's
+        added = metrics_from_sums(sums[i] + sums[len(whole) + i])
+        assert added["tokens"] == whole[source]["tokens"] == 3 * 3 * 32
+        assert added == pytest.approx(whole[source])

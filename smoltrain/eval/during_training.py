@@ -27,13 +27,17 @@ def _tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def evaluate_during_training(model, config, device) -> dict:
-    """{"val": {source: {"loss", "bpb", "tokens"}}, "tasks": {name: {metric: value, "n"}}, "aggregate": {...}}."""
+def evaluate_during_training(model, config, device, data_parallel: tuple[int, int, object] | None = None) -> dict:
+    """{"val": {source: {"loss", "bpb", "tokens"}}, "tasks": {name: {metric: value, "n"}}, "aggregate": {...}}.
+
+    data_parallel = (dp_rank, dp_world, group) splits the validation batches over the data-parallel
+    ranks; tasks are still scored whole on every rank."""
     device = torch.device(device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" and config.train.precision != "fp32" else None
     e = config.eval
     config = resolve_data_config(config)
-    val = validation_per_source(model, config, e.val_batches, e.batch_size, device, autocast_dtype) if e.val_batches else {}
+    val = (validation_per_source(model, config, e.val_batches, e.batch_size, device, autocast_dtype, data_parallel)
+           if e.val_batches else {})
     results = {}
     if e.tasks:
         if not config.data.tokenizer:

@@ -73,6 +73,13 @@ def validation_metrics(
 ) -> dict:
     """{"loss", "bpb", "tokens"} over batches of the loader's dicts (input_ids, labels, document_ids)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    return metrics_from_sums(validation_sums(model, batches, token_bytes, device, autocast_dtype))
+
+
+@torch.no_grad()
+def validation_sums(model, batches: Iterable[dict], token_bytes: torch.Tensor, device: torch.device,
+                    autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """float64 [nats of all tokens, nats of text tokens, tokens, bytes]: sums that add across ranks."""
     vocab = model.config.vocab_size
     token_bytes = token_bytes.to(device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
@@ -83,8 +90,7 @@ def validation_metrics(
         input_ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
         document_ids = batch.get("document_ids")
-        # Full-vocabulary logits for a few rows at a time: 16 x 2048 x 49152 float32 would be 6 GiB.
-        rows = max(1, LOGPROB_CHUNK_ELEMENTS // (input_ids.shape[1] * vocab))
+        rows = _rows_per_forward(input_ids, vocab)
         for s in range(0, input_ids.shape[0], rows):
             docs = document_ids[s : s + rows].to(device) if document_ids is not None else None
             with _autocast(device, autocast_dtype):
@@ -98,10 +104,25 @@ def validation_metrics(
             text_nats += (nats * (nbytes > 0)).sum().double()
             total_tokens += int(valid.sum())
             total_bytes += int(nbytes.sum())
+    return torch.stack([total_nats, text_nats, torch.tensor(float(total_tokens), dtype=torch.float64, device=device),
+                        torch.tensor(float(total_bytes), dtype=torch.float64, device=device)])
+
+
+def _rows_per_forward(input_ids: torch.Tensor, vocab: int) -> int:
+    # Full-vocabulary logits for a few rows at a time: 16 x 2048 x 49152 float32 would be 6 GiB.
+    return max(1, LOGPROB_CHUNK_ELEMENTS // (input_ids.shape[1] * vocab))
+
+
+def _forwards(batches: list[dict], vocab: int) -> int:
+    return sum(-(-b["input_ids"].shape[0] // _rows_per_forward(b["input_ids"], vocab)) for b in batches)
+
+
+def metrics_from_sums(sums: torch.Tensor) -> dict:
+    total_nats, text_nats, total_tokens, total_bytes = sums.tolist()
     if total_tokens == 0:
         return {"loss": float("nan"), "bpb": float("nan"), "tokens": 0}
-    bpb = float(text_nats) / (math.log(2) * total_bytes) if total_bytes else float("nan")
-    return {"loss": float(total_nats) / total_tokens, "bpb": bpb, "tokens": total_tokens}
+    bpb = text_nats / (math.log(2) * total_bytes) if total_bytes else float("nan")
+    return {"loss": total_nats / total_tokens, "bpb": bpb, "tokens": int(total_tokens)}
 
 
 def resolve_data_config(config):
@@ -113,8 +134,15 @@ def resolve_data_config(config):
     return dataclasses.replace(config, data=ensure_embedded_data(config.data))
 
 
-def validation_per_source(model, config, num_batches: int, batch_size: int, device=None, autocast_dtype=None) -> dict:
-    """{source: {"loss", "bpb", "tokens"}} over the first `num_batches` validation batches of each source."""
+def validation_per_source(model, config, num_batches: int, batch_size: int, device=None, autocast_dtype=None,
+                          data_parallel: tuple[int, int, object] | None = None) -> dict:
+    """{source: {"loss", "bpb", "tokens"}} over the first `num_batches` validation batches of each source.
+
+    data_parallel = (dp_rank, dp_world, process group): each data-parallel rank scores every
+    dp_world-th batch and the sums are all-reduced, so a distributed run spends 1/dp_world of the
+    time. Every rank still runs the same number of forwards (a rank with less work adds one-row
+    forwards and drops them): FSDP gathers the weights inside each forward, with all ranks of its group.
+    """
     from smoltrain.data.loader import validation_batches
 
     config = resolve_data_config(config)
@@ -125,9 +153,17 @@ def validation_per_source(model, config, num_batches: int, batch_size: int, devi
 
         raise ConfigError("data.tokenizer is needed to count bytes for bits per byte")
     token_bytes = token_byte_lengths(load_tokenizer(config.data.tokenizer))
-    return {
-        source: validation_metrics(
-            model, validation_batches(config, source, num_batches, batch_size), token_bytes, device, autocast_dtype
-        )
-        for source in config.data.validation
-    }
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    rank, world, group = data_parallel or (0, 1, None)
+    results = {}
+    for source in config.data.validation:
+        batches = list(validation_batches(config, source, num_batches, batch_size))
+        sums = validation_sums(model, batches[rank::world], token_bytes, device, autocast_dtype)
+        forwards = [_forwards(batches[r::world], model.config.vocab_size) for r in range(world)]
+        with torch.no_grad():
+            for _ in range(max(forwards) - forwards[rank]):
+                model(batches[0]["input_ids"][:1].to(device))
+        if world > 1:
+            torch.distributed.all_reduce(sums, group=group)
+        results[source] = metrics_from_sums(sums)
+    return results

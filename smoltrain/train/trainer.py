@@ -255,14 +255,16 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def evaluate(model: nn.Module, config: Config, device: torch.device) -> dict:
-    """Periodic evaluation (validation loss and bits per byte per source, tasks) from the eval package."""
+def evaluate(model: nn.Module, config: Config, ctx: ParallelContext) -> dict:
+    """Periodic evaluation (validation loss and bits per byte per source, tasks) from the eval package;
+    the validation batches are split over the data-parallel ranks."""
     from smoltrain.eval.during_training import evaluate_during_training
 
+    data_parallel = (ctx.dp_rank, ctx.dp_world, ctx.flat_dp_mesh.get_group()) if ctx.dp_world > 1 else None
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        result = evaluate_during_training(model, config, device)
+        result = evaluate_during_training(model, config, ctx.device, data_parallel)
     model.train(was_training)
     return result
 
@@ -461,7 +463,7 @@ def _train(config: Config, ctx: ParallelContext, resume: str | None) -> dict:
                 interval_tokens, interval_steps, interval_start = 0, 0, time.perf_counter()
 
             if state.step % t.eval_every == 0 or state.step == t.max_steps:  # the final model is always evaluated
-                result = evaluate(model, config, device)
+                result = evaluate(model, config, ctx)
                 if result["val"] or result["tasks"]:  # nothing configured to evaluate: no line
                     metrics.write({"step": state.step, "eval": result})
                 interval_start = time.perf_counter()  # evaluation time is not training throughput
