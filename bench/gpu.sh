@@ -17,7 +17,7 @@ row() {  # row NAME SECONDS ARGS...
     timeout "$seconds" $python bench/train_step.py --device cuda --rounds 3 --json "$out/$name.json" "$@" 2>&1 | tail -2
 }
 
-row smollm2-135m 150 --shape smollm2-135m --peer-compile
+row smollm2-135m 150 --shape smollm2-135m --peer-compile --profile 2
 row smollm2-360m 150 --shape smollm2-360m --peer-compile
 row smollm3-3b-ac-every2 120 --shape smollm3-3b --batch 2 --seq 4096 --activation-checkpointing \
     --activation-checkpointing-every 2 --skip-peer

@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="then profile this many of our steps and print the top operators by self time")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -167,6 +169,7 @@ def main() -> None:
         return {name: done / statistics.median(w for w, _ in s) for name, s in seconds.items()}
 
     ours_model, ours = our_step(config, device, batch)
+    profile = profile_table(ours, device, args.warmup, args.profile) if args.profile else None
     state = {k: v.detach().cpu() for k, v in ours_model.state_dict().items()}
     rates = {}
     if args.skip_peer:
@@ -210,6 +213,20 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    if profile:
+        print(profile)
+
+
+def profile_table(step, device, warmup: int, steps: int) -> str:
+    """Where our step's time goes: operators by self time (CUDA kernels' on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    timed(step, device, warmup)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        timed(step, device, steps)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
 
 
 if __name__ == "__main__":
