@@ -324,16 +324,23 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
     """The model for this rank, in the recipe's order: TP -> activation checkpointing -> per-block
     compile -> FSDP2 on the meta device, then materialise and `init_weights(train.seed)`; DDP last
     (it wraps materialised weights). Each step must see the one before: FSDP shards TP's DTensors
-    (2-D), compile traces the checkpointed block, and FSDP hooks wrap the compiled block."""
+    (2-D), compile traces the checkpointed block (under TP the checkpoint wraps the compiled block
+    instead), and FSDP hooks wrap the compiled block."""
     device = torch.device(device) if device is not None else ctx.device
     _check_batch_layout(config, ctx)
     with torch.device("meta"):
         model = Transformer(config.model)
     if ctx.tp > 1:
         apply_tensor_parallel(model, ctx.tp_mesh, config.parallel.sequence_parallel)
-    if config.train.activation_checkpointing:
+    checkpointing, compiling = config.train.activation_checkpointing, _resolve_compile(config, device)
+    # Dynamo cannot trace a checkpointed block holding DTensors (torch 2.13: the checkpoint saves the
+    # DeviceMesh as a tensor), so under TP the compiled block is checkpointed instead of the reverse.
+    compile_first = ctx.tp > 1
+    if compiling and compile_first:
+        apply_compile(model)
+    if checkpointing:
         apply_activation_checkpointing(model, config.train.activation_checkpointing_every)
-    if _resolve_compile(config, device):
+    if compiling and not compile_first:
         apply_compile(model)
     if ctx.dp_world > 1 and not ctx.ddp:
         apply_fsdp(model, ctx.dp_mesh, torch.bfloat16 if _resolve_bf16(config, device) else None)
