@@ -135,7 +135,7 @@ class ParallelConfig:
     tp: int = 1
     ddp: bool = False  # plain DistributedDataParallel instead of FSDP2
     sequence_parallel: bool = True
-    loss_parallel: bool = False
+    loss_parallel: bool = False  # tp > 1: head and logits split by vocabulary, never gathered in training
 
 
 @dataclass

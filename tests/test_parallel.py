@@ -45,13 +45,15 @@ from smoltrain.train.parallelize import (
 BATCH, SEQ, ACCUMULATION, STEPS, SAVE_AT = 8, 16, 2, 20, 10
 LR, MAX_NORM = 1e-2, 0.5
 REL_TOL = 1e-5
+Z_LOSS = 1e-2
 
 
-def make_config(parallel: dict | None = None, tied: bool = True, ac: bool = False, compile: bool = False) -> Config:
+def make_config(parallel: dict | None = None, tied: bool = True, ac: bool = False, compile: bool = False,
+                z_loss: float = 0.0) -> Config:
     # vocab 97: uneven FSDP and TP shards of the embedding and head.
     model = dict(
         vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-        max_seq_len=SEQ, tie_embeddings=tied, nope_every=2,
+        max_seq_len=SEQ, tie_embeddings=tied, nope_every=2, z_loss=z_loss,
     )
     train = dict(
         seed=3, global_batch_tokens=BATCH * SEQ, micro_batch_size=1, device="cpu", precision="fp32",
@@ -119,10 +121,10 @@ def parallel_step(model, optimizer, ctx: ParallelContext, step: int, vocab: int)
 
 
 @functools.lru_cache(maxsize=None)
-def reference(tied: bool, checkpoint_dir: str | None = None) -> dict:
+def reference(tied: bool, checkpoint_dir: str | None = None, z_loss: float = 0.0) -> dict:
     """The 1-process run: initial weights, (loss, grad norm) per step, weights at SAVE_AT (and a DCP
     checkpoint there when checkpoint_dir is given) and at the end."""
-    config = make_config(tied=tied)
+    config = make_config(tied=tied, z_loss=z_loss)
     torch.manual_seed(0)
     model = build_model(config.model, config.train.seed)
     optimizer = make_optimizer(model)
@@ -177,7 +179,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cases: list[dict]) -
     parallelize.apply_compile = functools.partial(original_compile, backend="aot_eager")
     try:
         for case in cases:
-            config = make_config(case["parallel"], tied=case.get("tied", True), ac=case.get("ac", False), compile=case.get("compile", False))
+            config = make_config(case["parallel"], tied=case.get("tied", True), ac=case.get("ac", False),
+                                 compile=case.get("compile", False), z_loss=case.get("z_loss", 0.0))
             ctx = setup_distributed(config.parallel, config.model, seed=config.train.seed, device="cpu")
             draws = torch.rand(3)
             model = build_parallel_model(config, ctx)
@@ -240,6 +243,9 @@ def two_process(tmp_path_factory, checkpoints) -> dict[str, dict]:
         {"name": "fsdp", "parallel": {}, "save": str(checkpoints / "fsdp")},
         {"name": "fsdp_ac_compile_untied", "parallel": {}, "tied": False, "ac": True, "compile": True},
         {"name": "tp_no_sp_from_fsdp", "parallel": {"tp": 2, "sequence_parallel": False}, "load": str(checkpoints / "fsdp")},
+        # Loss parallel: the tied embedding/head split by vocabulary, logits never gathered, z-loss on;
+        # compiled blocks fed by the vocabulary-parallel embedding.
+        {"name": "tp_loss_parallel", "parallel": {"tp": 2, "loss_parallel": True}, "z_loss": Z_LOSS, "compile": True},
     ]
     return run_cases(2, tmp_path_factory.mktemp("two_process"), cases)
 
@@ -256,6 +262,8 @@ def four_process(tmp_path_factory, checkpoints) -> dict[str, dict]:
         {"name": "fsdp_x_tp_untied_no_sp", "parallel": {"tp": 2, "sequence_parallel": False}, "tied": False,
          "load_full": str(checkpoints / "untied_full.pt"), "load": str(checkpoints / "single_untied")},
         {"name": "hsdp", "parallel": {"dp_replicate": 2}},
+        {"name": "fsdp_x_tp_loss_parallel_untied", "parallel": {"tp": 2, "loss_parallel": True}, "tied": False,
+         "compile": True},
     ]
     return run_cases(4, tmp_path_factory.mktemp("four_process"), cases)
 
@@ -274,8 +282,9 @@ def test_initial_full_weights_are_bit_identical_across_layouts(two_process, four
 @pytest.mark.slow
 def test_losses_match_single_process_for_fsdp_hsdp_and_fsdp_x_tp(two_process, four_process):
     runs = {**two_process, **four_process}
-    for name in ("fsdp", "fsdp_ac_compile_untied", "fsdp_x_tp", "hsdp"):
-        want = reference("untied" not in name)["steps"]
+    for name in ("fsdp", "fsdp_ac_compile_untied", "fsdp_x_tp", "hsdp", "tp_loss_parallel",
+                 "fsdp_x_tp_loss_parallel_untied"):
+        want = reference("untied" not in name, z_loss=Z_LOSS if name == "tp_loss_parallel" else 0.0)["steps"]
         assert want[-1][0] < 0.75 * want[0][0], "the reference run must learn, or equal curves prove little"
         assert_same_curve(runs[name]["steps"], want, name)
 
@@ -343,7 +352,6 @@ def test_checkpoint_saved_by_fsdp2_resumes_under_tp2(two_process):
         ({"dp_shard": 1, "tp": 1}, 2, r"1 x 1 x 1 = 1 but the world size is 2"),
         ({"tp": 4}, 4, r"parallel.tp \(4\) must divide model.num_kv_heads \(2\)"),
         ({"ddp": True, "tp": 2}, 4, r"parallel.ddp .* cannot combine with parallel.tp > 1"),
-        ({"loss_parallel": True, "tp": 2}, 2, r"parallel.loss_parallel is not supported"),
     ],
 )
 def test_impossible_layout_is_a_one_line_config_error(parallel, world, message):

@@ -155,6 +155,7 @@ def two_process(root, reference) -> Path:
         {"name": "ddp", "parallel": {"ddp": True}},
         {"name": "fsdp", "parallel": {}},
         {"name": "tp", "parallel": {"tp": 2}},
+        {"name": "tp_loss_parallel", "parallel": {"tp": 2, "loss_parallel": True}},  # validation gathers logits
         # Resharding resumes: the loader position (global sequences) is re-split for the new dp degree.
         {"name": "tp_from_fsdp", "parallel": {"tp": 2}, "resume": str(root / "fsdp" / "checkpoints" / "step_00000010")},
         {"name": "fsdp_from_single", "parallel": {}, "resume": str(reference / "checkpoints" / "step_00000010")},
@@ -175,7 +176,7 @@ def four_process(root, reference) -> Path:
 def test_trainer_losses_match_one_process_under_ddp_fsdp_tp_and_fsdp_x_tp(reference, two_process, four_process):
     want = steps(reference)
     assert [s for s, *_ in want] == list(range(1, STEPS + 1))
-    for name in ("ddp", "fsdp", "tp", "fsdp_x_tp"):
+    for name in ("ddp", "fsdp", "tp", "tp_loss_parallel", "fsdp_x_tp"):
         assert_same_curve(steps(two_process / name), want, name)
         # Validation batches split over the data-parallel ranks, summed: the same tokens, the same loss.
         ref_val, val = final_val(reference), final_val(two_process / name)

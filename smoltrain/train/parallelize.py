@@ -55,10 +55,6 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int
         raise ConfigError(f"parallel.tp ({tp}) must divide model.intermediate_size ({model.intermediate_size})")
     if parallel.ddp and tp > 1:
         raise ConfigError("parallel.ddp replicates whole models and cannot combine with parallel.tp > 1; use FSDP (ddp: false)")
-    if parallel.loss_parallel and tp > 1:
-        # torch's loss_parallel() needs vocabulary-sharded DTensor logits reaching F.cross_entropy
-        # and forward + backward inside its context; the model's chunked loss adds plain tensors.
-        raise ConfigError("parallel.loss_parallel is not supported yet (the model's chunked loss sums full logits); set it to false")
     return replicate, shard, tp
 
 
@@ -192,15 +188,17 @@ def setup_distributed(
 # ----------------------------------------------------------------------------- the recipe, one function each
 
 
-def apply_tensor_parallel(model: Transformer, tp_mesh, sequence_parallel: bool) -> None:
+def apply_tensor_parallel(model: Transformer, tp_mesh, sequence_parallel: bool, loss_parallel: bool = False) -> None:
     """Megatron layout: q/k/v/gate/up column-wise and o/down row-wise, so each block needs one
     all-reduce (or all-gather + reduce-scatter with sequence parallel) per attention and per MLP.
 
     Local head counts fall out of the sharding (the model views with -1). With sequence parallel the
     norms and residual stream hold a slice of the sequence; the final norm gathers it back, because
-    the model's loss (chunked, with z-loss) needs full, replicated hidden states. A tied embedding is
-    replicated over TP (it is both the row-wise embedding and the column-wise head, and the loss needs
-    full logits); an untied one is split row-wise (embedding) and column-wise (head) as in torchtitan.
+    the model's loss (chunked, with z-loss) needs full, replicated hidden states. An untied embedding
+    and head are split row-wise and column-wise as in torchtitan. A tied one is replicated over TP
+    unless `loss_parallel`: then it is split by vocabulary, for the embedding and the head alike, and
+    the logits stay vocabulary-sharded into the loss (each TP rank computes 1/tp of the head, the
+    largest single matmul of a small model, and holds 1/tp of the float32 logits).
     """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
@@ -214,16 +212,19 @@ def apply_tensor_parallel(model: Transformer, tp_mesh, sequence_parallel: bool) 
 
     residual = Shard(1) if sequence_parallel else Replicate()
     plan = {}
-    if model.lm_head is not None:
+    if model.lm_head is not None or loss_parallel:
         plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
-        plan["lm_head"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-    elif sequence_parallel:
+    if model.lm_head is not None:
+        plan["lm_head"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                          use_local_output=not loss_parallel)
+    elif sequence_parallel and not loss_parallel:
         plan["embed_tokens"] = PrepareModuleOutput(
             output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True
         )
     if sequence_parallel:
         plan["norm"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
     parallelize_module(model, tp_mesh, plan)
+    model.loss_parallel = loss_parallel
 
     for block in model.layers:
         # Attention.forward(x, cos, sin, mask, cache): only x is distributed.
@@ -266,7 +267,8 @@ def apply_compile(model: Transformer, **compile_kwargs) -> None:
     fused, the float32 logits are read once per pass instead of once per op."""
     for block in model.layers:
         block.compile(**compile_kwargs)
-    model.loss_chunk = torch.compile(model.loss_chunk, **compile_kwargs)
+    if not model.loss_parallel:  # the vocabulary-parallel loss calls collectives: left eager
+        model.loss_chunk = torch.compile(model.loss_chunk, **compile_kwargs)
 
 
 def apply_fsdp(model: Transformer, dp_mesh, param_dtype: torch.dtype | None = None) -> None:
@@ -331,7 +333,7 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
     with torch.device("meta"):
         model = Transformer(config.model)
     if ctx.tp > 1:
-        apply_tensor_parallel(model, ctx.tp_mesh, config.parallel.sequence_parallel)
+        apply_tensor_parallel(model, ctx.tp_mesh, config.parallel.sequence_parallel, config.parallel.loss_parallel)
     checkpointing, compiling = config.train.activation_checkpointing, _resolve_compile(config, device)
     # Dynamo cannot trace a checkpointed block holding DTensors (torch 2.13: the checkpoint saves the
     # DeviceMesh as a tensor), so under TP the compiled block is checkpointed instead of the reverse.
