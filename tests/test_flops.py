@@ -95,8 +95,11 @@ def test_training_memory_sharding_and_checkpointing_reduce_the_right_terms():
     assert checkpointed["total"] == sum(v for k, v in checkpointed.items() if k != "total")
 
 
-def test_tensor_parallel_splits_activations():
+def test_tensor_parallel_splits_activations_and_with_loss_parallel_the_logits():
     cfg = ModelConfig(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192)
+    logits = 2 * 2 * 4096 * cfg.vocab_size * 4  # float32 logits and their gradient
     alone = training_memory_bytes(cfg, micro_batch_size=2, seq_len=4096)
     split = training_memory_bytes(cfg, micro_batch_size=2, seq_len=4096, tensor_parallel=2)
-    assert split["activations"] == alone["activations"] // 2
+    assert split["activations"] - logits == (alone["activations"] - logits) // 2  # logits on every TP rank
+    vocab_split = training_memory_bytes(cfg, micro_batch_size=2, seq_len=4096, tensor_parallel=2, loss_parallel=True)
+    assert vocab_split["activations"] == split["activations"] - logits // 2

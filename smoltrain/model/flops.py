@@ -51,6 +51,7 @@ def training_memory_bytes(
     activation_checkpointing: bool = False,
     num_shards: int = 1,
     checkpoint_every: int = 1,
+    loss_parallel: bool = False,
     tensor_parallel: int = 1,
     master_bytes: int = 4,
     activation_bytes: int = 2,
@@ -62,9 +63,9 @@ def training_memory_bytes(
     token a block keeps about 6 x hidden + 2 x kv width + 4 x SwiGLU width values (norm inputs and
     outputs, q/k/v, attention output, gate/up/activation/product); with activation checkpointing a
     recomputed block (every `checkpoint_every`-th) keeps only its input, and one block's activations
-    exist again during its recompute. Tensor
-    parallelism with sequence parallel splits every activation over `tensor_parallel` ranks (its
-    share of the weights is already in `num_shards`).
+    exist again during its recompute. Tensor parallelism with sequence parallel splits the blocks'
+    activations over `tensor_parallel` ranks (its share of the weights is already in `num_shards`),
+    and the logits too with `loss_parallel`; without it every TP rank holds the full logits.
     """
     params = parameter_counts(cfg)["total"]
     tokens = micro_batch_size * seq_len
@@ -74,11 +75,10 @@ def training_memory_bytes(
     saved = recomputed * cfg.hidden_size + (cfg.num_layers - recomputed) * per_layer_token
     if recomputed:
         saved += per_layer_token
-    activations = tokens * saved * activation_bytes
-    # Loss: one chunk of float32 logits and its gradient; the embedding output and final norm.
+    activations = (tokens * saved * activation_bytes + 2 * tokens * cfg.hidden_size * activation_bytes) // tensor_parallel
+    # Loss: one chunk of float32 logits and its gradient (the embedding output and final norm above).
     logits = 2 * min(tokens * cfg.vocab_size, LOSS_CHUNK_ELEMENTS) * 4
-    activations += logits + 2 * tokens * cfg.hidden_size * activation_bytes
-    activations //= tensor_parallel
+    activations += logits // tensor_parallel if loss_parallel else logits
     weights = params * master_bytes // num_shards
     gradients = params * master_bytes // num_shards
     optimizer = 2 * params * 4 // num_shards

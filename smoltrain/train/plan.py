@@ -58,7 +58,8 @@ def plan(config: Config, gpus: int | None = None, mfu: float = DEFAULT_MFU, peak
     longest = max((s["seq_len"] for s in segments), default=config.data.seq_len)
     memory = training_memory_bytes(m, t.micro_batch_size, longest, t.activation_checkpointing,
                                    num_shards=dp_shard * p.tp, tensor_parallel=p.tp,
-                                   checkpoint_every=t.activation_checkpointing_every)
+                                   checkpoint_every=t.activation_checkpointing_every,
+                                   loss_parallel=p.loss_parallel)
     mean_flops_per_token = total_flops / total_tokens if total_tokens else flops_per_token(m, config.data.seq_len)
     return {
         "parameters": counts,
