@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from smoltrain.config import Config, ModelConfig, ParallelConfig, config_from_dict
 from smoltrain.errors import CheckpointError, ConfigError
+from smoltrain.model.generate import generate
 from smoltrain.model.transformer import build_model
 from smoltrain.train import parallelize
 from smoltrain.train.parallelize import (
@@ -45,6 +46,7 @@ from smoltrain.train.parallelize import (
 BATCH, SEQ, ACCUMULATION, STEPS, SAVE_AT = 8, 16, 2, 20, 10
 LR, MAX_NORM = 1e-2, 0.5
 REL_TOL = 1e-5
+PROMPTS = [[5, 6, 7, 8, 9], [40, 41], [90, 1, 2]]  # left-padded batch of unequal prompts
 Z_LOSS = 1e-2
 
 
@@ -187,6 +189,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cases: list[dict]) -
             record = {"init": full_weights(model), "steps": []}
             # fused: one kernel over DTensors from several meshes (what the trainer uses on CUDA).
             optimizer = make_optimizer(model, fused=case.get("fused", False))
+            if case.get("generate"):  # from the initial weights, which equal the 1-process model's
+                # After the optimizer: a no-grad forward leaves FSDP's root unsharded, and
+                # model.parameters() would then hand the optimizer the temporary full tensors.
+                record["generated"] = generate(model.eval(), PROMPTS, max_new_tokens=6)
+                model.train()
             start = 0
             if case.get("load_full"):
                 load_full_state_dict(model, torch.load(case["load_full"]))
@@ -261,9 +268,11 @@ def four_process(tmp_path_factory, checkpoints) -> dict[str, dict]:
         # tensors (imported weights), then from a 1-process DCP checkpoint, then trained on.
         {"name": "fsdp_x_tp_untied_no_sp", "parallel": {"tp": 2, "sequence_parallel": False}, "tied": False,
          "load_full": str(checkpoints / "untied_full.pt"), "load": str(checkpoints / "single_untied")},
-        {"name": "hsdp", "parallel": {"dp_replicate": 2}},
+        {"name": "hsdp", "parallel": {"dp_replicate": 2}, "generate": True},
         {"name": "fsdp_x_tp_loss_parallel_untied", "parallel": {"tp": 2, "loss_parallel": True}, "tied": False,
          "compile": True},
+        # Generation with the KV cache holding each rank's heads only.
+        {"name": "fsdp_x_tp_generate", "parallel": {"tp": 2, "sequence_parallel": False}, "generate": True, "steps": 0},
     ]
     return run_cases(4, tmp_path_factory.mktemp("four_process"), cases)
 
@@ -287,6 +296,14 @@ def test_losses_match_single_process_for_fsdp_hsdp_and_fsdp_x_tp(two_process, fo
         want = reference("untied" not in name, z_loss=Z_LOSS if name == "tp_loss_parallel" else 0.0)["steps"]
         assert want[-1][0] < 0.75 * want[0][0], "the reference run must learn, or equal curves prove little"
         assert_same_curve(runs[name]["steps"], want, name)
+
+
+@pytest.mark.slow
+def test_greedy_generation_under_fsdp_x_tp_and_hsdp_equals_one_process(four_process):
+    want = generate(build_model(make_config().model, make_config().train.seed).eval(), PROMPTS, max_new_tokens=6)
+    assert len(set(map(tuple, want))) > 1, "different prompts should continue differently"
+    for name in ("fsdp_x_tp_generate", "hsdp"):
+        assert four_process[name]["generated"] == want, name
 
 
 @pytest.mark.slow

@@ -245,7 +245,7 @@ def test_export_from_a_sharded_checkpoint(root, reference, two_process, tmp_path
         (3, ["parallel.tp=2"], "world size 3 is not divisible by parallel.dp_replicate x parallel.tp (1 x 2)"),
         (4, ["parallel.dp_shard=3"], "1 x 3 x 1 = 3 but the world size is 4"),
         (4, ["parallel.tp=4"], "parallel.tp (4) must divide model.num_kv_heads (2)"),
-        (1, ["parallel.tp=2", "eval.tasks=[arithmetic]"], "generative tasks (arithmetic_answer) cannot run under parallel.tp"),
+        (1, ["parallel.tp=2", "eval.tasks=[arithmetic]"], "generative tasks (arithmetic_answer) decode one token at a time"),
     ],
 )
 def test_impossible_layout_is_one_line_and_exit_2_before_any_allocation(root, tmp_path, monkeypatch, capsys,

@@ -40,18 +40,23 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Pre-allocated keys and values of every layer, for incremental decoding."""
+    """Keys and values of every layer for max_len tokens, for incremental decoding. Allocated at the
+    first update, shaped like its keys: under tensor parallelism a rank holds only its heads."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32):
-        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.resolved_head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.num_layers, self.batch, self.max_len = config.num_layers, batch, max_len
+        self.device, self.dtype = device, dtype
+        self.keys = self.values = None
         self.length = 0  # tokens already stored
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None:
+            shape = (self.num_layers, self.batch, k.shape[1], self.max_len, k.shape[3])
+            self.keys = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            self.values = torch.zeros(shape, device=self.device, dtype=self.dtype)
         end = self.length + k.shape[2]
-        if end > self.keys.shape[3]:
-            raise ValueError(f"KV cache holds {self.keys.shape[3]} tokens, asked for {end}")
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens, asked for {end}")
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]

@@ -85,10 +85,10 @@ def describe_layout(ctx: ParallelContext) -> str:
 
 
 def check_eval_layout(config: Config) -> None:
-    """Generation needs a KV cache of the model's global head count; under TP each rank holds a slice
-    of the heads, so generative eval tasks cannot run there. Refused before the run starts, not at
-    the first evaluation hours later. (Log-likelihood tasks and validation run under any layout.)"""
-    if config.parallel.tp <= 1 or not config.eval.tasks:
+    """Generation decodes one token per forward, which sequence parallel cannot split over TP ranks,
+    so generative eval tasks need parallel.sequence_parallel=false when tp > 1. Refused before the
+    run starts, not at the first evaluation hours later (log-likelihood tasks run under any layout)."""
+    if config.parallel.tp <= 1 or not config.parallel.sequence_parallel or not config.eval.tasks:
         return
     from smoltrain.eval.run import resolve_tasks
 
@@ -96,9 +96,9 @@ def check_eval_layout(config: Config) -> None:
     generative = [task.name for task in resolve_tasks(e.tasks, e.limit, e.num_fewshot or None, e.seed)
                   if task.kind == "generative"]
     if generative:
-        raise ConfigError(f"eval.tasks: generative tasks ({', '.join(generative)}) cannot run under parallel.tp "
-                          f"({config.parallel.tp}) > 1 (the KV cache holds all heads); drop them from eval.tasks "
-                          f"or evaluate the checkpoint afterwards with `smoltrain eval`")
+        raise ConfigError(f"eval.tasks: generative tasks ({', '.join(generative)}) decode one token at a time, "
+                          f"which sequence parallel cannot split over parallel.tp ({config.parallel.tp}) ranks; set "
+                          f"parallel.sequence_parallel=false, drop them, or evaluate checkpoints with `smoltrain eval`")
 
 
 def stage_seq_lens(config: Config) -> list[int]:
