@@ -16,7 +16,7 @@ import yaml
 from smoltrain.cli import main
 from smoltrain.config import DataConfig
 from smoltrain.data.shards import ShardWriter, shard_name, token_dtype, write_meta
-from smoltrain.demo import unigram_losses
+from smoltrain.demo import EVAL_RESERVE_S, FIXED_RESERVE_S, pretraining_seconds, unigram_losses
 
 
 def _shard(folder: Path, documents: list[list[int]], vocab: int) -> None:
@@ -41,6 +41,14 @@ def test_unigram_loss_matches_a_brute_force_count(tmp_path):
     tokens = [t for doc in val for t in doc]
     expected = -sum(math.log((counts[t] + 0.5) / (total + 0.5 * vocab)) for t in tokens) / len(tokens)
     assert unigram_losses(data, vocab) == {"a": pytest.approx(expected, rel=1e-12)}
+
+
+def test_pretraining_gets_what_is_left_but_never_less_than_its_floor():
+    budget = 600.0
+    assert pretraining_seconds(budget, elapsed_s=100.0) == budget - 100.0 - EVAL_RESERVE_S - FIXED_RESERVE_S
+    # A loaded machine made the ablation take 8.4 of 10 minutes (seen): 40% of the budget, not 3 s.
+    assert pretraining_seconds(budget, elapsed_s=504.0) == 0.4 * budget
+    assert pretraining_seconds(budget, elapsed_s=900.0) == 0.4 * budget
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
