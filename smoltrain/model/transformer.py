@@ -313,7 +313,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_ce, grad_log_normaliser):
         softmax, local, mine = ctx.saved_tensors
         # d ce / d logits = softmax - onehot(target); d logsumexp / d logits = softmax.
-        grad = softmax.mul_((grad_ce + grad_log_normaliser)[:, None])
+        grad = softmax * (grad_ce + grad_log_normaliser)[:, None]  # not in place: backward may run twice
         grad.scatter_add_(1, local[:, None], torch.where(mine, -grad_ce, 0.0)[:, None])
         return grad, None, None, None
 
