@@ -18,6 +18,16 @@ def test_overrides_are_coerced_by_annotation():
     assert cfg.model.head_dim is None
 
 
+def test_on_and_off_stay_words_though_yaml_reads_them_as_booleans(tmp_path):
+    cfg = config_from_dict({}, ["train.compile=on"])
+    assert cfg.train.compile == "on"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  compile: off\n")
+    assert load_config(path).train.compile == "off"
+    with pytest.raises(ConfigError, match="train.precision: True is not allowed"):
+        config_from_dict({}, ["train.precision=on"])  # no on/off there: still refused
+
+
 def test_unknown_key_suggests_the_closest_name():
     with pytest.raises(ConfigError, match=r"unknown key 'model.num_kv_head'.*did you mean 'num_kv_heads'"):
         config_from_dict({"model": {"num_kv_head": 2}})
