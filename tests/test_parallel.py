@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 from smoltrain.config import Config, ModelConfig, ParallelConfig, config_from_dict
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.generate import generate
+from smoltrain.model import transformer
 from smoltrain.model.transformer import build_model
 from smoltrain.train import parallelize
 from smoltrain.train.parallelize import (
@@ -46,6 +47,7 @@ from smoltrain.train.parallelize import (
 BATCH, SEQ, ACCUMULATION, STEPS, SAVE_AT = 8, 16, 2, 20, 10
 LR, MAX_NORM = 1e-2, 0.5
 REL_TOL = 1e-5
+DEFAULT_LOSS_CHUNK = transformer.LOSS_CHUNK_ELEMENTS
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41], [90, 1, 2]]  # left-padded batch of unequal prompts
 Z_LOSS = 1e-2
 
@@ -181,6 +183,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cases: list[dict]) -
     parallelize.apply_compile = functools.partial(original_compile, backend="aot_eager")
     try:
         for case in cases:
+            chunk_tokens = case.get("loss_chunk_tokens")
+            transformer.LOSS_CHUNK_ELEMENTS = chunk_tokens * 97 if chunk_tokens else DEFAULT_LOSS_CHUNK
             config = make_config(case["parallel"], tied=case.get("tied", True), ac=case.get("ac", False),
                                  compile=case.get("compile", False), z_loss=case.get("z_loss", 0.0))
             ctx = setup_distributed(config.parallel, config.model, seed=config.train.seed, device="cpu")
@@ -252,7 +256,9 @@ def two_process(tmp_path_factory, checkpoints) -> dict[str, dict]:
         {"name": "tp_no_sp_from_fsdp", "parallel": {"tp": 2, "sequence_parallel": False}, "load": str(checkpoints / "fsdp")},
         # Loss parallel: the tied embedding/head split by vocabulary, logits never gathered, z-loss on;
         # compiled blocks fed by the vocabulary-parallel embedding.
-        {"name": "tp_loss_parallel", "parallel": {"tp": 2, "loss_parallel": True}, "z_loss": Z_LOSS, "compile": True},
+        # Chunks of 24 tokens: each recomputed in backward, all-reduces included.
+        {"name": "tp_loss_parallel", "parallel": {"tp": 2, "loss_parallel": True}, "z_loss": Z_LOSS, "compile": True,
+         "loss_chunk_tokens": 24},
     ]
     return run_cases(2, tmp_path_factory.mktemp("two_process"), cases)
 
