@@ -210,3 +210,23 @@ def test_answers_differing_only_in_their_last_token_share_one_forward_row():
     assert sum(seen_rows) == 3
     for (ctx, cont), value in zip(requests, got):
         assert value == pytest.approx(_brute_force_sum(model, ctx, cont), abs=1e-5)
+
+
+def test_requests_split_over_data_parallel_ranks_sum_to_the_one_rank_scores(monkeypatch):
+    """Each of 4 ranks scores every 4th batch; summed over ranks the scores equal one rank's exactly,
+    and every rank runs as many forwards as the busiest (FSDP gathers weights in each forward)."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    requests = [(torch.randint(0, 300, (int(n),), generator=g).tolist(), torch.randint(0, 300, (1 + i % 3,), generator=g).tolist())
+                for i, n in enumerate(torch.randint(2, 20, (11,), generator=g))]
+    whole = loglikelihoods(model, requests, batch_size=2)  # 11 rows -> 6 batches
+    gathered, forwards = [], []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, group=None: gathered.append(tensor.clone()))
+    for rank in range(4):  # 4 ranks: 2, 2, 1, 1 batches, so ranks 2 and 3 pad one forward each
+        calls = []
+        hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+        loglikelihoods(model, requests, batch_size=2, data_parallel=(rank, 4, None))
+        hook.remove()
+        forwards.append(len(calls))
+    assert forwards == [2, 2, 2, 2]
+    assert sum(gathered).tolist() == whole

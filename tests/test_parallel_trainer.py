@@ -70,7 +70,8 @@ def make_config(root: Path, out_dir: Path, parallel: dict | None = None, **train
         "train": {"out_dir": str(out_dir), "max_steps": STEPS, "log_every": 1, "save_every": SAVE_AT,
                   "eval_every": 1000, "keep_checkpoints": 3, "global_batch_tokens": 128, "micro_batch_size": 2,
                   "tensorboard": False, "device": "cpu", "compile": "off", **train},
-        "eval": {"val_batches": 3, "batch_size": 4},  # 3: one rank of 2 pads a forward
+        # 3 validation batches: one rank of 2 pads a forward; the task's requests are split too.
+        "eval": {"val_batches": 3, "batch_size": 4, "tasks": ["arithmetic_choice"], "limit": 10},
         "parallel": parallel or {},
     })
 
@@ -80,9 +81,13 @@ def steps(out_dir: Path) -> list[tuple[int, float, float]]:
     return [(m["step"], m["loss"], m["grad_norm"]) for m in lines if "loss" in m and "event" not in m]
 
 
-def final_val(out_dir: Path) -> dict:
+def final_eval(out_dir: Path) -> dict:
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if "eval" in m][-1]["eval"]["val"]["low"]
+    return [m for m in lines if "eval" in m][-1]["eval"]
+
+
+def final_val(out_dir: Path) -> dict:
+    return final_eval(out_dir)["val"]["low"]
 
 
 def assert_same_curve(got: list, want: list, what: str) -> None:
@@ -181,6 +186,9 @@ def test_trainer_losses_match_one_process_under_ddp_fsdp_tp_and_fsdp_x_tp(refere
         # Validation batches split over the data-parallel ranks, summed: the same tokens, the same loss.
         ref_val, val = final_val(reference), final_val(two_process / name)
         assert val["tokens"] == ref_val["tokens"] and abs(val["loss"] - ref_val["loss"]) <= REL_TOL * ref_val["loss"], name
+        # Multiple-choice requests split over data-parallel ranks too: the same accuracies.
+        task = final_eval(two_process / name)["tasks"]["arithmetic_choice"]
+        assert task["n"] == 10 and task == pytest.approx(final_eval(reference)["tasks"]["arithmetic_choice"], abs=1e-9), name
 
 
 @pytest.mark.slow

@@ -30,8 +30,8 @@ def _tokenizer(path: str):
 def evaluate_during_training(model, config, device, data_parallel: tuple[int, int, object] | None = None) -> dict:
     """{"val": {source: {"loss", "bpb", "tokens"}}, "tasks": {name: {metric: value, "n"}}, "aggregate": {...}}.
 
-    data_parallel = (dp_rank, dp_world, group) splits the validation batches over the data-parallel
-    ranks; tasks are still scored whole on every rank."""
+    data_parallel = (dp_rank, dp_world, group) splits the validation batches and the
+    multiple-choice requests over the data-parallel ranks."""
     device = torch.device(device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" and config.train.precision != "fp32" else None
     e = config.eval
@@ -45,5 +45,6 @@ def evaluate_during_training(model, config, device, data_parallel: tuple[int, in
 
             raise ConfigError("eval.tasks needs data.tokenizer (or data.embedded) to turn prompts into tokens")
         tasks = _tasks(tuple(e.tasks), e.limit, e.num_fewshot, e.seed)
-        results = score_tasks(model, _tokenizer(config.data.tokenizer), tasks, e.batch_size, e.seed, device, progress=False)
+        results = score_tasks(model, _tokenizer(config.data.tokenizer), tasks, e.batch_size, e.seed, device, progress=False,
+                              data_parallel=data_parallel)
     return {"val": val, "tasks": results, "aggregate": aggregate(results)}

@@ -94,8 +94,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def score_tasks(model, tokenizer, tasks: Sequence[Task], batch_size: int = 16, seed: int = 0, device=None,
-                progress: bool = True, details: list | None = None) -> dict[str, dict]:
-    """{task: {metric: value, ..., "n", "score", "random_baseline", "centred"}} for each task."""
+                progress: bool = True, details: list | None = None,
+                data_parallel: tuple[int, int, object] | None = None) -> dict[str, dict]:
+    """{task: {metric: value, ..., "n", "score", "random_baseline", "centred"}} for each task.
+
+    data_parallel = (dp_rank, dp_world, group) splits multiple-choice scoring over the ranks;
+    generative tasks run whole on every rank (items stop at different lengths, and FSDP needs
+    every rank to decode in step)."""
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     eot = end_of_text_id(tokenizer)
@@ -109,7 +114,8 @@ def score_tasks(model, tokenizer, tasks: Sequence[Task], batch_size: int = 16, s
             advance = lambda n, h=handle: bar.advance(h, n)  # noqa: E731
             if task.kind == "multiple_choice":
                 metrics = score_multiple_choice(model, tokenizer, task, batch_size, seed, empty_context_ids=empty_context,
-                                                autocast_dtype=autocast_dtype, on_batch=advance, details=details)
+                                                autocast_dtype=autocast_dtype, on_batch=advance, details=details,
+                                                data_parallel=data_parallel)
             else:
                 metrics = score_generative(model, tokenizer, task, batch_size, seed, prefix_ids=(),
                                            stop_token_ids=empty_context, on_batch=advance, details=details)

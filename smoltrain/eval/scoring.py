@@ -94,6 +94,7 @@ def loglikelihoods(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     on_batch: Callable[[int], None] | None = None,
+    data_parallel: tuple[int, int, object] | None = None,
 ) -> list[float]:
     """Sum of log p(continuation token | everything before it) for each (context, continuation).
 
@@ -103,6 +104,10 @@ def loglikelihoods(
     every answer's last token from the same distribution: 4x fewer rows on lettered choices.
     Rows are sorted longest first and batched (right padding, which causal attention never
     sees), so a batch's padded length stays close to its longest member.
+
+    data_parallel = (dp_rank, dp_world, process group): each rank scores every dp_world-th batch,
+    and the results are summed over the group (each request is scored on one rank, zeros elsewhere,
+    so the sums are exact). Ranks run equally many forwards, for FSDP's gathers.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if max_len is None:
@@ -125,8 +130,9 @@ def loglikelihoods(
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
     results = [0.0] * len(requests)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
+    rank, world, group = data_parallel or (0, 1, None)
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    for batch in batches[rank::world]:
         width = len(rows[batch[0]][0])
         input_ids = torch.zeros(len(batch), width, dtype=torch.long)
         scored = torch.zeros(len(batch), width, dtype=torch.bool)
@@ -153,6 +159,12 @@ def loglikelihoods(
             position += num_scored
         if on_batch is not None:
             on_batch(sum(len(members[r]) for r in batch))
+    if world > 1:
+        for _ in range(len(batches[rank::world]), len(batches[::world])):  # lockstep forwards
+            model(torch.tensor([rows[order[0]][0][:1]], device=device))
+        summed = torch.tensor(results, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(summed, group=group)
+        results = summed.tolist()
     return results
 
 
@@ -204,6 +216,7 @@ def score_multiple_choice(
     autocast_dtype: torch.dtype | None = None,
     on_batch: Callable[[int], None] | None = None,
     details: list | None = None,
+    data_parallel: tuple[int, int, object] | None = None,
 ) -> dict:
     """Every metric averaged over the task's items, with "n" and the main metric's standard error.
 
@@ -232,7 +245,8 @@ def score_multiple_choice(
         texts.append(context)
     if fallbacks:
         log.warning("task %s: %d answers merged into the context's last token; scored them tokenised alone", task.name, fallbacks)
-    sums = loglikelihoods(model, requests, batch_size=batch_size, autocast_dtype=autocast_dtype, on_batch=on_batch)
+    sums = loglikelihoods(model, requests, batch_size=batch_size, autocast_dtype=autocast_dtype, on_batch=on_batch,
+                          data_parallel=data_parallel)
     per_item = []
     for (first, item), context in zip(owners, texts):
         k = len(item["choices"])
