@@ -161,7 +161,8 @@ def loglikelihoods(
             on_batch(sum(len(members[r]) for r in batch))
     if world > 1:
         for _ in range(len(batches[rank::world]), len(batches[::world])):  # lockstep forwards
-            model(torch.tensor([rows[order[0]][0][:1]], device=device))
+            # A real row, not one token: sequence parallel splits the row's length over TP ranks.
+            model(torch.tensor([rows[order[0]][0]], device=device))
         summed = torch.tensor(results, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(summed, group=group)
         results = summed.tolist()
