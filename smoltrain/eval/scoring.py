@@ -86,6 +86,18 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
+def sum_over_ranks(model, sums: torch.Tensor, forwards: Sequence[int], rank: int, group, padding_ids: torch.Tensor) -> torch.Tensor:
+    """The end of scoring split over data-parallel ranks: run padding forwards until this rank has
+    run as many as the busiest (`forwards[r]` per rank; FSDP gathers the weights in every forward,
+    with all ranks of its group), then sum `sums` over the group. `padding_ids` is one real row:
+    sequence parallel splits its length over TP ranks, so a single token would not do."""
+    for _ in range(max(forwards) - forwards[rank]):
+        model(padding_ids)
+    torch.distributed.all_reduce(sums, group=group)
+    return sums
+
+
+@torch.no_grad()
 def loglikelihoods(
     model,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -159,12 +171,10 @@ def loglikelihoods(
             position += num_scored
         if on_batch is not None:
             on_batch(sum(len(members[r]) for r in batch))
-    if world > 1:
-        for _ in range(len(batches[rank::world]), len(batches[::world])):  # lockstep forwards
-            # A real row, not one token: sequence parallel splits the row's length over TP ranks.
-            model(torch.tensor([rows[order[0]][0]], device=device))
-        summed = torch.tensor(results, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(summed, group=group)
+    if world > 1 and batches:  # every rank sees the same batches, so all skip or none
+        summed = sum_over_ranks(model, torch.tensor(results, dtype=torch.float64, device=device),
+                                [len(batches[r::world]) for r in range(world)], rank, group,
+                                torch.tensor([rows[order[0]][0]], device=device))
         results = summed.tolist()
     return results
 

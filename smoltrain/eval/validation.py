@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from smoltrain.eval.scoring import LOGPROB_CHUNK_ELEMENTS, _autocast, load_tokenizer
+from smoltrain.eval.scoring import LOGPROB_CHUNK_ELEMENTS, _autocast, load_tokenizer, sum_over_ranks
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -140,8 +140,7 @@ def validation_per_source(model, config, num_batches: int, batch_size: int, devi
 
     data_parallel = (dp_rank, dp_world, process group): each data-parallel rank scores every
     dp_world-th batch and the sums are all-reduced, so a distributed run spends 1/dp_world of the
-    time. Every rank still runs the same number of forwards (a rank with less work adds one-row
-    forwards and drops them): FSDP gathers the weights inside each forward, with all ranks of its group.
+    time, with every rank running as many forwards as the busiest (`sum_over_ranks`).
     """
     from smoltrain.data.loader import validation_batches
 
@@ -159,11 +158,8 @@ def validation_per_source(model, config, num_batches: int, batch_size: int, devi
     for source in config.data.validation:
         batches = list(validation_batches(config, source, num_batches, batch_size))
         sums = validation_sums(model, batches[rank::world], token_bytes, device, autocast_dtype)
-        forwards = [_forwards(batches[r::world], model.config.vocab_size) for r in range(world)]
-        with torch.no_grad():
-            for _ in range(max(forwards) - forwards[rank]):
-                model(batches[0]["input_ids"][:1].to(device))
-        if world > 1:
-            torch.distributed.all_reduce(sums, group=group)
+        if world > 1 and batches:  # every rank sees the same batches, so all skip or none
+            forwards = [_forwards(batches[r::world], model.config.vocab_size) for r in range(world)]
+            sums = sum_over_ranks(model, sums, forwards, rank, group, batches[0]["input_ids"][:1].to(device))
         results[source] = metrics_from_sums(sums)
     return results

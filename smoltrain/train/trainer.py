@@ -257,7 +257,7 @@ def _finite(x: float | None) -> float | None:
 
 def evaluate(model: nn.Module, config: Config, ctx: ParallelContext) -> dict:
     """Periodic evaluation (validation loss and bits per byte per source, tasks) from the eval package;
-    the validation batches are split over the data-parallel ranks."""
+    validation batches and multiple-choice requests are split over the data-parallel ranks."""
     from smoltrain.eval.during_training import evaluate_during_training
 
     data_parallel = (ctx.dp_rank, ctx.dp_world, ctx.flat_dp_mesh.get_group()) if ctx.dp_world > 1 else None
