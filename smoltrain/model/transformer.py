@@ -204,10 +204,6 @@ class Transformer(nn.Module):
         sin = self.rope_sin[position_ids][:, None]
 
         x = self.embed_tokens(input_ids)
-        if x._base is not None:
-            # Under TP the embedding's output is a view of a DTensor's local shard; a compiled block
-            # fed that view sends its input gradient around the DTensor's backward (torch 2.13).
-            x = x.clone()
         for block in self.layers:
             x = block(x, cos, sin, mask, cache)
         if cache is not None:

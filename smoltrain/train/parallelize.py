@@ -212,7 +212,8 @@ def apply_tensor_parallel(model: Transformer, tp_mesh, sequence_parallel: bool, 
 
     residual = Shard(1) if sequence_parallel else Replicate()
     plan = {}
-    if model.lm_head is not None or loss_parallel:
+    row_wise_embedding = model.lm_head is not None or loss_parallel
+    if row_wise_embedding:
         plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
     if model.lm_head is not None:
         plan["lm_head"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1) if loss_parallel else Replicate(),
@@ -224,6 +225,10 @@ def apply_tensor_parallel(model: Transformer, tp_mesh, sequence_parallel: bool, 
     if sequence_parallel:
         plan["norm"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
     parallelize_module(model, tp_mesh, plan)
+    if row_wise_embedding:
+        # The row-wise embedding returns a view of a DTensor's local shard; a compiled block fed
+        # that view sends its input gradient around the DTensor's backward (torch 2.13). A copy.
+        model.embed_tokens.register_forward_hook(lambda module, args, output: output.clone())
     model.loss_parallel = loss_parallel
 
     for block in model.layers:
