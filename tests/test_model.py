@@ -191,3 +191,28 @@ def test_compiled_blocks_and_loss_match_eager_in_value_and_gradient(monkeypatch,
     torch.testing.assert_close(compiled_loss, eager_loss)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_token_logprobs_equal_log_softmax_of_logits_at_the_labels_and_chunk_alike(monkeypatch):
+    model = build_model(ModelConfig(**BASE), seed=0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 200, (3, 11), generator=g)
+    labels = torch.randint(0, 200, (3, 11), generator=g)
+    labels[0, :4] = -100
+    with torch.no_grad():
+        logits = model(ids).float()
+        expected = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        expected = torch.where(labels != -100, expected, 0.0)
+        got = transformer.token_logprobs(model, ids, labels, temperature=0.7)
+        summed = model(ids, labels=labels, reduction="sum")
+        plain = transformer.token_logprobs(model, ids, labels)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(-plain.sum(), summed.loss, atol=1e-4, rtol=1e-5)  # the loss is their negative sum
+    # Chunked (recomputed in backward) equals one pass, in value and gradient.
+    full = transformer.token_logprobs(model, ids, labels)
+    (grad_full,) = torch.autograd.grad(full.sum(), model.layers[0].mlp.up_proj.weight)
+    monkeypatch.setattr(transformer, "LOSS_CHUNK_ELEMENTS", 200 * 5)
+    chunked = transformer.token_logprobs(model, ids, labels)
+    (grad_chunked,) = torch.autograd.grad(chunked.sum(), model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad_chunked, grad_full, atol=1e-6, rtol=1e-5)

@@ -176,8 +176,12 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         reduction: str = "mean",
+        temperature: float = 1.0,
     ):
-        """Logits [batch, seq, vocab] when labels is None, else a LossOutput.
+        """Logits [batch, seq, vocab] when labels is None, else a LossOutput (reduction "mean" or
+        "sum"), or with reduction="none" the float32 log-probability of each label [batch, seq]
+        (0 where the label is -100) from logits divided by `temperature`: the one per-token
+        primitive that validation, scoring, DPO and GRPO build on (see `token_logprobs`).
 
         document_ids [batch, seq] turn on intra-document masking (if the config enables it) with
         positions restarting per document. position_ids and a boolean attention_mask
@@ -214,6 +218,8 @@ class Transformer(nn.Module):
         if labels is None:
             logits = self.output(x)
             return logits.full_tensor() if self.loss_parallel else logits
+        if reduction == "none":
+            return self._token_logprobs(x, labels, temperature)
         return self._loss(x, labels, reduction)
 
     def output(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -250,6 +256,34 @@ class Transformer(nn.Module):
         denominator = num_tokens.clamp(min=1)
         ce_mean = ce_sum / denominator
         return LossOutput(ce_mean + z_weight * z_sum / denominator, ce_mean.detach(), num_tokens)
+
+    def _token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Per-token log-probabilities over chunks of tokens, like _loss (same memory bound)."""
+        shape = labels.shape
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels = labels.reshape(-1)
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
+        parts = []
+        for start in range(0, hidden.shape[0], chunk):
+            args = (hidden[start : start + chunk], labels[start : start + chunk], temperature)
+            if hidden.shape[0] > chunk and torch.is_grad_enabled():
+                parts.append(torch.utils.checkpoint.checkpoint(self.token_logprob_chunk, *args, use_reentrant=False))
+            else:
+                parts.append(self.token_logprob_chunk(*args))
+        return torch.cat(parts).view(shape)
+
+    def token_logprob_chunk(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+        """log p(label) of each token of one chunk; 0 for ignored labels. Under loss parallel the
+        vocabulary-sharded logits are never gathered (the same all-reduces as the loss)."""
+        logits = self.output(hidden).float()
+        if temperature != 1.0:  # GRPO scores samples drawn at a temperature with the same scaling
+            logits = logits / temperature
+        if self.loss_parallel:
+            mesh = logits.device_mesh
+            start = mesh.get_local_rank() * -(-logits.shape[-1] // mesh.size())
+            ce, _ = _VocabParallelCrossEntropy.apply(logits.to_local(), labels, start, mesh.get_group())
+            return torch.where(labels != -100, -ce, 0.0)
+        return -F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
 
     def loss_chunk(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy and z-loss of one chunk: head, log-softmax, gather. One function so
@@ -327,6 +361,13 @@ def _vocab_parallel_loss(logits, labels: torch.Tensor, z_loss: float) -> tuple[t
     return ce, torch.where(valid, log_normaliser.pow(2), 0.0).sum()
 
 
+def token_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                   **forward_kwargs) -> torch.Tensor:
+    """[batch, seq] float32 log p(labels[b, t] | tokens up to t), 0 where labels is -100. Goes
+    through the model's forward (wrappers such as FSDP2 unshard there), so call this, not a method."""
+    return model(input_ids, labels=labels, reduction="none", temperature=temperature, **forward_kwargs)
+
+
 def canonical_name(name: str) -> str:
     """Parameter name without wrapper prefixes added by compile or activation checkpointing."""
     for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module."):
@@ -368,4 +409,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["Transformer", "KVCache", "LossOutput", "build_model", "count_parameters", "canonical_name"]
+__all__ = ["Transformer", "KVCache", "LossOutput", "build_model", "count_parameters", "canonical_name", "token_logprobs"]

@@ -1,0 +1,87 @@
+"""What the one training loop needs from an objective: batches, and a loss that returns sums.
+
+Pretraining, SFT, preference training and GRPO are each an `Objective`; the `Trainer` in
+train/trainer.py knows none of them. The loss returns a *sum* and the count it should be divided
+by, so the loop can normalise by the count of the whole step, all-reduced over data-parallel ranks
+(torchtitan's "global valid tokens"): a masked objective is then not biased by how its label tokens
+fall into micro-batches and ranks.
+
+The contract, in words (the Protocols below say the same in types):
+
+- `objective.batches` has the data loader's interface: `next_batch()` -> a dict of CPU tensors,
+  which always holds "input_ids" and "labels" ([batch, seq], -100 where no loss is taken; the loop
+  counts label tokens for tokens/s and MFU from it), plus whatever the loss needs;
+  `state_dict()` / `load_state_dict()` (exact resume), `skip(n)` (the spike guard's rewind),
+  `set_stage(i)` and `seq_len` / `stage` (curricula; a post-training source may have one stage),
+  `close()`.
+- `objective.loss(model, batch)` -> `(loss_sum, count, metrics)`: `loss_sum` a scalar tensor to
+  backpropagate once divided by the step's total `count` (label tokens for token-level losses,
+  pairs for DPO, sequences for per-sequence GRPO aggregation); `metrics` maps a name to a
+  `(sum, count)` pair, reported as global sum / global count (TRL's names: "rewards/chosen", ...).
+  The loop calls it under autocast, once per micro-batch, with gradient sync handled outside.
+- `objective.accumulation(seq_len, dp_world)` -> micro-batches per optimizer step on each rank.
+- `objective.stateful()` -> extra checkpoint parts by name (anything with state_dict /
+  load_state_dict: a rollout RNG, a reference-log-prob cache position), saved and restored
+  by the loop beside the model, optimizer and loader.
+- `objective.step_metrics()` -> a dict of already-global floats to add to the step's log line
+  (rollout lengths, rewards per function), or {}.
+- `objective.evaluate(model)` -> a dict of extra eval results (chat evals, preference accuracy,
+  pass@k) merged into the periodic evaluation, or {}.
+
+An objective is built after the model, by a factory the stage's entry function hands to the
+Trainer: `build(config, model, ctx, run_dir) -> Objective` (GRPO samples from `model`; DPO runs its
+reference pass before step 1 and keeps the result in `run_dir`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+Metric = tuple[torch.Tensor | float, torch.Tensor | float]  # (sum, count)
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    seq_len: int
+    stage: int
+
+    def next_batch(self) -> dict[str, torch.Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def skip(self, num_batches: int) -> None: ...
+
+    def set_stage(self, index: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Objective(Protocol):
+    name: str  # "pretrain", "sft", "dpo", "grpo": written into metrics and the run summary
+    batches: BatchSource
+
+    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Metric]]: ...
+
+    def accumulation(self, seq_len: int, dp_world: int) -> int: ...
+
+    def stateful(self) -> dict[str, Stateful]: ...
+
+    def step_metrics(self) -> dict[str, Any]: ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]: ...
+
+
+__all__ = ["Objective", "BatchSource", "Stateful", "Metric"]
