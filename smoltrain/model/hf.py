@@ -540,6 +540,9 @@ def export_hf(
     hf = to_hf_config(model_config, special_ids, dtype)
     assert hf["architectures"] == [architecture]
     _write_text(out / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    from smoltrain.report.model_card import model_card
+
+    _write_text(out / "README.md", model_card(source, out, model_config, architecture))
     return out
 
 
