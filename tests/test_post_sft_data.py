@@ -5,18 +5,16 @@ import random
 
 import pytest
 import torch
+from chat_helpers import VOCAB, chat_tokenizers, conversations
 
 from smoltrain.config import ModelConfig
-from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
 from smoltrain.errors import DataError
 from smoltrain.model.transformer import build_model
 from smoltrain.post.chat_data import Conversation
 from smoltrain.post.chat_template import (
     encode_chat,
     load_chat_tokenizer,
-    write_chat_tokenizer,
 )
-from smoltrain.post.embedded_chat import chat_conversations
 from smoltrain.post.sft_data import (
     PackedChatBatches,
     data_report,
@@ -25,19 +23,10 @@ from smoltrain.post.sft_data import (
     tokenize_conversations,
 )
 
-VOCAB = 512
-BOILERPLATE = ("system\n## Metadata\n\nReasoning Mode: /think /no_think\n\n## Custom Instructions\n\n"
-               "You are a helpful AI assistant named SmolLM, trained by Hugging Face.\n\nuser\nassistant\n")
-
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    texts = [BOILERPLATE] * 50 + [m["content"] for c in conversations(300) for m in c.messages]
-    save_tokenizer(train_tokenizer(texts, VOCAB, show_progress=False), root / "base")
-    write_chat_tokenizer(root / "base", root / "smollm3", "smollm3")
-    write_chat_tokenizer(root / "base", root / "chatml", "chatml")
-    return root
+    return chat_tokenizers(tmp_path_factory.mktemp("tok"))
 
 
 def optimum_bins(lengths, capacity):
@@ -72,11 +61,6 @@ def test_best_fit_decreasing_is_near_the_brute_force_optimum_and_never_splits():
 def test_best_fit_puts_each_item_in_the_tightest_row():
     # rows [8] (2 free) and [5, 4] (1 free): first fit would put the 1 with the 8, best fit with 5 + 4
     assert pack_best_fit([8, 5, 4, 1], 10) == [[0], [1, 2, 3]]
-
-
-def conversations(n, seed=0):
-    data = chat_conversations("train", n, seed)
-    return [c for source in data.values() for c in source]
 
 
 def test_labels_are_the_next_tokens_inside_the_generation_mask(tok, one_thread):
