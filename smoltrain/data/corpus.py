@@ -18,8 +18,8 @@ import os
 import random
 import sys
 import sysconfig
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from smoltrain.data.shards import write_json_atomic
 from smoltrain.errors import DataError
@@ -34,7 +34,7 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stdlib_files(suffix: str) -> tuple[Path, ...]:
     found = []
     for folder, dirs, files in os.walk(stdlib_dir()):
@@ -271,8 +271,13 @@ _PROBLEMS: list[Callable] = [_shopping, _change, _sharing, _distance, _discount,
                              _savings, _fraction, _average, _expression]
 
 
+def math_solution(r: random.Random) -> tuple[str, list[str], int | str]:
+    """(question, solution steps, answer) of one random word problem (the chat data reuses them)."""
+    return r.choice(_PROBLEMS)(r)
+
+
 def math_problem(r: random.Random) -> str:
-    question, steps, answer = r.choice(_PROBLEMS)(r)
+    question, steps, answer = math_solution(r)
     return f"Question: {question}\nAnswer: " + "\n".join(steps) + f"\n#### {answer}"
 
 

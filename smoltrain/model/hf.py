@@ -539,11 +539,26 @@ def export_hf(
     _save_tensors(out / WEIGHTS_FILE, state)
     hf = to_hf_config(model_config, special_ids, dtype)
     assert hf["architectures"] == [architecture]
+    if (out / "chat_template.jinja").is_file():
+        _write_chat_generation_config(out, special_ids)
     _write_text(out / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")
     from smoltrain.report.model_card import model_card
 
     _write_text(out / "README.md", model_card(source, out, model_config, architecture))
     return out
+
+
+def _write_chat_generation_config(out: Path, special_ids: dict[str, int]) -> None:
+    """A chat model's turn ends with <|im_end|>: transformers' generate() stops there (and at eos)."""
+    from tokenizers import Tokenizer
+
+    end_of_turn = Tokenizer.from_file(str(out / "tokenizer.json")).token_to_id("<|im_end|>")
+    eos = list(dict.fromkeys(i for i in (end_of_turn, special_ids.get("eos")) if i is not None))
+    config = {"eos_token_id": eos[0] if len(eos) == 1 else eos, "do_sample": False}
+    for role in ("bos", "pad"):
+        if role in special_ids:
+            config[f"{role}_token_id"] = special_ids[role]
+    _write_text(out / "generation_config.json", json.dumps(config, indent=2) + "\n")
 
 
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -1,0 +1,148 @@
+"""Chat evals: generate through the chat template in both modes and check what a program can check.
+
+Held-out arithmetic answered in no_think and in think mode (accuracy), held-out questions under a
+rule's system prompt (adherence: the rule is checked on the final answer), the think format (a
+closed think block before the answer in think mode; none in no_think mode, whose empty block is
+already in the prompt), the stop rate (the end-of-turn token before the length limit) and the mean
+reply length. Greedy decoding with the KV cache; every rate comes with its standard error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from smoltrain.eval.scoring import standard_error
+from smoltrain.model.generate import generate
+from smoltrain.post.chat_template import END_THINK, THINK, encode_prompt, end_of_turn_id
+from smoltrain.post.embedded_chat import (
+    answer_is_correct,
+    arithmetic_prompts,
+    final_answer,
+    follows_rule,
+    persona_prompts,
+)
+
+
+def think_format_ok(response: str, mode: str) -> bool:
+    """think: '<think>' first, one closed block, a non-empty answer after it; no_think: no think tags."""
+    if mode == "no_think":
+        return THINK not in response and END_THINK not in response and bool(response.strip())
+    if not response.lstrip().startswith(THINK) or response.count(THINK) != 1 or response.count(END_THINK) != 1:
+        return False
+    return bool(final_answer(response))
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int = 32,
+                     temperature: float = 0.0, seed: int | None = None,
+                     on_batch: Callable[[int], None] | None = None) -> list[dict]:
+    """{"text", "tokens", "stopped"} per prompt ({"messages", "chat_template_kwargs"}), through the template."""
+    eot = end_of_turn_id(tokenizer)
+    encoded = [encode_prompt(tokenizer, p["messages"], **p.get("chat_template_kwargs", {})) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths together: less padding
+    replies: list[dict | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            outputs = generate(model, [encoded[i] for i in rows], max_new_tokens, temperature=temperature,
+                               stop_tokens=[eot], seed=None if seed is None else seed + start)
+            for i, ids in zip(rows, outputs):
+                # generate cuts before the stop token: fewer tokens than the limit means it stopped
+                replies[i] = {"text": tokenizer.decode(ids, skip_special_tokens=False), "tokens": len(ids),
+                              "stopped": len(ids) < max_new_tokens}
+            if on_batch is not None:
+                on_batch(len(rows))
+    finally:
+        model.train(was_training)
+    return replies
+
+
+def _rate(name: str, values: list[float], out: dict) -> None:
+    out[name] = sum(values) / len(values) if values else float("nan")
+    out[f"{name}_stderr"] = standard_error(values)
+
+
+def chat_evals(model, tokenizer, count: int = 50, persona_count: int = 48, seed: int = 0,
+               max_new_tokens: int = 48, think_max_new_tokens: int = 160, batch_size: int = 32,
+               details: list | None = None) -> dict:
+    """{"no_think_accuracy", "think_accuracy", "adherence", "think_format", "stop_rate",
+    "no_think_length", "think_length"} each with "<name>_stderr", plus "n" per set.
+
+    `details` (a list) receives every prompt, reply and verdict, for the vibe test in reports."""
+    sets = {
+        "no_think": (arithmetic_prompts("heldout", count, seed, "no_think"), max_new_tokens),
+        "think": (arithmetic_prompts("heldout", count, seed, "think"), think_max_new_tokens),
+        "persona": (persona_prompts("heldout", persona_count, seed, "no_think"), max_new_tokens),
+    }
+    results: dict = {}
+    correct = {"no_think": [], "think": []}
+    adherence, formats, stops = [], [], []
+    lengths = {"no_think": [], "think": []}
+    for name, (prompts, limit) in sets.items():
+        if not prompts:
+            continue
+        replies = generate_replies(model, tokenizer, prompts, limit, batch_size)
+        mode = "think" if name == "think" else "no_think"
+        for prompt, reply in zip(prompts, replies):
+            text = reply["text"]
+            verdict = {"format": think_format_ok(text, mode), "stopped": reply["stopped"]}
+            formats.append(float(verdict["format"]))
+            stops.append(float(reply["stopped"]))
+            if name == "persona":
+                verdict["follows_rule"] = follows_rule(prompt["rule"], text)
+                adherence.append(float(verdict["follows_rule"]))
+            else:
+                verdict["correct"] = answer_is_correct(text, prompt["answer"])
+                correct[name].append(float(verdict["correct"]))
+                lengths[name].append(float(reply["tokens"]))
+            if details is not None:
+                details.append({"set": name, "messages": prompt["messages"],
+                                "chat_template_kwargs": prompt.get("chat_template_kwargs", {}),
+                                "reference": prompt.get("answer", prompt.get("rule")), "reply": text,
+                                "tokens": reply["tokens"], **verdict})
+    _rate("no_think_accuracy", correct["no_think"], results)
+    _rate("think_accuracy", correct["think"], results)
+    _rate("adherence", adherence, results)
+    _rate("think_format", formats, results)
+    _rate("stop_rate", stops, results)
+    _rate("no_think_length", lengths["no_think"], results)
+    _rate("think_length", lengths["think"], results)
+    results["n"] = {name: len(prompts) for name, (prompts, _) in sets.items()}
+    return results
+
+
+VIBE_PROMPTS = [
+    {"messages": [{"role": "user", "content": "What does json.dumps do?"}], "chat_template_kwargs": {"enable_thinking": False}},
+    {"messages": [{"role": "user", "content": "Compute 12 + 7 * 3 - 5."}], "chat_template_kwargs": {"enable_thinking": True}},
+    {"messages": [{"role": "system", "content": "Answer in capital letters only."},
+                  {"role": "user", "content": "What does os.path.join do?"}], "chat_template_kwargs": {"enable_thinking": False}},
+    {"messages": [{"role": "system", "content": "End every answer with the word banana. /no_think"},
+                  {"role": "user", "content": "Ava buys 3 apples at $2 each and 2 books at $5 each. "
+                                              "How many dollars does Ava spend in total?"}]},
+]
+
+
+def vibe_test(model, tokenizer, max_new_tokens: int = 160, prompts: list[dict] | None = None) -> list[dict]:
+    """Sample chats to read (both modes, with a persona): the playbook's bug was caught by reading these."""
+    prompts = prompts or VIBE_PROMPTS
+    replies = generate_replies(model, tokenizer, prompts, max_new_tokens)
+    return [{"messages": p["messages"], "chat_template_kwargs": p.get("chat_template_kwargs", {}), "reply": r["text"]}
+            for p, r in zip(prompts, replies)]
+
+
+def vibe_markdown(samples: list[dict]) -> str:
+    lines = []
+    for sample in samples:
+        kwargs = sample.get("chat_template_kwargs") or {}
+        mode = "" if "enable_thinking" not in kwargs else (" (think)" if kwargs["enable_thinking"] else " (no_think)")
+        for message in sample["messages"]:
+            lines.append(f"**{message['role']}**{mode if message['role'] == 'user' else ''}: {message['content']}  ")
+        lines.append(f"**assistant**: `{sample['reply']!r}`\n")
+    return "\n".join(lines)
+
+
+__all__ = ["VIBE_PROMPTS", "chat_evals", "generate_replies", "think_format_ok", "vibe_markdown", "vibe_test"]

@@ -1,0 +1,390 @@
+"""Embedded chat data: seeded conversations built offline from what the embedded corpus already has.
+
+Four sources, so a fresh clone can run SFT and every chat eval: "arithmetic" (the corpus's word
+problems, a step-by-step trace in <think> in think mode, the answer alone in no_think mode),
+"persona" (system prompts with rules a program can check: capital letters, a fixed last word,
+reply-length limits), "stdlib" (what a standard-library function does, from its docstring) and
+"multiturn" (chats that switch mode mid-way with a trailing /think or /no_think). Items are split
+into train and held-out by a keyed hash of the question, so the evals (and the preference and RL
+stages, through `arithmetic_prompts`) never see a training question.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+from smoltrain.data.corpus import code_documents, in_validation_split, math_solution
+from smoltrain.data.shards import write_json_atomic
+from smoltrain.post.chat_data import Conversation, write_conversations
+from smoltrain.post.chat_template import END_THINK
+
+CHAT_DATA_VERSION = 1
+HELDOUT_FRACTION = 0.1
+SOURCES = ("arithmetic", "persona", "stdlib", "multiturn")
+MIXTURE = {"arithmetic": 0.4, "persona": 0.2, "stdlib": 0.25, "multiturn": 0.15}
+STDLIB_MODULE_SHARE = 0.35  # of stdlib modules read for questions: ~1.5k functions, parsed in ~2 s
+
+
+def _split(key: str, seed: int) -> str:
+    return "heldout" if in_validation_split(f"chat:{key}", seed, HELDOUT_FRACTION) else "train"
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+def arithmetic_items(split: str, count: int, seed: int = 0) -> list[dict]:
+    """The first `count` word problems of a split: {"question", "steps", "answer"} (answer a string)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be train or heldout, got {split!r}")
+    r = random.Random(f"chat-math/{seed}")
+    items, seen = [], set()
+    while len(items) < count:
+        question, steps, answer = math_solution(r)
+        if question in seen or _split(question, seed) != split:
+            continue
+        seen.add(question)
+        items.append({"question": question, "steps": steps, "answer": str(answer)})
+    return items
+
+
+def think_response(steps: list[str], answer: str) -> str:
+    return "<think>\n" + "\n".join(steps) + "\n</think>\n" + f"The answer is {answer}."
+
+
+def direct_response(answer: str) -> str:
+    return f"The answer is {answer}."
+
+
+def arithmetic_prompts(split: str = "heldout", count: int = 100, seed: int = 0, mode: str = "no_think") -> list[dict]:
+    """Prompts with reference answers for evals, preference pairs and RL rewards:
+    {"messages": [user], "chat_template_kwargs": {"enable_thinking"}, "answer", "question", "steps"}."""
+    if mode not in ("think", "no_think"):
+        raise ValueError(f"mode must be think or no_think, got {mode!r}")
+    return [{"messages": [{"role": "user", "content": item["question"]}],
+             "chat_template_kwargs": {"enable_thinking": mode == "think"}, **item}
+            for item in arithmetic_items(split, count, seed)]
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_answer(response: str) -> str:
+    """The part after the think block (all of it when there is none)."""
+    return response.split(END_THINK, 1)[1].strip() if END_THINK in response else response.strip()
+
+
+def _number(text: str) -> float | None:
+    numbers = _NUMBER.findall(text)
+    if not numbers:
+        return None
+    try:
+        return float(numbers[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def answer_is_correct(response: str, answer: str) -> bool:
+    """The last number of the final answer equals the reference ("$3.50" and "3.5" are equal)."""
+    got, want = _number(final_answer(response)), _number(answer)
+    return got is not None and want is not None and abs(got - want) < 1e-9
+
+
+# ----------------------------------------------------------------------------- rules a program can check
+
+_END_WORDS = ["banana", "cheers", "onward", "indeed"]
+_START_WORDS = ["Certainly", "Okay", "Well"]
+
+
+def rules() -> list[dict]:
+    """Every checkable system-prompt rule: {"id", "system"}; `follows_rule` checks a reply."""
+    out = [{"id": "caps", "system": "Answer in capital letters only."},
+           {"id": "lower", "system": "Answer in lowercase letters only."}]
+    out += [{"id": f"end:{w}", "system": f"End every answer with the word {w}."} for w in _END_WORDS]
+    out += [{"id": f"start:{w}", "system": f"Begin every answer with the word {w}."} for w in _START_WORDS]
+    out += [{"id": f"max_words:{n}", "system": f"Reply in at most {n} words."} for n in (3, 5, 8)]
+    return out
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[^\W_]+(?:[.,'][^\W_]+)*", text)
+
+
+def follows_rule(rule_id: str, response: str) -> bool:
+    """Whether the final answer of `response` keeps the rule (the think block is free)."""
+    text = final_answer(response)
+    words = _words(text)
+    if not words:
+        return False
+    kind, _, arg = rule_id.partition(":")
+    if kind == "caps":
+        return any(c.isalpha() for c in text) and text == text.upper()
+    if kind == "lower":
+        return any(c.isalpha() for c in text) and text == text.lower()
+    if kind == "end":
+        return words[-1].lower() == arg.lower()
+    if kind == "start":
+        return words[0].lower() == arg.lower()
+    if kind == "max_words":
+        return len(words) <= int(arg)
+    raise ValueError(f"unknown rule {rule_id!r}")
+
+
+def apply_rule(rule_id: str, answer: str, short: str) -> str:
+    """A reply that keeps the rule; `short` is what to say when the limit leaves no room."""
+    kind, _, arg = rule_id.partition(":")
+    if kind == "caps":
+        return answer.upper()
+    if kind == "lower":
+        return answer.lower()
+    if kind == "end":
+        return f"{answer.rstrip()} {arg.capitalize()}."
+    if kind == "start":
+        return f"{arg}, {answer[0].lower()}{answer[1:]}" if answer else arg
+    if kind == "max_words":
+        n = int(arg)
+        if len(_words(answer)) <= n:
+            return answer
+        if len(_words(short)) <= n:
+            return short
+        return " ".join(answer.split()[:n]).rstrip(".,;:") + "."
+    raise ValueError(f"unknown rule {rule_id!r}")
+
+
+# ----------------------------------------------------------------------------- stdlib questions
+
+
+def _first_sentence(doc: str, max_words: int = 30) -> str | None:
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    if not paragraph or len(paragraph) < 12 or not paragraph[0].isalpha():
+        return None
+    sentence = re.split(r"(?<=[.!?])\s", paragraph)[0]
+    words = sentence.split()
+    if len(words) > max_words:
+        sentence = " ".join(words[:max_words]).rstrip(".,;:") + "."
+    return sentence if sentence.endswith((".", "!", "?")) else sentence + "."
+
+
+def stdlib_items(split: str, seed: int = 0, module_share: float = STDLIB_MODULE_SHARE) -> list[dict]:
+    """{"name", "kind", "module", "answer"} for public stdlib functions and classes with a docstring."""
+    return [dict(item) for item in _stdlib_items(split, seed, module_share)]
+
+
+@functools.lru_cache(maxsize=8)
+def _stdlib_items(split: str, seed: int, module_share: float) -> tuple[dict, ...]:
+    def keep(key: str) -> bool:
+        return int.from_bytes(hashlib.blake2b(f"chat-stdlib/{key}".encode(), digest_size=8).digest(), "little") / 2**64 < module_share
+
+    items = []
+    for key, source in code_documents(keep):
+        module = ".".join(Path(key).with_suffix("").parts).removesuffix(".__init__")
+        if any(part.startswith("_") for part in module.split(".")):
+            continue
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            sentence = _first_sentence(doc) if doc else None
+            name = f"{module}.{node.name}"
+            if sentence and _split(name, seed) == split:
+                kind = "class" if isinstance(node, ast.ClassDef) else "function"
+                items.append({"name": name, "kind": kind, "module": module, "answer": sentence})
+    return tuple(items)
+
+
+_STDLIB_QUESTIONS = ["What does {name} do?", "In Python, what is {name} for?", "Explain {name} briefly.",
+                     "What is the {kind} {name} in the {module} module?"]
+
+
+def _stdlib_turn(r: random.Random, item: dict) -> tuple[str, list[str], str]:
+    question = r.choice(_STDLIB_QUESTIONS).format(**item)
+    steps = [f"{item['name']} is a {item['kind']} in the {item['module']} module.", "Its documentation says what it does."]
+    return question, steps, item["answer"]
+
+
+# ----------------------------------------------------------------------------- conversations
+
+
+def _mode_setting(r: random.Random, think: bool) -> tuple[list[dict], dict]:
+    """The ways data sets a mode: enable_thinking, a flag as the whole system message, or the default."""
+    way = r.random()
+    if way < 0.5:
+        return [], {"enable_thinking": think}
+    if way < 0.8:
+        return [{"role": "system", "content": "/think" if think else "/no_think"}], {}
+    return ([], {}) if think else ([], {"enable_thinking": False})
+
+
+def _reply(think: bool, steps: list[str], answer_text: str) -> str:
+    return ("<think>\n" + "\n".join(steps) + "\n</think>\n" + answer_text) if think else answer_text
+
+
+def _arithmetic_conversation(r: random.Random, item: dict) -> Conversation:
+    think = r.random() < 0.5
+    system, kwargs = _mode_setting(r, think)
+    return Conversation(system + [{"role": "user", "content": item["question"]},
+                                  {"role": "assistant", "content": _reply(think, item["steps"], direct_response(item["answer"]))}],
+                        kwargs)
+
+
+def _stdlib_conversation(r: random.Random, item: dict) -> Conversation:
+    think = r.random() < 0.5
+    system, kwargs = _mode_setting(r, think)
+    question, steps, answer = _stdlib_turn(r, item)
+    return Conversation(system + [{"role": "user", "content": question},
+                                  {"role": "assistant", "content": _reply(think, steps, answer)}], kwargs)
+
+
+def persona_turn(r: random.Random, rule: dict, arithmetic: dict | None, stdlib: dict | None) -> tuple[str, list[str], str]:
+    """(question, think steps, reply keeping the rule) on an arithmetic or a stdlib question."""
+    if arithmetic is not None:
+        question, steps, answer = arithmetic["question"], arithmetic["steps"], direct_response(arithmetic["answer"])
+        short = arithmetic["answer"]
+    else:
+        question, steps, answer = _stdlib_turn(r, stdlib)
+        short = stdlib["name"].rsplit(".", 1)[-1]
+    return question, steps + [f"The rule: {rule['system']}"], apply_rule(rule["id"], answer, short)
+
+
+def _persona_conversation(r: random.Random, rule: dict, arithmetic: dict | None, stdlib: dict | None) -> Conversation:
+    think = r.random() < 0.3
+    question, steps, reply = persona_turn(r, rule, arithmetic, stdlib)
+    if r.random() < 0.25:  # smoltalk2 style: the instructions in chat_template_kwargs, no system message
+        system, kwargs = [], {"custom_instructions": rule["system"], "enable_thinking": think}
+    else:
+        flag = r.choice(["", " /think" if think else " /no_think"])
+        system = [{"role": "system", "content": rule["system"] + flag}]
+        kwargs = {} if flag else {"enable_thinking": think}
+    return Conversation(system + [{"role": "user", "content": question},
+                                  {"role": "assistant", "content": _reply(think, steps, reply)}], kwargs)
+
+
+def _multiturn_conversation(r: random.Random, turns: list[tuple[str, list[str], str]]) -> Conversation:
+    """Two or three turns; the mode switches at least once with a trailing flag on the user message."""
+    think = r.random() < 0.5
+    messages = []
+    kwargs = {"enable_thinking": think}
+    for i, (question, steps, answer) in enumerate(turns):
+        if i > 0:
+            think = not think if i == 1 or r.random() < 0.5 else think
+            question = f"{question} {'/think' if think else '/no_think'}"
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": _reply(think, steps, answer)}]
+    return Conversation(messages, kwargs)
+
+
+def chat_conversations(split: str = "train", count: int = 8000, seed: int = 0) -> dict[str, list[Conversation]]:
+    """`count` conversations of a split, by source (shares: MIXTURE)."""
+    r = random.Random(f"chat/{split}/{seed}")
+    counts = {s: round(count * w) for s, w in MIXTURE.items()}
+    arithmetic = arithmetic_items(split, counts["arithmetic"] + counts["persona"] + 2 * counts["multiturn"], seed)
+    stdlib = stdlib_items(split, seed)
+    r.shuffle(stdlib)
+    next_math = iter(arithmetic)
+    rule_list = rules()
+
+    def any_stdlib() -> dict:
+        return stdlib[r.randrange(len(stdlib))]
+
+    out = {s: [] for s in SOURCES}
+    for _ in range(counts["arithmetic"]):
+        out["arithmetic"].append(_arithmetic_conversation(r, next(next_math)))
+    for i in range(counts["stdlib"]):
+        out["stdlib"].append(_stdlib_conversation(r, stdlib[i % len(stdlib)]))
+    for _ in range(counts["persona"]):
+        rule = r.choice(rule_list)
+        use_math = r.random() < 0.5
+        out["persona"].append(_persona_conversation(r, rule, next(next_math) if use_math else None,
+                                                    None if use_math else any_stdlib()))
+    for _ in range(counts["multiturn"]):
+        turns = []
+        for _ in range(r.choice([2, 2, 3])):
+            if r.random() < 0.6:
+                item = next(next_math)
+                turns.append((item["question"], item["steps"], direct_response(item["answer"])))
+            else:
+                turns.append(_stdlib_turn(r, any_stdlib()))
+        out["multiturn"].append(_multiturn_conversation(r, turns))
+    for source, conversations in out.items():
+        for conv in conversations:
+            conv.source = source
+    return out
+
+
+def persona_prompts(split: str = "heldout", count: int = 60, seed: int = 0, mode: str = "no_think") -> list[dict]:
+    """Held-out questions under a rule's system prompt: {"messages": [system, user], "chat_template_kwargs",
+    "rule"}; questions alternate between arithmetic and stdlib, rules cycle through `rules()`."""
+    r = random.Random(f"chat-persona/{split}/{seed}")
+    arithmetic = arithmetic_items(split, count, seed)
+    stdlib = stdlib_items(split, seed)
+    rule_list = rules()
+    prompts = []
+    for i in range(count):
+        rule = rule_list[i % len(rule_list)]
+        question = arithmetic[i]["question"] if i % 2 == 0 or not stdlib else _stdlib_turn(r, stdlib[i % len(stdlib)])[0]
+        prompts.append({"messages": [{"role": "system", "content": rule["system"]}, {"role": "user", "content": question}],
+                        "chat_template_kwargs": {"enable_thinking": mode == "think"}, "rule": rule["id"]})
+    return prompts
+
+
+# ----------------------------------------------------------------------------- files (cached)
+
+
+def chat_data_key(seed: int, count: int) -> str:
+    settings = {"version": CHAT_DATA_VERSION, "python": sys.version.split()[0], "seed": seed, "count": count,
+                "mixture": MIXTURE, "heldout": HELDOUT_FRACTION, "stdlib_share": STDLIB_MODULE_SHARE}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_embedded_chat(cache_dir: str | os.PathLike, seed: int = 0, count: int = 8000) -> list[str]:
+    """`<source>.train.jsonl.gz` per source under cache_dir, built once (atomic rename); their paths."""
+    cache = Path(cache_dir).expanduser()
+    root = cache / f"chat-{chat_data_key(seed, count)}"
+    if not (root / "chat.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".chat-{chat_data_key(seed, count)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            by_source = chat_conversations("train", count, seed)
+            for source, conversations in by_source.items():
+                write_conversations(tmp / f"{source}.train.jsonl.gz", conversations)
+            write_json_atomic(tmp / "chat.json", {"version": CHAT_DATA_VERSION, "seed": seed, "count": count,
+                                                  "conversations": {s: len(c) for s, c in by_source.items()}})
+            try:
+                os.rename(tmp, root)
+            except OSError:
+                if not (root / "chat.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return [str(root / f"{source}.train.jsonl.gz") for source in SOURCES]
+
+
+__all__ = [
+    "MIXTURE",
+    "SOURCES",
+    "answer_is_correct",
+    "apply_rule",
+    "arithmetic_items",
+    "arithmetic_prompts",
+    "chat_conversations",
+    "direct_response",
+    "ensure_embedded_chat",
+    "final_answer",
+    "follows_rule",
+    "persona_prompts",
+    "rules",
+    "stdlib_items",
+    "think_response",
+]
