@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -19,7 +20,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from smoltrain.doctor import collectives, compute, environment, health, loader, memory, storage
+from smoltrain.doctor import (
+    collectives,
+    compute,
+    environment,
+    health,
+    loader,
+    memory,
+    storage,
+)
 from smoltrain.doctor.report import FAIL, Check, merge_ranks, print_report, verdict
 from smoltrain.doctor.timing import Budget, budget_for
 from smoltrain.errors import ConfigError, DataError
@@ -53,7 +62,7 @@ def resolve_arguments(recipe, overrides, data, checkpoints, json_out):
 
             data_cfg = ensure_embedded_data(data_cfg)
         folders = list(dict.fromkeys(data_cfg.sources.values()))
-    data_dirs = {folder: _shard_files(folder) for folder in folders}
+    data_dirs = {str(folder): _shard_files(folder) for folder in folders}
     checkpoint_dir = None
     if checkpoints:
         checkpoint_dir = Path(checkpoints)
@@ -70,7 +79,7 @@ def resolve_arguments(recipe, overrides, data, checkpoints, json_out):
 
 def _device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
@@ -92,7 +101,7 @@ def run(recipe: str | None = None, overrides=(), data=(), checkpoints: str | Non
     config, data_dirs, checkpoint_dir = resolve_arguments(recipe, overrides, data, checkpoints, json_out)
 
     device = _device()
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     created = False
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -106,7 +115,7 @@ def run(recipe: str | None = None, overrides=(), data=(), checkpoints: str | Non
         if console is None:
             from rich.console import Console
 
-            console = Console()
+            console = Console(width=None if sys.stdout.isatty() else 150)  # logs: wide rows, no wrapping
         result = _run(config, data_dirs, checkpoint_dir, device, rank, world, hosts,
                       budget or budget_for(device, quick), mounts_text, console if rank == 0 else None)
         result["quick"], result["elapsed_s"] = quick, time.perf_counter() - started

@@ -44,7 +44,7 @@ def nvml_handle(device: torch.device):
         pynvml.nvmlInit()
         p = torch.cuda.get_device_properties(device)
         return pynvml.nvmlDeviceGetHandleByPciBusId(f"{p.pci_domain_id:08x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0")
-    except Exception:  # not installed, no driver access, an old driver: health figures are then absent
+    except Exception:  # noqa: BLE001 (not installed, no driver access, an old driver): health figures are then absent
         return None
 
 
@@ -150,7 +150,7 @@ def slow_ranks(rates: list[float], hosts: list[str], what: str, unit: str, secti
     figure = "; ".join(slow) if slow else f"{len(rates)} ranks from {lo:.4g} to {hi:.4g} {unit}"
     advice = ""
     if slow:
-        advice = (f"every collective waits for the slowest rank (one throttled GPU took SmolLM3's all-reduce from "
-                  f"~350 to ~100 GB/s): exclude its node from the job")
+        advice = ("every collective waits for the slowest rank (one throttled GPU took SmolLM3's all-reduce from "
+                  "~350 to ~100 GB/s): exclude its node from the job")
     return Check(section, f"slow ranks ({what})", figure, f"within {100 * tolerance:.0f}% of the median of its peers",
                  FAIL if slow else OK, advice, {"per_rank": rates, "slow": slow})

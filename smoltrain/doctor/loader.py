@@ -42,6 +42,10 @@ def sizing(config: Config, world: int, peak_tflops: float) -> dict:
     return plan(config, gpus=world, peak_tflops=peak_tflops)
 
 
+def _flops(rate: float) -> str:
+    return f"{rate / 1e12:,.0f} TFLOP/s" if rate >= 1e13 else f"{rate / 1e9:,.1f} GFLOP/s"
+
+
 def judge(config: Config, planned: dict, per_rank: list[dict], ranks_per_node: list[list[int]],
           free_bytes_per_device: float, matmul_flops: float, peak_source: str) -> list[Check]:
     """`matmul_flops`: the measured rate (FLOP/s) at the recipe's shapes in the trainer's precision."""
@@ -75,7 +79,7 @@ def judge(config: Config, planned: dict, per_rank: list[dict], ranks_per_node: l
               FAIL: "the plan's time is impossible on this device: re-plan with the measured rate "
                     "(smoltrain plan --peak-tflops)"}[status]
     checks.append(Check("loader", "tokens/s upper bound per device",
-                        f"{bound:,.0f} tokens/s at the measured {matmul_flops / 1e12:,.3g} TFLOP/s",
+                        f"{bound:,.0f} tokens/s at the measured {_flops(matmul_flops)}",
                         f"plan assumes {per_device:,.0f} ({100 * planned['mfu']:.0f}% MFU of {peak_source})", status,
                         advice, {"value": bound, "plan_tokens_per_s": per_device}))
     checks.append(Check("loader", "plan", f"{planned['gpu_hours']:,.0f} device-hours, {planned['wall_clock_days']:.2f} "

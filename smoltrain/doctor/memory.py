@@ -36,6 +36,24 @@ def _pcie_link(device: torch.device) -> dict | None:
         return None
 
 
+def _device_copies(device: torch.device, size: int, seconds: float) -> dict:
+    """GB/s of a device-to-device copy (read + write) and of each host<->device transfer."""
+    src = torch.ones(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    pinned = torch.ones(size, dtype=torch.uint8, pin_memory=True)
+    pageable = torch.ones(size, dtype=torch.uint8)
+    out = {"device_copy_gb_s": 2 * size / time_op(lambda: dst.copy_(src), seconds, device) / 1e9}
+    transfers = {
+        "h2d_pinned": lambda: dst.copy_(pinned, non_blocking=True),
+        "h2d_pageable": lambda: dst.copy_(pageable),
+        "d2h_pinned": lambda: pinned.copy_(src, non_blocking=True),
+        "d2h_pageable": lambda: pageable.copy_(src),
+    }
+    for name, fn in transfers.items():
+        out[f"{name}_gb_s"] = size / time_op(fn, seconds / 2, device) / 1e9
+    return out
+
+
 def measure(device: torch.device, budget: Budget) -> dict:
     size = budget.copy_mb * 2**20
     vm = psutil.virtual_memory()
@@ -44,20 +62,7 @@ def measure(device: torch.device, budget: Budget) -> dict:
         src, dst = torch.ones(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
         out["host_copy_gb_s"] = 2 * size / time_op(lambda: dst.copy_(src), budget.measure_s, device) / 1e9
         return out
-    src = torch.ones(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    out["device_copy_gb_s"] = 2 * size / time_op(lambda: dst.copy_(src), budget.measure_s, device) / 1e9
-    pinned = torch.ones(size, dtype=torch.uint8, pin_memory=True)
-    pageable = torch.ones(size, dtype=torch.uint8)
-    transfers = {
-        "h2d_pinned": lambda: dst.copy_(pinned, non_blocking=True),
-        "h2d_pageable": lambda: dst.copy_(pageable),
-        "d2h_pinned": lambda: pinned.copy_(src, non_blocking=True),
-        "d2h_pageable": lambda: pageable.copy_(src),
-    }
-    for name, fn in transfers.items():
-        out[f"{name}_gb_s"] = size / time_op(fn, budget.measure_s / 2, device) / 1e9
-    del src, dst, pinned, pageable
+    out.update(_device_copies(device, size, budget.measure_s))
     torch.cuda.empty_cache()
     out["device_free_bytes"], out["device_total_bytes"] = torch.cuda.mem_get_info(device)
     out["pcie"] = _pcie_link(device)

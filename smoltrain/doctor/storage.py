@@ -170,6 +170,12 @@ def measure(data_dirs: dict[str, tuple[list[Path], int]], checkpoint_dir: Path |
     return out
 
 
+def _short(folder: str) -> str:
+    """A data folder's row label: its last two path parts (the full path is in the file-system row)."""
+    parts = Path(folder).parts
+    return "/".join(parts[-2:]) if len(parts) > 2 else folder
+
+
 def _against_need(rate: float, need: float | None) -> tuple[str, str]:
     """Status and advice of a read rate (tokens/s) against what the node's loader needs."""
     if need is None:
@@ -187,7 +193,8 @@ def judge(measured: dict, tokens_per_s_needed: float | None, checkpoint_bytes: f
     checks = []
     need_text = f"; the plan needs {tokens_per_s_needed:,.0f} tokens/s per node" if tokens_per_s_needed else ""
     for folder, m in measured["data"].items():
-        where = f"{m['fstype']} at {m['mount']}" + (f" ({m['source']})" if m["source"] else "")
+        where = f"{m['fstype']} at {m['mount']}" + (f" ({m['source']})" if m["source"] else "") + f": {folder}"
+        folder = _short(folder)
         if m["network"]:
             checks.append(Check("storage", f"data {folder}: file system", where, "local disk", WARN,
                                 "network storage evicted SmolLM3's data shards and throttled the run: copy them "
