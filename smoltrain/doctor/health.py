@@ -8,6 +8,7 @@ benchmark on a cold GPU looks fine; the slowdown shows after tens of seconds of 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -43,6 +44,8 @@ def nvml_handle(device: torch.device):
 
         pynvml.nvmlInit()
         p = torch.cuda.get_device_properties(device)
+        if not hasattr(p, "pci_bus_id"):  # older torch: NVML and CUDA agree on order without CUDA_VISIBLE_DEVICES
+            return None if os.environ.get("CUDA_VISIBLE_DEVICES") else pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
         return pynvml.nvmlDeviceGetHandleByPciBusId(f"{p.pci_domain_id:08x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0")
     except Exception:  # noqa: BLE001 (not installed, no driver access, an old driver): health figures are then absent
         return None

@@ -65,8 +65,8 @@ def budget_for(device: torch.device, quick: bool) -> Budget:
     """`--quick` stays under a minute on one node; on 2 CPU cores (fp32 ~40 GFLOP/s) it takes ~35 s."""
     if device.type == "cuda":
         if quick:
-            return Budget(8192, 0.25, 65536, 1024, 10.0, 256, 0.2, 1024, 2.0, 512, 4.0)
-        return Budget(8192, 1.0, 65536, 2048, 60.0, 1024, 0.5, 4096, 5.0, 2048, 20.0)
+            return Budget(8192, 0.25, 16384, 1024, 10.0, 256, 0.2, 1024, 2.0, 512, 4.0)
+        return Budget(8192, 1.0, 16384, 2048, 60.0, 1024, 0.5, 4096, 5.0, 2048, 20.0)
     if quick:
         return Budget(1024, 0.5, 512, 256, 5.0, 16, 0.2, 256, 1.0, 128, 3.0)
     return Budget(2048, 2.0, 2048, 512, 30.0, 64, 0.5, 1024, 3.0, 512, 10.0)
