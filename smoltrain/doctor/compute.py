@@ -103,7 +103,7 @@ def _error(e: Exception) -> str:
 
 def measure(device: torch.device, budget: Budget, shapes: list[dict] | None = None) -> dict:
     """Every precision at the square shape, then bf16 and fp8 (GPU) or fp32 and bf16 (CPU) at each
-    recipe shape. Rows beyond budget.recipe_rows are not run: the time scales linearly with them."""
+    recipe shape. Rows beyond the budget are not run: the time scales linearly with them."""
     cuda = device.type == "cuda"
     precisions = GPU_PRECISIONS if cuda else CPU_PRECISIONS
     no_fp8 = fp8_supported(device)
@@ -120,7 +120,10 @@ def measure(device: torch.device, budget: Budget, shapes: list[dict] | None = No
             square[p] = {"error": _error(e)}
     results = []
     for shape in shapes or []:
-        rows = min(shape["m"], budget.recipe_rows)
+        # At most the rows of one square GEMM's FLOPs (a 3B model's lm_head on a CPU would take minutes),
+        # at least 64 rows; the time of the whole micro-batch is scaled up from them.
+        flop_rows = max(64, n**3 // (shape["k"] * shape["n"]) // 16 * 16)
+        rows = min(shape["m"], budget.recipe_rows, flop_rows)
         row = dict(shape, rows_timed=rows, seconds={}, tflops={})
         for p in ("bf16", "fp8") if cuda else CPU_PRECISIONS:
             if p == "fp8" and (no_fp8 or any(d % 16 for d in (rows, shape["k"], shape["n"]))):
