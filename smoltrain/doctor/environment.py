@@ -67,6 +67,7 @@ def measure(device: torch.device, local_world: int) -> dict:
         "memory_available_bytes": vm.available,
         "shm_bytes": shm,
         "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
     }
 
@@ -94,6 +95,16 @@ def judge(m: dict) -> list[Check]:
                         f"{m['threads_per_process']} threads x {m['processes_per_node']} processes per node",
                         f"{m['cpu_cores']} usable cores ({m['cpu_count']} on the host)", status, advice,
                         {"value": used, "cores": m["cpu_cores"]}))
+    load = m.get("load_average")
+    if load is not None:
+        # Measured before the doctor starts working: other processes' threads. On this project's shared
+        # 2-core machine a load of ~7 made 2-thread GEMMs of the demo's shapes 70x slower than 1 thread.
+        busy = load > m["cpu_cores"]
+        checks.append(Check("environment", "system load", f"{load:.1f} runnable threads (1-minute average)",
+                            f"<= {m['cpu_cores']} usable cores", WARN if busy else OK,
+                            "other processes compete for these cores: figures below and training steps will be "
+                            "slower (with several threads per process, much slower)" if busy else "",
+                            {"value": load}))
     checks.append(Check("environment", "host memory", f"{m['memory_available_bytes'] / gib:,.1f} of "
                         f"{m['memory_total_bytes'] / gib:,.1f} GiB available", "", INFO, ""))
     if m["shm_bytes"] is None:
