@@ -188,10 +188,12 @@ def cmd_plan(args) -> int:
 
 
 def cmd_doctor(args) -> int:
+    import os
+
     from smoltrain.doctor import exit_code, run
 
     result = run(args.recipe, args.overrides, args.data, args.checkpoints, args.quick, args.json_out)
-    if args.json_out and result.get("checks"):
+    if args.json_out and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 writes and prints
         print(f"wrote {args.json_out}")
     return exit_code(result, args.strict)
 
