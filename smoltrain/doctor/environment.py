@@ -42,6 +42,15 @@ def _driver() -> str | None:
     return None
 
 
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def measure(device: torch.device, local_world: int) -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     vm = psutil.virtual_memory()
@@ -56,7 +65,7 @@ def measure(device: torch.device, local_world: int) -> dict:
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
         "driver": _driver() if cuda else None,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
+        "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
         "device_count": torch.cuda.device_count() if cuda else 0,
         "capability": list(torch.cuda.get_device_capability(device)) if cuda else None,
         "cpu_cores": cores,
