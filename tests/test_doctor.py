@@ -270,3 +270,52 @@ def test_every_section_runs_under_two_gloo_ranks_and_the_slow_rank_is_flagged(re
     loader = checks["loader tokens/s per node"]["values"]
     assert loader["per_node"] == [pytest.approx(sum(r["tokens_per_s"] for r in loader["per_rank"]))]
     assert set(checks["fp32 matmul 32x32x32"]["values"]["per_rank"]) == {"0", "1"}
+
+
+def test_gpu_figures_are_judged_against_the_spec_sheet_and_the_playbook():
+    """The CUDA judges on recorded-style figures (no GPU needed): shares of spec, fp8 vs bf16 at the
+    recipe's shapes, PCIe, and all-reduce against the playbook's H100 nodes."""
+    spec = device_spec("NVIDIA H100 80GB HBM3")
+    measured = {"square_size": 8192, "square": {"bf16": {"tflops": 730.0}, "fp32": {"tflops": 30.0},
+                                                "fp8": {"error": "fp8 tensor cores need compute capability 8.9"}},
+                "recipe": [dict(name="down_proj", m=8192, k=11008, n=2048, count=36, rows_timed=8192,
+                                seconds={"bf16": 1.0e-3, "fp8": 1.2e-3}, tflops={"bf16": 370.0, "fp8": 300.0})]}
+    checks = {c.name: c for c in compute.judge(measured, spec, cuda=True, precision="bf16")}
+    assert checks["bf16 matmul 8192x8192x8192"].status == OK  # 74% of 989
+    assert checks["fp32 matmul 8192x8192x8192"].status == WARN  # 45% of 67
+    assert checks["fp8 matmul 8192x8192x8192"].status == "INFO"
+    faster = checks["faster precision for this model"]
+    assert faster.values["faster"] == "bf16" and faster.values["speedup"] == pytest.approx(1.2)
+    ridge = 989 / 3.35  # FLOP per byte
+    intensity = compute.arithmetic_intensity(8192, 11008, 2048, 2)
+    assert checks["down_proj 8192x11008x2048 (x36)"].values["ridge_flop_per_byte"] == pytest.approx(ridge)
+    assert ("compute-bound" if intensity >= ridge else "memory-bound") in checks["down_proj 8192x11008x2048 (x36)"].reference
+
+    from smoltrain.doctor import memory
+
+    figures = {"device_copy_gb_s": 2900.0, "h2d_pinned_gb_s": 52.0, "d2h_pinned_gb_s": 30.0, "h2d_pageable_gb_s": 12.0,
+               "d2h_pageable_gb_s": 8.0, "device_free_bytes": 79 * 2**30, "device_total_bytes": 80 * 2**30,
+               "pcie": {"generation": 5, "max_generation": 5, "width": 8, "max_width": 16}}
+    rows = {c.name: c for c in memory.judge(figures, spec, cuda=True)}
+    assert rows["device copy (HBM)"].status == OK  # 87% of 3.35 TB/s
+    assert rows["host to device, pinned"].status == OK and rows["device to host, pinned"].status == WARN  # 83% and 48% of 63 GB/s
+    assert rows["PCIe link width"].status == WARN and rows["free device memory"].status == OK
+
+    # 16 H100 ranks on 2 nodes: all-reduce busbw from the slowest rank's time, judged against ~335 / ~480 GB/s.
+    hosts = ["n0"] * 8 + ["n1"] * 8
+    size = 2**30
+
+    def rank_record(slow: bool) -> dict:
+        return {"sweep": [{"group": "across nodes", "members": list(range(16)), "op": op, "size_bytes": size,
+                           "time_s": (0.03 if slow else 0.006)} for op in collectives.OPS] +
+                         [{"group": "within a node", "members": list(range(8)), "op": op, "size_bytes": size,
+                           "time_s": 0.004} for op in collectives.OPS],
+                "ring": {"size_bytes": size, "time_s": 0.05 if slow else 0.02}}
+
+    per_rank = [rank_record(slow=r == 11) for r in range(16)]
+    checks, _ = collectives.judge(per_rank, hosts, "NVIDIA H100 80GB HBM3")
+    rows = {c.name: c for c in checks}
+    across = rows["all-reduce (across nodes, 16 ranks)"]
+    assert across.values["value"] == pytest.approx(size / 0.03 * 2 * 15 / 16 / 1e9) and across.status == FAIL  # 67 GB/s
+    assert rows["all-reduce (within a node, 8 ranks)"].status == OK  # 470 GB/s
+    assert rows["slow ranks (send/recv ring)"].status == FAIL and "rank 11 (n1)" in rows["slow ranks (send/recv ring)"].figure
