@@ -319,3 +319,12 @@ def test_gpu_figures_are_judged_against_the_spec_sheet_and_the_playbook():
     assert across.values["value"] == pytest.approx(size / 0.03 * 2 * 15 / 16 / 1e9) and across.status == FAIL  # 67 GB/s
     assert rows["all-reduce (within a node, 8 ranks)"].status == OK  # 470 GB/s
     assert rows["slow ranks (send/recv ring)"].status == FAIL and "rank 11 (n1)" in rows["slow ranks (send/recv ring)"].figure
+
+
+def test_more_threads_slower_than_one_is_a_warn_naming_the_fix():
+    measured = {"square_size": 64, "square": {}, "recipe": [],
+                "threads": {"shape": [512, 128, 128], "threads": 2, "tflops": 0.6e-3, "tflops_one_thread": 48.3e-3}}
+    [check] = compute.judge(measured, None, cuda=False, precision="fp32")
+    assert check.status == WARN and "80.5x faster" in check.advice and "OMP_NUM_THREADS=1" in check.advice
+    measured["threads"]["tflops"] = 90e-3
+    assert compute.judge(measured, None, cuda=False, precision="fp32")[0].status == OK

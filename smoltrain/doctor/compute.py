@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from smoltrain.doctor.report import INFO, OK, Check, by_share
+from smoltrain.doctor.report import INFO, OK, WARN, Check, by_share
 from smoltrain.doctor.timing import Budget, time_op
 
 GPU_PRECISIONS = ("bf16", "fp16", "tf32", "fp32", "fp8")
@@ -136,7 +136,25 @@ def measure(device: torch.device, budget: Budget, shapes: list[dict] | None = No
             row["seconds"][p] = t * shape["m"] / rows  # the whole micro-batch
             row["tflops"][p] = 2 * rows * shape["k"] * shape["n"] / t / 1e12
         results.append(row)
-    return {"square_size": n, "square": square, "recipe": results}
+    out = {"square_size": n, "square": square, "recipe": results}
+    threads = torch.get_num_threads()
+    if not cuda and threads > 1:
+        out["threads"] = _threads_probe(results[0] if results else None, budget, device, threads)
+    return out
+
+
+def _threads_probe(shape: dict | None, budget: Budget, device: torch.device, threads: int) -> dict:
+    """fp32 FLOP/s of the recipe's first GEMM (else a 256^3 one) with this process's threads and with
+    one: small GEMMs on a busy or oversubscribed CPU can run many times slower on several threads."""
+    m, k, n = (shape["rows_timed"], shape["k"], shape["n"]) if shape else (256, 256, 256)
+    rates = {}
+    for count in (threads, 1):
+        torch.set_num_threads(count)
+        try:
+            rates[count] = 2 * m * k * n / time_matmul(m, k, n, "fp32", device, budget.measure_s / 2) / 1e12
+        finally:
+            torch.set_num_threads(threads)
+    return {"shape": [m, k, n], "threads": threads, "tflops": rates[threads], "tflops_one_thread": rates[1]}
 
 
 def recipe_rate(measured: dict, precision: str) -> float | None:
@@ -179,6 +197,16 @@ def judge(measured: dict, spec: dict | None, cuda: bool, precision: str) -> list
         else:
             reference = "no spec peak for this device" if cuda else "no spec peak for CPUs"
             checks.append(Check("compute", name, _rate(r["tflops"], cuda), reference, INFO, "", {"value": r["tflops"], **r}))
+    probe = measured.get("threads")
+    if probe:
+        speedup = probe["tflops_one_thread"] / probe["tflops"]
+        slower = speedup > 1.1
+        checks.append(Check(
+            "compute", f"threads at {'x'.join(map(str, probe['shape']))}",
+            f"{probe['threads']} threads {_rate(probe['tflops'], cuda)}, 1 thread {_rate(probe['tflops_one_thread'], cuda)}",
+            "more threads should not be slower", WARN if slower else OK,
+            f"1 thread is {speedup:.1f}x faster: the cores are oversubscribed or busy; set OMP_NUM_THREADS=1"
+            if slower else "", {"value": probe["tflops"], **probe}))
     if not measured["recipe"]:
         return checks
     ridge = spec["bf16"] / spec["memory_tb_s"] if spec else None  # FLOP per byte where a GEMM turns compute-bound
