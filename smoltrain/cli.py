@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one value of the recipe (repeatable)")
     p.add_argument("--data", action="append", default=[], metavar="DIR",
-                   help="token shard folder to check (repeatable; default: the recipe's sources)")
+                   help="token shard folder to check (repeatable; the recipe's sources are always checked)")
     p.add_argument("--checkpoints", metavar="DIR", help="checkpoint folder (default: the recipe's train.out_dir)")
     p.add_argument("--quick", action="store_true", help="shorter measurements: under a minute on one node")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write every figure and verdict to this JSON file")

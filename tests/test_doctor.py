@@ -201,7 +201,8 @@ def test_strict_exits_1_on_a_fail_and_0_otherwise(recipe, tmp_path, monkeypatch,
     assert doctor.exit_code({"verdict": WARN}, strict=True) == 0
 
 
-@pytest.mark.parametrize("case", ["missing data", "not a dataset", "missing checkpoints", "json folder", "bad recipe key"])
+@pytest.mark.parametrize("case", ["missing data", "not a dataset", "missing checkpoints", "json folder", "bad recipe key",
+                                  "set without recipe"])
 def test_bad_arguments_are_one_line_errors(case, recipe, tmp_path, capsys):
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "notes.txt").write_text("hello")
@@ -211,6 +212,7 @@ def test_bad_arguments_are_one_line_errors(case, recipe, tmp_path, capsys):
         "missing checkpoints": ["--checkpoints", str(tmp_path / "nope")],
         "json folder": ["--json", str(tmp_path / "nope" / "d.json")],
         "bad recipe key": ["--recipe", str(recipe), "--set", "train.micro_batch=2"],
+        "set without recipe": ["--set", "train.micro_batch_size=2"],
     }[case]
     start = time.perf_counter()
     assert main(["doctor", *args]) == 2

@@ -54,15 +54,17 @@ def resolve_arguments(recipe, overrides, data, checkpoints, json_out):
         from smoltrain.config import load_config
 
         config = load_config(recipe, list(overrides))
+    elif overrides:
+        raise ConfigError("--set overrides a recipe's values: give --recipe too")
     folders = list(data)
-    if config is not None and not folders:
+    if config is not None:  # the recipe's sources first: its loader reads them
         data_cfg = config.data
         if data_cfg.embedded:
             from smoltrain.data.embedded import ensure_embedded_data
 
             data_cfg = ensure_embedded_data(data_cfg)
-        folders = list(dict.fromkeys(data_cfg.sources.values()))
-    data_dirs = {str(folder): _shard_files(folder) for folder in folders}
+        folders = list(data_cfg.sources.values()) + folders
+    data_dirs = {str(folder): _shard_files(folder) for folder in dict.fromkeys(map(str, folders))}
     checkpoint_dir = None
     if checkpoints:
         checkpoint_dir = Path(checkpoints)
