@@ -4,7 +4,7 @@ cache dropped independently (/proc/sys/vm/drop_caches as root, else fadvise), in
 interleaved so both see the same machine. Prints one JSON object; the claim is a ratio within 5%
 (matmul) and 10% (storage) between the medians of interleaved rounds.
 
-    python bench/doctor_honesty.py                       # CPU: 1024^3 fp32 and bf16, 512 MiB of files
+    python bench/doctor_honesty.py --threads 1           # CPU: 1024^3 fp32 and bf16, 512 MiB of files
     python bench/doctor_honesty.py --size 8192 --mb 4096 # a GPU node
 """
 
@@ -113,8 +113,8 @@ def storage_rounds(paths: list[Path], rounds: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=None, help="square GEMM side (default 1024 on CPU, 8192 on GPU)")
-    p.add_argument("--seconds", type=float, default=1.0, help="per timing, doctor and peer alike")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=2.0, help="per timing, doctor and peer alike")
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--mb", type=int, default=512, help="MiB of files for the storage comparison")
     p.add_argument("--files", type=int, default=4)
     p.add_argument("--threads", type=int, default=None,
