@@ -47,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=cmd_plan)
 
+    p = verbs.add_parser("doctor", help="pre-flight: compute, memory, collectives, storage, loader and GPU health checks")
+    p.add_argument("--recipe", help="also check this recipe's GEMM shapes, loader, memory and checkpoints")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one value of the recipe (repeatable)")
+    p.add_argument("--data", action="append", default=[], metavar="DIR",
+                   help="token shard folder to check (repeatable; the recipe's sources are always checked)")
+    p.add_argument("--checkpoints", metavar="DIR", help="checkpoint folder (default: the recipe's train.out_dir)")
+    p.add_argument("--quick", action="store_true", help="shorter measurements: under a minute on one node")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write every figure and verdict to this JSON file")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any check FAILs (for launch scripts)")
+    p.set_defaults(func=cmd_doctor)
+
     p = verbs.add_parser("export", help="write a Hugging Face transformers folder (Llama / SmolLM3 / Qwen3)")
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="model folder, run folder or checkpoint folder")
     p.add_argument("--out", required=True, help="output folder")
@@ -173,6 +185,17 @@ def cmd_plan(args) -> int:
     else:
         Console().print(plan_table(result))
     return 0
+
+
+def cmd_doctor(args) -> int:
+    import os
+
+    from smoltrain.doctor import exit_code, run
+
+    result = run(args.recipe, args.overrides, args.data, args.checkpoints, args.quick, args.json_out)
+    if args.json_out and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 writes and prints
+        print(f"wrote {args.json_out}")
+    return exit_code(result, args.strict)
 
 
 def cmd_export(args) -> int:

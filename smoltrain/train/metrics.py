@@ -49,6 +49,46 @@ def peak_for_name(name: str) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
+# The rest of the spec sheet, for `smoltrain doctor`: dense fp32 (non-tensor-core) TFLOP/s and memory
+# bandwidth in TB/s, matched like PEAK_BF16_TFLOPS. fp16 tensor-core peaks equal bf16, tf32 is half of
+# bf16 and fp8 twice it on every device here that has each (HAS_FP8: Ada, Hopper, Blackwell, MI300).
+SPEC_SHEET = (  # (name substring, fp32 TFLOP/s, memory TB/s)
+    ("H100 PCIe", 51.0, 2.0),
+    ("H100 NVL", 60.0, 3.9),
+    ("H200 NVL", 60.0, 4.8),
+    ("GH200", 67.0, 4.0),
+    ("H100", 67.0, 3.35),
+    ("H200", 67.0, 4.8),
+    ("B200", 75.0, 8.0),
+    ("A100-SXM4-80GB", 19.5, 2.039),
+    ("A100 80GB PCIe", 19.5, 1.935),
+    ("A100", 19.5, 1.555),
+    ("L40S", 91.6, 0.864),
+    ("L40", 90.5, 0.864),
+    ("L4", 30.3, 0.3),
+    ("MI300X", 163.4, 5.3),
+    ("MI250X", 47.9, 3.2),
+)
+HAS_FP8 = ("H100", "H200", "GH200", "B200", "L40", "L4", "MI300X")
+NO_TF32 = ("MI250X",)
+
+
+def device_spec(name: str) -> dict | None:
+    """Dense TFLOP/s per precision and memory TB/s of a device from its spec sheet, None if unknown."""
+    bf16 = peak_for_name(name)
+    sheet = next((row for row in SPEC_SHEET if row[0] in name), None)
+    if bf16 is None or sheet is None:
+        return None
+    return {
+        "bf16": bf16,
+        "fp16": bf16,
+        "tf32": None if any(k in name for k in NO_TF32) else bf16 / 2,
+        "fp32": sheet[1],
+        "fp8": 2 * bf16 if any(k in name for k in HAS_FP8) else None,
+        "memory_tb_s": sheet[2],
+    }
+
+
 def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
     """Model FLOPs utilisation: achieved training FLOP/s over the peak (None when the peak is unknown)."""
     if not peak:
