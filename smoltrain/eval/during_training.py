@@ -27,6 +27,13 @@ def _tokenizer(path: str):
     return load_tokenizer(path)
 
 
+def sequence_multiple(config) -> int:
+    """What every forward's sequence length must be a multiple of: sequence parallel splits the
+    sequence over the TP ranks (a 19-token scoring batch cannot be halved)."""
+    p = config.parallel
+    return p.tp if p.tp > 1 and p.sequence_parallel else 1
+
+
 def evaluate_during_training(model, config, device, data_parallel: tuple[int, int, object] | None = None) -> dict:
     """{"val": {source: {"loss", "bpb", "tokens"}}, "tasks": {name: {metric: value, "n"}}, "aggregate": {...}}.
 
@@ -46,5 +53,5 @@ def evaluate_during_training(model, config, device, data_parallel: tuple[int, in
             raise ConfigError("eval.tasks needs data.tokenizer (or data.embedded) to turn prompts into tokens")
         tasks = _tasks(tuple(e.tasks), e.limit, e.num_fewshot, e.seed)
         results = score_tasks(model, _tokenizer(config.data.tokenizer), tasks, e.batch_size, e.seed, device, progress=False,
-                              data_parallel=data_parallel)
+                              data_parallel=data_parallel, pad_multiple=sequence_multiple(config))
     return {"val": val, "tasks": results, "aggregate": aggregate(results)}

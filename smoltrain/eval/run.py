@@ -95,12 +95,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def score_tasks(model, tokenizer, tasks: Sequence[Task], batch_size: int = 16, seed: int = 0, device=None,
                 progress: bool = True, details: list | None = None,
-                data_parallel: tuple[int, int, object] | None = None) -> dict[str, dict]:
+                data_parallel: tuple[int, int, object] | None = None, pad_multiple: int = 1) -> dict[str, dict]:
     """{task: {metric: value, ..., "n", "score", "random_baseline", "centred"}} for each task.
 
     data_parallel = (dp_rank, dp_world, group) splits multiple-choice scoring over the ranks;
     generative tasks run whole on every rank (items stop at different lengths, and FSDP needs
-    every rank to decode in step)."""
+    every rank to decode in step). pad_multiple: scoring batches are padded to a width that is a
+    multiple of it (the TP degree under sequence parallel)."""
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     eot = end_of_text_id(tokenizer)
@@ -115,7 +116,7 @@ def score_tasks(model, tokenizer, tasks: Sequence[Task], batch_size: int = 16, s
             if task.kind == "multiple_choice":
                 metrics = score_multiple_choice(model, tokenizer, task, batch_size, seed, empty_context_ids=empty_context,
                                                 autocast_dtype=autocast_dtype, on_batch=advance, details=details,
-                                                data_parallel=data_parallel)
+                                                data_parallel=data_parallel, pad_multiple=pad_multiple)
             else:
                 metrics = score_generative(model, tokenizer, task, batch_size, seed, prefix_ids=(),
                                            stop_token_ids=empty_context, on_batch=advance, details=details)
