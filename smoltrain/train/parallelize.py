@@ -399,6 +399,10 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     Under FSDP x TP some gradients are 2-D DTensors, some 1-D (parameters replicated over TP) and
     some plain; torch's clip_grad_norm_ cannot stack norms from different meshes, so each mesh's
     norm is completed (full_tensor) before the sum.
+
+    Each tensor's norm accumulates in float64: torch 2.13's float32 vector_norm on CPU sums
+    serially and is 4e-5 low on 0.5M elements (the demo's embedding gradient), so a 1-process
+    norm and an FSDP2 norm (two half-length sums) differed by 1e-5 relative before any update.
     """
     from torch.distributed.tensor import DTensor
 
@@ -408,11 +412,11 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
         groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
     squares = []
     for group in groups.values():
-        norm = torch.nn.utils.get_total_norm(group, 2.0)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0, dtype=torch.float64) for g in group]))
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        squares.append(norm.float().cpu() ** 2)
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+        squares.append(norm.cpu() ** 2)
+    total = torch.stack(squares).sum().sqrt().float() if squares else torch.zeros(())
     if max_norm > 0:
         coef = min(1.0, max_norm / (total.item() + 1e-6))
         if coef < 1.0:
