@@ -27,6 +27,36 @@ def _tokenizer(path: str):
     return load_tokenizer(path)
 
 
+def check_eval_config(config) -> None:
+    """Everything the run's evaluations need, resolved before step 1 rather than at the first
+    evaluation hours later: every eval task exists (with the same "did you mean" as `smoltrain
+    eval`), prompts have a tokenizer, validation folders exist, and generative tasks are refused
+    under sequence parallel (one token per forward cannot be split over TP ranks; log-likelihood
+    tasks run under any layout)."""
+    from pathlib import Path
+
+    from smoltrain.errors import ConfigError
+
+    e, d, p = config.eval, config.data, config.parallel
+    tasks = _tasks(tuple(e.tasks), e.limit, e.num_fewshot, e.seed) if e.tasks else []
+    if tasks and not (d.tokenizer or d.embedded):
+        raise ConfigError("eval.tasks needs data.tokenizer (or data.embedded) to turn prompts into tokens")
+    if tasks and d.tokenizer and not d.embedded and not Path(d.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer: {d.tokenizer} not found (eval.tasks needs it)")
+    if e.val_batches and d.validation and not d.embedded:
+        if not d.tokenizer:
+            raise ConfigError("data.tokenizer is needed to count bytes for bits per byte of data.validation "
+                              "(or set eval.val_batches=0)")
+        for source, folder in d.validation.items():
+            if not Path(folder).is_dir():
+                raise ConfigError(f"data.validation.{source}: folder {folder} not found")
+    generative = [task.name for task in tasks if task.kind == "generative"]
+    if generative and p.tp > 1 and p.sequence_parallel:
+        raise ConfigError(f"eval.tasks: generative tasks ({', '.join(generative)}) decode one token at a time, "
+                          f"which sequence parallel cannot split over parallel.tp ({p.tp}) ranks; set "
+                          f"parallel.sequence_parallel=false, drop them, or evaluate checkpoints with `smoltrain eval`")
+
+
 def sequence_multiple(config) -> int:
     """What every forward's sequence length must be a multiple of: sequence parallel splits the
     sequence over the TP ranks (a 19-token scoring batch cannot be halved)."""
