@@ -239,9 +239,9 @@ def cmd_eval(args) -> int:
     report = evaluate(args.model, tasks, task_files=args.task_file, limit=args.limit, num_fewshot=args.num_fewshot,
                       num_samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
                       val_batches=args.val_batches, device=args.device, tokenizer=args.tokenizer, seed=args.seed,
-                      out=args.out)
+                      out=args.out, validation=args.validation, log_samples=args.log_samples)
     print_table(report)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + (f" and {report['samples']}" if report.get("samples") else ""))
     return 0
 
 

@@ -176,3 +176,112 @@ def test_exported_weights_are_readable_like_the_other_files(tmp_path):
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
     assert mode(out / "model.safetensors") == mode(out / "config.json")
     assert mode(tmp_path / "folder" / "model.safetensors") == mode(tmp_path / "folder" / "config.yaml")
+
+
+# ----------------------------------------------------------------------------- evaluation provenance
+
+
+ODD_ITEMS = [
+    {"query": "1+1=", "choices": [" 2", " 3"], "gold": 0},
+    {"query": "2+2 =", "choices": [" 4", " 5", " 44"], "gold": 1},
+    {"query": "what is 7-3?", "choices": [" 4", " 3"], "gold": 0},
+]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, shards) -> Path:
+    """A finished 2-step run with a byte tokenizer (token i is byte i, 256 is end of text)."""
+    from test_parallel_trainer import write_byte_tokenizer
+
+    from smoltrain.train.trainer import run
+
+    root = tmp_path_factory.mktemp("trained")
+    write_byte_tokenizer(root / "tokenizer.json")
+    raw = json.loads(json.dumps(TINY))
+    raw["model"]["vocab_size"] = 258
+    raw["data"].update(sources={"web": str(shards / "web")}, tokenizer=str(root / "tokenizer.json"))
+    raw["train"]["out_dir"] = str(root / "run")
+    raw["eval"]["val_batches"] = 0
+    run(config_from_dict(raw))
+    (root / "odd.jsonl").write_text("".join(json.dumps(item) + "\n" for item in ODD_ITEMS))
+    return root
+
+
+def test_results_json_records_the_model_step_tokens_settings_and_version(trained_run, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert cli_main(["eval", str(trained_run / "run"), "--tasks", str(trained_run / "odd.jsonl"), "--limit", "2",
+                     "--seed", "3", "--val-batches", "0", "--device", "cpu", "--out", str(out)]) == 0
+    provenance = json.loads(out.read_text())["provenance"]
+    state = json.loads((trained_run / "run" / "checkpoints" / "step_00000002" / "train_state.json").read_text())
+    assert provenance["model"] == {"path": str((trained_run / "run").resolve()),
+                                   "checkpoint": str((trained_run / "run" / "checkpoints" / "step_00000002").resolve()),
+                                   "step": 2, "tokens": state["tokens"]}
+    assert state["tokens"] == 2 * TINY["train"]["global_batch_tokens"]
+    assert provenance["tasks"] == {"odd": {"kind": "multiple_choice", "items": 2, "num_fewshot": 0, "formulation": "cloze",
+                                           "metric": "acc_norm_nospace"}}
+    assert (provenance["limit"], provenance["seed"], provenance["smoltrain_version"]) == (2, 3, __version__)
+    assert "at step 2 (128 tokens)" in out.with_suffix(".md").read_text()
+
+
+def test_log_samples_writes_every_item_with_its_log_likelihoods(trained_run, tmp_path):
+    from smoltrain.eval.run import evaluate
+    from smoltrain.eval.scoring import encode_pair, load_tokenizer, loglikelihoods
+    from smoltrain.train.checkpoint import load_model_from_checkpoint
+
+    out = tmp_path / "results.json"
+    report = evaluate(str(trained_run / "run"), [str(trained_run / "odd.jsonl")], val_batches=0, device="cpu",
+                      out=out, log_samples=True, progress=False)
+    samples = [json.loads(line) for line in (tmp_path / "results.samples.jsonl").read_text().splitlines()]
+    assert report["samples"] == str(tmp_path / "results.samples.jsonl")
+    assert [s["choices"] for s in samples] == [item["choices"] for item in ODD_ITEMS]
+    # The logged log-likelihoods are the model's, scored one request at a time without batching.
+    model, _ = load_model_from_checkpoint(trained_run / "run")
+    tokenizer = load_tokenizer(trained_run / "tokenizer.json")
+    for sample, item in zip(samples, ODD_ITEMS):
+        want = [loglikelihoods(model.eval(), [encode_pair(tokenizer, item["query"], c)], batch_size=1)[0]
+                for c in item["choices"]]
+        assert sample["logprobs"] == pytest.approx(want, rel=1e-5)
+    accuracy = sum(s["acc_norm_nospace"] for s in samples) / len(samples)
+    assert report["tasks"]["odd"]["acc_norm_nospace"] == pytest.approx(accuracy)
+
+
+def test_a_hugging_face_folder_takes_validation_shards(trained_run, shards, tmp_path, capsys):
+    from smoltrain.eval.run import evaluate
+    from smoltrain.model.hf import export_hf
+
+    hf = export_hf(trained_run / "run", tmp_path / "hf", tokenizer=trained_run / "tokenizer.json")
+    out = tmp_path / "results.json"
+    assert cli_main(["eval", str(hf), "--tasks", str(trained_run / "odd.jsonl"), "--validation", str(shards / "val"),
+                     "--val-batches", "2", "--batch-size", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["provenance"]["validation"] == {"val": str(shards / "val")}
+    assert report["provenance"]["model"]["step"] is None  # an export does not know its step
+    # The same shards named in the checkpoint's config give the same loss.
+    config = config_from_dict({"model": {**TINY["model"], "vocab_size": 258},
+                               "data": {"seq_len": 32, "validation": {"val": str(shards / "val")},
+                                        "tokenizer": str(trained_run / "tokenizer.json")}})
+    want = evaluate(str(trained_run / "run"), [str(trained_run / "odd.jsonl")], val_batches=2, batch_size=2,
+                    device="cpu", config=config, progress=False)["val"]["val"]
+    # Windows as long as the model's context (32), 2 batches of 2.
+    assert report["val"]["val"]["tokens"] == want["tokens"] == 2 * 2 * 32
+    assert report["val"]["val"]["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "--device tpu: not a device"),
+    ("cuda:99" if __import__("torch").cuda.is_available() else "cuda", "CUDA device"),
+])
+def test_eval_device_mistakes_are_one_line(trained_run, device, message, capsys):
+    assert cli_main(["eval", str(trained_run / "run"), "--device", device]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_in_training_evaluation_prints_one_console_line():
+    from smoltrain.eval.during_training import eval_console_line
+
+    result = {"val": {"prose": {"loss": 3.41234, "bpb": 1.2, "tokens": 10}, "code": {"loss": 2.5, "bpb": 1.0, "tokens": 10}},
+              "tasks": {"arithmetic_choice": {"score": 0.41, "centred": 0.1}, "prose_cloze": {"score": 0.297, "centred": 0.0}},
+              "aggregate": {"centred": 0.05, "score": 0.35, "random_baseline": 0.3, "tasks": 2}}
+    assert eval_console_line(100, result) == ("eval step 100 | val prose 3.412 code 2.500 | aggregate +0.050 | "
+                                              "arithmetic_choice 0.410 prose_cloze 0.297")
+    assert eval_console_line(5, {"val": {}, "tasks": {}, "aggregate": {}}) is None

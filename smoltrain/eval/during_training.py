@@ -85,3 +85,17 @@ def evaluate_during_training(model, config, device, data_parallel: tuple[int, in
         results = score_tasks(model, _tokenizer(config.data.tokenizer), tasks, e.batch_size, e.seed, device, progress=False,
                               data_parallel=data_parallel, pad_multiple=sequence_multiple(config))
     return {"val": val, "tasks": results, "aggregate": aggregate(results)}
+
+
+def eval_console_line(step: int, result: dict) -> str | None:
+    """One console line for an in-training evaluation: validation loss per source, the centred
+    aggregate and each task's main score (None when nothing was evaluated), e.g.
+    `eval step 100 | val prose 3.412 code 2.981 | aggregate +0.052 | arithmetic_choice 0.410 prose_cloze 0.297`."""
+    parts = []
+    if result.get("val"):
+        parts.append("val " + " ".join(f"{source} {v['loss']:.3f}" for source, v in result["val"].items()))
+    if result.get("tasks"):
+        if result.get("aggregate"):
+            parts.append(f"aggregate {result['aggregate']['centred']:+.3f}")
+        parts.append(" ".join(f"{name} {r['score']:.3f}" for name, r in result["tasks"].items()))
+    return f"eval step {step} | " + " | ".join(parts) if parts else None
