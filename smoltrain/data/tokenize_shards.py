@@ -80,8 +80,9 @@ def _tokenize_file(task: dict) -> dict:
     """Tokenize one input file into one shard; returns the shard entry for meta.json."""
     tok, report = _worker["tokenizer"], _worker["queue"]
     out, path = Path(task["out"]), Path(task["path"])
-    prefix = [task["bos_id"]] if task["bos_id"] is not None else []
     eot, dtype = task["eot_id"], np.dtype(task["dtype"])
+    head = np.array([task["bos_id"]] if task["bos_id"] is not None else [], dtype=dtype)
+    tail = np.array([eot], dtype=dtype)
     reader = DocumentReader(path, task["text_key"], task["skip_bad"])
     num_bytes, reported = 0, 0
     staging = out / STAGING
@@ -96,18 +97,22 @@ def _tokenize_file(task: dict) -> dict:
                 for piece in (split_long(text, MAX_PIECE_CHARS) if len(text) > MAX_PIECE_CHARS else [text]):
                     pieces.append(piece)
                     owner.append(i)
-            encodings = tok.encode_batch_fast(pieces, add_special_tokens=False)
-            ids_of: list[list[int]] = [[] for _ in texts]
-            for i, enc in zip(owner, encodings):
-                ids_of[i].extend(enc.ids)
-            flat: list[int] = []
-            lengths = np.empty(len(texts), dtype=np.int64)
-            for i, ids in enumerate(ids_of):
-                flat.extend(prefix)
-                flat.extend(ids)
-                flat.append(eot)
-                lengths[i] = len(ids) + len(prefix) + 1
-            writer.add_documents(np.array(flat, dtype=dtype), lengths)
+            # Encodings (ids, offsets, token strings) are large: at most _BATCH_CHARS characters of them
+            # are alive at once, each turned into a compact array before the next call.
+            ids_of: list[list[np.ndarray]] = [[head] for _ in texts]
+            start = 0
+            while start < len(pieces):
+                end, chars = start, 0
+                while end < len(pieces) and (end == start or chars + len(pieces[end]) <= _BATCH_CHARS):
+                    chars += len(pieces[end])
+                    end += 1
+                for i, enc in zip(owner[start:end], tok.encode_batch_fast(pieces[start:end], add_special_tokens=False)):
+                    ids_of[i].append(np.asarray(enc.ids, dtype=dtype))
+                start = end
+            documents = [np.concatenate(arrays + [tail]) for arrays in ids_of]
+            lengths = np.array([len(d) for d in documents], dtype=np.int64)
+            flat = np.concatenate(documents)
+            writer.add_documents(flat, lengths)
             num_bytes += sum(len(t.encode("utf-8")) for t in texts)
             if report is not None:
                 report.put((reader.bytes_read - reported, len(flat)))
