@@ -8,6 +8,7 @@ Byte tokenizer (one token per byte), so the rows' lengths are those of the strin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -63,12 +64,17 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     config = make_config(Path(root), {"tp": 2, "dp_shard": 1, "sequence_parallel": True})
+    logger, lines = logging.getLogger("smoltrain.train.parallelize"), []
+    logger.setLevel(logging.INFO)
+    logger.addHandler(logging.Handler())
+    logger.handlers[-1].emit = lambda record: lines.append(record.getMessage())
     ctx = setup_distributed(config.parallel, config.model, seed=0, device="cpu")
     try:
         model = build_parallel_model(config, ctx).eval()
         with torch.no_grad():
             result = evaluate_during_training(model, config, "cpu")
             result["logprobs"] = logprobs(model, config, sequence_multiple(config))
+        result["log"] = lines
         if rank == 0:
             (Path(root) / "tp.json").write_text(json.dumps(result))
     finally:
@@ -96,6 +102,7 @@ def test_multiple_choice_eval_under_tp2_sequence_parallel_with_odd_widths_equals
 
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     got = json.loads((tmp_path / "tp.json").read_text())
+    assert got["log"] == ["distributed: world 2 = dp_replicate 1 x dp_shard 1 x tp 2 (no data parallel, gloo)"]
     assert got["tasks"]["odd"]["n"] == len(ITEMS)
     assert got["tasks"]["odd"] == pytest.approx(want["tasks"]["odd"], abs=1e-9)
     # Right padding is invisible to causal attention: the same log-likelihoods as unpadded rows.

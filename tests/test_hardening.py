@@ -285,3 +285,11 @@ def test_in_training_evaluation_prints_one_console_line():
     assert eval_console_line(100, result) == ("eval step 100 | val prose 3.412 code 2.500 | aggregate +0.050 | "
                                               "arithmetic_choice 0.410 prose_cloze 0.297")
     assert eval_console_line(5, {"val": {}, "tasks": {}, "aggregate": {}}) is None
+
+
+def test_a_tp_only_run_is_not_labelled_fsdp2():
+    from smoltrain.train.parallelize import data_parallel_kind
+
+    assert data_parallel_kind(1, 1, False) == "no data parallel"  # tp 2 on 2 ranks: nothing wraps the model
+    assert [data_parallel_kind(1, 2, False), data_parallel_kind(2, 2, False), data_parallel_kind(1, 2, True)] == [
+        "FSDP2", "HSDP", "DDP"]

@@ -180,9 +180,16 @@ def setup_distributed(
     if ctx.is_main and world_size > 1:
         log.info(
             f"distributed: world {world_size} = dp_replicate {replicate} x dp_shard {shard} x tp {tp} "
-            f"({'DDP' if parallel_cfg.ddp else 'FSDP2'}, {'nccl' if dev.type == 'cuda' else 'gloo'})"
+            f"({data_parallel_kind(replicate, shard, parallel_cfg.ddp)}, {'nccl' if dev.type == 'cuda' else 'gloo'})"
         )
     return ctx
+
+
+def data_parallel_kind(dp_replicate: int, dp_shard: int, ddp: bool) -> str:
+    """What wraps the model over the data-parallel ranks: DDP, HSDP, FSDP2, or nothing (TP only)."""
+    if dp_replicate * dp_shard == 1:
+        return "no data parallel"
+    return "DDP" if ddp else ("HSDP" if dp_replicate > 1 else "FSDP2")
 
 
 # ----------------------------------------------------------------------------- the recipe, one function each
@@ -435,6 +442,7 @@ __all__ = [
     "apply_tensor_parallel",
     "build_parallel_model",
     "clip_grad_norm_",
+    "data_parallel_kind",
     "load_full_state_dict",
     "resolve_layout",
     "runtime_seed",
