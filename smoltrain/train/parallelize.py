@@ -407,9 +407,10 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     some plain; torch's clip_grad_norm_ cannot stack norms from different meshes, so each mesh's
     norm is completed (full_tensor) before the sum.
 
-    Each tensor's norm accumulates in float64: torch 2.13's float32 vector_norm on CPU sums
-    serially and is 4e-5 low on 0.5M elements (the demo's embedding gradient), so a 1-process
-    norm and an FSDP2 norm (two half-length sums) differed by 1e-5 relative before any update.
+    On CPU each tensor's norm accumulates in float64: torch 2.13's float32 vector_norm there sums
+    serially and is 4e-5 low on 0.5M elements (the demo's embedding gradient), so a 1-process norm
+    and an FSDP2 norm (two half-length sums) differed by 1e-5 relative before any update. CUDA
+    reduces in a tree (accurate in float32) and keeps float32: the float64 path copies the tensor.
     """
     from torch.distributed.tensor import DTensor
 
@@ -419,7 +420,8 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
         groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
     squares = []
     for group in groups.values():
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0, dtype=torch.float64) for g in group]))
+        norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float64 if g.device.type == "cpu" else None) for g in group]
+        norm = torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms]))
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares.append(norm.cpu() ** 2)
