@@ -154,10 +154,9 @@ def cmd_config(args) -> int:
 
 def cmd_train(args) -> int:
     from smoltrain.config import load_config
-    from smoltrain.train.trainer import run
-
     from smoltrain.eval.during_training import check_eval_config
     from smoltrain.train.checkpoint import finished_at
+    from smoltrain.train.trainer import run
 
     config = load_config(args.config, args.overrides)
     if args.init:

@@ -173,7 +173,7 @@ def test_exported_weights_are_readable_like_the_other_files(tmp_path):
     config.data.seq_len, config.train.global_batch_tokens = 32, 256
     save_model_folder(build_model(config.model), config, tmp_path / "folder")
     out = export_hf(tmp_path / "folder", tmp_path / "hf")
-    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)
     assert mode(out / "model.safetensors") == mode(out / "config.json")
     assert mode(tmp_path / "folder" / "model.safetensors") == mode(tmp_path / "folder" / "config.yaml")
 
