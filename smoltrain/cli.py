@@ -7,9 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 
-from smoltrain.errors import SmoltrainError
+from smoltrain import __version__
+from smoltrain.errors import SmoltrainError, StoppedBySignal
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +29,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoltrain", description="Train small language models the SmolLM3 way.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"smoltrain {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("config", help="print the resolved config of a recipe")
@@ -40,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("plan", help="parameters, FLOPs, memory, time or GPU count of a config")
     _add_config_args(p)
-    p.add_argument("--gpus", type=int, help="GPUs to time the run on (default 1)")
-    p.add_argument("--days", type=float, help="target wall-clock days: print the GPUs needed instead")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--gpus", type=int, help="GPUs to time the run on (default 1)")
+    budget.add_argument("--days", type=float, help="target wall-clock days: print the GPUs needed instead")
     p.add_argument("--mfu", type=float, default=0.30, help="model FLOPs utilisation (default 0.30, SmolLM3's)")
     p.add_argument("--peak-tflops", type=float, help="bf16 peak per GPU (default train.peak_tflops, else H100 989)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -87,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer.json or folder, when the model folder has none")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, help="embedded suite and few-shot seed (default eval.seed)")
+    p.add_argument("--validation", metavar="DIR", action="append", default=[],
+                   help="validation shards for loss / bits per byte: a folder of .bin/.idx + meta.json "
+                        "(SOURCE=DIR to name it; repeatable), e.g. for a Hugging Face folder")
+    p.add_argument("--log-samples", action="store_true",
+                   help="write every item's prompt, choices or generation, log-likelihoods and metrics to "
+                        "results.samples.jsonl")
     p.add_argument("--out", default="results.json", help="results JSON (a markdown table is written beside it)")
     p.set_defaults(func=cmd_eval)
 
@@ -145,20 +156,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_config(args) -> int:
     from smoltrain.config import load_config
+    from smoltrain.eval.during_training import check_eval_config
 
-    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    config = load_config(args.config, args.overrides)
+    check_eval_config(config)
+    print(config.to_yaml(), end="")
     return 0
 
 
 def cmd_train(args) -> int:
-    import signal
-
     from smoltrain.config import load_config
+    from smoltrain.eval.during_training import check_eval_config
+    from smoltrain.train.checkpoint import finished_at
     from smoltrain.train.trainer import run
 
     config = load_config(args.config, args.overrides)
     if args.init:
         config.train.init = args.init
+    check_eval_config(config)
+    step = finished_at(args.resume or config.train.out_dir, config.train.max_steps)
+    if step is not None:
+        if _is_main_rank():
+            print(f"{args.resume or config.train.out_dir} is finished (step {step} of train.max_steps "
+                  f"{config.train.max_steps}): nothing to train; raise train.max_steps to train on, "
+                  f"or choose another train.out_dir")
+        return 0
     summary = run(config, resume=args.resume)
     if summary["stopped_by"]:  # checkpoint saved; the conventional status tells a requeue script why
         return 128 + signal.Signals[summary["stopped_by"]].value
@@ -239,9 +261,9 @@ def cmd_eval(args) -> int:
     report = evaluate(args.model, tasks, task_files=args.task_file, limit=args.limit, num_fewshot=args.num_fewshot,
                       num_samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
                       val_batches=args.val_batches, device=args.device, tokenizer=args.tokenizer, seed=args.seed,
-                      out=args.out)
+                      out=args.out, validation=args.validation, log_samples=args.log_samples)
     print_table(report)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + (f" and {report['samples']}" if report.get("samples") else ""))
     return 0
 
 
@@ -324,6 +346,11 @@ def cmd_data_tokenize(args) -> int:
 # ----------------------------------------------------------------------------- entry
 
 
+def _is_main_rank() -> bool:
+    """Under torchrun every rank runs the CLI; one line per mistake is enough."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -333,8 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except SmoltrainError as e:
-        print(f"smoltrain {args.verb}: error: {e}", file=sys.stderr)
+        if _is_main_rank():
+            print(f"smoltrain {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except StoppedBySignal as e:  # a checkpoint was saved; the status tells a requeue script why
+        if _is_main_rank():
+            print(f"smoltrain {args.verb}: {e}", file=sys.stderr)
+        return 128 + signal.Signals[e.signal_name].value
     except KeyboardInterrupt:
         print(f"smoltrain {args.verb}: interrupted", file=sys.stderr)
         return 130

@@ -227,7 +227,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if annotation is str:
-        if isinstance(value, (dict, list)):
+        if value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
@@ -359,6 +359,25 @@ def validate_eval(e: EvalConfig) -> None:
     _require(e.limit is None or e.limit > 0, f"eval.limit must be positive (or null for all items), got {e.limit}")
 
 
+def source_names(d: DataConfig) -> list[str]:
+    """The training sources a mixture may name: the embedded corpus's own with data.embedded (its
+    paths are filled in on first use), else data.sources' keys."""
+    if d.embedded:
+        from smoltrain.data.corpus import SOURCES
+
+        return list(SOURCES)
+    return list(d.sources)
+
+
+def _check_mixture(mixture: dict[str, float], key: str, sources: list[str]) -> None:
+    for name, weight in mixture.items():
+        if sources:
+            _require(name in sources, f"{key}.{name}: no such source{_did_you_mean(name, sources)}")
+        _require(weight >= 0, f"{key}.{name} must be >= 0, got {weight}")
+    _require(not mixture or any(w > 0 for w in mixture.values()),
+             f"{key}: no positive weight ({', '.join(f'{n}: {w:g}' for n, w in mixture.items())})")
+
+
 def validate(c: Config) -> None:
     validate_model(c.model)
     d, o, t, p = c.data, c.optim, c.train, c.parallel
@@ -367,10 +386,8 @@ def validate(c: Config) -> None:
         d.seq_len <= c.model.max_seq_len,
         f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({c.model.max_seq_len})",
     )
-    for name, weight in d.mixture.items():
-        _require(weight >= 0, f"data.mixture.{name} must be >= 0, got {weight}")
-        if d.sources:
-            _require(name in d.sources, f"data.mixture.{name}: no such source{_did_you_mean(name, list(d.sources))}")
+    sources = source_names(d)
+    _check_mixture(d.mixture, "data.mixture", sources)
     previous = -1
     for i, stage in enumerate(d.stages):
         _require(stage.start_step > previous, f"data.stages[{i}].start_step must increase, got {stage.start_step}")
@@ -380,15 +397,15 @@ def validate(c: Config) -> None:
             seq_len <= c.model.max_seq_len,
             f"data.stages[{i}].seq_len ({seq_len}) exceeds model.max_seq_len ({c.model.max_seq_len})",
         )
-        for name in stage.mixture:
-            if d.sources:
-                _require(name in d.sources, f"data.stages[{i}].mixture.{name}: no such source{_did_you_mean(name, list(d.sources))}")
+        _check_mixture(stage.mixture, f"data.stages[{i}].mixture", sources)
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must lie in [0, optim.lr ({o.lr})]")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(0 <= o.decay_fraction <= 1, f"optim.decay_fraction must lie in [0, 1], got {o.decay_fraction}")
     _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+    _require(t.out_dir.strip() != "", "train.out_dir must name a folder, got an empty string "
+             "(the run would write its checkpoints and metrics into the current directory)")
     for key in ("max_steps", "log_every", "save_every", "eval_every", "global_batch_tokens", "micro_batch_size", "keep_checkpoints",
                 "spike_std", "spike_window", "activation_checkpointing_every"):
         _require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")

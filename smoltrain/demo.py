@@ -271,7 +271,9 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 10.0, recipe: st
         with deadline(left, console) as fired:
             summary = train(pretrain_config)
         if summary["stopped_by"] and not fired.is_set():  # Ctrl-C or an outside SIGTERM: stop the demo too
-            raise KeyboardInterrupt
+            from smoltrain.errors import StoppedBySignal
+
+            raise StoppedBySignal(summary["stopped_by"])
         if not summary["finished"]:
             console.print(f"  time budget reached: pretraining stopped at step {summary['step']} of {steps}")
         facts["pretrain"] = {"steps": steps, "summary": summary}

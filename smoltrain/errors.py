@@ -18,3 +18,13 @@ class DataError(SmoltrainError):
 
 class CheckpointError(SmoltrainError):
     """A checkpoint or model folder is missing, corrupt or of an unsupported kind."""
+
+
+class StoppedBySignal(KeyboardInterrupt):
+    """A run saved its checkpoint and stopped on SIGTERM / SIGINT (preemption, Ctrl-C): not an error;
+    the CLI exits 128 + the signal's number (143 for SIGTERM), as `smoltrain train` does, and the
+    same command resumes."""
+
+    def __init__(self, signal_name: str, message: str = ""):
+        super().__init__(message or f"stopped by {signal_name}")
+        self.signal_name = signal_name

@@ -216,3 +216,102 @@ def test_parquet_without_the_text_column_and_unmatched_globs_are_errors(tok_dir,
     tokenize(str(tok_dir), [str(tmp_path / "p.parquet")], tmp_path / "out2", text_key="content", show_progress=False)
     with pytest.raises(DataError, match="nothing-here/\\*.jsonl: no input file matches"):
         tokenize(str(tok_dir), [str(tmp_path / "nothing-here" / "*.jsonl")], tmp_path / "out3", show_progress=False)
+
+
+# ----------------------------------------------------------------------------- edge cases (issue 18)
+
+
+def _data_files(out):
+    """Files a reader could take for data: shards and meta.json outside hidden folders."""
+    return sorted(p.name for p in out.iterdir() if p.suffix in (".bin", ".idx", ".json") and not p.name.startswith("."))
+
+
+def test_an_empty_file_is_a_counted_skip_with_skip_bad(tok_dir, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(json.dumps({"text": "first document"}) + "\n")
+    (tmp_path / "in" / "b.jsonl").write_text("")
+    (tmp_path / "in" / "c.jsonl").write_text(json.dumps({"text": "third document"}) + "\n")
+    out = tmp_path / "out"
+    argv = ["data", "tokenize", "--tokenizer", str(tok_dir), "--input", str(tmp_path / "in" / "*.jsonl"), "--out", str(out)]
+    assert main(argv + ["--skip-bad"]) == 0
+    assert "skipped 1 bad records (empty_file: 1)" in capsys.readouterr().out
+    meta, shards = shard_documents(out)
+    tok = load_tokenizer(tok_dir)
+    assert [s["name"] for s in meta["shards"]] == ["out_00000", "out_00002"]
+    assert shards == [[tok.encode("first document").ids + [0]], [tok.encode("third document").ids + [0]]]
+    assert _data_files(out) == ["meta.json", "out_00000.bin", "out_00000.idx", "out_00002.bin", "out_00002.idx"]
+
+
+def test_an_aborted_job_leaves_nothing_that_looks_like_data_and_the_rerun_reuses_its_work(tok_dir, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(json.dumps({"text": "a good document"}) + "\n")
+    (tmp_path / "in" / "b.jsonl").write_text("{broken\n")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="b.jsonl:1: not valid JSON"):
+        tokenize(str(tok_dir), [str(tmp_path / "in" / "*.jsonl")], out, workers=1, show_progress=False)
+    assert _data_files(out) == []  # the finished shard of a.jsonl waits in a hidden staging folder
+    (tmp_path / "in" / "b.jsonl").write_text(json.dumps({"text": "fixed"}) + "\n")
+    meta = tokenize(str(tok_dir), [str(tmp_path / "in" / "*.jsonl")], out, workers=1, show_progress=False)
+    assert meta["tokenized_files"] == 1 and meta["num_documents"] == 2
+    # A complete folder stays complete (old meta.json, old shards) when a later job on it aborts.
+    (tmp_path / "in" / "a.jsonl").write_text("{broken again\n")
+    with pytest.raises(DataError):
+        tokenize(str(tok_dir), [str(tmp_path / "in" / "*.jsonl")], out, workers=1, show_progress=False)
+    again, _ = shard_documents(out)
+    assert again["num_documents"] == 2 and _data_files(out) == ["meta.json", "out_00000.bin", "out_00000.idx",
+                                                                 "out_00001.bin", "out_00001.idx"]
+
+
+def test_a_json_list_is_read_as_records_and_other_json_is_refused(tok_dir, tmp_path):
+    records = [{"text": t, "id": i} for i, t in enumerate(TEXTS)]
+    (tmp_path / "list.json").write_text(json.dumps(records, indent=2))
+    tokenize(str(tok_dir), [str(tmp_path / "list.json")], tmp_path / "out", show_progress=False)
+    tok = load_tokenizer(tok_dir)
+    _, shards = shard_documents(tmp_path / "out")
+    assert shards == [[tok.encode(t).ids + [0] for t in TEXTS]]
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError, match=r"lines.json:2: one JSON object per line; name the file .jsonl"):
+        tokenize(str(tok_dir), [str(tmp_path / "lines.json")], tmp_path / "out2", show_progress=False)
+    (tmp_path / "number.json").write_text("7")
+    with pytest.raises(DataError, match=r"number.json: expected a JSON list of records"):
+        tokenize(str(tok_dir), [str(tmp_path / "number.json")], tmp_path / "out3", show_progress=False)
+
+
+def test_a_truncated_jsonl_gz_keeps_the_records_before_the_damage_with_skip_bad(tok_dir, tmp_path):
+    import zlib
+
+    lines = [json.dumps({"text": f"record number {i} " + TEXTS[i % 4]}) + "\n" for i in range(400)]
+    whole = gzip.compress("".join(lines).encode())
+    cut = whole[: len(whole) // 2]
+    (tmp_path / "cut.jsonl.gz").write_bytes(cut)
+    # What survives, by hand: decompress what is there, keep the complete lines.
+    readable = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(cut).decode()
+    kept = [json.loads(line)["text"] for line in readable.split("\n")[:-1]]
+    assert 0 < len(kept) < len(lines)
+    with pytest.raises(DataError, match="unreadable gzip data.*--skip-bad keeps"):
+        tokenize(str(tok_dir), [str(tmp_path / "cut.jsonl.gz")], tmp_path / "out", show_progress=False)
+    meta = tokenize(str(tok_dir), [str(tmp_path / "cut.jsonl.gz")], tmp_path / "out", skip_bad=True, show_progress=False)
+    tok = load_tokenizer(tok_dir)
+    _, shards = shard_documents(tmp_path / "out")
+    assert shards == [[tok.encode(t).ids + [0] for t in kept]]
+    assert meta["skipped_records"] == {"truncated_gzip": 1}
+
+
+def test_very_long_documents_are_encoded_in_pieces_with_the_same_ids(tok_dir, tmp_path, monkeypatch):
+    from smoltrain.data import tokenize_shards
+
+    long_text = " ".join(TEXTS) * 40 + "x" * 300  # word boundaries, then a run with none
+    pieces = tokenize_shards.split_long(long_text, 64)
+    assert "".join(pieces) == long_text and max(map(len, pieces)) <= 64 and len(pieces) > 50
+    monkeypatch.setattr(tokenize_shards, "MAX_PIECE_CHARS", 64)
+    (tmp_path / "long.txt").write_text(" ".join(TEXTS) * 40)
+    tokenize(str(tok_dir), [str(tmp_path / "long.txt")], tmp_path / "out", workers=1, show_progress=False)
+    _, shards = shard_documents(tmp_path / "out")
+    assert shards == [[load_tokenizer(tok_dir).encode(" ".join(TEXTS) * 40).ids + [0]]]
+
+
+def test_progress_rates_are_averages_since_the_start():
+    from smoltrain.data.tokenize_shards import progress_rates
+
+    # 1.7 MB and 0.5M tokens in 2 s, however the updates were spaced.
+    assert progress_rates(1_700_000, 500_000, 2.0) == "0.85 MB/s 0.25M tok/s"

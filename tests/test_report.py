@@ -136,3 +136,22 @@ def test_report_cli_writes_the_report(run_dir, capsys):
     assert main(["report", str(run)]) == 0
     assert (run / "report" / "report.html").is_file()
     assert "report.html" in capsys.readouterr().out
+
+
+def test_run_report_shows_each_stage_and_says_the_median_skips_the_first_interval(tmp_path):
+    staged = json.loads(json.dumps(TINY))
+    staged["model"]["rope_theta"] = 10000.0
+    staged["data"].update(sources={"web": "w", "code": "c"}, mixture={"web": 3, "code": 1}, stages=[
+        {"name": "decay", "start_step": 20, "mixture": {"web": 1, "code": 1}},
+        {"name": "long", "start_step": 30, "seq_len": 64, "rope_theta": 500000.0},
+    ])
+    run = tmp_path / "run"
+    save_config(config_from_dict(staged), run / "config.yaml")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "tokens": s * 128, "loss": 5.0, "tokens_per_s": 1e3})
+                                               + "\n" for s in range(2, 41, 2)))
+    markdown = report_run(run)[0].read_text()
+    assert "| sequence length | 32 -> 64 |" in markdown
+    assert "| base | 1-20 | 32 | 10000 | web 75%, code 25% |" in markdown
+    assert "| decay | 21-30 | 32 | 10000 | web 50%, code 50% |" in markdown
+    assert "| long | 31-40 | 64 | 500000 | web 50%, code 50% |" in markdown
+    assert "tokens/s (median, first log interval skipped" in markdown

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from smoltrain.ablate.spec import AblationSpec, load_ablation
 from smoltrain.config import Config
-from smoltrain.errors import ConfigError
+from smoltrain.errors import ConfigError, StoppedBySignal
 from smoltrain.model.flops import parameter_counts
 from smoltrain.report.run import final_loss, flatten_eval, median_of, read_metrics
 
@@ -100,7 +100,8 @@ def run_one(spec: AblationSpec, variant: str, seed: int, train_fn: TrainFn, eval
         summary = train_fn(config)
         if isinstance(summary, dict) and summary.get("stopped_by") and not summary.get("finished"):
             # Stopped by a signal after a clean checkpoint: the same command resumes from it.
-            raise KeyboardInterrupt(f"{run_dir} stopped by {summary['stopped_by']} at step {summary.get('step')}")
+            raise StoppedBySignal(summary["stopped_by"], f"{run_dir} stopped by {summary['stopped_by']} at step "
+                                  f"{summary.get('step')}; the same command resumes")
         train_rows, eval_rows = read_metrics(run_dir)
         if not train_rows or train_rows[-1]["step"] < max_steps:
             raise RuntimeError(f"{run_dir}: the trainer returned before step {max_steps} (last logged "

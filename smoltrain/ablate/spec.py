@@ -218,6 +218,8 @@ def load_ablation(path: str | os.PathLike | None = None, raw: dict | None = None
         out_dir=str(out_dir or raw.get("out_dir") or Path("runs") / "ablations" / name),
         source=source,
     )
-    for variant in spec.variants:  # every run's config is valid before the first one starts
-        spec.config_for(variant, spec.seeds[0])
+    from smoltrain.eval.during_training import check_eval_config
+
+    for variant in spec.variants:  # every run's config is valid, its eval suite resolved, before the first one starts
+        check_eval_config(spec.config_for(variant, spec.seeds[0]))
     return spec

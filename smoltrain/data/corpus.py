@@ -305,6 +305,10 @@ def build_corpus(out_dir: str | os.PathLike, seed: int = 0, fraction: float = 1.
 
     fraction < 1 keeps a deterministic subset of every source (tests use a few percent).
     """
+    if not 0 < fraction <= 1:
+        from smoltrain.errors import ConfigError
+
+        raise ConfigError(f"--fraction (the share of every source to keep) must lie in (0, 1], got {fraction}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     def keep(key: str) -> bool:

@@ -1,7 +1,9 @@
 """Documents out of jsonl, jsonl.gz, parquet and plain-text files, streamed, with errors that name file:line.
 
 Every bad record (not JSON, no text key, not a string, empty, invalid UTF-8) is a DataError at its
-line, or, with skip_bad, a counted skip. Plain text files (any other extension) are one document each.
+line, or, with skip_bad, a counted skip; so are a file without documents and a truncated gzip stream
+(whose records before the damage are kept). A `.json` file holds a list of records (or one record).
+Plain text files (any other extension) are one document each.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def input_kind(path: Path) -> str:
         return "jsonl"
     if name.endswith(".parquet"):
         return "parquet"
+    if name.endswith(".json"):
+        return "json"
     return "text"
 
 
@@ -66,14 +70,16 @@ class DocumentReader:
         self.skipped[kind] += 1
 
     def __iter__(self) -> Iterator[str]:
-        records = {"jsonl": self._jsonl, "parquet": self._parquet, "text": self._text}[self.kind]()
+        records = {"jsonl": self._jsonl, "json": self._json, "parquet": self._parquet, "text": self._text}[self.kind]()
         for text in records:
             self.documents += 1
             yield text
         self.bytes_read = self.size
         if self.documents == 0:
             skipped = f" ({sum(self.skipped.values())} bad records skipped)" if self.skipped else ""
-            raise DataError(f"{self.path}: no documents{skipped}")
+            if not self.skip_bad:
+                raise DataError(f"{self.path}: no documents{skipped}")
+            self.skipped["empty_file"] += 1  # a counted skip: the file gets no shard
 
     # ------------------------------------------------------------------------- formats
 
@@ -92,7 +98,11 @@ class DocumentReader:
                     if text is not None:
                         yield text
             except (OSError, EOFError, zlib.error) as e:
-                raise DataError(f"{self.path}:{line_no + 1}: unreadable gzip data ({e})") from None
+                if not self.skip_bad:
+                    raise DataError(f"{self.path}:{line_no + 1}: unreadable gzip data ({e}); --skip-bad keeps "
+                                    f"the {line_no} lines before it") from None
+                # A truncated download: the lines before the damage are whole records; count the rest as one skip.
+                self.skipped["truncated_gzip"] += 1
 
     def _json_record(self, line: bytes, line_no: int) -> str | None:
         if not line.strip():
@@ -105,12 +115,36 @@ class DocumentReader:
             record = json.loads(decoded)
         except json.JSONDecodeError as e:
             return self._bad(line_no, f"not valid JSON ({e.msg} at column {e.colno})", "not_json")
+        return self._record_text(record, line_no)
+
+    def _record_text(self, record, where) -> str | None:
         if not isinstance(record, dict):
-            return self._bad(line_no, f"expected a JSON object, got {type(record).__name__}", "not_object")
+            return self._bad(where, f"expected a JSON object, got {type(record).__name__}", "not_object")
         if self.text_key not in record:
             keys = ", ".join(list(record)[:8]) or "none"
-            return self._bad(line_no, f"no '{self.text_key}' key (keys: {keys}; see --text-key)", "missing_key")
-        return self._text_value(record[self.text_key], line_no)
+            return self._bad(where, f"no '{self.text_key}' key (keys: {keys}; see --text-key)", "missing_key")
+        return self._text_value(record[self.text_key], where)
+
+    def _json(self) -> Iterator[str]:
+        """A whole-file JSON document: a list of records (HF `to_json(lines=False)`), or one record."""
+        data = self.path.read_bytes()
+        try:
+            parsed = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            self._bad(data[: e.start].count(b"\n") + 1, f"invalid UTF-8 at byte {e.start}", "invalid_utf8")
+            return
+        except json.JSONDecodeError as e:
+            if data.lstrip()[:1] == b"{" and e.msg == "Extra data":
+                raise DataError(f"{self.path}:{e.lineno}: one JSON object per line; name the file .jsonl") from None
+            self._bad(e.lineno, f"not valid JSON ({e.msg} at column {e.colno})", "not_json")
+            return
+        records = parsed if isinstance(parsed, list) else [parsed]
+        if not isinstance(parsed, (list, dict)):
+            raise DataError(f"{self.path}: expected a JSON list of records (or one record), got {type(parsed).__name__}")
+        for index, record in enumerate(records):
+            text = self._record_text(record, f"record {index + 1}")
+            if text is not None:
+                yield text
 
     def _text_value(self, text, where) -> str | None:
         if not isinstance(text, str):

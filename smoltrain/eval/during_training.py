@@ -27,6 +27,43 @@ def _tokenizer(path: str):
     return load_tokenizer(path)
 
 
+def check_eval_config(config) -> None:
+    """Everything the run's evaluations need, resolved before step 1 rather than at the first
+    evaluation hours later: every eval task exists (with the same "did you mean" as `smoltrain
+    eval`), prompts have a tokenizer, validation folders exist, and generative tasks are refused
+    under sequence parallel (one token per forward cannot be split over TP ranks; log-likelihood
+    tasks run under any layout)."""
+    from pathlib import Path
+
+    from smoltrain.errors import ConfigError
+
+    e, d, p = config.eval, config.data, config.parallel
+    tasks = _tasks(tuple(e.tasks), e.limit, e.num_fewshot, e.seed) if e.tasks else []
+    if tasks and not (d.tokenizer or d.embedded):
+        raise ConfigError("eval.tasks needs data.tokenizer (or data.embedded) to turn prompts into tokens")
+    if tasks and d.tokenizer and not d.embedded and not Path(d.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer: {d.tokenizer} not found (eval.tasks needs it)")
+    if e.val_batches and d.validation and not d.embedded:
+        if not d.tokenizer:
+            raise ConfigError("data.tokenizer is needed to count bytes for bits per byte of data.validation "
+                              "(or set eval.val_batches=0)")
+        for source, folder in d.validation.items():
+            if not Path(folder).is_dir():
+                raise ConfigError(f"data.validation.{source}: folder {folder} not found")
+    generative = [task.name for task in tasks if task.kind == "generative"]
+    if generative and p.tp > 1 and p.sequence_parallel:
+        raise ConfigError(f"eval.tasks: generative tasks ({', '.join(generative)}) decode one token at a time, "
+                          f"which sequence parallel cannot split over parallel.tp ({p.tp}) ranks; set "
+                          f"parallel.sequence_parallel=false, drop them, or evaluate checkpoints with `smoltrain eval`")
+
+
+def sequence_multiple(config) -> int:
+    """What every forward's sequence length must be a multiple of: sequence parallel splits the
+    sequence over the TP ranks (a 19-token scoring batch cannot be halved)."""
+    p = config.parallel
+    return p.tp if p.tp > 1 and p.sequence_parallel else 1
+
+
 def evaluate_during_training(model, config, device, data_parallel: tuple[int, int, object] | None = None) -> dict:
     """{"val": {source: {"loss", "bpb", "tokens"}}, "tasks": {name: {metric: value, "n"}}, "aggregate": {...}}.
 
@@ -46,5 +83,19 @@ def evaluate_during_training(model, config, device, data_parallel: tuple[int, in
             raise ConfigError("eval.tasks needs data.tokenizer (or data.embedded) to turn prompts into tokens")
         tasks = _tasks(tuple(e.tasks), e.limit, e.num_fewshot, e.seed)
         results = score_tasks(model, _tokenizer(config.data.tokenizer), tasks, e.batch_size, e.seed, device, progress=False,
-                              data_parallel=data_parallel)
+                              data_parallel=data_parallel, pad_multiple=sequence_multiple(config))
     return {"val": val, "tasks": results, "aggregate": aggregate(results)}
+
+
+def eval_console_line(step: int, result: dict) -> str | None:
+    """One console line for an in-training evaluation: validation loss per source, the centred
+    aggregate and each task's main score (None when nothing was evaluated), e.g.
+    `eval step 100 | val prose 3.412 code 2.981 | aggregate +0.052 | arithmetic_choice 0.410 prose_cloze 0.297`."""
+    parts = []
+    if result.get("val"):
+        parts.append("val " + " ".join(f"{source} {v['loss']:.3f}" for source, v in result["val"].items()))
+    if result.get("tasks"):
+        if result.get("aggregate"):
+            parts.append(f"aggregate {result['aggregate']['centred']:+.3f}")
+        parts.append(" ".join(f"{name} {r['score']:.3f}" for name, r in result["tasks"].items()))
+    return f"eval step {step} | " + " | ".join(parts) if parts else None

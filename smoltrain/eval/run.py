@@ -7,6 +7,7 @@ One entry function walks the stage: load the model, resolve the task specs, scor
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -15,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from smoltrain import __version__
 from smoltrain.errors import ConfigError
 from smoltrain.eval.adapters import adapter_for, load_adapter_task
 from smoltrain.eval.generative import count_generations, score_generative
@@ -88,19 +90,32 @@ def resolve_tasks(specs: Sequence[str], limit: int | None = None, num_fewshot: i
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """auto: CUDA when visible, else CPU; anything else must name a device this machine has."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device}: not a device (expected auto, cpu, cuda or cuda:N)") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: smoltrain runs on cpu or cuda")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is visible (use --device cpu or auto)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices are visible")
+    return resolved
 
 
 def score_tasks(model, tokenizer, tasks: Sequence[Task], batch_size: int = 16, seed: int = 0, device=None,
                 progress: bool = True, details: list | None = None,
-                data_parallel: tuple[int, int, object] | None = None) -> dict[str, dict]:
+                data_parallel: tuple[int, int, object] | None = None, pad_multiple: int = 1) -> dict[str, dict]:
     """{task: {metric: value, ..., "n", "score", "random_baseline", "centred"}} for each task.
 
     data_parallel = (dp_rank, dp_world, group) splits multiple-choice scoring over the ranks;
     generative tasks run whole on every rank (items stop at different lengths, and FSDP needs
-    every rank to decode in step)."""
+    every rank to decode in step). pad_multiple: scoring batches are padded to a width that is a
+    multiple of it (the TP degree under sequence parallel)."""
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     eot = end_of_text_id(tokenizer)
@@ -115,7 +130,7 @@ def score_tasks(model, tokenizer, tasks: Sequence[Task], batch_size: int = 16, s
             if task.kind == "multiple_choice":
                 metrics = score_multiple_choice(model, tokenizer, task, batch_size, seed, empty_context_ids=empty_context,
                                                 autocast_dtype=autocast_dtype, on_batch=advance, details=details,
-                                                data_parallel=data_parallel)
+                                                data_parallel=data_parallel, pad_multiple=pad_multiple)
             else:
                 metrics = score_generative(model, tokenizer, task, batch_size, seed, prefix_ids=(),
                                            stop_token_ids=empty_context, on_batch=advance, details=details)
@@ -153,6 +168,8 @@ def evaluate(
     seed: int | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    validation: Sequence[str] | dict[str, str] = (),
+    log_samples: bool = False,
 ) -> dict:
     """Evaluate a model (or a path `load_any` reads) -> {"tasks", "aggregate", "val"}; writes `out`
     (JSON, plus a markdown table beside it) when given.
@@ -160,9 +177,15 @@ def evaluate(
     tasks: specs as `resolve_tasks` takes them; default the config's `eval.tasks`, else the
     embedded suite. num_samples > 1: that many sampled answers per generative item (temperature,
     default 0.8) scored as avg@k and pass@k. val_batches: validation batches per source (default `eval.val_batches` when
-    the config names validation data, 0 otherwise).
+    the config names validation data, 0 otherwise). validation: shard folders (`DIR` or `SOURCE=DIR`) to use
+    instead of the config's, e.g. for a Hugging Face folder. log_samples: every item's prompt, answers,
+    log-likelihoods or generations and metrics go to `<out>.samples.jsonl` (as lighteval's details).
+
+    The report records where its numbers come from (`provenance`): the model path, its step and
+    tokens when a checkpoint tells them, the task settings, the validation folders, smoltrain's version.
     """
     device = resolve_device(device)
+    validation = parse_validation(validation)
     if isinstance(path_or_model, torch.nn.Module):
         from smoltrain.config import Config
 
@@ -176,6 +199,12 @@ def evaluate(
         config = config or loaded_config
         tokenizer_path = tokenizer or known_tokenizer
     model.to(device)
+    if validation:
+        if tokenizer_path is None:
+            raise ConfigError("--validation needs a tokenizer to count bytes for bits per byte: pass --tokenizer PATH")
+        seq_len = min(config.data.seq_len, model.config.max_seq_len)
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, validation=validation, embedded=False, tokenizer=str(tokenizer_path), seq_len=seq_len))
     e = config.eval
     specs = list(tasks) if tasks else ([] if task_files else list(e.tasks) or ["embedded"])
     specs += list(task_files)
@@ -190,9 +219,10 @@ def evaluate(
         raise ConfigError("no tokenizer is known for this model: pass --tokenizer PATH (tokenizer.json or a folder)")
     was_training = model.training
     model.eval()
+    details: list | None = [] if log_samples else None
     try:
         results = score_tasks(model, load_tokenizer(tokenizer_path), task_list, batch_size or e.batch_size,
-                              e.seed if seed is None else seed, device, progress) if task_list else {}
+                              e.seed if seed is None else seed, device, progress, details=details) if task_list else {}
         val = {}
         num_val = val_batches if val_batches is not None else e.val_batches
         if num_val > 0 and (config.data.validation or config.data.embedded):
@@ -203,9 +233,59 @@ def evaluate(
     finally:
         model.train(was_training)
     report = {"tasks": results, "aggregate": aggregate(results), "val": val, "main_metric": main_metrics(task_list)}
+    report["provenance"] = {
+        "model": model_provenance(path_or_model),
+        "tokenizer": str(tokenizer_path) if tokenizer_path is not None else None,
+        "tasks": {t.name: {"kind": t.kind, "items": len(t.items), "num_fewshot": t.num_fewshot, "formulation": t.formulation,
+                           "metric": t.metric, **({"num_samples": t.num_samples, "temperature": t.temperature}
+                                                  if t.kind == "generative" else {})} for t in task_list},
+        "limit": limit if limit is not None else e.limit,
+        "seed": e.seed if seed is None else seed,
+        "batch_size": batch_size or e.batch_size,
+        "validation": dict(config.data.validation) if val else {},
+        "val_batches": num_val if val else 0,
+        "device": str(device),
+        "smoltrain_version": __version__,
+        "torch_version": torch.__version__,
+    }
     if out is not None:
+        if details is not None:
+            report["samples"] = str(write_samples(details, Path(out).with_suffix(".samples.jsonl")))
         write_results(report, out)
     return report
+
+
+def parse_validation(specs: Sequence[str] | dict[str, str]) -> dict[str, str]:
+    """`DIR` or `SOURCE=DIR` -> {source: folder}; a bare folder is named after itself."""
+    if isinstance(specs, dict):
+        return dict(specs)
+    folders: dict[str, str] = {}
+    for spec in specs:
+        name, folder = spec.split("=", 1) if "=" in spec else (Path(spec).name, spec)
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--validation {spec}: no such folder (expected token shards: .bin/.idx + meta.json)")
+        if name in folders:
+            raise ConfigError(f"--validation: two folders named {name!r}; name them SOURCE=DIR")
+        folders[name] = folder
+    return folders
+
+
+def model_provenance(path_or_model) -> dict:
+    """{"path", "checkpoint", "step", "tokens"} of what was evaluated; step and tokens are null
+    when the folder does not tell (a model folder or Hugging Face export)."""
+    if isinstance(path_or_model, torch.nn.Module):
+        return {"path": None, "checkpoint": None, "step": None, "tokens": None}
+    from smoltrain.errors import CheckpointError
+    from smoltrain.train.checkpoint import find_checkpoint, read_train_state
+
+    path = Path(path_or_model).resolve()
+    try:
+        checkpoint = find_checkpoint(path)
+    except CheckpointError:
+        checkpoint = None
+    state = read_train_state(checkpoint) if checkpoint is not None else {}
+    return {"path": str(path), "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "step": state.get("step"), "tokens": state.get("tokens")}
 
 
 # ----------------------------------------------------------------------------- output
@@ -260,8 +340,27 @@ def print_table(report: dict) -> None:
     Console().print(table)
 
 
+def provenance_line(report: dict) -> str:
+    """What was evaluated, under which settings, as one markdown paragraph (empty without provenance)."""
+    p = report.get("provenance")
+    if not p:
+        return ""
+    model = p["model"]
+    where = f"`{model['path']}`" if model["path"] else "a model in memory"
+    if model["step"] is not None:
+        where += f" at step {model['step']:,}" + (f" ({model['tokens']:,} tokens)" if model["tokens"] is not None else "")
+    return (f"Model {where}; limit {p['limit']}, seed {p['seed']}, batch size {p['batch_size']}; "
+            f"smoltrain {p['smoltrain_version']}, torch {p['torch_version']}, {p['device']}.\n\n")
+
+
+def write_samples(details: list[dict], path: Path) -> Path:
+    """One JSON line per scored item (prompt, choices or answer, log-likelihoods or generations, metrics)."""
+    _atomic_write(path, "".join(json.dumps(d) + "\n" for d in details))
+    return path
+
+
 def write_results(report: dict, out: str | os.PathLike) -> Path:
     path = Path(out)
     _atomic_write(path, json.dumps(report, indent=2) + "\n")
-    _atomic_write(path.with_suffix(".md"), "# Evaluation\n\n" + markdown_table(report))
+    _atomic_write(path.with_suffix(".md"), "# Evaluation\n\n" + provenance_line(report) + markdown_table(report))
     return path

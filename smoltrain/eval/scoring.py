@@ -97,6 +97,18 @@ def sum_over_ranks(model, sums: torch.Tensor, forwards: Sequence[int], rank: int
     return sums
 
 
+def padded_width(width: int, multiple: int) -> int:
+    """`width` rounded up to a multiple of `multiple`: right padding, which causal attention never sees."""
+    return -(-width // multiple) * multiple
+
+
+def padding_row(inputs: Sequence[int], multiple: int) -> torch.Tensor:
+    """[1, width] ids of one real row, right-padded with zeros to a multiple of `multiple`."""
+    row = torch.zeros(1, padded_width(len(inputs), multiple), dtype=torch.long)
+    row[0, : len(inputs)] = torch.tensor(list(inputs), dtype=torch.long)
+    return row
+
+
 @torch.no_grad()
 def loglikelihoods(
     model,
@@ -107,6 +119,7 @@ def loglikelihoods(
     autocast_dtype: torch.dtype | None = None,
     on_batch: Callable[[int], None] | None = None,
     data_parallel: tuple[int, int, object] | None = None,
+    pad_multiple: int = 1,
 ) -> list[float]:
     """Sum of log p(continuation token | everything before it) for each (context, continuation).
 
@@ -120,6 +133,9 @@ def loglikelihoods(
     data_parallel = (dp_rank, dp_world, process group): each rank scores every dp_world-th batch,
     and the results are summed over the group (each request is scored on one rank, zeros elsewhere,
     so the sums are exact). Ranks run equally many forwards, for FSDP's gathers.
+
+    pad_multiple: every batch's width is padded up to a multiple of it (the TP degree under
+    sequence parallel, which splits the sequence dimension over the TP ranks).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if max_len is None:
@@ -145,7 +161,7 @@ def loglikelihoods(
     rank, world, group = data_parallel or (0, 1, None)
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     for batch in batches[rank::world]:
-        width = len(rows[batch[0]][0])
+        width = padded_width(len(rows[batch[0]][0]), pad_multiple)
         input_ids = torch.zeros(len(batch), width, dtype=torch.long)
         scored = torch.zeros(len(batch), width, dtype=torch.bool)
         for b, r in enumerate(batch):
@@ -174,7 +190,7 @@ def loglikelihoods(
     if world > 1 and batches:  # every rank sees the same batches, so all skip or none
         summed = sum_over_ranks(model, torch.tensor(results, dtype=torch.float64, device=device),
                                 [len(batches[r::world]) for r in range(world)], rank, group,
-                                torch.tensor([rows[order[0]][0]], device=device))
+                                padding_row(rows[order[0]][0], pad_multiple).to(device))
         results = summed.tolist()
     return results
 
@@ -228,6 +244,7 @@ def score_multiple_choice(
     on_batch: Callable[[int], None] | None = None,
     details: list | None = None,
     data_parallel: tuple[int, int, object] | None = None,
+    pad_multiple: int = 1,
 ) -> dict:
     """Every metric averaged over the task's items, with "n" and the main metric's standard error.
 
@@ -257,7 +274,7 @@ def score_multiple_choice(
     if fallbacks:
         log.warning("task %s: %d answers merged into the context's last token; scored them tokenised alone", task.name, fallbacks)
     sums = loglikelihoods(model, requests, batch_size=batch_size, autocast_dtype=autocast_dtype, on_batch=on_batch,
-                          data_parallel=data_parallel)
+                          data_parallel=data_parallel, pad_multiple=pad_multiple)
     per_item = []
     for (first, item), context in zip(owners, texts):
         k = len(item["choices"])

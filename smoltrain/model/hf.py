@@ -296,7 +296,14 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        # safetensors creates its file 0600; give it the mode of the folder's other files (0666 less the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+
+    _write_atomic(path, write)
 
 
 def _prepare_out_dir(out_dir: str | os.PathLike, source: Path | None = None) -> Path:

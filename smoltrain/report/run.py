@@ -115,6 +115,7 @@ def add_run_sections(report: Report, config, train: list[dict], evals: list[dict
     """Append the summary table, curves and final evaluation of one run to `report`."""
     m = config.model
     counts = parameter_counts(m)
+    stages = stage_rows(config)
     last = train[-1] if train else {}
     positions = "none" if m.position_encoding == "none" else (
         f"RoPE (theta {m.rope_theta:g})" + (f", NoPE every {m.nope_every}" if m.nope_every else ""))
@@ -127,13 +128,17 @@ def add_run_sections(report: Report, config, train: list[dict], evals: list[dict
         ("parameters", f"{counts['total']:,} ({counts['non_embedding']:,} non-embedding)"),
         ("steps", f"{last.get('step', 0):,} of {config.train.max_steps:,}"),
         ("tokens", last.get("tokens")),
-        ("sequence length", config.data.seq_len),
+        ("sequence length", " -> ".join(map(str, dict.fromkeys(r[3] for r in stages))) if stages else config.data.seq_len),
         ("final training loss (last 10% of logs)", final_loss(train)),
-        ("tokens/s (median)", median_of(train, "tokens_per_s")),
-        ("MFU (median)", _percent(median_of(train, "mfu"))),
+        ("tokens/s (median, first log interval skipped: compile, warm-up)", median_of(train, "tokens_per_s")),
+        ("MFU (median, first log interval skipped)", _percent(median_of(train, "mfu"))),
         ("elapsed", _duration(last.get("elapsed_s"))),
     ]
     report.table(["", ""], [(k, v) for k, v in rows])
+    if stages:
+        report.heading("Stages", 3)
+        report.table(["stage", "steps", "sequence length", "RoPE base", "mixture"],
+                     [(name, f"{start:,}-{end:,}", seq_len, f"{theta:g}", mixture) for name, start, end, seq_len, theta, mixture in stages])
 
     if train:
         steps = [r["step"] for r in train]
@@ -157,6 +162,28 @@ def add_run_sections(report: Report, config, train: list[dict], evals: list[dict
         final = evals[-1]
         report.heading(f"Evaluation at step {final['step']:,}", 3)
         add_eval_tables(report, final["eval"])
+
+
+def stage_rows(config) -> list[tuple[str, int, int, int, float, str]]:
+    """(name, first step, last step, sequence length, RoPE base, mixture) of each curriculum stage that
+    runs before train.max_steps; a stage keeps what it does not set. Empty without data.stages."""
+    d = config.data
+    if not d.stages:
+        return []
+    seq_len, theta, mixture = d.seq_len, config.model.rope_theta, dict(d.mixture)
+    starts = [("base", 0, None)] if d.stages[0].start_step > 0 else []
+    starts += [(stage.name, stage.start_step, stage) for stage in d.stages]
+    rows = []
+    for index, (name, start, stage) in enumerate(starts):
+        if stage is not None:
+            seq_len, theta = stage.seq_len or seq_len, stage.rope_theta or theta
+            mixture = dict(stage.mixture) or mixture
+        end = min(starts[index + 1][1] if index + 1 < len(starts) else config.train.max_steps, config.train.max_steps)
+        if end > start:
+            total = sum(mixture.values())
+            shares = ", ".join(f"{n} {w / total:.0%}" for n, w in mixture.items() if w > 0) if total else "equal"
+            rows.append((name, start + 1, end, seq_len, theta, shares))
+    return rows
 
 
 def add_eval_tables(report: Report, result: dict) -> None:

@@ -332,6 +332,16 @@ def read_train_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / TRAIN_STATE).read_text())
 
 
+def finished_at(path: str | os.PathLike, max_steps: int) -> int | None:
+    """The step of the newest usable checkpoint of a run (or checkpoint) folder when it already
+    reached `max_steps`, else None: re-running a finished run has nothing to train."""
+    checkpoint = find_checkpoint(path)
+    if checkpoint is None:
+        return None
+    step = read_train_state(checkpoint)["step"]
+    return step if step >= max_steps else None
+
+
 def read_config(checkpoint: Path) -> Config:
     try:
         return load_config(Path(checkpoint) / CONFIG)

@@ -180,9 +180,16 @@ def setup_distributed(
     if ctx.is_main and world_size > 1:
         log.info(
             f"distributed: world {world_size} = dp_replicate {replicate} x dp_shard {shard} x tp {tp} "
-            f"({'DDP' if parallel_cfg.ddp else 'FSDP2'}, {'nccl' if dev.type == 'cuda' else 'gloo'})"
+            f"({data_parallel_kind(replicate, shard, parallel_cfg.ddp)}, {'nccl' if dev.type == 'cuda' else 'gloo'})"
         )
     return ctx
+
+
+def data_parallel_kind(dp_replicate: int, dp_shard: int, ddp: bool) -> str:
+    """What wraps the model over the data-parallel ranks: DDP, HSDP, FSDP2, or nothing (TP only)."""
+    if dp_replicate * dp_shard == 1:
+        return "no data parallel"
+    return "DDP" if ddp else ("HSDP" if dp_replicate > 1 else "FSDP2")
 
 
 # ----------------------------------------------------------------------------- the recipe, one function each
@@ -399,6 +406,11 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     Under FSDP x TP some gradients are 2-D DTensors, some 1-D (parameters replicated over TP) and
     some plain; torch's clip_grad_norm_ cannot stack norms from different meshes, so each mesh's
     norm is completed (full_tensor) before the sum.
+
+    On CPU each tensor's norm accumulates in float64: torch 2.13's float32 vector_norm there sums
+    serially and is 4e-5 low on 0.5M elements (the demo's embedding gradient), so a 1-process norm
+    and an FSDP2 norm (two half-length sums) differed by 1e-5 relative before any update. CUDA
+    reduces in a tree (accurate in float32) and keeps float32: the float64 path copies the tensor.
     """
     from torch.distributed.tensor import DTensor
 
@@ -408,11 +420,12 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
         groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
     squares = []
     for group in groups.values():
-        norm = torch.nn.utils.get_total_norm(group, 2.0)
+        norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float64 if g.device.type == "cpu" else None) for g in group]
+        norm = torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms]))
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        squares.append(norm.float().cpu() ** 2)
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+        squares.append(norm.cpu() ** 2)
+    total = torch.stack(squares).sum().sqrt().float() if squares else torch.zeros(())
     if max_norm > 0:
         coef = min(1.0, max_norm / (total.item() + 1e-6))
         if coef < 1.0:
@@ -431,6 +444,7 @@ __all__ = [
     "apply_tensor_parallel",
     "build_parallel_model",
     "clip_grad_norm_",
+    "data_parallel_kind",
     "load_full_state_dict",
     "resolve_layout",
     "runtime_seed",
