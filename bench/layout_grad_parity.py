@@ -1,13 +1,12 @@
 """Step-1 gradients of the demo recipe under 1 process, DDP 2 and FSDP2 2 (gloo, CPU): the global
-grad norm as the trainer computes it, as parallelize.clip_grad_norm_ computes it for every layout,
+grad norm as the trainer computes it (optim.clip_grad_norm_, the same function for every layout),
 in float64 over the full gradients, and the largest per-parameter gradient differences.
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/layout_grad_parity.py [recipes/demo.yaml]
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/layout_grad_parity.py recipes/demo.yaml --steps 30
 
 With --steps N: the trainer's loss and grad-norm curves (log every step) under FSDP2 over 2 ranks
-against one process, with the one-process norm as the trainer computes it today (torch's
-clip_grad_norm_) and with parallelize.clip_grad_norm_ (what every layout uses).
+against one process.
 """
 
 from __future__ import annotations
@@ -35,24 +34,24 @@ def step_one(recipe: str, parallel: dict, out: str | None) -> None:
 
     from smoltrain.model.transformer import canonical_name
     from smoltrain.train import trainer
-    from smoltrain.train.parallelize import clip_grad_norm_, setup_distributed
+    from smoltrain.train.parallelize import setup_distributed
+    from smoltrain.train.pretrain import build_pretrain_objective
 
     torch.set_num_threads(1)
     config = _config(recipe, parallel)
     ctx = setup_distributed(config.parallel, config.model, seed=config.train.seed, device="cpu")
     model = trainer.build_training_model(config, ctx.device, ctx=ctx)
-    loader = trainer.build_loader(config, ctx.dp_rank, ctx.dp_world)
-    model.set_rope(theta=config.model.rope_theta, max_seq_len=loader.seq_len)
-    accum = trainer.grad_accumulation(config, loader.seq_len, ctx.dp_world)
-    batches = [loader.next_batch() for _ in range(accum)]
-    loss, norm = trainer.forward_backward(model, batches, ctx.device, "fp32", 0.0, ctx)
-    ours = clip_grad_norm_(model.parameters(), 0.0).item()  # max_norm 0: measure only
+    objective = build_pretrain_objective(config, model, ctx, Path(tempfile.mkdtemp()))
+    model.set_rope(theta=config.model.rope_theta, max_seq_len=objective.batches.seq_len)
+    batches = [objective.batches.next_batch() for _ in range(objective.accumulation(objective.batches.seq_len, ctx.dp_world))]
+    result = trainer.forward_backward(model, objective, batches, ctx, "fp32", 0.0)  # grad_clip 0: measure only
+    loss, norm = result.loss, result.grad_norm
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad
         grads[canonical_name(name)] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
     if ctx.rank == 0 and out:
-        torch.save({"loss": loss, "norm": norm, "ours": ours, "grads": grads}, out)
+        torch.save({"loss": loss, "norm": norm, "grads": grads}, out)
     if ctx.distributed:
         dist.destroy_process_group()
 
@@ -75,14 +74,11 @@ def _curve_overrides(out: str, steps: int) -> list[str]:
             "train.device=cpu"]
 
 
-def train_curve(recipe: str, overrides: list[str], patched: bool = False) -> None:
+def train_curve(recipe: str, overrides: list[str]) -> None:
     from smoltrain.config import load_config
-    from smoltrain.train import parallelize, trainer
+    from smoltrain.train import trainer
 
     torch.set_num_threads(1)
-    if patched:  # the one-process branch of forward_backward measures with parallelize.clip_grad_norm_
-        torch.nn.utils.clip_grad_norm_ = lambda params, max_norm: parallelize.clip_grad_norm_(
-            params, 0.0 if math.isinf(max_norm) else max_norm)
     trainer.run(load_config(recipe, overrides))
 
 
@@ -101,20 +97,17 @@ def _read_curve(out: Path) -> list[tuple[int, float, float]]:
 
 def curves(recipe: str, steps: int) -> None:
     tmp = Path(tempfile.mkdtemp())
-    for name, patched in (("single_torch_norm", False), ("single_our_norm", True)):
-        _subprocess_curve(recipe, _curve_overrides(str(tmp / name), steps), patched)
+    _subprocess_curve(recipe, _curve_overrides(str(tmp / "single"), steps))
     mp.spawn(_curve_worker, args=(2, _port(), recipe, _curve_overrides(str(tmp / "fsdp2"), steps)), nprocs=2, join=True)
-    fsdp = _read_curve(tmp / "fsdp2")
-    for name in ("single_torch_norm", "single_our_norm"):
-        single = _read_curve(tmp / name)
-        print(f"FSDP2 2 vs 1 process ({name}): step, loss rel diff, grad norm rel diff")
-        for (step, loss, norm), (_, ref_loss, ref_norm) in zip(fsdp, single):
-            print(f"  {step:3d}  {abs(loss - ref_loss) / ref_loss:.1e}  {abs(norm - ref_norm) / ref_norm:.1e}")
+    fsdp, single = _read_curve(tmp / "fsdp2"), _read_curve(tmp / "single")
+    print("FSDP2 2 vs 1 process: step, loss rel diff, grad norm rel diff")
+    for (step, loss, norm), (_, ref_loss, ref_norm) in zip(fsdp, single):
+        print(f"  {step:3d}  {abs(loss - ref_loss) / ref_loss:.1e}  {abs(norm - ref_norm) / ref_norm:.1e}")
 
 
-def _subprocess_curve(recipe: str, overrides: list[str], patched: bool) -> None:
+def _subprocess_curve(recipe: str, overrides: list[str]) -> None:
     ctx = mp.get_context("spawn")
-    process = ctx.Process(target=train_curve, args=(recipe, overrides, patched))
+    process = ctx.Process(target=train_curve, args=(recipe, overrides))
     process.start()
     process.join()
     assert process.exitcode == 0
@@ -135,8 +128,7 @@ def main() -> None:
     for name, r in results.items():
         by_hand = math.sqrt(sum(float(g.double().pow(2).sum()) for g in r["grads"].values()))
         print(f"{name:>10}: loss {r['loss']:.9g} grad norm {r['norm']:.9g} (float64 over full grads {by_hand:.9g}) "
-              f"rel vs 1 process {abs(r['norm'] - ref['norm']) / ref['norm']:.2e}; "
-              f"parallelize.clip_grad_norm_ {r['ours']:.9g} (rel {abs(r['ours'] - ref['ours']) / ref['ours']:.2e})")
+              f"rel vs 1 process {abs(r['norm'] - ref['norm']) / ref['norm']:.2e}")
         worst = sorted(((float((g - ref['grads'][k]).abs().max() / ref['grads'][k].abs().max().clamp(min=1e-30)), k)
                         for k, g in r["grads"].items()), reverse=True)[:3]
         print("            largest per-parameter max|diff|/max|g|: " + ", ".join(f"{k} {v:.1e}" for v, k in worst))

@@ -2,9 +2,10 @@
 shape, batch, weights and precision, in one process; prints both and the ratio.
 
 Our step is the trainer's own: build_training_model (per-block compile where the config says),
-build_optimizer (parameter groups, fused AdamW on CUDA), forward_backward (accumulation, chunked
-loss, clipping, the non-finite check's sync) and optimizer.step. The peer does what a transformers
-user writes: forward with labels, backward, clip, AdamW (fused on CUDA), and `model.compile()` with
+build_optimizer (parameter groups, fused AdamW on CUDA), forward_backward (the pretraining
+objective's summed loss, accumulation, normalisation by the step's label tokens, clipping, the
+non-finite check's sync) and optimizer.step. The peer does what a transformers user writes:
+forward with labels, backward, clip, AdamW (fused on CUDA), and `model.compile()` with
 --peer-compile. The two alternate in rounds so a noisy neighbour slows both alike; medians are
 reported. Plain causal attention on both sides (one document per sequence).
 
@@ -31,7 +32,8 @@ from smoltrain.config import config_from_dict
 from smoltrain.model.flops import flops_per_token, parameter_counts
 from smoltrain.train.metrics import mfu, peak_tflops
 from smoltrain.train.optim import build_optimizer
-from smoltrain.train.trainer import build_training_model, forward_backward
+from smoltrain.train.pretrain import PretrainObjective
+from smoltrain.train.trainer import build_training_model, forward_backward, single_process_context
 
 SHAPES = {
     "demo": dict(vocab_size=4096, hidden_size=128, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=384,
@@ -61,9 +63,10 @@ def our_step(config, device, batch):
     model = build_training_model(config, device)
     optimizer = build_optimizer(config.optim, model)
     precision = config.train.precision
+    objective, ctx = PretrainObjective(config, batches=None), single_process_context(device)
 
     def step():
-        forward_backward(model, [batch], device, precision, config.optim.grad_clip)
+        forward_backward(model, objective, [batch], ctx, precision, config.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -11,11 +11,8 @@ machine slowed down by other work, pretraining still gets 40% of the budget and 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
-import signal
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,26 +133,20 @@ def pretraining_seconds(budget_s: float, elapsed_s: float) -> float:
     return max(budget_s - elapsed_s - EVAL_RESERVE_S - FIXED_RESERVE_S, PRETRAIN_FLOOR_SHARE * budget_s)
 
 
-@contextmanager
-def deadline(seconds: float, console: Console, minimum: float = 10.0):
-    """Send ourselves SIGTERM after `seconds` (at least `minimum`): the trainer's preemption path stops
-    it cleanly. A SIGTERM arriving after the trainer returned is absorbed here instead of killing us."""
-    fired = threading.Event()
+class Deadline:
+    """The trainer's should_stop hook for the demo's time box: True once `seconds` (at least
+    `minimum`) have passed since it was made; the trainer then finishes its step and saves."""
 
-    def fire():
-        fired.set()
-        console.print("  time budget reached: asking the trainer to stop after this step")
-        os.kill(os.getpid(), signal.SIGTERM)
+    def __init__(self, seconds: float, console: Console, minimum: float = 10.0):
+        self.at = time.monotonic() + max(seconds, minimum)
+        self.console = console
+        self.fired = False
 
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    timer = threading.Timer(max(seconds, minimum), fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield fired
-    finally:
-        timer.cancel()
-        signal.signal(signal.SIGTERM, previous)
+    def __call__(self) -> bool:
+        if not self.fired and time.monotonic() >= self.at:
+            self.fired = True
+            self.console.print("  time budget reached: asking the trainer to stop after this step")
+        return self.fired
 
 
 def _warmup(config: Config, steps: int) -> int:
@@ -267,10 +258,10 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 10.0, recipe: st
             f"optim.warmup_steps={_warmup(base, steps)}",
         ])
         # A machine that slows down mid-run (shared cores) must not blow the budget: at the deadline
-        # the trainer is preempted the way SLURM would, finishing its step and saving a checkpoint.
-        with deadline(left, console) as fired:
-            summary = train(pretrain_config)
-        if summary["stopped_by"] and not fired.is_set():  # Ctrl-C or an outside SIGTERM: stop the demo too
+        # the trainer stops as it would when preempted, finishing its step and saving a checkpoint.
+        deadline = Deadline(left, console)
+        summary = train(pretrain_config, should_stop=deadline)
+        if summary["stopped_by"] and not deadline.fired:  # Ctrl-C or an outside SIGTERM: stop the demo too
             from smoltrain.errors import StoppedBySignal
 
             raise StoppedBySignal(summary["stopped_by"])

@@ -103,14 +103,14 @@ def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, capsys):
     assert (out / "report.html").is_file()
 
 
-def test_deadline_preempts_the_trainer_which_saves_and_returns(tmp_path):
-    """The demo's time box: the real trainer, told to run 100,000 steps, stops at the deadline with
-    a complete checkpoint, and the demo process survives the signal."""
+def test_deadline_stops_the_trainer_which_saves_and_returns(tmp_path):
+    """The demo's time box: the real trainer, told to run 100,000 steps, stops at the deadline (its
+    should_stop hook, no signal) with a complete checkpoint."""
     from rich.console import Console
 
     from smoltrain.config import config_from_dict
     from smoltrain.data.synthetic import write_synthetic_shards
-    from smoltrain.demo import deadline
+    from smoltrain.demo import Deadline
     from smoltrain.train.checkpoint import load_model_from_checkpoint
     from smoltrain.train.trainer import run
 
@@ -122,9 +122,9 @@ def test_deadline_preempts_the_trainer_which_saves_and_returns(tmp_path):
         "train": {"out_dir": str(tmp_path / "run"), "max_steps": 100_000, "global_batch_tokens": 64, "micro_batch_size": 4,
                   "log_every": 50, "save_every": 100_000, "eval_every": 100_000, "device": "cpu", "tensorboard": False},
     })
-    with deadline(2.0, Console(quiet=True), minimum=0.0) as fired:
-        summary = run(config)
-    assert fired.is_set() and not summary["finished"] and summary["stopped_by"] == "SIGTERM"
+    deadline = Deadline(2.0, Console(quiet=True), minimum=0.0)
+    summary = run(config, should_stop=deadline)
+    assert deadline.fired and not summary["finished"] and summary["stopped_by"] == "should_stop"
     assert 0 < summary["step"] < 100_000
     model, saved = load_model_from_checkpoint(tmp_path / "run", "cpu")
     assert saved.train.max_steps == 100_000

@@ -198,9 +198,9 @@ def test_answers_differing_only_in_their_last_token_share_one_forward_row():
             super().__init__()
             self.inner, self.config = model, model.config
 
-        def forward(self, input_ids):
+        def forward(self, input_ids, **kwargs):
             seen_rows.append(input_ids.shape[0])
-            return self.inner(input_ids)
+            return self.inner(input_ids, **kwargs)
 
     context = [5, 6, 7, 8]
     requests = [(context, [t]) for t in (10, 11, 12, 13)]  # lettered choices: one token each

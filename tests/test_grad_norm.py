@@ -1,4 +1,4 @@
-"""The global gradient norm (train/parallelize.clip_grad_norm_) is exact to float32 rounding whatever
+"""The global gradient norm (train/optim.clip_grad_norm_) is exact to float32 rounding whatever
 the layout: one process and FSDP2 over 2 ranks give the float64 norm of the same gradients.
 
 torch 2.13's float32 vector_norm on CPU sums serially (4e-5 low on 0.5M elements), which made the
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from smoltrain.train.parallelize import clip_grad_norm_
+from smoltrain.train.optim import clip_grad_norm_
 
 SHAPES = [(4096, 128), (384, 128), (128,)]  # the demo's embedding, an MLP matrix, a norm weight
 

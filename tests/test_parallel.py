@@ -409,7 +409,7 @@ def test_sequence_parallel_needs_sequence_lengths_divisible_by_tp():
         build_parallel_model(config, ctx)
     config.parallel.sequence_parallel = False
     ctx = ParallelContext(0, 0, 4, 1, 4, 1, False, torch.device("cpu"), None, 0)  # 8 sequences, dp 4 x micro 8
-    with pytest.raises(ConfigError, match=r"micro_batch_size x data parallel degree x seq_len \(8 x 4 x 15\)"):
+    with pytest.raises(ConfigError, match=r"micro_batch_size x seq_len x data-parallel ranks \(8 x 15 x 4 = 480\)"):
         build_parallel_model(config, ctx)
 
 

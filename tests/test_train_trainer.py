@@ -51,14 +51,15 @@ class Recorder:
         self.tamper = tamper or {}
         real = trainer.forward_backward
 
-        def wrapped(model, micro_batches, *args):
+        def wrapped(model, objective, micro_batches, *args):
             self.calls += 1
             self.weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             self.batches.extend(b["input_ids"].clone() for b in micro_batches)
-            loss, norm = real(model, micro_batches, *args)
+            result = real(model, objective, micro_batches, *args)
             if self.calls in self.tamper:
-                loss, norm = self.tamper[self.calls](model, loss, norm)
-            return loss, norm
+                loss, norm = self.tamper[self.calls](model, result.loss, result.grad_norm)
+                result = result._replace(loss=loss, grad_norm=norm)
+            return result
 
         monkeypatch.setattr(trainer, "forward_backward", wrapped)
 

@@ -19,6 +19,7 @@ import torch
 
 from smoltrain.errors import DataError
 from smoltrain.eval.tasks import Task, build_prompt
+from smoltrain.model.transformer import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -157,34 +158,28 @@ def loglikelihoods(
         members[row_of[key]].append((index, whole[-1]))
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
     results = [0.0] * len(requests)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     rank, world, group = data_parallel or (0, 1, None)
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     for batch in batches[rank::world]:
         width = padded_width(len(rows[batch[0]][0]), pad_multiple)
         input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        scored = torch.zeros(len(batch), width, dtype=torch.bool)
+        # Candidate labels per position: the answer's own next tokens in column 0, and at the last
+        # position every member's final token; -100 (not scored) everywhere else.
+        labels = torch.full((len(batch), width, max(len(members[r]) for r in batch)), -100, dtype=torch.long)
         for b, r in enumerate(batch):
             inputs, num_scored = rows[r]
             input_ids[b, : len(inputs)] = torch.tensor(inputs)
-            scored[b, len(inputs) - num_scored : len(inputs)] = True
+            # Targets before the last are the row's own next inputs, the same for every member.
+            labels[b, len(inputs) - num_scored : len(inputs) - 1, 0] = torch.tensor(inputs[len(inputs) - num_scored + 1 :])
+            labels[b, len(inputs) - 1, : len(members[r])] = torch.tensor([target for _, target in members[r]])
         with _autocast(device, autocast_dtype):
-            logits = model(input_ids.to(device))
-        # Only the answer positions need a softmax: a handful of positions instead of batch x width.
-        logits = logits[scored.to(device)]
-        chunk = max(1, LOGPROB_CHUNK_ELEMENTS // (vocab or logits.shape[-1]))
-        logprobs = torch.cat([torch.log_softmax(logits[s : s + chunk].float(), dim=-1) for s in range(0, len(logits), chunk)])
+            logprobs = token_logprobs(model, input_ids.to(device), labels.to(device))
         logprobs = logprobs.double().cpu()
-        position = 0
         for b, r in enumerate(batch):
             inputs, num_scored = rows[r]
-            # Targets before the last are the row's own next inputs, the same for every member.
-            shared = inputs[len(inputs) - num_scored + 1 :]
-            head = float(logprobs[position + torch.arange(num_scored - 1), shared].sum()) if shared else 0.0
-            last = logprobs[position + num_scored - 1]
-            for index, target in members[r]:
-                results[index] = head + float(last[target])
-            position += num_scored
+            head = float(logprobs[b, len(inputs) - num_scored : len(inputs) - 1, 0].sum())
+            for j, (index, _) in enumerate(members[r]):
+                results[index] = head + float(logprobs[b, len(inputs) - 1, j])
         if on_batch is not None:
             on_batch(sum(len(members[r]) for r in batch))
     if world > 1 and batches:  # every rank sees the same batches, so all skip or none

@@ -12,9 +12,9 @@ import math
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from smoltrain.eval.scoring import LOGPROB_CHUNK_ELEMENTS, _autocast, load_tokenizer, sum_over_ranks
+from smoltrain.model.transformer import token_logprobs
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -93,12 +93,10 @@ def validation_sums(model, batches: Iterable[dict], token_bytes: torch.Tensor, d
         rows = _rows_per_forward(input_ids, vocab)
         for s in range(0, input_ids.shape[0], rows):
             docs = document_ids[s : s + rows].to(device) if document_ids is not None else None
-            with _autocast(device, autocast_dtype):
-                logits = model(input_ids[s : s + rows], document_ids=docs)
             target = labels[s : s + rows]
+            with _autocast(device, autocast_dtype):
+                nats = -token_logprobs(model, input_ids[s : s + rows], target, document_ids=docs).flatten()
             valid = target != -100
-            nats = F.cross_entropy(logits.float().flatten(0, 1), target.flatten().clamp(min=0), reduction="none")
-            nats = torch.where(valid.flatten(), nats, 0.0)
             nbytes = torch.where(valid, token_bytes[target.clamp(min=0)], 0).flatten()
             total_nats += nats.sum().double()
             text_nats += (nats * (nbytes > 0)).sum().double()

@@ -258,10 +258,11 @@ class Transformer(nn.Module):
         return LossOutput(ce_mean + z_weight * z_sum / denominator, ce_mean.detach(), num_tokens)
 
     def _token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Per-token log-probabilities over chunks of tokens, like _loss (same memory bound)."""
+        """Per-token log-probabilities over chunks of tokens, like _loss (same memory bound). Labels
+        [batch, seq, k] give k candidates per position (multiple-choice answers sharing a context)."""
         shape = labels.shape
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        labels = labels.reshape(-1)
+        labels = labels.reshape(hidden.shape[0], -1) if labels.dim() > 2 else labels.reshape(-1)
         chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
         parts = []
         for start in range(0, hidden.shape[0], chunk):
@@ -273,17 +274,27 @@ class Transformer(nn.Module):
         return torch.cat(parts).view(shape)
 
     def token_logprob_chunk(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-        """log p(label) of each token of one chunk; 0 for ignored labels. Under loss parallel the
-        vocabulary-sharded logits are never gathered (the same all-reduces as the loss)."""
+        """log p(label) of each token of one chunk ([tokens] labels, or [tokens, k] candidates); 0 for
+        ignored labels. Under loss parallel the vocabulary-sharded logits are never gathered (the same
+        all-reduces as the loss)."""
         logits = self.output(hidden).float()
         if temperature != 1.0:  # GRPO scores samples drawn at a temperature with the same scaling
             logits = logits / temperature
         if self.loss_parallel:
             mesh = logits.device_mesh
             start = mesh.get_local_rank() * -(-logits.shape[-1] // mesh.size())
-            ce, _ = _VocabParallelCrossEntropy.apply(logits.to_local(), labels, start, mesh.get_group())
-            return torch.where(labels != -100, -ce, 0.0)
-        return -F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+            local = logits.to_local()
+
+            def logprob(target):
+                ce, _ = _VocabParallelCrossEntropy.apply(local, target, start, mesh.get_group())
+                return torch.where(target != -100, -ce, 0.0)
+
+            return logprob(labels) if labels.dim() == 1 else torch.stack([logprob(c) for c in labels.unbind(1)], 1)
+        if labels.dim() == 1:
+            return -F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+        # k candidates: one log-softmax, k gathers (cross_entropy would recompute it per candidate).
+        picked = logits.log_softmax(-1).gather(1, labels.clamp(min=0))
+        return torch.where(labels != -100, picked, 0.0)
 
     def loss_chunk(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy and z-loss of one chunk: head, log-softmax, gather. One function so
@@ -363,8 +374,9 @@ def _vocab_parallel_loss(logits, labels: torch.Tensor, z_loss: float) -> tuple[t
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                    **forward_kwargs) -> torch.Tensor:
-    """[batch, seq] float32 log p(labels[b, t] | tokens up to t), 0 where labels is -100. Goes
-    through the model's forward (wrappers such as FSDP2 unshard there), so call this, not a method."""
+    """[batch, seq] float32 log p(labels[b, t] | tokens up to t), 0 where labels is -100. Labels
+    [batch, seq, k] score k candidate tokens at each position in one forward ([batch, seq, k]).
+    Goes through the model's forward (wrappers such as FSDP2 unshard there), so call this, not a method."""
     return model(input_ids, labels=labels, reduction="none", temperature=temperature, **forward_kwargs)
 
 

@@ -46,6 +46,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"
+PARTS = "parts_{rank}.pt"
 CONFIG = "config.yaml"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Optimizer state keyed by parameter name alone (param_groups.<name>.lr, not param_groups.<index>):
@@ -186,11 +187,14 @@ def save_checkpoint(
     train_state: dict,
     config: Config,
     keep: int,
+    parts: dict | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step_<step>` atomically, move `latest` to it, keep the newest `keep`.
 
     Collective: every rank calls it. `train_state` (step, tokens, loader state, ...) must be
-    JSON-serialisable; rank 0's copy is written, with every rank's RNG state beside it.
+    JSON-serialisable; rank 0's copy is written, with every rank's RNG state beside it. `parts`
+    ({name: state_dict}: an objective's stateful extras, tensors allowed) are this rank's own and
+    go to `parts_<rank>.pt`.
     """
     rank, world = _rank_world()
     root = Path(run_dir) / CHECKPOINTS
@@ -210,6 +214,8 @@ def save_checkpoint(
             storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
             no_dist=not _distributed(),
         )
+    if parts:
+        torch.save(parts, tmp / PARTS.format(rank=rank))
     rngs = [rng_state()]
     if _distributed():
         rngs = [None] * world
@@ -340,6 +346,16 @@ def finished_at(path: str | os.PathLike, max_steps: int) -> int | None:
         return None
     step = read_train_state(checkpoint)["step"]
     return step if step >= max_steps else None
+
+
+def read_parts(checkpoint: Path, same_layout: bool) -> dict:
+    """This rank's stateful extras ({name: state_dict}), {} when none were saved. After a layout
+    change rank r's file belonged to another position: every rank then reads rank 0's."""
+    rank, _ = _rank_world()
+    path = Path(checkpoint) / PARTS.format(rank=rank if same_layout else 0)
+    if not path.is_file():
+        path = Path(checkpoint) / PARTS.format(rank=0)
+    return torch.load(path, weights_only=True) if path.is_file() else {}
 
 
 def read_config(checkpoint: Path) -> Config:

@@ -11,18 +11,25 @@ The contract, in words (the Protocols below say the same in types):
 - `objective.batches` has the data loader's interface: `next_batch()` -> a dict of CPU tensors,
   which always holds "input_ids" and "labels" ([batch, seq], -100 where no loss is taken; the loop
   counts label tokens for tokens/s and MFU from it), plus whatever the loss needs;
-  `state_dict()` / `load_state_dict()` (exact resume), `skip(n)` (the spike guard's rewind),
-  `set_stage(i)` and `seq_len` / `stage` (curricula; a post-training source may have one stage),
-  `close()`.
-- `objective.loss(model, batch)` -> `(loss_sum, count, metrics)`: `loss_sum` a scalar tensor to
-  backpropagate once divided by the step's total `count` (label tokens for token-level losses,
-  pairs for DPO, sequences for per-sequence GRPO aggregation); `metrics` maps a name to a
-  `(sum, count)` pair, reported as global sum / global count (TRL's names: "rewards/chosen", ...).
-  The loop calls it under autocast, once per micro-batch, with gradient sync handled outside.
+  `state_dict()` / `load_state_dict()` (exact resume: JSON-serialisable and identical on every
+  rank, a position in global units the loader re-splits for another data-parallel degree),
+  `skip(n)` (the spike guard's rewind), `set_stage(i)` and `seq_len` / `stage` (curricula of
+  `data.stages`; a post-training source with one stage keeps stage -1), `close()`.
+- `objective.loss(model, batch)` -> `(loss_sum, count, metrics)`: `loss_sum` a scalar tensor the
+  loop backpropagates as is; after the last micro-batch it divides the gradients by the step's
+  `count` summed over micro-batches and data-parallel ranks (label tokens for token-level losses,
+  pairs for DPO, sequences for per-sequence GRPO aggregation), so the result is exactly the
+  gradient of (sum of all loss sums) / (sum of all counts). `metrics` maps a name to a
+  `(sum, count)` pair, reported as global sum / global count (TRL's names: "rewards/chosen", ...);
+  a metric named "loss" is what the log line and the spike guard call the loss (pretraining:
+  cross-entropy without z-loss), else it is loss_sum / count. The loop calls `loss` under autocast,
+  once per micro-batch, with gradient sync handled outside.
 - `objective.accumulation(seq_len, dp_world)` -> micro-batches per optimizer step on each rank.
 - `objective.stateful()` -> extra checkpoint parts by name (anything with state_dict /
   load_state_dict: a rollout RNG, a reference-log-prob cache position), saved and restored
-  by the loop beside the model, optimizer and loader.
+  by the loop beside the model, optimizer and loader. Each rank saves its own (torch.save of
+  {name: state_dict}: tensors, numbers, strings, lists, dicts; read back with weights_only);
+  after a layout change every rank reads rank 0's.
 - `objective.step_metrics()` -> a dict of already-global floats to add to the step's log line
   (rollout lengths, rewards per function), or {}.
 - `objective.evaluate(model)` -> a dict of extra eval results (chat evals, preference accuracy,
@@ -30,7 +37,11 @@ The contract, in words (the Protocols below say the same in types):
 
 An objective is built after the model, by a factory the stage's entry function hands to the
 Trainer: `build(config, model, ctx, run_dir) -> Objective` (GRPO samples from `model`; DPO runs its
-reference pass before step 1 and keeps the result in `run_dir`).
+reference pass before step 1 and keeps the result in `run_dir`, which exists by then). A stage's
+entry function is then one line, `Trainer(config, build_objective=build_sft_objective).train()`:
+the loop reads train.* (max_steps, log/save/eval_every, out_dir, init, seed, spike guard,
+precision, compile), optim.*, model.*, parallel.* and eval.* as pretraining does; the
+objective's own settings live in its config section.
 """
 
 from __future__ import annotations

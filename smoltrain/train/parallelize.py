@@ -20,6 +20,7 @@ import torch.nn as nn
 from smoltrain.config import Config, ModelConfig, ParallelConfig
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.transformer import Transformer, canonical_name
+from smoltrain.train.optim import clip_grad_norm_  # noqa: F401  (moved beside the optimizer)
 
 log = logging.getLogger(__name__)
 
@@ -316,22 +317,17 @@ def _resolve_bf16(config: Config, device: torch.device) -> bool:
 
 def _check_batch_layout(config: Config, ctx: ParallelContext) -> None:
     """Sequence-parallel slices and data-parallel micro-batches must divide evenly."""
-    seq_lens = {config.data.seq_len} | {s.seq_len for s in config.data.stages if s.seq_len}
+    from smoltrain.train.pretrain import grad_accumulation, stage_seq_lens
+
+    seq_lens = sorted(set(stage_seq_lens(config)))
     if ctx.tp > 1 and config.parallel.sequence_parallel:
-        for seq_len in sorted(seq_lens):
+        for seq_len in seq_lens:
             if seq_len % ctx.tp:
                 raise ConfigError(
                     f"parallel.sequence_parallel: sequence length {seq_len} must be divisible by parallel.tp ({ctx.tp})"
                 )
-    for seq_len in sorted(seq_lens):
-        per_step = config.train.global_batch_tokens // seq_len
-        per_round = config.train.micro_batch_size * ctx.dp_world
-        if config.train.global_batch_tokens % seq_len or per_step % per_round:
-            raise ConfigError(
-                f"train.global_batch_tokens ({config.train.global_batch_tokens}) must be a multiple of "
-                f"train.micro_batch_size x data parallel degree x seq_len "
-                f"({config.train.micro_batch_size} x {ctx.dp_world} x {seq_len})"
-            )
+    for seq_len in seq_lens:
+        grad_accumulation(config, seq_len, ctx.dp_world)
 
 
 def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.device | str | None = None) -> nn.Module:
@@ -397,41 +393,6 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Gradient accumulation: skip the data-parallel reduction on all but the last micro-batch."""
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 and composable DDP
         model.set_requires_gradient_sync(enabled)
-
-
-@torch.no_grad()
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (then clipped to max_norm when > 0), whatever the layout.
-
-    Under FSDP x TP some gradients are 2-D DTensors, some 1-D (parameters replicated over TP) and
-    some plain; torch's clip_grad_norm_ cannot stack norms from different meshes, so each mesh's
-    norm is completed (full_tensor) before the sum.
-
-    On CPU each tensor's norm accumulates in float64: torch 2.13's float32 vector_norm there sums
-    serially and is 4e-5 low on 0.5M elements (the demo's embedding gradient), so a 1-process norm
-    and an FSDP2 norm (two half-length sums) differed by 1e-5 relative before any update. CUDA
-    reduces in a tree (accurate in float32) and keeps float32: the float64 path copies the tensor.
-    """
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in parameters if p.grad is not None]
-    groups: dict = {}
-    for g in grads:
-        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
-    squares = []
-    for group in groups.values():
-        norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float64 if g.device.type == "cpu" else None) for g in group]
-        norm = torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms]))
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        squares.append(norm.cpu() ** 2)
-    total = torch.stack(squares).sum().sqrt().float() if squares else torch.zeros(())
-    if max_norm > 0:
-        coef = min(1.0, max_norm / (total.item() + 1e-6))
-        if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
-    return total
 
 
 __all__ = [

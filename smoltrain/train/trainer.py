@@ -1,15 +1,17 @@
-"""Pretraining: `run(config)` walks one run top to bottom: build the parts, resume, loop, save.
+"""The one training loop: `Trainer(config, build_objective).train()` for pretraining, SFT, DPO and GRPO.
 
-A step consumes a fixed global batch of tokens (micro-batches x gradient accumulation x data
-parallel ranks) and nothing it does depends on wall-clock or on how often the run was stopped, so
-a resumed run reproduces the uninterrupted one bit for bit on CPU: the schedule is a function of
-the step, the data loader's position, the optimizer, the spike statistics and RNG states are all
-in the checkpoint.
+The loop knows nothing of the objective (train/objective.py): it asks it for micro-batches and for
+a loss *sum* with its count, and divides the step's gradients by the count of the whole step,
+all-reduced over data-parallel ranks, so a masked objective is not biased by how its tokens fall
+into micro-batches and ranks. Nothing a step does depends on wall-clock or on how often the run was
+stopped, so a resumed run reproduces the uninterrupted one bit for bit on CPU: the schedule is a
+function of the step; the batch source's position, the optimizer, the spike statistics, the RNG
+states and the objective's stateful parts are all in the checkpoint.
 
-The same loop runs on one process or under torchrun: train/parallelize.py sets up the mesh and
-wraps the model (FSDP2, TP, DDP); the loop adds only gradient sync on the last micro-batch, a
-layout-independent gradient norm and a data-parallel mean of the loss. Every rank evaluates (the
-forward has collectives), rank 0 alone writes files other than its checkpoint shards.
+The same loop runs on one process or under torchrun: train/parallelize.py sets up the mesh and wraps
+the model (FSDP2, TP, DDP); the loop adds only gradient sync on the last micro-batch, a
+layout-independent gradient norm and data-parallel sums of the loss and counts. Every rank evaluates
+(the forward has collectives), rank 0 alone writes files other than its checkpoint shards.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -34,6 +37,7 @@ from rich.console import Console
 from smoltrain.config import Config, save_config
 from smoltrain.data.stages import stage_at
 from smoltrain.errors import ConfigError
+from smoltrain.eval.during_training import check_eval_config, eval_console_line
 from smoltrain.model.flops import flops_per_token
 from smoltrain.model.transformer import count_parameters
 from smoltrain.train.checkpoint import (
@@ -42,23 +46,27 @@ from smoltrain.train.checkpoint import (
     crash_point,
     find_checkpoint,
     load_checkpoint,
+    read_parts,
     read_train_state,
     save_checkpoint,
 )
 from smoltrain.train.metrics import MetricsLogger, SpikeDetector, console_line, mfu, peak_tflops
-from smoltrain.train.optim import apply_hyperparameters, build_optimizer, lr_for_step, set_lr
+from smoltrain.train.objective import Objective
+from smoltrain.train.optim import apply_hyperparameters, build_optimizer, clip_grad_norm_, lr_for_step, set_lr
 from smoltrain.train.parallelize import (
     ParallelContext,
     build_parallel_model,
-    clip_grad_norm_,
     load_full_state_dict,
     runtime_seed,
     set_gradient_sync,
     setup_distributed,
 )
+from smoltrain.train.pretrain import build_pretrain_objective
 
 log = logging.getLogger(__name__)
 console = Console(highlight=False, markup=False, soft_wrap=True)
+
+ObjectiveFactory = Callable[[Config, nn.Module, ParallelContext, Path], Objective]
 
 
 # ----------------------------------------------------------------------------- devices and layout
@@ -84,42 +92,6 @@ def describe_layout(ctx: ParallelContext) -> str:
     return f"{ctx.world_size} ranks = {' x '.join(parts)} ({dp if ctx.dp_world > 1 else 'TP'})"
 
 
-def check_eval_layout(config: Config) -> None:
-    """Generation decodes one token per forward, which sequence parallel cannot split over TP ranks,
-    so generative eval tasks need parallel.sequence_parallel=false when tp > 1. Refused before the
-    run starts, not at the first evaluation hours later (log-likelihood tasks run under any layout)."""
-    if config.parallel.tp <= 1 or not config.parallel.sequence_parallel or not config.eval.tasks:
-        return
-    from smoltrain.eval.run import resolve_tasks
-
-    e = config.eval
-    generative = [task.name for task in resolve_tasks(e.tasks, e.limit, e.num_fewshot or None, e.seed)
-                  if task.kind == "generative"]
-    if generative:
-        raise ConfigError(f"eval.tasks: generative tasks ({', '.join(generative)}) decode one token at a time, "
-                          f"which sequence parallel cannot split over parallel.tp ({config.parallel.tp}) ranks; set "
-                          f"parallel.sequence_parallel=false, drop them, or evaluate checkpoints with `smoltrain eval`")
-
-
-def stage_seq_lens(config: Config) -> list[int]:
-    seq_lens, current = [config.data.seq_len], config.data.seq_len
-    for stage in config.data.stages:
-        current = stage.seq_len or current
-        seq_lens.append(current)
-    return seq_lens
-
-
-def grad_accumulation(config: Config, seq_len: int, dp_world: int) -> int:
-    per_step = config.train.micro_batch_size * seq_len * dp_world
-    if config.train.global_batch_tokens % per_step:
-        raise ConfigError(
-            f"train.global_batch_tokens ({config.train.global_batch_tokens}) must be a multiple of "
-            f"train.micro_batch_size x seq_len x data-parallel ranks "
-            f"({config.train.micro_batch_size} x {seq_len} x {dp_world} = {per_step})"
-        )
-    return config.train.global_batch_tokens // per_step
-
-
 def stage_rope_theta(config: Config, index: int) -> float:
     """The RoPE base in force at stage `index` (-1: before any stage): the last one a stage set."""
     theta = config.model.rope_theta
@@ -128,7 +100,7 @@ def stage_rope_theta(config: Config, index: int) -> float:
     return theta
 
 
-# ----------------------------------------------------------------------------- parts
+# ----------------------------------------------------------------------------- the model
 
 
 def load_init_weights(model: nn.Module, path: str, config: Config) -> None:
@@ -156,47 +128,74 @@ def build_training_model(config: Config, device: torch.device, init_from: str | 
     return model
 
 
-def build_loader(config: Config, dp_rank: int, dp_world: int):
-    from smoltrain.data.loader import build_train_loader
-
-    return build_train_loader(config, dp_rank, dp_world)
+# ----------------------------------------------------------------------------- one step, pure parts
 
 
-# ----------------------------------------------------------------------------- one step
+class StepResult(NamedTuple):
+    loss: float  # global: the objective's "loss" metric when it reports one, else loss sum / count
+    grad_norm: float  # after normalisation by the step's count, before clipping
+    tokens: int  # label tokens of the step over all ranks (labels != -100): tokens/s and MFU count these
+    metrics: dict  # the objective's other metrics, global sum / global count
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     return batch
 
 
-def forward_backward(model: nn.Module, micro_batches: list[dict], device: torch.device, precision: str,
-                     grad_clip: float, ctx: ParallelContext | None = None) -> tuple[float, float]:
-    """Accumulate gradients over this rank's micro-batches (mean loss), clip; returns the global
-    (loss, grad norm), identical on every rank. bf16 autocast is entered per forward, over float32
-    master weights."""
+def forward_backward(model: nn.Module, objective: Objective, micro_batches: list[dict], ctx: ParallelContext,
+                     precision: str, grad_clip: float) -> StepResult:
+    """Accumulate the gradients of the objective's loss sums over this rank's micro-batches, then
+    divide them by the step's count summed over data-parallel ranks (times dp_world: FSDP and DDP
+    average gradients over ranks) and clip. Every returned number is global, identical on every rank.
+    bf16 autocast is entered per forward, over float32 master weights."""
+    device = ctx.device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
-    total = torch.zeros((), device=device)
+    # name -> (sum, count), float64 (counts beyond 2^24 stay exact); "" is the loss itself.
+    sums = {"": torch.zeros(2, device=device, dtype=torch.float64)}
+    tokens = torch.zeros((), device=device, dtype=torch.float64)
     for i, batch in enumerate(micro_batches):
         # Data-parallel gradients are reduced once, after the last micro-batch, not after each.
         set_gradient_sync(model, i == len(micro_batches) - 1)
         batch = _to_device(batch, device)
         with autocast:
-            out = model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"])
-        (out.loss / len(micro_batches)).backward()
-        total += out.ce_loss.detach()
-    loss = total / len(micro_batches)
-    if ctx is not None and ctx.distributed:
-        # Every rank must see the same loss, or the spike guard would skip the update on some ranks only.
-        loss = ctx.all_reduce_dp(loss)
-        # FSDP x TP gradients live on several meshes; torch's clip cannot combine their norms.
-        norm = clip_grad_norm_(model.parameters(), grad_clip)
-    else:
-        # max_norm=inf measures without clipping; the norm is needed anyway for the non-finite guard.
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    return loss.item(), norm.item()
+            loss_sum, count, metrics = objective.loss(model, batch)
+        loss_sum.backward()
+        tokens += (batch["labels"] != -100).sum()
+        for name, (value, n) in {"": (loss_sum, count), **metrics}.items():
+            pair = sums.setdefault(name, torch.zeros(2, device=device, dtype=torch.float64))
+            pair += torch.stack([torch.as_tensor(value, device=device).detach().double().reshape(()),
+                                 torch.as_tensor(n, device=device).double().reshape(())])
+    # One collective for everything: every rank must see the same loss, or the spike guard would
+    # skip the update on some ranks only.
+    names = list(sums)
+    totals = ctx.all_reduce_dp(torch.cat([torch.stack([sums[n] for n in names]).flatten(), tokens[None]]), op="sum")
+    tokens_total = int(totals[-1].item())
+    pairs = totals[:-1].view(-1, 2).tolist()
+    values = {n: (s / c if c else float("nan")) for n, (s, c) in zip(names, pairs)}
+    count = pairs[0][1]
+    norm = clip_grad_norm_(model.parameters(), grad_clip, scale=ctx.dp_world / count if count else 1.0)
+    loss = values.pop("loss", values[""])
+    values.pop("")
+    return StepResult(loss, norm.item(), tokens_total, values)
+
+
+class Verdict(NamedTuple):
+    action: str  # "update", "skip" (the data is consumed, the weights stay) or "rewind"
+    event: str | None  # "nonfinite", "spike" or None (a normal step, whose loss joins the spike window)
+
+
+def guard(loss: float, grad_norm: float, spike_threshold: float | None, spike_action: str = "warn") -> Verdict:
+    """What to do with a step's gradients. A non-finite loss or gradient never reaches the weights;
+    a loss above the spike threshold is handled as train.spike_action says (warn: update anyway,
+    skip, or rewind to the last checkpoint and skip data)."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return Verdict("skip", "nonfinite")
+    if spike_threshold is not None and loss > spike_threshold:
+        return Verdict({"warn": "update", "skip": "skip", "rewind": "rewind"}[spike_action], "spike")
+    return Verdict("update", None)
 
 
 # ----------------------------------------------------------------------------- state
@@ -205,7 +204,7 @@ def forward_backward(model: nn.Module, micro_batches: list[dict], device: torch.
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps taken (skipped updates included: their data was consumed)
-    tokens: int = 0
+    tokens: int = 0  # label tokens trained on
     loss: float | None = None
     elapsed_s: float = 0.0  # training wall time over all sessions
     skipped_steps: int = 0  # updates withheld: non-finite loss or gradient, or a skipped spike
@@ -215,14 +214,33 @@ class TrainState:
     rewind_count: int = 0
 
 
+@dataclass
+class Interval:
+    """Throughput bookkeeping between two log lines (not checkpointed: wall time is not state)."""
+
+    tokens: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    session_tokens: int = 0
+    session_s: float = 0.0
+
+    def close(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        self.session_tokens += self.tokens
+        self.session_s += elapsed
+        return elapsed
+
+    def restart(self) -> None:
+        self.tokens, self.steps, self.start = 0, 0, time.perf_counter()
+
+
 class StopSignal:
     """SIGTERM/SIGINT ask the loop to save and stop after the current step (SLURM preemption,
     Ctrl-C). A second signal gets the default behaviour back."""
 
-    def __init__(self, device: torch.device = torch.device("cpu"), announce: bool = True):
+    def __init__(self, announce: bool = True):
         self.received: int | None = None
         self._previous = {}
-        self.device = device  # where the agreement's all-reduce runs (NCCL needs CUDA tensors)
         self.announce = announce  # torchrun signals every rank; one line is enough
 
     def __enter__(self):
@@ -242,115 +260,272 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def requested(self) -> bool:
-        flag = self.received is not None
-        if dist.is_available() and dist.is_initialized():  # every rank must stop at the same step
-            t = torch.tensor([int(flag)], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
-
 
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def evaluate(model: nn.Module, config: Config, ctx: ParallelContext) -> dict:
-    """Periodic evaluation (validation loss and bits per byte per source, tasks) from the eval package;
-    validation batches and multiple-choice requests are split over the data-parallel ranks."""
-    from smoltrain.eval.during_training import evaluate_during_training
-
-    data_parallel = (ctx.dp_rank, ctx.dp_world, ctx.flat_dp_mesh.get_group()) if ctx.dp_world > 1 else None
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        result = evaluate_during_training(model, config, ctx.device, data_parallel)
-    model.train(was_training)
-    return result
+def _due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the trainer
 
 
-def run(config: Config, resume: str | None = None) -> dict:
-    """Train `config` to train.max_steps, resuming from `resume` (a run or checkpoint folder) or
-    from the run folder's own `latest` checkpoint. Returns a summary (also written to summary.json).
+class Trainer:
+    """Parts built once in `__init__` (layout, model, optimizer, objective and its batches, spike
+    guard, metrics), restored from the newest checkpoint when there is one; then `train()`.
 
-    Under torchrun this starts the process group (and ends it when done, also on errors) unless the
-    caller started one already. A layout that cannot fit the world size fails before anything is
-    allocated or any rank waits for another."""
-    check_eval_layout(config)
-    owns_group = not (dist.is_available() and dist.is_initialized())
-    ctx = setup_distributed(config.parallel, config.model, seed=config.train.seed, device=config.train.device)
-    try:
-        summary = _train(config, ctx, resume)
-    except BaseException:
-        if owns_group and dist.is_available() and dist.is_initialized():
+    build_objective(config, model, ctx, run_dir) -> Objective: pretraining by default; SFT, DPO and
+    GRPO hand their own. should_stop() -> bool: asked after every step (all ranks agree); True
+    saves and stops, as SIGTERM does. resume: a run or checkpoint folder (default: the run folder's
+    own latest checkpoint). Under torchrun the process group is started here unless one exists,
+    and then ended by train() (also on errors)."""
+
+    def __init__(self, config: Config, build_objective: ObjectiveFactory | None = None, resume: str | None = None,
+                 should_stop: Callable[[], bool] | None = None, ctx: ParallelContext | None = None):
+        check_eval_config(config)
+        self.config = config
+        self.should_stop = should_stop
+        self.owns_group = ctx is None and not (dist.is_available() and dist.is_initialized())
+        self.ctx = ctx or setup_distributed(config.parallel, config.model, seed=config.train.seed,
+                                            device=config.train.device)
+        try:
+            self._build(build_objective or build_pretrain_objective, resume)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _build(self, build_objective: ObjectiveFactory, resume: str | None) -> None:
+        config, ctx, t = self.config, self.ctx, self.config.train
+        self.device = ctx.device
+        self.precision = resolve_precision(t.precision, self.device)
+        self.run_dir = Path(t.out_dir)
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
+        checkpoint = find_checkpoint(resume if resume else self.run_dir, required=resume is not None)
+        if checkpoint is not None:
+            check_compatible(checkpoint, config)
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
+
+        # setup_distributed seeded the runtime RNG per data-parallel rank; init does not use it.
+        self.model = build_training_model(config, self.device, init_from=None if checkpoint else t.init, ctx=ctx)
+        self.optimizer = build_optimizer(config.optim, self.model)
+        self.objective = build_objective(config, self.model, ctx, self.run_dir)
+        self.batches = self.objective.batches
+        self.spikes = SpikeDetector(t.spike_std, t.spike_window)
+        self.state = TrainState()
+        self.stage = self.batches.stage
+        self.layout = [ctx.dp_replicate, ctx.dp_shard, ctx.tp]
+        self.interval = Interval()
+        self.stopped_by: str | None = None
+        self.metrics = None
+        if checkpoint is not None:
+            self.restore(checkpoint)
+            self.say(f"resumed from {checkpoint} (step {self.state.step}, {self.state.tokens:,} tokens)")
+        else:
+            self.model.set_rope(theta=stage_rope_theta(config, self.stage), max_seq_len=self.batches.seq_len)
+            if t.init:
+                self.say(f"initialised from {t.init}")
+        self.peak = peak_tflops(self.device, t.peak_tflops)
+        self.metrics = MetricsLogger(self.run_dir, enabled=ctx.is_main, tensorboard=t.tensorboard,
+                                     start_step=self.state.step)
+        seq_len = self.batches.seq_len
+        self.say(f"smoltrain train ({self.objective.name}): {count_parameters(self.model) / 1e6:.1f}M parameters | "
+                 f"a step = {t.micro_batch_size} x {seq_len} x {self.accumulation()} accumulation x "
+                 f"{ctx.dp_world} data-parallel | {describe_layout(ctx)} | "
+                 f"{self.device.type} {self.precision} | compile {t.compile} | to step {t.max_steps} in {self.run_dir}")
+
+    # ------------------------------------------------------------------------- small helpers
+
+    def say(self, message: str) -> None:
+        if self.ctx.is_main:
+            console.print(message)
+
+    def accumulation(self) -> int:
+        return self.objective.accumulation(self.batches.seq_len, self.ctx.dp_world)
+
+    def _abort(self) -> None:
+        if self.owns_group and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # no barrier: a failing rank's peers may never reach it
-        raise
-    if owns_group:
-        ctx.close()
-    return summary
 
+    # ------------------------------------------------------------------------- the loop
 
-def _train(config: Config, ctx: ParallelContext, resume: str | None) -> dict:
-    t = config.train
-    device = ctx.device
-    precision = resolve_precision(t.precision, device)
-    world, dp_rank, dp_world = ctx.world_size, ctx.dp_rank, ctx.dp_world
-    main = ctx.is_main
-    accum = {seq_len: grad_accumulation(config, seq_len, dp_world) for seq_len in stage_seq_lens(config)}
-    run_dir = Path(t.out_dir)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
+    def train(self) -> dict:
+        """Train to train.max_steps (or until stopped); returns the summary, also in summary.json."""
+        t = self.config.train
+        try:
+            with StopSignal(announce=self.ctx.is_main) as self.signals:
+                while self.state.step < t.max_steps:
+                    if not self.step():
+                        continue  # rewound: the step is redone from the checkpoint
+                    if _due(self.state.step, t.log_every, t.max_steps):
+                        self.log_step()
+                    stopping = self.stop_requested()
+                    # Save before evaluating: an evaluation that crashes must not lose this step.
+                    if _due(self.state.step, t.save_every, t.max_steps) or stopping:
+                        self.save()
+                    if _due(self.state.step, t.eval_every, t.max_steps):
+                        self.evaluate()  # the final model is always evaluated
+                    if stopping:
+                        break
+            summary = self.finish()
+        except BaseException:
+            self._abort()
+            raise
+        if self.owns_group:
+            self.ctx.close()
+        return summary
 
-    checkpoint = find_checkpoint(resume if resume else run_dir, required=resume is not None)
-    if checkpoint is not None:
-        check_compatible(checkpoint, config)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+    def step(self) -> bool:
+        """One optimizer step: the stage in force, the lr of this step, the objective's micro-batches,
+        forward-backward, then the guard's verdict. False when the guard rewound instead."""
+        config, state = self.config, self.state
+        self.enter_stage(stage_at(config.data, state.step))
+        lr = lr_for_step(config, state.step)
+        set_lr(self.optimizer, lr)
+        micro_batches = [self.batches.next_batch() for _ in range(self.accumulation())]
+        result = self.forward_backward(micro_batches)
+        verdict = guard(result.loss, result.grad_norm, self.spikes.threshold(), config.train.spike_action)
+        self.report(verdict, result)
+        action = verdict.action
+        if action == "rewind":
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.rewind():
+                return False
+            self.say("no checkpoint to rewind to (or rewound there 3 times already): update skipped")
+            action = "skip"
+        if action == "update":
+            self.optimizer.step()
+        else:
+            state.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens += result.tokens
+        state.loss = result.loss
+        self.last = (result, lr)
+        self.interval.tokens += result.tokens
+        self.interval.steps += 1
+        crash_point(f"after_step_{state.step}")
+        return True
 
-    # Build the parts. (setup_distributed seeded the runtime RNG per data-parallel rank; init does not use it.)
-    model = build_training_model(config, device, init_from=None if checkpoint else t.init, ctx=ctx)
-    optimizer = build_optimizer(config.optim, model)
-    loader = build_loader(config, dp_rank, dp_world)
-    spikes = SpikeDetector(t.spike_std, t.spike_window)
-    state = TrainState()
-    stage = loader.stage
+    def forward_backward(self, micro_batches: list[dict]) -> StepResult:
+        return forward_backward(self.model, self.objective, micro_batches, self.ctx, self.precision,
+                                self.config.optim.grad_clip)
 
-    layout = [ctx.dp_replicate, ctx.dp_shard, ctx.tp]
+    def report(self, verdict: Verdict, result: StepResult) -> None:
+        """The guard's events into metrics.jsonl and the console; a normal loss joins the spike window
+        (spikes never do, so one cannot raise the bar for the next)."""
+        step, action = self.state.step + 1, self.config.train.spike_action
+        if verdict.event == "nonfinite":
+            self.metrics.write({"step": step, "event": "nonfinite", "loss": _finite(result.loss),
+                                "grad_norm": _finite(result.grad_norm)})
+            self.say(f"step {step}: non-finite loss or gradient, update skipped")
+        elif verdict.event == "spike":
+            self.state.spikes += 1
+            threshold = self.spikes.threshold()
+            self.metrics.write({"step": step, "event": "spike", "loss": result.loss, "threshold": threshold,
+                                "action": action})
+            self.say(f"step {step}: loss spike {result.loss:.4f} > {threshold:.4f} ({action})")
+        else:
+            self.spikes.update(result.loss)
 
-    def restore(path: Path) -> None:
+    def enter_stage(self, index: int) -> None:
+        """A new curriculum stage: mixture, and maybe sequence length and RoPE base."""
+        if index == self.stage:
+            return
+        self.stage = index
+        self.batches.set_stage(index)
+        self.model.set_rope(theta=stage_rope_theta(self.config, index), max_seq_len=self.batches.seq_len)
+        self.metrics.write({"step": self.state.step, "event": "stage", "stage": index, "seq_len": self.batches.seq_len,
+                            "rope_theta": self.model.rope_theta})
+        self.say(f"stage {index} ({self.config.data.stages[index].name}) from step {self.state.step}: "
+                 f"seq_len {self.batches.seq_len}, rope_theta {self.model.rope_theta:g}")
+
+    def stop_requested(self) -> bool:
+        """A signal or should_stop(); every rank must stop at the same step, so they agree (MAX)."""
+        received = self.signals.received
+        reason = signal.Signals(received).name if received else None
+        if reason is None and self.should_stop is not None and self.should_stop():
+            reason = "should_stop"
+        flag = reason is not None
+        if self.ctx.distributed:
+            t = torch.tensor([int(flag)], device=self.device)  # NCCL needs a CUDA tensor
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        if flag:
+            self.stopped_by = reason or "SIGTERM"  # another rank was signalled (torchrun signals all)
+        return flag
+
+    # ------------------------------------------------------------------------- logging
+
+    def log_step(self) -> None:
+        t, state, interval = self.config.train, self.state, self.interval
+        result, lr = self.last
+        elapsed = interval.close()
+        state.elapsed_s += elapsed
+        tokens_per_s = interval.tokens / elapsed
+        record = {
+            "step": state.step, "tokens": state.tokens, "loss": _finite(result.loss), "lr": lr,
+            "grad_norm": _finite(result.grad_norm), "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s / self.ctx.world_size, flops_per_token(self.config.model, self.batches.seq_len),
+                       self.peak),
+            "elapsed_s": state.elapsed_s, "stage": self.stage, "skipped_steps": state.skipped_steps,
+            **{name: _finite(value) for name, value in result.metrics.items()},
+            **self.objective.step_metrics(),
+        }
+        if self.device.type == "cuda":
+            record["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        self.metrics.write(record)
+        eta = (t.max_steps - state.step) * elapsed / interval.steps
+        self.say(console_line({**record, "loss": result.loss, "grad_norm": result.grad_norm}, t.max_steps, eta))
+        interval.restart()
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def save(self) -> None:
+        extra = {"loader": self.batches.state_dict(), "spike_window": self.spikes.state_dict(), "stage": self.stage,
+                 "rope_theta": self.model.rope_theta, "dp_world": self.ctx.dp_world, "layout": self.layout,
+                 "objective": self.objective.name}
+        parts = {name: part.state_dict() for name, part in self.objective.stateful().items()}
+        save_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer,
+                        dict(dataclasses.asdict(self.state), **extra), self.config,
+                        keep=self.config.train.keep_checkpoints, parts=parts)
+        self.interval.start = time.perf_counter()  # saving is not training throughput
+
+    def restore(self, path: Path) -> None:
         """Load a checkpoint into every part, whatever layout saved it: DCP reshards the weights and
-        optimizer state, the loader's position is in global sequences and is re-split for dp_world."""
-        nonlocal stage
+        optimizer state, the batch source's position is in global units and is re-split for
+        dp_world, and the objective's stateful parts are restored by name."""
         saved = read_train_state(path)
-        same_layout = saved.get("layout", [1, saved.get("dp_world", 1), 1]) == layout
-        saved = load_checkpoint(path, model, optimizer, restore_rng=same_layout)
+        same_layout = saved.get("layout", [1, saved.get("dp_world", 1), 1]) == self.layout
+        saved = load_checkpoint(path, self.model, self.optimizer, restore_rng=same_layout)
         if not same_layout:
             # Rank r's saved RNG stream belonged to another (dp, tp) position: start fresh streams that
             # still differ per data-parallel rank and agree across TP peers, and move on with the step.
-            torch.manual_seed(runtime_seed(t.seed + 1_000_003 * saved["step"], dp_rank))
-        apply_hyperparameters(config.optim, optimizer)
-        loader.load_state_dict(saved["loader"])
-        spikes.load_state_dict(saved["spike_window"])
+            torch.manual_seed(runtime_seed(self.config.train.seed + 1_000_003 * saved["step"], self.ctx.dp_rank))
+        apply_hyperparameters(self.config.optim, self.optimizer)
+        self.batches.load_state_dict(saved["loader"])
+        self.spikes.load_state_dict(saved["spike_window"])
         fields = {f.name for f in dataclasses.fields(TrainState)}
-        state.__dict__.update({k: v for k, v in saved.items() if k in fields})
-        stage = saved["stage"]
-        model.set_rope(theta=stage_rope_theta(config, stage), max_seq_len=loader.seq_len)
+        self.state.__dict__.update({k: v for k, v in saved.items() if k in fields})
+        parts = read_parts(path, same_layout)
+        for name, part in self.objective.stateful().items():
+            if name in parts:
+                part.load_state_dict(parts[name])
+            else:
+                log.warning("checkpoint %s has no state for %r: it starts fresh", path, name)
+        self.stage = saved["stage"]
+        self.model.set_rope(theta=stage_rope_theta(self.config, self.stage), max_seq_len=self.batches.seq_len)
 
-    def save() -> None:
-        extra = {"loader": loader.state_dict(), "spike_window": spikes.state_dict(), "stage": stage,
-                 "rope_theta": model.rope_theta, "dp_world": dp_world, "layout": layout}
-        save_checkpoint(run_dir, state.step, model, optimizer, dict(dataclasses.asdict(state), **extra), config,
-                        keep=t.keep_checkpoints)
-
-    def rewind() -> bool:
-        """Back to the latest checkpoint, then skip the next spike_skip_batches batches of data.
+    def rewind(self) -> bool:
+        """Back to the latest checkpoint, then skip the next spike_skip_batches steps of data.
         Counters survive the rewind. At most 3 rewinds to the same checkpoint: a spike that survives
         skipping 3 x N batches is not the data's fault, and looping forever would hide it."""
-        target = find_checkpoint(run_dir)
+        t, state = self.config.train, self.state
+        target = find_checkpoint(self.run_dir)
         if target is None:
             return False
         target_step = read_train_state(target)["step"]
@@ -358,137 +533,65 @@ def _train(config: Config, ctx: ParallelContext, resume: str | None) -> dict:
         if repeats >= 3:
             return False
         counters = dataclasses.replace(state)
-        restore(target)
+        self.restore(target)
         state.spikes, state.skipped_steps, state.elapsed_s = counters.spikes, counters.skipped_steps, counters.elapsed_s
         state.rewinds, state.rewind_target, state.rewind_count = counters.rewinds + 1, target_step, repeats + 1
-        loader.skip(t.spike_skip_batches * accum[loader.seq_len])
-        metrics.restart_at(state.step, keep_events=True)
-        metrics.write({"step": state.step, "event": "rewind", "skipped_batches": t.spike_skip_batches})
-        say(f"rewound to step {state.step}, skipping the next {t.spike_skip_batches} batches")
+        self.batches.skip(t.spike_skip_batches * self.accumulation())
+        self.metrics.restart_at(state.step, keep_events=True)
+        self.metrics.write({"step": state.step, "event": "rewind", "skipped_batches": t.spike_skip_batches})
+        self.say(f"rewound to step {state.step}, skipping the next {t.spike_skip_batches} batches")
         return True
 
-    def say(message: str) -> None:
-        if main:
-            console.print(message)
+    # ------------------------------------------------------------------------- evaluation and the end
 
-    if checkpoint is not None:
-        restore(checkpoint)
-        say(f"resumed from {checkpoint} (step {state.step}, {state.tokens:,} tokens)")
-    else:
-        model.set_rope(theta=stage_rope_theta(config, stage), max_seq_len=loader.seq_len)
-        if t.init:
-            say(f"initialised from {t.init}")
+    def evaluate(self) -> dict:
+        """Validation loss and bits per byte per source and eval.tasks (the eval package), plus the
+        objective's own evaluations; batches and multiple-choice requests are split over the
+        data-parallel ranks. Written to metrics.jsonl when there was anything to evaluate."""
+        from smoltrain.eval.during_training import evaluate_during_training
 
-    peak = peak_tflops(device, t.peak_tflops)
-    metrics = MetricsLogger(run_dir, enabled=main, tensorboard=t.tensorboard, start_step=state.step)
-    say(f"smoltrain train: {count_parameters(model) / 1e6:.1f}M parameters | "
-            f"{t.global_batch_tokens:,} tokens/step = {t.micro_batch_size} x {loader.seq_len} x "
-            f"{accum[loader.seq_len]} accumulation x {dp_world} data-parallel | {describe_layout(ctx)} | "
-            f"{device.type} {precision} | "
-            f"compile {t.compile} | to step {t.max_steps} in {run_dir}")
+        ctx, model = self.ctx, self.model
+        data_parallel = (ctx.dp_rank, ctx.dp_world, ctx.flat_dp_mesh.get_group()) if ctx.dp_world > 1 else None
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            result = evaluate_during_training(model, self.config, self.device, data_parallel)
+            result.update(self.objective.evaluate(model))
+        model.train(was_training)
+        if any(result.get(key) for key in result if key != "aggregate"):  # nothing configured: no line
+            self.metrics.write({"step": self.state.step, "eval": result})
+            self.say(eval_console_line(self.state.step, result))
+        self.interval.start = time.perf_counter()  # evaluation time is not training throughput
+        return result
 
-    # Loop.
-    session_tokens, session_time = 0, 0.0
-    interval_tokens, interval_steps, interval_start = 0, 0, time.perf_counter()
-    stopped_by = None
-    with StopSignal(device, announce=main) as stop:
-        while state.step < t.max_steps:
-            index = stage_at(config.data, state.step)
-            if index != stage:  # a new curriculum stage: mixture, and maybe sequence length and RoPE base
-                stage = index
-                loader.set_stage(stage)
-                model.set_rope(theta=stage_rope_theta(config, stage), max_seq_len=loader.seq_len)
-                metrics.write({"step": state.step, "event": "stage", "stage": stage, "seq_len": loader.seq_len,
-                               "rope_theta": model.rope_theta})
-                say(f"stage {stage} ({config.data.stages[stage].name}) from step {state.step}: "
-                    f"seq_len {loader.seq_len}, rope_theta {model.rope_theta:g}")
+    def finish(self) -> dict:
+        t, state = self.config.train, self.state
+        self.metrics.close()
+        self.batches.close()
+        session = self.interval
+        tokens_per_s = session.session_tokens / session.session_s if session.session_s else None
+        per_token = flops_per_token(self.config.model, self.batches.seq_len)
+        summary = {
+            "run_dir": str(self.run_dir), "objective": self.objective.name, "step": state.step,
+            "max_steps": t.max_steps, "finished": state.step >= t.max_steps, "stopped_by": self.stopped_by,
+            "tokens": state.tokens, "loss": _finite(state.loss), "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s / self.ctx.world_size, per_token, self.peak) if tokens_per_s else None,
+            "elapsed_s": state.elapsed_s, "skipped_steps": state.skipped_steps, "spikes": state.spikes,
+            "rewinds": state.rewinds, "parameters": count_parameters(self.model),
+        }
+        if self.ctx.is_main:
+            tmp = self.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, self.run_dir / "summary.json")
+        return summary
 
-            lr = lr_for_step(config, state.step)
-            set_lr(optimizer, lr)
-            micro_batches = [loader.next_batch() for _ in range(accum[loader.seq_len])]
-            loss, grad_norm = forward_backward(model, micro_batches, device, precision, config.optim.grad_clip, ctx)
 
-            # The guard: a non-finite loss or gradient never reaches the weights; a spike is handled
-            # as train.spike_action says (warn: update anyway, skip, or rewind and skip data).
-            action = "update"
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                action = "skip"
-                metrics.write({"step": state.step + 1, "event": "nonfinite", "loss": _finite(loss),
-                               "grad_norm": _finite(grad_norm)})
-                say(f"step {state.step + 1}: non-finite loss or gradient, update skipped")
-            elif spikes.is_spike(loss):
-                action = {"warn": "update", "skip": "skip", "rewind": "rewind"}[t.spike_action]
-                state.spikes += 1
-                metrics.write({"step": state.step + 1, "event": "spike", "loss": loss,
-                               "threshold": spikes.threshold(), "action": t.spike_action})
-                say(f"step {state.step + 1}: loss spike {loss:.4f} > {spikes.threshold():.4f} ({t.spike_action})")
-            else:
-                spikes.update(loss)  # spikes never raise the bar for the next one
-            if action == "rewind":
-                optimizer.zero_grad(set_to_none=True)
-                if rewind():
-                    continue
-                say("no checkpoint to rewind to (or rewound there 3 times already): update skipped")
-                action = "skip"
-            if action == "update":
-                optimizer.step()
-            else:
-                state.skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.tokens += t.global_batch_tokens
-            state.loss = loss
-            interval_tokens += t.global_batch_tokens
-            interval_steps += 1
-            crash_point(f"after_step_{state.step}")
+def run(config: Config, resume: str | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+    """Pretrain `config` to train.max_steps, resuming from `resume` (a run or checkpoint folder) or
+    from the run folder's own `latest` checkpoint. Returns a summary (also written to summary.json).
+    A layout that cannot fit the world size fails before anything is allocated or any rank waits."""
+    return Trainer(config, resume=resume, should_stop=should_stop).train()
 
-            if state.step % t.log_every == 0 or state.step == t.max_steps:
-                elapsed = time.perf_counter() - interval_start
-                session_tokens += interval_tokens
-                session_time += elapsed
-                state.elapsed_s += elapsed
-                tokens_per_s = interval_tokens / elapsed
-                seq_len = loader.seq_len
-                record = {
-                    "step": state.step, "tokens": state.tokens, "loss": _finite(loss), "lr": lr,
-                    "grad_norm": _finite(grad_norm), "tokens_per_s": tokens_per_s,
-                    "mfu": mfu(tokens_per_s / world, flops_per_token(config.model, seq_len), peak),
-                    "elapsed_s": state.elapsed_s, "stage": stage, "skipped_steps": state.skipped_steps,
-                }
-                if device.type == "cuda":
-                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-                metrics.write(record)
-                eta = (t.max_steps - state.step) * elapsed / interval_steps
-                say(console_line({**record, "loss": loss, "grad_norm": grad_norm}, t.max_steps, eta))
-                interval_tokens, interval_steps, interval_start = 0, 0, time.perf_counter()
 
-            if state.step % t.eval_every == 0 or state.step == t.max_steps:  # the final model is always evaluated
-                result = evaluate(model, config, ctx)
-                if result["val"] or result["tasks"]:  # nothing configured to evaluate: no line
-                    metrics.write({"step": state.step, "eval": result})
-                interval_start = time.perf_counter()  # evaluation time is not training throughput
-
-            stopping = stop.requested()
-            if state.step % t.save_every == 0 or state.step == t.max_steps or stopping:
-                save()
-                interval_start = time.perf_counter()
-            if stopping:
-                stopped_by = signal.Signals(stop.received).name if stop.received else "SIGTERM"
-                break
-
-    metrics.close()
-    loader.close()
-    tokens_per_s = session_tokens / session_time if session_time else None
-    summary = {
-        "run_dir": str(run_dir), "step": state.step, "max_steps": t.max_steps,
-        "finished": state.step >= t.max_steps, "stopped_by": stopped_by, "tokens": state.tokens,
-        "loss": _finite(state.loss), "tokens_per_s": tokens_per_s,
-        "mfu": mfu(tokens_per_s / world, flops_per_token(config.model, loader.seq_len), peak) if tokens_per_s else None,
-        "elapsed_s": state.elapsed_s, "skipped_steps": state.skipped_steps, "spikes": state.spikes,
-        "rewinds": state.rewinds, "parameters": count_parameters(model),
-    }
-    if main:
-        tmp = run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, run_dir / "summary.json")
-    return summary
+__all__ = ["Trainer", "StepResult", "Verdict", "guard", "forward_backward", "run", "build_training_model",
+           "resolve_precision", "single_process_context", "describe_layout", "TrainState"]
