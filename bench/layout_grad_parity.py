@@ -34,17 +34,19 @@ def step_one(recipe: str, parallel: dict, out: str | None) -> None:
 
     from smoltrain.model.transformer import canonical_name
     from smoltrain.train import trainer
-    from smoltrain.train.parallelize import setup_distributed
+    from smoltrain.train.distributed import setup_distributed
     from smoltrain.train.pretrain import build_pretrain_objective
 
     torch.set_num_threads(1)
     config = _config(recipe, parallel)
-    ctx = setup_distributed(config.parallel, config.model, seed=config.train.seed, device="cpu")
+    t = config.train
+    ctx = setup_distributed(config.parallel, config.model, seed=t.seed, device="cpu", precision=t.precision,
+                            compile=t.compile)
     model = trainer.build_training_model(config, ctx.device, ctx=ctx)
     objective = build_pretrain_objective(config, model, ctx, Path(tempfile.mkdtemp()))
     model.set_rope(theta=config.model.rope_theta, max_seq_len=objective.batches.seq_len)
     batches = [objective.batches.next_batch() for _ in range(objective.accumulation(objective.batches.seq_len, ctx.dp_world))]
-    result = trainer.forward_backward(model, objective, batches, ctx, "fp32", 0.0)  # grad_clip 0: measure only
+    result = trainer.forward_backward(model, objective, batches, ctx, 0.0)  # grad_clip 0: measure only
     loss, norm = result.loss, result.grad_norm
     grads = {}
     for name, p in model.named_parameters():

@@ -32,8 +32,9 @@ from smoltrain.config import config_from_dict
 from smoltrain.model.flops import flops_per_token, parameter_counts
 from smoltrain.train.metrics import mfu, peak_tflops
 from smoltrain.train.optim import build_optimizer
+from smoltrain.train.distributed import single_process_context
 from smoltrain.train.pretrain import PretrainObjective
-from smoltrain.train.trainer import build_training_model, forward_backward, single_process_context
+from smoltrain.train.trainer import build_training_model, forward_backward
 
 SHAPES = {
     "demo": dict(vocab_size=4096, hidden_size=128, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=384,
@@ -62,11 +63,10 @@ def bench_config(args, device: torch.device):
 def our_step(config, device, batch):
     model = build_training_model(config, device)
     optimizer = build_optimizer(config.optim, model)
-    precision = config.train.precision
-    objective, ctx = PretrainObjective(config, batches=None), single_process_context(device)
+    objective, ctx = PretrainObjective(config, batches=None), single_process_context(device, config.train)
 
     def step():
-        forward_backward(model, objective, [batch], ctx, precision, config.optim.grad_clip)
+        forward_backward(model, objective, [batch], ctx, config.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
     p.add_argument("--init", metavar="MODEL_FOLDER", help="start from these weights (model, HF, run or checkpoint folder)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although a data source changed since the checkpoint (its position restarts)")
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("plan", help="parameters, FLOPs, memory, time or GPU count of a config")
@@ -181,7 +183,7 @@ def cmd_train(args) -> int:
                   f"{config.train.max_steps}): nothing to train; raise train.max_steps to train on, "
                   f"or choose another train.out_dir")
         return 0
-    summary = run(config, resume=args.resume)
+    summary = run(config, resume=args.resume, allow_data_change=args.allow_data_change)
     if summary["stopped_by"]:  # checkpoint saved; the conventional status tells a requeue script why
         return 128 + signal.Signals[summary["stopped_by"]].value
     return 0

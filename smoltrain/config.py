@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from smoltrain.errors import ConfigError
+from smoltrain.files import load_yaml, write_atomic
 
 
 # ----------------------------------------------------------------------------- sections
@@ -283,6 +284,9 @@ def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
     raw = apply_overrides(dict(raw or {}), overrides or [])
     config = _build(Config, raw, "")
     validate(config)
+    # Keys the recipe or --set gave (not defaults): a model to start from may fill in the others.
+    config.explicit = frozenset(f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict)
+                                for key in values)
     return config
 
 
@@ -293,12 +297,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raw = load_yaml(p) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping of sections (model, data, optim, train, ...)")
     try:
@@ -309,13 +308,26 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         raise
 
 
+def differences(before: Config, after: Config) -> list[tuple[str, Any, Any]]:
+    """(key, value before, value after) for every config key whose value differs, e.g. on resume."""
+    out = []
+
+    def walk(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in list(a) + [k for k in b if k not in a]:
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+        elif a != b:
+            out.append((prefix, a, b))
+
+    walk(before.to_dict(), after.to_dict(), "")
+    return out
+
+
 def save_config(config: Config, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (temp name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(config.to_yaml())
-    os.replace(tmp, path)
+    write_atomic(path, config.to_yaml())
 
 
 # ----------------------------------------------------------------------------- validation
@@ -411,17 +423,34 @@ def validate(c: Config) -> None:
         _require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
     _require(t.spike_skip_batches >= 0, f"train.spike_skip_batches must be >= 0, got {t.spike_skip_batches}")
     _require(t.peak_tflops is None or t.peak_tflops > 0, f"train.peak_tflops must be positive, got {t.peak_tflops}")
-    micro_tokens = t.micro_batch_size * d.seq_len
-    _require(
-        t.global_batch_tokens % micro_tokens == 0,
-        f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of "
-        f"train.micro_batch_size x data.seq_len ({t.micro_batch_size} x {d.seq_len} = {micro_tokens})",
-    )
+    from smoltrain.data.stages import stage_seq_lens  # data.stages imports this module
+
+    for seq_len in stage_seq_lens(d):  # one process; the data-parallel degree is checked at launch
+        grad_accumulation(t, seq_len, 1)
     for key in ("dp_replicate", "tp"):
         _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be -1 (auto) or >= 1, got {p.dp_shard}")
-    _require(
-        c.model.num_kv_heads % p.tp == 0,
-        f"parallel.tp ({p.tp}) must divide model.num_kv_heads ({c.model.num_kv_heads})",
-    )
+    check_tensor_parallel(c.model, p)
     validate_eval(c.eval)
+
+
+def grad_accumulation(t: TrainConfig, seq_len: int, dp_world: int) -> int:
+    """Micro-batches per optimizer step on each rank: global_batch_tokens = micro_batch_size x
+    seq_len x this x data-parallel ranks. The one place the batch split is computed and checked."""
+    per_step = t.micro_batch_size * seq_len * dp_world
+    if t.global_batch_tokens % per_step:
+        raise ConfigError(
+            f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of "
+            f"train.micro_batch_size x seq_len x data-parallel ranks "
+            f"({t.micro_batch_size} x {seq_len} x {dp_world} = {per_step})"
+        )
+    return t.global_batch_tokens // per_step
+
+
+def check_tensor_parallel(m: ModelConfig, p: ParallelConfig) -> None:
+    """What parallel.tp asks of the model: whole KV heads and SwiGLU columns per rank, no DDP."""
+    _require(m.num_kv_heads % p.tp == 0, f"parallel.tp ({p.tp}) must divide model.num_kv_heads ({m.num_kv_heads})")
+    _require(m.intermediate_size % p.tp == 0,
+             f"parallel.tp ({p.tp}) must divide model.intermediate_size ({m.intermediate_size})")
+    _require(not (p.ddp and p.tp > 1),
+             "parallel.ddp replicates whole models and cannot combine with parallel.tp > 1; use FSDP (ddp: false)")

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from smoltrain.config import Config, DataConfig, config_from_dict, load_config
 from smoltrain.errors import ConfigError
+from smoltrain.train.distributed import resolve_device
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 MARKER = "demo.json"  # marks a folder as the demo's own output, which a re-run may replace
@@ -210,7 +211,7 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 10.0, recipe: st
     with stages("baselines", "baselines and budget"):
         unigram = unigram_losses(data, base.model.vocab_size)
         console.print("  unigram loss (nats/token): " + ", ".join(f"{s} {v:.3f}" for s, v in unigram.items()))
-        on_cpu = base.train.device == "cpu" or (base.train.device == "auto" and not torch.cuda.is_available())
+        on_cpu = resolve_device(base.train.device).type == "cpu"
         peak = matmul_peak_tflops() if on_cpu else None  # on CUDA the trainer knows the accelerator's peak
         probe = probe_tokens_per_s(base) if peak is not None else None
         gbt = base.train.global_batch_tokens

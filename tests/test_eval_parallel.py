@@ -58,13 +58,14 @@ def logprobs(model, config, pad_multiple: int) -> list[list[float]]:
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
-    from smoltrain.train.parallelize import build_parallel_model, setup_distributed
+    from smoltrain.train.distributed import setup_distributed
+    from smoltrain.train.parallelize import build_parallel_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     config = make_config(Path(root), {"tp": 2, "dp_shard": 1, "sequence_parallel": True})
-    logger, lines = logging.getLogger("smoltrain.train.parallelize"), []
+    logger, lines = logging.getLogger("smoltrain.train.distributed"), []
     logger.setLevel(logging.INFO)
     logger.addHandler(logging.Handler())
     logger.handlers[-1].emit = lambda record: lines.append(record.getMessage())

@@ -288,7 +288,7 @@ def test_in_training_evaluation_prints_one_console_line():
 
 
 def test_a_tp_only_run_is_not_labelled_fsdp2():
-    from smoltrain.train.parallelize import data_parallel_kind
+    from smoltrain.train.distributed import data_parallel_kind
 
     assert data_parallel_kind(1, 1, False) == "no data parallel"  # tp 2 on 2 ranks: nothing wraps the model
     assert [data_parallel_kind(1, 2, False), data_parallel_kind(2, 2, False), data_parallel_kind(1, 2, True)] == [

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from smoltrain.config import ModelConfig
-from smoltrain.model import transformer
+from smoltrain.model import loss, transformer
 from smoltrain.model.transformer import build_model
 
 BASE = dict(vocab_size=200, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96, max_seq_len=64)
@@ -153,7 +153,7 @@ def test_chunked_loss_equals_unchunked_in_value_and_gradient(monkeypatch, tied):
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     whole_loss, whole_grads = loss_and_grads(build_model(config, seed=0))
-    monkeypatch.setattr(transformer, "LOSS_CHUNK_ELEMENTS", 200 * 5)  # 5 tokens per chunk: 10 chunks
+    monkeypatch.setattr(loss, "LOSS_CHUNK_ELEMENTS", 200 * 5)  # 5 tokens per chunk: 10 chunks
     chunked_loss, chunked_grads = loss_and_grads(build_model(config, seed=0))
     torch.testing.assert_close(chunked_loss, whole_loss)
     for name, grad in whole_grads.items():
@@ -169,7 +169,7 @@ def test_compiled_blocks_and_loss_match_eager_in_value_and_gradient(monkeypatch,
     torch._dynamo.reset()
     config = ModelConfig(**BASE, tie_embeddings=tied, z_loss=1e-3, nope_every=2)
     input_ids, labels = _batch(seq=24)
-    monkeypatch.setattr(transformer, "LOSS_CHUNK_ELEMENTS", 200 * 20)  # chunks of 20, 20 and 8 tokens
+    monkeypatch.setattr(loss, "LOSS_CHUNK_ELEMENTS", 200 * 20)  # chunks of 20, 20 and 8 tokens
 
     def loss_and_grads(model):
         out = model(input_ids, labels=labels)
@@ -211,7 +211,7 @@ def test_token_logprobs_equal_log_softmax_of_logits_at_the_labels_and_chunk_alik
     # Chunked (recomputed in backward) equals one pass, in value and gradient.
     full = transformer.token_logprobs(model, ids, labels)
     (grad_full,) = torch.autograd.grad(full.sum(), model.layers[0].mlp.up_proj.weight)
-    monkeypatch.setattr(transformer, "LOSS_CHUNK_ELEMENTS", 200 * 5)
+    monkeypatch.setattr(loss, "LOSS_CHUNK_ELEMENTS", 200 * 5)
     chunked = transformer.token_logprobs(model, ids, labels)
     (grad_chunked,) = torch.autograd.grad(chunked.sum(), model.layers[0].mlp.up_proj.weight)
     torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-6)

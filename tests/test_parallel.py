@@ -30,24 +30,17 @@ from torch.distributed.checkpoint.state_dict import (
 from smoltrain.config import Config, ModelConfig, ParallelConfig, config_from_dict
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.generate import generate
-from smoltrain.model import transformer
+from smoltrain.model import loss
 from smoltrain.model.transformer import build_model
 from smoltrain.train import parallelize
-from smoltrain.train.parallelize import (
-    ParallelContext,
-    build_parallel_model,
-    clip_grad_norm_,
-    load_full_state_dict,
-    resolve_layout,
-    runtime_seed,
-    set_gradient_sync,
-    setup_distributed,
-)
+from smoltrain.train.distributed import ParallelContext, resolve_layout, runtime_seed, setup_distributed
+from smoltrain.train.optim import clip_grad_norm_
+from smoltrain.train.parallelize import build_parallel_model, load_full_state_dict, set_gradient_sync
 
 BATCH, SEQ, ACCUMULATION, STEPS, SAVE_AT = 8, 16, 2, 20, 10
 LR, MAX_NORM = 1e-2, 0.5
 REL_TOL = 1e-5
-DEFAULT_LOSS_CHUNK = transformer.LOSS_CHUNK_ELEMENTS
+DEFAULT_LOSS_CHUNK = loss.LOSS_CHUNK_ELEMENTS
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41], [90, 1, 2]]  # left-padded batch of unequal prompts
 Z_LOSS = 1e-2
 
@@ -184,10 +177,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cases: list[dict]) -
     try:
         for case in cases:
             chunk_tokens = case.get("loss_chunk_tokens")
-            transformer.LOSS_CHUNK_ELEMENTS = chunk_tokens * 97 if chunk_tokens else DEFAULT_LOSS_CHUNK
+            loss.LOSS_CHUNK_ELEMENTS = chunk_tokens * 97 if chunk_tokens else DEFAULT_LOSS_CHUNK
             config = make_config(case["parallel"], tied=case.get("tied", True), ac=case.get("ac", False),
                                  compile=case.get("compile", False), z_loss=case.get("z_loss", 0.0))
-            ctx = setup_distributed(config.parallel, config.model, seed=config.train.seed, device="cpu")
+            t = config.train
+            ctx = setup_distributed(config.parallel, config.model, seed=t.seed, device="cpu", precision=t.precision,
+                                    compile=t.compile)
             draws = torch.rand(3)
             model = build_parallel_model(config, ctx)
             record = {"init": full_weights(model), "steps": []}
@@ -401,16 +396,20 @@ def test_world_size_mismatch_fails_before_any_process_group_or_allocation(monkey
 
 
 def test_sequence_parallel_needs_sequence_lengths_divisible_by_tp():
+    from smoltrain.train.distributed import check_layout
+    from smoltrain.train.pretrain import check_pretrain_batches
+
     config = config_from_dict(
         {"model": {"max_seq_len": 64}, "data": {"seq_len": 15}, "train": {"global_batch_tokens": 15 * 8}}
     )
     ctx = ParallelContext(0, 0, 2, 1, 1, 2, False, torch.device("cpu"), None, 0)  # no mesh: must fail first
     with pytest.raises(ConfigError, match=r"sequence length 15 must be divisible by parallel.tp \(2\)"):
-        build_parallel_model(config, ctx)
+        check_layout(config, ctx)
     config.parallel.sequence_parallel = False
+    check_layout(config, ctx)
     ctx = ParallelContext(0, 0, 4, 1, 4, 1, False, torch.device("cpu"), None, 0)  # 8 sequences, dp 4 x micro 8
     with pytest.raises(ConfigError, match=r"micro_batch_size x seq_len x data-parallel ranks \(8 x 15 x 4 = 480\)"):
-        build_parallel_model(config, ctx)
+        check_pretrain_batches(config, ctx)
 
 
 def test_full_weights_that_do_not_fit_are_a_one_line_checkpoint_error():

@@ -23,7 +23,8 @@ from smoltrain.model.transformer import build_model, token_logprobs
 from smoltrain.train import trainer
 from smoltrain.train.checkpoint import find_checkpoint
 from smoltrain.train.pretrain import PretrainObjective, build_pretrain_objective
-from smoltrain.train.trainer import Trainer, Verdict, forward_backward, guard, single_process_context
+from smoltrain.train.distributed import single_process_context
+from smoltrain.train.trainer import Trainer, Verdict, forward_backward, guard
 
 from synthetic_shards import write_random_documents
 
@@ -125,7 +126,7 @@ def test_masked_objective_is_unbiased_by_the_micro_batch_split():
     for parts in (1, 2, 4, 8):
         model = copy.deepcopy(reference)
         micro = split(batch, list(range(ROWS)), parts)
-        result = forward_backward(model, MaskedObjective(), micro, ctx, "fp32", grad_clip=0.0)
+        result = forward_backward(model, MaskedObjective(), micro, ctx, grad_clip=0.0)
         grads = {name: p.grad for name, p in model.named_parameters()}
         assert_same_step(result, grads, want_loss, want_grads, f"{parts} micro-batches")
         assert result.metrics == {"labelled": pytest.approx(sum(int((m["labels"] != -100).sum()) for m in micro) / parts)}
@@ -142,7 +143,8 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
-    from smoltrain.train.parallelize import build_parallel_model, setup_distributed
+    from smoltrain.train.distributed import setup_distributed
+    from smoltrain.train.parallelize import build_parallel_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -155,7 +157,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
             model = build_parallel_model(config, ctx)
             # This rank's rows (every world-th), in 2 micro-batches of uneven label counts.
             micro = split(batch, list(range(rank, ROWS, world)), 2)
-            result = forward_backward(model, MaskedObjective(), micro, ctx, "fp32", grad_clip=0.0)
+            result = forward_backward(model, MaskedObjective(), micro, ctx, grad_clip=0.0)
             grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                      for n, p in model.named_parameters()}
             if rank == 0:

@@ -191,7 +191,7 @@ def test_init_starts_from_a_model_folder(data_dir, tmp_path, monkeypatch):
 
     config.model.intermediate_size = 96
     config.train.out_dir = str(tmp_path / "other")
-    with pytest.raises(ConfigError, match="model.intermediate_size is 64 there, 96 here"):
+    with pytest.raises(ConfigError, match="model.intermediate_size is 96 here but 64 in the init model"):
         trainer.run(config)
 
 

@@ -62,8 +62,9 @@ def evaluate_checkpoint(config: Config, run_dir: Path) -> dict:
 
     from smoltrain.eval.during_training import evaluate_during_training
     from smoltrain.train.checkpoint import load_model_from_checkpoint
+    from smoltrain.train.distributed import resolve_device
 
-    device = "cuda" if config.train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = resolve_device(config.train.device).type
     model, _ = load_model_from_checkpoint(str(run_dir), device)
     model.eval()
     with torch.no_grad():

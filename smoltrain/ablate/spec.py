@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from smoltrain.config import Config, apply_overrides, config_from_dict
 from smoltrain.errors import ConfigError
+from smoltrain.files import load_yaml, parse_yaml
 
 BASELINE = "baseline"
 _TOP_KEYS = ("name", "baseline", "set", "variants", "seeds", "budget", "eval", "noise_sigma", "param_tolerance", "out_dir")
@@ -126,11 +126,7 @@ def load_ablation(path: str | os.PathLike | None = None, raw: dict | None = None
         if not p.is_file():
             raise ConfigError(f"{p}: ablation file not found")
         text = p.read_text()
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise ConfigError(f"{p}{f':{mark.line + 1}' if mark else ''}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raw = parse_yaml(text, str(p))
         source, base_dir = str(p), p.parent
         default_name = p.stem
     else:
@@ -152,10 +148,7 @@ def load_ablation(path: str | os.PathLike | None = None, raw: dict | None = None
         recipe = (base_dir / baseline) if not Path(baseline).is_absolute() else Path(baseline)
         if not recipe.is_file():
             _fail(_mark(source, text, "baseline"), f"baseline: recipe {recipe} not found")
-        try:
-            baseline = yaml.safe_load(recipe.read_text()) or {}
-        except yaml.YAMLError:
-            _fail(str(recipe), "not valid YAML")
+        baseline = load_yaml(recipe) or {}
         if not isinstance(baseline, dict):
             _fail(str(recipe), "expected a mapping of config sections")
     elif not isinstance(baseline, dict):

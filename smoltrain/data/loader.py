@@ -201,6 +201,19 @@ class TrainLoader:
         self._base = {name: base.get(name, 0) for name in self.sources}
         self._configure(stage)
 
+    def fingerprint(self) -> dict[str, str]:
+        """Per source, a hash of the data its position refers to (TokenSource.fingerprint)."""
+        return {name: source.fingerprint() for name, source in self.sources.items()}
+
+    def restart_sources(self, names: list[str]) -> None:
+        """Positions in these sources start over (their data changed under the same name): the next
+        window each gives is the first of a fresh epoch; other sources continue where they were."""
+        drawn = self.mixture.counts(self._sequence - self._stage_start)
+        for name in names:
+            if name in self._base:
+                self._base[name] = -drawn.get(name, 0)  # base + draws in this stage = 0 from here on
+        self._plan.clear()
+
     def close(self) -> None:
         for source in self.sources.values():
             source.close()

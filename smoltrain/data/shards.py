@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from smoltrain.errors import DataError
+from smoltrain.files import write_json
 
 FORMAT = "smoltrain-shards/1"
 META = "meta.json"
@@ -43,10 +44,7 @@ def file_sha256(path: str | os.PathLike, prefix: int = 16) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, obj)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -198,6 +196,14 @@ class TokenSource:
         self.num_tokens = start
         if self.num_tokens == 0:
             raise DataError(f"{self.folder / META}: lists no tokens")
+
+    def fingerprint(self) -> str:
+        """What a loader position in this source refers to: shard names, token and document counts
+        (which fix the file sizes), dtype and tokenizer hash. Another folder with the same shards
+        has the same fingerprint; re-tokenized or re-sampled data has another."""
+        spec = {"tokenizer_hash": self.tokenizer_hash, "dtype": self.dtype.name,
+                "shards": [[e["name"], int(e["num_tokens"]), int(e["num_documents"])] for e in self.meta["shards"]]}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def _check(self, entry: dict, start: int) -> _Shard:
         name = entry["name"]

@@ -26,13 +26,16 @@ SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# Names a caller may use for a role instead of a literal token; first match wins.
-_ROLE_TOKENS = {
-    "eos": [END_OF_TEXT, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>"],
-    "bos": ["<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>"],
+# The one list of special tokens by role (GPT-2/SmolLM, Llama-3, SentencePiece, ChatML conventions):
+# names a caller may use for a role instead of a literal token; first match wins. Tokenizing, HF
+# export and evaluation all look roles up here.
+ROLE_TOKENS = {
+    "eos": [END_OF_TEXT, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "<|eos|>"],
+    "bos": ["<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|bos|>"],
     "pad": ["<|pad|>", "<pad>", "<|finetune_right_pad_id|>", END_OF_TEXT, "<|end_of_text|>"],
+    "unk": ["<unk>", "<|unk|>"],
 }
-_ROLE_TOKENS["end_of_text"] = _ROLE_TOKENS["eos"]
+ROLE_TOKENS["end_of_text"] = ROLE_TOKENS["eos"]
 
 
 # ----------------------------------------------------------------------------- training
@@ -149,11 +152,11 @@ def tokenizer_file_hash(path: str | os.PathLike) -> str | None:
 
 def special_token_id(tok: Tokenizer, name: str) -> int:
     """Id of a literal special token ('<|im_start|>') or of a role ('eos', 'bos', 'pad')."""
-    for candidate in _ROLE_TOKENS.get(name, [name]):
+    for candidate in ROLE_TOKENS.get(name, [name]):
         token_id = tok.token_to_id(candidate)
         if token_id is not None:
             return token_id
-    tried = ", ".join(_ROLE_TOKENS.get(name, [name]))
+    tried = ", ".join(ROLE_TOKENS.get(name, [name]))
     raise DataError(f"the tokenizer has no {name} token (tried {tried})")
 
 

@@ -15,6 +15,7 @@ from smoltrain.eval.run import resolve_tasks, score_tasks
 from smoltrain.eval.scoring import load_tokenizer
 from smoltrain.eval.suite import aggregate
 from smoltrain.eval.validation import resolve_data_config, validation_per_source
+from smoltrain.train.distributed import resolve_precision
 
 
 @functools.lru_cache(maxsize=8)
@@ -70,7 +71,7 @@ def evaluate_during_training(model, config, device, data_parallel: tuple[int, in
     data_parallel = (dp_rank, dp_world, group) splits the validation batches and the
     multiple-choice requests over the data-parallel ranks."""
     device = torch.device(device)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" and config.train.precision != "fp32" else None
+    autocast_dtype = torch.bfloat16 if resolve_precision(config.train.precision, device) == "bf16" else None
     e = config.eval
     config = resolve_data_config(config)
     val = (validation_per_source(model, config, e.val_batches, e.batch_size, device, autocast_dtype, data_parallel)

@@ -19,6 +19,7 @@ import torch
 
 from smoltrain.errors import DataError
 from smoltrain.eval.tasks import Task, build_prompt
+from smoltrain.data.tokenizer import ROLE_TOKENS
 from smoltrain.model.transformer import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def load_tokenizer(path: str | os.PathLike):
     return Tokenizer.from_file(str(file))
 
 
-EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+EOT_NAMES = tuple(ROLE_TOKENS["eos"])
 
 
 def end_of_text_id(tokenizer) -> int | None:

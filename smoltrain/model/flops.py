@@ -8,7 +8,7 @@ because its matmul runs either way) + 6 x layers x attention width x sequence (c
 from __future__ import annotations
 
 from smoltrain.config import ModelConfig
-from smoltrain.model.transformer import LOSS_CHUNK_ELEMENTS
+from smoltrain.model.loss import LOSS_CHUNK_ELEMENTS
 
 
 def _layer_matmul_parameters(cfg: ModelConfig) -> int:

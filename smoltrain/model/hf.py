@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from smoltrain.config import Config, ModelConfig, config_from_dict, load_config, save_config, validate_model
 from smoltrain.errors import CheckpointError, ConfigError
+from smoltrain.files import write_atomic
 from smoltrain.model.transformer import Transformer, canonical_name
 
 CONFIG_FILE = "config.yaml"
@@ -286,9 +287,7 @@ def _stored_dtype(path: Path) -> torch.dtype | None:
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, write)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -347,11 +346,13 @@ def _special_token_ids(tokenizer_json: Path, tokenizer_config: dict) -> dict[str
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special]
+    from smoltrain.data.tokenizer import END_OF_TEXT, ROLE_TOKENS
+
     hints = {
-        "bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|bos|>", "<|endoftext|>"),
-        "eos": ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eos|>"),
-        "pad": ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>"),
-        "unk": ("<unk>", "<|unk|>"),
+        "bos": ROLE_TOKENS["bos"] + [END_OF_TEXT],  # SmolLM2 begins documents with <|endoftext|>
+        "eos": ROLE_TOKENS["eos"],
+        "pad": [t for t in ROLE_TOKENS["pad"] if t not in ROLE_TOKENS["eos"]],  # no guessed pad = eos
+        "unk": ROLE_TOKENS["unk"],
     }
     ids = {}
     for role, candidates in hints.items():
@@ -507,6 +508,27 @@ def load_any(path: str | os.PathLike, device: str | torch.device = "cpu") -> tup
         f"{folder}: not a model folder ({CONFIG_FILE} + {WEIGHTS_FILE}), Hugging Face folder (config.json), "
         "run folder (checkpoints/) or checkpoint (checkpoints/step_<8 digits>)"
     )
+
+
+def model_config_of(path: str | os.PathLike) -> ModelConfig:
+    """The model section of whatever `load_any` would load, without reading weights: a model folder's
+    config.yaml, a Hugging Face config.json, or a checkpoint's config (with the RoPE base of the stage
+    it was saved in)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder (model folder, Hugging Face folder, run or checkpoint)")
+    if (folder / CONFIG_FILE).is_file() and ((folder / WEIGHTS_FILE).is_file() or not _is_checkpoint(folder)):
+        return load_config(folder / CONFIG_FILE).model
+    if _is_checkpoint(folder):
+        from smoltrain.train.checkpoint import find_checkpoint, read_config, read_train_state
+
+        checkpoint = find_checkpoint(folder, required=True)
+        model = read_config(checkpoint).model
+        model.rope_theta = read_train_state(checkpoint).get("rope_theta", model.rope_theta)
+        return model
+    if (folder / "config.json").is_file():
+        return from_hf_config(_read_hf_config(folder), str(folder / "config.json"))
+    raise CheckpointError(f"{folder}: not a model folder, Hugging Face folder, run folder or checkpoint")
 
 
 # ----------------------------------------------------------------------------- export / import

@@ -1,5 +1,5 @@
 """The SmolLM3-style decoder, top to bottom: RMSNorm, attention (GQA, RoPE/NoPE, QK-norm), SwiGLU,
-block, model (embed -> blocks -> norm -> tied head), loss, initialisation.
+block, model (embed -> blocks -> norm -> tied head -> loss of model/loss.py), initialisation.
 
 Module names follow Hugging Face's Llama family (minus the `model.` prefix), so export is a rename.
 Initialisation is a function of (seed, parameter name) only, never of the parallel layout.
@@ -8,7 +8,6 @@ Initialisation is a function of (seed, parameter name) only, never of the parall
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -23,6 +22,7 @@ from smoltrain.model.attention import (
     resolve_kernel,
     rotary_tables,
 )
+from smoltrain.model.loss import LossOutput, chunked_logprobs, chunked_loss, cross_entropy_sums, label_logprobs
 
 
 class RMSNorm(nn.Module):
@@ -124,18 +124,6 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LossOutput(NamedTuple):
-    loss: torch.Tensor  # what to backpropagate: cross-entropy + z_loss x mean(logsumexp^2)
-    ce_loss: torch.Tensor  # cross-entropy alone, for logging
-    num_tokens: torch.Tensor  # tokens that carried a label
-
-
-# Float32 logits alive at once in the loss: 2^31 elements = 8 GiB (16 x 4096 tokens at SmolLM3's
-# 128k vocabulary). Chunks are recomputed in backward, which cost 14% of a SmolLM2-135M step on an
-# H100 at 2^28 (215k -> 245k tokens/s with one chunk), so only really large batches chunk.
-LOSS_CHUNK_ELEMENTS = 2**31
-
-
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -234,82 +222,22 @@ class Transformer(nn.Module):
         return F.linear(hidden, weight)
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str) -> LossOutput:
-        """Cross-entropy (+ z-loss) over chunks of tokens, so at most LOSS_CHUNK_ELEMENTS float32
-        logits exist at once; chunks are recomputed in backward instead of stored."""
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        labels = labels.reshape(-1)
-        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
-        z_weight = self.config.z_loss
-        ce_sum = hidden.new_zeros((), dtype=torch.float32)
-        z_sum = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk):
-            args = (hidden[start : start + chunk], labels[start : start + chunk])
-            if hidden.shape[0] > chunk and torch.is_grad_enabled():
-                ce, z = torch.utils.checkpoint.checkpoint(self.loss_chunk, *args, use_reentrant=False)
-            else:
-                ce, z = self.loss_chunk(*args)
-            ce_sum = ce_sum + ce
-            z_sum = z_sum + z
-        num_tokens = (labels != -100).sum()
-        if reduction == "sum":
-            return LossOutput(ce_sum + z_weight * z_sum, ce_sum.detach(), num_tokens)
-        denominator = num_tokens.clamp(min=1)
-        ce_mean = ce_sum / denominator
-        return LossOutput(ce_mean + z_weight * z_sum / denominator, ce_mean.detach(), num_tokens)
+        return chunked_loss(self.loss_chunk, hidden, labels, self.config.vocab_size, self.config.z_loss, reduction)
 
     def _token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Per-token log-probabilities over chunks of tokens, like _loss (same memory bound). Labels
-        [batch, seq, k] give k candidates per position (multiple-choice answers sharing a context)."""
-        shape = labels.shape
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        labels = labels.reshape(hidden.shape[0], -1) if labels.dim() > 2 else labels.reshape(-1)
-        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
-        parts = []
-        for start in range(0, hidden.shape[0], chunk):
-            args = (hidden[start : start + chunk], labels[start : start + chunk], temperature)
-            if hidden.shape[0] > chunk and torch.is_grad_enabled():
-                parts.append(torch.utils.checkpoint.checkpoint(self.token_logprob_chunk, *args, use_reentrant=False))
-            else:
-                parts.append(self.token_logprob_chunk(*args))
-        return torch.cat(parts).view(shape)
+        return chunked_logprobs(self.token_logprob_chunk, hidden, labels, self.config.vocab_size, temperature)
 
     def token_logprob_chunk(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-        """log p(label) of each token of one chunk ([tokens] labels, or [tokens, k] candidates); 0 for
-        ignored labels. Under loss parallel the vocabulary-sharded logits are never gathered (the same
-        all-reduces as the loss)."""
+        """log p(label) of each token of one chunk: head, temperature, log-softmax, gather."""
         logits = self.output(hidden).float()
         if temperature != 1.0:  # GRPO scores samples drawn at a temperature with the same scaling
             logits = logits / temperature
-        if self.loss_parallel:
-            mesh = logits.device_mesh
-            start = mesh.get_local_rank() * -(-logits.shape[-1] // mesh.size())
-            local = logits.to_local()
-
-            def logprob(target):
-                ce, _ = _VocabParallelCrossEntropy.apply(local, target, start, mesh.get_group())
-                return torch.where(target != -100, -ce, 0.0)
-
-            return logprob(labels) if labels.dim() == 1 else torch.stack([logprob(c) for c in labels.unbind(1)], 1)
-        if labels.dim() == 1:
-            return -F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
-        # k candidates: one log-softmax, k gathers (cross_entropy would recompute it per candidate).
-        picked = logits.log_softmax(-1).gather(1, labels.clamp(min=0))
-        return torch.where(labels != -100, picked, 0.0)
+        return label_logprobs(logits, labels)
 
     def loss_chunk(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy and z-loss of one chunk: head, log-softmax, gather. One function so
         that `apply_compile` can fuse it (each pass over the float32 logits runs once, not per op)."""
-        logits = self.output(hidden).float()
-        if self.loss_parallel:
-            return _vocab_parallel_loss(logits, labels, self.config.z_loss)
-        # F.cross_entropy's fused log-softmax: 1.8x cheaper on CPU than logsumexp + gather written
-        # out (1024 x 16384 logits, fwd+bwd, one core: 200 -> 113 ms; 11% of a 19M-model step).
-        ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-        if self.config.z_loss == 0:
-            return ce, torch.zeros_like(ce)
-        log_normaliser = torch.logsumexp(logits, dim=-1)
-        z = torch.where(labels != -100, log_normaliser.pow(2), 0.0).sum()
-        return ce, z
+        return cross_entropy_sums(self.output(hidden).float(), labels, self.config.z_loss)
 
     # ------------------------------------------------------------------------- init
 
@@ -321,55 +249,6 @@ class Transformer(nn.Module):
             full = _initial_value(canonical_name(name), tuple(param.shape), self.config.init_std, seed)
             _copy_full_into(param, full)
         self.set_rope(max_seq_len=self.rope_cos.shape[0])
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy and log-normaliser from logits split by vocabulary over a process group
-    (Megatron's vocabulary-parallel loss): the max, the sum of exponentials and the target logit are
-    all-reduced, [tokens] values each; the logits never are. Backward needs no communication.
-
-    (torch's loss_parallel() would need its context around the whole backward, where it breaks the
-    backward of compiled tensor-parallel blocks in torch 2.13.)"""
-
-    @staticmethod
-    def forward(ctx, logits, labels, vocab_start: int, group):
-        import torch.distributed as dist
-
-        max_logit = logits.max(dim=-1).values
-        dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - max_logit[:, None]
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        dist.all_reduce(sum_exp, group=group)
-        local = labels - vocab_start
-        mine = (local >= 0) & (local < logits.shape[-1])  # ignored labels (-100) are nobody's
-        local = torch.where(mine, local, 0)
-        target = torch.where(mine, shifted.gather(1, local[:, None]).squeeze(1), 0.0)
-        dist.all_reduce(target, group=group)
-        log_sum_exp = sum_exp.log()
-        ctx.save_for_backward(exp.div_(sum_exp[:, None]), local, mine)
-        return log_sum_exp - target, log_sum_exp + max_logit
-
-    @staticmethod
-    def backward(ctx, grad_ce, grad_log_normaliser):
-        softmax, local, mine = ctx.saved_tensors
-        # d ce / d logits = softmax - onehot(target); d logsumexp / d logits = softmax.
-        grad = softmax * (grad_ce + grad_log_normaliser)[:, None]  # not in place: backward may run twice
-        grad.scatter_add_(1, local[:, None], torch.where(mine, -grad_ce, 0.0)[:, None])
-        return grad, None, None, None
-
-
-def _vocab_parallel_loss(logits, labels: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """loss_chunk for float32 logits sharded over the vocabulary (a DTensor on the TP mesh, split as
-    torch.chunk splits: ceil(vocab / tp) per rank, the last ones shorter)."""
-    mesh = logits.device_mesh
-    start = mesh.get_local_rank() * -(-logits.shape[-1] // mesh.size())
-    ce, log_normaliser = _VocabParallelCrossEntropy.apply(logits.to_local(), labels, start, mesh.get_group())
-    valid = labels != -100
-    ce = torch.where(valid, ce, 0.0).sum()
-    if z_loss == 0:
-        return ce, torch.zeros_like(ce)
-    return ce, torch.where(valid, log_normaliser.pow(2), 0.0).sum()
 
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from smoltrain.files import write_atomic
+
 
 @dataclass
 class Block:
@@ -24,9 +26,7 @@ class Block:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def format_value(value: Any, digits: int = 4) -> str:

@@ -39,6 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from smoltrain.config import Config, load_config, save_config
 from smoltrain.errors import CheckpointError, ConfigError
+from smoltrain.files import fsync_dir, write_atomic
+from smoltrain.train.distributed import all_ranks_agree, barrier, is_distributed, rank_world
 
 log = logging.getLogger(__name__)
 
@@ -63,31 +65,6 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# ----------------------------------------------------------------------------- distributed helpers
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
-
-
-def _all_ranks_agree(ok: bool) -> bool:
-    if not _distributed():
-        return ok
-    flag = [ok]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, flag)
-    return all(f[0] for f in everyone)
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
 @contextlib.contextmanager
 def _single_process_quiet():
     """DCP warns on every call that it assumes a single process when there is no process group:
@@ -98,25 +75,6 @@ def _single_process_quiet():
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, text: str) -> None:
-    """Write, fsync, rename over `path`, fsync the folder: the old or the new content, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _crc32(path: Path) -> int:
@@ -196,7 +154,7 @@ def save_checkpoint(
     ({name: state_dict}: an objective's stateful extras, tensors allowed) are this rank's own and
     go to `parts_<rank>.pt`.
     """
-    rank, world = _rank_world()
+    rank, world = rank_world()
     root = Path(run_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.tmp"
@@ -205,32 +163,32 @@ def save_checkpoint(
         if tmp.exists():  # left by a crash mid-save
             shutil.rmtree(tmp)
         tmp.mkdir()
-    _barrier()
+    barrier()
 
     model_state, optim_state = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
     with _single_process_quiet():
         dcp.save(
             {"model": model_state, "optimizer": optim_state},
             storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
-            no_dist=not _distributed(),
+            no_dist=not is_distributed(),
         )
     if parts:
         torch.save(parts, tmp / PARTS.format(rank=rank))
     rngs = [rng_state()]
-    if _distributed():
+    if is_distributed():
         rngs = [None] * world
         dist.all_gather_object(rngs, rng_state())
     if rank == 0:
         state = dict(train_state, rng=rngs)
-        _write_durable(tmp / TRAIN_STATE, json.dumps(state))
+        write_atomic(tmp / TRAIN_STATE, json.dumps(state), durable=True)
         save_config(config, tmp / CONFIG)
-    _barrier()
+    barrier()
     crash_point(f"save_{step}_after_data")
 
     # Each rank checksums a slice of the files (a 3B checkpoint is ~36 GB), rank 0 seals.
     files = sorted(p.name for p in tmp.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
     entries = _file_entries(tmp, files[rank::world])
-    if _distributed():
+    if is_distributed():
         gathered = [None] * world
         dist.all_gather_object(gathered, entries)
         entries = {k: v for part in gathered for k, v in part.items()}
@@ -238,16 +196,16 @@ def save_checkpoint(
         for name in files:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        _write_durable(tmp / MARKER, json.dumps({"step": step, "files": entries}, indent=1))
+        write_atomic(tmp / MARKER, json.dumps({"step": step, "files": entries}, indent=1), durable=True)
         crash_point(f"save_{step}_after_marker")
         if final.exists():  # a complete save that `latest` never reached (crash, or a rewind)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         crash_point(f"save_{step}_after_rename")
-        _write_durable(root / LATEST, final.name + "\n")
+        write_atomic(root / LATEST, final.name + "\n", durable=True)
         _prune(root, keep)
-    _barrier()
+    barrier()
     return final
 
 
@@ -266,7 +224,7 @@ def _prune(root: Path, keep: int) -> None:
 def verify_checkpoint(path: Path) -> str | None:
     """None when the checkpoint is complete and intact, else the reason it is not.
     Distributed: each rank re-reads a slice of the files and all ranks agree."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     reason = None
     try:
         manifest = json.loads((path / MARKER).read_text())
@@ -286,7 +244,7 @@ def verify_checkpoint(path: Path) -> str | None:
                 reason = f"{name} is corrupt (checksum mismatch)"
             if reason:
                 break
-    if not _all_ranks_agree(reason is None):
+    if not all_ranks_agree(reason is None):
         reason = reason or "corrupt on another rank"
     return reason
 
@@ -351,7 +309,7 @@ def finished_at(path: str | os.PathLike, max_steps: int) -> int | None:
 def read_parts(checkpoint: Path, same_layout: bool) -> dict:
     """This rank's stateful extras ({name: state_dict}), {} when none were saved. After a layout
     change rank r's file belonged to another position: every rank then reads rank 0's."""
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     path = Path(checkpoint) / PARTS.format(rank=rank if same_layout else 0)
     if not path.is_file():
         path = Path(checkpoint) / PARTS.format(rank=0)
@@ -379,7 +337,7 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
     """Load weights in place, resharded from whatever layout saved them; with an optimizer (resuming
     training) also its state and, when restore_rng, this rank's RNG states (the caller passes False
     when the layout changed: rank r's stream belonged to another position). Returns the train state."""
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
     else:
@@ -390,7 +348,7 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
         state = {"model": model_state, "optimizer": optim_state}
     with _single_process_quiet():
-        dcp.load(state, storage_reader=dcp.FileSystemReader(checkpoint), no_dist=not _distributed())
+        dcp.load(state, storage_reader=dcp.FileSystemReader(checkpoint), no_dist=not is_distributed())
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:

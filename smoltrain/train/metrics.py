@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import deque
 from pathlib import Path
 
 import torch
+
+from smoltrain.files import write_atomic
 
 # Dense (no sparsity) bf16 tensor-core TFLOP/s from vendor spec sheets, matched as substrings of
 # torch.cuda.get_device_name(), most specific first.
@@ -149,9 +150,7 @@ def truncate_metrics(path: Path, step: int, keep_events: bool = False) -> None:
             continue
         if record.get("step", 0) <= step or (keep_events and "event" in record):
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(kept))
 
 
 def _human(n: float) -> str:

@@ -37,7 +37,9 @@ The contract, in words (the Protocols below say the same in types):
 
 An objective is built after the model, by a factory the stage's entry function hands to the
 Trainer: `build(config, model, ctx, run_dir) -> Objective` (GRPO samples from `model`; DPO runs its
-reference pass before step 1 and keeps the result in `run_dir`, which exists by then). A stage's
+reference pass before step 1 and keeps the result in `run_dir`, which exists by then). A factory
+may carry `preflight(config, ctx)`, checks the Trainer runs before the model is built (pretraining:
+every stage's batch splits over the data-parallel degree), so a mistake costs no allocation. A stage's
 entry function is then one line, `Trainer(config, build_objective=build_sft_objective).train()`:
 the loop reads train.* (max_steps, log/save/eval_every, out_dir, init, seed, spike guard,
 precision, compile), optim.*, model.*, parallel.* and eval.* as pretraining does; the

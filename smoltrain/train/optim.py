@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from smoltrain.config import Config, OptimConfig
+from smoltrain.data.stages import resolve_stage, stage_at
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -149,11 +150,9 @@ def lr_at(cfg: OptimConfig, step: int, total_steps: int, peak_lr: float | None =
 def schedule_segment(config: Config, step: int) -> tuple[int, int, float]:
     """(start, end, peak lr) of the schedule that owns `step`: a stage with `reset_schedule`
     starts a fresh warmup/decay that runs until the next resetting stage or `max_steps`."""
-    starts = [0] + [s.start_step for s in config.data.stages if s.reset_schedule]
-    peaks = [config.optim.lr] + [s.lr or config.optim.lr for s in config.data.stages if s.reset_schedule]
-    index = max(i for i, start in enumerate(starts) if start <= step)
-    end = starts[index + 1] if index + 1 < len(starts) else config.train.max_steps
-    return starts[index], end, peaks[index]
+    stage = resolve_stage(config.data, stage_at(config.data, step))
+    end = stage.schedule_end if stage.schedule_end is not None else config.train.max_steps
+    return stage.schedule_start, end, stage.lr or config.optim.lr
 
 
 def lr_for_step(config: Config, step: int) -> float:

@@ -1,5 +1,5 @@
-"""Parallelism applied from outside the model: torchrun setup, the device mesh, and one ordered recipe
-(tensor parallel -> activation checkpointing -> per-block compile -> FSDP2, or plain DDP).
+"""Parallelism applied from outside the model, as one ordered recipe: tensor parallel -> activation
+checkpointing -> per-block compile -> FSDP2, or plain DDP (train/distributed.py decides the layout).
 
 The model is built on the meta device, parallelised, then materialised and initialised by
 `init_weights(seed)`, which computes every full tensor from (seed, name) and keeps this rank's shard:
@@ -8,189 +8,13 @@ the starting weights cannot depend on the layout (SmolLM3 lost 1T tokens to TP r
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from smoltrain.config import Config, ModelConfig, ParallelConfig
-from smoltrain.errors import CheckpointError, ConfigError
+from smoltrain.config import Config
+from smoltrain.errors import CheckpointError
 from smoltrain.model.transformer import Transformer, canonical_name
-from smoltrain.train.optim import clip_grad_norm_  # noqa: F401  (moved beside the optimizer)
-
-log = logging.getLogger(__name__)
-
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
-
-
-# ----------------------------------------------------------------------------- layout and setup
-
-
-def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int) -> tuple[int, int, int]:
-    """(dp_replicate, dp_shard, tp) for this world size, or a one-line ConfigError. Pure: no process
-    group, no allocation, so a wrong launch fails in the first second rather than after the build."""
-    replicate, shard, tp = parallel.dp_replicate, parallel.dp_shard, parallel.tp
-    if replicate < 1 or tp < 1 or not (shard == -1 or shard >= 1):
-        raise ConfigError(
-            f"parallel: dp_replicate ({replicate}) and tp ({tp}) must be >= 1, dp_shard ({shard}) >= 1 or -1 (auto)"
-        )
-    if shard == -1:
-        if world_size % (replicate * tp) != 0:
-            raise ConfigError(
-                f"parallel: world size {world_size} is not divisible by parallel.dp_replicate x parallel.tp "
-                f"({replicate} x {tp}), so parallel.dp_shard=-1 cannot fill it"
-            )
-        shard = world_size // (replicate * tp)
-    if replicate * shard * tp != world_size:
-        raise ConfigError(
-            f"parallel: dp_replicate x dp_shard x tp = {replicate} x {shard} x {tp} = {replicate * shard * tp} "
-            f"but the world size is {world_size} (torchrun --nnodes x --nproc_per_node)"
-        )
-    if model.num_kv_heads % tp != 0:
-        raise ConfigError(f"parallel.tp ({tp}) must divide model.num_kv_heads ({model.num_kv_heads})")
-    if model.intermediate_size % tp != 0:
-        raise ConfigError(f"parallel.tp ({tp}) must divide model.intermediate_size ({model.intermediate_size})")
-    if parallel.ddp and tp > 1:
-        raise ConfigError("parallel.ddp replicates whole models and cannot combine with parallel.tp > 1; use FSDP (ddp: false)")
-    return replicate, shard, tp
-
-
-def runtime_seed(seed: int, dp_rank: int) -> int:
-    """Seed for runtime randomness (dropout, sampling): differs per data-parallel rank, agrees across
-    tensor-parallel peers, which must draw the same numbers for the activations they share."""
-    digest = hashlib.sha256(f"{seed}/runtime/dp{dp_rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-@dataclass
-class ParallelContext:
-    """Where this process sits: global rank, device, mesh and its data/tensor-parallel coordinates."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    dp_replicate: int
-    dp_shard: int
-    tp: int
-    ddp: bool
-    device: torch.device
-    mesh: object | None  # DeviceMesh with MESH_DIMS; None in a single process
-    seed: int  # runtime seed (see runtime_seed); torch's global RNG is seeded with it
-    flat_dp_mesh: object | None = None  # 1-D view of (dp_replicate, dp_shard): DDP and dp reductions
-
-    @property
-    def dp_world(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def dp_rank(self) -> int:
-        return self.rank // self.tp  # mesh order is (dp_replicate, dp_shard, tp), tp fastest
-
-    @property
-    def tp_rank(self) -> int:
-        return self.rank % self.tp
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def tp_mesh(self):
-        return self.mesh["tp"] if self.mesh is not None else None
-
-    @property
-    def dp_mesh(self):
-        """The mesh FSDP shards over: 1-D (dp_shard), or 2-D (dp_replicate, dp_shard) for HSDP."""
-        if self.mesh is None:
-            return None
-        return self.mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else self.mesh["dp_shard"]
-
-    def all_reduce_dp(self, value: torch.Tensor, op: str = "mean") -> torch.Tensor:
-        """Sum or mean of a tensor over data-parallel ranks (loss and token counts for logging)."""
-        if self.dp_world == 1:
-            return value
-        out = value.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.flat_dp_mesh.get_group())  # gloo has no AVG
-        return out / self.dp_world if op == "mean" else out
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            # Leave together: a rank tearing down its groups while a peer still talks to it aborts
-            # (seen with gloo: "terminate called without an active exception" ~1 run in 10).
-            dist.barrier()
-            dist.destroy_process_group()
-
-
-def _resolve_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda but no CUDA device is visible")
-    if local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
-    return torch.device("cuda", local_rank)
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
-
-
-def setup_distributed(
-    parallel_cfg: ParallelConfig, model_cfg: ModelConfig, seed: int = 0, device: str = "auto"
-) -> ParallelContext:
-    """Read the torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK; absent means one process),
-    validate the layout, start the process group (NCCL on CUDA, gloo on CPU) and build the mesh."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    if dist.is_initialized():
-        world_size, rank = dist.get_world_size(), dist.get_rank()
-    replicate, shard, tp = resolve_layout(parallel_cfg, model_cfg, world_size)
-    dev = _resolve_device(device, local_rank)
-    mesh = flat_dp_mesh = None
-    if world_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        if not dist.is_initialized():
-            backend = "nccl" if dev.type == "cuda" else "gloo"
-            dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
-        mesh = init_device_mesh(dev.type, (replicate, shard, tp), mesh_dim_names=MESH_DIMS)
-        # Flattened views: "dp" is the data-parallel group (DDP, loss averaging); "dp_shard_tp" lets
-        # DTensor reduce a norm that is partial over FSDP x TP in one collective instead of two.
-        flat_dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
-    ctx = ParallelContext(rank, local_rank, world_size, replicate, shard, tp, parallel_cfg.ddp, dev, mesh, 0, flat_dp_mesh)
-    ctx.seed = runtime_seed(seed, ctx.dp_rank)
-    torch.manual_seed(ctx.seed)  # CPU and every CUDA device
-    if ctx.is_main and world_size > 1:
-        log.info(
-            f"distributed: world {world_size} = dp_replicate {replicate} x dp_shard {shard} x tp {tp} "
-            f"({data_parallel_kind(replicate, shard, parallel_cfg.ddp)}, {'nccl' if dev.type == 'cuda' else 'gloo'})"
-        )
-    return ctx
-
-
-def data_parallel_kind(dp_replicate: int, dp_shard: int, ddp: bool) -> str:
-    """What wraps the model over the data-parallel ranks: DDP, HSDP, FSDP2, or nothing (TP only)."""
-    if dp_replicate * dp_shard == 1:
-        return "no data parallel"
-    return "DDP" if ddp else ("HSDP" if dp_replicate > 1 else "FSDP2")
+from smoltrain.train.distributed import ParallelContext
 
 
 # ----------------------------------------------------------------------------- the recipe, one function each
@@ -307,29 +131,6 @@ def apply_ddp(model: Transformer, dp_mesh) -> None:
 # ----------------------------------------------------------------------------- build
 
 
-def _resolve_compile(config: Config, device: torch.device) -> bool:
-    return config.train.compile == "on" or (config.train.compile == "auto" and device.type == "cuda")
-
-
-def _resolve_bf16(config: Config, device: torch.device) -> bool:
-    return config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
-
-
-def _check_batch_layout(config: Config, ctx: ParallelContext) -> None:
-    """Sequence-parallel slices and data-parallel micro-batches must divide evenly."""
-    from smoltrain.train.pretrain import grad_accumulation, stage_seq_lens
-
-    seq_lens = sorted(set(stage_seq_lens(config)))
-    if ctx.tp > 1 and config.parallel.sequence_parallel:
-        for seq_len in seq_lens:
-            if seq_len % ctx.tp:
-                raise ConfigError(
-                    f"parallel.sequence_parallel: sequence length {seq_len} must be divisible by parallel.tp ({ctx.tp})"
-                )
-    for seq_len in seq_lens:
-        grad_accumulation(config, seq_len, ctx.dp_world)
-
-
 def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.device | str | None = None) -> nn.Module:
     """The model for this rank, in the recipe's order: TP -> activation checkpointing -> per-block
     compile -> FSDP2 on the meta device, then materialise and `init_weights(train.seed)`; DDP last
@@ -337,12 +138,11 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
     (2-D), compile traces the checkpointed block (under TP the checkpoint wraps the compiled block
     instead), and FSDP hooks wrap the compiled block."""
     device = torch.device(device) if device is not None else ctx.device
-    _check_batch_layout(config, ctx)
     with torch.device("meta"):
         model = Transformer(config.model)
     if ctx.tp > 1:
         apply_tensor_parallel(model, ctx.tp_mesh, config.parallel.sequence_parallel, config.parallel.loss_parallel)
-    checkpointing, compiling = config.train.activation_checkpointing, _resolve_compile(config, device)
+    checkpointing, compiling = config.train.activation_checkpointing, ctx.compile
     # Dynamo cannot trace a checkpointed block holding DTensors (torch 2.13: the checkpoint saves the
     # DeviceMesh as a tensor), so under TP the compiled block is checkpointed instead of the reverse.
     compile_first = ctx.tp > 1
@@ -353,7 +153,7 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
     if compiling and not compile_first:
         apply_compile(model)
     if ctx.dp_world > 1 and not ctx.ddp:
-        apply_fsdp(model, ctx.dp_mesh, torch.bfloat16 if _resolve_bf16(config, device) else None)
+        apply_fsdp(model, ctx.dp_mesh, torch.bfloat16 if ctx.precision == "bf16" else None)
     model.to_empty(device=device)
     model.init_weights(config.train.seed)
     if ctx.dp_world > 1 and ctx.ddp:
@@ -396,19 +196,12 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
 
 
 __all__ = [
-    "MESH_DIMS",
-    "ParallelContext",
     "apply_activation_checkpointing",
     "apply_compile",
     "apply_ddp",
     "apply_fsdp",
     "apply_tensor_parallel",
     "build_parallel_model",
-    "clip_grad_norm_",
-    "data_parallel_kind",
     "load_full_state_dict",
-    "resolve_layout",
-    "runtime_seed",
     "set_gradient_sync",
-    "setup_distributed",
 ]

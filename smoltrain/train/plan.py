@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from smoltrain.config import Config
+from smoltrain.data.stages import resolved_stages
 from smoltrain.errors import ConfigError
 from smoltrain.model.flops import flops_per_token, parameter_counts, training_memory_bytes
 
@@ -19,13 +20,10 @@ DEFAULT_MFU = 0.30  # SmolLM3 on 384 H100s
 
 def stage_segments(config: Config) -> list[dict]:
     """(name, first step, steps, seq_len) of each part of the run that has one sequence length."""
-    bounds = [("base", 0, config.data.seq_len)]
-    seq_len = config.data.seq_len
-    for stage in config.data.stages:
-        seq_len = stage.seq_len or seq_len
-        if stage.start_step == 0:
-            bounds = []
-        bounds.append((stage.name, stage.start_step, seq_len))
+    starts = [0] + [stage.start_step for stage in config.data.stages]
+    bounds = [(stage.name, start, stage.seq_len) for stage, start in zip(resolved_stages(config.data), starts)]
+    if len(starts) > 1 and starts[1] == 0:  # the first stage replaces the data section from step 0
+        bounds = bounds[1:]
     segments = []
     for i, (name, start, seq_len) in enumerate(bounds):
         end = bounds[i + 1][1] if i + 1 < len(bounds) else config.train.max_steps

@@ -11,29 +11,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from smoltrain.config import Config
-from smoltrain.errors import ConfigError
-
-
-def stage_seq_lens(config: Config) -> list[int]:
-    """The sequence length of the data section and of every stage after it (a stage inherits it)."""
-    seq_lens, current = [config.data.seq_len], config.data.seq_len
-    for stage in config.data.stages:
-        current = stage.seq_len or current
-        seq_lens.append(current)
-    return seq_lens
-
-
-def grad_accumulation(config: Config, seq_len: int, dp_world: int) -> int:
-    """Micro-batches per optimizer step on each rank: global_batch_tokens = micro x seq x this x dp."""
-    per_step = config.train.micro_batch_size * seq_len * dp_world
-    if config.train.global_batch_tokens % per_step:
-        raise ConfigError(
-            f"train.global_batch_tokens ({config.train.global_batch_tokens}) must be a multiple of "
-            f"train.micro_batch_size x seq_len x data-parallel ranks "
-            f"({config.train.micro_batch_size} x {seq_len} x {dp_world} = {per_step})"
-        )
-    return config.train.global_batch_tokens // per_step
+from smoltrain.config import Config, grad_accumulation
+from smoltrain.data.stages import stage_seq_lens
 
 
 class PretrainObjective:
@@ -51,7 +30,7 @@ class PretrainObjective:
         return out.loss, out.num_tokens, {"loss": (out.ce_loss, out.num_tokens)}
 
     def accumulation(self, seq_len: int, dp_world: int) -> int:
-        return grad_accumulation(self.config, seq_len, dp_world)
+        return grad_accumulation(self.config.train, seq_len, dp_world)
 
     def stateful(self) -> dict:
         return {}  # the loader's position is saved as `batches`; nothing else draws or moves
@@ -63,15 +42,20 @@ class PretrainObjective:
         return {}  # validation and eval.tasks run for every objective (Trainer.evaluate)
 
 
+def check_pretrain_batches(config: Config, ctx) -> None:
+    """Every stage's batch splits over this data-parallel degree: checked before the model is built."""
+    for seq_len in stage_seq_lens(config.data):
+        grad_accumulation(config.train, seq_len, ctx.dp_world)
+
+
 def build_pretrain_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -> PretrainObjective:
-    """The training loader for this data-parallel rank; every stage's batch split is checked now,
-    not when the stage starts hours later."""
+    """The training loader for this data-parallel rank."""
     from smoltrain.data.loader import build_train_loader
 
-    objective = PretrainObjective(config, build_train_loader(config, ctx.dp_rank, ctx.dp_world))
-    for seq_len in stage_seq_lens(config):
-        objective.accumulation(seq_len, ctx.dp_world)
-    return objective
+    return PretrainObjective(config, build_train_loader(config, ctx.dp_rank, ctx.dp_world))
 
 
-__all__ = ["PretrainObjective", "build_pretrain_objective", "grad_accumulation", "stage_seq_lens"]
+build_pretrain_objective.preflight = check_pretrain_batches  # Trainer: checks that run before the model exists
+
+
+__all__ = ["PretrainObjective", "build_pretrain_objective", "check_pretrain_batches"]

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -34,10 +32,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from rich.console import Console
 
-from smoltrain.config import Config, save_config
-from smoltrain.data.stages import stage_at
-from smoltrain.errors import ConfigError
+from smoltrain.config import Config, differences, save_config
+from smoltrain.data.stages import resolve_stage, stage_at
+from smoltrain.errors import ConfigError, DataError
 from smoltrain.eval.during_training import check_eval_config, eval_console_line
+from smoltrain.files import write_json
 from smoltrain.model.flops import flops_per_token
 from smoltrain.model.transformer import count_parameters
 from smoltrain.train.checkpoint import (
@@ -46,21 +45,24 @@ from smoltrain.train.checkpoint import (
     crash_point,
     find_checkpoint,
     load_checkpoint,
+    read_config,
     read_parts,
     read_train_state,
     save_checkpoint,
 )
+from smoltrain.train.init_model import resolve_init_model
 from smoltrain.train.metrics import MetricsLogger, SpikeDetector, console_line, mfu, peak_tflops
 from smoltrain.train.objective import Objective
 from smoltrain.train.optim import apply_hyperparameters, build_optimizer, clip_grad_norm_, lr_for_step, set_lr
-from smoltrain.train.parallelize import (
+from smoltrain.train.distributed import (
     ParallelContext,
-    build_parallel_model,
-    load_full_state_dict,
+    check_layout,
+    describe_layout,
     runtime_seed,
-    set_gradient_sync,
     setup_distributed,
+    single_process_context,
 )
+from smoltrain.train.parallelize import build_parallel_model, load_full_state_dict, set_gradient_sync
 from smoltrain.train.pretrain import build_pretrain_objective
 
 log = logging.getLogger(__name__)
@@ -69,35 +71,12 @@ console = Console(highlight=False, markup=False, soft_wrap=True)
 ObjectiveFactory = Callable[[Config, nn.Module, ParallelContext, Path], Objective]
 
 
-# ----------------------------------------------------------------------------- devices and layout
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    return ("bf16" if device.type == "cuda" else "fp32") if requested == "auto" else requested
-
-
-def single_process_context(device: torch.device) -> ParallelContext:
-    """The layout of a plain (non-torchrun) process, for callers that build parts without setup_distributed."""
-    return ParallelContext(rank=0, local_rank=0, world_size=1, dp_replicate=1, dp_shard=1, tp=1, ddp=False,
-                           device=device, mesh=None, seed=0)
-
-
-def describe_layout(ctx: ParallelContext) -> str:
-    if not ctx.distributed:
-        return "1 process"
-    dp = "DDP" if ctx.ddp else ("HSDP" if ctx.dp_replicate > 1 else "FSDP2")
-    parts = [f"dp_replicate {ctx.dp_replicate}"] if ctx.dp_replicate > 1 else []
-    parts += [f"dp_shard {ctx.dp_shard}"] if ctx.dp_shard > 1 else []
-    parts += [f"tp {ctx.tp}"] if ctx.tp > 1 else []
-    return f"{ctx.world_size} ranks = {' x '.join(parts)} ({dp if ctx.dp_world > 1 else 'TP'})"
+# ----------------------------------------------------------------------------- stages
 
 
 def stage_rope_theta(config: Config, index: int) -> float:
     """The RoPE base in force at stage `index` (-1: before any stage): the last one a stage set."""
-    theta = config.model.rope_theta
-    for stage in config.data.stages[: index + 1]:
-        theta = stage.rope_theta or theta
-    return theta
+    return resolve_stage(config.data, index).rope_theta or config.model.rope_theta
 
 
 # ----------------------------------------------------------------------------- the model
@@ -122,7 +101,7 @@ def build_training_model(config: Config, device: torch.device, init_from: str | 
     activation checkpointing -> per-block compile -> (FSDP2 | DDP), initialised from (seed, names)
     whatever the layout, then overwritten by `init_from` when given. One process: build_model's
     weights exactly (the recipe's distributed steps are skipped)."""
-    model = build_parallel_model(config, ctx or single_process_context(device), device)
+    model = build_parallel_model(config, ctx or single_process_context(device, config.train), device)
     if init_from:
         load_init_weights(model, init_from, config)
     return model
@@ -145,13 +124,13 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def forward_backward(model: nn.Module, objective: Objective, micro_batches: list[dict], ctx: ParallelContext,
-                     precision: str, grad_clip: float) -> StepResult:
+                     grad_clip: float) -> StepResult:
     """Accumulate the gradients of the objective's loss sums over this rank's micro-batches, then
     divide them by the step's count summed over data-parallel ranks (times dp_world: FSDP and DDP
     average gradients over ranks) and clip. Every returned number is global, identical on every rank.
     bf16 autocast is entered per forward, over float32 master weights."""
     device = ctx.device
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if ctx.precision == "bf16"
                 else contextlib.nullcontext())
     # name -> (sum, count), float64 (counts beyond 2^24 stay exact); "" is the loss itself.
     sums = {"": torch.zeros(2, device=device, dtype=torch.float64)}
@@ -283,14 +262,21 @@ class Trainer:
     and then ended by train() (also on errors)."""
 
     def __init__(self, config: Config, build_objective: ObjectiveFactory | None = None, resume: str | None = None,
-                 should_stop: Callable[[], bool] | None = None, ctx: ParallelContext | None = None):
+                 should_stop: Callable[[], bool] | None = None, ctx: ParallelContext | None = None,
+                 allow_data_change: bool = False):
+        notes: list[str] = []
+        config = resolve_init_model(config, say=notes.append)  # train.init defines the model section
         check_eval_config(config)
         self.config = config
         self.should_stop = should_stop
+        self.allow_data_change = allow_data_change
         self.owns_group = ctx is None and not (dist.is_available() and dist.is_initialized())
-        self.ctx = ctx or setup_distributed(config.parallel, config.model, seed=config.train.seed,
-                                            device=config.train.device)
+        t = config.train
+        self.ctx = ctx or setup_distributed(config.parallel, config.model, seed=t.seed, device=t.device,
+                                            precision=t.precision, compile=t.compile)
         try:
+            for note in notes:
+                self.say(note)
             self._build(build_objective or build_pretrain_objective, resume)
         except BaseException:
             self._abort()
@@ -298,17 +284,19 @@ class Trainer:
 
     def _build(self, build_objective: ObjectiveFactory, resume: str | None) -> None:
         config, ctx, t = self.config, self.ctx, self.config.train
+        check_layout(config, ctx)
+        if getattr(build_objective, "preflight", None):  # the objective's own checks, before any allocation
+            build_objective.preflight(config, ctx)
         self.device = ctx.device
-        self.precision = resolve_precision(t.precision, self.device)
         self.run_dir = Path(t.out_dir)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
         checkpoint = find_checkpoint(resume if resume else self.run_dir, required=resume is not None)
+        self.previous = None  # the config the checkpoint was written with
         if checkpoint is not None:
             check_compatible(checkpoint, config)
-        if ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.run_dir / "config.yaml")
+            self.previous = read_config(checkpoint)
+        self.write_config(read_train_state(checkpoint)["step"] if checkpoint else 0)
 
         # setup_distributed seeded the runtime RNG per data-parallel rank; init does not use it.
         self.model = build_training_model(config, self.device, init_from=None if checkpoint else t.init, ctx=ctx)
@@ -322,9 +310,11 @@ class Trainer:
         self.interval = Interval()
         self.stopped_by: str | None = None
         self.metrics = None
+        self.events: list[dict] = []  # found before metrics.jsonl is open
         if checkpoint is not None:
             self.restore(checkpoint)
             self.say(f"resumed from {checkpoint} (step {self.state.step}, {self.state.tokens:,} tokens)")
+            self.check_schedule()
         else:
             self.model.set_rope(theta=stage_rope_theta(config, self.stage), max_seq_len=self.batches.seq_len)
             if t.init:
@@ -332,17 +322,48 @@ class Trainer:
         self.peak = peak_tflops(self.device, t.peak_tflops)
         self.metrics = MetricsLogger(self.run_dir, enabled=ctx.is_main, tensorboard=t.tensorboard,
                                      start_step=self.state.step)
+        for event in self.events:
+            self.metrics.write({"step": self.state.step, **event})
         seq_len = self.batches.seq_len
         self.say(f"smoltrain train ({self.objective.name}): {count_parameters(self.model) / 1e6:.1f}M parameters | "
                  f"a step = {t.micro_batch_size} x {seq_len} x {self.accumulation()} accumulation x "
                  f"{ctx.dp_world} data-parallel | {describe_layout(ctx)} | "
-                 f"{self.device.type} {self.precision} | compile {t.compile} | to step {t.max_steps} in {self.run_dir}")
+                 f"{self.device.type} {ctx.precision} | compile {'on' if ctx.compile else 'off'} | to step {t.max_steps} in {self.run_dir}")
 
     # ------------------------------------------------------------------------- small helpers
 
     def say(self, message: str) -> None:
         if self.ctx.is_main:
             console.print(message)
+
+    def write_config(self, step: int) -> None:
+        """config.yaml is the config in force; config.history/step_<step>.yaml keeps the one each
+        segment of the run started with, so a resume with other settings loses nothing. A resume
+        prints what changed since the checkpoint was written."""
+        if not self.ctx.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.run_dir / "config.yaml")
+        save_config(self.config, self.run_dir / "config.history" / f"step_{step:08d}.yaml")
+        changed = differences(self.previous, self.config) if self.previous is not None else []
+        if changed:
+            listing = "; ".join(f"{key} {before!r} -> {after!r}" for key, before, after in changed)
+            console.print(f"resuming with a changed config (since step {step}): {listing} "
+                          f"(each segment's config is kept in {self.run_dir / 'config.history'})")
+
+    def check_schedule(self) -> None:
+        """Warn when a resume with another schedule (longer max_steps, other stages) raises the lr
+        over the one the run last trained with, after warmup: it re-enters a phase it had passed
+        (a finished WSD decay goes back to the plateau)."""
+        step, before = self.state.step, self.previous
+        if before is None or step == 0 or step <= self.config.optim.warmup_steps:
+            return
+        last, now = lr_for_step(before, step - 1), lr_for_step(self.config, step)
+        if now > last * (1 + 1e-6) and now != lr_for_step(before, step):
+            self.say(f"warning: at step {step} the lr goes back up from {last:.3g} to {now:.3g} (train.max_steps "
+                     f"{before.train.max_steps} -> {self.config.train.max_steps}): the schedule re-enters a phase "
+                     f"the run had passed")
+            self.events.append({"event": "schedule", "lr_before": last, "lr": now})
 
     def accumulation(self) -> int:
         return self.objective.accumulation(self.batches.seq_len, self.ctx.dp_world)
@@ -412,8 +433,7 @@ class Trainer:
         return True
 
     def forward_backward(self, micro_batches: list[dict]) -> StepResult:
-        return forward_backward(self.model, self.objective, micro_batches, self.ctx, self.precision,
-                                self.config.optim.grad_clip)
+        return forward_backward(self.model, self.objective, micro_batches, self.ctx, self.config.optim.grad_clip)
 
     def report(self, verdict: Verdict, result: StepResult) -> None:
         """The guard's events into metrics.jsonl and the console; a normal loss joins the spike window
@@ -489,6 +509,8 @@ class Trainer:
         extra = {"loader": self.batches.state_dict(), "spike_window": self.spikes.state_dict(), "stage": self.stage,
                  "rope_theta": self.model.rope_theta, "dp_world": self.ctx.dp_world, "layout": self.layout,
                  "objective": self.objective.name}
+        if hasattr(self.batches, "fingerprint"):
+            extra["data_fingerprint"] = self.batches.fingerprint()
         parts = {name: part.state_dict() for name, part in self.objective.stateful().items()}
         save_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer,
                         dict(dataclasses.asdict(self.state), **extra), self.config,
@@ -508,6 +530,7 @@ class Trainer:
             torch.manual_seed(runtime_seed(self.config.train.seed + 1_000_003 * saved["step"], self.ctx.dp_rank))
         apply_hyperparameters(self.config.optim, self.optimizer)
         self.batches.load_state_dict(saved["loader"])
+        self.check_data(saved.get("data_fingerprint"))
         self.spikes.load_state_dict(saved["spike_window"])
         fields = {f.name for f in dataclasses.fields(TrainState)}
         self.state.__dict__.update({k: v for k, v in saved.items() if k in fields})
@@ -519,6 +542,24 @@ class Trainer:
                 log.warning("checkpoint %s has no state for %r: it starts fresh", path, name)
         self.stage = saved["stage"]
         self.model.set_rope(theta=stage_rope_theta(self.config, self.stage), max_seq_len=self.batches.seq_len)
+
+    def check_data(self, saved: dict | None) -> None:
+        """The batch source's position refers to the data it was saved with: a source whose shards
+        changed under the same name is refused, or with allow_data_change restarted from its start."""
+        if not saved or not hasattr(self.batches, "fingerprint"):
+            return
+        now = self.batches.fingerprint()
+        changed = sorted(name for name, fingerprint in saved.items() if name in now and now[name] != fingerprint)
+        if not changed:
+            return
+        names = ", ".join(f"data.sources.{name}" for name in changed)
+        if not self.allow_data_change:
+            raise DataError(f"{names}: the data changed since the checkpoint (other shards, token counts or "
+                            f"tokenizer), so its loader position points elsewhere; pass --allow-data-change to "
+                            f"restart {'its' if len(changed) == 1 else 'their'} position")
+        self.batches.restart_sources(changed)
+        self.say(f"{names}: data changed since the checkpoint, position restarted (--allow-data-change)")
+        self.events.append({"event": "data_change", "sources": changed})
 
     def rewind(self) -> bool:
         """Back to the latest checkpoint, then skip the next spike_skip_batches steps of data.
@@ -580,18 +621,16 @@ class Trainer:
             "rewinds": state.rewinds, "parameters": count_parameters(self.model),
         }
         if self.ctx.is_main:
-            tmp = self.run_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(tmp, self.run_dir / "summary.json")
+            write_json(self.run_dir / "summary.json", summary)
         return summary
 
 
-def run(config: Config, resume: str | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+def run(config: Config, resume: str | None = None, should_stop: Callable[[], bool] | None = None,
+        allow_data_change: bool = False) -> dict:
     """Pretrain `config` to train.max_steps, resuming from `resume` (a run or checkpoint folder) or
     from the run folder's own `latest` checkpoint. Returns a summary (also written to summary.json).
     A layout that cannot fit the world size fails before anything is allocated or any rank waits."""
-    return Trainer(config, resume=resume, should_stop=should_stop).train()
+    return Trainer(config, resume=resume, should_stop=should_stop, allow_data_change=allow_data_change).train()
 
 
-__all__ = ["Trainer", "StepResult", "Verdict", "guard", "forward_backward", "run", "build_training_model",
-           "resolve_precision", "single_process_context", "describe_layout", "TrainState"]
+__all__ = ["Trainer", "StepResult", "Verdict", "guard", "forward_backward", "run", "build_training_model", "TrainState"]

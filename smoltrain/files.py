@@ -1,0 +1,71 @@
+"""Small file helpers every package shares: an atomic writer and a YAML reader whose errors name the line.
+
+Atomic: the content goes to a temporary name in the same folder, then `os.replace` moves it over the
+target, so a reader (or a crash) sees the old file or the new one, never half of one. `durable`
+adds the fsyncs a checkpoint marker needs to survive a power cut.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from smoltrain.errors import ConfigError
+
+
+def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[Path], None], durable: bool = False) -> Path:
+    """Write text, bytes, or whatever `content(tmp_path)` writes, to `path` atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(content.encode() if isinstance(content, str) else content)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # the writer failed: leave nothing that looks like data
+            tmp.unlink()
+    if durable:
+        fsync_dir(path.parent)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_yaml(path: str | os.PathLike, error: type[Exception] = ConfigError) -> Any:
+    """The YAML document in `path`; a missing file or bad YAML is one line naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: file not found")
+    return parse_yaml(path.read_text(), str(path), error)
+
+
+def parse_yaml(text: str, where: str, error: type[Exception] = ConfigError) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise error(f"{where}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+__all__ = ["fsync_dir", "load_yaml", "parse_yaml", "write_atomic", "write_json"]

@@ -1,0 +1,303 @@
+"""Where a process sits and what it runs on: the torchrun environment, the device mesh, the layout
+checks, and device / precision / compile resolved once onto a `ParallelContext`.
+
+Everything here is decided before a model exists, so a launch that cannot work (a world size the
+layout does not fit, a missing GPU, a sequence that sequence parallel cannot split) is a one-line
+ConfigError in the first second rather than after the build. `train/parallelize.py` then applies the
+layout to the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from smoltrain.config import Config, ModelConfig, ParallelConfig, TrainConfig, check_tensor_parallel
+from smoltrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int) -> tuple[int, int, int]:
+    """(dp_replicate, dp_shard, tp) for this world size, or a one-line ConfigError. Pure: no process
+    group, no allocation, so a wrong launch fails in the first second rather than after the build."""
+    replicate, shard, tp = parallel.dp_replicate, parallel.dp_shard, parallel.tp
+    if replicate < 1 or tp < 1 or not (shard == -1 or shard >= 1):
+        raise ConfigError(
+            f"parallel: dp_replicate ({replicate}) and tp ({tp}) must be >= 1, dp_shard ({shard}) >= 1 or -1 (auto)"
+        )
+    if shard == -1:
+        if world_size % (replicate * tp) != 0:
+            raise ConfigError(
+                f"parallel: world size {world_size} is not divisible by parallel.dp_replicate x parallel.tp "
+                f"({replicate} x {tp}), so parallel.dp_shard=-1 cannot fill it"
+            )
+        shard = world_size // (replicate * tp)
+    if replicate * shard * tp != world_size:
+        raise ConfigError(
+            f"parallel: dp_replicate x dp_shard x tp = {replicate} x {shard} x {tp} = {replicate * shard * tp} "
+            f"but the world size is {world_size} (torchrun --nnodes x --nproc_per_node)"
+        )
+    check_tensor_parallel(model, parallel)
+    return replicate, shard, tp
+
+
+def runtime_seed(seed: int, dp_rank: int) -> int:
+    """Seed for runtime randomness (dropout, sampling): differs per data-parallel rank, agrees across
+    tensor-parallel peers, which must draw the same numbers for the activations they share."""
+    digest = hashlib.sha256(f"{seed}/runtime/dp{dp_rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class ParallelContext:
+    """Where this process sits (global rank, mesh, data/tensor-parallel coordinates) and what it runs
+    on: device, precision and compile, resolved once from train.* for every part that needs them."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    ddp: bool
+    device: torch.device
+    mesh: object | None  # DeviceMesh with MESH_DIMS; None in a single process
+    seed: int  # runtime seed (see runtime_seed); torch's global RNG is seeded with it
+    flat_dp_mesh: object | None = None  # 1-D view of (dp_replicate, dp_shard): DDP and dp reductions
+    precision: str = "fp32"  # resolved train.precision: "bf16" (autocast over float32 weights) or "fp32"
+    compile: bool = False  # resolved train.compile: per-block torch.compile
+
+    @property
+    def dp_world(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp  # mesh order is (dp_replicate, dp_shard, tp), tp fastest
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def tp_mesh(self):
+        return self.mesh["tp"] if self.mesh is not None else None
+
+    @property
+    def dp_mesh(self):
+        """The mesh FSDP shards over: 1-D (dp_shard), or 2-D (dp_replicate, dp_shard) for HSDP."""
+        if self.mesh is None:
+            return None
+        return self.mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else self.mesh["dp_shard"]
+
+    def all_reduce_dp(self, value: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        """Sum or mean of a tensor over data-parallel ranks (loss and token counts for logging)."""
+        if self.dp_world == 1:
+            return value
+        out = value.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.flat_dp_mesh.get_group())  # gloo has no AVG
+        return out / self.dp_world if op == "mean" else out
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            # Leave together: a rank tearing down its groups while a peer still talks to it aborts
+            # (seen with gloo: "terminate called without an active exception" ~1 run in 10).
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+# ----------------------------------------------------------------------------- device, precision, compile
+
+
+def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """train.device (or an eval --device): auto is this rank's GPU when there is one, else the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if requested not in ("auto", "cuda"):
+        raise ConfigError(f"device {requested!r} is not one of auto, cpu, cuda")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA device is visible")
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+    return torch.device("cuda", local_rank)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: oneDNN runs bf16 matmuls natively (else it emulates them, slowly)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_emulated_bf16() -> None:
+    log.warning("train.precision=bf16 on a CPU without native bf16 (no AVX-512 BF16 or AMX): oneDNN emulates it, "
+                "measured 14x slower than fp32 on an AVX2-only CPU (364 vs 5,000-6,400 tokens/s, demo shape); "
+                "train.precision=fp32 is the fast choice there")
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """train.precision: "auto" is bf16 autocast on CUDA and fp32 on a CPU. bf16 pays on a CPU only
+    with native bf16, and not even there at small shapes (1.02x fp32 at the demo shape on an
+    AVX-512 BF16 EPYC) while it moves every number, so "auto" keeps CPUs at fp32; an explicit bf16
+    on a CPU that would emulate it is said once, with its cost."""
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if requested == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        _warn_emulated_bf16()
+    return requested
+
+
+def resolve_compile(requested: str, device: torch.device) -> bool:
+    """train.compile: "auto" compiles on CUDA only (inductor's CPU compile costs minutes of startup
+    on 2 cores for a few percent; "on" is the choice for long CPU runs, fp32 + compile measured
+    1.25x transformers on an AVX2-only CPU)."""
+    return requested == "on" or (requested == "auto" and device.type == "cuda")
+
+
+def single_process_context(device: torch.device | str = "cpu", train: TrainConfig | None = None) -> ParallelContext:
+    """The layout of a plain (non-torchrun) process, for callers that build parts without
+    setup_distributed; precision and compile resolved from `train` (defaults: auto)."""
+    device = torch.device(device)
+    precision = resolve_precision(train.precision if train else "auto", device)
+    compiling = resolve_compile(train.compile if train else "auto", device)
+    return ParallelContext(rank=0, local_rank=0, world_size=1, dp_replicate=1, dp_shard=1, tp=1, ddp=False,
+                           device=device, mesh=None, seed=0, precision=precision, compile=compiling)
+
+
+def data_parallel_kind(dp_replicate: int, dp_shard: int, ddp: bool) -> str:
+    """What wraps the model over the data-parallel ranks: DDP, HSDP, FSDP2, or nothing (TP only)."""
+    if dp_replicate * dp_shard == 1:
+        return "no data parallel"
+    return "DDP" if ddp else ("HSDP" if dp_replicate > 1 else "FSDP2")
+
+
+def describe_layout(ctx: ParallelContext) -> str:
+    if not ctx.distributed:
+        return "1 process"
+    parts = [f"dp_replicate {ctx.dp_replicate}"] if ctx.dp_replicate > 1 else []
+    parts += [f"dp_shard {ctx.dp_shard}"] if ctx.dp_shard > 1 else []
+    parts += [f"tp {ctx.tp}"] if ctx.tp > 1 else []
+    kind = data_parallel_kind(ctx.dp_replicate, ctx.dp_shard, ctx.ddp)
+    return f"{ctx.world_size} ranks = {' x '.join(parts)} ({'TP' if kind == 'no data parallel' else kind})"
+
+
+def check_layout(config: Config, ctx: ParallelContext) -> None:
+    """What the layout asks of the data, before anything is built: sequence parallel splits every
+    sequence length of the run (each stage's) over the TP ranks."""
+    if ctx.tp <= 1 or not config.parallel.sequence_parallel:
+        return
+    from smoltrain.data.stages import stage_seq_lens
+
+    for seq_len in sorted(set(stage_seq_lens(config.data))):
+        if seq_len % ctx.tp:
+            raise ConfigError(
+                f"parallel.sequence_parallel: sequence length {seq_len} must be divisible by parallel.tp ({ctx.tp})"
+            )
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup_distributed(
+    parallel_cfg: ParallelConfig, model_cfg: ModelConfig, seed: int = 0, device: str = "auto",
+    precision: str = "auto", compile: str = "auto",
+) -> ParallelContext:
+    """Read the torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK; absent means one process),
+    validate the layout, resolve device / precision / compile, start the process group (NCCL on
+    CUDA, gloo on CPU) and build the mesh."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if dist.is_initialized():
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+    replicate, shard, tp = resolve_layout(parallel_cfg, model_cfg, world_size)
+    dev = resolve_device(device, local_rank)
+    mesh = flat_dp_mesh = None
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+        mesh = init_device_mesh(dev.type, (replicate, shard, tp), mesh_dim_names=MESH_DIMS)
+        # Flattened views: "dp" is the data-parallel group (DDP, loss averaging); "dp_shard_tp" lets
+        # DTensor reduce a norm that is partial over FSDP x TP in one collective instead of two.
+        flat_dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
+    ctx = ParallelContext(rank, local_rank, world_size, replicate, shard, tp, parallel_cfg.ddp, dev, mesh, 0, flat_dp_mesh,
+                          precision=resolve_precision(precision, dev), compile=resolve_compile(compile, dev))
+    ctx.seed = runtime_seed(seed, ctx.dp_rank)
+    torch.manual_seed(ctx.seed)  # CPU and every CUDA device
+    if ctx.is_main and world_size > 1:
+        log.info(
+            f"distributed: world {world_size} = dp_replicate {replicate} x dp_shard {shard} x tp {tp} "
+            f"({data_parallel_kind(replicate, shard, parallel_cfg.ddp)}, {'nccl' if dev.type == 'cuda' else 'gloo'})"
+        )
+    return ctx
+
+
+# ----------------------------------------------------------------------------- collectives without a context
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True on every rank when `ok` is True on every rank."""
+    if not is_distributed():
+        return ok
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, [ok])
+    return all(flag[0] for flag in everyone)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+__all__ = [
+    "MESH_DIMS", "ParallelContext", "all_ranks_agree", "barrier", "check_layout", "cpu_has_native_bf16",
+    "data_parallel_kind", "describe_layout", "is_distributed", "rank_world", "resolve_compile", "resolve_device", "resolve_layout",
+    "resolve_precision", "runtime_seed", "setup_distributed", "single_process_context",
+]
