@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 from smoltrain.config import Config, ModelConfig, ParallelConfig, config_from_dict
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.generate import generate
-from smoltrain.model import loss
+from smoltrain.model import loss as model_loss
 from smoltrain.model.transformer import build_model
 from smoltrain.train import parallelize
 from smoltrain.train.distributed import ParallelContext, resolve_layout, runtime_seed, setup_distributed
@@ -40,7 +40,7 @@ from smoltrain.train.parallelize import build_parallel_model, load_full_state_di
 BATCH, SEQ, ACCUMULATION, STEPS, SAVE_AT = 8, 16, 2, 20, 10
 LR, MAX_NORM = 1e-2, 0.5
 REL_TOL = 1e-5
-DEFAULT_LOSS_CHUNK = loss.LOSS_CHUNK_ELEMENTS
+DEFAULT_LOSS_CHUNK = model_loss.LOSS_CHUNK_ELEMENTS
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41], [90, 1, 2]]  # left-padded batch of unequal prompts
 Z_LOSS = 1e-2
 
@@ -177,7 +177,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cases: list[dict]) -
     try:
         for case in cases:
             chunk_tokens = case.get("loss_chunk_tokens")
-            loss.LOSS_CHUNK_ELEMENTS = chunk_tokens * 97 if chunk_tokens else DEFAULT_LOSS_CHUNK
+            model_loss.LOSS_CHUNK_ELEMENTS = chunk_tokens * 97 if chunk_tokens else DEFAULT_LOSS_CHUNK
             config = make_config(case["parallel"], tied=case.get("tied", True), ac=case.get("ac", False),
                                  compile=case.get("compile", False), z_loss=case.get("z_loss", 0.0))
             t = config.train
