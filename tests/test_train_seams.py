@@ -142,16 +142,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
+def _rank(rank: int, world: int, ports: list[int], out_dir: str) -> None:
     from smoltrain.train.distributed import setup_distributed
     from smoltrain.train.parallelize import build_parallel_model
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     batch = masked_batch()
     try:
-        for name, parallel in (("fsdp", {}), ("ddp", {"ddp": True})):
+        # A fresh rendezvous port per process group: re-initialising on the port of a group just
+        # destroyed can hang while its store is still being torn down.
+        for (name, parallel), port in zip((("fsdp", {}), ("ddp", {"ddp": True})), ports):
+            os.environ["MASTER_PORT"] = str(port)
             config = tiny_config(parallel)
             ctx = setup_distributed(config.parallel, config.model, seed=config.train.seed, device="cpu")
             model = build_parallel_model(config, ctx)
@@ -173,7 +175,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_masked_objective_is_unbiased_by_the_data_parallel_split(tmp_path):
     batch = masked_batch()
     want_loss, want_grads = one_big_batch(batch)
-    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, [_free_port(), _free_port()], str(tmp_path)), nprocs=2, join=True)
     for name in ("fsdp", "ddp"):
         saved = torch.load(tmp_path / f"{name}.pt")
         assert_same_step(trainer.StepResult(*saved["result"]), saved["grads"], want_loss, want_grads, name)
