@@ -79,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model folder (config.yaml + model.safetensors)")
     p.set_defaults(func=cmd_import)
 
+    p = verbs.add_parser("merge", help="linear merge (model soup) or slerp of models into a model folder")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="model, Hugging Face, run or checkpoint folders")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per model, normalised (default: uniform, a soup)")
+    p.add_argument("--last", nargs=2, metavar=("K", "RUN_DIR"), help="also merge the run's newest K checkpoints")
+    p.add_argument("--method", choices=["linear", "slerp"], default="linear")
+    p.add_argument("--t", type=float, default=0.5, help="slerp position between the two models (0: the first)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weight dtype of the result (auto: the first model's)")
+    p.add_argument("--eval", action="store_true", help="score every input and the merge on one suite, side by side")
+    p.add_argument("--tasks", help="tasks for --eval (as `smoltrain eval --tasks`; default: the model's eval.tasks or embedded)")
+    p.add_argument("--limit", type=int, help="items per task for --eval")
+    p.add_argument("--device", default="auto", help="device for --eval")
+    p.set_defaults(func=cmd_merge)
+
     p = verbs.add_parser("eval", help="score a model on tasks (log-likelihood and generative) and validation data")
     p.add_argument("model", metavar="MODEL", help="model folder, checkpoint, run folder or Hugging Face folder")
     p.add_argument("--tasks", help="comma-separated: embedded, arithmetic, code_tokens, prose_cloze, F.jsonl, "
@@ -246,6 +261,43 @@ def cmd_import(args) -> int:
         out = import_hf(args.hf_dir, args.out)
     tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
     print(f"wrote {out} (model folder, {tokenizer})")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from smoltrain.errors import ConfigError
+    from smoltrain.post.merge import evaluate_side_by_side, last_checkpoints, merge, side_by_side_rows, write_side_by_side
+
+    models = list(args.models)
+    if args.last:
+        try:
+            k = int(args.last[0])
+        except ValueError:
+            raise ConfigError(f"--last takes K RUN_DIR with K an integer, got {args.last[0]!r}") from None
+        models += [str(p) for p in last_checkpoints(args.last[1], k)]
+    if not models:
+        raise ConfigError("nothing to merge: name models, or --last K RUN_DIR")
+    if args.limit is not None and args.limit <= 0:
+        raise ConfigError(f"--limit must be positive, got {args.limit}")
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    with Console(stderr=True).status(f"merging {len(models)} models"):
+        out = merge(models, args.out, weights=args.weights, method=args.method, t=args.t, dtype=dtype)
+    print(f"wrote {out} ({args.method} of {len(models)} models)")
+    if args.eval:
+        tasks = [t for t in (args.tasks or "").split(",") if t.strip()]
+        result = evaluate_side_by_side(models + [str(out)], tasks, args.limit, args.device)
+        header, rows = side_by_side_rows(result)
+        table = Table()
+        for name in header:
+            table.add_column(name)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        print(f"wrote {write_side_by_side(result, out)}")
     return 0
 
 
