@@ -152,6 +152,24 @@ class EvalConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Preference training (`smoltrain dpo`): losses in post/preference.py, data in post/preference_data.py."""
+
+    loss: Literal["apo_zero", "apo_down", "dpo", "ipo"] = "apo_zero"  # SmolLM3: APO-zero kept AIME25, DPO lost it
+    beta: float = 0.1  # 0.05-0.1 in the playbook
+    sft_weight: float = 0.0  # RPO: + weight x the chosen answer's NLL per token
+    train_data: list[str] = field(default_factory=list)  # jsonl(.gz) of prompt / chosen / rejected rows
+    eval_data: list[str] = field(default_factory=list)  # held-out pairs for preference accuracy
+    holdout_pairs: int = 0  # without eval_data: hold out this many training pairs (a seeded draw)
+    reference: Optional[str] = None  # reference model (default: train.init, the model training starts from)
+    precompute: bool = True  # reference log-probs once before training, stored in the run folder
+    max_length: int = 1024  # prompt + answer tokens (TRL's default); longer rows keep their start
+    pairs_per_step: int = 64  # global batch in pairs (chosen + rejected rows: twice as many sequences)
+    skip_bad: bool = False  # count and skip bad rows instead of stopping at the first
+    chat_template: Optional[str] = None  # conversational rows: a Jinja template file (default: the tokenizer's)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -159,6 +177,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -390,6 +409,14 @@ def _check_mixture(mixture: dict[str, float], key: str, sources: list[str]) -> N
              f"{key}: no positive weight ({', '.join(f'{n}: {w:g}' for n, w in mixture.items())})")
 
 
+def validate_dpo(p: DPOConfig) -> None:
+    _require(p.beta > 0, f"dpo.beta must be positive, got {p.beta}")
+    _require(p.sft_weight >= 0, f"dpo.sft_weight must be >= 0, got {p.sft_weight}")
+    _require(p.max_length >= 2, f"dpo.max_length must be at least 2, got {p.max_length}")
+    _require(p.pairs_per_step > 0, f"dpo.pairs_per_step must be positive, got {p.pairs_per_step}")
+    _require(p.holdout_pairs >= 0, f"dpo.holdout_pairs must be >= 0, got {p.holdout_pairs}")
+
+
 def validate(c: Config) -> None:
     validate_model(c.model)
     d, o, t, p = c.data, c.optim, c.train, c.parallel
@@ -432,6 +459,7 @@ def validate(c: Config) -> None:
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be -1 (auto) or >= 1, got {p.dp_shard}")
     check_tensor_parallel(c.model, p)
     validate_eval(c.eval)
+    validate_dpo(c.dpo)
 
 
 def grad_accumulation(t: TrainConfig, seq_len: int, dp_world: int) -> int:

@@ -1,0 +1,334 @@
+"""Preference training (`smoltrain dpo`): APO-zero, APO-down, DPO and IPO as an objective of the one Trainer loop.
+
+A micro-batch holds chosen and rejected answers of its pairs as rows of one forward; log-probs are
+summed over answer tokens. The reference is the init model, frozen: its log-probs are computed once,
+before step 1, and stored in the run folder, so a resumed run reads them back instead of loading the
+reference again (`dpo.precompute: false` keeps the reference in memory and runs it every step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from smoltrain.config import Config
+from smoltrain.errors import ConfigError, DataError
+from smoltrain.model.transformer import token_logprobs
+from smoltrain.post.preference import pair_losses, reward_metrics
+from smoltrain.post.preference_data import Pair, TextTokenizer, collate, load_preferences, summed_logprobs
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class PreferenceBatches:
+    """Micro-batches of pairs for one data-parallel rank: a seeded permutation per epoch, the pairs of
+    one global micro-batch round split over ranks (a remainder smaller than a round is dropped at the
+    epoch's end). The position is in global pairs, so a checkpoint re-splits for another dp_world."""
+
+    def __init__(self, pairs: list[Pair], micro_batch_size: int, dp_rank: int, dp_world: int, seed: int,
+                 max_length: int, pad_id: int, reference: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if micro_batch_size * dp_world > len(pairs):
+            raise ConfigError(f"train.micro_batch_size x data-parallel ranks ({micro_batch_size} x {dp_world}) "
+                              f"exceeds the {len(pairs)} training pairs")
+        self.pairs, self.micro, self.dp_rank, self.dp_world = pairs, micro_batch_size, dp_rank, dp_world
+        self.seed, self.max_length, self.pad_id, self.reference = seed, max_length, pad_id, reference
+        self.seq_len = max_length
+        self.stage = -1  # no curriculum: the data section throughout
+        self.epoch, self.position = 0, 0
+        self._order_epoch, self._order = -1, None
+
+    def _permutation(self) -> torch.Tensor:
+        if self._order_epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order, self._order_epoch = torch.randperm(len(self.pairs), generator=g), self.epoch
+        return self._order
+
+    def _advance(self) -> torch.Tensor:
+        per_round = self.micro * self.dp_world
+        if self.position + per_round > len(self.pairs):
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position + self.dp_rank * self.micro
+        indices = self._permutation()[start : start + self.micro]
+        self.position += per_round
+        return indices
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        indices = self._advance()
+        batch = collate([self.pairs[i] for i in indices.tolist()], self.max_length, self.pad_id)
+        batch["pair_index"] = indices
+        if self.reference is not None:
+            batch["ref_chosen"], batch["ref_rejected"] = self.reference[0][indices], self.reference[1][indices]
+        return batch
+
+    def skip(self, num_batches: int) -> None:
+        for _ in range(num_batches):
+            self._advance()
+
+    def set_stage(self, index: int) -> None:
+        self.stage = index
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "pairs": len(self.pairs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("pairs") != len(self.pairs):
+            raise DataError(f"the checkpoint was trained on {state.get('pairs')} preference pairs, the data now has "
+                            f"{len(self.pairs)}: resume with the same dpo.train_data")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def close(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- reference log-probs
+
+
+def _autocast(device: torch.device, precision: str):
+    import contextlib
+
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def sequence_logprobs(model: nn.Module, pairs: list[Pair], batch_pairs: int, max_length: int, pad_id: int,
+                      device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed answer log-probs of every pair ([N] chosen, [N] rejected, float32) in batches of pairs."""
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_pairs):
+        batch = collate(pairs[start : start + batch_pairs], max_length, pad_id)
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        with _autocast(device, precision):
+            c, r = summed_logprobs(token_logprobs(model, ids, labels), labels)
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def _fingerprint(reference: str, splits: dict[str, list[Pair]], max_length: int) -> str:
+    h = hashlib.sha256(f"{Path(reference).resolve()}|{max_length}".encode())
+    for name, pairs in splits.items():
+        h.update(name.encode())
+        for p in pairs:
+            h.update(repr((p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode())
+    return h.hexdigest()
+
+
+def reference_logps(reference: str, splits: dict[str, list[Pair]], run_dir: Path, batch_pairs: int, max_length: int,
+                    pad_id: int, ctx, precision: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The reference's summed log-probs of every split, read from run_dir when a pass for the same
+    reference and data is stored there, else computed (pairs split over all ranks) and stored."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = run_dir / REFERENCE_FILE
+    fingerprint = _fingerprint(reference, splits, max_length)
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get("fingerprint")
+            if stored == fingerprint:
+                log.info("reference log-probs: reusing %s", path)
+                return {name: (f.get_tensor(f"{name}.chosen"), f.get_tensor(f"{name}.rejected")) for name in splits}
+        raise DataError(f"{path}: stored for another reference model or other preference data; "
+                        "resume with the same dpo section, or delete it to recompute")
+
+    from smoltrain.model.hf import load_any
+
+    start = time.perf_counter()
+    model, _, _ = load_any(reference, device=ctx.device)
+    model.requires_grad_(False)
+    rank, world = ctx.rank, ctx.world_size
+    result = {}
+    for name, pairs in splits.items():
+        # Every rank computes a strided share with its own full replica; a sum over ranks assembles it.
+        mine = list(range(rank, len(pairs), world))
+        c, r = sequence_logprobs(model, [pairs[i] for i in mine], batch_pairs, max_length, pad_id, ctx.device, precision)
+        both = torch.zeros(2, len(pairs), dtype=torch.float32)
+        both[0, mine], both[1, mine] = c, r
+        if world > 1:
+            both = both.to(ctx.device)
+            dist.all_reduce(both)
+            both = both.cpu()
+        result[name] = (both[0].clone(), both[1].clone())
+    del model
+    if ctx.is_main:
+        tensors = {f"{name}.{side}": t.contiguous() for name, pair in result.items() for side, t in zip(("chosen", "rejected"), pair)}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint, "reference": str(reference)})
+        os.replace(tmp, path)
+    if world > 1:
+        dist.barrier()
+    log.info("reference log-probs of %s pairs in %.1fs -> %s", sum(len(p) for p in splits.values()),
+             time.perf_counter() - start, path)
+    return result
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+class DPOObjective:
+    """Preference loss (dpo.loss) of each pair, summed; the Trainer divides by the step's pair count."""
+
+    name = "dpo"
+
+    def __init__(self, config: Config, batches: PreferenceBatches, eval_pairs: list[Pair],
+                 eval_reference: tuple[torch.Tensor, torch.Tensor] | None, reference_model: nn.Module | None,
+                 pad_id: int, device: torch.device, precision: str):
+        self.config, self.batches = config, batches
+        self.eval_pairs, self.eval_reference = eval_pairs, eval_reference
+        self.reference_model = reference_model  # live reference (dpo.precompute: false), else None
+        self.pad_id, self.device, self.precision = pad_id, device, precision
+
+    def _reference(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reference_model is None:
+            return batch["ref_chosen"], batch["ref_rejected"]
+        with torch.no_grad():
+            return summed_logprobs(token_logprobs(self.reference_model, batch["input_ids"], batch["labels"]), batch["labels"])
+
+    def loss(self, model: nn.Module, batch):
+        p = self.config.dpo
+        labels = batch["labels"]
+        chosen, rejected = summed_logprobs(token_logprobs(model, batch["input_ids"], labels), labels)
+        ref_chosen, ref_rejected = self._reference(batch)
+        chosen_tokens, rejected_tokens = batch["completion_tokens"].chunk(2)
+        losses = pair_losses(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens,
+                             p.loss, p.beta, p.sft_weight)
+        return losses.sum(), losses.numel(), reward_metrics(chosen, rejected, ref_chosen, ref_rejected, p.beta)
+
+    def accumulation(self, seq_len: int, dp_world: int) -> int:
+        per_round = self.config.train.micro_batch_size * dp_world
+        if self.config.dpo.pairs_per_step % per_round:
+            raise ConfigError(f"dpo.pairs_per_step ({self.config.dpo.pairs_per_step}) must be a multiple of "
+                              f"train.micro_batch_size x data-parallel ranks ({self.config.train.micro_batch_size} x {dp_world})")
+        return self.config.dpo.pairs_per_step // per_round
+
+    def stateful(self) -> dict:
+        return {}  # the position is the batch source's; the reference pass is a file in the run folder
+
+    def step_metrics(self) -> dict:
+        return {}
+
+    def evaluate(self, model: nn.Module) -> dict:
+        """Held-out preference accuracy (chosen reward > rejected reward), margin and loss, with the
+        accuracy's standard error. Every rank scores every held-out pair (the forward may have collectives)."""
+        if not self.eval_pairs:
+            return {}
+        p = self.config.dpo
+        micro = self.config.train.micro_batch_size
+        chosen, rejected = sequence_logprobs(model, self.eval_pairs, micro, p.max_length, self.pad_id, self.device, self.precision)
+        if self.reference_model is not None:
+            ref = sequence_logprobs(self.reference_model, self.eval_pairs, micro, p.max_length, self.pad_id, self.device, self.precision)
+        else:
+            ref = self.eval_reference
+        lengths = [collate([pair], p.max_length, self.pad_id)["completion_tokens"] for pair in self.eval_pairs]
+        chosen_tokens = torch.stack([n[0] for n in lengths])
+        rejected_tokens = torch.stack([n[1] for n in lengths])
+        losses = pair_losses(chosen, rejected, ref[0], ref[1], chosen_tokens, rejected_tokens, p.loss, p.beta, p.sft_weight)
+        metrics = {k: float(s) / n for k, (s, n) in reward_metrics(chosen, rejected, ref[0], ref[1], p.beta).items()}
+        n = len(self.eval_pairs)
+        accuracy = metrics["rewards/accuracies"]
+        return {"preference": {
+            "accuracy": accuracy, "accuracy_stderr": math.sqrt(accuracy * (1 - accuracy) / max(1, n - 1)),
+            "margin": metrics["rewards/margins"], "chosen_reward": metrics["rewards/chosen"],
+            "rejected_reward": metrics["rewards/rejected"], "loss": float(losses.mean()), "pairs": n,
+        }}
+
+
+# ----------------------------------------------------------------------------- building it
+
+
+def tokenizer_path(config: Config, reference: str) -> str:
+    """data.tokenizer, else the tokenizer of the reference / init model folder."""
+    if config.data.tokenizer:
+        return config.data.tokenizer
+    folder = Path(reference)
+    if (folder / "tokenizer.json").is_file():
+        return str(folder)
+    from smoltrain.model.hf import load_any
+
+    _, _, tokenizer = load_any(reference)
+    if tokenizer is None:
+        raise ConfigError(f"no tokenizer known for {reference}: set data.tokenizer")
+    return tokenizer
+
+
+def split_data(config: Config, tokenizer: TextTokenizer) -> tuple[list[Pair], list[Pair]]:
+    p = config.dpo
+    if not p.train_data:
+        raise ConfigError("dpo.train_data is empty: name one or more jsonl files of prompt / chosen / rejected rows")
+    train = load_preferences(p.train_data, tokenizer, p.max_length, p.skip_bad)
+    if train.skipped:
+        log.warning("dpo.train_data: skipped %s bad rows (%s)", sum(train.skipped.values()),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(train.skipped.items())))
+    pairs = train.pairs
+    if p.eval_data:
+        return pairs, load_preferences(p.eval_data, tokenizer, p.max_length, p.skip_bad).pairs
+    if p.holdout_pairs:
+        if p.holdout_pairs >= len(pairs):
+            raise ConfigError(f"dpo.holdout_pairs ({p.holdout_pairs}) leaves none of the {len(pairs)} pairs to train on")
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
+        held = set(order[: p.holdout_pairs])
+        return [x for i, x in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
+    return pairs, []
+
+
+def reference_of(config: Config) -> str:
+    reference = config.dpo.reference or config.train.init
+    if not reference:
+        raise ConfigError("dpo needs a starting model: set train.init (the SFT model; also the reference) or dpo.reference")
+    return reference
+
+
+def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -> DPOObjective:
+    """Data for this rank, and the reference: its stored pass, a new pass, or (precompute: false) the
+    model itself, loaded once and frozen."""
+    from smoltrain.train.trainer import resolve_precision
+
+    p = config.dpo
+    reference = reference_of(config)
+    tokenizer = TextTokenizer.load(tokenizer_path(config, reference))
+    train_pairs, eval_pairs = split_data(config, tokenizer)
+    pad_id = tokenizer.eos_id
+    precision = resolve_precision(config.train.precision, ctx.device)
+    micro = config.train.micro_batch_size
+    reference_model, train_ref, eval_ref = None, None, None
+    if p.precompute:
+        splits = {"train": train_pairs, "eval": eval_pairs} if eval_pairs else {"train": train_pairs}
+        stored = reference_logps(reference, splits, Path(run_dir), micro, p.max_length, pad_id, ctx, precision)
+        train_ref, eval_ref = stored["train"], stored.get("eval")
+    else:
+        from smoltrain.model.hf import load_any
+
+        reference_model, _, _ = load_any(reference, device=ctx.device)
+        reference_model.requires_grad_(False)
+    batches = PreferenceBatches(train_pairs, micro, ctx.dp_rank, ctx.dp_world, config.train.seed, p.max_length,
+                                pad_id, train_ref)
+    objective = DPOObjective(config, batches, eval_pairs, eval_ref, reference_model, pad_id, ctx.device, precision)
+    objective.accumulation(p.max_length, ctx.dp_world)  # a bad batch split fails now, not at step 1
+    return objective
+
+
+def run(config: Config, resume: str | None = None, should_stop=None) -> dict:
+    """`smoltrain dpo`: preference training from train.init, in the one Trainer loop."""
+    from smoltrain.train.trainer import Trainer
+
+    reference_of(config)  # one-line errors before anything is allocated
+    if not config.dpo.train_data:
+        raise ConfigError("dpo.train_data is empty: name one or more jsonl files of prompt / chosen / rejected rows")
+    return Trainer(config, build_dpo_objective, resume=resume, should_stop=should_stop).train()
+
+
+__all__ = ["DPOObjective", "PreferenceBatches", "build_dpo_objective", "reference_logps", "sequence_logprobs", "run",
+           "REFERENCE_FILE"]
