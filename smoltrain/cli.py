@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume although a data source changed since the checkpoint (its position restarts)")
     p.set_defaults(func=cmd_train)
 
+    p = verbs.add_parser("dpo", help="preference training (APO-zero, APO-down, DPO, IPO) from train.init")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
+    p.add_argument("--init", metavar="MODEL_FOLDER", help="the model to start from, also the reference (train.init)")
+    p.set_defaults(func=cmd_dpo)
+
     p = verbs.add_parser("plan", help="parameters, FLOPs, memory, time or GPU count of a config")
     _add_config_args(p)
     budget = p.add_mutually_exclusive_group()
@@ -200,6 +206,21 @@ def cmd_train(args) -> int:
         return 0
     summary = run(config, resume=args.resume, allow_data_change=args.allow_data_change)
     if summary["stopped_by"]:  # checkpoint saved; the conventional status tells a requeue script why
+        return 128 + signal.Signals[summary["stopped_by"]].value
+    return 0
+
+
+def cmd_dpo(args) -> int:
+    import signal
+
+    from smoltrain.config import load_config
+    from smoltrain.post.dpo import run
+
+    config = load_config(args.config, args.overrides)
+    if args.init:
+        config.train.init = args.init
+    summary = run(config, resume=args.resume)
+    if summary["stopped_by"]:
         return 128 + signal.Signals[summary["stopped_by"]].value
     return 0
 
