@@ -1,0 +1,160 @@
+"""`smoltrain dpo` in the one Trainer loop: a precomputed reference trains exactly like a live one,
+a SIGKILLed run resumes from its checkpoint reusing the stored reference pass with the same per-step
+losses, and two FSDP2 ranks (gloo) train like one process."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from smoltrain.config import config_from_dict, load_config
+from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
+from smoltrain.model.hf import save_model_folder
+from smoltrain.model.transformer import build_model
+from smoltrain.post import dpo
+from smoltrain.post.dpo import REFERENCE_FILE
+
+SHAPE = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, max_seq_len=64)
+WORDS = ["red", "green", "blue", "cat", "dog", "bird", "one", "two", "three"]
+
+
+def preference_rows(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        a, b = torch.randperm(len(WORDS), generator=g)[:2].tolist()
+        rows.append({"prompt": f"say {WORDS[a]}:", "chosen": f" {WORDS[a]} {WORDS[a]}", "rejected": f" {WORDS[b]}"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo_train")
+    save_tokenizer(train_tokenizer([" ".join(WORDS) + " say:"] * 40, 300, False), root / "tok")
+    config = config_from_dict({"model": SHAPE, "data": {"seq_len": 32}, "train": {"micro_batch_size": 1, "global_batch_tokens": 32}})
+    save_model_folder(build_model(config.model, seed=5), config, root / "init", tokenizer=root / "tok")
+    for name, (n, seed) in {"train": (64, 1), "eval": (16, 2)}.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_rows(n, seed)))
+    (root / "recipe.yaml").write_text(RECIPE.format(root=root, shape=json.dumps(SHAPE)))
+    return root
+
+
+RECIPE = """
+model: {shape}
+data: {{seq_len: 32, tokenizer: {root}/tok}}
+optim: {{lr: 0.003, warmup_steps: 2, schedule: constant, weight_decay: 0.0}}
+train: {{max_steps: 12, log_every: 1, save_every: 4, eval_every: 6, keep_checkpoints: 3, micro_batch_size: 4,
+        global_batch_tokens: 256, init: {root}/init, tensorboard: false, device: cpu}}
+eval: {{val_batches: 0}}
+dpo: {{train_data: [{root}/train.jsonl], eval_data: [{root}/eval.jsonl], loss: apo_zero, beta: 0.5, pairs_per_step: 8,
+      max_length: 64}}
+"""
+
+
+def config_for(root, out, overrides=()):
+    return load_config(root / "recipe.yaml", [f"train.out_dir={out}", *overrides])
+
+
+def steps(out):
+    lines = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "loss" in m and "event" not in m and "eval" not in m]
+
+
+def evals(out):
+    lines = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "eval" in m]
+
+
+@pytest.fixture(scope="module")
+def precomputed(root):
+    out = root / "precomputed"
+    dpo.run(config_for(root, out))
+    return out
+
+
+def test_dpo_run_learns_and_logs_trl_metrics(precomputed):
+    lines = steps(precomputed)
+    assert [m["step"] for m in lines] == list(range(1, 13))
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert all(name in m for m in lines), name
+    # step 1 starts at the reference: every log-ratio is 0, so APO-zero's loss is exactly 1
+    assert lines[0]["loss"] == pytest.approx(1.0, abs=1e-6) and lines[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert lines[-1]["loss"] < 0.8 * lines[0]["loss"]
+    held_out = [m["eval"]["preference"] for m in evals(precomputed)]
+    assert held_out[-1]["pairs"] == 16 and held_out[-1]["accuracy"] > 0.75
+    assert (precomputed / REFERENCE_FILE).is_file()
+
+
+def test_precomputed_reference_trains_like_a_live_reference(root, precomputed):
+    out = root / "live"
+    dpo.run(config_for(root, out, ["dpo.precompute=false"]))
+    assert not (out / REFERENCE_FILE).exists()
+    for a, b in zip(steps(precomputed), steps(out), strict=True):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    for a, b in zip(evals(precomputed), evals(out), strict=True):
+        assert a["eval"]["preference"]["accuracy"] == b["eval"]["preference"]["accuracy"]
+
+
+def _cli(root, out, crash=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SMOLTRAIN_TEST_CRASH", None)
+    if crash:
+        env["SMOLTRAIN_TEST_CRASH"] = crash
+    return subprocess.run([sys.executable, "-m", "smoltrain", "dpo", str(root / "recipe.yaml"), "--set", f"train.out_dir={out}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_reuses_the_reference_pass_and_matches(root, precomputed):
+    out = root / "killed"
+    killed = _cli(root, out, crash="after_step_6")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    stored = (out / REFERENCE_FILE).stat()
+    finished = _cli(root, out)
+    assert finished.returncode == 0, finished.stderr
+    assert "resumed from" in finished.stdout and "reference log-probs: reusing" in finished.stderr
+    assert (out / REFERENCE_FILE).stat().st_mtime_ns == stored.st_mtime_ns
+    expected = {m["step"]: m for m in steps(precomputed)}
+    got = {m["step"]: m for m in steps(out)}
+    assert sorted(got) == list(range(1, 13))
+    for step, m in got.items():  # bit for bit on CPU, as pretraining's resume
+        assert (m["loss"], m["grad_norm"], m["rewards/margins"]) == (
+            expected[step]["loss"], expected[step]["grad_norm"], expected[step]["rewards/margins"]), step
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, root, port):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dpo.run(config_for(Path(root), Path(root) / "fsdp", ["train.max_steps=6"]))
+    assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_dpo_under_fsdp_two_ranks_equals_one_process(root, precomputed):
+    mp.spawn(_worker, args=(2, str(root), _free_port()), nprocs=2, join=True)
+    one, two = steps(precomputed)[:6], steps(root / "fsdp")
+    assert len(two) == 6
+    for a, b in zip(one, two):
+        for key in ("loss", "grad_norm", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    # both ranks computed half of the reference pass; the stored file equals the one-process pass
+    from safetensors.torch import load_file
+
+    single, sharded = load_file(precomputed / REFERENCE_FILE), load_file(root / "fsdp" / REFERENCE_FILE)
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-5)
