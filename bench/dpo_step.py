@@ -126,6 +126,16 @@ def trl(model_dir: Path, data: Path, args) -> list[float]:
     return times[args.warmup:]
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -146,7 +156,7 @@ def main() -> None:
     import trl as trl_module
 
     print(json.dumps({
-        "bench": "dpo_step", "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+        "bench": "dpo_step", "date": time.strftime("%Y-%m-%d"), "machine": cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
         "trl": trl_module.__version__, "shape": f"hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}",
         "pairs_per_step": args.pairs, "smoltrain_step_s": round(ours_s, 4), "trl_step_s": round(trl_s, 4),
