@@ -166,7 +166,7 @@ class DPOConfig:
     max_length: int = 1024  # prompt + answer tokens (TRL's default); longer rows keep their start
     pairs_per_step: int = 64  # global batch in pairs (chosen + rejected rows: twice as many sequences)
     skip_bad: bool = False  # count and skip bad rows instead of stopping at the first
-    chat_template: Optional[str] = None  # conversational rows: a Jinja template file (default: the tokenizer's)
+    chat_template: Optional[str] = None  # conversational rows: smollm3, chatml or model (default: the tokenizer's own)
 
 
 @dataclass

@@ -137,3 +137,38 @@ def test_a_file_of_only_bad_rows_says_so(tmp_path, tokenizer_dirs):
         load_preferences(path, tok, skip_bad=True)
     with pytest.raises(DataError, match="no such preference file"):
         load_preferences(tmp_path / "missing.jsonl", tok)
+
+
+CHAT_ROWS = [
+    {"prompt": [{"role": "user", "content": "What is 2 + 3?"}],
+     "chosen": [{"role": "assistant", "content": "5"}], "rejected": [{"role": "assistant", "content": "6"}],
+     "chat_template_kwargs": {"enable_thinking": False}},
+    {"prompt": [{"role": "system", "content": "Answer in capital letters only."}, {"role": "user", "content": "Say hi."}],
+     "chosen": [{"role": "assistant", "content": "HI"}], "rejected": [{"role": "assistant", "content": "hi there"}],
+     "chat_template_kwargs": {"enable_thinking": True}},
+]
+
+
+@pytest.mark.parametrize("template", ["smollm3", "chatml"])
+def test_conversational_rows_render_and_tokenize_as_trl_does(tmp_path, template):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from chat_helpers import chat_tokenizers
+
+    from smoltrain.post.preference_data import chat_render
+
+    folder = chat_tokenizers(tmp_path) / template
+    rows = CHAT_ROWS if template == "smollm3" else [{k: v for k, v in r.items() if k != "chat_template_kwargs"} for r in CHAT_ROWS]
+    _, trl_pairs = _trl_tokenized(folder, rows, 1024)
+    tok = TextTokenizer.load(folder)
+    render = chat_render(folder)
+    ours = [tokenize_pair(r, tok, render) for r in rows]
+    assert ours == trl_pairs
+    # the answers end with the end-of-turn token; the prompt ends with the assistant header
+    end = tok.tokenizer.token_to_id("<|im_end|>")
+    assert all(end in p.chosen_ids and end in p.rejected_ids for p in ours)
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_preferences(path, tok, render=render).pairs == ours

@@ -23,7 +23,7 @@ from smoltrain.config import Config
 from smoltrain.errors import ConfigError, DataError
 from smoltrain.model.transformer import token_logprobs
 from smoltrain.post.preference import pair_losses, reward_metrics
-from smoltrain.post.preference_data import Pair, TextTokenizer, collate, load_preferences, summed_logprobs
+from smoltrain.post.preference_data import Pair, TextTokenizer, chat_render, collate, load_preferences, summed_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -264,17 +264,17 @@ def tokenizer_path(config: Config, reference: str) -> str:
     return tokenizer
 
 
-def split_data(config: Config, tokenizer: TextTokenizer) -> tuple[list[Pair], list[Pair]]:
+def split_data(config: Config, tokenizer: TextTokenizer, render=None) -> tuple[list[Pair], list[Pair]]:
     p = config.dpo
     if not p.train_data:
         raise ConfigError("dpo.train_data is empty: name one or more jsonl files of prompt / chosen / rejected rows")
-    train = load_preferences(p.train_data, tokenizer, p.max_length, p.skip_bad)
+    train = load_preferences(p.train_data, tokenizer, p.max_length, p.skip_bad, render)
     if train.skipped:
         log.warning("dpo.train_data: skipped %s bad rows (%s)", sum(train.skipped.values()),
                     ", ".join(f"{k}: {v}" for k, v in sorted(train.skipped.items())))
     pairs = train.pairs
     if p.eval_data:
-        return pairs, load_preferences(p.eval_data, tokenizer, p.max_length, p.skip_bad).pairs
+        return pairs, load_preferences(p.eval_data, tokenizer, p.max_length, p.skip_bad, render).pairs
     if p.holdout_pairs:
         if p.holdout_pairs >= len(pairs):
             raise ConfigError(f"dpo.holdout_pairs ({p.holdout_pairs}) leaves none of the {len(pairs)} pairs to train on")
@@ -298,8 +298,9 @@ def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) ->
 
     p = config.dpo
     reference = reference_of(config)
-    tokenizer = TextTokenizer.load(tokenizer_path(config, reference))
-    train_pairs, eval_pairs = split_data(config, tokenizer)
+    path = tokenizer_path(config, reference)
+    tokenizer = TextTokenizer.load(path)
+    train_pairs, eval_pairs = split_data(config, tokenizer, chat_render(path, p.chat_template))
     pad_id = tokenizer.eos_id
     precision = resolve_precision(config.train.precision, ctx.device)
     micro = config.train.micro_batch_size

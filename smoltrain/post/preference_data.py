@@ -70,6 +70,23 @@ class TextTokenizer:
         return cls(tok, eos)
 
 
+def chat_render(tokenizer: str | os.PathLike, template: str | None = None) -> Render:
+    """Conversational rows rendered as TRL renders them: transformers' apply_chat_template on the
+    tokenizer's chat template (or a named one: smollm3, chatml), tokenized by it. Loaded on first use."""
+    loaded = []
+
+    def render(messages: list, add_generation_prompt: bool, kwargs: dict) -> list[int]:
+        if not loaded:
+            from smoltrain.post.chat_template import load_chat_tokenizer
+
+            loaded.append(load_chat_tokenizer(tokenizer, template))
+        out = loaded[0].apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            add_generation_prompt=add_generation_prompt, **kwargs)
+        return list(out["input_ids"])
+
+    return render
+
+
 # ----------------------------------------------------------------------------- one pair
 
 
@@ -99,7 +116,7 @@ def tokenize_pair(row: dict, tokenizer: TextTokenizer, render: Render | None = N
     """TRL 1.16's `tokenize_fn` (after `add_eos` for plain text); the row is assumed valid."""
     if is_conversational(row):
         if render is None:
-            raise DataError("conversational rows (message lists) need a chat template (data.chat_template)")
+            raise DataError("conversational rows (message lists) need a chat template (dpo.chat_template)")
         kwargs = row.get("chat_template_kwargs") or {}
         prompt_ids = render(row["prompt"], True, kwargs)
         chosen_full = render(row["prompt"] + row["chosen"], False, kwargs)
@@ -266,6 +283,6 @@ def summed_logprobs(token_logprobs: torch.Tensor, labels: torch.Tensor) -> tuple
 
 
 __all__ = [
-    "TextTokenizer", "Pair", "PreferenceData", "tokenize_pair", "check_row", "load_preferences", "collate",
+    "TextTokenizer", "Pair", "chat_render", "PreferenceData", "tokenize_pair", "check_row", "load_preferences", "collate",
     "summed_logprobs", "common_prefix_length", "DEFAULT_MAX_LENGTH",
 ]
