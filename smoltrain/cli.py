@@ -174,6 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--name", default=None, help="shard name prefix (default: the output folder's name)")
     q.set_defaults(func=cmd_data_tokenize)
 
+    q = data.add_parser("preferences", help="preference pairs: chosen answers from a strong model, rejected from a weak one")
+    q.add_argument("--prompts", required=True, help="jsonl of prompts ('messages' or 'prompt', optional 'answer', "
+                   "'reference'), or 'embedded' (the embedded chat data's arithmetic, with worked solutions)")
+    q.add_argument("--chosen-model", required=True, help="strong model folder, or 'reference' (the rows' reference replies)")
+    q.add_argument("--rejected-model", required=True, help="weak model folder")
+    q.add_argument("--out", required=True, help="output jsonl (a .summary.json is written beside it)")
+    mode = q.add_mutually_exclusive_group()
+    mode.add_argument("--think", dest="mode", action="store_const", const="think", help="answer in think mode")
+    mode.add_argument("--no-think", dest="mode", action="store_const", const="no_think", help="answer in no_think mode")
+    q.add_argument("--verify", choices=["math"], help="keep pairs whose chosen answer is right and rejected wrong")
+    q.add_argument("--count", type=int, help="use the first COUNT prompts")
+    q.add_argument("--max-new-tokens", type=int, default=256)
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    q.add_argument("--chat-template", choices=["smollm3", "chatml", "model"], help="default: each model's own")
+    q.add_argument("--device", default="auto")
+    q.set_defaults(func=cmd_data_preferences)
+
     return parser
 
 
@@ -415,6 +433,24 @@ def cmd_data_tokenize(args) -> int:
     if skipped:
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(meta["skipped_records"].items()))
         print(f"skipped {skipped} bad records ({detail})")
+    return 0
+
+
+def cmd_data_preferences(args) -> int:
+    from smoltrain.errors import ConfigError
+    from smoltrain.post.preference_gen import build_preferences
+
+    for name in ("count", "max_new_tokens", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    summary = build_preferences(args.prompts, args.chosen_model, args.rejected_model, args.out, mode=args.mode,
+                                verify=args.verify, count=args.count, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, device=args.device,
+                                chat_template=None if args.chat_template == "model" else args.chat_template,
+                                temperature=args.temperature)
+    dropped = ", ".join(f"{k}: {v}" for k, v in summary["dropped"].items()) or "none"
+    print(f"{args.out}: kept {summary['kept']} of {summary['prompts']} pairs (dropped {dropped}); "
+          f"mean length chosen {summary['chosen_chars_mean']:.0f} / rejected {summary['rejected_chars_mean']:.0f} characters")
     return 0
 
 

@@ -1,0 +1,159 @@
+"""`smoltrain data preferences`: SmolLM3's off-policy pairs, chosen from a strong model and rejected from a weak one.
+
+Both models answer every prompt through their chat template with batched greedy generation (the same
+`generate_replies` the chat evals use). A pair is kept only when both answers are usable: they
+differ, neither is empty, both reached their end-of-turn token (a cut answer would teach length),
+and with `--verify math` the chosen answer is right and the rejected one wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections import Counter
+from pathlib import Path
+
+from smoltrain.errors import ConfigError, DataError
+from smoltrain.post.preference_data import read_rows
+
+REFERENCE = "reference"  # --chosen-model reference: the prompt row's own reference reply
+
+
+def read_prompts(path: str, count: int | None = None, mode: str | None = None) -> list[dict]:
+    """Rows {"messages" | "prompt", "chat_template_kwargs"?, "answer"?, "reference"?}; `embedded` is the
+    embedded chat data's training arithmetic, whose reference replies are its worked solutions."""
+    if path == "embedded":
+        from smoltrain.post.embedded_chat import arithmetic_prompts, direct_response, think_response
+
+        think = mode == "think"
+        rows = arithmetic_prompts("train", count or 200, 0, "think" if think else "no_think")
+        for row in rows:
+            row["reference"] = think_response(row["steps"], row["answer"]) if think else direct_response(row["answer"])
+        return rows
+    prompts = []
+    for line, row in read_rows(path):
+        where = f"{path}:{line}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object with 'messages' (a message list) or 'prompt' (text)")
+        if isinstance(row.get("prompt"), str) and "messages" not in row:
+            row = {**row, "messages": [{"role": "user", "content": row["prompt"]}]}
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} messages")
+        if messages[-1]["role"] == "assistant":
+            raise DataError(f"{where}: the prompt ends with an assistant message; nothing is left to answer")
+        prompts.append({k: v for k, v in row.items() if k != "prompt"} | {"where": where})
+        if count is not None and len(prompts) >= count:
+            break
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts
+
+
+def _with_mode(prompts: list[dict], mode: str | None) -> list[dict]:
+    if mode is None:
+        return prompts
+    return [{**p, "chat_template_kwargs": {**p.get("chat_template_kwargs", {}), "enable_thinking": mode == "think"}}
+            for p in prompts]
+
+
+def _replies(model_path: str, prompts: list[dict], max_new_tokens: int, batch_size: int, device, template: str | None,
+             temperature: float, seed: int) -> list[dict]:
+    if model_path == REFERENCE:
+        missing = [p.get("where", "?") for p in prompts if not isinstance(p.get("reference"), str)]
+        if missing:
+            raise DataError(f"{missing[0]}: --chosen-model reference needs a 'reference' reply in every prompt row")
+        return [{"text": p["reference"], "tokens": None, "stopped": True} for p in prompts]
+    from smoltrain.eval.run import resolve_device
+    from smoltrain.model.hf import load_any
+    from smoltrain.post.chat_eval import generate_replies
+    from smoltrain.post.chat_template import load_chat_tokenizer
+
+    device = resolve_device(device)
+    model, _, tokenizer_path = load_any(model_path, device=device)
+    if tokenizer_path is None:
+        raise ConfigError(f"{model_path}: no tokenizer is known for this model")
+    tokenizer = load_chat_tokenizer(tokenizer_path, template)
+    return generate_replies(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=temperature,
+                            seed=seed if temperature > 0 else None)
+
+
+def verdict(prompt: dict, chosen: dict, rejected: dict, verify: str | None) -> str | None:
+    """Why the pair is dropped, or None to keep it."""
+    from smoltrain.post.embedded_chat import answer_is_correct
+
+    if not chosen["text"].strip() or not rejected["text"].strip():
+        return "empty_answer"
+    if not chosen["stopped"] or not rejected["stopped"]:
+        return "cut_at_max_tokens"
+    if chosen["text"].strip() == rejected["text"].strip():
+        return "identical"
+    if verify == "math":
+        if not answer_is_correct(chosen["text"], prompt["answer"]):
+            return "chosen_wrong"
+        if answer_is_correct(rejected["text"], prompt["answer"]):
+            return "rejected_right"
+    return None
+
+
+def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str, out: str | os.PathLike,
+                      mode: str | None = None, verify: str | None = None, count: int | None = None,
+                      max_new_tokens: int = 256, batch_size: int = 32, device: str = "auto",
+                      chat_template: str | None = None, temperature: float = 0.0, seed: int = 0) -> dict:
+    """Write out (jsonl of conversational pairs) and out's .summary.json; returns the summary."""
+    if verify not in (None, "math"):
+        raise ConfigError(f"--verify must be math, got {verify!r}")
+    if mode not in (None, "think", "no_think"):
+        raise ConfigError(f"mode must be think or no_think, got {mode!r}")
+    prompts = _with_mode(read_prompts(prompts_path, count, mode), mode)
+    if verify == "math":
+        missing = [p.get("where", "?") for p in prompts if not isinstance(p.get("answer"), (str, int, float))]
+        if missing:
+            raise DataError(f"{missing[0]}: --verify math needs an 'answer' in every prompt row")
+    chosen = _replies(chosen_model, prompts, max_new_tokens, batch_size, device, chat_template, temperature, seed)
+    rejected = _replies(rejected_model, prompts, max_new_tokens, batch_size, device, chat_template, temperature, seed + 1)
+    dropped: Counter = Counter()
+    rows = []
+    for prompt, c, r in zip(prompts, chosen, rejected):
+        reason = verdict(prompt, c, r, verify)
+        if reason:
+            dropped[reason] += 1
+            continue
+        row = {"prompt": prompt["messages"], "chosen": [{"role": "assistant", "content": c["text"]}],
+               "rejected": [{"role": "assistant", "content": r["text"]}]}
+        if prompt.get("chat_template_kwargs"):
+            row["chat_template_kwargs"] = prompt["chat_template_kwargs"]
+        rows.append((row, c, r))
+    if not rows:
+        raise DataError(f"no pair was kept out of {len(prompts)} prompts ({', '.join(f'{k}: {v}' for k, v in sorted(dropped.items()))})")
+
+    def mean_tokens(replies):
+        values = [x["tokens"] for x in replies if x["tokens"] is not None]
+        return statistics.mean(values) if values else None
+
+    def mean_chars(replies):
+        return statistics.mean(len(x["text"]) for x in replies)
+
+    summary = {
+        "prompts": len(prompts), "kept": len(rows), "dropped": dict(sorted(dropped.items())),
+        "chosen_model": chosen_model, "rejected_model": rejected_model, "mode": mode, "verify": verify,
+        "chosen_tokens_mean": mean_tokens([c for _, c, _ in rows]), "rejected_tokens_mean": mean_tokens([r for _, _, r in rows]),
+        "chosen_chars_mean": mean_chars([c for _, c, _ in rows]), "rejected_chars_mean": mean_chars([r for _, _, r in rows]),
+    }
+    if verify == "math":
+        from smoltrain.post.embedded_chat import answer_is_correct
+
+        summary["chosen_accuracy"] = sum(answer_is_correct(c["text"], p["answer"]) for p, c in zip(prompts, chosen)) / len(prompts)
+        summary["rejected_accuracy"] = sum(answer_is_correct(r["text"], p["answer"]) for p, r in zip(prompts, rejected)) / len(prompts)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, text in ((path, "".join(json.dumps(row) + "\n" for row, _, _ in rows)),
+                         (path.with_name(path.name + ".summary.json"), json.dumps(summary, indent=2) + "\n")):
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    return summary
+
+
+__all__ = ["build_preferences", "read_prompts", "verdict", "REFERENCE"]

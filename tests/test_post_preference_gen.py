@@ -1,0 +1,105 @@
+"""`smoltrain data preferences`: pairs kept or dropped for the stated reasons, math verification,
+the summary, rows that train (conversational preference data), and real generation end to end."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from smoltrain import cli
+from smoltrain.config import config_from_dict
+from smoltrain.errors import DataError
+from smoltrain.model.hf import save_model_folder
+from smoltrain.model.transformer import build_model
+from smoltrain.post import preference_gen
+from smoltrain.post.preference_data import TextTokenizer, chat_render, load_preferences
+
+sys.path.insert(0, str(Path(__file__).parent))
+from chat_helpers import VOCAB, chat_tokenizers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefgen")
+    chat_tokenizers(root)
+    shape = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, max_seq_len=256)
+    config = config_from_dict({"model": shape, "data": {"seq_len": 32}, "train": {"micro_batch_size": 1, "global_batch_tokens": 32}})
+    for name, seed in (("strong", 1), ("weak", 2)):
+        save_model_folder(build_model(config.model, seed=seed), config, root / name, tokenizer=root / "smollm3")
+    return root
+
+
+def _fake_replies(answers):
+    """Stand-in for generation: model folder name -> list of (text, stopped)."""
+    def replies(model, tokenizer, prompts, max_new_tokens, batch_size=32, **kwargs):
+        name = Path(model.source).name
+        return [{"text": t, "tokens": len(t.split()), "stopped": s} for t, s in answers[name][: len(prompts)]]
+    return replies
+
+
+def test_pairs_are_kept_or_dropped_for_the_stated_reasons(models, tmp_path, monkeypatch):
+    import smoltrain.model.hf as hf
+    import smoltrain.post.chat_eval as chat_eval
+
+    real_load_any = hf.load_any
+
+    def load_any(path, device="cpu"):
+        model, config, tok = real_load_any(path, device)
+        model.source = str(path)
+        return model, config, tok
+
+    monkeypatch.setattr(hf, "load_any", load_any)
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(6)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(chat_eval, "generate_replies", _fake_replies({
+        "strong": [("The answer is 1.", True), ("The answer is 2.", True), ("The answer is 3.", True),
+                   ("The answer is 4.", False), ("", True), ("The answer is 9.", True)],
+        "weak": [("The answer is 5.", True), ("It is 2.", True), ("The answer is 3.", True),
+                 ("The answer is 0.", True), ("The answer is 1.", True), ("The answer is 2.", True)],
+    }))
+    out = tmp_path / "pairs.jsonl"
+    code = cli.main(["data", "preferences", "--prompts", str(prompts), "--chosen-model", str(models / "strong"),
+                     "--rejected-model", str(models / "weak"), "--out", str(out), "--no-think", "--verify", "math"])
+    assert code == 0
+    summary = json.loads((tmp_path / "pairs.jsonl.summary.json").read_text())
+    # 0 kept; 1 rejected is right; 2 identical; 3 chosen cut; 4 chosen empty; 5 chosen wrong
+    assert summary["kept"] == 1 and summary["prompts"] == 6
+    assert summary["dropped"] == {"cut_at_max_tokens": 1, "empty_answer": 1, "identical": 1, "rejected_right": 1,
+                                  "chosen_wrong": 1}
+    assert summary["chosen_accuracy"] == pytest.approx(4 / 6) and summary["rejected_accuracy"] == pytest.approx(2 / 6)
+    row = json.loads(out.read_text())
+    assert row == {"prompt": [{"role": "user", "content": "What is 0 + 1?"}],
+                   "chosen": [{"role": "assistant", "content": "The answer is 1."}],
+                   "rejected": [{"role": "assistant", "content": "The answer is 5."}],
+                   "chat_template_kwargs": {"enable_thinking": False}}
+    # the output is preference data that loads through the chat template
+    tok = TextTokenizer.load(models / "smollm3")
+    assert len(load_preferences(out, tok, render=chat_render(models / "smollm3"))) == 1
+
+
+def test_reference_replies_against_a_real_weak_model_end_to_end(models, tmp_path):
+    """Real generation through the template by a random weak model (no usable answer): chosen from the
+    embedded worked solutions."""
+    out = tmp_path / "pairs.jsonl"
+    with pytest.raises(DataError, match="no pair was kept out of 4 prompts"):
+        preference_gen.build_preferences("embedded", "reference", str(models / "weak"), out, mode="no_think",
+                                         verify="math", count=4, max_new_tokens=8, device="cpu")
+    with pytest.raises(DataError, match="out of 3 prompts \\(identical: 3\\)"):  # the same replies are never a pair
+        preference_gen.build_preferences("embedded", "reference", "reference", out, mode="think", count=3)
+    assert not out.exists()
+
+
+def test_bad_prompt_files_are_file_line_errors(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n")
+    code = cli.main(["data", "preferences", "--prompts", str(prompts), "--chosen-model", "reference",
+                     "--rejected-model", "reference", "--out", str(tmp_path / "o.jsonl")])
+    assert code == 2
+    assert "p.jsonl:2: the prompt ends with an assistant message" in capsys.readouterr().err
+    prompts.write_text(json.dumps({"prompt": "ok"}) + "\n")
+    code = cli.main(["data", "preferences", "--prompts", str(prompts), "--chosen-model", "reference",
+                     "--rejected-model", "reference", "--out", str(tmp_path / "o.jsonl"), "--verify", "math"])
+    assert code == 2
+    assert "p.jsonl:1: --verify math needs an 'answer'" in capsys.readouterr().err
