@@ -231,13 +231,9 @@ def cmd_train(args) -> int:
 def cmd_dpo(args) -> int:
     import signal
 
-    from smoltrain.config import load_config
-    from smoltrain.post.dpo import run
+    from smoltrain.post.dpo import load_dpo_config, run
 
-    config = load_config(args.config, args.overrides)
-    if args.init:
-        config.train.init = args.init
-    summary = run(config, resume=args.resume)
+    summary = run(load_dpo_config(args.config, args.overrides, init=args.init), resume=args.resume)
     if summary["stopped_by"]:
         return 128 + signal.Signals[summary["stopped_by"]].value
     return 0

@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from smoltrain.config import config_from_dict, load_config
+from smoltrain.config import config_from_dict
 from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
 from smoltrain.model.hf import save_model_folder
 from smoltrain.model.transformer import build_model
 from smoltrain.post import dpo
-from smoltrain.post.dpo import REFERENCE_FILE
+from smoltrain.post.dpo import REFERENCE_FILE, load_dpo_config
 
 SHAPE = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, max_seq_len=64)
 WORDS = ["red", "green", "blue", "cat", "dog", "bird", "one", "two", "three"]
@@ -43,16 +43,15 @@ def root(tmp_path_factory):
     save_model_folder(build_model(config.model, seed=5), config, root / "init", tokenizer=root / "tok")
     for name, (n, seed) in {"train": (64, 1), "eval": (16, 2)}.items():
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_rows(n, seed)))
-    (root / "recipe.yaml").write_text(RECIPE.format(root=root, shape=json.dumps(SHAPE)))
+    (root / "recipe.yaml").write_text(RECIPE.format(root=root))
     return root
 
 
 RECIPE = """
-model: {shape}
-data: {{seq_len: 32, tokenizer: {root}/tok}}
-optim: {{lr: 0.003, warmup_steps: 2, schedule: constant, weight_decay: 0.0}}
+# no model section: it comes from train.init; data.seq_len and global_batch_tokens are derived
+optim: {{lr: 0.003, warmup_steps: 2, schedule: constant}}
 train: {{max_steps: 12, log_every: 1, save_every: 4, eval_every: 6, keep_checkpoints: 3, micro_batch_size: 4,
-        global_batch_tokens: 256, init: {root}/init, tensorboard: false, device: cpu}}
+        init: {root}/init, tensorboard: false, device: cpu}}
 eval: {{val_batches: 0}}
 dpo: {{train_data: [{root}/train.jsonl], eval_data: [{root}/eval.jsonl], loss: apo_zero, beta: 0.5, pairs_per_step: 8,
       max_length: 64}}
@@ -60,7 +59,15 @@ dpo: {{train_data: [{root}/train.jsonl], eval_data: [{root}/eval.jsonl], loss: a
 
 
 def config_for(root, out, overrides=()):
-    return load_config(root / "recipe.yaml", [f"train.out_dir={out}", *overrides])
+    return load_dpo_config(root / "recipe.yaml", [f"train.out_dir={out}", *overrides])
+
+
+def test_recipe_takes_the_model_from_init_and_derives_the_batch_keys(root):
+    config = config_for(root, root / "x", ["optim.lr=0.01"])
+    assert {k: getattr(config.model, k) for k in SHAPE} == SHAPE
+    assert config.data.seq_len == 64 and config.train.global_batch_tokens == 8 * 64
+    assert config.optim.lr == 0.01 and config.optim.weight_decay == 0.0  # DPO's default where the recipe is silent
+    assert load_dpo_config(None, ["dpo.beta=0.2"]).optim.lr == 1e-6
 
 
 def steps(out):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from smoltrain.config import Config
+from smoltrain.config import Config, DPOConfig, ModelConfig
 from smoltrain.errors import ConfigError, DataError
 from smoltrain.model.transformer import token_logprobs
 from smoltrain.post.preference import pair_losses, reward_metrics
@@ -28,6 +28,76 @@ from smoltrain.post.preference_data import Pair, TextTokenizer, chat_render, col
 log = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference_logps.safetensors"
+# SmolLM3's preference stage: used for every optim key the recipe does not set (lr ~10x below SFT's).
+DPO_OPTIM = {"lr": 1e-6, "schedule": "cosine", "warmup_steps": 0, "weight_decay": 0.0}
+MIN_LR_SHARE = 0.1
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _model_config_of(path: str):
+    """The model section of a model, run, checkpoint or Hugging Face folder, read without its weights
+    where the folder says it in a file."""
+    from smoltrain.config import load_config
+    from smoltrain.model.hf import CONFIG_FILE, WEIGHTS_FILE, _read_hf_config, from_hf_config
+
+    folder = Path(path)
+    if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+        return load_config(folder / CONFIG_FILE).model
+    if (folder / "config.json").is_file() and not (folder / CONFIG_FILE).is_file():
+        return from_hf_config(_read_hf_config(folder), str(folder / "config.json"))
+    from smoltrain.model.hf import load_any
+
+    return load_any(path)[1].model
+
+
+def load_dpo_config(path: str | os.PathLike | None, overrides: list[str] | None = None, init: str | None = None) -> Config:
+    """The recipe, with the model section taken from train.init (the recipe may still set keys such
+    as attention_kernel), DPO's optimizer defaults for keys it leaves out, and the pretraining batch
+    keys derived from the pairs: data.seq_len = the longest row the model takes, global_batch_tokens
+    = pairs_per_step rows of it (DPO counts pairs, not tokens)."""
+    import dataclasses
+
+    import yaml
+
+    from smoltrain.config import apply_overrides, config_from_dict
+
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise ConfigError(f"{p}{f':{mark.line + 1}' if mark else ''}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections (model, data, optim, train, dpo, ...)")
+    raw = apply_overrides(raw, list(overrides or []))
+
+    def section(name: str) -> dict:
+        if not isinstance(raw.get(name), dict):
+            raw[name] = {}
+        return raw[name]
+
+    train, optim, data = section("train"), section("optim"), section("data")
+    if init:
+        train["init"] = init
+    for key, value in DPO_OPTIM.items():
+        optim.setdefault(key, value)
+    optim.setdefault("min_lr", MIN_LR_SHARE * float(optim["lr"]))
+    if train.get("init"):
+        raw["model"] = {**dataclasses.asdict(_model_config_of(train["init"])), **(raw.get("model") or {})}
+    dpo, model = raw.get("dpo") or {}, raw.get("model") or {}
+    data.setdefault("seq_len", min(int(dpo.get("max_length", DPOConfig.max_length)),
+                                   int(model.get("max_seq_len", ModelConfig.max_seq_len))))
+    train.setdefault("global_batch_tokens", int(dpo.get("pairs_per_step", DPOConfig.pairs_per_step)) * int(data["seq_len"]))
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
 
 
 # ----------------------------------------------------------------------------- batches
@@ -322,7 +392,8 @@ def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) ->
 
 
 def run(config: Config, resume: str | None = None, should_stop=None) -> dict:
-    """`smoltrain dpo`: preference training from train.init, in the one Trainer loop."""
+    """`smoltrain dpo`: preference training from train.init, in the one Trainer loop (`load_dpo_config`
+    reads a recipe the way the command does)."""
     from smoltrain.train.trainer import Trainer
 
     reference_of(config)  # one-line errors before anything is allocated
@@ -331,5 +402,5 @@ def run(config: Config, resume: str | None = None, should_stop=None) -> dict:
     return Trainer(config, build_dpo_objective, resume=resume, should_stop=should_stop).train()
 
 
-__all__ = ["DPOObjective", "PreferenceBatches", "build_dpo_objective", "reference_logps", "sequence_logprobs", "run",
+__all__ = ["load_dpo_config", "DPOObjective", "PreferenceBatches", "build_dpo_objective", "reference_logps", "sequence_logprobs", "run",
            "REFERENCE_FILE"]
