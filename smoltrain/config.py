@@ -167,6 +167,7 @@ class DPOConfig:
     pairs_per_step: int = 64  # global batch in pairs (chosen + rejected rows: twice as many sequences)
     skip_bad: bool = False  # count and skip bad rows instead of stopping at the first
     chat_template: Optional[str] = None  # conversational rows: smollm3, chatml or model (default: the tokenizer's own)
+    chat_eval_items: int = 0  # > 0: the chat evals (post/chat_eval.py) before training and at every evaluation
 
 
 @dataclass
@@ -415,6 +416,7 @@ def validate_dpo(p: DPOConfig) -> None:
     _require(p.max_length >= 2, f"dpo.max_length must be at least 2, got {p.max_length}")
     _require(p.pairs_per_step > 0, f"dpo.pairs_per_step must be positive, got {p.pairs_per_step}")
     _require(p.holdout_pairs >= 0, f"dpo.holdout_pairs must be >= 0, got {p.holdout_pairs}")
+    _require(p.chat_eval_items >= 0, f"dpo.chat_eval_items must be >= 0, got {p.chat_eval_items}")
 
 
 def validate(c: Config) -> None:

@@ -164,3 +164,37 @@ def test_build_objective_holds_out_pairs_and_checks_the_batch_split(init_folder,
     result = objective.evaluate(build_model(config.model, seed=5))  # the init model itself: rewards 0
     assert result["preference"]["pairs"] == 4
     assert result["preference"]["margin"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_chat_evals_before_training_and_at_evaluation(tmp_path, one_thread, monkeypatch):
+    import functools
+    import sys
+    from pathlib import Path
+
+    import smoltrain.post.chat_eval as chat_eval
+
+    # short replies: this checks the wiring, the chat evals have their own tests
+    monkeypatch.setattr(chat_eval, "chat_evals", functools.partial(chat_eval.chat_evals, max_new_tokens=6, think_max_new_tokens=6))
+    monkeypatch.setattr(chat_eval, "vibe_test", functools.partial(chat_eval.vibe_test, max_new_tokens=6))
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from chat_helpers import VOCAB, chat_tokenizers
+
+    chat_tokenizers(tmp_path)
+    shape = {**SHAPE, "vocab_size": VOCAB, "max_seq_len": 256}
+    config = config_from_dict({"model": shape, "data": {"seq_len": 32}, "train": {"micro_batch_size": 1, "global_batch_tokens": 32}})
+    model = build_model(config.model, seed=5)
+    save_model_folder(model, config, tmp_path / "init", tokenizer=tmp_path / "smollm3")
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
+             "chosen": [{"role": "assistant", "content": f"The answer is {i + 1}."}],
+             "rejected": [{"role": "assistant", "content": "The answer is 0."}]} for i in range(1, 5)]
+    data = write_rows(tmp_path / "p.jsonl", rows)
+    config = config_from_dict({"model": shape, "data": {"seq_len": 32},
+                               "train": {"micro_batch_size": 2, "global_batch_tokens": 64, "init": str(tmp_path / "init")},
+                               "dpo": {"train_data": [str(data)], "pairs_per_step": 2, "chat_eval_items": 2}})
+    objective = build_dpo_objective(config, model, fake_ctx(), tmp_path)
+    before = json.loads((tmp_path / "chat_before.json").read_text())
+    assert before["chat"]["n"] == {"no_think": 2, "think": 2, "persona": 2} and before["vibe"]
+    result = objective.evaluate(model)  # same weights: the same greedy replies
+    assert result["chat"] == before["chat"]
+    assert json.loads((tmp_path / "chat_after.json").read_text())["chat"] == before["chat"]

@@ -255,11 +255,13 @@ class DPOObjective:
 
     def __init__(self, config: Config, batches: PreferenceBatches, eval_pairs: list[Pair],
                  eval_reference: tuple[torch.Tensor, torch.Tensor] | None, reference_model: nn.Module | None,
-                 pad_id: int, device: torch.device, precision: str):
+                 pad_id: int, device: torch.device, precision: str, chat=None, run_dir: Path | None = None,
+                 is_main: bool = True):
         self.config, self.batches = config, batches
         self.eval_pairs, self.eval_reference = eval_pairs, eval_reference
         self.reference_model = reference_model  # live reference (dpo.precompute: false), else None
         self.pad_id, self.device, self.precision = pad_id, device, precision
+        self.chat, self.run_dir, self.is_main = chat, run_dir, is_main  # chat: a chat tokenizer, for chat evals
 
     def _reference(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference_model is None:
@@ -292,9 +294,13 @@ class DPOObjective:
 
     def evaluate(self, model: nn.Module) -> dict:
         """Held-out preference accuracy (chosen reward > rejected reward), margin and loss, with the
-        accuracy's standard error. Every rank scores every held-out pair (the forward may have collectives)."""
+        accuracy's standard error, and the chat evals when dpo.chat_eval_items > 0. Every rank scores
+        every held-out pair (the forward may have collectives)."""
         if not self.eval_pairs:
-            return {}
+            if self.chat is None:
+                return {}
+            return {"chat": run_chat_evals(model, self.chat, self.config.dpo.chat_eval_items,
+                                           self.run_dir / CHAT_AFTER if self.is_main and self.run_dir else None)}
         p = self.config.dpo
         micro = self.config.train.micro_batch_size
         chosen, rejected = sequence_logprobs(model, self.eval_pairs, micro, p.max_length, self.pad_id, self.device, self.precision)
@@ -309,11 +315,42 @@ class DPOObjective:
         metrics = {k: float(s) / n for k, (s, n) in reward_metrics(chosen, rejected, ref[0], ref[1], p.beta).items()}
         n = len(self.eval_pairs)
         accuracy = metrics["rewards/accuracies"]
-        return {"preference": {
+        result = {"preference": {
             "accuracy": accuracy, "accuracy_stderr": math.sqrt(accuracy * (1 - accuracy) / max(1, n - 1)),
             "margin": metrics["rewards/margins"], "chosen_reward": metrics["rewards/chosen"],
             "rejected_reward": metrics["rewards/rejected"], "loss": float(losses.mean()), "pairs": n,
         }}
+        if self.chat is not None:
+            result["chat"] = run_chat_evals(model, self.chat, self.config.dpo.chat_eval_items,
+                                            self.run_dir / CHAT_AFTER if self.is_main and self.run_dir else None)
+        return result
+
+
+# ----------------------------------------------------------------------------- chat evals
+
+CHAT_BEFORE, CHAT_AFTER = "chat_before.json", "chat_after.json"
+
+
+def run_chat_evals(model: nn.Module, tokenizer, items: int, out: Path | None) -> dict:
+    """The SFT issue's chat evals (accuracy in both modes, rule adherence, think format, stop rate,
+    each with its standard error); written to `out` with the vibe-test replies when given."""
+    import json
+
+    from smoltrain.post.chat_eval import chat_evals, vibe_test
+
+    base = getattr(model, "_orig_mod", model)
+    was_training = base.training
+    base.eval()
+    try:
+        results = chat_evals(base, tokenizer, count=items, persona_count=items)
+        vibe = vibe_test(base, tokenizer) if out is not None else None
+    finally:
+        base.train(was_training)
+    if out is not None:
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps({"chat": results, "vibe": vibe}, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    return results
 
 
 # ----------------------------------------------------------------------------- building it
@@ -386,8 +423,19 @@ def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) ->
         reference_model.requires_grad_(False)
     batches = PreferenceBatches(train_pairs, micro, ctx.dp_rank, ctx.dp_world, config.train.seed, p.max_length,
                                 pad_id, train_ref)
-    objective = DPOObjective(config, batches, eval_pairs, eval_ref, reference_model, pad_id, ctx.device, precision)
+    chat = None
+    if p.chat_eval_items:
+        from smoltrain.post.chat_template import load_chat_tokenizer
+
+        chat = load_chat_tokenizer(path, p.chat_template)
+    objective = DPOObjective(config, batches, eval_pairs, eval_ref, reference_model, pad_id, ctx.device, precision,
+                             chat, Path(run_dir), ctx.is_main)
     objective.accumulation(p.max_length, ctx.dp_world)  # a bad batch split fails now, not at step 1
+    before = Path(run_dir) / CHAT_BEFORE
+    fresh = not (Path(run_dir) / "checkpoints" / "latest").is_file()
+    if chat is not None and fresh and not before.is_file():
+        # the init model, before any step (the Trainer built it from train.init): the "before" column
+        run_chat_evals(model, chat, p.chat_eval_items, before if ctx.is_main else None)
     return objective
 
 
