@@ -165,3 +165,11 @@ def test_dpo_under_fsdp_two_ranks_equals_one_process(root, precomputed):
     single, sharded = load_file(precomputed / REFERENCE_FILE), load_file(root / "fsdp" / REFERENCE_FILE)
     for name in single:
         torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-5)
+
+
+def test_report_shows_held_out_accuracy_first_and_last(precomputed):
+    from smoltrain.post.dpo import write_report
+
+    text = write_report(precomputed).read_text()
+    first, last = [m["eval"]["preference"] for m in evals(precomputed)][::len(evals(precomputed)) - 1]
+    assert f"| 16 | 6 | {first['accuracy']:.3f}" in text and f"| 16 | 12 | {last['accuracy']:.3f}" in text

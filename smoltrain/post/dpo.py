@@ -447,7 +447,50 @@ def run(config: Config, resume: str | None = None, should_stop=None) -> dict:
     reference_of(config)  # one-line errors before anything is allocated
     if not config.dpo.train_data:
         raise ConfigError("dpo.train_data is empty: name one or more jsonl files of prompt / chosen / rejected rows")
-    return Trainer(config, build_dpo_objective, resume=resume, should_stop=should_stop).train()
+    summary = Trainer(config, build_dpo_objective, resume=resume, should_stop=should_stop).train()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        report = write_report(Path(config.train.out_dir))
+        if report is not None:
+            print(report.read_text(), end="")
+    return summary
+
+
+def _cell(values: dict, name: str) -> str:
+    value, stderr = values.get(name), values.get(f"{name}_stderr")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None and not math.isnan(stderr) else "")
+
+
+def write_report(run_dir: Path) -> Path | None:
+    """dpo_report.md: held-out preference accuracy at the first and last evaluation, and the chat
+    evals of the init model and of the last evaluation, side by side with standard errors."""
+    import json
+
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    evals = [m for m in map(json.loads, metrics.read_text().splitlines()) if "eval" in m]
+    preference = [(m["step"], m["eval"]["preference"]) for m in evals if "preference" in m["eval"]]
+    lines = []
+    if preference:
+        lines += ["| held-out pairs | step | accuracy | margin | loss |", "|---|---|---|---|---|"]
+        for step, v in [preference[0], preference[-1]] if len(preference) > 1 else preference:
+            lines.append(f"| {v['pairs']} | {step} | {_cell(v, 'accuracy')} | {v['margin']:+.3f} | {v['loss']:.4f} |")
+    before, after = run_dir / CHAT_BEFORE, run_dir / CHAT_AFTER
+    if before.is_file() and after.is_file():
+        b, a = json.loads(before.read_text())["chat"], json.loads(after.read_text())["chat"]
+        lines += ["", "| chat eval | before (init) | after |", "|---|---|---|"]
+        for name in ("no_think_accuracy", "think_accuracy", "adherence", "think_format", "stop_rate",
+                     "no_think_length", "think_length"):
+            lines.append(f"| {name} | {_cell(b, name)} | {_cell(a, name)} |")
+    if not lines:
+        return None
+    out = run_dir / "dpo_report.md"
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(f"# Preference training: {run_dir}\n\n" + "\n".join(lines) + "\n")
+    os.replace(tmp, out)
+    return out
 
 
 __all__ = ["load_dpo_config", "DPOObjective", "PreferenceBatches", "build_dpo_objective", "reference_logps", "sequence_logprobs", "run",
