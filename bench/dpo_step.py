@@ -3,10 +3,10 @@
 Same model (ours, exported to transformers for TRL), same tokenizer, same preference pairs, same
 batch (pairs per step), same loss (APO-zero, beta 0.1), AdamW, fp32, on this CPU. Both sides
 precompute the reference log-probs before training; only optimizer steps are timed (median after
-warm-up). smoltrain's step is the Trainer's own `forward_backward` + optimizer step with the DPO
+warm-up; rounds alternate the two sides and the ratio is the median of the rounds'). smoltrain's step is the Trainer's own `forward_backward` + optimizer step with the DPO
 objective; TRL's is `Trainer.training_step` + optimizer step, timed by a callback.
 
-    PYTHONPATH=. OMP_NUM_THREADS=2 python bench/dpo_step.py [--steps 8] [--pairs 8]
+    PYTHONPATH=. OMP_NUM_THREADS=2 python bench/dpo_step.py [--rounds 3] [--steps 4] [--pairs 8]
 
 Needs trl (and datasets, accelerate) importable; prints the ratio TRL step time / ours.
 """
@@ -138,8 +138,10 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds alternating the two sides (a shared machine's "
+                        "load drifts; each round compares neighbours in time)")
     parser.add_argument("--pairs", type=int, default=8, help="pairs per step (one micro-batch)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -148,10 +150,15 @@ def main() -> None:
     parser.add_argument("--answer-words", type=int, default=40)
     args = parser.parse_args()
     torch.manual_seed(0)
+    ours_s, trl_s, ratios = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, data = build(Path(tmp), args)
-        ours_s = statistics.median(ours(model_dir, data, args))
-        trl_s = statistics.median(trl(model_dir, data, args))
+        for _ in range(args.rounds):
+            a = ours(model_dir, data, args)
+            b = trl(model_dir, data, args)
+            ours_s += a
+            trl_s += b
+            ratios.append(statistics.median(b) / statistics.median(a))
     import transformers
     import trl as trl_module
 
@@ -159,8 +166,9 @@ def main() -> None:
         "bench": "dpo_step", "date": time.strftime("%Y-%m-%d"), "machine": cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
         "trl": trl_module.__version__, "shape": f"hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}",
-        "pairs_per_step": args.pairs, "smoltrain_step_s": round(ours_s, 4), "trl_step_s": round(trl_s, 4),
-        "ratio_trl_over_smoltrain": round(trl_s / ours_s, 3),
+        "pairs_per_step": args.pairs, "steps": len(ours_s), "smoltrain_step_s": round(statistics.median(ours_s), 4),
+        "trl_step_s": round(statistics.median(trl_s), 4), "round_ratios": [round(r, 3) for r in ratios],
+        "ratio_trl_over_smoltrain": round(statistics.median(ratios), 3),
     }, indent=2))
 
 
