@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     q.add_argument("--chat-template", choices=["smollm3", "chatml", "model"], help="default: each model's own")
+    q.add_argument("--plain", action="store_true", help="plain-text prompts and answers, no chat template "
+                   "(a pretrained model; answers end at the first blank line)")
     q.add_argument("--device", default="auto")
     q.set_defaults(func=cmd_data_preferences)
 
@@ -443,7 +445,7 @@ def cmd_data_preferences(args) -> int:
                                 verify=args.verify, count=args.count, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size, device=args.device,
                                 chat_template=None if args.chat_template == "model" else args.chat_template,
-                                temperature=args.temperature)
+                                temperature=args.temperature, plain=args.plain)
     dropped = ", ".join(f"{k}: {v}" for k, v in summary["dropped"].items()) or "none"
     print(f"{args.out}: kept {summary['kept']} of {summary['prompts']} pairs (dropped {dropped}); "
           f"mean length chosen {summary['chosen_chars_mean']:.0f} / rejected {summary['rejected_chars_mean']:.0f} characters")

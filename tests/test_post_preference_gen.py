@@ -103,3 +103,28 @@ def test_bad_prompt_files_are_file_line_errors(tmp_path, capsys):
                      "--rejected-model", "reference", "--out", str(tmp_path / "o.jsonl"), "--verify", "math"])
     assert code == 2
     assert "p.jsonl:1: --verify math needs an 'answer'" in capsys.readouterr().err
+
+
+def test_plain_text_pairs_for_a_pretrained_model(models, tmp_path, monkeypatch):
+    """--plain: the corpus's own 'Question: ... Answer:' layout, answers cut at the first blank line."""
+    import smoltrain.model.generate as generate_module
+    from smoltrain.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(models / "smollm3")
+    outputs = iter([" The answer is 7.\n\nQuestion: next", " 5 + 5 = 10\n#### 10\n\nQuestion:", " no stop here" * 30])
+
+    def fake_generate(model, prompts, max_new_tokens, **kwargs):
+        return [tok.encode(next(outputs)).ids[:max_new_tokens] for _ in prompts]
+
+    monkeypatch.setattr(generate_module, "generate", fake_generate)
+    out = tmp_path / "plain.jsonl"
+    summary = preference_gen.build_preferences("embedded", "reference", str(models / "weak"), out, verify="math",
+                                               count=3, batch_size=1, device="cpu", plain=True,
+                                               max_new_tokens=40)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["kept"] + sum(summary["dropped"].values()) == 3 and summary["dropped"].get("cut_at_max_tokens") == 1
+    first = rows[0]
+    assert first["prompt"].startswith("Question: ") and first["prompt"].endswith("\nAnswer:")
+    assert first["chosen"].endswith(f"\n#### {first['chosen'].split('#### ')[1]}") and "\n\n" not in first["rejected"]
+    tok_text = TextTokenizer.load(models / "smollm3")
+    assert len(load_preferences(out, tok_text)) == len(rows)  # plain rows load without a template

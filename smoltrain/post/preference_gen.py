@@ -18,6 +18,7 @@ from smoltrain.errors import ConfigError, DataError
 from smoltrain.post.preference_data import read_rows
 
 REFERENCE = "reference"  # --chosen-model reference: the prompt row's own reference reply
+PLAIN_STOP = "\n\n"  # plain text: an answer ends at the first blank line (the corpus's document layout)
 
 
 def read_prompts(path: str, count: int | None = None, mode: str | None = None) -> list[dict]:
@@ -30,6 +31,9 @@ def read_prompts(path: str, count: int | None = None, mode: str | None = None) -
         rows = arithmetic_prompts("train", count or 200, 0, "think" if think else "no_think")
         for row in rows:
             row["reference"] = think_response(row["steps"], row["answer"]) if think else direct_response(row["answer"])
+            # plain text: the pretraining corpus's own layout of a worked problem
+            row["text"] = f"Question: {row['question']}\nAnswer:"
+            row["text_reference"] = " " + "\n".join(row["steps"]) + f"\n#### {row['answer']}"
         return rows
     prompts = []
     for line, row in read_rows(path):
@@ -79,6 +83,36 @@ def _replies(model_path: str, prompts: list[dict], max_new_tokens: int, batch_si
                             seed=seed if temperature > 0 else None)
 
 
+def _plain_replies(model_path: str, prompts: list[dict], max_new_tokens: int, batch_size: int, device,
+                   temperature: float, seed: int) -> list[dict]:
+    """Plain-text continuations (no chat template), cut at the first blank line; "stopped" when one
+    (or the end-of-text token) came before the length limit."""
+    if model_path == REFERENCE:
+        return [{"text": p["text_reference"], "tokens": None, "stopped": True} for p in prompts]
+    from smoltrain.data.tokenizer import load_tokenizer
+    from smoltrain.eval.run import resolve_device
+    from smoltrain.eval.scoring import end_of_text_id
+    from smoltrain.model.generate import generate
+    from smoltrain.model.hf import load_any
+
+    model, _, tokenizer_path = load_any(model_path, device=resolve_device(device))
+    if tokenizer_path is None:
+        raise ConfigError(f"{model_path}: no tokenizer is known for this model")
+    tok = load_tokenizer(tokenizer_path)
+    eos = end_of_text_id(tok)
+    encoded = [tok.encode(p["text"]).ids for p in prompts]
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        outputs = generate(model, encoded[start : start + batch_size], max_new_tokens, temperature=temperature,
+                           stop_tokens=[eos] if eos is not None else [], seed=seed + start if temperature > 0 else None)
+        for ids in outputs:
+            text = tok.decode(ids, skip_special_tokens=False)
+            cut = text.find(PLAIN_STOP)
+            replies.append({"text": text if cut < 0 else text[:cut], "tokens": len(ids),
+                            "stopped": cut >= 0 or len(ids) < max_new_tokens})
+    return replies
+
+
 def verdict(prompt: dict, chosen: dict, rejected: dict, verify: str | None) -> str | None:
     """Why the pair is dropped, or None to keep it."""
     from smoltrain.post.embedded_chat import answer_is_correct
@@ -100,25 +134,46 @@ def verdict(prompt: dict, chosen: dict, rejected: dict, verify: str | None) -> s
 def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str, out: str | os.PathLike,
                       mode: str | None = None, verify: str | None = None, count: int | None = None,
                       max_new_tokens: int = 256, batch_size: int = 32, device: str = "auto",
-                      chat_template: str | None = None, temperature: float = 0.0, seed: int = 0) -> dict:
-    """Write out (jsonl of conversational pairs) and out's .summary.json; returns the summary."""
+                      chat_template: str | None = None, temperature: float = 0.0, seed: int = 0,
+                      plain: bool = False) -> dict:
+    """Write out (jsonl of conversational pairs, or plain-text ones with `plain`: prompts as text, no
+    chat template, answers cut at the first blank line) and out's .summary.json; returns the summary."""
     if verify not in (None, "math"):
         raise ConfigError(f"--verify must be math, got {verify!r}")
     if mode not in (None, "think", "no_think"):
         raise ConfigError(f"mode must be think or no_think, got {mode!r}")
+    if plain and mode is not None:
+        raise ConfigError("--plain prompts have no chat template, so no --think / --no-think mode")
     prompts = _with_mode(read_prompts(prompts_path, count, mode), mode)
+    if plain:
+        for p in prompts:
+            if "text" not in p:  # a jsonl row: its prompt text, or its one user message
+                user = [m for m in p["messages"] if m["role"] == "user"]
+                if len(p["messages"]) != 1 or not user:
+                    raise DataError(f"{p.get('where', '?')}: --plain takes a 'prompt' text (or one user message)")
+                p["text"] = user[0]["content"]
+            p.setdefault("text_reference", p.get("reference"))
     if verify == "math":
         missing = [p.get("where", "?") for p in prompts if not isinstance(p.get("answer"), (str, int, float))]
         if missing:
             raise DataError(f"{missing[0]}: --verify math needs an 'answer' in every prompt row")
-    chosen = _replies(chosen_model, prompts, max_new_tokens, batch_size, device, chat_template, temperature, seed)
-    rejected = _replies(rejected_model, prompts, max_new_tokens, batch_size, device, chat_template, temperature, seed + 1)
+    if plain:
+        if REFERENCE in (chosen_model, rejected_model) and any(not isinstance(p["text_reference"], str) for p in prompts):
+            raise DataError("--chosen-model reference needs a 'reference' reply in every prompt row")
+        chosen = _plain_replies(chosen_model, prompts, max_new_tokens, batch_size, device, temperature, seed)
+        rejected = _plain_replies(rejected_model, prompts, max_new_tokens, batch_size, device, temperature, seed + 1)
+    else:
+        chosen = _replies(chosen_model, prompts, max_new_tokens, batch_size, device, chat_template, temperature, seed)
+        rejected = _replies(rejected_model, prompts, max_new_tokens, batch_size, device, chat_template, temperature, seed + 1)
     dropped: Counter = Counter()
     rows = []
     for prompt, c, r in zip(prompts, chosen, rejected):
         reason = verdict(prompt, c, r, verify)
         if reason:
             dropped[reason] += 1
+            continue
+        if plain:
+            rows.append(({"prompt": prompt["text"], "chosen": c["text"], "rejected": r["text"]}, c, r))
             continue
         row = {"prompt": prompt["messages"], "chosen": [{"role": "assistant", "content": c["text"]}],
                "rejected": [{"role": "assistant", "content": r["text"]}]}
@@ -137,7 +192,7 @@ def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str,
 
     summary = {
         "prompts": len(prompts), "kept": len(rows), "dropped": dict(sorted(dropped.items())),
-        "chosen_model": chosen_model, "rejected_model": rejected_model, "mode": mode, "verify": verify,
+        "chosen_model": chosen_model, "rejected_model": rejected_model, "mode": mode, "verify": verify, "plain": plain,
         "chosen_tokens_mean": mean_tokens([c for _, c, _ in rows]), "rejected_tokens_mean": mean_tokens([r for _, _, r in rows]),
         "chosen_chars_mean": mean_chars([c for _, c, _ in rows]), "rejected_chars_mean": mean_chars([r for _, _, r in rows]),
     }
