@@ -72,7 +72,8 @@ def ours(model_dir: Path, data: Path, args) -> list[float]:
     from smoltrain.config import config_from_dict
     from smoltrain.post.dpo import build_dpo_objective
     from smoltrain.train.optim import build_optimizer
-    from smoltrain.train.trainer import build_training_model, forward_backward, single_process_context
+    from smoltrain.train.distributed import single_process_context
+    from smoltrain.train.trainer import build_training_model, forward_backward
 
     config = config_from_dict({
         "model": json.loads(json.dumps(__import__("yaml").safe_load((model_dir / "config.yaml").read_text())["model"])),
@@ -83,7 +84,7 @@ def ours(model_dir: Path, data: Path, args) -> list[float]:
         "dpo": {"train_data": [str(data)], "loss": "apo_zero", "beta": 0.1, "pairs_per_step": args.pairs,
                 "max_length": 1024},
     })
-    ctx = single_process_context(torch.device("cpu"))
+    ctx = single_process_context(torch.device("cpu"), config.train)
     model = build_training_model(config, ctx.device, init_from=str(model_dir), ctx=ctx)
     optimizer = build_optimizer(config.optim, model)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -92,7 +93,7 @@ def ours(model_dir: Path, data: Path, args) -> list[float]:
         for _ in range(args.steps + args.warmup):
             start = clock()
             micro = [objective.batches.next_batch() for _ in range(objective.accumulation(1024, 1))]
-            forward_backward(model, objective, micro, ctx, "fp32", config.optim.grad_clip)
+            forward_backward(model, objective, micro, ctx, config.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(clock() - start)

@@ -401,15 +401,13 @@ def reference_of(config: Config) -> str:
 def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -> DPOObjective:
     """Data for this rank, and the reference: its stored pass, a new pass, or (precompute: false) the
     model itself, loaded once and frozen."""
-    from smoltrain.train.trainer import resolve_precision
-
     p = config.dpo
     reference = reference_of(config)
     path = tokenizer_path(config, reference)
     tokenizer = TextTokenizer.load(path)
     train_pairs, eval_pairs = split_data(config, tokenizer, chat_render(path, p.chat_template))
     pad_id = tokenizer.eos_id
-    precision = resolve_precision(config.train.precision, ctx.device)
+    precision = getattr(ctx, "precision", "fp32")  # resolved train.precision (bf16 autocast or fp32)
     micro = config.train.micro_batch_size
     reference_model, train_ref, eval_ref = None, None, None
     if p.precompute:
