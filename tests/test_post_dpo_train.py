@@ -65,6 +65,7 @@ def config_for(root, out, overrides=()):
 def test_recipe_takes_the_model_from_init_and_derives_the_batch_keys(root):
     config = config_for(root, root / "x", ["optim.lr=0.01"])
     assert {k: getattr(config.model, k) for k in SHAPE} == SHAPE
+    assert config.data.tokenizer == str((root / "init").resolve())  # the run folder will know its tokenizer
     assert config.data.seq_len == 64 and config.train.global_batch_tokens == 8 * 64
     assert config.optim.lr == 0.01 and config.optim.weight_decay == 0.0  # DPO's default where the recipe is silent
     assert load_dpo_config(None, ["dpo.beta=0.2"]).optim.lr == 1e-6
@@ -98,6 +99,9 @@ def test_dpo_run_learns_and_logs_trl_metrics(precomputed):
     held_out = [m["eval"]["preference"] for m in evals(precomputed)]
     assert held_out[-1]["pairs"] == 16 and held_out[-1]["accuracy"] > 0.75
     assert (precomputed / REFERENCE_FILE).is_file()
+    from smoltrain.model.hf import load_any
+
+    assert load_any(precomputed)[2] is not None  # export, eval and merge find the tokenizer
 
 
 def test_precomputed_reference_trains_like_a_live_reference(root, precomputed):

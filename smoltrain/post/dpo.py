@@ -36,25 +36,28 @@ MIN_LR_SHARE = 0.1
 # ----------------------------------------------------------------------------- config
 
 
-def _model_config_of(path: str):
-    """The model section of a model, run, checkpoint or Hugging Face folder, read without its weights
-    where the folder says it in a file."""
+def _init_source(path: str):
+    """(model section, tokenizer path or None) of a model, run, checkpoint or Hugging Face folder,
+    read without its weights where the folder says both in files."""
     from smoltrain.config import load_config
     from smoltrain.model.hf import CONFIG_FILE, WEIGHTS_FILE, _read_hf_config, from_hf_config
 
     folder = Path(path)
+    tokenizer = str(folder) if (folder / "tokenizer.json").is_file() else None
     if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
-        return load_config(folder / CONFIG_FILE).model
+        config = load_config(folder / CONFIG_FILE)
+        return config.model, tokenizer or config.data.tokenizer
     if (folder / "config.json").is_file() and not (folder / CONFIG_FILE).is_file():
-        return from_hf_config(_read_hf_config(folder), str(folder / "config.json"))
+        return from_hf_config(_read_hf_config(folder), str(folder / "config.json")), tokenizer
     from smoltrain.model.hf import load_any
 
-    return load_any(path)[1].model
+    _, config, tokenizer = load_any(path)
+    return config.model, tokenizer
 
 
 def load_dpo_config(path: str | os.PathLike | None, overrides: list[str] | None = None, init: str | None = None) -> Config:
-    """The recipe, with the model section taken from train.init (the recipe may still set keys such
-    as attention_kernel), DPO's optimizer defaults for keys it leaves out, and the pretraining batch
+    """The recipe, with the model section and tokenizer taken from train.init (the recipe may still
+    set keys such as attention_kernel), DPO's optimizer defaults for keys it leaves out, and the pretraining batch
     keys derived from the pairs: data.seq_len = the longest row the model takes, global_batch_tokens
     = pairs_per_step rows of it (DPO counts pairs, not tokens)."""
     import dataclasses
@@ -89,7 +92,10 @@ def load_dpo_config(path: str | os.PathLike | None, overrides: list[str] | None 
         optim.setdefault(key, value)
     optim.setdefault("min_lr", MIN_LR_SHARE * float(optim["lr"]))
     if train.get("init"):
-        raw["model"] = {**dataclasses.asdict(_model_config_of(train["init"])), **(raw.get("model") or {})}
+        model_config, tokenizer = _init_source(train["init"])
+        raw["model"] = {**dataclasses.asdict(model_config), **(raw.get("model") or {})}
+        if tokenizer and not data.get("tokenizer"):
+            data["tokenizer"] = str(Path(tokenizer).resolve())  # the run folder (and what export reads) knows it
     dpo, model = raw.get("dpo") or {}, raw.get("model") or {}
     data.setdefault("seq_len", min(int(dpo.get("max_length", DPOConfig.max_length)),
                                    int(model.get("max_seq_len", ModelConfig.max_seq_len))))
