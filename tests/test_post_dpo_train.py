@@ -177,3 +177,10 @@ def test_report_shows_held_out_accuracy_first_and_last(precomputed):
     text = write_report(precomputed).read_text()
     first, last = [m["eval"]["preference"] for m in evals(precomputed)][::len(evals(precomputed)) - 1]
     assert f"| 16 | 6 | {first['accuracy']:.3f}" in text and f"| 16 | 12 | {last['accuracy']:.3f}" in text
+
+
+def test_the_demo_recipe_reads_with_any_init_model(root):
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "dpo" / "demo.yaml"
+    config = load_dpo_config(recipe, [f"train.init={root / 'init'}"])
+    assert config.dpo.loss == "apo_zero" and config.dpo.beta == 0.1 and config.model.hidden_size == SHAPE["hidden_size"]
+    assert config.train.global_batch_tokens == config.dpo.pairs_per_step * config.data.seq_len
