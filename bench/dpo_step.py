@@ -21,7 +21,6 @@ import random
 import statistics
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
