@@ -285,6 +285,9 @@ def test_in_training_evaluation_prints_one_console_line():
     assert eval_console_line(100, result) == ("eval step 100 | val prose 3.412 code 2.500 | aggregate +0.050 | "
                                               "arithmetic_choice 0.410 prose_cloze 0.297")
     assert eval_console_line(5, {"val": {}, "tasks": {}, "aggregate": {}}) is None
+    # An objective's own evaluations join the line (numbers only, no standard errors or counts).
+    dpo = {"val": {}, "tasks": {}, "dpo": {"accuracy": 0.75, "accuracy_stderr": 0.05, "n": 64, "chat": {"no_think": 0.5}}}
+    assert eval_console_line(7, dpo) == "eval step 7 | dpo accuracy 0.750 chat/no_think 0.500"
 
 
 def test_a_tp_only_run_is_not_labelled_fsdp2():

@@ -99,4 +99,21 @@ def eval_console_line(step: int, result: dict) -> str | None:
         if result.get("aggregate"):
             parts.append(f"aggregate {result['aggregate']['centred']:+.3f}")
         parts.append(" ".join(f"{name} {r['score']:.3f}" for name, r in result["tasks"].items()))
+    for section, values in result.items():  # an objective's own evaluations (chat, preference, pass@k)
+        if section in ("val", "tasks", "aggregate") or not isinstance(values, dict):
+            continue
+        numbers = [f"{k} {v:.3f}" for k, v in _numeric_leaves(values) if not k.endswith(("_stderr", "/n")) and k != "n"]
+        if numbers:
+            parts.append(f"{section} " + " ".join(numbers[:8]))
     return f"eval step {step} | " + " | ".join(parts) if parts else None
+
+
+def _numeric_leaves(values: dict, prefix: str = "") -> list[tuple[str, float]]:
+    leaves = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            leaves += _numeric_leaves(value, f"{name}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            leaves.append((name, float(value)))
+    return leaves

@@ -601,7 +601,9 @@ class Trainer:
         model.train(was_training)
         if any(result.get(key) for key in result if key != "aggregate"):  # nothing configured: no line
             self.metrics.write({"step": self.state.step, "eval": result})
-            self.say(eval_console_line(self.state.step, result))
+            line = eval_console_line(self.state.step, result)
+            if line:
+                self.say(line)
         self.interval.start = time.perf_counter()  # evaluation time is not training throughput
         return result
 
