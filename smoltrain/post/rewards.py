@@ -1,0 +1,248 @@
+"""Verifiable rewards as plug-ins: `grpo.rewards: {name: weight}` sums named functions, each logged
+on its own. Every function, built-in or the user's `module:function`, has TRL's signature
+`f(prompts, completions, completion_ids, **columns) -> list[float | None]` (columns: the prompt
+source's fields, e.g. `answer`, `mode`), so a TRL reward function plugs in unchanged.
+
+None means "cannot score this one" (TRL: the function does not apply): it is left out of the sum;
+a completion no function could score gets advantage 0 and is counted. A function that raises or
+returns the wrong number of values stops the run with one line naming it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from smoltrain.errors import ConfigError, SmoltrainError
+from smoltrain.post.grpo import soft_overlong_penalty
+
+BUILTIN = ("math_answer", "format", "overlong", "length_group")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class RewardError(SmoltrainError):
+    """A reward function failed or broke the contract; the message names it."""
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def answer_text(completion: str) -> str:
+    """The part of a completion after its think block (the whole of it when there is none)."""
+    return completion.rsplit(THINK_CLOSE, 1)[-1] if THINK_CLOSE in completion else completion
+
+
+def extract_answer(completion: str) -> str | None:
+    """The final answer a completion gives: after its last '####', else its last \\boxed{}, else its
+    last number (GSM8K's and the embedded problems' conventions)."""
+    text = answer_text(completion)
+    if "####" in text:
+        tail = text.rsplit("####", 1)[-1].strip()
+        if not tail:
+            return None
+        line = tail.splitlines()[0].strip()
+        number = _NUMBER.match(line)  # '#### 42 dollars' -> '42'
+        return number.group(0) if number else line
+    boxed = _BOXED.findall(text)
+    if boxed:
+        return boxed[-1].strip()
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def _as_number(text: str) -> Fraction | None:
+    cleaned = text.strip().rstrip(".").replace(",", "").replace("$", "").replace(" ", "")
+    try:
+        return Fraction(cleaned)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(given: str | None, reference) -> bool:
+    """Numeric equality after removing '$', ',' and a trailing '.' (so '$3.50' == '3.5'); otherwise
+    math-verify's symbolic equality when it is installed, else equal normalised strings."""
+    if given is None or reference is None:
+        return False
+    reference = str(reference)
+    a, b = _as_number(given), _as_number(reference)
+    if a is not None and b is not None:
+        return a == b
+    try:
+        import math_verify  # optional: symbolic answers (fractions in LaTeX, sets, intervals)
+    except ImportError:
+        return given.strip().lower().rstrip(".") == reference.strip().lower().rstrip(".")
+    return bool(math_verify.verify(math_verify.parse(reference), math_verify.parse(given)))
+
+
+# ----------------------------------------------------------------------------- built-in rewards
+
+
+def math_answer(prompts, completions, completion_ids, answer=None, **columns) -> list[float | None]:
+    """1 when the completion's final answer equals the reference `answer` column, else 0 (None where
+    a row has no reference)."""
+    answers = answer if answer is not None else [None] * len(completions)
+    return [None if ref is None else float(answers_match(extract_answer(c), ref)) for c, ref in zip(completions, answers)]
+
+
+def _well_formed(completion: str, mode: str) -> bool:
+    opens, closes = completion.count(THINK_OPEN), completion.count(THINK_CLOSE)
+    if mode == "no_think":
+        # the template's generation prompt already holds the empty block; a completion may repeat
+        # an empty one, never think
+        if opens == closes == 0:
+            return bool(completion.strip())
+        match = re.fullmatch(r"\s*<think>\s*</think>(.*)", completion, flags=re.S)
+        return opens == closes == 1 and match is not None and bool(match.group(1).strip())
+    # think: one block with something in it, then an answer. The generation prompt may already have
+    # opened it, so the opening tag is optional.
+    match = re.fullmatch(r"\s*(?:<think>)?(.*?)</think>(.*)", completion, flags=re.S)
+    return closes == 1 and opens <= 1 and match is not None and bool(match.group(1).strip()) and bool(match.group(2).strip())
+
+
+def format_reward(mode: str = "no_think"):
+    """1 when the think block is well formed for the prompt's mode (column `mode`, else the run's):
+    think -> one non-empty block then an answer; no_think -> no thinking, an answer."""
+
+    def format(prompts, completions, completion_ids, mode=None, **columns):  # noqa: A001 - the reward's name
+        modes = mode if mode is not None else [default] * len(completions)
+        return [float(_well_formed(c, m)) for c, m in zip(completions, modes)]
+
+    default = mode
+    return format
+
+
+def overlong_reward(max_len: int, cache: int):
+    """DAPO's soft overlong penalty on the completion's length in tokens (see grpo.soft_overlong_penalty)."""
+    if not 0 < cache <= max_len:
+        raise ConfigError(f"grpo.overlong_cache must lie in (0, grpo.overlong_max_len = {max_len}], got {cache}")
+
+    def overlong(prompts, completions, completion_ids, **columns):
+        return [soft_overlong_penalty(len(ids), max_len, cache) for ids in completion_ids]
+
+    return overlong
+
+
+def length_group_reward(group_size: int):
+    """Kimi k1.5's length reward per group: lambda = 0.5 - (len - min) / (max - min); a correct answer
+    gets lambda, a wrong one min(0, lambda); 0 for a group of equal lengths."""
+
+    def length_group(prompts, completions, completion_ids, answer=None, **columns):
+        correct = math_answer(prompts, completions, completion_ids, answer=answer)
+        lengths = [len(ids) for ids in completion_ids]
+        out: list[float | None] = []
+        for start in range(0, len(lengths), group_size):
+            group = lengths[start : start + group_size]
+            low, high = min(group), max(group)
+            for n, ok in zip(group, correct[start : start + group_size]):
+                if high == low:
+                    out.append(0.0)
+                    continue
+                lam = 0.5 - (n - low) / (high - low)
+                out.append(None if ok is None else (lam if ok else min(0.0, lam)))
+        return out
+
+    return length_group
+
+
+# ----------------------------------------------------------------------------- the set of rewards
+
+
+@dataclass
+class Reward:
+    name: str
+    weight: float
+    function: Callable
+
+
+def load_user_function(spec: str) -> Callable:
+    """`package.module:function` -> the function; a ConfigError naming the spec otherwise."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"grpo.rewards: {spec!r} is neither a built-in ({', '.join(BUILTIN)}) nor 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"grpo.rewards: cannot import {module_name!r} for {spec!r} ({e})") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ConfigError(f"grpo.rewards: {module_name!r} has no function {attribute!r}")
+    return function
+
+
+def build_rewards(weights: Mapping[str, float], group_size: int, mode: str = "no_think",
+                  overlong_max_len: int = 0, overlong_cache: int = 0) -> list[Reward]:
+    """The configured reward functions with their weights, in the config's order."""
+    if not weights:
+        raise ConfigError("grpo.rewards is empty: name at least one reward (e.g. {math_answer: 1.0})")
+    rewards = []
+    for name, weight in weights.items():
+        if name == "math_answer":
+            function = math_answer
+        elif name == "format":
+            function = format_reward(mode)
+        elif name == "overlong":
+            if overlong_max_len <= 0:
+                raise ConfigError("grpo.rewards has 'overlong': set grpo.overlong_max_len (tokens) and grpo.overlong_cache")
+            function = overlong_reward(overlong_max_len, overlong_cache)
+        elif name == "length_group":
+            function = length_group_reward(group_size)
+        else:
+            function = load_user_function(name)
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConfigError(f"grpo.rewards.{name}: the weight must be a finite number, got {weight!r}")
+        rewards.append(Reward(name, float(weight), function))
+    return rewards
+
+
+@dataclass
+class Scores:
+    total: torch.Tensor  # [N] weighted sum over the functions that scored each completion
+    scorable: torch.Tensor  # [N] bool: at least one function scored it
+    per_function: dict[str, list[float | None]]
+
+
+def score(rewards: Sequence[Reward], prompts: list, completions: list[str], completion_ids: list[list[int]],
+          columns: Mapping[str, list]) -> Scores:
+    """Call every reward function on the whole batch and sum the weighted values (None left out)."""
+    n = len(completions)
+    total = torch.zeros(n, dtype=torch.float64)
+    scorable = torch.zeros(n, dtype=torch.bool)
+    per_function = {}
+    for reward in rewards:
+        try:
+            values = reward.function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        except SmoltrainError:
+            raise
+        except Exception as e:  # the user's code: any failure stops the run with its name
+            raise RewardError(f"reward function {reward.name!r} raised {type(e).__name__}: {e}") from None
+        if not isinstance(values, (list, tuple)) or len(values) != n:
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+            raise RewardError(f"reward function {reward.name!r} returned {got} for {n} completions (expected a list of {n} floats or None)")
+        clean = []
+        for i, value in enumerate(values):
+            if value is None:
+                clean.append(None)
+                continue
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RewardError(f"reward function {reward.name!r} returned {value!r} at index {i} (expected a finite float or None)")
+            clean.append(float(value))
+            total[i] += reward.weight * float(value)
+            scorable[i] = True
+        per_function[reward.name] = clean
+    return Scores(total=total, scorable=scorable, per_function=per_function)
+
+
+__all__ = ["Reward", "RewardError", "Scores", "build_rewards", "score", "math_answer", "format_reward",
+           "overlong_reward", "length_group_reward", "extract_answer", "answers_match", "load_user_function", "BUILTIN"]
