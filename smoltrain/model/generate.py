@@ -7,7 +7,8 @@ and the mask always lets a query see itself, so a padding row never takes a soft
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -43,7 +44,122 @@ def sample_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+@dataclass
+class Samples:
+    """What `sample` returns, per prompt: the new tokens up to and including the first stop token,
+    the log-probability and entropy of the distribution each was drawn from (logits / temperature,
+    before top-k / top-p: what a teacher-forced `token_logprobs(..., temperature)` recomputes), and
+    whether the row stopped (False: cut at max_new_tokens, "truncated")."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    entropies: list[list[float]]
+    finished: list[bool]
+
+
+def _check_arguments(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+
+
 @torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+    lockstep: Callable[[int], int] | None = None,
+) -> Samples:
+    """Batched decoding through the KV cache with the caller's `generator` (its state is what a
+    checkpoint saves for an exact resume). Greedy when temperature == 0.
+
+    `lockstep(n) -> max of n over the ranks` keeps data-parallel ranks in step: every rank left-pads
+    to the longest prompt of all ranks (so prefill runs the same number of forwards) and decodes
+    until every row of every rank has stopped: FSDP ranks that run different numbers of forwards
+    hang in their all-gathers. Tokens a row draws after its stop token are discarded."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("sample needs at least one prompt and no empty prompt")
+    _check_arguments(temperature, top_k, top_p)
+    if max_new_tokens <= 0:
+        return Samples([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts], [False] * len(prompts))
+
+    base = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    weight = base.embed_tokens.weight
+    device, vocab_size = weight.device, base.config.vocab_size
+    if any(t < 0 or t >= vocab_size for p in prompts for t in p):
+        raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    if lockstep is not None:
+        longest = lockstep(longest)
+    total = longest + max_new_tokens
+    if base.rope_cos.shape[0] < total:  # beyond the trained length: extend the tables, do not fail
+        base.set_rope(max_seq_len=total)
+
+    ids = torch.zeros(batch, total, dtype=torch.long, device=device)  # prompts, then what we generate
+    real = torch.ones(batch, total, dtype=torch.bool, device=device)  # False on left padding
+    for row, prompt in enumerate(prompts):
+        pad = longest - len(prompt)
+        ids[row, pad:longest] = torch.tensor(prompt, dtype=torch.long, device=device)
+        real[row, :pad] = False
+    positions = (real.long().cumsum(dim=-1) - 1).clamp(min=0)
+    cache = KVCache(base.config, batch, total, device, dtype=weight.dtype)
+
+    def step(start: int, end: int) -> torch.Tensor:
+        """Feed columns [start, end) through the cache; the last column's logits."""
+        queries = torch.arange(start, end, device=device)[:, None]
+        keys = torch.arange(end, device=device)[None, :]
+        mask = ((keys <= queries) & real[:, None, :end]) | (keys == queries)
+        logits = model(ids[:, start:end], position_ids=positions[:, start:end], attention_mask=mask[:, None], cache=cache)
+        return logits[:, -1]
+
+    chunk = max(1, PREFILL_CHUNK_ELEMENTS // (batch * vocab_size))
+    if lockstep is not None:
+        chunk = -lockstep(-chunk)  # the smallest chunk of all ranks (batches may differ by a row)
+    for start in range(0, longest, chunk):
+        logits = step(start, min(start + chunk, longest))
+
+    stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(batch, max_new_tokens, device=device)
+    entropies = torch.zeros(batch, max_new_tokens, device=device)
+    produced = max_new_tokens
+    for i in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        scaled = logits.float() / temperature if temperature > 0 else logits.float()
+        log_dist = scaled.log_softmax(dim=-1)
+        logprobs[:, i] = log_dist.gather(1, token[:, None]).squeeze(1)
+        entropies[:, i] = -(log_dist.exp() * log_dist).nan_to_num().sum(-1)
+        ids[:, longest + i] = token
+        finished |= torch.isin(token, stops)
+        if i == max_new_tokens - 1:
+            break
+        running = int(not bool(finished.all()))
+        if (lockstep(running) if lockstep is not None else running) == 0:
+            produced = i + 1
+            break
+        logits = step(longest + i, longest + i + 1)
+
+    stop_set = set(stop_tokens)
+    tokens, row_logprobs, row_entropies, ended = [], [], [], []
+    for row, (new, lp, ent) in enumerate(zip(ids[:, longest : longest + produced].tolist(),
+                                             logprobs[:, :produced].tolist(), entropies[:, :produced].tolist())):
+        stop = next((j for j, t in enumerate(new) if t in stop_set), None)
+        keep = len(new) if stop is None else stop + 1
+        tokens.append(new[:keep])
+        row_logprobs.append(lp[:keep])
+        row_entropies.append(ent[:keep])
+        ended.append(stop is not None)
+    return Samples(tokens, row_logprobs, row_entropies, ended)
+
+
 def generate(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -57,64 +173,13 @@ def generate(
     """New tokens only, per prompt, cut before the first stop token; greedy when temperature == 0."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    _check_arguments(temperature, top_k, top_p)
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
-
-    base = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    weight = base.embed_tokens.weight
-    device, vocab_size = weight.device, base.config.vocab_size
-    if any(t < 0 or t >= vocab_size for p in prompts for t in p):
-        raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
-    batch, longest = len(prompts), max(len(p) for p in prompts)
-    total = longest + max_new_tokens
-    if base.rope_cos.shape[0] < total:  # beyond the trained length: extend the tables, do not fail
-        base.set_rope(max_seq_len=total)
-
-    ids = torch.zeros(batch, total, dtype=torch.long, device=device)  # prompts, then what we generate
-    real = torch.ones(batch, total, dtype=torch.bool, device=device)  # False on left padding
-    for row, prompt in enumerate(prompts):
-        pad = longest - len(prompt)
-        ids[row, pad:longest] = torch.tensor(prompt, dtype=torch.long, device=device)
-        real[row, :pad] = False
-    positions = (real.long().cumsum(dim=-1) - 1).clamp(min=0)
-    cache = KVCache(base.config, batch, total, device, dtype=weight.dtype)
+    device = getattr(model, "_orig_mod", model).embed_tokens.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-
-    def step(start: int, end: int) -> torch.Tensor:
-        """Feed columns [start, end) through the cache; the last column's logits."""
-        queries = torch.arange(start, end, device=device)[:, None]
-        keys = torch.arange(end, device=device)[None, :]
-        mask = ((keys <= queries) & real[:, None, :end]) | (keys == queries)
-        logits = model(ids[:, start:end], position_ids=positions[:, start:end], attention_mask=mask[:, None], cache=cache)
-        return logits[:, -1]
-
-    chunk = max(1, PREFILL_CHUNK_ELEMENTS // (batch * vocab_size))
-    for start in range(0, longest, chunk):
-        logits = step(start, min(start + chunk, longest))
-
-    stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for i in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, generator)
-        ids[:, longest + i] = token
-        finished |= torch.isin(token, stops)
-        if i == max_new_tokens - 1 or bool(finished.all()):
-            produced = i + 1
-            break
-        logits = step(longest + i, longest + i + 1)
-
-    results = []
-    stop_set = set(stop_tokens)
-    for row in ids[:, longest : longest + produced].tolist():
-        cut = next((j for j, t in enumerate(row) if t in stop_set), len(row))
-        results.append(row[:cut])
-    return results
+    samples = sample(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator)
+    return [row[:-1] if done else row for row, done in zip(samples.tokens, samples.finished)]
 
 
-__all__ = ["generate", "sample_next", "PREFILL_CHUNK_ELEMENTS"]
+__all__ = ["generate", "sample", "Samples", "sample_next", "PREFILL_CHUNK_ELEMENTS"]

@@ -1,0 +1,90 @@
+"""Rollouts: what the KV-cache sampler says it sampled equals a teacher-forced recompute through the
+training forward; lockstep padding and extra decode steps change nothing; the batches' layout."""
+
+import pytest
+import torch
+
+from smoltrain.config import ModelConfig
+from smoltrain.model.generate import sample
+from smoltrain.model.transformer import build_model, token_logprobs
+from smoltrain.post.rollout import generate_rollouts, micro_batches
+
+VOCAB = 200
+
+
+def _model():
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                         intermediate_size=96, max_seq_len=64)
+    model = build_model(config, seed=3)
+    with torch.no_grad():
+        model.embed_tokens.weight.mul_(4)  # peakier than the init, far from uniform
+    return model
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_logprobs_equal_a_teacher_forced_recompute(temperature):
+    model = _model()
+    stops = set(range(1, VOCAB, 8))  # end tokens: ~1 draw in 8 stops a row, so both kinds occur
+    rollouts = generate_rollouts(model, _prompts([5, 11, 2]), num_generations=3, max_completion_length=12,
+                                 temperature=temperature, top_p=0.9, stop_tokens=stops,
+                                 generator=torch.Generator().manual_seed(0))
+    assert len(rollouts) == 9 and rollouts.prompt_ids[0] == rollouts.prompt_ids[2] != rollouts.prompt_ids[3]
+    for ids, truncated in zip(rollouts.completion_ids, rollouts.truncated):
+        # kept up to and including the first stop token; truncated exactly when there is none
+        ends = [t in stops for t in ids]
+        assert (not any(ends)) == truncated and sum(ends) <= 1 and (truncated or ends[-1])
+        assert truncated or len(ids) <= 12
+    assert any(rollouts.truncated) and not all(rollouts.truncated)  # the test sees both kinds
+    for batch in micro_batches(rollouts, torch.zeros(9), size=4):
+        with torch.no_grad():
+            recomputed = token_logprobs(model, batch["input_ids"], batch["labels"], temperature=temperature)
+        mask = batch["labels"] != -100
+        torch.testing.assert_close(recomputed[mask], batch["sampling_logprobs"][mask], atol=2e-5, rtol=1e-5)
+
+
+def test_micro_batches_put_labels_on_completion_tokens_and_mask_truncated_rows():
+    from smoltrain.post.rollout import Rollouts
+
+    rollouts = Rollouts(prompt_ids=[[5, 6, 7], [5, 6, 7], [9], [9]], completion_ids=[[1, 2], [3], [4, 4, 4], [8]],
+                        logprobs=[[-0.1, -0.2], [-0.3], [-1.0, -1.0, -1.0], [-0.5]], entropies=[[0] * 2, [0], [0] * 3, [0]],
+                        truncated=[False, True, True, False])
+    first, second = micro_batches(rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5]), size=2, mask_truncated=True, pad_id=0)
+    assert first["input_ids"].tolist() == [[5, 6, 7, 1, 2], [5, 6, 7, 3, 0]]
+    assert first["labels"].tolist() == [[-100, -100, 1, 2, -100], [-100, -100, 3, -100, -100]]
+    assert first["loss_mask"].tolist() == [[False, False, True, True, False], [False] * 5]
+    assert second["input_ids"].tolist() == [[9, 4, 4, 4], [9, 8, 0, 0]]
+    assert second["labels"].tolist() == [[4, 4, 4, -100], [8, -100, -100, -100]]
+    assert second["loss_mask"].tolist() == [[False] * 4, [True, False, False, False]]
+    assert second["advantages"].tolist() == [0.5, -0.5]
+    assert first["sampling_logprobs"][0, 2:4].tolist() == pytest.approx([-0.1, -0.2])
+
+
+def test_lockstep_padding_and_extra_decode_steps_leave_the_samples_unchanged():
+    """What another rank forces on this one (a longer prompt, rows still running) is invisible."""
+    model = _model()
+    prompts = _prompts([4, 9])
+    free = sample(model, prompts, 10, generator=torch.Generator().manual_seed(5))
+    stop = free.tokens[0][3]
+    alone = sample(model, prompts, 10, 1.0, None, None, [stop], torch.Generator().manual_seed(5))
+    calls = []
+
+    def other_rank_is_longer_and_never_done(n):
+        calls.append(n)
+        if n < 0:  # -(prefill chunk): the other rank's chunk is no smaller
+            return n
+        return max(n, 17) if n > 1 else 1  # a 17-token prompt elsewhere; someone is always running
+
+    forwards = []
+    hook = model.register_forward_hook(lambda *args: forwards.append(1))
+    synced = sample(model, prompts, 10, 1.0, None, None, [stop], torch.Generator().manual_seed(5),
+                    lockstep=other_rank_is_longer_and_never_done)
+    hook.remove()
+    assert synced.tokens == alone.tokens and synced.finished == alone.finished == [True, False]
+    for a, b in zip(synced.logprobs, alone.logprobs):  # longer padding: another summation order
+        assert a == pytest.approx(b, abs=1e-5)
+    assert calls[0] == 9 and len(forwards) == 1 + 9  # one prefill chunk, then every decode step
