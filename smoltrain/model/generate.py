@@ -19,29 +19,33 @@ from smoltrain.model.transformer import KVCache
 PREFILL_CHUNK_ELEMENTS = 2**26
 
 
-def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Set everything outside the top-k and outside the top-p nucleus to -inf."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        ordered, order = logits.sort(dim=-1, descending=True)
-        probs = ordered.softmax(dim=-1)
-        # Keep a token while the mass ranked above it is below top_p: the smallest set reaching
-        # top_p, and never empty (the most likely token always has 0 mass above it).
-        outside = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
-    return logits
-
-
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """[batch, vocab] logits -> [batch] token ids; argmax when temperature == 0."""
+    """[batch, vocab] logits -> [batch] token ids; argmax when temperature == 0.
+
+    Draws among the top-k candidates only (sorted by topk), keeps the smallest prefix whose mass
+    reaches top_p, and inverts the cumulative distribution with one uniform per row: torch.multinomial
+    draws an exponential per vocabulary entry (14% of a CPU rollout at 4k vocabulary, 32 rows)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = _filter_logits(logits.float() / temperature, top_k, top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    logits = logits.float() / temperature
+    nucleus = top_p is not None and top_p < 1.0
+    if top_k is not None and top_k < logits.shape[-1]:
+        values, candidates = logits.topk(top_k, dim=-1)  # sorted, largest first
+    elif nucleus:
+        values, candidates = logits.sort(dim=-1, descending=True)
+    else:
+        values, candidates = logits, None
+    probs = values.softmax(dim=-1)
+    if nucleus:
+        # Keep a token while the mass ranked above it is below top_p: the smallest set reaching
+        # top_p, and never empty (the most likely token always has 0 mass above it).
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)  # zero-mass entries never win
+    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
 
 
 @dataclass
@@ -117,7 +121,8 @@ def sample(
         queries = torch.arange(start, end, device=device)[:, None]
         keys = torch.arange(end, device=device)[None, :]
         mask = ((keys <= queries) & real[:, None, :end]) | (keys == queries)
-        logits = model(ids[:, start:end], position_ids=positions[:, start:end], attention_mask=mask[:, None], cache=cache)
+        logits = model(ids[:, start:end], position_ids=positions[:, start:end], attention_mask=mask[:, None], cache=cache,
+                       logits_to_keep=1)
         return logits[:, -1]
 
     chunk = max(1, PREFILL_CHUNK_ELEMENTS // (batch * vocab_size))

@@ -165,6 +165,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         reduction: str = "mean",
         temperature: float = 1.0,
+        logits_to_keep: int = 0,
     ):
         """Logits [batch, seq, vocab] when labels is None, else a LossOutput (reduction "mean" or
         "sum"), or with reduction="none" the float32 log-probability of each label [batch, seq]
@@ -174,6 +175,7 @@ class Transformer(nn.Module):
         document_ids [batch, seq] turn on intra-document masking (if the config enables it) with
         positions restarting per document. position_ids and a boolean attention_mask
         [batch, 1, seq, seq_kv] override both, for padded batches and cached decoding.
+        logits_to_keep > 0 computes logits for the last positions only (a prefill needs one).
         """
         batch, seq = input_ids.shape
         offset = cache.length if cache is not None else 0
@@ -204,7 +206,7 @@ class Transformer(nn.Module):
         # sequence-sharded residual stream is gathered back (the chunks are flattened tokens).
         x = self.norm(x)
         if labels is None:
-            logits = self.output(x)
+            logits = self.output(x[:, -logits_to_keep:] if logits_to_keep else x)
             return logits.full_tensor() if self.loss_parallel else logits
         if reduction == "none":
             return self._token_logprobs(x, labels, temperature)
