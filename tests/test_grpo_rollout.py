@@ -88,3 +88,16 @@ def test_lockstep_padding_and_extra_decode_steps_leave_the_samples_unchanged():
     for a, b in zip(synced.logprobs, alone.logprobs):  # longer padding: another summation order
         assert a == pytest.approx(b, abs=1e-5)
     assert calls[0] == 9 and len(forwards) == 1 + 9  # one prefill chunk, then every decode step
+
+
+def test_per_row_generators_make_a_row_independent_of_its_batch_mates():
+    """What lets N data-parallel ranks sample exactly what one process samples."""
+    model = _model()
+    prompts = _prompts([4, 9, 6])
+    seeds = [11, 12, 13]
+    together = sample(model, prompts, 8, 1.0, 20, 0.9, (), [torch.Generator().manual_seed(s) for s in seeds])
+    for i in range(3):
+        alone = sample(model, [prompts[i]], 8, 1.0, 20, 0.9, (), [torch.Generator().manual_seed(seeds[i])])
+        assert alone.tokens[0] == together.tokens[i]
+    again = sample(model, prompts, 8, 1.0, 20, 0.9, (), [torch.Generator().manual_seed(s) for s in seeds])
+    assert again.tokens == together.tokens and len({tuple(t) for t in together.tokens}) == 3

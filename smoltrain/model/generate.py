@@ -20,13 +20,15 @@ PREFILL_CHUNK_ELEMENTS = 2**26
 
 
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[batch, vocab] logits -> [batch] token ids; argmax when temperature == 0.
 
     Draws among the top-k candidates only (sorted by topk), keeps the smallest prefix whose mass
-    reaches top_p, and inverts the cumulative distribution with one uniform per row: torch.multinomial
-    draws an exponential per vocabulary entry (14% of a CPU rollout at 4k vocabulary, 32 rows)."""
+    reaches top_p, and inverts the cumulative distribution with one uniform per row (`uniform` [batch],
+    else drawn from `generator`): torch.multinomial draws an exponential per vocabulary entry (14% of
+    a CPU rollout at 4k vocabulary, 32 rows)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -43,7 +45,9 @@ def sample_next(
         # top_p, and never empty (the most likely token always has 0 mass above it).
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]
+    if uniform is None:
+        uniform = torch.rand(probs.shape[0], device=probs.device, generator=generator)
+    u = uniform[:, None].to(cdf.dtype) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)  # zero-mass entries never win
     return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
 
@@ -79,11 +83,13 @@ def sample(
     top_k: int | None = None,
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     lockstep: Callable[[int], int] | None = None,
 ) -> Samples:
     """Batched decoding through the KV cache with the caller's `generator` (its state is what a
-    checkpoint saves for an exact resume). Greedy when temperature == 0.
+    checkpoint saves for an exact resume), or one CPU generator per row: each row's uniforms are then
+    drawn up front from its own stream, so a row's sample does not depend on which other rows share
+    its batch (GRPO under 1 or N data-parallel ranks samples the same). Greedy when temperature == 0.
 
     `lockstep(n) -> max of n over the ranks` keeps data-parallel ranks in step: every rank left-pads
     to the longest prompt of all ranks (so prefill runs the same number of forwards) and decodes
@@ -131,13 +137,19 @@ def sample(
     for start in range(0, longest, chunk):
         logits = step(start, min(start + chunk, longest))
 
+    uniforms = None
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for {batch} prompts")
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=g) for g in generator]).to(device)
+        generator = None
     stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     logprobs = torch.zeros(batch, max_new_tokens, device=device)
     entropies = torch.zeros(batch, max_new_tokens, device=device)
     produced = max_new_tokens
     for i in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = sample_next(logits, temperature, top_k, top_p, generator, None if uniforms is None else uniforms[:, i])
         scaled = logits.float() / temperature if temperature > 0 else logits.float()
         log_dist = scaled.log_softmax(dim=-1)
         logprobs[:, i] = log_dist.gather(1, token[:, None]).squeeze(1)
