@@ -171,6 +171,37 @@ class DPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """RL with verifiable rewards (`smoltrain grpo`); defaults are TRL 1.16's where it has one."""
+
+    prompts: str = "embedded"  # "embedded" (arithmetic word problems), "gsm8k:PATH", or a jsonl/json/parquet file
+    eval_prompts: Optional[str] = None  # held-out prompts: default the held-out split of `prompts` (a file needs one)
+    num_prompts: int = 2000  # training prompts drawn from the source (the embedded source generates this many)
+    eval_count: int = 64  # held-out prompts scored every train.eval_every steps
+    mode: Literal["think", "no_think"] = "no_think"  # unless a prompt row sets its own
+    chat_template: Optional[str] = None  # smollm3 / chatml; None: the tokenizer's own template
+    num_generations: int = 8  # G: completions per prompt
+    prompts_per_step: int = 8  # prompts per rollout batch (split over data-parallel ranks)
+    max_prompt_length: int = 512  # longer prompts keep their end (TRL)
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    num_iterations: int = 1  # mu: optimizer steps on each rollout batch (> 1 stores old log-probs)
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None  # None: epsilon (DAPO: 0.28)
+    beta: float = 0.0  # k3 KL to the frozen starting model; 0 keeps no reference (TRL, DAPO)
+    kl_bias_correction: bool = True  # TRL: the KL term weighted by the probability ratio
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
+    mask_truncated: bool = False  # DAPO overlong filtering: no loss on completions without an end token
+    rewards: dict[str, float] = field(default_factory=lambda: {"math_answer": 1.0})  # name or module:function -> weight
+    overlong_max_len: int = 0  # DAPO soft overlong penalty (reward "overlong"): -1 at this many tokens
+    overlong_cache: int = 0  # ... and 0 up to overlong_max_len - overlong_cache
+    pass_k: int = 4  # held-out pass@k samples per prompt (pass@1 is greedy)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -179,6 +210,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -419,6 +451,22 @@ def validate_dpo(p: DPOConfig) -> None:
     _require(p.chat_eval_items >= 0, f"dpo.chat_eval_items must be >= 0, got {p.chat_eval_items}")
 
 
+def validate_grpo(g: GRPOConfig) -> None:
+    for key in ("num_prompts", "eval_count", "prompts_per_step", "max_prompt_length", "max_completion_length",
+                "num_iterations", "pass_k"):
+        _require(getattr(g, key) > 0, f"grpo.{key} must be positive, got {getattr(g, key)}")
+    _require(g.num_generations >= 2, f"grpo.num_generations must be >= 2 (a group needs a spread), got {g.num_generations}")
+    _require(g.temperature > 0, f"grpo.temperature must be positive (GRPO samples), got {g.temperature}")
+    _require(0 < g.top_p <= 1, f"grpo.top_p must lie in (0, 1], got {g.top_p}")
+    _require(g.top_k >= 0, f"grpo.top_k must be >= 0, got {g.top_k}")
+    _require(0 <= g.epsilon < 1, f"grpo.epsilon must lie in [0, 1), got {g.epsilon}")
+    _require(g.epsilon_high is None or g.epsilon_high >= 0, f"grpo.epsilon_high must be >= 0, got {g.epsilon_high}")
+    _require(g.beta >= 0, f"grpo.beta must be >= 0, got {g.beta}")
+    if "overlong" in g.rewards:
+        _require(0 < g.overlong_cache <= g.overlong_max_len,
+                 f"grpo.overlong_cache ({g.overlong_cache}) must lie in (0, grpo.overlong_max_len ({g.overlong_max_len})]")
+
+
 def validate(c: Config) -> None:
     validate_model(c.model)
     d, o, t, p = c.data, c.optim, c.train, c.parallel
@@ -462,6 +510,7 @@ def validate(c: Config) -> None:
     check_tensor_parallel(c.model, p)
     validate_eval(c.eval)
     validate_dpo(c.dpo)
+    validate_grpo(c.grpo)
 
 
 def grad_accumulation(t: TrainConfig, seq_len: int, dp_world: int) -> int:
