@@ -1,0 +1,371 @@
+"""`smoltrain grpo`: GRPO with verifiable rewards as an objective of the one Trainer loop.
+
+The batch source is the rollout machine: every `num_iterations` optimizer steps it samples G
+completions for each of the step's prompts with the current weights, scores them, turns rewards into
+group advantages and serves the same micro-batches mu times (stored old log-probs when mu > 1).
+Sampling uses one generator per completion seeded by (train.seed, rollout batch, completion index):
+the random stream is a function of the saved rollout counter, so a resumed run, and a run split over
+any number of data-parallel ranks, draws exactly what one uninterrupted process draws.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from smoltrain.config import Config
+from smoltrain.errors import CheckpointError, ConfigError
+from smoltrain.model.generate import sample
+from smoltrain.model.transformer import token_logprobs
+from smoltrain.post.grpo import aggregate, group_advantages, per_token_loss
+from smoltrain.post.prompts import encode, load_prompts, reward_columns
+from smoltrain.post.rewards import answers_match, build_rewards, extract_answer, score
+from smoltrain.post.rollout import generate_rollouts, max_over_ranks, micro_batches
+
+
+def _row_seed(*parts) -> int:
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _generators(*parts, count: int, start: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(_row_seed(*parts, start + i)) for i in range(count)]
+
+
+def _percentile(values: list[int], q: float) -> float:
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]) if ordered else 0.0
+
+
+class RolloutBuffer:
+    """The micro-batches of the current rollout batch: a stateful part, so a run resumed between two
+    of its mu optimizer steps trains on the very same rollouts."""
+
+    def __init__(self):
+        self.batches: list[dict] | None = None
+        self.metrics: dict = {}
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "metrics": self.metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches, self.metrics = state["batches"], state["metrics"]
+
+
+class RolloutSource:
+    """BatchSource for GRPO (train/objective.py): its position is two integers, the rollout batches
+    made and the micro-batches served."""
+
+    stage = 0
+
+    def __init__(self, objective: "GRPOObjective"):
+        self.objective = objective
+        self.seq_len = objective.config.grpo.max_prompt_length + objective.config.grpo.max_completion_length
+        self.rollouts = 0
+        self.position = 0
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        o = self.objective
+        per_step = o.accumulation(self.seq_len, o.ctx.dp_world)
+        cycle = per_step * o.config.grpo.num_iterations
+        if self.position % cycle == 0:
+            o.make_rollouts(self.rollouts)
+            self.rollouts += 1
+        elif o.buffer.batches is None:
+            raise CheckpointError("the checkpoint has no rollout buffer for its position inside a rollout batch")
+        batch = o.buffer.batches[(self.position % cycle) % per_step]
+        self.position += 1
+        o.fetched = time.perf_counter()
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"rollouts": self.rollouts, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollouts, self.position = int(state["rollouts"]), int(state["position"])
+
+    def skip(self, num_batches: int) -> None:
+        for _ in range(num_batches):  # skipping rollouts means making them: they draw from the counter
+            self.next_batch()
+
+    def set_stage(self, index: int) -> None:
+        if index != 0:
+            raise ConfigError("grpo has one stage: data.stages do not apply")
+
+    def close(self) -> None:
+        pass
+
+
+class GRPOObjective:
+    name = "grpo"
+
+    def __init__(self, config: Config, model: nn.Module, ctx, tokenizer, train_prompts: list[dict],
+                 eval_prompts: list[dict], reference: nn.Module | None = None):
+        g = config.grpo
+        self.config, self.model, self.ctx, self.tokenizer = config, model, ctx, tokenizer
+        self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
+        self.reference = reference
+        self.rewards = build_rewards(g.rewards, g.num_generations, g.mode, g.overlong_max_len, g.overlong_cache)
+        self.stop_tokens = _stop_tokens(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.autocast_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and ctx.device.type == "cuda")
+        self.lockstep = max_over_ranks(device=ctx.device) if ctx.world_size > 1 else None
+        self.buffer = RolloutBuffer()
+        self.batches = RolloutSource(self)
+        self.fetched = time.perf_counter()
+        self._encoded: dict[int, list[int]] = {}
+        if g.prompts_per_step % ctx.dp_world:
+            raise ConfigError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of the "
+                              f"data-parallel ranks ({ctx.dp_world}): each group stays on one rank")
+        if len(eval_prompts) < ctx.dp_world:
+            raise ConfigError(f"grpo.eval_count ({len(eval_prompts)}) must be at least the data-parallel ranks ({ctx.dp_world})")
+
+    # ------------------------------------------------------------------------- the contract
+
+    def accumulation(self, seq_len: int, dp_world: int) -> int:
+        g = self.config.grpo
+        rows = g.prompts_per_step // dp_world * g.num_generations
+        return -(-rows // self.config.train.micro_batch_size)
+
+    def stateful(self) -> dict:
+        return {"rollout_buffer": self.buffer}
+
+    def loss(self, model: nn.Module, batch):
+        g = self.config.grpo
+        logprobs = token_logprobs(model, batch["input_ids"], batch["labels"], temperature=g.temperature)
+        per_token, parts = per_token_loss(logprobs, batch["advantages"], batch.get("old_logprobs"), g.epsilon,
+                                          g.epsilon_high, g.beta, batch.get("ref_logprobs"), g.kl_bias_correction)
+        mask = batch["loss_mask"]
+        total, count = aggregate(per_token, mask, g.loss_type, g.max_completion_length)
+        m = mask.float()
+        tokens = m.sum()
+        low, high = parts["low_clipped"].float() * m, parts["high_clipped"].float() * m
+        metrics = {"clip_ratio/low_mean": (low.sum(), tokens), "clip_ratio/high_mean": (high.sum(), tokens),
+                   "clip_ratio/region_mean": (low.sum() + high.sum(), tokens)}
+        if "kl" in parts:
+            metrics["kl"] = ((parts["kl"] * m).sum(), tokens)
+        return total, count, metrics
+
+    def step_metrics(self) -> dict:
+        """The latest rollout batch's numbers (global), and training tokens/s measured apart from sampling."""
+        metrics = dict(self.buffer.metrics)
+        seconds = time.perf_counter() - self.fetched
+        if self.buffer.batches and seconds > 0:
+            label_tokens = sum(int((b["labels"] != -100).sum()) for b in self.buffer.batches)
+            metrics["train_tokens_per_s"] = round(label_tokens * self.ctx.dp_world / seconds, 1)
+        return metrics
+
+    # ------------------------------------------------------------------------- rollouts
+
+    def _prompt_ids(self, index: int, item: dict) -> list[int]:
+        if index not in self._encoded:
+            ids = encode(self.tokenizer, item)
+            self._encoded[index] = ids[-self.config.grpo.max_prompt_length :]  # TRL keeps the end
+        return self._encoded[index]
+
+    def _step_prompts(self, k: int) -> list[int]:
+        """Indices of rollout batch k's prompts: consecutive slices of per-epoch shuffles of the set."""
+        n, per = len(self.train_prompts), self.config.grpo.prompts_per_step
+        out = []
+        for position in range(k * per, (k + 1) * per):
+            epoch, offset = divmod(position, n)
+            order = list(range(n))
+            random.Random(_row_seed(self.config.train.seed, "prompts", epoch)).shuffle(order)
+            out.append(order[offset])
+        return out
+
+    def _gather(self, value: torch.Tensor) -> torch.Tensor:
+        """[n] local values -> [n x dp_world] in rank order (every rank holds as many)."""
+        if self.ctx.dp_world == 1:
+            return value
+        import torch.distributed as dist
+
+        value = value.to(self.ctx.device).contiguous()
+        parts = [torch.empty_like(value) for _ in range(self.ctx.dp_world)]
+        dist.all_gather(parts, value, group=self.ctx.flat_dp_mesh.get_group())
+        return torch.cat(parts).cpu()
+
+    @torch.no_grad()
+    def _logprobs(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        autocast = torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
+        with autocast:
+            return token_logprobs(model, batch["input_ids"].to(self.ctx.device), batch["labels"].to(self.ctx.device),
+                                  temperature=self.config.grpo.temperature).float().cpu()
+
+    def make_rollouts(self, k: int) -> None:
+        g, ctx = self.config.grpo, self.ctx
+        indices = self._step_prompts(k)
+        local_count = g.prompts_per_step // ctx.dp_world
+        first = ctx.dp_rank * local_count
+        mine = indices[first : first + local_count]
+        items = [self.train_prompts[i] for i in mine]
+        prompt_ids = [self._prompt_ids(i, item) for i, item in zip(mine, items)]
+        generators = _generators(self.config.train.seed, "rollout", k, count=local_count * g.num_generations,
+                                 start=first * g.num_generations)
+        rollouts = generate_rollouts(self.model, prompt_ids, g.num_generations, g.max_completion_length, g.temperature,
+                                     g.top_k or None, g.top_p, self.stop_tokens, generators, self.lockstep)
+        texts = [self._decode(ids, truncated) for ids, truncated in zip(rollouts.completion_ids, rollouts.truncated)]
+        prompts = [item.get("messages", item.get("prompt")) for item in items for _ in range(g.num_generations)]
+        columns = reward_columns(items, g.num_generations)
+        scores = score(self.rewards, prompts, texts, rollouts.completion_ids, columns)
+        correct = [float(answers_match(extract_answer(t), a)) for t, a in zip(texts, columns["answer"])]
+
+        # Everything the advantages and the metrics need, gathered in rank order (= one process's order).
+        per_function = torch.tensor([[math.nan if v is None else v for v in values] for values in scores.per_function.values()],
+                                    dtype=torch.float64).reshape(len(scores.per_function), -1)
+        local = torch.cat([scores.total[None], scores.scorable.double()[None], per_function,
+                           torch.tensor([[len(c) for c in rollouts.completion_ids], rollouts.truncated, correct],
+                                        dtype=torch.float64),
+                           torch.tensor([[sum(e) for e in rollouts.entropies]], dtype=torch.float64)])
+        gathered = torch.stack([self._gather(row) for row in local])
+        total, scorable = gathered[0], gathered[1].bool()
+        functions = gathered[2 : 2 + len(scores.per_function)]
+        lengths, truncated, correct_all, entropy = gathered[-4:]
+        advantages = group_advantages(total, g.num_generations, g.scale_rewards, scorable)
+        rows = local_count * g.num_generations
+        mine_adv = advantages[ctx.dp_rank * rows : (ctx.dp_rank + 1) * rows]
+
+        batches = micro_batches(rollouts, mine_adv, self.config.train.micro_batch_size, g.mask_truncated, self.pad_id)
+        if g.num_iterations > 1:  # the policy that sampled, for the ratio of iterations 2..mu
+            for batch in batches:
+                batch["old_logprobs"] = self._logprobs(self.model, batch)
+        if g.beta > 0:
+            for batch in batches:
+                batch["ref_logprobs"] = self._logprobs(self.reference, batch)
+        for batch in batches:
+            del batch["sampling_logprobs"]  # kept in tests; the loss recomputes through the forward
+        self.buffer.batches = batches
+
+        seconds = torch.tensor([rollouts.seconds])
+        if ctx.dp_world > 1:
+            seconds = self._gather(seconds).max()[None]
+        lengths_list = [int(x) for x in lengths.tolist()]
+        spread = total.view(-1, g.num_generations).std(dim=1)
+        metrics = {
+            "reward": total.mean().item(), "reward_std": spread.mean().item(),  # TRL: the mean of the group stds
+            "frac_reward_zero_std": (spread < 1e-8).double().mean().item(),
+            "accuracy": correct_all.mean().item(),
+            "completions/mean_length": statistics.fmean(lengths_list),
+            "completions/median_length": float(statistics.median(lengths_list)),
+            "completions/p90_length": _percentile(lengths_list, 0.9),
+            "completions/max_length": float(max(lengths_list)),
+            "completions/clipped_ratio": truncated.mean().item(),  # TRL's name for the truncated share
+            "unscorable": int((~scorable).sum().item()),
+            "entropy": (entropy.sum() / max(1, sum(lengths_list))).item(),
+            "rollout_tokens_per_s": round(sum(lengths_list) / max(seconds.item(), 1e-9), 1),
+            "rollouts": k + 1,
+        }
+        for name, values in zip(scores.per_function, functions):
+            scored = values[~values.isnan()]
+            metrics[f"rewards/{name}/mean"] = scored.mean().item() if scored.numel() else None
+            metrics[f"rewards/{name}/std"] = scored.std().item() if scored.numel() > 1 else None
+        self.buffer.metrics = {k_: (round(v, 6) if isinstance(v, float) else v) for k_, v in metrics.items()}
+
+    def _decode(self, ids: list[int], truncated: bool) -> str:
+        body = ids if truncated else ids[:-1]  # the end token is trained on, not part of the answer text
+        return self.tokenizer.decode(body, skip_special_tokens=False)
+
+    # ------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict:
+        """pass@1 (greedy) and pass@k (k samples at the training temperature, the same seeds at every
+        evaluation) on the held-out prompts, split over data-parallel ranks; with their standard errors."""
+        g, ctx = self.config.grpo, self.ctx
+        mine = list(range(ctx.dp_rank, len(self.eval_prompts), ctx.dp_world))
+        items = [self.eval_prompts[i] for i in mine]
+        ids = [encode(self.tokenizer, item)[-g.max_prompt_length :] for item in items]
+        was_training = model.training
+        model.eval()
+        try:
+            greedy = sample(model, ids, g.max_completion_length, 0.0, None, None, self.stop_tokens, lockstep=self.lockstep)
+        finally:
+            model.train(was_training)
+        generators = [torch.Generator().manual_seed(_row_seed(self.config.train.seed, "eval", i, j))
+                      for i in mine for j in range(g.pass_k)]
+        sampled = generate_rollouts(model, ids, g.pass_k, g.max_completion_length, g.temperature, g.top_k or None,
+                                    g.top_p, self.stop_tokens, generators, self.lockstep)
+        pass1 = [answers_match(extract_answer(self._decode(t, not f)), item["answer"])
+                 for t, f, item in zip(greedy.tokens, greedy.finished, items)]
+        draws = [answers_match(extract_answer(self._decode(t, trunc)), items[n // g.pass_k]["answer"])
+                 for n, (t, trunc) in enumerate(zip(sampled.completion_ids, sampled.truncated))]
+        passk = [any(draws[i * g.pass_k : (i + 1) * g.pass_k]) for i in range(len(items))]
+        sums = torch.tensor([sum(pass1), sum(passk), sum(draws), sum(len(t) for t in greedy.tokens),
+                             sum(not f for f in greedy.finished), len(items)], dtype=torch.float64, device=ctx.device)
+        sums = ctx.all_reduce_dp(sums, op="sum").cpu().tolist() if ctx.dp_world > 1 else sums.cpu().tolist()
+        n = sums[5]
+        p1, pk = sums[0] / n, sums[1] / n
+        return {"pass@1": round(p1, 4), "pass@1_stderr": round(math.sqrt(p1 * (1 - p1) / n), 4),
+                f"pass@{g.pass_k}": round(pk, 4), f"mean@{g.pass_k}": round(sums[2] / (n * g.pass_k), 4),
+                "greedy_mean_length": round(sums[3] / n, 2), "greedy_truncated": round(sums[4] / n, 4),
+                "heldout_prompts": int(n)}
+
+
+def _stop_tokens(tokenizer) -> list[int]:
+    """End of turn (chat prompts) and end of sequence (text prompts), whichever the tokenizer has."""
+    stops = set()
+    for token in ("<|im_end|>", tokenizer.eos_token):
+        if token is None:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            stops.add(token_id)
+    if not stops:
+        raise ConfigError("the tokenizer has neither <|im_end|> nor an end-of-sequence token: completions could never stop")
+    return sorted(stops)
+
+
+def tokenizer_path(config: Config) -> str:
+    path = config.data.tokenizer or config.train.init
+    if not path:
+        raise ConfigError("grpo needs a tokenizer: set data.tokenizer, or train.init to a model folder with one")
+    return path
+
+
+def load_grpo_prompts(config: Config) -> tuple[list[dict], list[dict]]:
+    """Training and held-out prompts; a file source needs grpo.eval_prompts."""
+    g = config.grpo
+    train = load_prompts(g.prompts, "train", g.mode, g.num_prompts, config.train.seed)
+    if g.eval_prompts:
+        heldout = load_prompts(g.eval_prompts, "heldout", g.mode, g.eval_count, config.train.seed)
+    elif g.prompts == "embedded" or g.prompts.startswith("gsm8k:"):
+        heldout = load_prompts(g.prompts, "heldout", g.mode, g.eval_count, config.train.seed)
+    else:
+        raise ConfigError(f"grpo.prompts is a file ({g.prompts}): set grpo.eval_prompts to held-out prompts")
+    return train, heldout
+
+
+def build_grpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -> GRPOObjective:
+    """The factory the Trainer calls after building the model (at its starting weights)."""
+    from smoltrain.post.chat_template import load_chat_tokenizer
+
+    tokenizer = load_chat_tokenizer(tokenizer_path(config), config.grpo.chat_template)
+    train, heldout = load_grpo_prompts(config)
+    reference = None
+    if config.grpo.beta > 0:  # the frozen starting policy, also on resume (built from train.init, not the checkpoint)
+        from smoltrain.train.trainer import build_training_model
+
+        reference = build_training_model(config, ctx.device, init_from=config.train.init, ctx=ctx).eval()
+        reference.requires_grad_(False)
+    return GRPOObjective(config, model, ctx, tokenizer, train, heldout, reference)
+
+
+def run(config: Config, resume: str | None = None) -> dict:
+    """Train with GRPO in the one loop; checks the reward set and prompt sources before the model exists."""
+    g = config.grpo
+    build_rewards(g.rewards, g.num_generations, g.mode, g.overlong_max_len, g.overlong_cache)
+    tokenizer_path(config)
+    load_grpo_prompts(config)
+    from smoltrain.train.trainer import Trainer
+
+    return Trainer(config, build_grpo_objective, resume=resume).train()
+
+
+__all__ = ["GRPOObjective", "RolloutSource", "RolloutBuffer", "build_grpo_objective", "run", "load_grpo_prompts"]
