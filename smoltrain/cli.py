@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="MODEL_FOLDER", help="the model to start from, also the reference (train.init)")
     p.set_defaults(func=cmd_dpo)
 
+    p = verbs.add_parser("grpo", help="RL with verifiable rewards (GRPO, DAPO length penalty) in the training loop")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
+    p.add_argument("--init", metavar="MODEL_FOLDER", help="start from these weights (an SFT or APO model folder)")
+    p.set_defaults(func=cmd_grpo)
+
     p = verbs.add_parser("plan", help="parameters, FLOPs, memory, time or GPU count of a config")
     _add_config_args(p)
     budget = p.add_mutually_exclusive_group()
@@ -236,6 +242,21 @@ def cmd_dpo(args) -> int:
     from smoltrain.post.dpo import load_dpo_config, run
 
     summary = run(load_dpo_config(args.config, args.overrides, init=args.init), resume=args.resume)
+    if summary["stopped_by"]:
+        return 128 + signal.Signals[summary["stopped_by"]].value
+    return 0
+
+
+def cmd_grpo(args) -> int:
+    import signal
+
+    from smoltrain.config import load_config
+    from smoltrain.post.grpo_train import run
+
+    config = load_config(args.config, args.overrides)
+    if args.init:
+        config.train.init = args.init
+    summary = run(config, resume=args.resume)
     if summary["stopped_by"]:
         return 128 + signal.Signals[summary["stopped_by"]].value
     return 0
