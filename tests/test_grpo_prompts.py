@@ -57,3 +57,19 @@ def test_missing_sources_are_errors(tmp_path):
         load_prompts(str(tmp_path / "nothing.jsonl"))
     with pytest.raises(DataError, match="no GSM8K train files"):
         load_prompts(f"gsm8k:{tmp_path}")
+
+
+def test_embedded_arithmetic_has_a_disjoint_held_out_split_with_answers():
+    train = load_prompts("embedded", "train", "no_think", count=200)
+    heldout = load_prompts("embedded", "heldout", "think", count=50)
+    assert len(train) == 200 and len(heldout) == 50
+    questions = {p["messages"][-1]["content"] for p in train}
+    assert not questions & {p["messages"][-1]["content"] for p in heldout}
+    assert {p["mode"] for p in train} == {"no_think"} and {p["mode"] for p in heldout} == {"think"}
+    # the reference is the problem's own answer: check one worked example by its question text
+    from smoltrain.post.rewards import answers_match
+
+    item = next(p for p in train if p["question"].startswith("Compute "))
+    a, b, c, d = map(int, item["question"].removeprefix("Compute ").rstrip(".").replace("+", " ").replace("*", " ")
+                     .replace("-", " ").split())
+    assert answers_match(str(a + b * c - d), item["answer"])
