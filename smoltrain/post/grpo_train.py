@@ -63,7 +63,7 @@ class RolloutSource:
     """BatchSource for GRPO (train/objective.py): its position is two integers, the rollout batches
     made and the micro-batches served."""
 
-    stage = 0
+    stage = -1  # data/stages.py: -1 is the data section itself, before any curriculum stage
 
     def __init__(self, objective: "GRPOObjective"):
         self.objective = objective
@@ -96,7 +96,7 @@ class RolloutSource:
             self.next_batch()
 
     def set_stage(self, index: int) -> None:
-        if index != 0:
+        if index != -1:
             raise ConfigError("grpo has one stage: data.stages do not apply")
 
     def close(self) -> None:
@@ -360,6 +360,8 @@ def build_grpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -
 def run(config: Config, resume: str | None = None) -> dict:
     """Train with GRPO in the one loop; checks the reward set and prompt sources before the model exists."""
     g = config.grpo
+    if config.data.stages:
+        raise ConfigError("data.stages: grpo has one stage (its prompts); remove the stages")
     build_rewards(g.rewards, g.num_generations, g.mode, g.overlong_max_len, g.overlong_cache)
     tokenizer_path(config)
     load_grpo_prompts(config)
