@@ -28,11 +28,12 @@ def test_math_answer_reads_the_final_answer_the_way_gsm8k_writes_it():
 
 def test_format_checks_the_think_block_for_each_mode():
     fmt = format_reward("no_think")
-    no_think = ["The answer is 4.", "<think>\n\n</think>\nThe answer is 4.", "<think>2+2</think>4", "", "<think>\n</think>"]
-    assert fmt(None, no_think, None) == [1.0, 1.0, 0.0, 0.0, 0.0]
-    think = ["<think>2 + 2 = 4</think>4", "2 + 2 = 4</think>4", "<think></think>4", "<think>a</think><think>b</think>4",
+    # no_think: the empty block is already in the generation prompt, so no tags at all
+    no_think = ["The answer is 4.", "<think>\n\n</think>\nThe answer is 4.", "<think>2+2</think>4", ""]
+    assert fmt(None, no_think, None) == [1.0, 0.0, 0.0, 0.0]
+    think = ["<think>2 + 2 = 4</think>The answer is 4.", "2 + 2 = 4</think>4", "<think>a</think><think>b</think>4",
              "<think>only thinking</think>", "4"]
-    assert fmt(None, think, None, mode=["think"] * len(think)) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert fmt(None, think, None, mode=["think"] * len(think)) == [1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_overlong_is_the_dapo_soft_penalty_on_token_counts():

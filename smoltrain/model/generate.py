@@ -85,6 +85,7 @@ def sample(
     stop_tokens: Sequence[int] = (),
     generator: torch.Generator | list[torch.Generator] | None = None,
     lockstep: Callable[[int], int] | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
 ) -> Samples:
     """Batched decoding through the KV cache with the caller's `generator` (its state is what a
     checkpoint saves for an exact resume), or one CPU generator per row: each row's uniforms are then
@@ -94,7 +95,8 @@ def sample(
     `lockstep(n) -> max of n over the ranks` keeps data-parallel ranks in step: every rank left-pads
     to the longest prompt of all ranks (so prefill runs the same number of forwards) and decodes
     until every row of every rank has stopped: FSDP ranks that run different numbers of forwards
-    hang in their all-gathers. Tokens a row draws after its stop token are discarded."""
+    hang in their all-gathers. Tokens a row draws after its stop token are discarded.
+    on_token, when given, receives each step's new token of every row as it is chosen (streaming)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("sample needs at least one prompt and no empty prompt")
     _check_arguments(temperature, top_k, top_p)
@@ -155,6 +157,8 @@ def sample(
         logprobs[:, i] = log_dist.gather(1, token[:, None]).squeeze(1)
         entropies[:, i] = -(log_dist.exp() * log_dist).nan_to_num().sum(-1)
         ids[:, longest + i] = token
+        if on_token is not None:
+            on_token(token.tolist())
         finished |= torch.isin(token, stops)
         if i == max_new_tokens - 1:
             break
@@ -186,8 +190,11 @@ def generate(
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     seed: int | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
 ) -> list[list[int]]:
-    """New tokens only, per prompt, cut before the first stop token; greedy when temperature == 0."""
+    """New tokens only, per prompt, cut before the first stop token; greedy when temperature == 0.
+
+    on_token, when given, receives each step's new token of every row as it is chosen (streaming)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     _check_arguments(temperature, top_k, top_p)
@@ -195,7 +202,7 @@ def generate(
         return [[] for _ in prompts]
     device = getattr(model, "_orig_mod", model).embed_tokens.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    samples = sample(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator)
+    samples = sample(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator, on_token=on_token)
     return [row[:-1] if done else row for row, done in zip(samples.tokens, samples.finished)]
 
 

@@ -23,7 +23,7 @@ from smoltrain.errors import ConfigError, SmoltrainError
 from smoltrain.post.grpo import soft_overlong_penalty
 
 BUILTIN = ("math_answer", "format", "overlong", "length_group")
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+THINK_CLOSE = "</think>"
 
 
 class RewardError(SmoltrainError):
@@ -94,28 +94,15 @@ def math_answer(prompts, completions, completion_ids, answer=None, **columns) ->
     return [None if ref is None else float(answers_match(extract_answer(c), ref)) for c, ref in zip(completions, answers)]
 
 
-def _well_formed(completion: str, mode: str) -> bool:
-    opens, closes = completion.count(THINK_OPEN), completion.count(THINK_CLOSE)
-    if mode == "no_think":
-        # the template's generation prompt already holds the empty block; a completion may repeat
-        # an empty one, never think
-        if opens == closes == 0:
-            return bool(completion.strip())
-        match = re.fullmatch(r"\s*<think>\s*</think>(.*)", completion, flags=re.S)
-        return opens == closes == 1 and match is not None and bool(match.group(1).strip())
-    # think: one block with something in it, then an answer. The generation prompt may already have
-    # opened it, so the opening tag is optional.
-    match = re.fullmatch(r"\s*(?:<think>)?(.*?)</think>(.*)", completion, flags=re.S)
-    return closes == 1 and opens <= 1 and match is not None and bool(match.group(1).strip()) and bool(match.group(2).strip())
-
-
 def format_reward(mode: str = "no_think"):
-    """1 when the think block is well formed for the prompt's mode (column `mode`, else the run's):
-    think -> one non-empty block then an answer; no_think -> no thinking, an answer."""
+    """1 when the think block is well formed for the prompt's mode (column `mode`, else the run's), as
+    the chat evals check it: think -> one closed block first, then an answer; no_think -> no think
+    tags (the template's generation prompt already holds the empty block), an answer."""
+    from smoltrain.post.chat_eval import think_format_ok
 
     def format(prompts, completions, completion_ids, mode=None, **columns):  # noqa: A001 - the reward's name
         modes = mode if mode is not None else [default] * len(completions)
-        return [float(_well_formed(c, m)) for c, m in zip(completions, modes)]
+        return [float(think_format_ok(c, m)) for c, m in zip(completions, modes)]
 
     default = mode
     return format
