@@ -248,8 +248,10 @@ class GRPOObjective:
             seconds = self._gather(seconds).max()[None]
         lengths_list = [int(x) for x in lengths.tolist()]
         spread = total.view(-1, g.num_generations).std(dim=1)
-        metrics = {
-            "reward": total.mean().item(), "reward_std": spread.mean().item(),  # TRL: the mean of the group stds
+        scored = total[scorable]
+        metrics = {  # TRL's names; reward and reward_std over the scorable completions of the whole batch
+            "reward": scored.mean().item() if scored.numel() else None,
+            "reward_std": scored.std().item() if scored.numel() > 1 else None,
             "frac_reward_zero_std": (spread < 1e-8).double().mean().item(),
             "accuracy": correct_all.mean().item(),
             "completions/mean_length": statistics.fmean(lengths_list),
