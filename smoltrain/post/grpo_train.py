@@ -325,10 +325,22 @@ def _stop_tokens(tokenizer) -> list[int]:
 
 
 def tokenizer_path(config: Config) -> str:
-    path = config.data.tokenizer or config.train.init
-    if not path:
-        raise ConfigError("grpo needs a tokenizer: set data.tokenizer, or train.init to a model folder with one")
-    return path
+    """data.tokenizer, else the tokenizer beside train.init's weights (a model or HF folder), else the
+    one its run's resolved config names (a run or checkpoint folder)."""
+    if config.data.tokenizer:
+        return config.data.tokenizer
+    init = Path(config.train.init) if config.train.init else None
+    if init is not None:
+        if (init / "tokenizer.json").is_file():
+            return str(init)
+        from smoltrain.config import load_config
+
+        for folder in (init, init.parent, init.parent.parent):  # run folder, checkpoints/, step_x/
+            if (folder / "config.yaml").is_file() and (folder / "metrics.jsonl").exists():
+                named = load_config(folder / "config.yaml").data.tokenizer
+                if named:
+                    return named
+    raise ConfigError("grpo needs a tokenizer: set data.tokenizer, or train.init to a model folder with one")
 
 
 def load_grpo_prompts(config: Config) -> tuple[list[dict], list[dict]]:
