@@ -101,3 +101,15 @@ def test_per_row_generators_make_a_row_independent_of_its_batch_mates():
         assert alone.tokens[0] == together.tokens[i]
     again = sample(model, prompts, 8, 1.0, 20, 0.9, (), [torch.Generator().manual_seed(s) for s in seeds])
     assert again.tokens == together.tokens and len({tuple(t) for t in together.tokens}) == 3
+
+
+def test_a_prompt_prefilled_once_for_its_group_samples_as_if_repeated():
+    model = _model()
+    prompts = _prompts([4, 9])
+    seeds = range(6)
+    shared = sample(model, prompts, 8, 1.0, None, None, (), [torch.Generator().manual_seed(s) for s in seeds], repeats=3)
+    repeated = sample(model, [p for p in prompts for _ in range(3)], 8, 1.0, None, None, (),
+                      [torch.Generator().manual_seed(s) for s in seeds])
+    assert shared.tokens == repeated.tokens and len(shared.tokens) == 6
+    for a, b in zip(shared.logprobs, repeated.logprobs):
+        assert a == pytest.approx(b, abs=1e-5)

@@ -86,6 +86,7 @@ def sample(
     generator: torch.Generator | list[torch.Generator] | None = None,
     lockstep: Callable[[int], int] | None = None,
     on_token: Callable[[list[int]], None] | None = None,
+    repeats: int = 1,
 ) -> Samples:
     """Batched decoding through the KV cache with the caller's `generator` (its state is what a
     checkpoint saves for an exact resume), or one CPU generator per row: each row's uniforms are then
@@ -96,12 +97,18 @@ def sample(
     to the longest prompt of all ranks (so prefill runs the same number of forwards) and decodes
     until every row of every rank has stopped: FSDP ranks that run different numbers of forwards
     hang in their all-gathers. Tokens a row draws after its stop token are discarded.
-    on_token, when given, receives each step's new token of every row as it is chosen (streaming)."""
+    on_token, when given, receives each step's new token of every row as it is chosen (streaming).
+
+    repeats > 1 samples each prompt that many times (rows prompt-major: GRPO's groups): the prompt is
+    prefilled once and its keys and values copied to its rows (vLLM's prefix sharing, in miniature)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("sample needs at least one prompt and no empty prompt")
     _check_arguments(temperature, top_k, top_p)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     if max_new_tokens <= 0:
-        return Samples([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts], [False] * len(prompts))
+        rows = len(prompts) * repeats
+        return Samples([[] for _ in range(rows)], [[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows)
 
     base = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     weight = base.embed_tokens.weight
@@ -138,6 +145,11 @@ def sample(
         chunk = -lockstep(-chunk)  # the smallest chunk of all ranks (batches may differ by a row)
     for start in range(0, longest, chunk):
         logits = step(start, min(start + chunk, longest))
+    if repeats > 1:  # the prompts' rows become their groups' rows
+        batch *= repeats
+        ids, real, positions, logits = (t.repeat_interleave(repeats, dim=0) for t in (ids, real, positions, logits))
+        cache.keys, cache.values = (t.repeat_interleave(repeats, dim=1) for t in (cache.keys, cache.values))
+        cache.batch = batch
 
     uniforms = None
     if isinstance(generator, (list, tuple)):
@@ -155,7 +167,7 @@ def sample(
         scaled = logits.float() / temperature if temperature > 0 else logits.float()
         log_dist = scaled.log_softmax(dim=-1)
         logprobs[:, i] = log_dist.gather(1, token[:, None]).squeeze(1)
-        entropies[:, i] = -(log_dist.exp() * log_dist).nan_to_num().sum(-1)
+        entropies[:, i] = -(log_dist.exp() * log_dist).sum(-1)  # finite: the logits are unfiltered here
         ids[:, longest + i] = token
         if on_token is not None:
             on_token(token.tolist())

@@ -56,8 +56,8 @@ def generate_rollouts(model: torch.nn.Module, prompts: list[list[int]], num_gene
     was_training = model.training
     model.eval()
     try:
-        samples = sample(model, repeated, max_completion_length, temperature, top_k, top_p, stop_tokens, generator,
-                         lockstep=lockstep)
+        samples = sample(model, prompts, max_completion_length, temperature, top_k, top_p, stop_tokens, generator,
+                         lockstep=lockstep, repeats=num_generations)
     finally:
         model.train(was_training)
     return Rollouts(repeated, samples.tokens, samples.logprobs, samples.entropies,
