@@ -145,3 +145,13 @@ def test_bad_grpo_inputs_are_one_line_errors(tmp_path, tokenizer, change, messag
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], err
+
+
+def test_demo_recipe_validates_and_takes_the_demo_models_shape():
+    from smoltrain.config import load_config
+
+    recipes = TESTS.parent / "recipes"
+    grpo_demo, demo = load_config(recipes / "grpo" / "demo.yaml"), load_config(recipes / "demo.yaml")
+    assert grpo_demo.model == demo.model  # the demo's SFT / APO weights load into it
+    assert grpo_demo.grpo.mode == "no_think" and "overlong" in grpo_demo.grpo.rewards
+    assert 0 < grpo_demo.grpo.overlong_cache <= grpo_demo.grpo.overlong_max_len <= grpo_demo.grpo.max_completion_length
