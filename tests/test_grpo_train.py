@@ -116,9 +116,9 @@ def test_grpo_under_two_gloo_ranks_equals_one_process(tmp_path, tokenizer):
     for a, b in zip(got, expected):
         assert a[3:] == pytest.approx(b[3:], rel=1e-6)  # the same samples and rewards
         assert a[1:3] == pytest.approx(b[1:3], rel=1e-4, abs=1e-6)  # losses and gradient norms
-    evals = [json.loads(x)["eval"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
-    evals_one = [json.loads(x)["eval"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
-    assert evals[0]["heldout_prompts"] == 4 and evals[0]["pass@2"] == evals_one[0]["pass@2"]
+    evals = [json.loads(x)["eval"]["grpo"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    evals_one = [json.loads(x)["eval"]["grpo"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert evals[0]["n"] == 4 and evals[0]["pass@2"] == evals_one[0]["pass@2"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -155,3 +155,22 @@ def test_demo_recipe_validates_and_takes_the_demo_models_shape():
     assert grpo_demo.model == demo.model  # the demo's SFT / APO weights load into it
     assert grpo_demo.grpo.mode == "no_think" and "overlong" in grpo_demo.grpo.rewards
     assert 0 < grpo_demo.grpo.overlong_cache <= grpo_demo.grpo.overlong_max_len <= grpo_demo.grpo.max_completion_length
+
+
+def test_ablation_files_take_a_grpo_stage_and_score_its_evaluation(tmp_path):
+    from smoltrain.ablate.spec import load_ablation
+    from smoltrain.errors import ConfigError
+    from smoltrain.report.run import flatten_eval, lower_is_better
+
+    spec = load_ablation(TESTS.parent / "recipes" / "ablations" / "grpo-length-penalty.yaml")
+    assert spec.stage == "grpo" and set(spec.variants) == {"baseline", "overlong-16", "overlong-24", "overlong-32"}
+    assert spec.config_for("baseline", 0).grpo.rewards == {"math_answer": 1.0}
+    assert spec.config_for("overlong-24", 1).grpo.overlong_max_len == 24
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("baseline: {}\nvariants: {}\nseeds: [0]\nbudget: {steps: 1}\nstage: rlhf\n")
+    with pytest.raises(ConfigError, match="stage: expected one of pretrain, grpo"):
+        load_ablation(bad)
+    flat = flatten_eval({"val": {}, "tasks": {}, "grpo": {"pass@1": 0.25, "pass@1_stderr": 0.03, "n": 200,
+                                                         "greedy_mean_length": 9.5}})
+    assert flat == {"grpo/pass@1": 0.25, "grpo/greedy_mean_length": 9.5}
+    assert lower_is_better("grpo/greedy_mean_length") and not lower_is_better("grpo/pass@1")

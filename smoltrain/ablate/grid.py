@@ -50,8 +50,11 @@ def _first_difference(a, b, prefix: str = "") -> str | None:
     return None if a == b else f"{prefix} ({a!r} then, {b!r} now)"
 
 
-def train_with_trainer(config: Config) -> object:
-    from smoltrain.train.trainer import run
+def train_with_trainer(config: Config, stage: str = "pretrain") -> object:
+    if stage == "grpo":
+        from smoltrain.post.grpo_train import run
+    else:
+        from smoltrain.train.trainer import run
 
     return run(config)
 
@@ -98,7 +101,7 @@ def run_one(spec: AblationSpec, variant: str, seed: int, train_fn: TrainFn, eval
     start = time.perf_counter()
     if not done:
         _write_json(record_path, record)
-        summary = train_fn(config)
+        summary = train_fn(config) if train_fn is not train_with_trainer else train_fn(config, spec.stage)
         if isinstance(summary, dict) and summary.get("stopped_by") and not summary.get("finished"):
             # Stopped by a signal after a clean checkpoint: the same command resumes from it.
             raise StoppedBySignal(summary["stopped_by"], f"{run_dir} stopped by {summary['stopped_by']} at step "

@@ -9,6 +9,7 @@ variants:
   mqa: {model.num_kv_heads: 1, model.num_layers: 7}       # ... or a key: value mapping
 seeds: [0, 1]
 budget: {steps: 200}              # or {tokens: 2_000_000}: steps = ceil(tokens / global batch)
+stage: pretrain                   # or grpo: which training each run is (its own eval rides along)
 eval: {tasks: [arithmetic], val_batches: 8}   # the one suite every run is scored on
 noise_sigma: 2.0                  # verdict threshold, in standard errors of the difference
 param_tolerance: 0.05             # warn when a variant's parameters differ more than this
@@ -38,7 +39,9 @@ from smoltrain.errors import ConfigError
 from smoltrain.files import load_yaml, parse_yaml
 
 BASELINE = "baseline"
-_TOP_KEYS = ("name", "baseline", "set", "variants", "seeds", "budget", "eval", "noise_sigma", "param_tolerance", "out_dir")
+_TOP_KEYS = ("name", "baseline", "set", "variants", "seeds", "budget", "eval", "noise_sigma", "param_tolerance", "out_dir",
+             "stage")
+STAGES = ("pretrain", "grpo")
 # Keys the grid owns: a variant changing them would not be a like-for-like comparison.
 _FIXED_PREFIXES = ("train.seed", "train.out_dir", "train.max_steps", "eval.")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -57,6 +60,7 @@ class AblationSpec:
     param_tolerance: float = 0.05
     out_dir: str = ""
     source: str = "<inline>"  # the file it came from, for error messages
+    stage: str = "pretrain"  # the training each run is: pretrain (smoltrain train) or grpo
 
     def run_dir(self, variant: str, seed: int) -> Path:
         return Path(self.out_dir) / "runs" / variant / f"seed{seed}"
@@ -197,6 +201,9 @@ def load_ablation(path: str | os.PathLike | None = None, raw: dict | None = None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             _fail(_mark(source, text, key), f"{key}: expected a positive number, got {value!r}")
 
+    stage = raw.get("stage", "pretrain")
+    if stage not in STAGES:
+        _fail(_mark(source, text, "stage"), f"stage: expected one of {', '.join(STAGES)}, got {stage!r}")
     name = str(raw.get("name") or default_name)
     spec = AblationSpec(
         name=name,
@@ -210,6 +217,7 @@ def load_ablation(path: str | os.PathLike | None = None, raw: dict | None = None
         param_tolerance=float(param_tolerance),
         out_dir=str(out_dir or raw.get("out_dir") or Path("runs") / "ablations" / name),
         source=source,
+        stage=stage,
     )
     from smoltrain.eval.during_training import check_eval_config
 

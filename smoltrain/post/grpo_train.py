@@ -304,10 +304,10 @@ class GRPOObjective:
         sums = ctx.all_reduce_dp(sums, op="sum").cpu().tolist() if ctx.dp_world > 1 else sums.cpu().tolist()
         n = sums[5]
         p1, pk = sums[0] / n, sums[1] / n
-        return {"pass@1": round(p1, 4), "pass@1_stderr": round(math.sqrt(p1 * (1 - p1) / n), 4),
+        return {"grpo": {"pass@1": round(p1, 4), "pass@1_stderr": round(math.sqrt(p1 * (1 - p1) / n), 4),
                 f"pass@{g.pass_k}": round(pk, 4), f"mean@{g.pass_k}": round(sums[2] / (n * g.pass_k), 4),
                 "greedy_mean_length": round(sums[3] / n, 2), "greedy_truncated": round(sums[4] / n, 4),
-                "heldout_prompts": int(n)}
+                "n": int(n)}}
 
 
 def _stop_tokens(tokenizer) -> list[int]:
@@ -331,6 +331,8 @@ def tokenizer_path(config: Config) -> str:
         return config.data.tokenizer
     init = Path(config.train.init) if config.train.init else None
     if init is not None:
+        if not init.exists():
+            raise ConfigError(f"train.init: {init}: no such model, run or checkpoint folder")
         if (init / "tokenizer.json").is_file():
             return str(init)
         from smoltrain.config import load_config

@@ -19,7 +19,7 @@ from smoltrain.model.flops import parameter_counts
 from smoltrain.report import plots
 from smoltrain.report.document import Report, format_value
 
-LOWER_IS_BETTER = ("loss", "bpb", "perplexity", "ppl")
+LOWER_IS_BETTER = ("loss", "bpb", "perplexity", "ppl", "length", "truncated")  # length: GRPO's penalty aims there
 
 
 # ----------------------------------------------------------------------------- reading
@@ -78,6 +78,11 @@ def flatten_eval(result: dict) -> dict[str, float]:
     for key in ("centred", "score"):
         if _is_number((result.get("aggregate") or {}).get(key)):
             flat[f"aggregate/{key}"] = float(result["aggregate"][key])
+    for group, values in result.items():  # an objective's own evaluation, e.g. grpo: {pass@1, ...}
+        if group not in ("val", "tasks", "aggregate") and isinstance(values, dict):
+            for key, value in values.items():
+                if key != "n" and not key.endswith("_stderr") and _is_number(value):
+                    flat[f"{group}/{key}"] = float(value)
     return flat
 
 
