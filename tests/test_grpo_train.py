@@ -166,10 +166,13 @@ def test_ablation_files_take_a_grpo_stage_and_score_its_evaluation(tmp_path):
     assert spec.stage == "grpo" and set(spec.variants) == {"baseline", "overlong-16", "overlong-24", "overlong-32"}
     assert spec.config_for("baseline", 0).grpo.rewards == {"math_answer": 1.0}
     assert spec.config_for("overlong-24", 1).grpo.overlong_max_len == 24
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("baseline: {}\nvariants: {}\nseeds: [0]\nbudget: {steps: 1}\nstage: rlhf\n")
+    import yaml
+
+    baseline = yaml.safe_load((TESTS.parent / "recipes" / "grpo" / "demo.yaml").read_text())
+    raw = {"baseline": baseline, "variants": {"a": {"grpo.epsilon": 0.1}}, "seeds": [0], "budget": {"steps": 1},
+           "stage": "rlhf"}
     with pytest.raises(ConfigError, match="stage: expected one of pretrain, grpo"):
-        load_ablation(bad)
+        load_ablation(raw=raw, out_dir=str(tmp_path))
     flat = flatten_eval({"val": {}, "tasks": {}, "grpo": {"pass@1": 0.25, "pass@1_stderr": 0.03, "n": 200,
                                                          "greedy_mean_length": 9.5}})
     assert flat == {"grpo/pass@1": 0.25, "grpo/greedy_mean_length": 9.5}
