@@ -113,3 +113,28 @@ def test_a_prompt_prefilled_once_for_its_group_samples_as_if_repeated():
     assert shared.tokens == repeated.tokens and len(shared.tokens) == 6
     for a, b in zip(shared.logprobs, repeated.logprobs):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_token_logprobs_run_the_head_on_labelled_positions_only():
+    """A GRPO row's prompt has no labels: its positions skip the [tokens, vocab] head, values unchanged."""
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=g)
+    labels = torch.full((2, 9), -100)
+    labels[0, 5:8] = ids[0, 6:9]
+    labels[1, 2:4] = ids[1, 3:5]
+    seen = []
+    original = model.output
+    model.output = lambda hidden: (seen.append(hidden.shape[0]), original(hidden))[1]
+    try:
+        got = token_logprobs(model, ids, labels)
+        nothing = token_logprobs(model, ids, torch.full_like(labels, -100))
+    finally:
+        del model.output
+    assert seen[0] == 5 and sum(seen[1:]) == 0  # 3 + 2 labelled positions of 18; then none at all
+    with torch.no_grad():
+        expected = torch.log_softmax(model(ids).float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    torch.testing.assert_close(got.detach(), torch.where(labels != -100, expected, 0.0), atol=1e-5, rtol=1e-5)
+    assert nothing.shape == (2, 9) and not nothing.any()
+    got.sum().backward()  # differentiable through the scatter back into place
+    assert model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0

@@ -65,7 +65,17 @@ def chunked_logprobs(logprob_chunk: Callable, hidden: torch.Tensor, labels: torc
     shape = labels.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(hidden.shape[0], -1) if labels.dim() > 2 else labels.reshape(-1)
-    return torch.cat(over_chunks(logprob_chunk, hidden, labels, vocab_size, temperature)).view(shape)
+    # Only positions with a label go through the head: a GRPO row's chat prompt (~150 tokens before
+    # 64 sampled ones) would otherwise pay for [tokens, vocab] logits nobody reads.
+    scored = labels != -100 if labels.dim() == 1 else (labels != -100).any(-1)
+    rows = None if bool(scored.all()) else scored.nonzero().squeeze(-1)
+    if rows is not None:
+        hidden, labels = hidden[rows], labels[rows]
+    empty = hidden.new_zeros(labels.shape, dtype=torch.float32)[:0]  # no labelled position at all
+    values = torch.cat([empty, *over_chunks(logprob_chunk, hidden, labels, vocab_size, temperature)])
+    if rows is not None:  # back in place, 0 where there is no label (out of place: differentiable)
+        values = values.new_zeros((scored.shape[0],) + values.shape[1:]).index_copy(0, rows, values)
+    return values.view(shape)
 
 
 def cross_entropy_sums(logits, labels: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
