@@ -121,6 +121,7 @@ class GRPOObjective:
         self.batches = RolloutSource(self)
         self.fetched = time.perf_counter()
         self._encoded: dict[int, list[int]] = {}
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its prompt order): a function of the seed
         if g.prompts_per_step % ctx.dp_world:
             raise ConfigError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of the "
                               f"data-parallel ranks ({ctx.dp_world}): each group stays on one rank")
@@ -176,9 +177,11 @@ class GRPOObjective:
         out = []
         for position in range(k * per, (k + 1) * per):
             epoch, offset = divmod(position, n)
-            order = list(range(n))
-            random.Random(_row_seed(self.config.train.seed, "prompts", epoch)).shuffle(order)
-            out.append(order[offset])
+            if self._order[0] != epoch:
+                order = list(range(n))
+                random.Random(_row_seed(self.config.train.seed, "prompts", epoch)).shuffle(order)
+                self._order = (epoch, order)
+            out.append(self._order[1][offset])
         return out
 
     def _gather(self, value: torch.Tensor) -> torch.Tensor:
