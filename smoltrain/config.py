@@ -199,6 +199,7 @@ class GRPOConfig:
     overlong_max_len: int = 0  # DAPO soft overlong penalty (reward "overlong"): -1 at this many tokens
     overlong_cache: int = 0  # ... and 0 up to overlong_max_len - overlong_cache
     pass_k: int = 4  # held-out pass@k samples per prompt (pass@1 is greedy)
+    chat_evals: bool = False  # also the SFT chat evals (accuracy in both modes, adherence, format) at each eval
 
 
 @dataclass

@@ -307,7 +307,12 @@ class GRPOObjective:
         sums = ctx.all_reduce_dp(sums, op="sum").cpu().tolist() if ctx.dp_world > 1 else sums.cpu().tolist()
         n = sums[5]
         p1, pk = sums[0] / n, sums[1] / n
-        return {"grpo": {"pass@1": round(p1, 4), "pass@1_stderr": round(math.sqrt(p1 * (1 - p1) / n), 4),
+        chat = {}
+        if g.chat_evals:  # every rank runs the same greedy chats: FSDP ranks must run the same forwards
+            from smoltrain.post.chat_eval import chat_evals
+
+            chat = {"chat": chat_evals(model, self.tokenizer, seed=self.config.train.seed)}
+        return {**chat, "grpo": {"pass@1": round(p1, 4), "pass@1_stderr": round(math.sqrt(p1 * (1 - p1) / n), 4),
                 f"pass@{g.pass_k}": round(pk, 4), f"mean@{g.pass_k}": round(sums[2] / (n * g.pass_k), 4),
                 "greedy_mean_length": round(sums[3] / n, 2), "greedy_truncated": round(sums[4] / n, 4),
                 "n": int(n)}}
