@@ -51,7 +51,11 @@ def ours(model_dir: Path, args) -> list[float]:
     from smoltrain.config import config_from_dict
     from smoltrain.post.grpo_train import build_grpo_objective
     from smoltrain.train.optim import build_optimizer
-    from smoltrain.train.trainer import build_training_model, forward_backward, single_process_context
+    from smoltrain.train.trainer import (
+        build_training_model,
+        forward_backward,
+        single_process_context,
+    )
 
     rows = args.prompts * args.generations
     config = config_from_dict({

@@ -6,7 +6,13 @@ import statistics
 import pytest
 import torch
 
-from smoltrain.post.grpo import aggregate, group_advantages, k3_kl, per_token_loss, soft_overlong_penalty
+from smoltrain.post.grpo import (
+    aggregate,
+    group_advantages,
+    k3_kl,
+    per_token_loss,
+    soft_overlong_penalty,
+)
 
 EPS = 1e-4
 

@@ -7,8 +7,16 @@ import types
 import pytest
 
 from smoltrain.errors import ConfigError
-from smoltrain.post.rewards import (RewardError, build_rewards, extract_answer, format_reward, length_group_reward,
-                                    math_answer, overlong_reward, score)
+from smoltrain.post.rewards import (
+    RewardError,
+    build_rewards,
+    extract_answer,
+    format_reward,
+    length_group_reward,
+    math_answer,
+    overlong_reward,
+    score,
+)
 
 
 def test_math_answer_reads_the_final_answer_the_way_gsm8k_writes_it():

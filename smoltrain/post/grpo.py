@@ -120,5 +120,13 @@ def soft_overlong_penalty(length: int, max_len: int, cache: int) -> float:
     return -1.0
 
 
-__all__ = ["group_advantages", "k3_kl", "per_token_loss", "aggregate", "soft_overlong_penalty", "LOSS_TYPES",
-           "SCALE_REWARDS", "ADVANTAGE_EPS"]
+__all__ = [
+    "ADVANTAGE_EPS",
+    "LOSS_TYPES",
+    "SCALE_REWARDS",
+    "aggregate",
+    "group_advantages",
+    "k3_kl",
+    "per_token_loss",
+    "soft_overlong_penalty",
+]

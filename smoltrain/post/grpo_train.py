@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from smoltrain.config import Config
 from smoltrain.errors import CheckpointError, ConfigError
@@ -65,7 +65,7 @@ class RolloutSource:
 
     stage = -1  # data/stages.py: -1 is the data section itself, before any curriculum stage
 
-    def __init__(self, objective: "GRPOObjective"):
+    def __init__(self, objective: GRPOObjective):
         self.objective = objective
         self.seq_len = objective.config.grpo.max_prompt_length + objective.config.grpo.max_completion_length
         self.rollouts = 0
@@ -394,4 +394,4 @@ def run(config: Config, resume: str | None = None) -> dict:
     return Trainer(config, build_grpo_objective, resume=resume).train()
 
 
-__all__ = ["GRPOObjective", "RolloutSource", "RolloutBuffer", "build_grpo_objective", "run", "load_grpo_prompts"]
+__all__ = ["GRPOObjective", "RolloutBuffer", "RolloutSource", "build_grpo_objective", "load_grpo_prompts", "run"]

@@ -112,4 +112,4 @@ def reward_columns(items: list[dict], num_generations: int) -> dict[str, list]:
     return {name: [item.get(name) for item in items for _ in range(num_generations)] for name in names}
 
 
-__all__ = ["load_prompts", "check_prompt", "encode", "reward_columns", "MODES"]
+__all__ = ["MODES", "check_prompt", "encode", "load_prompts", "reward_columns"]

@@ -13,9 +13,9 @@ from __future__ import annotations
 import importlib
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -100,7 +100,7 @@ def format_reward(mode: str = "no_think"):
     tags (the template's generation prompt already holds the empty block), an answer."""
     from smoltrain.post.chat_eval import think_format_ok
 
-    def format(prompts, completions, completion_ids, mode=None, **columns):  # noqa: A001 - the reward's name
+    def format(prompts, completions, completion_ids, mode=None, **columns):
         modes = mode if mode is not None else [default] * len(completions)
         return [float(think_format_ok(c, m)) for c, m in zip(completions, modes)]
 
@@ -210,7 +210,7 @@ def score(rewards: Sequence[Reward], prompts: list, completions: list[str], comp
             values = reward.function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
         except SmoltrainError:
             raise
-        except Exception as e:  # the user's code: any failure stops the run with its name
+        except Exception as e:  # noqa: BLE001 - the user's code: any failure stops the run with its name
             raise RewardError(f"reward function {reward.name!r} raised {type(e).__name__}: {e}") from None
         if not isinstance(values, (list, tuple)) or len(values) != n:
             got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
@@ -231,5 +231,18 @@ def score(rewards: Sequence[Reward], prompts: list, completions: list[str], comp
     return Scores(total=total, scorable=scorable, per_function=per_function)
 
 
-__all__ = ["Reward", "RewardError", "Scores", "build_rewards", "score", "math_answer", "format_reward",
-           "overlong_reward", "length_group_reward", "extract_answer", "answers_match", "load_user_function", "BUILTIN"]
+__all__ = [
+    "BUILTIN",
+    "Reward",
+    "RewardError",
+    "Scores",
+    "answers_match",
+    "build_rewards",
+    "extract_answer",
+    "format_reward",
+    "length_group_reward",
+    "load_user_function",
+    "math_answer",
+    "overlong_reward",
+    "score",
+]

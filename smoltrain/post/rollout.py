@@ -91,4 +91,4 @@ def micro_batches(rollouts: Rollouts, advantages: torch.Tensor, size: int, mask_
     return batches
 
 
-__all__ = ["Rollouts", "generate_rollouts", "micro_batches", "max_over_ranks"]
+__all__ = ["Rollouts", "generate_rollouts", "max_over_ranks", "micro_batches"]
