@@ -141,6 +141,7 @@ def test_report_cli_writes_the_report(run_dir, capsys):
 def test_run_report_shows_each_stage_and_says_the_median_skips_the_first_interval(tmp_path):
     staged = json.loads(json.dumps(TINY))
     staged["model"]["rope_theta"] = 10000.0
+    staged["train"]["global_batch_tokens"] = 256  # the 64-token stage's micro-batches must divide it too
     staged["data"].update(sources={"web": "w", "code": "c"}, mixture={"web": 3, "code": 1}, stages=[
         {"name": "decay", "start_step": 20, "mixture": {"web": 1, "code": 1}},
         {"name": "long", "start_step": 30, "seq_len": 64, "rope_theta": 500000.0},
