@@ -501,10 +501,9 @@ def validate(c: Config) -> None:
         _require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
     _require(t.spike_skip_batches >= 0, f"train.spike_skip_batches must be >= 0, got {t.spike_skip_batches}")
     _require(t.peak_tflops is None or t.peak_tflops > 0, f"train.peak_tflops must be positive, got {t.peak_tflops}")
-    from smoltrain.data.stages import stage_seq_lens  # data.stages imports this module
-
-    for seq_len in stage_seq_lens(d):  # one process; the data-parallel degree is checked at launch
-        grad_accumulation(t, seq_len, 1)
+    # One process and data.seq_len here; every stage's length over the data-parallel degree is
+    # checked at launch (the pretraining objective's preflight), before the model is built.
+    grad_accumulation(t, d.seq_len, 1)
     for key in ("dp_replicate", "tp"):
         _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be -1 (auto) or >= 1, got {p.dp_shard}")
