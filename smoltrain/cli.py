@@ -23,6 +23,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_chat_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="model folder, checkpoint, run folder or Hugging Face folder")
+    parser.add_argument("--tokenizer", help="tokenizer folder, when the model has none")
+    parser.add_argument("--template", choices=["smollm3", "chatml", "model"],
+                        help="chat template (default: the one stored with the tokenizer)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+
 # ----------------------------------------------------------------------------- verbs
 
 
@@ -128,7 +136,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write every item's prompt, choices or generation, log-likelihoods and metrics to "
                         "results.samples.jsonl")
     p.add_argument("--out", default="results.json", help="results JSON (a markdown table is written beside it)")
+    p.add_argument("--chat", action="store_true", help="the chat evals instead (held-out answers in both modes, "
+                   "system-prompt adherence, think format, stop rate) through the model's chat template")
     p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("chat", help="talk to a model through its chat template (streaming; /think /no_think /system /reset)")
+    _add_chat_model_args(p)
+    p.add_argument("--system", help="system prompt")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--think", dest="think", action="store_true", default=True, help="reasoning mode (default)")
+    mode.add_argument("--no-think", dest="think", action="store_false", help="direct answers")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float)
+    p.set_defaults(func=cmd_chat)
+
+    p = verbs.add_parser("generate", help="batched generation through the chat template (jsonl of messages or prompt)")
+    _add_chat_model_args(p)
+    p.add_argument("--input", required=True, metavar="F.jsonl", help="rows with messages (or prompt) and chat_template_kwargs")
+    p.add_argument("--out", required=True, metavar="G.jsonl", help="the rows plus completions, completion_tokens, stopped")
+    p.add_argument("--n", type=int, default=1, help="completions per prompt")
+    p.add_argument("--temperature", type=float, help="default 0 (greedy) for --n 1, else 0.8")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("ablate", help="run a grid of (variant, seed) runs against a baseline and report verdicts")
     p.add_argument("ablation", metavar="ABLATION.yaml", help="baseline, variants, seeds, budget (recipes/ablations/)")
@@ -363,6 +396,15 @@ def cmd_eval(args) -> int:
     from smoltrain.errors import ConfigError
     from smoltrain.eval.run import evaluate, print_table
 
+    if args.chat:
+        from smoltrain.post.chat import chat_markdown, evaluate_chat
+
+        report = evaluate_chat(args.model, args.out, device=args.device, count=args.limit or 50,
+                               persona_count=args.limit or 48, seed=args.seed or 0, tokenizer=args.tokenizer)
+        print(chat_markdown(report["chat"]))
+        print(f"wrote {args.out}")
+        return 0
+
     for name in ("limit", "batch_size", "samples"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -376,6 +418,27 @@ def cmd_eval(args) -> int:
                       out=args.out, validation=args.validation, log_samples=args.log_samples)
     print_table(report)
     print(f"wrote {args.out}" + (f" and {report['samples']}" if report.get("samples") else ""))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from smoltrain.post.chat import chat_repl, load_chat_model
+
+    model, tokenizer = load_chat_model(args.model, args.device, args.tokenizer, args.template)
+    chat_repl(model, tokenizer, system=args.system, think=args.think, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_p=args.top_p)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from smoltrain.post.chat import generate_file, load_chat_model
+
+    model, tokenizer = load_chat_model(args.model, args.device, args.tokenizer, args.template)
+    summary = generate_file(model, tokenizer, args.input, args.out, n=args.n, temperature=args.temperature,
+                            top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                            seed=args.seed)
+    print(f"wrote {summary['out']}: {summary['completions']} completions for {summary['prompts']} prompts, "
+          f"{summary['stopped']} stopped with <|im_end|>, {summary['mean_tokens']:.1f} tokens on average")
     return 0
 
 

@@ -11,7 +11,13 @@ from smoltrain.config import ModelConfig
 from smoltrain.model.generate import generate
 from smoltrain.model.hf import export_hf
 from smoltrain.model.transformer import build_model
-from smoltrain.post.chat_template import encode_chat, encode_prompt, end_of_turn_id, load_chat_tokenizer, render
+from smoltrain.post.chat_template import (
+    encode_chat,
+    encode_prompt,
+    end_of_turn_id,
+    load_chat_tokenizer,
+    render,
+)
 
 TOOL = {"name": "add", "description": "Add two numbers", "parameters": {"a": "int", "b": "int"}}
 CASES = {

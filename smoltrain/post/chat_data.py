@@ -101,7 +101,7 @@ def _message_list(value, key: str) -> list[dict]:
     return value
 
 
-def _check_messages(raw) -> list[dict]:
+def _check_messages(raw, need_assistant: bool = True) -> list[dict]:
     if not isinstance(raw, list) or not raw:
         raise BadRow("no_messages", "'messages' is empty" if isinstance(raw, list) else
                      f"'messages' is {type(raw).__name__}, expected a list of messages")
@@ -123,7 +123,7 @@ def _check_messages(raw) -> list[dict]:
         if role == "system" and i != 0:
             raise BadRow("misplaced_system", f"message {i} is a system message; only the first message may be one")
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise BadRow("no_assistant", "no assistant turn (nothing to train on)")
     return messages
 
@@ -168,6 +168,23 @@ def conversation_from_row(row, source: str = "", where: str = "") -> Conversatio
         keys = ", ".join(list(row)[:8]) or "none"
         raise BadRow("no_messages", f"no 'messages' (nor 'prompt' and 'completion'); keys: {keys}")
     return Conversation(_check_messages(messages), _check_kwargs(row.get("chat_template_kwargs")), source, where)
+
+
+def prompt_from_row(row, where: str = "") -> Conversation:
+    """A conversation to continue (`messages` or `prompt`): checked like training rows, but it needs
+    no assistant turn and must not end with one."""
+    if not isinstance(row, dict):
+        raise BadRow("not_object", f"expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = _check_messages(row["messages"], need_assistant=False)
+    elif "prompt" in row:
+        messages = _check_messages(_message_list(row["prompt"], "prompt"), need_assistant=False)
+    else:
+        keys = ", ".join(list(row)[:8]) or "none"
+        raise BadRow("no_messages", f"no 'messages' (nor 'prompt'); keys: {keys}")
+    if messages[-1]["role"] == "assistant":
+        raise BadRow("ends_with_assistant", "the last message is an assistant turn; nothing is left to generate")
+    return Conversation(messages, _check_kwargs(row.get("chat_template_kwargs")), "", where)
 
 
 # ----------------------------------------------------------------------------- files
@@ -301,6 +318,7 @@ __all__ = [
     "assistant_modes",
     "conversation_from_row",
     "conversation_mode",
+    "prompt_from_row",
     "read_conversations",
     "system_prompt",
     "write_conversations",

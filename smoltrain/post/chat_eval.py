@@ -36,7 +36,7 @@ def think_format_ok(response: str, mode: str) -> bool:
 
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int = 32,
-                     temperature: float = 0.0, seed: int | None = None,
+                     temperature: float = 0.0, top_p: float | None = None, seed: int | None = None,
                      on_batch: Callable[[int], None] | None = None) -> list[dict]:
     """{"text", "tokens", "stopped"} per prompt ({"messages", "chat_template_kwargs"}), through the template."""
     eot = end_of_turn_id(tokenizer)
@@ -48,7 +48,7 @@ def generate_replies(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            outputs = generate(model, [encoded[i] for i in rows], max_new_tokens, temperature=temperature,
+            outputs = generate(model, [encoded[i] for i in rows], max_new_tokens, temperature=temperature, top_p=top_p,
                                stop_tokens=[eot], seed=None if seed is None else seed + start)
             for i, ids in zip(rows, outputs):
                 # generate cuts before the stop token: fewer tokens than the limit means it stopped
