@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype (auto: as stored)")
     p.set_defaults(func=cmd_export)
 
-    p = verbs.add_parser("import", help="read a Hugging Face Llama / SmolLM3 / Qwen3 folder into a model folder")
-    p.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json + safetensors (+ tokenizer)")
+    p = verbs.add_parser("import", help="read a Hugging Face Llama / SmolLM3 / Qwen3 folder (or a GGUF file) into a model folder")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json + safetensors (+ tokenizer), or a .gguf file")
     p.add_argument("--out", required=True, help="output model folder (config.yaml + model.safetensors)")
     p.set_defaults(func=cmd_import)
 
@@ -346,10 +346,11 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     from rich.console import Console
 
-    from smoltrain.model.hf import import_hf
+    from smoltrain.model.hf import import_gguf, import_hf
 
     with Console(stderr=True).status(f"importing {args.hf_dir}"):
-        out = import_hf(args.hf_dir, args.out)
+        reader = import_gguf if args.hf_dir.endswith(".gguf") else import_hf
+        out = reader(args.hf_dir, args.out)
     tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
     print(f"wrote {out} (model folder, {tokenizer})")
     return 0

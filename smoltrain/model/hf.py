@@ -610,7 +610,41 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """A llama.cpp GGUF file -> our model folder. transformers' GGUF loader dequantizes the weights
+    (to float32) and rebuilds the tokenizer with the file's own chat template, which is kept."""
+    import tempfile
+
+    file = Path(gguf_path)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such GGUF file")
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF loader needs it)
+    except ImportError:
+        raise CheckpointError(f"{file}: reading GGUF needs the gguf package (pip install 'smoltrain[gguf]')") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"{file}: transformers cannot read this GGUF file ({str(e).splitlines()[0]})") from None
+    hf = hf_model.config.to_dict()
+    hf.pop("quantization_config", None)
+    model_config = from_hf_config(hf, str(file))
+    state = from_hf_names({k: v.detach().contiguous() for k, v in hf_model.state_dict().items()}, model_config.tie_embeddings)
+    _check_state(state, model_config, str(file))
+    out = _prepare_out_dir(out_dir)
+    _save_tensors(out / WEIGHTS_FILE, state)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        copy_tokenizer(tmp, out, model_config.max_seq_len)
+    config = _config_for_model(model_config, str((out / "tokenizer.json").resolve()))
+    save_config(config, out / CONFIG_FILE)
+    return out
+
+
 __all__ = [
-    "SUPPORTED", "save_model_folder", "load_model_folder", "load_any", "export_hf", "import_hf",
+    "SUPPORTED", "save_model_folder", "load_model_folder", "load_any", "export_hf", "import_hf", "import_gguf",
     "hf_architecture", "to_hf_config", "from_hf_config", "copy_tokenizer",
 ]
