@@ -350,3 +350,15 @@ def test_generate_replies_cuts_at_end_of_turn_like_an_unrestricted_run(tok, monk
         cut = full.index(stop) if stop in full else len(full)
         assert reply["tokens"] == cut and reply["text"] == tok.decode(full[:cut])
         assert reply["stopped"] == (stop in full)
+
+
+def test_trl_accepts_our_templates_for_assistant_only_loss(folders):
+    """TRL 1.16's own checks: generation markers, the end-of-turn token inside the mask, and earlier
+    turns rendered identically when a turn is added (prefix preservation)."""
+    trl_templates = pytest.importorskip("trl.chat_template_utils")
+    for name in ("smollm3", "chatml"):
+        tok = load_chat_tokenizer(folders / name)
+        assert trl_templates.has_generation_markers(tok.chat_template)
+        assert trl_templates.is_chat_template_stop_token_trained(tok)
+        assert trl_templates.is_chat_template_prefix_preserving(tok)
+        assert trl_templates.get_training_chat_template(tok) is None  # nothing for TRL to patch
