@@ -362,3 +362,26 @@ def test_trl_accepts_our_templates_for_assistant_only_loss(folders):
         assert trl_templates.is_chat_template_stop_token_trained(tok)
         assert trl_templates.is_chat_template_prefix_preserving(tok)
         assert trl_templates.get_training_chat_template(tok) is None  # nothing for TRL to patch
+
+
+def test_smollm2s_template_gets_a_training_twin_that_renders_the_same_text(folders, tmp_path):
+    from smoltrain.post.chat_template import SMOLLM2, SMOLLM2_TRAINING
+
+    original = AutoTokenizer.from_pretrained(folders / "base", local_files_only=True)
+    original.chat_template = SMOLLM2
+    original.save_pretrained(tmp_path / "smollm2")
+    write_chat_tokenizer(tmp_path / "smollm2", tmp_path / "kept", "model")
+    twin = load_chat_tokenizer(tmp_path / "kept")
+    assert twin.chat_template == SMOLLM2_TRAINING
+    chats = [[USER, DIRECT_REPLY], [{"role": "system", "content": "Be brief."}, USER, THINK_REPLY, USER, DIRECT_REPLY]]
+    for messages in chats:
+        for prompt in (False, True):
+            shown = messages[:-1] if prompt else messages
+            assert render(twin, shown, add_generation_prompt=prompt) == original.apply_chat_template(
+                shown, tokenize=False, add_generation_prompt=prompt)
+    ids, mask = encode_chat(twin, chats[0])
+    assert tok_decode_masked(twin, ids, mask) == DIRECT_REPLY["content"] + "<|im_end|>"
+
+
+def tok_decode_masked(tok, ids, mask):
+    return tok.decode([i for i, m in zip(ids, mask) if m])

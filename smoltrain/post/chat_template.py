@@ -98,6 +98,41 @@ CHATML = r"""{#- ChatML (plain, for reasoning mid-training: no reasoning-mode sy
 {%- endif -%}
 """
 
+# Published templates without {% generation %} markers, and their training twins: the same text for
+# every conversation, with markers (TRL swaps in training templates the same way). Keyed by the
+# exact Jinja source; `model` uses the twin, so SmolLM2 keeps its own template and its default prompt.
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + "
+    "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SMOLLM2_TRAINING = r"""{#- SmolLM2's template with {% generation %} markers: renders the same text -#}
+{%- for message in messages -%}
+{%- if loop.first and messages[0].role != "system" -%}
+{{- "<|im_start|>system
+You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
+" -}}
+{%- endif -%}
+{%- if message.role == "assistant" -%}
+{{- "<|im_start|>assistant
+" -}}
+{%- generation -%}{{- message.content + "<|im_end|>" -}}{%- endgeneration -%}
+{{- "
+" -}}
+{%- else -%}
+{{- "<|im_start|>" + message.role + "
+" + message.content + "<|im_end|>
+" -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- "<|im_start|>assistant
+" -}}
+{%- endif -%}
+"""
+TRAINING_TWINS = {SMOLLM2: SMOLLM2_TRAINING}
+
 TEMPLATES = {"smollm3": SMOLLM3, "chatml": CHATML}
 TEMPLATE_CHOICES = ("smollm3", "chatml", "model")
 
@@ -138,10 +173,10 @@ def template_text(name: str, tokenizer: str | os.PathLike | None = None) -> str:
     if name == "model":
         template = model_template(tokenizer) if tokenizer is not None else None
         if template is None:
-            raise ConfigError(f"post.chat_template: model, but the tokenizer {tokenizer} has no chat template "
+            raise ConfigError(f"sft.chat_template: model, but the tokenizer {tokenizer} has no chat template "
                               "(choose smollm3 or chatml)")
-        return template
-    raise ConfigError(f"post.chat_template: unknown template {name!r} (expected one of {', '.join(TEMPLATE_CHOICES)})")
+        return TRAINING_TWINS.get(template, template)
+    raise ConfigError(f"sft.chat_template: unknown template {name!r} (expected one of {', '.join(TEMPLATE_CHOICES)})")
 
 
 def has_generation_markers(template: str) -> bool:
