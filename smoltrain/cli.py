@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="MODEL_FOLDER", help="start from these weights (an SFT or APO model folder)")
     p.set_defaults(func=cmd_grpo)
 
+    p = verbs.add_parser("sft", help="supervised fine-tuning on chat data (data check, packing, chat evals)")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
+    p.add_argument("--init", metavar="MODEL", help="start from these weights (model, HF, run or checkpoint folder)")
+    p.set_defaults(func=cmd_sft)
+
     p = verbs.add_parser("plan", help="parameters, FLOPs, memory, time or GPU count of a config")
     _add_config_args(p)
     budget = p.add_mutually_exclusive_group()
@@ -290,6 +296,17 @@ def cmd_grpo(args) -> int:
     if args.init:
         config.train.init = args.init
     summary = run(config, resume=args.resume)
+    if summary["stopped_by"]:
+        return 128 + signal.Signals[summary["stopped_by"]].value
+    return 0
+
+
+def cmd_sft(args) -> int:
+    import signal
+
+    from smoltrain.post.sft import load_sft_config, sft
+
+    summary = sft(load_sft_config(args.config, args.overrides, init=args.init), resume=args.resume)
     if summary["stopped_by"]:
         return 128 + signal.Signals[summary["stopped_by"]].value
     return 0

@@ -203,6 +203,21 @@ class GRPOConfig:
 
 
 @dataclass
+class SFTConfig:
+    # Conversation files (jsonl, jsonl.gz, parquet; globs allowed); "embedded" is the embedded chat data.
+    data: list[str] = field(default_factory=lambda: ["embedded"])
+    embedded_conversations: int = 8000
+    chat_template: Literal["smollm3", "chatml", "model"] = "smollm3"  # model: the init model's own
+    loss: Literal["assistant", "all"] = "assistant"  # assistant: content + <|im_end|> of assistant turns only
+    packing: bool = True  # best-fit decreasing into rows of data.seq_len; false: one conversation per row
+    overflow: Literal["truncate", "drop"] = "truncate"  # a conversation longer than a row: keep its start, or skip it
+    skip_bad: bool = False  # count and skip bad rows instead of stopping at the first
+    epochs: Optional[float] = 2.0  # sets train.max_steps from the packed rows; null: train.max_steps as given
+    warmup_fraction: Optional[float] = 0.03  # sets optim.warmup_steps to this share of the steps (SmolLM3: ~3%); null: as given
+    chat_eval_items: int = 50  # held-out items per chat eval set at every evaluation (0: none)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -212,6 +227,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -511,6 +527,13 @@ def validate(c: Config) -> None:
     validate_eval(c.eval)
     validate_dpo(c.dpo)
     validate_grpo(c.grpo)
+    s = c.sft
+    _require(s.epochs is None or s.epochs > 0, f"sft.epochs must be positive (or null), got {s.epochs}")
+    _require(s.warmup_fraction is None or 0 <= s.warmup_fraction < 1,
+             f"sft.warmup_fraction must lie in [0, 1) (or null), got {s.warmup_fraction}")
+    _require(s.chat_eval_items >= 0, f"sft.chat_eval_items must be >= 0, got {s.chat_eval_items}")
+    _require(s.embedded_conversations > 0, f"sft.embedded_conversations must be positive, got {s.embedded_conversations}")
+    _require(bool(s.data), "sft.data must name at least one file (or embedded)")
 
 
 def grad_accumulation(t: TrainConfig, seq_len: int, dp_world: int) -> int:

@@ -205,7 +205,7 @@ class PackedChatBatches:
     Rank r of w takes global rows sequence + r, + r + w, ... (the pretraining loader's convention),
     so the state is in global rows and a run may resume under another data-parallel size."""
 
-    stage = 0
+    stage = -1  # one stage: the Trainer's "before any data.stages" index
 
     def __init__(self, examples: list[Example], rows: list[list[int]], seq_len: int, micro_batch_size: int,
                  pad_id: int, seed: int = 0, dp_rank: int = 0, dp_world: int = 1):
@@ -267,8 +267,8 @@ class PackedChatBatches:
         self._sequence += num_batches * self.micro_batch_size * self.dp_world
 
     def set_stage(self, index: int) -> None:
-        if index != 0:
-            raise DataError("SFT data has one stage")
+        if index != -1:
+            raise DataError("SFT data has one stage (data.stages do not apply to sft)")
 
     def close(self) -> None:
         pass

@@ -1,0 +1,278 @@
+"""Supervised fine-tuning: `sft(config)` reads conversations, checks them, packs them and trains the
+SFT objective in the one Trainer loop (train/trainer.py), with chat evals and a vibe test.
+
+The data check runs before any model is built: the report (data_report.md / .json in the run
+folder) is printed, and a system prompt missing from its rendered chat stops the run. Defaults are
+SmolLM3's SFT: lr 2e-5, cosine to 10% with ~3% warmup, grad clip 0.2, assistant-only loss, packing.
+The chat template is written with the tokenizer into the run folder (run/tokenizer/), which the
+config points at, so checkpoints, `smoltrain export` and `smoltrain chat` all render with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from torch import nn
+
+from smoltrain.config import Config, apply_overrides, config_from_dict, grad_accumulation, load_config
+from smoltrain.errors import ConfigError
+from smoltrain.post.chat_data import read_conversations
+from smoltrain.post.chat_template import (
+    END_OF_TURN,
+    has_generation_markers,
+    load_chat_tokenizer,
+    write_chat_tokenizer,
+)
+from smoltrain.post.sft_data import (
+    PackedChatBatches,
+    data_report,
+    one_per_row,
+    pack_best_fit,
+    report_markdown,
+    tokenize_conversations,
+)
+
+console = Console(highlight=False, markup=False, soft_wrap=True)
+
+# SmolLM3's SFT (and mid-training): used for every optim key the recipe does not set.
+SFT_OPTIM = {"lr": 2e-5, "schedule": "cosine", "grad_clip": 0.2, "weight_decay": 0.0}
+MIN_LR_SHARE = 0.1  # cosine to 10% of the peak
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _init_source(path: str):
+    """(config, tokenizer path) of the model SFT starts from."""
+    from smoltrain.model.hf import load_any
+
+    _, config, tokenizer = load_any(path)
+    return config, tokenizer
+
+
+def load_sft_config(path: str | os.PathLike | None, overrides: list[str] | None = None, init: str | None = None) -> Config:
+    """The recipe with SmolLM3's SFT optimizer defaults for keys it leaves out, and the model section
+    taken from train.init (the recipe may still set non-shape keys such as attention_kernel)."""
+    raw: dict = {}
+    if path is not None:
+        load_config(path, overrides)  # YAML and key errors, with the file named
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = apply_overrides(raw, list(overrides or []))
+    train = raw["train"] = raw.get("train") or {}
+    if init:
+        train["init"] = init
+    optim = raw["optim"] = raw.get("optim") or {}
+    for key, value in SFT_OPTIM.items():
+        optim.setdefault(key, value)
+    optim.setdefault("min_lr", MIN_LR_SHARE * float(optim["lr"]))
+    if train.get("init"):
+        init_config, _ = _init_source(train["init"])
+        raw["model"] = {**dataclasses.asdict(init_config.model), **(raw.get("model") or {})}
+    return config_from_dict(raw)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _tokenizer_path(config: Config) -> str:
+    if config.train.init:
+        _, tokenizer = _init_source(config.train.init)
+        if tokenizer:
+            return str(tokenizer)
+    if config.data.tokenizer:
+        return config.data.tokenizer
+    if config.data.embedded:
+        from smoltrain.data.embedded import ensure_embedded_data
+
+        return ensure_embedded_data(config.data).tokenizer
+    raise ConfigError("sft: no tokenizer is known (set train.init to a model with one, or data.tokenizer)")
+
+
+def _data_files(config: Config) -> list[str]:
+    files = []
+    for item in config.sft.data:
+        if item == "embedded":
+            from smoltrain.post.embedded_chat import ensure_embedded_chat
+
+            files += ensure_embedded_chat(config.data.cache_dir, config.train.seed, config.sft.embedded_conversations)
+        else:
+            files.append(item)
+    return files
+
+
+@dataclasses.dataclass
+class PreparedData:
+    examples: list
+    rows: list[list[int]]
+    report: dict
+    tokenizer: object
+    pad_id: int
+
+
+def prepare_sft_data(config: Config, tokenizer_dir: Path) -> PreparedData:
+    """Read, check, tokenize and pack; the report is the data check's result."""
+    s = config.sft
+    tokenizer = load_chat_tokenizer(tokenizer_dir)
+    if s.loss == "assistant" and not has_generation_markers(tokenizer.chat_template):
+        raise ConfigError(f"sft.loss: assistant needs a chat template with {{% generation %}} markers and the "
+                          f"{s.chat_template} template has none; use sft.chat_template smollm3 or chatml, or sft.loss all")
+    data = read_conversations(_data_files(config), skip_bad=s.skip_bad)
+    examples, stats = tokenize_conversations(data.conversations, tokenizer, config.data.seq_len, s.loss, s.overflow)
+    lengths = [len(e.ids) for e in examples]
+    rows = pack_best_fit(lengths, config.data.seq_len) if s.packing else one_per_row(lengths)
+    report = data_report(data.conversations, examples, stats, rows, config.data.seq_len, tokenizer, data.skipped,
+                         s.chat_template)
+    report["files"] = data.files
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    return PreparedData(examples, rows, report, tokenizer, pad_id)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+class SFTObjective:
+    """Cross-entropy on the packed rows' labels (assistant tokens, or all), summed; the Trainer divides
+    by the label tokens of the whole step. evaluate() runs the chat evals and keeps a vibe test."""
+
+    name = "sft"
+
+    def __init__(self, config: Config, batches: PackedChatBatches, tokenizer, run_dir: Path, is_main: bool):
+        self.config, self.batches, self.tokenizer = config, batches, tokenizer
+        self.run_dir, self.is_main = run_dir, is_main
+        self.last_chat: dict | None = None
+
+    def loss(self, model: nn.Module, batch: dict):
+        out = model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"], reduction="sum")
+        return out.loss, out.num_tokens, {"loss": (out.ce_loss, out.num_tokens)}
+
+    def accumulation(self, seq_len: int, dp_world: int) -> int:
+        return grad_accumulation(self.config.train, seq_len, dp_world)
+
+    def stateful(self) -> dict:
+        return {}  # the batch source's position is all the state there is
+
+    def step_metrics(self) -> dict:
+        return {"epoch": round(self.batches.epoch, 4)}
+
+    def evaluate(self, model: nn.Module) -> dict:
+        items = self.config.sft.chat_eval_items
+        if not items:
+            return {}
+        results, vibe = run_chat_evals(model, self.tokenizer, items)
+        self.last_chat = {"chat": results, "vibe": vibe}
+        if self.is_main:
+            _write_atomic(self.run_dir / "chat_after.json", json.dumps(self.last_chat, indent=2, ensure_ascii=False) + "\n")
+        return {"chat": results}
+
+
+def run_chat_evals(model: nn.Module, tokenizer, items: int) -> tuple[dict, list]:
+    from smoltrain.post.chat_eval import chat_evals, vibe_test
+
+    base = getattr(model, "_orig_mod", model)
+    results = chat_evals(base, tokenizer, count=items, persona_count=items)
+    return results, vibe_test(base, tokenizer)
+
+
+def build_sft_objective_factory(prepared: PreparedData):
+    def build(config: Config, model: nn.Module, ctx, run_dir: Path) -> SFTObjective:
+        if config.data.stages:
+            raise ConfigError("data.stages: SFT data has one stage; remove the stages from the recipe")
+        if config.sft.packing and not config.model.document_masking:
+            raise ConfigError("sft.packing needs model.document_masking: true (no attention across conversations)")
+        batches = PackedChatBatches(prepared.examples, prepared.rows, config.data.seq_len, config.train.micro_batch_size,
+                                    prepared.pad_id, seed=config.train.seed, dp_rank=ctx.dp_rank, dp_world=ctx.dp_world)
+        objective = SFTObjective(config, batches, prepared.tokenizer, run_dir, ctx.is_main)
+        objective.accumulation(config.data.seq_len, ctx.dp_world)  # a bad batch split fails now
+        before = run_dir / "chat_before.json"
+        fresh = not (run_dir / "checkpoints" / "latest").is_file()
+        if config.sft.chat_eval_items and fresh and not before.is_file() and config.train.init:
+            # the init model, before any step: the "before" column of the report
+            was_training = model.training
+            model.eval()
+            results, vibe = run_chat_evals(model, prepared.tokenizer, config.sft.chat_eval_items)
+            model.train(was_training)
+            if ctx.is_main:
+                _write_atomic(before, json.dumps({"chat": results, "vibe": vibe}, indent=2, ensure_ascii=False) + "\n")
+        return objective
+
+    return build
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def sft(config: Config, resume: str | None = None) -> dict:
+    """`smoltrain sft`: data check, then the Trainer with the SFT objective; returns the summary."""
+    from smoltrain.train.trainer import Trainer
+
+    run_dir = Path(config.train.out_dir)
+    tokenizer_dir = run_dir / "tokenizer"
+    write_chat_tokenizer(_tokenizer_path(config), tokenizer_dir, config.sft.chat_template)
+    prepared = prepare_sft_data(config, tokenizer_dir)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        _write_atomic(run_dir / "data_report.json", json.dumps(prepared.report, indent=2, ensure_ascii=False) + "\n")
+        _write_atomic(run_dir / "data_report.md", report_markdown(prepared.report))
+        console.print(report_markdown({**prepared.report, "rendered_examples": {}}).rstrip())
+    rows_per_step = config.train.global_batch_tokens // config.data.seq_len
+    train, optim = config.train, config.optim
+    if config.sft.epochs is not None:
+        train = dataclasses.replace(train, max_steps=max(1, math.ceil(config.sft.epochs * len(prepared.rows) / rows_per_step)))
+    if config.sft.warmup_fraction is not None:
+        optim = dataclasses.replace(optim, warmup_steps=round(config.sft.warmup_fraction * train.max_steps))
+    data = dataclasses.replace(config.data, tokenizer=str((tokenizer_dir / "tokenizer.json").resolve()))
+    config = dataclasses.replace(config, train=train, optim=optim, data=data)
+    if main:
+        console.print(f"sft: {len(prepared.rows)} rows of {config.data.seq_len} per epoch, {rows_per_step} rows per step, "
+                      f"{train.max_steps} steps (warmup {optim.warmup_steps}, lr {optim.lr:g} -> {optim.min_lr:g} "
+                      f"{optim.schedule})")
+    trainer = Trainer(config, build_objective=build_sft_objective_factory(prepared), resume=resume)
+    summary = trainer.train()
+    if main:
+        write_sft_report(run_dir, prepared.report)
+    return summary
+
+
+def write_sft_report(run_dir: Path, report: dict) -> Path:
+    """sft_report.md: the data check, chat evals before/after and the vibe test samples."""
+    from smoltrain.post.chat import chat_markdown
+    from smoltrain.post.chat_eval import vibe_markdown
+
+    def read(name: str) -> dict | None:
+        path = run_dir / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    before, after = read("chat_before.json"), read("chat_after.json")
+    parts = [f"# SFT report: {run_dir}", "", report_markdown(report)]
+    if after:
+        parts += ["## Chat evals", "", chat_markdown(after["chat"], before["chat"] if before else None), ""]
+        parts += ["## Vibe test (after)", "", vibe_markdown(after["vibe"]), ""]
+    if before:
+        parts += ["## Vibe test (before: the init model)", "", vibe_markdown(before["vibe"]), ""]
+    path = run_dir / "sft_report.md"
+    _write_atomic(path, "\n".join(parts))
+    return path
+
+
+__all__ = [
+    "SFT_OPTIM",
+    "SFTObjective",
+    "build_sft_objective_factory",
+    "load_sft_config",
+    "prepare_sft_data",
+    "sft",
+    "write_sft_report",
+]
