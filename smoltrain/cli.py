@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results.json", help="results JSON (a markdown table is written beside it)")
     p.add_argument("--chat", action="store_true", help="the chat evals instead (held-out answers in both modes, "
                    "system-prompt adherence, think format, stop rate) through the model's chat template")
+    p.add_argument("--template", choices=["smollm3", "chatml", "model"],
+                   help="--chat: the chat template (default: the one stored with the tokenizer)")
     p.set_defaults(func=cmd_eval)
 
     p = verbs.add_parser("chat", help="talk to a model through its chat template (streaming; /think /no_think /system /reset)")
@@ -418,7 +420,8 @@ def cmd_eval(args) -> int:
         from smoltrain.post.chat import chat_markdown, evaluate_chat
 
         report = evaluate_chat(args.model, args.out, device=args.device, count=args.limit or 50,
-                               persona_count=args.limit or 48, seed=args.seed or 0, tokenizer=args.tokenizer)
+                               persona_count=args.limit or 48, seed=args.seed or 0, tokenizer=args.tokenizer,
+                               template=args.template)
         print(chat_markdown(report["chat"]))
         print(f"wrote {args.out}")
         return 0
