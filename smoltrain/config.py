@@ -212,6 +212,9 @@ class SFTConfig:
     packing: bool = True  # best-fit decreasing into rows of data.seq_len; false: one conversation per row
     overflow: Literal["truncate", "drop"] = "truncate"  # a conversation longer than a row: keep its start, or skip it
     skip_bad: bool = False  # count and skip bad rows instead of stopping at the first
+    # Move chat_template_kwargs.custom_instructions into a system message (when there is none), for
+    # templates that do not read the keyword (SmolLM2's, chatml); the data check still verifies it.
+    instructions_as_system: bool = False
     epochs: Optional[float] = 2.0  # sets train.max_steps from the packed rows; null: train.max_steps as given
     warmup_fraction: Optional[float] = 0.03  # sets optim.warmup_steps to this share of the steps (SmolLM3: ~3%); null: as given
     chat_eval_items: int = 50  # held-out items per chat eval set at every evaluation (0: none)

@@ -152,7 +152,8 @@ def _worker(rank: int, world: int, recipe_path: str, out: str, port: int) -> Non
 
 @pytest.mark.slow
 def test_sft_under_fsdp_on_two_gloo_ranks_equals_one_process(root, tmp_path, one_thread):
-    path = write_recipe(tmp_path / "r.yaml", recipe(root, tmp_path / "single"))
+    # chat_eval_items 1: the chat evals generate under FSDP too (before step 1 and after the last)
+    path = write_recipe(tmp_path / "r.yaml", recipe(root, tmp_path / "single", chat_eval_items=1))
     sft(load_sft_config(path))
     mp.spawn(_worker, args=(2, str(path), str(tmp_path / "fsdp"), _free_port()), nprocs=2, join=True)
     want, got = per_step(tmp_path / "single"), per_step(tmp_path / "fsdp")
@@ -161,6 +162,9 @@ def test_sft_under_fsdp_on_two_gloo_ranks_equals_one_process(root, tmp_path, one
     for (step, loss, norm), (_, ref_loss, ref_norm) in zip(got, want):
         assert loss == pytest.approx(ref_loss, rel=1e-5), step
         assert norm == pytest.approx(ref_norm, rel=1e-4), step
+    for name in ("chat_before.json", "chat_after.json"):
+        chat = json.loads((tmp_path / "fsdp" / name).read_text())["chat"]
+        assert chat["n"] == {"no_think": 1, "think": 1, "persona": 1}
 
 
 def test_a_none_system_prompt_stops_sft_before_anything_is_trained(root, tmp_path, capsys):
@@ -185,3 +189,20 @@ def test_a_template_that_drops_custom_instructions_stops_sft_naming_the_example(
     err = capsys.readouterr().err
     assert "persona.jsonl:1: its system prompt 'Answer in capital letters only.' is not in the rendered chat" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_instructions_as_system_moves_custom_instructions_where_a_plain_template_renders_them(root, tmp_path):
+    from smoltrain.post.chat_template import write_chat_tokenizer
+    from smoltrain.post.sft import prepare_sft_data
+
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "HELLO"}],
+             "chat_template_kwargs": {"custom_instructions": "Answer in capital letters only."}}] * 3
+    (tmp_path / "persona.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = recipe(root, tmp_path / "run", chat_template="chatml", instructions_as_system=True)
+    raw["sft"]["data"] = [str(tmp_path / "persona.jsonl")]
+    config = load_sft_config(write_recipe(tmp_path / "r.yaml", raw))
+    write_chat_tokenizer(root / "base", tmp_path / "tok", "chatml")
+    prepared = prepare_sft_data(config, tmp_path / "tok")
+    assert prepared.report["system_prompt_share"] == prepared.report["system_prompt_rendered_share"] == 1.0
+    assert prepared.report["custom_instructions"] == 0
+    assert "<|im_start|>system\nAnswer in capital letters only.<|im_end|>" in prepared.report["rendered_examples"]["system_prompt"]

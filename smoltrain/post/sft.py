@@ -123,6 +123,11 @@ def prepare_sft_data(config: Config, tokenizer_dir: Path) -> PreparedData:
         raise ConfigError(f"sft.loss: assistant needs a chat template with {{% generation %}} markers and the "
                           f"{s.chat_template} template has none; use sft.chat_template smollm3 or chatml, or sft.loss all")
     data = read_conversations(_data_files(config), skip_bad=s.skip_bad)
+    if s.instructions_as_system:
+        for conv in data.conversations:
+            instructions = conv.kwargs.pop("custom_instructions", None)
+            if instructions and conv.messages[0]["role"] != "system":
+                conv.messages.insert(0, {"role": "system", "content": instructions})
     examples, stats = tokenize_conversations(data.conversations, tokenizer, config.data.seq_len, s.loss, s.overflow)
     lengths = [len(e.ids) for e in examples]
     rows = pack_best_fit(lengths, config.data.seq_len) if s.packing else one_per_row(lengths)
