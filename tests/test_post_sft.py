@@ -206,3 +206,11 @@ def test_instructions_as_system_moves_custom_instructions_where_a_plain_template
     assert prepared.report["system_prompt_share"] == prepared.report["system_prompt_rendered_share"] == 1.0
     assert prepared.report["custom_instructions"] == 0
     assert "<|im_start|>system\nAnswer in capital letters only.<|im_end|>" in prepared.report["rendered_examples"]["system_prompt"]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "smollm2-135m.yaml"])
+def test_sft_recipes_validate(name):
+    path = Path(__file__).resolve().parents[1] / "recipes" / "sft" / name
+    config = load_sft_config(path, ["train.init=null"])  # the init model is built by the commands in the recipe
+    assert config.sft.data == ["embedded"] and config.data.seq_len == 512
+    assert config.train.global_batch_tokens % (config.train.micro_batch_size * config.data.seq_len) == 0
