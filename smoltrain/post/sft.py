@@ -20,7 +20,13 @@ import yaml
 from rich.console import Console
 from torch import nn
 
-from smoltrain.config import Config, apply_overrides, config_from_dict, grad_accumulation, load_config
+from smoltrain.config import (
+    Config,
+    apply_overrides,
+    config_from_dict,
+    grad_accumulation,
+    load_config,
+)
 from smoltrain.errors import ConfigError
 from smoltrain.post.chat_data import read_conversations
 from smoltrain.post.chat_template import (
