@@ -16,11 +16,6 @@ from smoltrain.errors import CheckpointError
 from smoltrain.model.transformer import Transformer, canonical_name
 from smoltrain.train.distributed import ParallelContext
 
-# Moved to train/distributed.py and train/optim.py; re-exported until the branches written against the
-# old layout are merged (then these names go).
-from smoltrain.train.distributed import resolve_layout, runtime_seed, setup_distributed  # noqa: E402,F401
-from smoltrain.train.optim import clip_grad_norm_  # noqa: E402,F401
-
 
 # ----------------------------------------------------------------------------- the recipe, one function each
 

@@ -62,7 +62,6 @@ from smoltrain.train.distributed import (
     setup_distributed,
     single_process_context,
 )
-from smoltrain.train.distributed import resolve_precision  # noqa: F401  (re-exported until older branches merge)
 from smoltrain.train.parallelize import build_parallel_model, load_full_state_dict, set_gradient_sync
 from smoltrain.train.pretrain import build_pretrain_objective
 
