@@ -4,7 +4,8 @@ Same model (ours, exported to transformers for TRL), same tokenizer, same prefer
 batch (pairs per step), same loss (APO-zero, beta 0.1), AdamW, fp32, on this CPU. Both sides
 precompute the reference log-probs before training; only optimizer steps are timed, in CPU seconds
 of this process (median after
-warm-up; rounds alternate the two sides and the ratio is the median of the rounds'). smoltrain's step is the Trainer's own `forward_backward` + optimizer step with the DPO
+warm-up; rounds alternate the two sides and the ratio is the median of the rounds'). smoltrain's step
+is the Trainer's own `forward_backward` + optimizer step with the DPO
 objective; TRL's is `Trainer.training_step` + optimizer step, timed by a callback.
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python bench/dpo_step.py [--rounds 3] [--steps 4] [--pairs 8]
@@ -70,8 +71,8 @@ def build(tmp: Path, args) -> tuple[Path, Path]:
 def ours(model_dir: Path, data: Path, args) -> list[float]:
     from smoltrain.config import config_from_dict
     from smoltrain.post.dpo import build_dpo_objective
-    from smoltrain.train.optim import build_optimizer
     from smoltrain.train.distributed import single_process_context
+    from smoltrain.train.optim import build_optimizer
     from smoltrain.train.trainer import build_training_model, forward_backward
 
     config = config_from_dict({

@@ -30,9 +30,9 @@ import torch
 
 from smoltrain.config import config_from_dict
 from smoltrain.model.flops import flops_per_token, parameter_counts
+from smoltrain.train.distributed import single_process_context
 from smoltrain.train.metrics import mfu, peak_tflops
 from smoltrain.train.optim import build_optimizer
-from smoltrain.train.distributed import single_process_context
 from smoltrain.train.pretrain import PretrainObjective
 from smoltrain.train.trainer import build_training_model, forward_backward
 

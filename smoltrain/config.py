@@ -21,7 +21,6 @@ import yaml
 from smoltrain.errors import ConfigError
 from smoltrain.files import load_yaml, write_atomic
 
-
 # ----------------------------------------------------------------------------- sections
 
 

@@ -301,7 +301,6 @@ def _counting_shards(folder: Path, num_documents: int, vocab: int, seed: int) ->
 @pytest.mark.slow
 def test_tiny_ablation_end_to_end_with_the_real_trainer_and_evaluation(tmp_path):
     from smoltrain.ablate.grid import train_with_trainer
-
     from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
 
     # A byte-level tokenizer of 320 tokens only gives bits per byte their byte counts.

@@ -36,7 +36,7 @@ def embedded(tmp_path_factory):
 def test_corpus_is_deterministic_split_by_document_and_seeded(tmp_path):
     a = build_corpus(tmp_path / "a", seed=1, fraction=FRACTION)
     b = build_corpus(tmp_path / "b", seed=1, fraction=FRACTION)
-    c = build_corpus(tmp_path / "c", seed=2, fraction=FRACTION)
+    build_corpus(tmp_path / "c", seed=2, fraction=FRACTION)
     assert a["files"] == b["files"]
     for name in a["files"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

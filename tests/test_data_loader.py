@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from smoltrain.config import config_from_dict
+from smoltrain.data import shards
 from smoltrain.data.dataset import PackedDataset, batch_of_windows
 from smoltrain.data.loader import build_train_loader, validation_batches
 from smoltrain.data.mixture import MixtureSchedule
-from smoltrain.data import shards
 from smoltrain.data.permutation import KeyedPermutation
 from smoltrain.data.shards import ShardWriter, TokenSource, shard_name, write_meta
 from smoltrain.data.stages import stage_at

@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 import torch
+from test_eval_scoring import tiny_model, tiny_tokenizer
 
 from smoltrain.eval.generative import (
     cut_at_stop,
@@ -17,7 +18,6 @@ from smoltrain.eval.generative import (
 )
 from smoltrain.eval.scoring import encode
 from smoltrain.eval.tasks import Task
-from test_eval_scoring import tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("prediction, gold, exact, quasi", [

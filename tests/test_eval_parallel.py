@@ -17,14 +17,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_parallel_trainer import write_byte_tokenizer
 
 from smoltrain.config import config_from_dict
 from smoltrain.eval.during_training import evaluate_during_training, sequence_multiple
 from smoltrain.eval.run import resolve_tasks, score_tasks
 from smoltrain.eval.scoring import load_tokenizer
 from smoltrain.model.transformer import build_model
-
-from test_parallel_trainer import write_byte_tokenizer
 
 # Query + choice lengths in bytes: the scored rows (context + answer, less the last token) have
 # 5, 7, 8, 9, 11 tokens, so with 2 rows per batch most batches have an odd width.

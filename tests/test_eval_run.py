@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from test_eval_scoring import tiny_model, tiny_tokenizer
 
 from smoltrain.cli import main
 from smoltrain.config import Config, DataConfig, EvalConfig
 from smoltrain.eval.during_training import evaluate_during_training
 from smoltrain.eval.run import evaluate
 from smoltrain.eval.validation import token_byte_lengths, validation_metrics
-from test_eval_scoring import tiny_model, tiny_tokenizer
 
 TASK = [{"query": "Question: Compute 12 + 7.\nAnswer: 12 + 7 =", "choices": [" 19", " 18", " 29"], "gold": 0},
         {"query": "def parse(items):\n    for value", "choices": [" in", " is"], "gold": 0},
@@ -118,7 +118,7 @@ def test_validation_split_over_data_parallel_ranks_adds_up_and_keeps_ranks_in_lo
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, group=None: sums.append(tensor.clone()))
     for rank in range(2):
         calls = []
-        hook = model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+        hook = model.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(args[0].shape[0]))
         validation_per_source(model, config, num_batches=3, batch_size=3, data_parallel=(rank, 2, None))
         hook.remove()
         forwards.append(len(calls))

@@ -224,7 +224,7 @@ def test_requests_split_over_data_parallel_ranks_sum_to_the_one_rank_scores(monk
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, group=None: gathered.append(tensor.clone()))
     for rank in range(4):  # 4 ranks: 2, 2, 1, 1 batches, so ranks 2 and 3 pad one forward each
         calls = []
-        hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+        hook = model.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(1))
         loglikelihoods(model, requests, batch_size=2, data_parallel=(rank, 4, None))
         hook.remove()
         forwards.append(len(calls))

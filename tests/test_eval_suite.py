@@ -5,10 +5,10 @@ and the centred aggregate against its formula."""
 import re
 
 import pytest
+from test_eval_scoring import tiny_tokenizer
 
 from smoltrain.eval.scoring import encode, encode_pair
 from smoltrain.eval.suite import SUITE, aggregate, centred, embedded_suite, embedded_task, prose_cloze
-from test_eval_scoring import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_eval_scoring import tiny_model, tiny_tokenizer
 
 from smoltrain.eval.validation import token_byte_lengths, validation_metrics
-from test_eval_scoring import tiny_model, tiny_tokenizer
 
 DOCS = ["def parse(items):\n    return items", "naïve café — 日本語 text", "The semantics for a slicing are as follows."]
 

@@ -13,7 +13,6 @@ from smoltrain.model.flops import (
 )
 from smoltrain.model.transformer import Transformer
 
-
 SHAPES = [
     dict(vocab_size=320, hidden_size=64, num_layers=3, num_heads=8, num_kv_heads=2, intermediate_size=160, tie_embeddings=True),
     dict(vocab_size=512, hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=6, intermediate_size=256, tie_embeddings=False),

@@ -23,7 +23,8 @@ RECIPE = {
               "intermediate_size": 64, "max_seq_len": 128},
     "data": {"seq_len": 64},
     "optim": {"lr": 0.01, "warmup_steps": 0, "schedule": "constant"},
-    "train": {"max_steps": 6, "log_every": 1, "save_every": 3, "eval_every": 3, "global_batch_tokens": 512,  # unused by grpo; the layout check wants it whole
+    # global_batch_tokens is unused by grpo; the layout check wants it whole.
+    "train": {"max_steps": 6, "log_every": 1, "save_every": 3, "eval_every": 3, "global_batch_tokens": 512,
               "micro_batch_size": 4, "tensorboard": False, "device": "cpu"},
     "grpo": {"num_generations": 4, "prompts_per_step": 2, "max_completion_length": 12, "max_prompt_length": 64,
              "num_iterations": 2, "epsilon_high": 0.28, "rewards": {"grpo_test_rewards:digit_share": 1.0, "overlong": 0.5},

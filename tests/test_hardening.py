@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from synthetic_shards import write_random_documents
 
 from smoltrain import __version__
 from smoltrain.cli import main as cli_main
 from smoltrain.config import config_from_dict
 from smoltrain.errors import ConfigError
-
-from synthetic_shards import write_random_documents
 
 TINY = {
     "model": {"vocab_size": 256, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,

@@ -29,8 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from smoltrain.config import Config, ModelConfig, ParallelConfig, config_from_dict
 from smoltrain.errors import CheckpointError, ConfigError
-from smoltrain.model.generate import generate
 from smoltrain.model import loss as model_loss
+from smoltrain.model.generate import generate
 from smoltrain.model.transformer import build_model
 from smoltrain.train import parallelize
 from smoltrain.train.distributed import ParallelContext, resolve_layout, runtime_seed, setup_distributed

@@ -23,13 +23,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from synthetic_shards import write_random_documents
 
 from smoltrain.cli import main as cli_main
 from smoltrain.config import config_from_dict
 from smoltrain.train import trainer
 from smoltrain.train.checkpoint import load_model_from_checkpoint
-
-from synthetic_shards import write_random_documents
 
 STEPS, SAVE_AT = 20, 10
 REL_TOL = 1e-5  # losses (float32); gradient norms get 1e-4

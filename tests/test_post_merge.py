@@ -167,7 +167,8 @@ def test_bad_inputs_are_one_line_errors_naming_the_first_difference(tmp_path, to
     a = _folder(tmp_path / "a", 1, tokenizer)
     b = _folder(tmp_path / "b", 2, tokenizer)
     cases = {
-        "shape": (lambda: [str(a), str(_folder(tmp_path / "c", 3, tokenizer, intermediate_size=96))], "model.intermediate_size is 96, not 64"),
+        "shape": (lambda: [str(a), str(_folder(tmp_path / "c", 3, tokenizer, intermediate_size=96))],
+                  "model.intermediate_size is 96, not 64"),
         "arch": (lambda: [str(a), str(_folder(tmp_path / "c", 3, tokenizer, nope_every=2))], "model.nope_every is 2, not 0"),
         "tokenizer": (lambda: [str(a), str(_other_tokenizer_folder(tmp_path))], "their tokenizers differ \\(id \\d+ is"),
         "weights_len": (lambda: [str(a), str(b), "--weights", "1"], "--weights has 1 values for 2 models"),

@@ -46,7 +46,7 @@ def optimum_bins(lengths, capacity):
 def test_best_fit_decreasing_is_near_the_brute_force_optimum_and_never_splits():
     r = random.Random(0)
     equal = 0
-    for case in range(60):
+    for _ in range(60):
         capacity = r.randint(8, 20)
         lengths = [r.randint(1, capacity) for _ in range(r.randint(1, 7))]
         rows = pack_best_fit(lengths, capacity)

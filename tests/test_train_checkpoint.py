@@ -13,7 +13,6 @@ from smoltrain.errors import CheckpointError
 from smoltrain.model.transformer import build_model
 from smoltrain.train.optim import build_optimizer
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -5,6 +5,7 @@ change are kept and reported; the trainer trains the imported weights with their
 
 import pytest
 import torch
+from synthetic_shards import write_random_documents
 
 from smoltrain.config import ModelConfig, config_from_dict
 from smoltrain.errors import ConfigError
@@ -12,8 +13,6 @@ from smoltrain.model.hf import export_hf, save_model_folder
 from smoltrain.model.transformer import build_model
 from smoltrain.train import trainer
 from smoltrain.train.init_model import resolve_init_model
-
-from synthetic_shards import write_random_documents
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

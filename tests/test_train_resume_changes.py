@@ -7,14 +7,13 @@ import json
 
 import pytest
 import torch
+from synthetic_shards import write_random_documents
 
 from smoltrain.cli import main as cli_main
 from smoltrain.config import config_from_dict, load_config
 from smoltrain.data.loader import build_train_loader
 from smoltrain.errors import DataError
 from smoltrain.train import trainer
-
-from synthetic_shards import write_random_documents
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,16 +17,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from synthetic_shards import write_random_documents
 
 from smoltrain.config import config_from_dict
 from smoltrain.model.transformer import build_model, token_logprobs
 from smoltrain.train import trainer
 from smoltrain.train.checkpoint import find_checkpoint
-from smoltrain.train.pretrain import PretrainObjective, build_pretrain_objective
 from smoltrain.train.distributed import single_process_context
+from smoltrain.train.pretrain import PretrainObjective, build_pretrain_objective
 from smoltrain.train.trainer import Trainer, Verdict, forward_backward, guard
-
-from synthetic_shards import write_random_documents
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from synthetic_shards import write_random_documents
 
 import smoltrain.train.trainer as trainer
 from smoltrain.cli import main as cli_main
@@ -16,9 +17,6 @@ from smoltrain.config import StageConfig, config_from_dict, load_config
 from smoltrain.data.loader import build_train_loader
 from smoltrain.errors import ConfigError
 from smoltrain.train.checkpoint import load_model_from_checkpoint
-
-from synthetic_shards import write_random_documents
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from smoltrain.config import Config, apply_overrides, config_from_dict
 from smoltrain.errors import ConfigError
 from smoltrain.files import load_yaml, parse_yaml

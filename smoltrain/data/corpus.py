@@ -149,7 +149,7 @@ def _money(cents: int) -> str:
 
 
 def _shopping(r: random.Random) -> tuple[str, list[str], int | str]:
-    name, (i1, p1), (i2, p2) = r.choice(_NAMES), *r.sample(_ITEMS, 2)
+    name, (_, p1), (_, p2) = r.choice(_NAMES), *r.sample(_ITEMS, 2)
     a, b, x, y = r.randint(2, 12), r.randint(2, 12), r.randint(1, 15), r.randint(1, 15)
     q = f"{name} buys {a} {p1} at ${x} each and {b} {p2} at ${y} each. How many dollars does {name} spend in total?"
     steps = [f"The {p1} cost {a} * {x} = {a * x} dollars.", f"The {p2} cost {b} * {y} = {b * y} dollars.",
@@ -158,7 +158,7 @@ def _shopping(r: random.Random) -> tuple[str, list[str], int | str]:
 
 
 def _change(r: random.Random) -> tuple[str, list[str], int | str]:
-    name, (item, items) = r.choice(_NAMES), r.choice(_ITEMS)
+    name, (_, items) = r.choice(_NAMES), r.choice(_ITEMS)
     n, price = r.randint(2, 9), r.randint(105, 995)
     total = n * price
     bill = next(b for b in (1000, 2000, 5000, 10000) if b >= total)

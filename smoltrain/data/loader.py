@@ -47,7 +47,8 @@ def _open_sources(data: DataConfig, folders: dict[str, str], vocab_size: int | N
 
         expected = tokenizer_file_hash(data.tokenizer)
         if expected is not None and expected not in hashes:
-            raise DataError(f"data.tokenizer {data.tokenizer} (hash {expected}) did not make the shards of data.{what} (hash {hashes.pop()})")
+            raise DataError(f"data.tokenizer {data.tokenizer} (hash {expected}) did not make the shards of data.{what} "
+                            f"(hash {hashes.pop()})")
     for name, source in sources.items():
         if vocab_size is not None and source.vocab_size > vocab_size:
             raise ConfigError(

@@ -7,7 +7,6 @@ playbook's measures: fertility (tokens per word), share of words split in severa
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path

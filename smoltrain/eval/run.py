@@ -313,7 +313,8 @@ def results_table(report: dict) -> list[list[str]]:
                      f"{r['random_baseline']:.4f}", f"{r['centred']:+.4f}", str(r["n"])])
     if report.get("aggregate"):
         a = report["aggregate"]
-        rows.append(["aggregate", "centred mean", f"{a['score']:.4f}", "", f"{a['random_baseline']:.4f}", f"{a['centred']:+.4f}", str(a["tasks"])])
+        rows.append(["aggregate", "centred mean", f"{a['score']:.4f}", "", f"{a['random_baseline']:.4f}",
+                     f"{a['centred']:+.4f}", str(a["tasks"])])
     for source, v in (report.get("val") or {}).items():
         rows.append([f"val/{source}", "loss / bpb", f"{v['loss']:.4f}", "", "", f"bpb {v['bpb']:.4f}", str(v["tokens"])])
     return rows

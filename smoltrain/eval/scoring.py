@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from smoltrain.data.tokenizer import ROLE_TOKENS
 from smoltrain.errors import DataError
 from smoltrain.eval.tasks import Task, build_prompt
-from smoltrain.data.tokenizer import ROLE_TOKENS
 from smoltrain.model.transformer import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,8 @@ def score_multiple_choice(
         metrics = choice_metrics(lps, item["choices"], counts, item["gold"])
         per_item.append(metrics)
         if details is not None:
-            details.append({"task": task.name, "context": context, "choices": item["choices"], "gold": item["gold"], "logprobs": lps, **metrics})
+            details.append({"task": task.name, "context": context, "choices": item["choices"], "gold": item["gold"],
+                            "logprobs": lps, **metrics})
     result = {m: sum(x[m] for x in per_item) / len(per_item) for m in MULTIPLE_CHOICE_METRICS}
     result[f"{task.metric}_stderr"] = standard_error([x[task.metric] for x in per_item])
     result["n"] = len(per_item)

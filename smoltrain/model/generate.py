@@ -182,8 +182,8 @@ def sample(
 
     stop_set = set(stop_tokens)
     tokens, row_logprobs, row_entropies, ended = [], [], [], []
-    for row, (new, lp, ent) in enumerate(zip(ids[:, longest : longest + produced].tolist(),
-                                             logprobs[:, :produced].tolist(), entropies[:, :produced].tolist())):
+    for new, lp, ent in zip(ids[:, longest : longest + produced].tolist(),
+                            logprobs[:, :produced].tolist(), entropies[:, :produced].tolist()):
         stop = next((j for j, t in enumerate(new) if t in stop_set), None)
         keep = len(new) if stop is None else stop + 1
         tokens.append(new[:keep])

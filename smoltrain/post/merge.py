@@ -59,7 +59,8 @@ def last_checkpoints(run_dir: str | os.PathLike, k: int) -> list[Path]:
 
 
 def _stored_dtype(folder: Path) -> torch.dtype:
-    from smoltrain.model.hf import WEIGHTS_FILE, _stored_dtype as stored
+    from smoltrain.model.hf import WEIGHTS_FILE
+    from smoltrain.model.hf import _stored_dtype as stored
 
     path = folder / WEIGHTS_FILE
     return (stored(path) if path.is_file() else None) or torch.float32

@@ -15,7 +15,6 @@ from torch.distributed.tensor import DTensor
 from smoltrain.config import Config, OptimConfig
 from smoltrain.data.stages import resolve_stage, stage_at
 
-
 # ----------------------------------------------------------------------------- optimizer
 
 

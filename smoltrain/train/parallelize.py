@@ -16,7 +16,6 @@ from smoltrain.errors import CheckpointError
 from smoltrain.model.transformer import Transformer, canonical_name
 from smoltrain.train.distributed import ParallelContext
 
-
 # ----------------------------------------------------------------------------- the recipe, one function each
 
 

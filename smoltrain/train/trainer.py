@@ -50,10 +50,6 @@ from smoltrain.train.checkpoint import (
     read_train_state,
     save_checkpoint,
 )
-from smoltrain.train.init_model import resolve_init_model
-from smoltrain.train.metrics import MetricsLogger, SpikeDetector, console_line, mfu, peak_tflops
-from smoltrain.train.objective import Objective
-from smoltrain.train.optim import apply_hyperparameters, build_optimizer, clip_grad_norm_, lr_for_step, set_lr
 from smoltrain.train.distributed import (
     ParallelContext,
     check_layout,
@@ -62,6 +58,10 @@ from smoltrain.train.distributed import (
     setup_distributed,
     single_process_context,
 )
+from smoltrain.train.init_model import resolve_init_model
+from smoltrain.train.metrics import MetricsLogger, SpikeDetector, console_line, mfu, peak_tflops
+from smoltrain.train.objective import Objective
+from smoltrain.train.optim import apply_hyperparameters, build_optimizer, clip_grad_norm_, lr_for_step, set_lr
 from smoltrain.train.parallelize import build_parallel_model, load_full_state_dict, set_gradient_sync
 from smoltrain.train.pretrain import build_pretrain_objective
 
