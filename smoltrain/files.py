@@ -7,14 +7,17 @@ adds the fsyncs a checkpoint marker needs to survive a power cut.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
-from smoltrain.errors import ConfigError
+from smoltrain.errors import ConfigError, DataError
 
 
 def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[Path], None], durable: bool = False) -> Path:
@@ -69,3 +72,36 @@ def parse_yaml(text: str, where: str, error: type[Exception] = ConfigError) -> A
 
 
 __all__ = ["fsync_dir", "load_yaml", "parse_yaml", "write_atomic", "write_json"]
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A .jsonl line that is not a JSON value: why, and the kind its --skip-bad counter uses."""
+
+    reason: str
+    kind: str
+
+
+def jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON value or a BadLine) of each non-blank line of a .jsonl file,
+    gzipped or not (told by its magic bytes, not its name). Damaged gzip data is a DataError
+    naming the line it stopped at."""
+    path = Path(path)
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+        line_no = 0
+        try:
+            for line in stream:
+                line_no += 1
+                if not line.strip():
+                    continue
+                try:
+                    yield line_no, json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    yield line_no, BadLine(f"invalid UTF-8 at byte {e.start} of the line", "invalid_utf8")
+                except json.JSONDecodeError as e:
+                    yield line_no, BadLine(f"not valid JSON ({e.msg} at column {e.colno})", "not_json")
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}:{line_no + 1}: unreadable gzip data ({e})") from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from smoltrain.data.readers import expand_inputs, input_kind
 from smoltrain.errors import DataError
+from smoltrain.files import BadLine, jsonl_rows
 from smoltrain.post.chat_template import TEMPLATE_KWARGS
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -227,27 +227,11 @@ class ConversationReader:
             raise DataError(f"{self.path}: no conversations{skipped}")
 
     def _jsonl(self) -> Iterator[Conversation | None]:
-        with open(self.path, "rb") as raw:
-            gzipped = raw.read(2) == b"\x1f\x8b"
-            raw.seek(0)
-            stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
-            line_no = 0
-            try:
-                for line in stream:
-                    line_no += 1
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line.decode("utf-8"))
-                    except UnicodeDecodeError as e:
-                        yield self._bad_line(line_no, f"invalid UTF-8 at byte {e.start} of the line", "invalid_utf8")
-                        continue
-                    except json.JSONDecodeError as e:
-                        yield self._bad_line(line_no, f"not valid JSON ({e.msg} at column {e.colno})", "not_json")
-                        continue
-                    yield self._row(row, str(line_no))
-            except (OSError, EOFError, zlib.error) as e:
-                raise DataError(f"{self.path}:{line_no + 1}: unreadable gzip data ({e})") from None
+        for line_no, row in jsonl_rows(self.path):
+            if isinstance(row, BadLine):
+                yield self._bad_line(line_no, row.reason, row.kind)
+            else:
+                yield self._row(row, str(line_no))
 
     def _bad_line(self, line_no: int, reason: str, kind: str) -> None:
         if not self.skip_bad:

@@ -9,10 +9,8 @@ boundary moves a prompt token into the answer. Truncation keeps the start. Conve
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from smoltrain.errors import DataError
+from smoltrain.files import BadLine, jsonl_rows
 
 KEYS = ("prompt", "chosen", "rejected")
 DEFAULT_MAX_LENGTH = 1024  # TRL's DPOConfig.max_length
@@ -173,34 +172,10 @@ def check_row(row, conversational_allowed: bool = True) -> tuple[str, str] | Non
 
 
 def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
-    """(line number, parsed JSON or a DataError-worthy marker) of a .jsonl / .jsonl.gz file."""
-    path = Path(path)
-    if not path.is_file():
+    """(line number, parsed JSON or a BadLine) of a .jsonl / .jsonl.gz preference file."""
+    if not Path(path).is_file():
         raise DataError(f"{path}: no such preference file")
-    with open(path, "rb") as raw:
-        gzipped = raw.read(2) == b"\x1f\x8b"
-        raw.seek(0)
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
-        line_no = 0
-        try:
-            for line in stream:
-                line_no += 1
-                if not line.strip():
-                    continue
-                try:
-                    yield line_no, json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    yield line_no, _Bad(f"invalid UTF-8 at byte {e.start} of the line", "invalid_utf8")
-                except json.JSONDecodeError as e:
-                    yield line_no, _Bad(f"not valid JSON ({e.msg} at column {e.colno})", "not_json")
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}:{line_no + 1}: unreadable gzip data ({e})") from None
-
-
-@dataclass(frozen=True)
-class _Bad:
-    reason: str
-    kind: str
+    return jsonl_rows(path)
 
 
 @dataclass
@@ -232,7 +207,7 @@ def load_preferences(
     for path in paths:
         for line_no, row in read_rows(path):
             where = f"{path}:{line_no}"
-            bad = (row.reason, row.kind) if isinstance(row, _Bad) else check_row(row)
+            bad = (row.reason, row.kind) if isinstance(row, BadLine) else check_row(row)
             if bad is None:
                 if is_conversational(row) and render is None:
                     raise DataError(f"{where}: conversational rows (message lists) need a chat template")

@@ -43,6 +43,7 @@ from smoltrain.post.sft_data import (
     report_markdown,
     tokenize_conversations,
 )
+from smoltrain.train.pretrain import next_token_loss
 
 console = Console(highlight=False, markup=False, soft_wrap=True)
 
@@ -166,8 +167,7 @@ class SFTObjective:
         self.last_chat: dict | None = None
 
     def loss(self, model: nn.Module, batch: dict):
-        out = model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"], reduction="sum")
-        return out.loss, out.num_tokens, {"loss": (out.ce_loss, out.num_tokens)}
+        return next_token_loss(model, batch)
 
     def accumulation(self, seq_len: int, dp_world: int) -> int:
         return grad_accumulation(self.config.train, seq_len, dp_world)

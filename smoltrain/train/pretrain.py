@@ -15,6 +15,14 @@ from smoltrain.config import Config, grad_accumulation
 from smoltrain.data.stages import stage_seq_lens
 
 
+def next_token_loss(model: nn.Module, batch: dict):
+    """Summed cross-entropy (+ z-loss) of the labelled positions of packed, document-masked rows,
+    their count, and cross-entropy alone as the logged "loss" (SFT's loss too: its labels mask
+    everything but the assistant's tokens)."""
+    out = model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"], reduction="sum")
+    return out.loss, out.num_tokens, {"loss": (out.ce_loss, out.num_tokens)}
+
+
 class PretrainObjective:
     """Next-token prediction on the training loader's packed sequences (intra-document masking by
     document_ids); "loss" is reported as cross-entropy alone, z-loss is only backpropagated."""
@@ -26,8 +34,7 @@ class PretrainObjective:
         self.batches = batches
 
     def loss(self, model: nn.Module, batch: dict):
-        out = model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"], reduction="sum")
-        return out.loss, out.num_tokens, {"loss": (out.ce_loss, out.num_tokens)}
+        return next_token_loss(model, batch)
 
     def accumulation(self, seq_len: int, dp_world: int) -> int:
         return grad_accumulation(self.config.train, seq_len, dp_world)
@@ -58,4 +65,4 @@ def build_pretrain_objective(config: Config, model: nn.Module, ctx, run_dir: Pat
 build_pretrain_objective.preflight = check_pretrain_batches  # Trainer: checks that run before the model exists
 
 
-__all__ = ["PretrainObjective", "build_pretrain_objective", "check_pretrain_batches"]
+__all__ = ["PretrainObjective", "build_pretrain_objective", "check_pretrain_batches", "next_token_loss"]
