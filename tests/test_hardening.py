@@ -143,7 +143,7 @@ def test_rerunning_a_finished_run_says_it_is_finished(tmp_path, shards, capsys, 
 def test_ablate_exits_143_on_sigterm_as_train_does(tmp_path, monkeypatch, capsys):
     from smoltrain.ablate import grid
 
-    def preempted(config):
+    def preempted(config, stage="train"):
         Path(config.train.out_dir).mkdir(parents=True, exist_ok=True)
         return {"stopped_by": "SIGTERM", "finished": False, "step": 1}
 

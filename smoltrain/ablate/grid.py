@@ -20,6 +20,7 @@ from rich.console import Console
 from smoltrain.ablate.spec import AblationSpec, load_ablation
 from smoltrain.config import Config
 from smoltrain.errors import ConfigError, StoppedBySignal
+from smoltrain.files import write_atomic
 from smoltrain.model.flops import parameter_counts
 from smoltrain.report.run import final_loss, flatten_eval, median_of, read_metrics
 
@@ -31,9 +32,7 @@ EvaluateFn = Callable[[Config, Path], dict]
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False))
 
 
 def _plain(config: Config) -> dict:

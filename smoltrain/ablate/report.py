@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from smoltrain.ablate.compare import BETTER, WORSE, compare, mean, parameter_warnings, sample_std
 from smoltrain.ablate.spec import BASELINE, AblationSpec
+from smoltrain.files import write_atomic
 from smoltrain.report import plots
 from smoltrain.report.document import Report, format_value
 
@@ -169,7 +169,5 @@ def write_results(spec: AblationSpec, records: list[dict]) -> dict:
         curves.setdefault(r["variant"], []).append(dict(zip(curve.get("step", []), curve.get("loss", []))))
     md_path, html_path = write_report(results, curves, out_dir)
     results["report_md"], results["report_html"] = str(md_path), str(html_path)
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out_dir / "results.json")
+    write_atomic(out_dir / "results.json", json.dumps(results, indent=2))
     return results

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from smoltrain.data.shards import write_json_atomic
 from smoltrain.errors import DataError
+from smoltrain.files import write_atomic
 
 SOURCES = ("prose", "code", "math")
 SPLITS = ("train", "validation")
@@ -292,11 +293,12 @@ def math_documents(seed: int, count: int) -> Iterator[tuple[str, str]]:
 
 
 def _write_jsonl_gz(path: Path, records: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=5, mtime=0) as gz:
-        for text in records:
-            gz.write((json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8"))
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:  # mtime 0: the same corpus gives the same bytes
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=5, mtime=0) as gz:
+            for text in records:
+                gz.write((json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    write_atomic(path, write)
 
 
 def build_corpus(out_dir: str | os.PathLike, seed: int = 0, fraction: float = 1.0, math_documents_count: int = 12000,

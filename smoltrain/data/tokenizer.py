@@ -17,6 +17,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from smoltrain.data.readers import DocumentReader, expand_inputs
 from smoltrain.data.shards import file_sha256, write_json_atomic
 from smoltrain.errors import DataError
+from smoltrain.files import write_atomic
 
 END_OF_TEXT = "<|endoftext|>"
 SPECIAL_TOKENS = [END_OF_TEXT, "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -70,9 +71,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
     """tokenizer.json + the two small files transformers needs to load it as a fast tokenizer."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tokenizer.json.{os.getpid()}.tmp"
-    tok.save(str(tmp))
-    os.replace(tmp, out / "tokenizer.json")
+    write_atomic(out / "tokenizer.json", lambda tmp: tok.save(str(tmp)))
     specials = {"eos_token": END_OF_TEXT, "bos_token": None, "pad_token": END_OF_TEXT, "unk_token": None}
     write_json_atomic(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -23,6 +23,7 @@ from smoltrain.eval.generative import count_generations, score_generative
 from smoltrain.eval.scoring import count_requests, end_of_text_id, load_tokenizer, score_multiple_choice
 from smoltrain.eval.suite import BUILDERS, DEFAULT_ITEMS, SUITE, aggregate, centred, embedded_task
 from smoltrain.eval.tasks import Task, read_task_file
+from smoltrain.files import write_atomic
 
 # Names that stand for several embedded tasks.
 GROUPS = {
@@ -293,9 +294,7 @@ def model_provenance(path_or_model) -> dict:
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def main_metrics(tasks: Sequence[Task]) -> dict[str, str]:

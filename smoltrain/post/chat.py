@@ -18,6 +18,7 @@ from typing import TextIO
 import torch
 
 from smoltrain.errors import CheckpointError, ConfigError, DataError
+from smoltrain.files import write_atomic
 from smoltrain.post.chat_data import BadRow, prompt_from_row
 from smoltrain.post.chat_template import (
     encode_prompt,
@@ -167,14 +168,13 @@ def generate_file(model, tokenizer, input_path: str | os.PathLike, out_path: str
                                seed=None if temperature == 0 else seed)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i, (row, _) in enumerate(rows):
-            mine = replies[i * n : (i + 1) * n]
-            record = {**row, "completions": [r["text"] for r in mine], "completion_tokens": [r["tokens"] for r in mine],
-                      "stopped": [r["stopped"] for r in mine]}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    lines = []
+    for i, (row, _) in enumerate(rows):
+        mine = replies[i * n : (i + 1) * n]
+        record = {**row, "completions": [r["text"] for r in mine], "completion_tokens": [r["tokens"] for r in mine],
+                  "stopped": [r["stopped"] for r in mine]}
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    write_atomic(out, "".join(lines))
     stopped = sum(r["stopped"] for r in replies)
     return {"prompts": len(rows), "completions": len(replies), "stopped": stopped,
             "mean_tokens": sum(r["tokens"] for r in replies) / len(replies), "out": str(out)}
@@ -197,16 +197,10 @@ def evaluate_chat(path: str | os.PathLike, out: str | os.PathLike, device: str =
     report = {"model": str(path), "chat": results, "vibe": vibe}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    _atomic_text(out.with_suffix(".md"), chat_markdown(results) + "\n## Vibe test\n\n" + vibe_markdown(vibe))
-    _atomic_text(out.with_suffix(".replies.jsonl"), "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details))
+    write_atomic(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out.with_suffix(".md"), chat_markdown(results) + "\n## Vibe test\n\n" + vibe_markdown(vibe))
+    write_atomic(out.with_suffix(".replies.jsonl"), "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details))
     return report
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 CHAT_METRICS = [("no_think_accuracy", "no_think answer accuracy", True), ("think_accuracy", "think answer accuracy", True),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from smoltrain.data.readers import expand_inputs, input_kind
 from smoltrain.errors import DataError
-from smoltrain.files import BadLine, jsonl_rows
+from smoltrain.files import BadLine, jsonl_rows, write_atomic
 from smoltrain.post.chat_template import TEMPLATE_KWARGS
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -281,16 +281,16 @@ def write_conversations(path: str | os.PathLike, conversations: list[Conversatio
     """jsonl or jsonl.gz (by the name), written atomically."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     lines = "".join(json.dumps(c.to_row() if isinstance(c, Conversation) else c, ensure_ascii=False) + "\n"
                     for c in conversations).encode("utf-8")
-    if out.name.endswith(".gz"):
+    if not out.name.endswith(".gz"):
+        return write_atomic(out, lines)
+
+    def write_gzip(tmp: Path) -> None:
         with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=5, mtime=0) as gz:
             gz.write(lines)
-    else:
-        tmp.write_bytes(lines)
-    os.replace(tmp, out)
-    return out
+
+    return write_atomic(out, write_gzip)
 
 
 __all__ = [

@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from smoltrain.errors import ConfigError, DataError
+from smoltrain.files import write_atomic
 
 END_OF_TURN = "<|im_end|>"
 START_OF_TURN = "<|im_start|>"
@@ -204,25 +205,17 @@ def write_chat_tokenizer(tokenizer: str | os.PathLike, out_dir: str | os.PathLik
     for name in names:
         src = source_folder / name if source_folder is not None else (source_json if name == "tokenizer.json" else None)
         if src is not None and src.is_file() and src.resolve() != (out / name).resolve():
-            tmp = out / f".{name}.{os.getpid()}.tmp"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, out / name)
+            write_atomic(out / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
     if not (out / "tokenizer_config.json").is_file():
-        _write_atomic(out / "tokenizer_config.json", json.dumps({
+        write_atomic(out / "tokenizer_config.json", json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000}, indent=2) + "\n")
     config = json.loads((out / "tokenizer_config.json").read_text())
     if "chat_template" in config:  # chat_template.jinja is the one place; a second copy would shadow it
         del config["chat_template"]
-        _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-    _write_atomic(out / TEMPLATE_FILE, text)
+        write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    write_atomic(out / TEMPLATE_FILE, text)
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- rendering

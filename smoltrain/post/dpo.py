@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from smoltrain.config import Config, DPOConfig, ModelConfig
 from smoltrain.errors import ConfigError, DataError
+from smoltrain.files import write_atomic
 from smoltrain.model.transformer import token_logprobs
 from smoltrain.post.preference import pair_losses, reward_metrics
 from smoltrain.post.preference_data import Pair, TextTokenizer, chat_render, collate, load_preferences, summed_logprobs
@@ -241,9 +242,8 @@ def reference_logps(reference: str, splits: dict[str, list[Pair]], run_dir: Path
     del model
     if ctx.is_main:
         tensors = {f"{name}.{side}": t.contiguous() for name, pair in result.items() for side, t in zip(("chosen", "rejected"), pair)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint, "reference": str(reference)})
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint,
+                                                                                  "reference": str(reference)}))
     if world > 1:
         dist.barrier()
     log.info("reference log-probs of %s pairs in %.1fs -> %s", sum(len(p) for p in splits.values()),
@@ -353,9 +353,7 @@ def run_chat_evals(model: nn.Module, tokenizer, items: int, out: Path | None) ->
     finally:
         base.train(was_training)
     if out is not None:
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps({"chat": results, "vibe": vibe}, indent=2, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
+        write_atomic(out, json.dumps({"chat": results, "vibe": vibe}, indent=2, ensure_ascii=False) + "\n")
     return results
 
 
@@ -452,7 +450,7 @@ def run(config: Config, resume: str | None = None, should_stop=None) -> dict:
     if not config.dpo.train_data:
         raise ConfigError("dpo.train_data is empty: name one or more jsonl files of prompt / chosen / rejected rows")
     summary = Trainer(config, build_dpo_objective, resume=resume, should_stop=should_stop).train()
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # train() has ended the process group: ask torchrun's variable
         report = write_report(Path(config.train.out_dir))
         if report is not None:
             print(report.read_text(), end="")
@@ -490,11 +488,7 @@ def write_report(run_dir: Path) -> Path | None:
             lines.append(f"| {name} | {_cell(b, name)} | {_cell(a, name)} |")
     if not lines:
         return None
-    out = run_dir / "dpo_report.md"
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(f"# Preference training: {run_dir}\n\n" + "\n".join(lines) + "\n")
-    os.replace(tmp, out)
-    return out
+    return write_atomic(run_dir / "dpo_report.md", f"# Preference training: {run_dir}\n\n" + "\n".join(lines) + "\n")
 
 
 __all__ = ["load_dpo_config", "DPOObjective", "PreferenceBatches", "build_dpo_objective", "reference_logps", "sequence_logprobs", "run",

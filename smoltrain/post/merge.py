@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from smoltrain.errors import CheckpointError, ConfigError
+from smoltrain.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +203,7 @@ def merge(
     record = {"method": method, "inputs": [str(p) for p in inputs], "weights": w, "dtype": str(dtype).removeprefix("torch.")}
     if method == "slerp":
         record["t"] = t
-    tmp = folder / f".{MERGE_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, folder / MERGE_FILE)
+    write_atomic(folder / MERGE_FILE, json.dumps(record, indent=2) + "\n")
     return folder
 
 
@@ -248,9 +247,7 @@ def write_side_by_side(result: dict, out_dir: str | os.PathLike) -> Path:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     for name, text in (("merge_eval.json", json.dumps(result, indent=2) + "\n"),
                        ("merge_eval.md", "# Merge: inputs and result\n\n" + "\n".join(lines) + "\n")):
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / name)
+        write_atomic(folder / name, text)
     return folder / "merge_eval.json"
 
 

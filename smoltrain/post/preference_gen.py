@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from smoltrain.errors import ConfigError, DataError
+from smoltrain.files import write_atomic
 from smoltrain.post.preference_data import read_rows
 
 REFERENCE = "reference"  # --chosen-model reference: the prompt row's own reference reply
@@ -205,9 +206,7 @@ def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, text in ((path, "".join(json.dumps(row) + "\n" for row, _, _ in rows)),
                          (path.with_name(path.name + ".summary.json"), json.dumps(summary, indent=2) + "\n")):
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        write_atomic(target, text)
     return summary
 
 

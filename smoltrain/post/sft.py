@@ -28,6 +28,7 @@ from smoltrain.config import (
     load_config,
 )
 from smoltrain.errors import ConfigError
+from smoltrain.files import write_atomic
 from smoltrain.post.chat_data import read_conversations
 from smoltrain.post.chat_template import (
     END_OF_TURN,
@@ -147,9 +148,7 @@ def prepare_sft_data(config: Config, tokenizer_dir: Path) -> PreparedData:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------- the objective
