@@ -178,8 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("demo", help="the whole playbook in miniature on the embedded corpus, with a report")
     p.add_argument("--out", default="runs/smoltrain-demo", help="output folder (default: runs/smoltrain-demo)")
-    p.add_argument("--minutes", type=float, default=10.0, help="time budget; training budgets adapt to it (default: 10)")
+    p.add_argument("--minutes", type=float, default=15.0, help="time budget; training budgets adapt to it (default: 15)")
     p.add_argument("--recipe", help="demo recipe (default: recipes/demo.yaml)")
+    p.add_argument("--stages", help="a subset of ablation,pretrain,sft,apo,grpo,merge to run (default: all); "
+                                    "the others are reused from --from")
+    p.add_argument("--from", dest="from_run", metavar="RUN",
+                   help="an earlier demo folder whose finished stages are reused (default: --out itself with --stages)")
     p.add_argument("--ablation-steps", type=int, help="fixed steps per ablation run instead of a share of --minutes")
     p.add_argument("--pretrain-steps", type=int, help="fixed pretraining steps instead of the time that is left")
     p.set_defaults(func=cmd_demo)
@@ -478,7 +482,8 @@ def cmd_ablate(args) -> int:
 def cmd_demo(args) -> int:
     from smoltrain.demo import demo
 
-    demo(args.out, args.minutes, args.recipe, ablation_steps=args.ablation_steps, pretrain_steps=args.pretrain_steps)
+    demo(args.out, args.minutes, args.recipe, ablation_steps=args.ablation_steps, pretrain_steps=args.pretrain_steps,
+         stages=args.stages, from_run=args.from_run)
     return 0
 
 

@@ -1,15 +1,23 @@
 """`smoltrain demo`: the whole playbook in miniature on the embedded corpus, ending in one report.
 
-data -> baselines and budget -> ablation (document masking on/off, 2 seeds) -> pretrain -> evaluate ->
-export to Hugging Face and load back with transformers -> vibe test -> report (md + PNG + HTML).
-Budgets adapt to the machine: a probe measures training throughput, the ablation gets a share of
-`--minutes`, and pretraining gets what is left at the throughput the ablation actually achieved,
-so the demo fits its time on a 2-core laptop and simply trains longer on a faster machine. On a
-machine slowed down by other work, pretraining still gets 40% of the budget and the demo ends late.
+data -> baselines, speed probe and budget -> ablation (document masking on/off, 2 seeds) -> pretrain
+-> SFT -> APO-zero on generated pairs -> GRPO with the overlong penalty -> merge (APO soup, then 0.9
+soup + 0.1 base) -> export to Hugging Face and load back with transformers -> report, whose report
+card has a row per stage (base, SFT, APO, GRPO, merged) with the chat and pretraining evals.
+
+Budgets adapt to the machine. A short probe measures training tokens/s of fp32 eager, bf16 autocast
+and bf16 autocast + compile (its compile time counted), and every training stage runs in the
+fastest. Each training stage gets a share of the time left after the evaluation and export
+reserves, re-planned before it starts from what is really left, and never less than half its
+nominal share: on a machine slowed down by other work the demo ends late rather than reporting
+stages trained for three seconds. Within its time box a stage stops through the Trainer's
+should_stop hook after the step in flight. `--stages` runs a subset; the others are reused from
+`--from RUN` (an earlier demo folder, by default the output folder itself).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
@@ -22,21 +30,42 @@ import torch
 from rich.console import Console
 
 from smoltrain.config import Config, DataConfig, config_from_dict, load_config
+from smoltrain.demo_post import (
+    POST_STAGES,
+    PostSizes,
+    apo_recipe,
+    build_pairs,
+    chat_tokenizer,
+    evaluate_row,
+    grpo_recipe,
+    run_apo,
+    run_grpo,
+    run_merge,
+    run_sft,
+    sft_recipe,
+    stage_available,
+    time_boxed,
+    write_json,
+    write_recipe,
+)
 from smoltrain.errors import ConfigError
 from smoltrain.train.distributed import resolve_device
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 MARKER = "demo.json"  # marks a folder as the demo's own output, which a re-run may replace
-SUITE_ITEMS = 200  # items per embedded task (the suite default): +-3.5 points of standard error at 50%
-ABLATION_SHARE = 0.3  # of the time left for training after the fixed stages
-EVAL_RESERVE_S = 60.0  # final evaluation (4 tasks x 200 items + validation): ~20 s on 2 idle cores
-FIXED_RESERVE_S = 30.0  # export, transformers load, vibe test, report
-# Pretraining gets at least this share of --minutes even when a slowed-down machine made the
-# ablation overrun: the demo then runs late instead of reporting a model trained for 3 seconds.
-PRETRAIN_FLOOR_SHARE = 0.4
+STAGES = ("ablation", "pretrain", *POST_STAGES)  # what --stages names
+# Where each stage starts from: the newest earlier stage of this chain that has a model.
+CHAIN = ("pretrain", "sft", "apo", "grpo")
+# Shares of the training time (what is left after the reserves below), before floors.
+TRAIN_SHARES = {"ablation": 0.08, "pretrain": 0.42, "sft": 0.24, "apo": 0.08, "grpo": 0.18}
+# A stage never gets less than this share of its nominal time, even when earlier stages overran: the
+# demo then runs late instead of reporting a model trained for 3 seconds.
+STAGE_FLOOR = 0.5
+# Non-training work still to come, in seconds on 2 idle cores; a row's evaluation is re-estimated
+# from the first one measured.
+RESERVE_S = {"row": 45.0, "preferences": 30.0, "merge": 5.0, "export": 15.0, "report": 10.0}
 VAL_BATCHES = 8  # per source, during training and at the end (the same windows, so one comparable curve)
-VIBE_PROMPT_TOKENS = 16
-VIBE_NEW_TOKENS = 48
+SPEED_CONFIGS = (("fp32", "off"), ("bf16", "off"), ("bf16", "on"))  # (train.precision, train.compile)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -108,46 +137,104 @@ def matmul_peak_tflops(trials: int = 10, seconds: float = 0.1) -> float:
     return best / 1e12
 
 
-def probe_tokens_per_s(config: Config, steps: int = 3) -> float:
-    """Training tokens/s of the model on random tokens (forward, backward, AdamW), one micro-batch a
-    step: the best step after a warm-up one, so a neighbour's burst does not shrink the plan."""
-    from smoltrain.model.transformer import build_model
+# ----------------------------------------------------------------------------- speed
 
-    model = build_model(config.model, seed=0, device="cpu")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+def probe_speed(config: Config, steps: int = 3, bf16: bool | None = None) -> dict:
+    """Training tokens/s (forward, backward, AdamW on random tokens, one micro-batch a step) of each
+    (precision, compile) choice: the best step after the first, and the first step's extra time, which
+    is the compile time (a second compiled copy measures the compile of later stages, which reuse
+    the compiler's caches). bf16 is probed only where the CPU has native bf16 (else it is emulated,
+    slower than fp32)."""
+    from smoltrain.model.transformer import build_model
+    from smoltrain.train.parallelize import apply_compile
+
+    if bf16 is None:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     shape = (config.train.micro_batch_size, config.data.seq_len)
     ids = torch.randint(0, config.model.vocab_size, shape)
     documents = torch.cumsum((torch.rand(shape) < 1 / 200).int(), dim=1).int()
-    best = 0.0
-    for step in range(steps + 1):
-        start = time.perf_counter()
-        model(ids, labels=ids, document_ids=documents).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step > 0:
-            best = max(best, ids.numel() / (time.perf_counter() - start))
-    return best
+    configs = [c for c in SPEED_CONFIGS if bf16 or c[0] == "fp32"] + ([] if bf16 else [("fp32", "on")])
+    results = {}
+    for precision, compile in configs:
+        copies = 2 if compile == "on" else 1
+        for copy in range(copies):
+            model = build_model(config.model, seed=0, device="cpu")
+            if compile == "on":
+                apply_compile(model)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            times = []
+            for _ in range(steps + 1):
+                start = time.perf_counter()
+                autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+                            else contextlib.nullcontext())
+                with autocast:
+                    loss = model(ids, labels=ids, document_ids=documents).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - start)
+            best = min(times[1:])
+            name = f"{precision} {'compile' if compile == 'on' else 'eager'}"
+            entry = results.setdefault(name, {"precision": precision, "compile": compile})
+            entry["tokens_per_s"] = max(entry.get("tokens_per_s", 0.0), ids.numel() / best)
+            entry["compile_s" if copy == 0 else "recompile_s"] = max(0.0, times[0] - best) if compile == "on" else 0.0
+    return {"configs": results, "native_bf16": bf16}
 
 
-def pretraining_seconds(budget_s: float, elapsed_s: float) -> float:
-    """What is left of the budget after the final stages' reserves, but never less than the floor."""
-    return max(budget_s - elapsed_s - EVAL_RESERVE_S - FIXED_RESERVE_S, PRETRAIN_FLOOR_SHARE * budget_s)
+def choose_speed(probe: dict, training_s: float, compiled_stages: int) -> str:
+    """The configuration that trains the most tokens in `training_s` seconds when each of
+    `compiled_stages` stages pays its compile. The probe paid the cold compile already (it is in the
+    budget either way); a stage compiles warm, from the compiler's caches."""
+    def tokens(entry: dict) -> float:
+        return entry["tokens_per_s"] * max(0.0, training_s - compiled_stages * entry.get("recompile_s", 0.0))
+
+    return max(probe["configs"], key=lambda name: tokens(probe["configs"][name]))
 
 
-class Deadline:
-    """The trainer's should_stop hook for the demo's time box: True once `seconds` (at least
-    `minimum`) have passed since it was made; the trainer then finishes its step and saves."""
+def stage_settings(probe: dict | None, choice: str | None, fixed_shapes: bool) -> dict:
+    """train.precision / train.compile of a stage: the choice, but eager for stages whose batches change
+    length every step (preference pairs, rollouts), where compile would recompile (then the faster
+    eager precision)."""
+    if probe is None or choice is None:
+        return {"precision": "auto", "compile": "auto"}
+    configs = probe["configs"]
+    if not fixed_shapes and configs[choice]["compile"] == "on":
+        eager = {k: v for k, v in configs.items() if v["compile"] == "off" and v["tokens_per_s"]}
+        if not eager:  # a forced compiled configuration: its precision, eager
+            precision = configs[choice]["precision"]
+            return {"precision": precision, "compile": "off", "name": f"{precision} eager", "tokens_per_s": None}
+        choice = max(eager, key=lambda k: eager[k]["tokens_per_s"])
+    return {"precision": configs[choice]["precision"], "compile": configs[choice]["compile"], "name": choice,
+            "tokens_per_s": configs[choice]["tokens_per_s"]}
 
-    def __init__(self, seconds: float, console: Console, minimum: float = 10.0):
-        self.at = time.monotonic() + max(seconds, minimum)
-        self.console = console
-        self.fired = False
 
-    def __call__(self) -> bool:
-        if not self.fired and time.monotonic() >= self.at:
-            self.fired = True
-            self.console.print("  time budget reached: asking the trainer to stop after this step")
-        return self.fired
+# ----------------------------------------------------------------------------- budget
+
+
+def reserve_seconds(pending: list[str], rows_left: int, row_s: float) -> float:
+    """Non-training work still to come: each row's evaluation, pairs, merge, export and report."""
+    reserve = rows_left * row_s + RESERVE_S["export"] + RESERVE_S["report"]
+    if "apo" in pending:
+        reserve += RESERVE_S["preferences"]
+    if "merge" in pending:
+        reserve += RESERVE_S["merge"]
+    return reserve
+
+
+def nominal_seconds(training_s: float, stages: list[str]) -> dict[str, float]:
+    """Each training stage's share of `training_s` (shares renormalised over the stages that run)."""
+    trained = [s for s in stages if s in TRAIN_SHARES]
+    total = sum(TRAIN_SHARES[s] for s in trained)
+    return {s: training_s * TRAIN_SHARES[s] / total for s in trained}
+
+
+def stage_seconds(stage: str, left_s: float, pending: list[str], nominal_s: float) -> float:
+    """`stage`'s share of the training time that is really left (`left_s`, reserves taken off) among
+    the training stages still pending, never less than STAGE_FLOOR of its nominal time."""
+    trained = [s for s in pending if s in TRAIN_SHARES]
+    share = TRAIN_SHARES[stage] / sum(TRAIN_SHARES[s] for s in trained)
+    return max(left_s * share, STAGE_FLOOR * nominal_s)
 
 
 def _warmup(config: Config, steps: int) -> int:
@@ -155,214 +242,385 @@ def _warmup(config: Config, steps: int) -> int:
     return max(1, min(config.optim.warmup_steps, steps // 10))
 
 
-def _prepare_out_dir(out: Path) -> None:
+# ----------------------------------------------------------------------------- stages and folders
+
+
+def parse_stages(text: str | None) -> list[str]:
+    """`--stages sft,apo` -> the named stages in playbook order; one-line error with a hint otherwise."""
+    import difflib
+
+    if text is None:
+        return list(STAGES)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in STAGES:
+            close = difflib.get_close_matches(name, STAGES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (expected some of: {', '.join(STAGES)})"
+            raise ConfigError(f"--stages: unknown stage '{name}'{hint}")
+    if not names:
+        raise ConfigError(f"--stages names no stage (expected some of: {', '.join(STAGES)})")
+    return [s for s in STAGES if s in names]
+
+
+def _read_marker(folder: Path) -> dict:
+    path = folder / MARKER
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def reused_records(source: Path, run: list[str]) -> dict[str, dict]:
+    """The finished stages of an earlier demo folder that this run keeps: those not re-run and with no
+    re-run stage before them in the chain (a re-run SFT makes the old APO stale)."""
+    records = _read_marker(source).get("stages", {})
+    kept = {}
+    for stage in STAGES:
+        record = records.get(stage)
+        if stage in run or not record or not record.get("done"):
+            continue
+        upstream = CHAIN[: CHAIN.index(stage)] if stage in CHAIN else (CHAIN if stage == "merge" else ())
+        if any(s in run for s in upstream):
+            continue
+        kept[stage] = record
+    return kept
+
+
+def _prepare_out_dir(out: Path, run: list[str], keep: dict[str, dict], same_folder: bool) -> None:
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise ConfigError(f"{out} exists and is not a demo folder: choose another --out")
-    for child in ("ablation", "pretrain", "hf", "figures", "report.md", "report.html", "eval.json"):
-        path = out / child
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    kept_folders = {name for stage, record in keep.items() for name in record.get("folders", [])} if same_folder else set()
+    for child in (out.iterdir() if out.exists() else []):
+        if child.name in kept_folders or child.name == MARKER or child.name.startswith("."):
+            continue
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+
+STAGE_FOLDERS = {"ablation": ["ablation"], "pretrain": ["pretrain", "eval.json", "rows"], "sft": ["sft"],
+                 "apo": ["preferences", "apo"], "grpo": ["grpo"], "merge": ["merge"]}
 
 
 # ----------------------------------------------------------------------------- the demo
 
 
-def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 10.0, recipe: str | None = None,
-         console: Console | None = None, suite_items: int = SUITE_ITEMS, ablation_steps: int | None = None,
-         pretrain_steps: int | None = None) -> Path:
-    """Run the whole pipeline; returns the path of the HTML report (markdown beside it).
+def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: str | None = None,
+         console: Console | None = None, suite_items: int | None = None, ablation_steps: int | None = None,
+         pretrain_steps: int | None = None, stages: str | list[str] | None = None, from_run: str | None = None,
+         steps: dict[str, int] | None = None, sizes: PostSizes | None = None, speed: str | None = None) -> Path:
+    """Run the playbook; returns the path of the HTML report (markdown beside it).
 
-    ablation_steps / pretrain_steps: fixed budgets (reproducible across machines) instead of the
-    ones derived from `minutes` and the measured throughput."""
-    from smoltrain.ablate.grid import ablate
-    from smoltrain.ablate.spec import AblationSpec
+    stages: a subset of STAGES (a list or "sft,apo"); the others are reused from `from_run` (default:
+    the output folder itself when a subset is asked for). ablation_steps / pretrain_steps / steps
+    ({"sft": 20, "apo": 4, "grpo": 3}): fixed steps (reproducible across machines) instead of the ones
+    derived from `minutes` and the measured throughput. sizes: how much each post-training stage and
+    each row's evaluation does. speed: a configuration of SPEED_CONFIGS ("fp32 eager", "bf16 compile",
+    ...) to use without probing."""
+    from smoltrain.report.demo_report import add_wall_times, build_demo_report
 
     console = console or Console(highlight=False)
+    sizes = sizes or PostSizes()
+    if suite_items is not None:
+        sizes.suite_items = suite_items
+    steps = dict(steps or {})
+    if ablation_steps is not None:
+        steps["ablation"] = ablation_steps
+    if pretrain_steps is not None:
+        steps["pretrain"] = pretrain_steps
     if minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {minutes}")
-    for name, value in (("--ablation-steps", ablation_steps), ("--pretrain-steps", pretrain_steps)):
+    for name, value in steps.items():
         if value is not None and value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
+            raise ConfigError(f"--{name}-steps must be at least 1, got {value}")
+    run = parse_stages(",".join(stages) if isinstance(stages, list) else stages)
     recipe_path = Path(recipe) if recipe else RECIPE
     base = load_config(recipe_path)
     if not base.data.embedded:
         raise ConfigError(f"{recipe_path}: the demo trains on the embedded corpus (data.embedded: true)")
     out = Path(out_dir)
-    _prepare_out_dir(out)
+    source = Path(from_run) if from_run else (out if len(run) < len(STAGES) else None)
+    if source is not None and not (source / MARKER).is_file():
+        raise ConfigError(f"--from {source}: not a demo folder (no {MARKER})")
+    same_folder = source is not None and source.resolve() == out.resolve()
+    keep = reused_records(source, run) if source is not None else {}
+    for stage in run:  # each stage needs the one it starts from, run now or reused
+        needs = {"sft": ["pretrain"], "apo": ["sft"], "grpo": ["sft"], "merge": ["apo", "pretrain"]}.get(stage, [])
+        missing = [n for n in needs if n not in run and n not in keep]
+        if missing:
+            raise ConfigError(f"--stages {stage} needs a finished {missing[0]} stage: add it to --stages, or name a "
+                              f"demo folder that has one with --from")
+    _prepare_out_dir(out, run, keep, same_folder)
     budget_s = minutes * 60
-    stages = Stages(console, 8)
-    facts: dict = {"recipe": str(recipe_path), "minutes": minutes, "device": _device_name()}
+    records: dict[str, dict] = dict(keep)
+    marker = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": records}
+    write_json(out / MARKER, marker)
+    bar = Stages(console, 4 + sum(1 if s == "ablation" else 2 for s in run) + ("apo" in run))
+    facts: dict = {"recipe": str(recipe_path), "minutes": minutes, "device": _device_name(), "run": run,
+                   "reused_from": str(source) if keep else None, "records": records, "sizes": sizes}
+    rows: dict[str, dict] = {name: _read_row(record) for name, record in keep.items() if record.get("row")}
+
+    def finish_stage(stage: str, record: dict) -> None:
+        record.update(done=True, folders=STAGE_FOLDERS[stage], wall_s=bar.wall.get(stage))
+        records[stage] = record
+        write_json(out / MARKER, marker)
 
     # 1. Data: corpus -> tokenizer -> shards (cached after the first run).
-    with stages("data", "data: embedded corpus, tokenizer, shards"):
+    with bar("data", "data: embedded corpus, tokenizer, shards"):
         from smoltrain.data.embedded import ensure_embedded_data
 
         data = ensure_embedded_data(base.data)
         manifest = json.loads((Path(data.tokenizer).parent / "manifest.json").read_text())
         for key, value in manifest["tokens"].items():
             console.print(f"  {key:<18} {value:>12,} tokens")
-    facts["data"] = {"manifest": manifest, "cached": stages.wall["data"] < 0.5 * sum(manifest["timings"].values())}
+        chat_tok = chat_tokenizer(data.tokenizer, out)
+    facts["data"] = {"manifest": manifest, "cached": bar.wall["data"] < 0.5 * sum(manifest["timings"].values())}
 
-    # 2. Reference points and budgets: the unigram loss per source, this machine's speed.
-    with stages("baselines", "baselines and budget"):
+    # 2. Reference points, this machine's speed in each precision, and the plan.
+    with bar("baselines", "baselines, speed probe and budget"):
         unigram = unigram_losses(data, base.model.vocab_size)
         console.print("  unigram loss (nats/token): " + ", ".join(f"{s} {v:.3f}" for s, v in unigram.items()))
         on_cpu = resolve_device(base.train.device).type == "cpu"
         peak = matmul_peak_tflops() if on_cpu else None  # on CUDA the trainer knows the accelerator's peak
-        probe = probe_tokens_per_s(base) if peak is not None else None
-        gbt = base.train.global_batch_tokens
-        left = budget_s - stages.elapsed() - EVAL_RESERVE_S - FIXED_RESERVE_S
-        if probe is not None:
-            console.print(f"  probe: {probe:,.0f} tokens/s training; fp32 matmul peak {peak * 1e3:.1f} GFLOP/s")
-        if ablation_steps is None:
-            ablation_steps = int(np.clip(ABLATION_SHARE * left * probe / (4 * gbt), 6, 60)) if probe else 60
-        console.print(f"  ablation budget: {ablation_steps} steps x {gbt:,} tokens per run, 4 runs")
-        facts.update(unigram=unigram, peak_tflops=peak, probe_tokens_per_s=probe, ablation_steps=ablation_steps)
+        trained = [s for s in run if s in TRAIN_SHARES]
+        pending_rows = len([s for s in run if s in ("pretrain", *POST_STAGES)])
+        left = budget_s - bar.elapsed() - reserve_seconds(run, pending_rows, RESERVE_S["row"])
+        nominal = nominal_seconds(max(left, 0.0), trained)
+        probe = choice = None
+        if speed is not None:
+            precision, compile = _named_speed(speed)
+            probe = {"configs": {speed: {"precision": precision, "compile": compile, "tokens_per_s": None}},
+                     "native_bf16": None, "forced": True}
+            choice = speed
+        elif on_cpu and trained:
+            probe = probe_speed(base)
+            compiled = len([s for s in trained if s in ("ablation", "pretrain", "sft")]) + 3 * ("ablation" in trained)
+            choice = choose_speed(probe, sum(nominal.get(s, 0.0) for s in ("ablation", "pretrain", "sft")), compiled)
+            for name, entry in probe["configs"].items():
+                compile_note = (f", compile {entry['compile_s']:.1f} s (then {entry['recompile_s']:.1f} s)"
+                                if entry["compile"] == "on" else "")
+                console.print(f"  {name:<13} {entry['tokens_per_s']:>9,.0f} tokens/s{compile_note}"
+                              + ("   <- chosen" if name == choice else ""))
+            if not probe["native_bf16"]:
+                console.print("  no native bf16 on this CPU: fp32 only (bf16 would be emulated)")
+        settings = {"fixed": stage_settings(probe, choice, True), "variable": stage_settings(probe, choice, False)}
+        console.print(f"  matmul peak {peak * 1e3:.1f} GFLOP/s (fp32); plan: " if peak else "  plan: ", end="")
+        console.print(", ".join(f"{s} {v:.0f} s" for s, v in nominal.items()))
+        facts.update(unigram=unigram, peak_tflops=peak, probe=probe, speed_choice=choice, speed=settings, nominal_s=nominal)
+    row_s = RESERVE_S["row"]
+
+    def seconds_for(stage: str) -> float:
+        pending = [s for s in run if s not in records or s == stage]
+        pending = pending[pending.index(stage):]
+        rows_left = len([s for s in pending if s in ("pretrain", *POST_STAGES)])
+        left = budget_s - bar.elapsed() - reserve_seconds(pending, rows_left, row_s)
+        seconds = stage_seconds(stage, left, pending, nominal[stage])
+        late = seconds > left * TRAIN_SHARES[stage] / sum(TRAIN_SHARES[s] for s in pending if s in TRAIN_SHARES) + 1e-9
+        console.print(f"  time box: {seconds:.0f} s" + (" (the floor: earlier stages overran, so the demo ends late)"
+                                                       if late else ""))
+        return seconds
+
+    def row(stage: str, name: str, model_path: str) -> None:
+        nonlocal row_s
+        with bar(f"{name} evals", f"evaluate {name}: chat evals, pretraining evals, sample chats"):
+            pre_out = out / "eval.json" if name == "base" else None
+            rows[name] = evaluate_row(model_path, chat_tok, data.tokenizer, eval_config, sizes, out / "rows" / f"{name}.json",
+                                      pre_out)
+            _print_row(console, name, rows[name])
+        row_s = bar.wall[f"{name} evals"]
+        records[stage]["row"] = str(out / "rows" / f"{name}.json")
+        write_json(out / MARKER, marker)
+
+    base_config = with_overrides(base, [f"train.peak_tflops={json.dumps(peak)}", *_speed_overrides(settings["fixed"])])
+    eval_config = with_overrides(base_config, ["eval.tasks=[]", f"eval.val_batches={sizes.val_batches}"])
+    gbt = base.train.global_batch_tokens
+    rate = settings["fixed"].get("tokens_per_s")  # None on CUDA (no probe): the recipe's steps
 
     # 3. Ablation: intra-document masking on/off, 2 seeds, judged against the seed-to-seed spread.
-    with stages("ablation", "ablation: document masking on/off x 2 seeds"):
-        raw = base.to_dict()
-        raw["train"].update(eval_every=ablation_steps, save_every=ablation_steps, log_every=max(1, ablation_steps // 10),
-                            tensorboard=False, peak_tflops=peak)
-        raw["optim"]["warmup_steps"] = _warmup(base, ablation_steps)
-        spec = AblationSpec(
-            name="document-masking", baseline=raw, variants={"baseline": [], "no-document-masking": ["model.document_masking=false"]},
-            seeds=[0, 1], budget_steps=ablation_steps, eval={"tasks": [], "val_batches": VAL_BATCHES},
-            out_dir=str(out / "ablation"), source=f"{recipe_path} (smoltrain demo)",
-        )
-        ablation = ablate(spec=spec, console=console)
-        runs = [r for arm in ablation["arms"].values() for r in arm["runs"]]
-        # Plan for the machine undisturbed: the fastest run's tokens per wall second (its startup,
-        # saves and evaluation included). If a neighbour slows the machine down later, the deadline
-        # below keeps the time box.
-        rate = max(r["tokens"] / r["wall_s"] for r in runs)
-        facts["ablation"] = {"planning_tokens_per_s": rate}
+    if "ablation" in run:
+        with bar("ablation", "ablation: document masking on/off x 2 seeds"):
+            from smoltrain.ablate.grid import ablate
+            from smoltrain.ablate.spec import AblationSpec
 
-    # 4. Pretraining: the time that is left at the machine's speed, with a hard deadline.
-    with stages("pretrain", "pretrain the demo model"):
-        from smoltrain.train.trainer import run as train
+            n = steps.get("ablation") or (int(np.clip(seconds_for("ablation") * rate / (4 * gbt), 6, 60)) if rate else 60)
+            console.print(f"  ablation budget: {n} steps x {gbt:,} tokens per run, 4 runs")
+            raw = base_config.to_dict()
+            raw["train"].update(eval_every=n, save_every=n, log_every=max(1, n // 10), tensorboard=False)
+            raw["optim"]["warmup_steps"] = _warmup(base, n)
+            spec = AblationSpec(
+                name="document-masking", baseline=raw,
+                variants={"baseline": [], "no-document-masking": ["model.document_masking=false"]},
+                seeds=[0, 1], budget_steps=n, eval={"tasks": [], "val_batches": VAL_BATCHES},
+                out_dir=str(out / "ablation"), source=f"{recipe_path} (smoltrain demo)",
+            )
+            ablation = ablate(spec=spec, console=console)
+            runs = [r for arm in ablation["arms"].values() for r in arm["runs"]]
+            # Plan pretraining for the machine undisturbed: the fastest run's tokens per wall second (its
+            # startup, saves and evaluation included). A neighbour slowing it down later meets the deadline.
+            rate = max(r["tokens"] / r["wall_s"] for r in runs)
+        finish_stage("ablation", {"results": str(out / "ablation" / "results.json"), "steps": n,
+                                  "planning_tokens_per_s": rate})
 
-        elapsed = stages.elapsed()
-        left = pretraining_seconds(budget_s, elapsed)
-        steps = pretrain_steps or int(np.clip(0.95 * left * rate / gbt, 10, 5000))
-        late = left > budget_s - elapsed - EVAL_RESERVE_S - FIXED_RESERVE_S
-        console.print(f"  {left:.0f} s for pretraining at {rate:,.0f} tokens/s: {steps} steps, {steps * gbt:,} tokens"
-                      + (" (the floor: earlier stages overran, so the demo ends late)" if late else ""))
-        pretrain_config = with_overrides(base, [
-            f"train.out_dir={json.dumps(str(out / 'pretrain'))}", f"train.max_steps={steps}",
-            f"train.eval_every={max(1, steps // 4)}", f"train.save_every={steps}", f"train.log_every={max(1, steps // 50)}",
-            "eval.tasks=[]", f"eval.val_batches={VAL_BATCHES}", f"train.peak_tflops={json.dumps(peak)}",
-            f"optim.warmup_steps={_warmup(base, steps)}",
-        ])
-        # A machine that slows down mid-run (shared cores) must not blow the budget: at the deadline
-        # the trainer stops as it would when preempted, finishing its step and saving a checkpoint.
-        deadline = Deadline(left, console)
-        summary = train(pretrain_config, should_stop=deadline)
-        if summary["stopped_by"] and not deadline.fired:  # Ctrl-C or an outside SIGTERM: stop the demo too
-            from smoltrain.errors import StoppedBySignal
+    # 4. Pretraining in its time box, then the base row of the report card.
+    if "pretrain" in run:
+        with bar("pretrain", "pretrain the demo model"):
+            from smoltrain.train.trainer import run as train
 
-            raise StoppedBySignal(summary["stopped_by"])
-        if not summary["finished"]:
-            console.print(f"  time budget reached: pretraining stopped at step {summary['step']} of {steps}")
-        facts["pretrain"] = {"steps": steps, "summary": summary}
+            seconds = seconds_for("pretrain")
+            n = steps.get("pretrain") or (int(np.clip(0.95 * seconds * rate / gbt, 10, 5000)) if rate else base.train.max_steps)
+            console.print(f"  {n} steps x {gbt:,} tokens" + (f" at {rate:,.0f} tokens/s" if rate else "")
+                          + f", {settings['fixed'].get('name', 'the recipe precision')}")
+            pretrain_config = with_overrides(base_config, [
+                f"train.out_dir={json.dumps(str(out / 'pretrain'))}", f"train.max_steps={n}",
+                f"train.eval_every={max(1, n // 4)}", f"train.save_every={n}", f"train.log_every={max(1, n // 50)}",
+                "eval.tasks=[]", f"eval.val_batches={VAL_BATCHES}", f"optim.warmup_steps={_warmup(base, n)}",
+            ])
+            summary, stopped = time_boxed(train, pretrain_config, seconds if "pretrain" not in steps else 1e9, console)
+            if stopped:
+                console.print(f"  time budget reached: pretraining stopped at step {summary['step']} of {n}")
+        finish_stage("pretrain", {"model": str(out / "pretrain"), "config": str(out / "pretrain" / "config.yaml"),
+                                  "steps": n, "summary": summary, "planned_s": seconds})
+        row("pretrain", "base", str(out / "pretrain"))
+    pretrain_dir = Path(records["pretrain"]["model"]) if "pretrain" in records else None
+    pretrain_config = load_config(records["pretrain"]["config"]) if "pretrain" in records else base_config
 
-    # 5. Evaluation: validation loss per source and the embedded suite against its random baseline.
-    with stages("evaluate", "evaluate: validation loss and the embedded suite"):
-        from smoltrain.eval.run import evaluate
-        from smoltrain.train.checkpoint import load_model_from_checkpoint
+    # 5-8. Post-training, each stage from the newest model of the chain before it.
+    def start_model(stage: str) -> Path:
+        chain = CHAIN[: CHAIN.index(stage)] if stage in CHAIN else CHAIN
+        return Path(next(records[s]["model"] for s in reversed(chain) if s in records and records[s].get("model")))
 
-        model, _ = load_model_from_checkpoint(out / "pretrain", "cpu")
-        eval_config = pretrain_config  # the same validation batches as during training: one curve
-        result = evaluate(model, ["embedded"], config=eval_config, tokenizer=data.tokenizer, limit=suite_items, device="cpu",
-                          out=out / "eval.json", progress=True)
-        for source, v in result["val"].items():
-            console.print(f"  val {source:<6} loss {v['loss']:.3f} (unigram {unigram[source]:.3f}), {v['bpb']:.3f} bits/byte")
-        a = result["aggregate"]
-        console.print(f"  suite: mean score {a['score']:.3f} vs random {a['random_baseline']:.3f}, centred {a['centred']:+.3f}")
+    recipes = out / "recipes"
+    for stage in [s for s in run if s in POST_STAGES]:
+        missing = stage_available(stage)
+        if not missing and stage == "merge" and not records.get("apo", {}).get("model"):
+            missing = "stage not available: the merge averages APO checkpoints and APO did not run"
+        if missing:
+            console.print(f"[yellow]{stage}: {missing}[/yellow]")
+            records[stage] = {"done": False, "skipped": missing}
+            continue
+        title = {"sft": "SFT on the embedded chat data", "apo": "APO-zero on generated preference pairs",
+                 "grpo": "GRPO in no_think mode with the overlong penalty",
+                 "merge": "merge: soup of the last APO checkpoints, then 0.9 soup + 0.1 base"}[stage]
+        record: dict = {}
+        if stage == "apo":
+            with bar("preferences", "preference pairs: worked solutions vs an early SFT checkpoint"):
+                pairs = build_pairs(Path(records["sft"]["model"]), out / "preferences", sizes, console)
+            kept = sum(s.get("kept", 0) for s in pairs["summaries"].values())
+            record["pairs"] = pairs
+            if not kept:
+                records[stage] = {"done": False, "skipped": "no preference pair was kept", **record}
+                console.print("[yellow]apo: no preference pair was kept: stage skipped[/yellow]")
+                continue
+        with bar(stage, title):
+            if stage == "merge":
+                record.update(run_merge(Path(records["apo"]["model"]), pretrain_dir, out / "merge", sizes))
+                console.print(f"  soup of {len(record['soup_of'])} checkpoints -> {record['soup']}; "
+                              f"0.9 soup + 0.1 base -> {record['model']}")
+            else:
+                seconds = seconds_for(stage)
+                init = start_model(stage)
+                if stage == "sft":
+                    rows_rate = (rate or settings["fixed"].get("tokens_per_s") or 1e4) / (sizes.sft_rows_per_step * pretrain_config.data.seq_len)
+                    n = steps.get("sft") or int(np.clip(0.9 * seconds * rows_rate, 3, 100_000))
+                    raw = sft_recipe(pretrain_config, init, out / "sft", n, settings["fixed"], sizes)
+                    runner = run_sft
+                elif stage == "apo":
+                    raw = apo_recipe(pretrain_config, init, pairs["files"], out / "apo", kept, settings["variable"], sizes)
+                    if "apo" in steps:
+                        raw["train"]["max_steps"] = steps["apo"]
+                    runner = run_apo
+                else:
+                    n = steps.get("grpo") or 100_000  # the deadline decides: rollouts' speed is not probed
+                    raw = grpo_recipe(pretrain_config, init, Path(records["sft"]["tokenizer"]), out / "grpo", n,
+                                      settings["variable"], sizes)
+                    runner = run_grpo
+                path = write_recipe(recipes / f"{stage}.yaml", raw)
+                console.print(f"  from {init}; recipe {path}; up to {raw['train']['max_steps']} steps")
+                record.update(runner(path, seconds if stage not in steps else 1e9, console))
+                record.update(recipe=str(path), planned_s=seconds, init=str(init))
+                if stage == "sft":
+                    record["tokenizer"] = str(Path(record["model"]) / "tokenizer" / "tokenizer.json")
+        finish_stage(stage, record)
+        row(stage, "merged" if stage == "merge" else stage, record["model"])
 
-    # 6. Export to Hugging Face and load it back with transformers.
-    with stages("export", "export to Hugging Face and load with transformers"):
-        hf_model, hf_tokenizer, export = export_and_reload(model, data, eval_config, out / "hf")
-        console.print(f"  {export['architecture']} in {export['path']}: max |logit diff| {export['max_logit_diff']:.2e}, "
-                      f"greedy continuation identical: {export['greedy_match']}")
+    # 9. Export the final model to Hugging Face (with its model card) and load it back with transformers.
+    final = next((records[s] for s in ("merge", "grpo", "apo", "sft", "pretrain") if records.get(s, {}).get("model")), None)
+    if final is not None:
+        with bar("export", "export to Hugging Face and load with transformers"):
+            export = export_and_reload(final["model"], data, pretrain_config, out / "hf")
+            console.print(f"  {export['architecture']} in {export['path']}: max |logit diff| {export['max_logit_diff']:.2e}, "
+                          f"greedy continuation identical: {export['greedy_match']}; model card: {export['card_stages']}")
+        facts["export"] = export
 
-    # 7. Vibe test: read what the model writes (evals missed SmolLM3's dropped system prompts; reading did not).
-    with stages("vibe test", "vibe test: sample generations"):
-        samples = vibe_test(hf_model, hf_tokenizer, data)
-        for s in samples:
-            console.print(f"  {s['source']:<6} {s['prompt']!r} -> {s['completion']!r}", markup=False, soft_wrap=True)
-
-    # 8. One report (its own stage's time is known once the figures are drawn; writing is instant).
-    with stages("report", "report"):
-        from smoltrain.report.demo_report import add_wall_times, build_demo_report
-
-        facts.update(export=export, samples=samples, eval=result, ablation_results=ablation)
-        report = build_demo_report(out, facts, pretrain_config, stages.elapsed())
-    add_wall_times(report, out / "figures", stages.wall, stages.elapsed())
+    # 10. One report (its own stage's time is known once the figures are drawn; writing is instant).
+    with bar("report", "report"):
+        facts["rows"] = rows
+        report = build_demo_report(out, facts, pretrain_config, bar.elapsed())
+    add_wall_times(report, out / "figures", bar.wall, bar.elapsed())
     md_path, html_path = report.write(out)
-    facts["wall_s"] = stages.wall
-    (out / MARKER).write_text(json.dumps({k: facts[k] for k in ("recipe", "minutes", "device", "unigram", "peak_tflops",
-                                                                  "probe_tokens_per_s", "ablation_steps", "wall_s")}, indent=2) + "\n")
-    print_summary(console, facts, pretrain_config, stages.elapsed())
+    marker.update(wall_s=bar.wall, total_s=bar.elapsed(), speed_choice=choice, probe=probe, minutes=minutes,
+                  device=facts["device"], unigram=unigram)
+    write_json(out / MARKER, marker)
+    print_summary(console, facts, bar.elapsed())
     console.print(f"report: {html_path} (markdown: {md_path})", soft_wrap=True)
     return html_path
 
 
-# ----------------------------------------------------------------------------- export and vibe test
+def _named_speed(name: str) -> tuple[str, str]:
+    """'bf16 compile' -> ("bf16", "on"); a one-line error for anything else."""
+    names = {f"{p} {'compile' if c == 'on' else 'eager'}": (p, c) for p in ("fp32", "bf16") for c in ("off", "on")}
+    if name not in names:
+        raise ConfigError(f"speed must be one of {', '.join(names)}, got {name!r}")
+    return names[name]
 
 
-def export_and_reload(model, data: DataConfig, config: Config, hf_dir: Path):
-    """Export, load with transformers, compare logits on validation text and greedy continuations."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _speed_overrides(setting: dict) -> list[str]:
+    return [f"train.precision={setting['precision']}", f"train.compile={setting['compile']}"]
+
+
+def _read_row(record: dict) -> dict:
+    return json.loads(Path(record["row"]).read_text())
+
+
+def _print_row(console: Console, name: str, row: dict) -> None:
+    c = row["chat"]
+    console.print(f"  {name}: no_think {c['no_think_accuracy']:.0%}, think {c['think_accuracy']:.0%}, "
+                  f"adherence {c['adherence']:.0%}, format {c['think_format']:.0%}, stop {c['stop_rate']:.0%}, "
+                  f"length {c['no_think_length']:.0f}/{c['think_length']:.0f} tokens; suite centred "
+                  f"{row['suite']['centred']:+.3f}; {row['wall_s']:.0f} s")
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_and_reload(model_path: str, data: DataConfig, config: Config, hf_dir: Path) -> dict:
+    """Export a model folder (its model card walks the stages back from it), load it with
+    transformers, compare logits on validation text and greedy continuations with ours."""
+    from transformers import AutoModelForCausalLM
 
     from smoltrain.data.loader import validation_batches
     from smoltrain.model.generate import generate
-    from smoltrain.model.hf import export_hf
+    from smoltrain.model.hf import export_hf, load_any
 
-    path = export_hf(model, hf_dir, tokenizer=data.tokenizer)
+    model, _, known = load_any(model_path)
+    model = model.float().eval()
+    path = export_hf(model_path, hf_dir, tokenizer=None if known else data.tokenizer, dtype=torch.float32)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     source = next(iter(data.validation))
     batch = next(iter(validation_batches(config, source, 1, 2)))
     with torch.no_grad():
         ours = model(batch["input_ids"])
         theirs = hf_model(input_ids=batch["input_ids"]).logits
-        prompt = batch["input_ids"][0, :VIBE_PROMPT_TOKENS].tolist()
+        prompt = batch["input_ids"][0, :16].tolist()
         greedy_ours = generate(model, [prompt], 24)[0]
-        greedy_hf = hf_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                                      min_new_tokens=24, pad_token_id=tokenizer.eos_token_id)[0, len(prompt):].tolist()
+        greedy_hf = hf_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
+                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     architecture = json.loads((path / "config.json").read_text())["architectures"][0]
-    return hf_model, tokenizer, {
-        "path": str(path), "architecture": architecture, "max_logit_diff": float((ours - theirs).abs().max()),
-        "greedy_match": greedy_ours == greedy_hf, "files": sorted(p.name for p in path.iterdir()),
-    }
+    from smoltrain.report.model_card import lineage
 
-
-def vibe_test(hf_model, tokenizer, data: DataConfig, per_source: int = 2) -> list[dict]:
-    """Sampled continuations (temperature 0.8, top-k 40, seeded) of the openings of validation documents."""
-    from smoltrain.data.shards import TokenSource
-
-    samples = []
-    torch.manual_seed(0)
-    for source, folder in data.validation.items():
-        tokens = TokenSource(folder)
-        starts = [0] + [int(s) for s in tokens.document_starts(0, min(tokens.num_tokens, 200_000))]
-        starts = [s for s in starts if s + VIBE_PROMPT_TOKENS <= tokens.num_tokens]
-        for start in starts[:per_source]:
-            prompt = np.empty(VIBE_PROMPT_TOKENS, dtype=np.int64)
-            tokens.read(start, prompt)
-            ids = torch.tensor([prompt.tolist()])
-            with torch.no_grad():
-                out = hf_model.generate(ids, max_new_tokens=VIBE_NEW_TOKENS, do_sample=True, temperature=0.8, top_k=40,
-                                        pad_token_id=tokenizer.eos_token_id)
-            samples.append({"source": source, "prompt": tokenizer.decode(prompt.tolist()),
-                            "completion": tokenizer.decode(out[0, len(prompt):].tolist(), skip_special_tokens=True)})
-        tokens.close()
-    return samples
+    return {"path": str(path), "model": str(model_path), "architecture": architecture,
+            "max_logit_diff": float((ours - theirs).abs().max()), "greedy_match": greedy_ours == greedy_hf,
+            "files": sorted(p.name for p in path.iterdir()),
+            "card_stages": " -> ".join(s.objective for s in lineage(model_path))}
 
 
 # ----------------------------------------------------------------------------- summary
@@ -374,33 +632,22 @@ def _device_name() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def print_summary(console: Console, facts: dict, config: Config, total_s: float) -> None:
-    from smoltrain.model.flops import parameter_counts
-    from smoltrain.report.run import median_of, read_metrics
+def print_summary(console: Console, facts: dict, total_s: float) -> None:
+    from smoltrain.report.demo_report import card_rows
 
-    m = config.model
-    train_rows, _ = read_metrics(config.train.out_dir)
-    tps, mfu = median_of(train_rows, "tokens_per_s"), median_of(train_rows, "mfu")
-    val, unigram = facts["eval"]["val"], facts["unigram"]
-    a = facts["eval"]["aggregate"]
-    summary = facts["pretrain"]["summary"]
-    verdicts = [f"{v['metric']} {v['verdict']}" for v in facts["ablation_results"]["verdicts"] if v["metric"].endswith("loss")]
-    lines = [
-        f"model     {parameter_counts(m)['total'] / 1e6:.2f}M parameters ({m.num_layers} layers x {m.hidden_size}, "
-        f"{m.num_heads}/{m.num_kv_heads} heads, {'tied' if m.tie_embeddings else 'untied'}), "
-        f"{train_rows[-1]['tokens']:,} tokens in {train_rows[-1]['step']} steps"
-        + ("" if summary["finished"] else f" (stopped by the time budget; {facts['pretrain']['steps']} planned)"),
-        f"speed     {tps:,.0f} tokens/s median, {summary['tokens_per_s'] or 0:,.0f} on average"
-        + (f"; MFU {100 * mfu:.1f}% (median) of this CPU's measured fp32 matmul peak" if mfu else ""),
-        "val loss  " + " | ".join(f"{s} {v['loss']:.2f} (unigram {unigram[s]:.2f})" for s, v in val.items()),
-        f"suite     mean score {a['score']:.3f} vs random {a['random_baseline']:.3f} (centred {a['centred']:+.3f})",
-        "ablation  no-document-masking: " + ", ".join(verdicts),
-        f"export    {facts['export']['architecture']}, max |logit diff| vs transformers "
-        f"{facts['export']['max_logit_diff']:.1e}",
-    ]
     console.rule(f"[bold]smoltrain demo: done in {total_s / 60:.1f} min")
-    for line in lines:
-        console.print(line, soft_wrap=True)
+    headers, rows = card_rows(facts)
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    console.print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)), markup=False, soft_wrap=True)
+    for r in rows:
+        console.print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)), markup=False, soft_wrap=True)
+    if facts.get("speed_choice"):
+        console.print(f"speed: {facts['speed_choice']} chosen by the probe", soft_wrap=True)
+    if facts.get("export"):
+        e = facts["export"]
+        console.print(f"export: {e['architecture']}, max |logit diff| vs transformers {e['max_logit_diff']:.1e}, "
+                      f"model card stages {e['card_stages']}", soft_wrap=True)
 
 
-__all__ = ["demo", "unigram_losses", "matmul_peak_tflops", "probe_tokens_per_s", "export_and_reload", "vibe_test"]
+__all__ = ["demo", "unigram_losses", "matmul_peak_tflops", "probe_speed", "choose_speed", "stage_seconds",
+           "nominal_seconds", "parse_stages", "export_and_reload", "STAGES"]

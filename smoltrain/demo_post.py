@@ -1,0 +1,339 @@
+"""The demo's post-training: SFT -> preference pairs -> APO-zero -> GRPO -> merge, and each stage's report-card row.
+
+Every stage is the library call behind its verb (`smoltrain sft|dpo|grpo|merge`, `data preferences`),
+run on a recipe the demo writes into `<out>/recipes/` (so any stage can be re-run by hand) and
+time-boxed by the Trainer's should_stop hook: steps are planned from the seconds the budget gives the
+stage and the throughput measured for the chosen precision, and a slower-than-planned machine stops
+after the step in flight instead of blowing the budget. Rejected APO answers come from an early SFT
+checkpoint: it already ends its turns (a reply cut at the token limit is no usable pair) but answers
+worse than the worked solutions that are chosen, which is SmolLM3's strong-vs-weak recipe in small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+
+from smoltrain.config import Config
+from smoltrain.errors import DataError, StoppedBySignal
+
+POST_STAGES = ("sft", "apo", "grpo", "merge")
+ROWS = ("base", "sft", "apo", "grpo", "merged")  # the report card's rows, in playbook order
+# The library module each post-training stage needs; a stage whose module is missing is skipped
+# with "stage not available" in the report card instead of failing the whole demo.
+STAGE_MODULES = {"sft": ("smoltrain.post.sft",), "apo": ("smoltrain.post.dpo", "smoltrain.post.preference_gen"),
+                 "grpo": ("smoltrain.post.grpo_train",), "merge": ("smoltrain.post.merge",)}
+CHAT_TOKENIZER = "chat-tokenizer"  # <out>/chat-tokenizer: the data tokenizer with the smollm3 template
+
+
+@dataclass
+class PostSizes:
+    """How much each post-training stage and each row's evaluation does (the test shrinks all of it)."""
+
+    conversations: int = 4000  # embedded SFT conversations (~125 tokens each at vocab 4096)
+    sft_rows_per_step: int = 16
+    chat_items: int = 40  # held-out items per chat-eval set (no_think, think, persona), per row: +-8 points at 50%
+    suite_items: int = 100  # items per embedded pretraining task, per row
+    val_batches: int = 8
+    chat_new_tokens: int = 48  # no_think and persona replies
+    think_new_tokens: int = 160
+    sample_new_tokens: int = 120  # the side-by-side chats
+    preference_prompts: int = 192  # training arithmetic per mode (no_think and think) for the pairs
+    apo_pairs_per_step: int = 32
+    apo_epochs: int = 2
+    grpo_prompts_per_step: int = 8
+    grpo_generations: int = 8
+    grpo_max_completion: int = 64
+    grpo_overlong_max_len: int = 48  # DAPO soft overlong: 0 up to 48 - 16 = 32 tokens, -1 at 48
+    grpo_overlong_cache: int = 16
+    grpo_eval_count: int = 32
+    soup_checkpoints: int = 3  # the last APO checkpoints averaged into the soup
+    merge_weights: tuple[float, float] = (0.9, 0.1)  # soup, pretrained (SmolLM3: soup 0.9 + mid-training 0.1)
+
+
+# Settings of the demo's model size (1.6M parameters): learning rates far above SmolLM3's 3B ones,
+# with the playbook's ratios (APO ~10x below SFT).
+SFT_SETTINGS = {"lr": 1e-3, "min_lr": 1e-4, "schedule": "cosine", "grad_clip": 1.0, "weight_decay": 0.0}
+APO_SETTINGS = {"lr": 1e-4, "min_lr": 1e-4, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0}
+APO_LOSS = {"loss": "apo_zero", "beta": 0.1}
+GRPO_SETTINGS = {"lr": 5e-5, "min_lr": 5e-5, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0}
+
+
+# ----------------------------------------------------------------------------- small parts
+
+
+def stage_available(stage: str) -> str | None:
+    """None when the stage's library is installed, else why not (one line for the report card)."""
+    import importlib.util
+
+    for module in STAGE_MODULES.get(stage, ()):
+        if importlib.util.find_spec(module) is None:
+            return f"stage not available: {module} is not part of this smoltrain"
+    return None
+
+
+class Deadline:
+    """The Trainer's should_stop hook for a stage's time box: True once `seconds` (at least `minimum`)
+    have passed since it was made; the Trainer then finishes its step, saves and returns."""
+
+    def __init__(self, seconds: float, console: Console, minimum: float = 10.0):
+        self.at = time.monotonic() + max(seconds, minimum)
+        self.console = console
+        self.fired = False
+
+    def __call__(self) -> bool:
+        if not self.fired and time.monotonic() >= self.at:
+            self.fired = True
+            self.console.print("  time budget reached: asking the trainer to stop after this step")
+        return self.fired
+
+
+def time_boxed(run, config: Config, seconds: float, console: Console, minimum: float = 10.0) -> tuple[dict, bool]:
+    """`run(config, should_stop=...)` within `seconds`; (summary, stopped by the deadline). A stop
+    that the deadline did not ask for (Ctrl-C, an outside SIGTERM) stops the demo too."""
+    import inspect
+
+    deadline = Deadline(seconds, console, minimum)
+    if "should_stop" in inspect.signature(run).parameters:
+        summary = run(config, should_stop=deadline)
+    else:  # TEMPORARY until every stage's run takes should_stop: the preemption path, by SIGTERM
+        summary = _run_with_sigterm(run, config, deadline)
+    if summary.get("stopped_by") and not deadline.fired:
+        raise StoppedBySignal(summary["stopped_by"])
+    return summary, deadline.fired
+
+
+def _run_with_sigterm(run, config: Config, deadline: Deadline) -> dict:
+    import signal
+    import threading
+
+    def fire():
+        deadline.fired = True
+        deadline.console.print("  time budget reached: asking the trainer to stop after this step")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    timer = threading.Timer(max(0.0, deadline.at - time.monotonic()), fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        return run(config)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_recipe(path: Path, raw: dict) -> Path:
+    """A stage's recipe as YAML (atomic): what the demo ran, re-runnable with the stage's verb."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, value) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _train_keys(pretrain: Config, out_dir: Path, init: str, max_steps: int, speed: dict, save_every: int,
+                keep: int, log_every: int) -> dict:
+    t = pretrain.train
+    return {"init": str(init), "out_dir": str(out_dir), "max_steps": int(max_steps), "seed": t.seed,
+            "log_every": max(1, log_every), "save_every": max(1, save_every), "eval_every": int(max_steps),
+            "keep_checkpoints": keep, "device": t.device, "precision": speed["precision"], "compile": speed["compile"],
+            "peak_tflops": t.peak_tflops, "tensorboard": False}
+
+
+def _data_keys(pretrain: Config) -> dict:
+    """The embedded data settings of the pretraining run (its tokenizer; forgetting is measured on it)."""
+    d = pretrain.data
+    return {"embedded": d.embedded, "embedded_vocab_size": d.embedded_vocab_size, "embedded_fraction": d.embedded_fraction,
+            "cache_dir": d.cache_dir, "seq_len": d.seq_len}
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+def sft_recipe(pretrain: Config, pretrain_dir: Path, out_dir: Path, steps: int, speed: dict, sizes: PostSizes) -> dict:
+    seq_len = pretrain.data.seq_len
+    return {
+        # the pretrained shape, rows as long as pretraining's: the merge with the base needs equal shapes
+        "model": {"max_seq_len": pretrain.model.max_seq_len},
+        "data": _data_keys(pretrain),
+        "sft": {"data": ["embedded"], "embedded_conversations": sizes.conversations, "chat_template": "smollm3",
+                "loss": "assistant", "packing": True, "epochs": None, "warmup_fraction": 0.03, "chat_eval_items": 0},
+        "optim": dict(SFT_SETTINGS),
+        "train": {**_train_keys(pretrain, out_dir, str(pretrain_dir), steps, speed, save_every=max(1, steps // 3),
+                                keep=10, log_every=max(1, steps // 40)),
+                  "global_batch_tokens": sizes.sft_rows_per_step * seq_len, "micro_batch_size": pretrain.train.micro_batch_size},
+        "eval": {"val_batches": 0},
+    }
+
+
+def run_sft(recipe: Path, seconds: float, console: Console) -> dict:
+    from smoltrain.post.sft import load_sft_config, sft
+
+    config = load_sft_config(recipe)
+    summary, stopped = time_boxed(sft, config, seconds, console)
+    return {"summary": summary, "stopped_by_budget": stopped, "model": config.train.out_dir}
+
+
+def early_checkpoint(run_dir: Path) -> Path | None:
+    """The oldest complete checkpoint of a run that is not its last (None when it saved only one)."""
+    from smoltrain.train.checkpoint import verify_checkpoint
+
+    root = run_dir / "checkpoints"
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and verify_checkpoint(p) is None) if root.is_dir() else []
+    return steps[0] if len(steps) > 1 else None
+
+
+# ----------------------------------------------------------------------------- preference pairs and APO
+
+
+def build_pairs(sft_dir: Path, out: Path, sizes: PostSizes, console: Console) -> dict:
+    """Pairs in both modes: chosen = the embedded worked solutions, rejected = an early SFT checkpoint's
+    replies, kept when the rejected answer is wrong (verify math). Falls back to the final SFT model
+    when the run saved a single checkpoint."""
+    from smoltrain.post.preference_gen import REFERENCE, build_preferences
+
+    weak = early_checkpoint(sft_dir) or sft_dir
+    files, summaries = [], {}
+    for mode, new_tokens in (("no_think", sizes.chat_new_tokens), ("think", sizes.think_new_tokens)):
+        path = out / f"pairs_{mode}.jsonl"
+        try:
+            summaries[mode] = build_preferences("embedded", REFERENCE, str(weak), path, mode=mode, verify="math",
+                                                count=sizes.preference_prompts, max_new_tokens=new_tokens, device="cpu")
+        except DataError as e:  # "no pair was kept" in one mode leaves the other
+            summaries[mode] = {"kept": 0, "error": str(e)}
+            continue
+        files.append(str(path))
+        s = summaries[mode]
+        console.print(f"  {mode}: kept {s['kept']} of {s['prompts']} pairs (rejected model right on "
+                      f"{s.get('rejected_accuracy', 0):.0%}); dropped {s['dropped'] or 'none'}")
+    return {"files": files, "rejected_model": str(weak), "summaries": summaries}
+
+
+def apo_recipe(pretrain: Config, sft_dir: Path, pairs: list[str], out_dir: Path, kept: int, speed: dict,
+               sizes: PostSizes) -> dict:
+    per_step = max(1, min(sizes.apo_pairs_per_step, kept))
+    micro = max(1, min(pretrain.train.micro_batch_size, per_step))
+    while per_step % micro:
+        micro -= 1
+    steps = max(sizes.soup_checkpoints, sizes.apo_epochs * kept // per_step)
+    return {
+        "dpo": {**APO_LOSS, "train_data": pairs, "max_length": pretrain.data.seq_len, "pairs_per_step": per_step,
+                "precompute": True},
+        "optim": dict(APO_SETTINGS),
+        # a checkpoint every ~sixth of the run (keeping them all): the soup averages the last few
+        "train": {**_train_keys(pretrain, out_dir, str(sft_dir), steps, speed, save_every=max(1, steps // 6), keep=20,
+                                log_every=1), "micro_batch_size": micro},
+        "eval": {"val_batches": 0},
+    }
+
+
+def run_apo(recipe: Path, seconds: float, console: Console) -> dict:
+    from smoltrain.post.dpo import load_dpo_config, run
+
+    config = load_dpo_config(recipe)
+    summary, stopped = time_boxed(run, config, seconds, console)
+    return {"summary": summary, "stopped_by_budget": stopped, "model": config.train.out_dir}
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+def grpo_recipe(pretrain: Config, init_dir: Path, tokenizer: Path, out_dir: Path, steps: int, speed: dict,
+                sizes: PostSizes) -> dict:
+    rows = sizes.grpo_prompts_per_step * sizes.grpo_generations
+    micro = max(1, min(pretrain.train.micro_batch_size * 2, rows))
+    return {
+        "model": asdict(pretrain.model),
+        "data": {"tokenizer": str(tokenizer), "seq_len": pretrain.data.seq_len},
+        "grpo": {"prompts": "embedded", "mode": "no_think", "num_generations": sizes.grpo_generations,
+                 "prompts_per_step": sizes.grpo_prompts_per_step, "max_completion_length": sizes.grpo_max_completion,
+                 "rewards": {"math_answer": 1.0, "overlong": 1.0}, "overlong_max_len": sizes.grpo_overlong_max_len,
+                 "overlong_cache": sizes.grpo_overlong_cache, "eval_count": sizes.grpo_eval_count, "pass_k": 1,
+                 "loss_type": "dapo", "epsilon_high": 0.28, "beta": 0.0},
+        "optim": dict(GRPO_SETTINGS),
+        "train": {**_train_keys(pretrain, out_dir, str(init_dir), steps, speed, save_every=steps, keep=2, log_every=1),
+                  "micro_batch_size": micro},
+        "eval": {"val_batches": 0},
+    }
+
+
+def run_grpo(recipe: Path, seconds: float, console: Console) -> dict:
+    from smoltrain.config import load_config
+    from smoltrain.post.grpo_train import run
+
+    config = load_config(recipe)
+    summary, stopped = time_boxed(run, config, seconds, console)
+    return {"summary": summary, "stopped_by_budget": stopped, "model": config.train.out_dir}
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def run_merge(apo_dir: Path, pretrain_dir: Path, out: Path, sizes: PostSizes) -> dict:
+    """SmolLM3's release recipe: a linear soup of the last APO checkpoints, then 0.9 soup + 0.1 base."""
+    from smoltrain.post.merge import last_checkpoints, merge
+
+    available = len(list((apo_dir / "checkpoints").glob("step_*")))
+    k = max(1, min(sizes.soup_checkpoints, available))
+    checkpoints = [str(p) for p in last_checkpoints(apo_dir, k)]
+    soup = merge(checkpoints, out / "soup")
+    merged = merge([str(soup), str(pretrain_dir)], out / "merged", weights=list(sizes.merge_weights))
+    return {"soup_of": checkpoints, "soup": str(soup), "model": str(merged), "weights": list(sizes.merge_weights)}
+
+
+# ----------------------------------------------------------------------------- one row of the report card
+
+
+def chat_tokenizer(data_tokenizer: str, out: Path):
+    """The data tokenizer with the smollm3 chat template (what SFT writes into its run), written once."""
+    from smoltrain.post.chat_template import load_chat_tokenizer, write_chat_tokenizer
+
+    folder = out / CHAT_TOKENIZER
+    if not (folder / "chat_template.jinja").is_file():
+        write_chat_tokenizer(data_tokenizer, folder, "smollm3")
+    return load_chat_tokenizer(folder)
+
+
+def evaluate_row(model_path: str, tokenizer, data_tokenizer: str, eval_config: Config, sizes: PostSizes, out: Path,
+                 pre_out: Path | None = None) -> dict:
+    """The chat evals, the pretraining evals (validation loss per source, the embedded suite) and the
+    side-by-side chats of one stage's model; written to `out` (JSON), the pretraining evals also to
+    `pre_out` (JSON + markdown, as `smoltrain eval` writes them)."""
+    from smoltrain.eval.run import evaluate
+    from smoltrain.model.hf import load_any
+    from smoltrain.post.chat_eval import VIBE_PROMPTS, chat_evals, vibe_test
+
+    start = time.perf_counter()
+    model, _, _ = load_any(model_path)
+    model = model.float().eval()
+    with torch.no_grad():
+        chat = chat_evals(model, tokenizer, count=sizes.chat_items, persona_count=sizes.chat_items,
+                          max_new_tokens=sizes.chat_new_tokens, think_max_new_tokens=sizes.think_new_tokens)
+        samples = vibe_test(model, tokenizer, max_new_tokens=sizes.sample_new_tokens, prompts=VIBE_PROMPTS)
+        pre = evaluate(model, ["embedded"], config=eval_config, tokenizer=data_tokenizer, limit=sizes.suite_items,
+                       val_batches=sizes.val_batches, device="cpu", out=pre_out, progress=False)
+    row = {"model": str(model_path), "chat": chat, "samples": samples, "val": pre["val"], "suite": pre["aggregate"],
+           "tasks": pre["tasks"], "wall_s": time.perf_counter() - start}
+    write_json(out, row)
+    return row
+
+
+__all__ = ["PostSizes", "POST_STAGES", "ROWS", "stage_available", "Deadline", "time_boxed", "sft_recipe", "run_sft",
+           "build_pairs", "apo_recipe", "run_apo", "grpo_recipe", "run_grpo", "run_merge", "chat_tokenizer",
+           "evaluate_row", "early_checkpoint", "write_recipe", "write_json"]
