@@ -56,6 +56,7 @@ MARKER = "demo.json"  # marks a folder as the demo's own output, which a re-run 
 STAGES = ("ablation", "pretrain", *POST_STAGES)  # what --stages names
 # Where each stage starts from: the newest earlier stage of this chain that has a model.
 CHAIN = ("pretrain", "sft", "apo", "grpo")
+MERGE_FROM = ("pretrain", "sft", "apo")  # the soup is of APO checkpoints, mixed with the base
 # Shares of the training time (what is left after the reserves below), before floors.
 TRAIN_SHARES = {"ablation": 0.08, "pretrain": 0.42, "sft": 0.24, "apo": 0.08, "grpo": 0.18}
 # A stage never gets less than this share of its nominal time, even when earlier stages overran: the
@@ -279,7 +280,7 @@ def reused_records(source: Path, run: list[str]) -> dict[str, dict]:
         record = records.get(stage)
         if stage in run or not record or not record.get("done"):
             continue
-        upstream = CHAIN[: CHAIN.index(stage)] if stage in CHAIN else (CHAIN if stage == "merge" else ())
+        upstream = CHAIN[: CHAIN.index(stage)] if stage in CHAIN else (MERGE_FROM if stage == "merge" else ())
         if any(s in run for s in upstream):
             continue
         kept[stage] = record

@@ -1,5 +1,7 @@
-"""The demo: its unigram baseline against a brute-force count, and the whole pipeline end to end
-on a tiny recipe (a few percent of the embedded corpus, a model of a few thousand parameters)."""
+"""The demo: its unigram baseline against a brute-force count, its budget arithmetic and stage
+bookkeeping by hand, and the whole playbook end to end on a tiny recipe (a few percent of the
+embedded corpus, a model of a few thousand parameters): the report card's rows and the exported
+model card."""
 
 from __future__ import annotations
 
@@ -16,7 +18,17 @@ import yaml
 from smoltrain.cli import main
 from smoltrain.config import DataConfig
 from smoltrain.data.shards import ShardWriter, shard_name, token_dtype, write_meta
-from smoltrain.demo import EVAL_RESERVE_S, FIXED_RESERVE_S, pretraining_seconds, unigram_losses
+from smoltrain.demo import (
+    STAGE_FLOOR,
+    TRAIN_SHARES,
+    choose_speed,
+    nominal_seconds,
+    parse_stages,
+    reused_records,
+    stage_seconds,
+    unigram_losses,
+)
+from smoltrain.demo_post import PostSizes, stage_available, write_json
 
 
 def _shard(folder: Path, documents: list[list[int]], vocab: int) -> None:
@@ -43,12 +55,49 @@ def test_unigram_loss_matches_a_brute_force_count(tmp_path):
     assert unigram_losses(data, vocab) == {"a": pytest.approx(expected, rel=1e-12)}
 
 
-def test_pretraining_gets_what_is_left_but_never_less_than_its_floor():
-    budget = 600.0
-    assert pretraining_seconds(budget, elapsed_s=100.0) == budget - 100.0 - EVAL_RESERVE_S - FIXED_RESERVE_S
-    # A loaded machine made the ablation take 8.4 of 10 minutes (seen): 40% of the budget, not 3 s.
-    assert pretraining_seconds(budget, elapsed_s=504.0) == 0.4 * budget
-    assert pretraining_seconds(budget, elapsed_s=900.0) == 0.4 * budget
+def test_each_stage_gets_its_share_of_what_is_left_but_never_less_than_its_floor():
+    nominal = nominal_seconds(600.0, ["pretrain", "sft", "apo", "grpo"])  # no ablation: shares renormalised
+    total = TRAIN_SHARES["pretrain"] + TRAIN_SHARES["sft"] + TRAIN_SHARES["apo"] + TRAIN_SHARES["grpo"]
+    assert nominal["sft"] == pytest.approx(600.0 * TRAIN_SHARES["sft"] / total)
+    assert sum(nominal.values()) == pytest.approx(600.0)
+    pending = ["sft", "apo", "grpo", "merge"]  # merge trains nothing: no share
+    share = TRAIN_SHARES["sft"] / (TRAIN_SHARES["sft"] + TRAIN_SHARES["apo"] + TRAIN_SHARES["grpo"])
+    assert stage_seconds("sft", 400.0, pending, nominal["sft"]) == pytest.approx(400.0 * share)
+    # Pretraining overran on a loaded machine and 20 s are left: the floor, not 20 s x the share.
+    assert stage_seconds("sft", 20.0, pending, nominal["sft"]) == pytest.approx(STAGE_FLOOR * nominal["sft"])
+    assert stage_seconds("grpo", -50.0, ["grpo", "merge"], nominal["grpo"]) == pytest.approx(STAGE_FLOOR * nominal["grpo"])
+
+
+def test_speed_choice_pays_each_stages_warm_compile():
+    probe = {"configs": {"fp32 eager": {"tokens_per_s": 7000.0, "compile": "off"},
+                         "bf16 compile": {"tokens_per_s": 12000.0, "compile": "on", "compile_s": 60.0, "recompile_s": 8.0}}}
+    # 300 s: 7000 x 300 = 2.1M tokens eager; 12000 x (300 - 3 x 8) = 3.3M compiled
+    assert choose_speed(probe, 300.0, 3) == "bf16 compile"
+    # 20 s: 140k eager; 12000 x (20 - 3 x 8) < 0 -> nothing
+    assert choose_speed(probe, 20.0, 3) == "fp32 eager"
+
+
+def test_stages_are_named_in_playbook_order_and_typos_get_a_hint(tmp_path, capsys):
+    assert parse_stages("merge, sft") == ["sft", "merge"]
+    assert parse_stages(None)[:2] == ["ablation", "pretrain"]
+    out = tmp_path / "demo"
+    out.mkdir()
+    write_json(out / "demo.json", {"stages": {}})
+    assert main(["demo", "--out", str(out), "--stages", "sfft"]) == 2
+    assert "unknown stage 'sfft' (did you mean 'sft'?)" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--stages", "grpo"]) == 2  # nothing to start from
+    assert "--stages grpo needs a finished sft stage" in capsys.readouterr().err
+
+
+def test_a_rerun_stage_makes_the_stages_after_it_stale(tmp_path):
+    done = {stage: {"done": True, "model": f"m/{stage}"} for stage in ("ablation", "pretrain", "sft", "apo", "grpo", "merge")}
+    write_json(tmp_path / "demo.json", {"stages": done})
+    assert set(reused_records(tmp_path, ["grpo"])) == {"ablation", "pretrain", "sft", "apo", "merge"}
+    assert set(reused_records(tmp_path, ["apo", "merge"])) == {"ablation", "pretrain", "sft"}  # GRPO started from APO
+    assert set(reused_records(tmp_path, ["sft"])) == {"ablation", "pretrain"}
+    done["sft"]["done"] = False  # a stage that did not finish is never reused
+    write_json(tmp_path / "demo.json", {"stages": done})
+    assert "sft" not in reused_records(tmp_path, ["merge"])
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
@@ -68,6 +117,13 @@ TINY_RECIPE = {
 }
 
 
+TINY_SIZES = PostSizes(conversations=64, sft_rows_per_step=8, chat_items=2, suite_items=4, val_batches=1, chat_new_tokens=8,
+                       think_new_tokens=12, sample_new_tokens=8, preference_prompts=8, apo_pairs_per_step=4, apo_epochs=1,
+                       grpo_prompts_per_step=2, grpo_generations=2, grpo_max_completion=8, grpo_overlong_max_len=8,
+                       grpo_overlong_cache=4, grpo_eval_count=2, soup_checkpoints=2)
+ROW_TITLES = ["base (pretrained)", "SFT", "APO-zero", "GRPO", "merged"]
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, capsys):
     recipe = tmp_path / "tiny.yaml"
@@ -75,42 +131,66 @@ def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, capsys):
     out = tmp_path / "demo"
     from smoltrain.demo import demo
 
-    html_path = demo(str(out), minutes=1, recipe=str(recipe), suite_items=8, ablation_steps=3, pretrain_steps=6)
+    html_path = demo(str(out), minutes=1, recipe=str(recipe), ablation_steps=2, pretrain_steps=4,
+                     steps={"sft": 6, "apo": 3, "grpo": 2}, sizes=TINY_SIZES, speed="fp32 eager")
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith(f"report: {html_path}")  # the report path comes last
 
     markdown = (out / "report.md").read_text()
-    for section in ("1. Data", "2. Ablation", "3. Pretraining", "4. Evaluation", "5. Hugging Face export",
-                    "6. Vibe test", "7. Wall time per stage"):
+    for section in ("Report card", "1. Data", "2. Speed", "3. Ablation", "4. Pretraining", "5. Pretraining evals",
+                    "7. Sample chats", "8. Hugging Face export", "9. Wall time per stage"):
         assert f"## {section}" in markdown
     page = html_path.read_text()
     assert page.count("data:image/png;base64,") == len(re.findall(r"!\[", markdown)) >= 6
 
-    result = json.loads((out / "eval.json").read_text())
-    assert set(result["tasks"]) == {"arithmetic_choice", "arithmetic_answer", "code_tokens", "prose_cloze"}
-    assert set(result["val"]) == {"prose", "code", "math"}
+    # The report card: one row per stage in playbook order, each with its chat evals or why it is missing.
+    card = markdown[markdown.index("## Report card"):markdown.index("## 1. Data")]
+    lines = [line for line in card.splitlines() if line.startswith("| ") and not line.startswith("| stage")]
+    assert [line.split(" | ")[0].removeprefix("| ") for line in lines[:5]] == ROW_TITLES
+    rows = {json.loads(p.read_text())["model"]: json.loads(p.read_text()) for p in (out / "rows").glob("*.json")}
+    for title, line, stage in zip(ROW_TITLES, lines, ["pretrain", "sft", "apo", "grpo", "merge"]):
+        missing = stage_available(stage)
+        if missing:  # a stage whose library is not part of this smoltrain says so
+            assert "stage not available" in line
+            continue
+        cells = line.split(" | ")
+        assert re.fullmatch(r"\d+% ± \d+", cells[2]), line  # no_think accuracy with its standard error
+    base = json.loads((out / "rows" / "base.json").read_text())
+    assert set(base["chat"]) >= {"no_think_accuracy", "think_accuracy", "adherence", "think_format", "stop_rate",
+                                 "no_think_length", "think_length", "no_think_accuracy_stderr"}
+    assert base["chat"]["n"] == {"no_think": 2, "think": 2, "persona": 2}
+    assert set(base["val"]) == {"prose", "code", "math"}
+    assert len(rows) == len(list((out / "rows").glob("*.json")))
+
+    # The exported model is the last stage's, and its model card walks the stages back to pretraining.
+    card_md = (out / "hf" / "README.md").read_text()
+    expected = [s for s, module in (("pretrain", None), ("sft", "sft"), ("dpo", "apo"), ("merge", "merge"))
+                if module is None or not stage_available(module)]
+    listed = re.findall(r"^\| \d+ \| (\w+) \|", card_md, re.M)
+    assert [s for s in dict.fromkeys(listed)] == expected
     assert "LlamaForCausalLM" in markdown and "greedy continuations are identical" in markdown
     diff = float(re.search(r"logits differ from ours by at most ([0-9.e+-]+)", markdown).group(1))
     assert diff <= 1e-4
     ablation = json.loads((out / "ablation" / "results.json").read_text())
     assert set(ablation["arms"]) == {"baseline", "no-document-masking"}
-    assert all(len(arm["runs"]) == 2 for arm in ablation["arms"].values())
-    assert ablation["budget"]["steps"] == 3
-    wall = re.findall(r"^\| (data|baselines|ablation|pretrain|evaluate|export|vibe test|report) \| ", markdown, re.M)
-    assert len(wall) == 8
+    assert ablation["budget"]["steps"] == 2
 
-    demo(str(out), minutes=1, recipe=str(recipe), suite_items=4, ablation_steps=2, pretrain_steps=2)  # a re-run replaces its own folder
-    assert (out / "report.html").is_file()
+    # --stages: re-run the last stages only, reusing the others from the same folder.
+    if not stage_available("merge"):
+        demo(str(out), minutes=1, recipe=str(recipe), stages="merge", sizes=TINY_SIZES, speed="fp32 eager")
+        marker = json.loads((out / "demo.json").read_text())
+        assert marker["stages"]["merge"]["done"] and marker["stages"]["pretrain"]["steps"] == 4
+        assert (out / "pretrain" / "metrics.jsonl").is_file() and (out / "report.html").is_file()
 
 
-def test_deadline_stops_the_trainer_which_saves_and_returns(tmp_path):
-    """The demo's time box: the real trainer, told to run 100,000 steps, stops at the deadline (its
-    should_stop hook, no signal) with a complete checkpoint."""
+def test_time_box_stops_the_trainer_which_saves_and_returns(tmp_path):
+    """The demo's time box: the real trainer, told to run 100,000 steps, stops at the deadline with
+    a complete checkpoint, and the demo process goes on."""
     from rich.console import Console
 
     from smoltrain.config import config_from_dict
     from smoltrain.data.synthetic import write_synthetic_shards
-    from smoltrain.demo import Deadline
+    from smoltrain.demo_post import time_boxed
     from smoltrain.train.checkpoint import load_model_from_checkpoint
     from smoltrain.train.trainer import run
 
@@ -122,9 +202,8 @@ def test_deadline_stops_the_trainer_which_saves_and_returns(tmp_path):
         "train": {"out_dir": str(tmp_path / "run"), "max_steps": 100_000, "global_batch_tokens": 64, "micro_batch_size": 4,
                   "log_every": 50, "save_every": 100_000, "eval_every": 100_000, "device": "cpu", "tensorboard": False},
     })
-    deadline = Deadline(2.0, Console(quiet=True), minimum=0.0)
-    summary = run(config, should_stop=deadline)
-    assert deadline.fired and not summary["finished"] and summary["stopped_by"] == "should_stop"
+    summary, stopped = time_boxed(run, config, 2.0, Console(quiet=True), minimum=0.0)
+    assert stopped and not summary["finished"] and summary["stopped_by"] in ("should_stop", "SIGTERM")
     assert 0 < summary["step"] < 100_000
     model, saved = load_model_from_checkpoint(tmp_path / "run", "cpu")
     assert saved.train.max_steps == 100_000
