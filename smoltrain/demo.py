@@ -57,6 +57,7 @@ STAGES = ("ablation", "pretrain", *POST_STAGES)  # what --stages names
 # Where each stage starts from: the newest earlier stage of this chain that has a model.
 CHAIN = ("pretrain", "sft", "apo", "grpo")
 MERGE_FROM = ("pretrain", "sft", "apo")  # the soup is of APO checkpoints, mixed with the base
+ROW_OF = {"pretrain": "base", "merge": "merged"}  # the report card's row of a stage (else its own name)
 # Shares of the training time (what is left after the reserves below), before floors.
 TRAIN_SHARES = {"ablation": 0.08, "pretrain": 0.42, "sft": 0.24, "apo": 0.08, "grpo": 0.18}
 # A stage never gets less than this share of its nominal time, even when earlier stages overran: the
@@ -141,7 +142,7 @@ def matmul_peak_tflops(trials: int = 10, seconds: float = 0.1) -> float:
 # ----------------------------------------------------------------------------- speed
 
 
-def probe_speed(config: Config, steps: int = 3, bf16: bool | None = None) -> dict:
+def probe_speed(config: Config, steps: int = 2, bf16: bool | None = None) -> dict:
     """Training tokens/s (forward, backward, AdamW on random tokens, one micro-batch a step) of each
     (precision, compile) choice: the best step after the first, and the first step's extra time, which
     is the compile time (a second compiled copy measures the compile of later stages, which reuse
@@ -358,7 +359,7 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     bar = Stages(console, 4 + sum(1 if s == "ablation" else 2 for s in run) + ("apo" in run))
     facts: dict = {"recipe": str(recipe_path), "minutes": minutes, "device": _device_name(), "run": run,
                    "reused_from": str(source) if keep else None, "records": records, "sizes": sizes}
-    rows: dict[str, dict] = {name: _read_row(record) for name, record in keep.items() if record.get("row")}
+    rows: dict[str, dict] = {ROW_OF.get(stage, stage): _read_row(record) for stage, record in keep.items() if record.get("row")}
 
     def finish_stage(stage: str, record: dict) -> None:
         record.update(done=True, folders=STAGE_FOLDERS[stage], wall_s=bar.wall.get(stage))
@@ -410,6 +411,8 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     row_s = RESERVE_S["row"]
 
     def seconds_for(stage: str) -> float:
+        if stage in steps:  # fixed steps: no time box
+            return float("inf")
         pending = [s for s in run if s not in records or s == stage]
         pending = pending[pending.index(stage):]
         rows_left = len([s for s in pending if s in ("pretrain", *POST_STAGES)])
@@ -475,11 +478,11 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
                 f"train.eval_every={max(1, n // 4)}", f"train.save_every={n}", f"train.log_every={max(1, n // 50)}",
                 "eval.tasks=[]", f"eval.val_batches={VAL_BATCHES}", f"optim.warmup_steps={_warmup(base, n)}",
             ])
-            summary, stopped = time_boxed(train, pretrain_config, seconds if "pretrain" not in steps else 1e9, console)
+            summary, stopped = time_boxed(train, pretrain_config, seconds, console)
             if stopped:
                 console.print(f"  time budget reached: pretraining stopped at step {summary['step']} of {n}")
         finish_stage("pretrain", {"model": str(out / "pretrain"), "config": str(out / "pretrain" / "config.yaml"),
-                                  "steps": n, "summary": summary, "planned_s": seconds})
+                                  "steps": n, "summary": summary, "planned_s": seconds if seconds != float("inf") else None})
         row("pretrain", "base", str(out / "pretrain"))
     pretrain_dir = Path(records["pretrain"]["model"]) if "pretrain" in records else None
     pretrain_config = load_config(records["pretrain"]["config"]) if "pretrain" in records else base_config
@@ -525,7 +528,8 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
                     raw = sft_recipe(pretrain_config, init, out / "sft", n, settings["fixed"], sizes)
                     runner = run_sft
                 elif stage == "apo":
-                    raw = apo_recipe(pretrain_config, init, pairs["files"], out / "apo", kept, settings["variable"], sizes)
+                    raw = apo_recipe(pretrain_config, init, Path(records["sft"]["tokenizer"]), pairs["files"], out / "apo", kept,
+                                     settings["variable"], sizes)
                     if "apo" in steps:
                         raw["train"]["max_steps"] = steps["apo"]
                     runner = run_apo
@@ -536,12 +540,12 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
                     runner = run_grpo
                 path = write_recipe(recipes / f"{stage}.yaml", raw)
                 console.print(f"  from {init}; recipe {path}; up to {raw['train']['max_steps']} steps")
-                record.update(runner(path, seconds if stage not in steps else 1e9, console))
-                record.update(recipe=str(path), planned_s=seconds, init=str(init))
+                record.update(runner(path, seconds, console))
+                record.update(recipe=str(path), planned_s=seconds if seconds != float("inf") else None, init=str(init))
                 if stage == "sft":
                     record["tokenizer"] = str(Path(record["model"]) / "tokenizer" / "tokenizer.json")
         finish_stage(stage, record)
-        row(stage, "merged" if stage == "merge" else stage, record["model"])
+        row(stage, ROW_OF.get(stage, stage), record["model"])
 
     # 9. Export the final model to Hugging Face (with its model card) and load it back with transformers.
     final = next((records[s] for s in ("merge", "grpo", "apo", "sft", "pretrain") if records.get(s, {}).get("model")), None)

@@ -46,6 +46,7 @@ class PostSizes:
     think_new_tokens: int = 160
     sample_new_tokens: int = 120  # the side-by-side chats
     preference_prompts: int = 192  # training arithmetic per mode (no_think and think) for the pairs
+    rejected_temperature: float = 0.0  # greedy rejected replies; > 0 samples them
     apo_pairs_per_step: int = 32
     apo_epochs: int = 2
     grpo_prompts_per_step: int = 8
@@ -63,7 +64,7 @@ class PostSizes:
 SFT_SETTINGS = {"lr": 1e-3, "min_lr": 1e-4, "schedule": "cosine", "grad_clip": 1.0, "weight_decay": 0.0}
 APO_SETTINGS = {"lr": 1e-4, "min_lr": 1e-4, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0}
 APO_LOSS = {"loss": "apo_zero", "beta": 0.1}
-GRPO_SETTINGS = {"lr": 5e-5, "min_lr": 5e-5, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0}
+GRPO_SETTINGS = {"lr": 1e-4, "min_lr": 1e-4, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0}
 
 
 # ----------------------------------------------------------------------------- small parts
@@ -119,6 +120,8 @@ def _run_with_sigterm(run, config: Config, deadline: Deadline) -> dict:
         deadline.console.print("  time budget reached: asking the trainer to stop after this step")
         os.kill(os.getpid(), signal.SIGTERM)
 
+    if deadline.at == float("inf"):
+        return run(config)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     timer = threading.Timer(max(0.0, deadline.at - time.monotonic()), fire)
     timer.daemon = True
@@ -214,7 +217,8 @@ def build_pairs(sft_dir: Path, out: Path, sizes: PostSizes, console: Console) ->
         path = out / f"pairs_{mode}.jsonl"
         try:
             summaries[mode] = build_preferences("embedded", REFERENCE, str(weak), path, mode=mode, verify="math",
-                                                count=sizes.preference_prompts, max_new_tokens=new_tokens, device="cpu")
+                                                count=sizes.preference_prompts, max_new_tokens=new_tokens, device="cpu",
+                                                temperature=sizes.rejected_temperature)
         except DataError as e:  # "no pair was kept" in one mode leaves the other
             summaries[mode] = {"kept": 0, "error": str(e)}
             continue
@@ -225,7 +229,7 @@ def build_pairs(sft_dir: Path, out: Path, sizes: PostSizes, console: Console) ->
     return {"files": files, "rejected_model": str(weak), "summaries": summaries}
 
 
-def apo_recipe(pretrain: Config, sft_dir: Path, pairs: list[str], out_dir: Path, kept: int, speed: dict,
+def apo_recipe(pretrain: Config, sft_dir: Path, tokenizer: Path, pairs: list[str], out_dir: Path, kept: int, speed: dict,
                sizes: PostSizes) -> dict:
     per_step = max(1, min(sizes.apo_pairs_per_step, kept))
     micro = max(1, min(pretrain.train.micro_batch_size, per_step))
@@ -233,6 +237,7 @@ def apo_recipe(pretrain: Config, sft_dir: Path, pairs: list[str], out_dir: Path,
         micro -= 1
     steps = max(sizes.soup_checkpoints, sizes.apo_epochs * kept // per_step)
     return {
+        "data": {"tokenizer": str(tokenizer)},  # SFT's, with its chat template: the soup and merge keep it
         "dpo": {**APO_LOSS, "train_data": pairs, "max_length": pretrain.data.seq_len, "pairs_per_step": per_step,
                 "precompute": True},
         "optim": dict(APO_SETTINGS),

@@ -93,7 +93,7 @@ def card_rows(facts: dict) -> tuple[list[str], list[list[str]]]:
         row = rows.get(name)
         if row is None:
             reason = record.get("skipped") or ("not run" if not record else "not evaluated")
-            table.append([title, "-", reason] + ["-"] * (len(headers) - 3))
+            table.append([title, "-"] + ["-"] * (len(headers) - 3) + [reason])
             continue
         summary = record.get("summary") or {}
         steps = (f"{summary['step']:,}" + ("*" if record.get("stopped_by_budget") else "")) if summary.get("step") else \
