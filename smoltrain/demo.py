@@ -292,6 +292,8 @@ def _prepare_out_dir(out: Path, run: list[str], keep: dict[str, dict], same_fold
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise ConfigError(f"{out} exists and is not a demo folder: choose another --out")
     kept_folders = {name for stage, record in keep.items() for name in record.get("folders", [])} if same_folder else set()
+    if kept_folders:
+        kept_folders.add("recipes")  # a re-run stage rewrites its own recipe only
     for child in (out.iterdir() if out.exists() else []):
         if child.name in kept_folders or child.name == MARKER or child.name.startswith("."):
             continue
