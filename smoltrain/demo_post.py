@@ -11,7 +11,6 @@ worse than the worked solutions that are chosen, which is SmolLM3's strong-vs-we
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -21,8 +20,10 @@ import torch
 import yaml
 from rich.console import Console
 
+from smoltrain import files
 from smoltrain.config import Config
 from smoltrain.errors import DataError, StoppedBySignal
+from smoltrain.files import write_atomic
 
 POST_STAGES = ("sft", "apo", "grpo", "merge")
 ROWS = ("base", "sft", "apo", "grpo", "merged")  # the report card's rows, in playbook order
@@ -45,7 +46,7 @@ class PostSizes:
     chat_new_tokens: int = 48  # no_think and persona replies
     think_new_tokens: int = 160
     sample_new_tokens: int = 120  # the side-by-side chats
-    preference_prompts: int = 192  # training arithmetic per mode (no_think and think) for the pairs
+    preference_prompts: int = 128  # training arithmetic per mode (no_think and think) for the pairs
     rejected_temperature: float = 0.0  # greedy rejected replies; > 0 samples them
     apo_pairs_per_step: int = 32
     apo_epochs: int = 2
@@ -134,20 +135,14 @@ def _run_with_sigterm(run, config: Config, deadline: Deadline) -> dict:
 
 
 def write_recipe(path: Path, raw: dict) -> Path:
-    """A stage's recipe as YAML (atomic): what the demo ran, re-runnable with the stage's verb."""
+    """A stage's recipe as YAML: what the demo ran, re-runnable with the stage's verb."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, yaml.safe_dump(raw, sort_keys=False))
 
 
 def write_json(path: Path, value) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return files.write_json(path, value)
 
 
 def _train_keys(pretrain: Config, out_dir: Path, init: str, max_steps: int, speed: dict, save_every: int,
