@@ -386,7 +386,7 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
         on_cpu = resolve_device(base.train.device).type == "cpu"
         peak = matmul_peak_tflops() if on_cpu else None  # on CUDA the trainer knows the accelerator's peak
         trained = [s for s in run if s in TRAIN_SHARES]
-        pending_rows = len([s for s in run if s in ("pretrain", *POST_STAGES)])
+        pending_rows = len([s for s in run if s in ("pretrain", *POST_STAGES)]) + ("pretrain" in keep and "base" not in rows)
         left = budget_s - bar.elapsed() - reserve_seconds(run, pending_rows, RESERVE_S["row"])
         nominal = nominal_seconds(max(left, 0.0), trained)
         probe = choice = None
@@ -486,6 +486,8 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
         finish_stage("pretrain", {"model": str(out / "pretrain"), "config": str(out / "pretrain" / "config.yaml"),
                                   "steps": n, "summary": summary, "planned_s": seconds if seconds != float("inf") else None})
         row("pretrain", "base", str(out / "pretrain"))
+    if "pretrain" in keep and "base" not in rows:  # a reused base model that was never evaluated
+        row("pretrain", "base", keep["pretrain"]["model"])
     pretrain_dir = Path(records["pretrain"]["model"]) if "pretrain" in records else None
     pretrain_config = load_config(records["pretrain"]["config"]) if "pretrain" in records else base_config
 

@@ -52,8 +52,9 @@ class PostSizes:
     apo_epochs: int = 2
     grpo_prompts_per_step: int = 8
     grpo_generations: int = 8
-    grpo_max_completion: int = 64
-    grpo_overlong_max_len: int = 48  # DAPO soft overlong: 0 up to 48 - 16 = 32 tokens, -1 at 48
+    grpo_max_prompt: int = 192  # the embedded word problems through the template: ~100 tokens
+    grpo_max_completion: int = 48
+    grpo_overlong_max_len: int = 32  # DAPO soft overlong: 0 up to 32 - 16 = 16 tokens ("The answer is 1234." ~8), -1 at 32
     grpo_overlong_cache: int = 16
     grpo_eval_count: int = 32
     soup_checkpoints: int = 3  # the last APO checkpoints averaged into the soup
@@ -65,7 +66,7 @@ class PostSizes:
 SFT_SETTINGS = {"lr": 1e-3, "min_lr": 1e-4, "schedule": "cosine", "grad_clip": 1.0, "weight_decay": 0.0}
 APO_SETTINGS = {"lr": 1e-4, "min_lr": 1e-4, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0}
 APO_LOSS = {"loss": "apo_zero", "beta": 0.1}
-GRPO_SETTINGS = {"lr": 1e-4, "min_lr": 1e-4, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0}
+GRPO_SETTINGS = {"lr": 2e-4, "min_lr": 2e-4, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0}
 
 
 # ----------------------------------------------------------------------------- small parts
@@ -257,18 +258,20 @@ def run_apo(recipe: Path, seconds: float, console: Console) -> dict:
 def grpo_recipe(pretrain: Config, init_dir: Path, tokenizer: Path, out_dir: Path, steps: int, speed: dict,
                 sizes: PostSizes) -> dict:
     rows = sizes.grpo_prompts_per_step * sizes.grpo_generations
-    micro = max(1, min(pretrain.train.micro_batch_size * 2, rows))
+    micro = max(1, min(32, rows))
     return {
         "model": asdict(pretrain.model),
         "data": {"tokenizer": str(tokenizer), "seq_len": pretrain.data.seq_len},
         "grpo": {"prompts": "embedded", "mode": "no_think", "num_generations": sizes.grpo_generations,
-                 "prompts_per_step": sizes.grpo_prompts_per_step, "max_completion_length": sizes.grpo_max_completion,
+                 "prompts_per_step": sizes.grpo_prompts_per_step, "max_prompt_length": sizes.grpo_max_prompt,
+                 "max_completion_length": sizes.grpo_max_completion,
                  "rewards": {"math_answer": 1.0, "overlong": 1.0}, "overlong_max_len": sizes.grpo_overlong_max_len,
                  "overlong_cache": sizes.grpo_overlong_cache, "eval_count": sizes.grpo_eval_count, "pass_k": 1,
                  "loss_type": "dapo", "epsilon_high": 0.28, "beta": 0.0},
         "optim": dict(GRPO_SETTINGS),
+        # global_batch_tokens: the pretraining batch rule, checked for every run (GRPO's batch is its rollouts)
         "train": {**_train_keys(pretrain, out_dir, str(init_dir), steps, speed, save_every=steps, keep=2, log_every=1),
-                  "micro_batch_size": micro},
+                  "micro_batch_size": micro, "global_batch_tokens": micro * pretrain.data.seq_len},
         "eval": {"val_batches": 0},
     }
 
