@@ -123,6 +123,8 @@ def _prompt_text(messages: list[dict], kwargs: dict | None = None) -> str:
 
 def _one_line(text: str, limit: int = 240) -> str:
     text = " ".join(text.replace("<|im_end|>", "").split())
+    if not text:
+        return "(blank)"
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -218,9 +220,10 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
                 f"score ({s.suite_items} items per task; 0 = chance). `*`: stopped by its time box. \"target vs start\" "
                 f"compares a stage with the model it started from (the merge with APO); a difference inside "
                 f"{SIGNIFICANT:g} combined standard errors is no clear change.")
-    for name, (start, _, why) in TARGETS.items():
-        if name in rows:
-            report.bullets([f"**{ROW_TITLE[name]}** {why}: {moved(rows, name)} against {ROW_TITLE[start]}."])
+    verdicts = [f"**{ROW_TITLE[name]}** {why}: {moved(rows, name)} against {ROW_TITLE[start]}."
+                for name, (start, _, why) in TARGETS.items() if name in rows]
+    if verdicts:
+        report.bullets(verdicts)
     image = card_figure(figures / "report_card.png", rows)
     if image:
         report.image(image, "chat evals of each stage with standard errors")
