@@ -499,8 +499,9 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     recipes = out / "recipes"
     for stage in [s for s in run if s in POST_STAGES]:
         missing = stage_available(stage)
-        if not missing and stage == "merge" and not records.get("apo", {}).get("model"):
-            missing = "stage not available: the merge averages APO checkpoints and APO did not run"
+        needs = {"apo": "sft", "grpo": "sft", "merge": "apo"}.get(stage)
+        if not missing and needs and not records.get(needs, {}).get("model"):
+            missing = f"stage not available: it starts from the {needs} stage, which did not run"
         if missing:
             console.print(f"[yellow]{stage}: {missing}[/yellow]")
             records[stage] = {"done": False, "skipped": missing}
