@@ -381,8 +381,9 @@ def build_grpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -
     return GRPOObjective(config, model, ctx, tokenizer, train, heldout, reference)
 
 
-def run(config: Config, resume: str | None = None) -> dict:
-    """Train with GRPO in the one loop; checks the reward set and prompt sources before the model exists."""
+def run(config: Config, resume: str | None = None, should_stop=None) -> dict:
+    """Train with GRPO in the one loop; checks the reward set and prompt sources before the model exists.
+    should_stop: the Trainer's hook (the demo's time box)."""
     g = config.grpo
     if config.data.stages:
         raise ConfigError("data.stages: grpo has one stage (its prompts); remove the stages")
@@ -391,7 +392,7 @@ def run(config: Config, resume: str | None = None) -> dict:
     load_grpo_prompts(config)
     from smoltrain.train.trainer import Trainer
 
-    return Trainer(config, build_grpo_objective, resume=resume).train()
+    return Trainer(config, build_grpo_objective, resume=resume, should_stop=should_stop).train()
 
 
 __all__ = ["GRPOObjective", "RolloutBuffer", "RolloutSource", "build_grpo_objective", "load_grpo_prompts", "run"]
