@@ -227,7 +227,8 @@ def build_pairs(sft_dir: Path, out: Path, sizes: PostSizes, console: Console) ->
 
 def apo_recipe(pretrain: Config, sft_dir: Path, tokenizer: Path, pairs: list[str], out_dir: Path, kept: int, speed: dict,
                sizes: PostSizes) -> dict:
-    per_step = max(1, min(sizes.apo_pairs_per_step, kept))
+    # a few hundred pairs: ~8 steps an epoch at most (a step of 32 pairs would leave 2 steps for 64 pairs)
+    per_step = max(1, min(sizes.apo_pairs_per_step, kept, max(4, kept // 8)))
     micro = max(1, min(pretrain.train.micro_batch_size, per_step))
     while per_step % micro:
         micro -= 1
