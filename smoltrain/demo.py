@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import platform
 import shutil
 import time
@@ -142,12 +143,13 @@ def matmul_peak_tflops(trials: int = 10, seconds: float = 0.1) -> float:
 # ----------------------------------------------------------------------------- speed
 
 
-def probe_speed(config: Config, steps: int = 2, bf16: bool | None = None) -> dict:
+def probe_speed(config: Config, rounds: int = 2, bf16: bool | None = None) -> dict:
     """Training tokens/s (forward, backward, AdamW on random tokens, one micro-batch a step) of each
-    (precision, compile) choice: the best step after the first, and the first step's extra time, which
-    is the compile time (a second compiled copy measures the compile of later stages, which reuse
-    the compiler's caches). bf16 is probed only where the CPU has native bf16 (else it is emulated,
-    slower than fp32)."""
+    (precision, compile) choice: steps of the configurations interleaved over `rounds` rounds, the
+    best of each (a neighbour's burst then slows every configuration alike, not the one it hit).
+    A compiled configuration's first step minus its best is its compile time; a second compiled copy
+    measures the compile of each later stage (warm: the compiler's caches are filled). bf16 is probed
+    only where the CPU has native bf16 (elsewhere it is emulated, slower than fp32)."""
     from smoltrain.model.transformer import build_model
     from smoltrain.train.parallelize import apply_compile
 
@@ -157,30 +159,38 @@ def probe_speed(config: Config, steps: int = 2, bf16: bool | None = None) -> dic
     ids = torch.randint(0, config.model.vocab_size, shape)
     documents = torch.cumsum((torch.rand(shape) < 1 / 200).int(), dim=1).int()
     configs = [c for c in SPEED_CONFIGS if bf16 or c[0] == "fp32"] + ([] if bf16 else [("fp32", "on")])
-    results = {}
+
+    def build(compile: str):
+        model = build_model(config.model, seed=0, device="cpu")
+        if compile == "on":
+            apply_compile(model)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(model, optimizer, precision: str) -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
+            loss = model(ids, labels=ids, document_ids=documents).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    parts, first, best = {}, {}, {}
     for precision, compile in configs:
-        copies = 2 if compile == "on" else 1
-        for copy in range(copies):
-            model = build_model(config.model, seed=0, device="cpu")
-            if compile == "on":
-                apply_compile(model)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            times = []
-            for _ in range(steps + 1):
-                start = time.perf_counter()
-                autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
-                            else contextlib.nullcontext())
-                with autocast:
-                    loss = model(ids, labels=ids, document_ids=documents).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                times.append(time.perf_counter() - start)
-            best = min(times[1:])
-            name = f"{precision} {'compile' if compile == 'on' else 'eager'}"
-            entry = results.setdefault(name, {"precision": precision, "compile": compile})
-            entry["tokens_per_s"] = max(entry.get("tokens_per_s", 0.0), ids.numel() / best)
-            entry["compile_s" if copy == 0 else "recompile_s"] = max(0.0, times[0] - best) if compile == "on" else 0.0
+        name = f"{precision} {'compile' if compile == 'on' else 'eager'}"
+        parts[name] = (*build(compile), precision, compile)
+        first[name] = step(*parts[name][:3])  # compiles a compiled configuration
+    for _ in range(rounds):
+        for name, (model, optimizer, precision, _) in parts.items():
+            best[name] = min(best.get(name, math.inf), step(model, optimizer, precision))
+    results = {}
+    for name, (_, _, precision, compile) in parts.items():
+        entry = {"precision": precision, "compile": compile, "tokens_per_s": ids.numel() / best[name]}
+        if compile == "on":
+            entry["compile_s"] = max(0.0, first[name] - best[name])
+            model, optimizer = build(compile)
+            entry["recompile_s"] = max(0.0, step(model, optimizer, precision) - best[name])
+        results[name] = entry
     return {"configs": results, "native_bf16": bf16}
 
 
