@@ -549,7 +549,8 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
                         raw["train"]["max_steps"] = steps["apo"]
                     runner = run_apo
                 else:
-                    n = steps.get("grpo") or 100_000  # the deadline decides: rollouts' speed is not probed
+                    # the deadline decides (rollouts' speed is not probed; constant lr): a cap it comes before
+                    n = steps.get("grpo") or 200
                     raw = grpo_recipe(pretrain_config, init, Path(records["sft"]["tokenizer"]), out / "grpo", n,
                                       settings["variable"], sizes)
                     runner = run_grpo
