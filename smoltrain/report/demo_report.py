@@ -154,8 +154,12 @@ def stage_curves_figure(path: Path, records: dict) -> Path | None:
                 panels.append((title, points))
     if not panels:
         return None
-    fig = Figure(figsize=(3.3 * len(panels), 3.0))
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(3.6 * ncols, 2.8 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     for i, (ax, (title, points)) in enumerate(zip(axes, panels)):
         ax.plot([p[0] for p in points], [p[1] for p in points], color=plots.color_of(i), linewidth=1.4,
                 marker="o" if len(points) < 12 else None, markersize=3)
