@@ -11,7 +11,6 @@ worse than the worked solutions that are chosen, which is SmolLM3's strong-vs-we
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,38 +100,11 @@ class Deadline:
 def time_boxed(run, config: Config, seconds: float, console: Console, minimum: float = 10.0) -> tuple[dict, bool]:
     """`run(config, should_stop=...)` within `seconds`; (summary, stopped by the deadline). A stop
     that the deadline did not ask for (Ctrl-C, an outside SIGTERM) stops the demo too."""
-    import inspect
-
     deadline = Deadline(seconds, console, minimum)
-    if "should_stop" in inspect.signature(run).parameters:
-        summary = run(config, should_stop=deadline)
-    else:  # TEMPORARY until every stage's run takes should_stop: the preemption path, by SIGTERM
-        summary = _run_with_sigterm(run, config, deadline)
+    summary = run(config, should_stop=deadline)
     if summary.get("stopped_by") and not deadline.fired:
         raise StoppedBySignal(summary["stopped_by"])
     return summary, deadline.fired
-
-
-def _run_with_sigterm(run, config: Config, deadline: Deadline) -> dict:
-    import signal
-    import threading
-
-    def fire():
-        deadline.fired = True
-        deadline.console.print("  time budget reached: asking the trainer to stop after this step")
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    if deadline.at == float("inf"):
-        return run(config)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    timer = threading.Timer(max(0.0, deadline.at - time.monotonic()), fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        return run(config)
-    finally:
-        timer.cancel()
-        signal.signal(signal.SIGTERM, previous)
 
 
 def write_recipe(path: Path, raw: dict) -> Path:

@@ -224,8 +224,9 @@ def build_sft_objective_factory(prepared: PreparedData):
 # ----------------------------------------------------------------------------- the stage
 
 
-def sft(config: Config, resume: str | None = None) -> dict:
-    """`smoltrain sft`: data check, then the Trainer with the SFT objective; returns the summary."""
+def sft(config: Config, resume: str | None = None, should_stop=None) -> dict:
+    """`smoltrain sft`: data check, then the Trainer with the SFT objective; returns the summary.
+    should_stop: the Trainer's hook (the demo's time box)."""
     from smoltrain.train.trainer import Trainer
 
     run_dir = Path(config.train.out_dir)
@@ -249,7 +250,7 @@ def sft(config: Config, resume: str | None = None) -> dict:
         console.print(f"sft: {len(prepared.rows)} rows of {config.data.seq_len} per epoch, {rows_per_step} rows per step, "
                       f"{train.max_steps} steps (warmup {optim.warmup_steps}, lr {optim.lr:g} -> {optim.min_lr:g} "
                       f"{optim.schedule})")
-    trainer = Trainer(config, build_objective=build_sft_objective_factory(prepared), resume=resume)
+    trainer = Trainer(config, build_objective=build_sft_objective_factory(prepared), resume=resume, should_stop=should_stop)
     summary = trainer.train()
     if main:
         write_sft_report(run_dir, prepared.report)
