@@ -221,7 +221,9 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
     report.text(f"Chat evals: {s.chat_items} held-out items per set, greedy, through the smollm3 template (no_think "
                 f"replies up to {s.chat_new_tokens} tokens, think up to {s.think_new_tokens}); ± is the standard error. "
                 f"Pretraining evals: mean validation loss over the sources (nats/token) and the embedded suite's centred "
-                f"score ({s.suite_items} items per task; 0 = chance). `*`: stopped by its time box. \"target vs start\" "
+                f"score ({s.suite_items} items per task; 0 = chance). Think format counts a no_think or persona reply "
+                f"without think tags as valid, so a model that never writes a tag scores about 2/3. `*`: stopped by its "
+                f"time box. \"target vs start\" "
                 f"compares a stage with the model it started from (the merge with APO); a difference inside "
                 f"{SIGNIFICANT:g} combined standard errors is no clear change.")
     verdicts = [f"**{ROW_TITLE[name]}** {why}: {moved(rows, name)} against {ROW_TITLE[start]}."
