@@ -67,6 +67,7 @@ STAGE_FLOOR = 0.5
 # Non-training work still to come, in seconds on 2 idle cores; a row's evaluation is re-estimated
 # from the first one measured.
 RESERVE_S = {"row": 45.0, "preferences": 30.0, "merge": 5.0, "export": 15.0, "report": 10.0}
+PLAN_OVERHEAD = 0.15  # of a stage's time spent evaluating and saving, not training
 VAL_BATCHES = 8  # per source, during training and at the end (the same windows, so one comparable curve)
 SPEED_CONFIGS = (("fp32", "off"), ("bf16", "off"), ("bf16", "on"))  # (train.precision, train.compile)
 
@@ -450,6 +451,7 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     eval_config = with_overrides(base_config, ["eval.tasks=[]", f"eval.val_batches={sizes.val_batches}"])
     gbt = base.train.global_batch_tokens
     rate = settings["fixed"].get("tokens_per_s")  # None on CUDA (no probe): the recipe's steps
+    rate = rate and (1 - PLAN_OVERHEAD) * rate
 
     # 3. Ablation: intra-document masking on/off, 2 seeds, judged against the seed-to-seed spread.
     if "ablation" in run:
@@ -470,9 +472,15 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
             )
             ablation = ablate(spec=spec, console=console)
             runs = [r for arm in ablation["arms"].values() for r in arm["runs"]]
-            # Plan pretraining for the machine undisturbed: the fastest run's tokens per wall second (its
-            # startup, saves and evaluation included). A neighbour slowing it down later meets the deadline.
-            rate = max(r["tokens"] / r["wall_s"] for r in runs)
+            # Plan pretraining for the machine undisturbed: the fastest run's steady tokens/s (the median
+            # of its logged intervals; a run of a few steps is mostly startup, compile and evaluation,
+            # so its tokens per wall second would plan a third of what the time box holds), less
+            # PLAN_OVERHEAD for evaluations and saves, but never below that run's tokens per wall second.
+            # A neighbour slowing the machine down later meets the deadline.
+            from smoltrain.report.run import median_of, read_metrics
+
+            steady = max(median_of(read_metrics(r["run_dir"])[0], "tokens_per_s") or 0.0 for r in runs)
+            rate = max(max(r["tokens"] / r["wall_s"] for r in runs), (1 - PLAN_OVERHEAD) * steady)
         finish_stage("ablation", {"results": str(out / "ablation" / "results.json"), "steps": n,
                                   "planning_tokens_per_s": rate})
 
