@@ -202,8 +202,7 @@ def apo_recipe(pretrain: Config, sft_dir: Path, tokenizer: Path, pairs: list[str
     # a few hundred pairs: ~8 steps an epoch at most (a step of 32 pairs would leave 2 steps for 64 pairs)
     per_step = max(1, min(sizes.apo_pairs_per_step, kept, max(4, kept // 8)))
     micro = max(1, min(pretrain.train.micro_batch_size, per_step))
-    while per_step % micro:
-        micro -= 1
+    per_step -= per_step % micro  # whole micro-batches (31 pairs would mean micro-batches of 1)
     steps = max(sizes.soup_checkpoints, sizes.apo_epochs * kept // per_step)
     return {
         "data": {"tokenizer": str(tokenizer)},  # SFT's, with its chat template: the soup and merge keep it
