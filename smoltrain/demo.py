@@ -50,6 +50,7 @@ from smoltrain.demo_post import (
     write_recipe,
 )
 from smoltrain.errors import ConfigError
+from smoltrain.report.model_card import CHAT_EVALS
 from smoltrain.train.distributed import resolve_device
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
@@ -444,6 +445,9 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
                                       pre_out)
             _print_row(console, name, rows[name])
         row_s = bar.wall[f"{name} evals"]
+        if Path(model_path).resolve().is_relative_to(out.resolve()):  # never into a reused folder elsewhere
+            # the stage's final chat evals beside its model, where sft and dpo keep theirs: the model card reads them
+            write_json(Path(model_path) / CHAT_EVALS, {"chat": rows[name]["chat"], "vibe": rows[name]["samples"]})
         records[stage]["row"] = str(out / "rows" / f"{name}.json")
         write_json(out / MARKER, marker)
 

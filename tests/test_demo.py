@@ -185,6 +185,11 @@ def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, capsys, monkeypatch):
         expected.append("grpo")
     listed = re.findall(r"^\| \d+ \| (\w+) \|", card_md, re.M)
     assert [s for s in dict.fromkeys(listed)] == expected
+    # ... with each stage's chat evals beside its pretraining evals (the same numbers as the report card)
+    accuracy = re.search(r"^\| chat/no_think_accuracy \| (.+) \|$", card_md, re.M).group(1).split(" | ")
+    final = json.loads((out / "rows" / ("merged.json" if "merge" in runs else "grpo.json")).read_text())
+    assert float(accuracy[0]) == pytest.approx(base["chat"]["no_think_accuracy"], rel=1e-3)
+    assert float(accuracy[-1]) == pytest.approx(final["chat"]["no_think_accuracy"], rel=1e-3)
     assert "LlamaForCausalLM" in markdown and "greedy continuations are identical" in markdown
     diff = float(re.search(r"logits differ from ours by at most ([0-9.e+-]+)", markdown).group(1))
     assert diff <= 1e-4

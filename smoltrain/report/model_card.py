@@ -17,6 +17,7 @@ from smoltrain.model.flops import parameter_counts
 from smoltrain.report.run import flatten_eval, read_metrics
 
 MAX_STAGES = 12  # a lineage longer than this is a loop in train.init (or not worth a card)
+CHAT_EVALS = "chat_after.json"  # {"chat": chat_evals(...), "vibe": [...]} of a stage's final model
 
 
 @dataclass
@@ -73,13 +74,20 @@ def _recipe(raw: dict, objective: str) -> dict:
     return {k: v for k, v in recipe.items() if v is not None}
 
 
+def _chat_evals(folder: Path) -> dict[str, float]:
+    """The chat evals of a stage's final model (CHAT_EVALS, written by sft, dpo and the demo), as chat/<name>."""
+    chat = _read_json(folder / CHAT_EVALS).get("chat") or {}
+    return {f"chat/{k}": v for k, v in chat.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_stderr")}
+
+
 def _stage(path: Path) -> tuple[Stage, str | None]:
     """This path's stage and the path it was initialised from (None at the start of the lineage)."""
     merge = _read_json(path / "merge.json")
     if merge:
         inputs = [str(i) for i in merge.get("inputs", [])]
         recipe = {"method": merge.get("method", "linear"), "weights": merge.get("weights"), "inputs": inputs}
-        return Stage(str(path), "merge", recipe=recipe), (inputs[0] if inputs else None)
+        return Stage(str(path), "merge", recipe=recipe, evals=_chat_evals(path)), (inputs[0] if inputs else None)
     run = _run_folder(path)
     if run is None:
         config = _read_yaml(path / "config.yaml")
@@ -93,7 +101,7 @@ def _stage(path: Path) -> tuple[Stage, str | None]:
     objective = _objective(raw, summary)
     stage = Stage(str(run), objective, steps=summary.get("step") or (train[-1]["step"] if train else None),
                   tokens=summary.get("tokens") or (train[-1].get("tokens") if train else None),
-                  recipe=_recipe(raw, objective), evals=last_eval)
+                  recipe=_recipe(raw, objective), evals={**last_eval, **_chat_evals(run)})
     return stage, (raw.get("train") or {}).get("init")
 
 
@@ -167,7 +175,8 @@ def model_card(source: str | Path | None, out_dir: str | Path, model_config, arc
     lines += ["", "## Evaluation", ""]
     if evaluated:
         names = sorted({k for s in evaluated for k in s.evals})
-        lines += ["The last evaluation of each stage (`smoltrain eval`; lower is better for loss and bpb).", "",
+        lines += ["The last evaluation of each stage (`smoltrain eval`; lower is better for loss and bpb; "
+                  "`chat/`: the chat evals through the template, rates and mean reply lengths in tokens).", "",
                   "| metric | " + " | ".join(f"{i}. {s.objective}" for i, s in enumerate(stages, 1) if s.evals) + " |",
                   "|---|" + "---|" * len(evaluated)]
         for name in names:
