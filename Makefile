@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 venv: $(VENV)/.installed
 
 test: venv
+	$(PY) -m ruff check smoltrain tests bench
 	$(PY) -m pytest -q tests
 
 demo: venv

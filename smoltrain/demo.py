@@ -553,7 +553,8 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
                 seconds = seconds_for(stage)
                 init = start_model(stage)
                 if stage == "sft":
-                    rows_rate = (rate or settings["fixed"].get("tokens_per_s") or 1e4) / (sizes.sft_rows_per_step * pretrain_config.data.seq_len)
+                    tokens_per_s = rate or settings["fixed"].get("tokens_per_s") or 1e4
+                    rows_rate = tokens_per_s / (sizes.sft_rows_per_step * pretrain_config.data.seq_len)
                     n = steps.get("sft") or int(np.clip(0.9 * seconds * rows_rate, 3, 100_000))
                     raw = sft_recipe(pretrain_config, init, out / "sft", n, settings["fixed"], sizes)
                     runner = run_sft
