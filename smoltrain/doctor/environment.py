@@ -42,7 +42,7 @@ def _driver() -> str | None:
     return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text().splitlines():
@@ -65,7 +65,7 @@ def measure(device: torch.device, local_world: int) -> dict:
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
         "driver": _driver() if cuda else None,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
         "device_count": torch.cuda.device_count() if cuda else 0,
         "capability": list(torch.cuda.get_device_capability(device)) if cuda else None,
         "cpu_cores": cores,
