@@ -17,9 +17,7 @@ should_stop hook after the step in flight. `--stages` runs a subset; the others 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import platform
 import shutil
 import time
@@ -52,6 +50,7 @@ from smoltrain.demo_post import (
 from smoltrain.errors import ConfigError
 from smoltrain.report.model_card import CHAT_EVALS
 from smoltrain.train.distributed import resolve_device
+from smoltrain.train.speed import probe_speed
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 MARKER = "demo.json"  # marks a folder as the demo's own output, which a re-run may replace
@@ -73,7 +72,6 @@ RESERVE_S = {"row": 45.0, "preferences": 30.0, "merge": 5.0, "export": 15.0, "re
 # its WSD decay). Planning short costs little: the time a stage leaves goes to the next ones.
 PLAN_OVERHEAD = 0.35
 VAL_BATCHES = 8  # per source, during training and at the end (the same windows, so one comparable curve)
-SPEED_CONFIGS = (("fp32", "off"), ("bf16", "off"), ("bf16", "on"))  # (train.precision, train.compile)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -146,57 +144,6 @@ def matmul_peak_tflops(trials: int = 10, seconds: float = 0.1) -> float:
 
 
 # ----------------------------------------------------------------------------- speed
-
-
-def probe_speed(config: Config, rounds: int = 2, bf16: bool | None = None) -> dict:
-    """Training tokens/s (forward, backward, AdamW on random tokens, one micro-batch a step) of each
-    (precision, compile) choice: steps of the configurations interleaved over `rounds` rounds, the
-    best of each (a neighbour's burst then slows every configuration alike, not the one it hit).
-    A compiled configuration's first step minus its best is its compile time; a second compiled copy
-    measures the compile of each later stage (warm: the compiler's caches are filled). bf16 is probed
-    only where the CPU has native bf16 (elsewhere it is emulated, slower than fp32)."""
-    from smoltrain.model.transformer import build_model
-    from smoltrain.train.parallelize import apply_compile
-
-    if bf16 is None:
-        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    shape = (config.train.micro_batch_size, config.data.seq_len)
-    ids = torch.randint(0, config.model.vocab_size, shape)
-    documents = torch.cumsum((torch.rand(shape) < 1 / 200).int(), dim=1).int()
-    configs = [c for c in SPEED_CONFIGS if bf16 or c[0] == "fp32"] + ([] if bf16 else [("fp32", "on")])
-
-    def build(compile: str):
-        model = build_model(config.model, seed=0, device="cpu")
-        if compile == "on":
-            apply_compile(model)
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step(model, optimizer, precision: str) -> float:
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
-            loss = model(ids, labels=ids, document_ids=documents).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-
-    parts, first, best = {}, {}, {}
-    for precision, compile in configs:
-        name = f"{precision} {'compile' if compile == 'on' else 'eager'}"
-        parts[name] = (*build(compile), precision, compile)
-        first[name] = step(*parts[name][:3])  # compiles a compiled configuration
-    for _ in range(rounds):
-        for name, (model, optimizer, precision, _) in parts.items():
-            best[name] = min(best.get(name, math.inf), step(model, optimizer, precision))
-    results = {}
-    for name, (_, _, precision, compile) in parts.items():
-        entry = {"precision": precision, "compile": compile, "tokens_per_s": ids.numel() / best[name]}
-        if compile == "on":
-            entry["compile_s"] = max(0.0, first[name] - best[name])
-            model, optimizer = build(compile)
-            entry["recompile_s"] = max(0.0, step(model, optimizer, precision) - best[name])
-        results[name] = entry
-    return {"configs": results, "native_bf16": bf16}
 
 
 def choose_speed(probe: dict, training_s: float, compiled_stages: int) -> str:
