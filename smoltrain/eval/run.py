@@ -152,6 +152,39 @@ def _progress(enabled: bool):
 # ----------------------------------------------------------------------------- the stage
 
 
+def _load_for_eval(path_or_model, config, tokenizer, device: torch.device, validation: dict[str, str]):
+    """(model on `device`, config, tokenizer path) of a model object or a path `load_any` reads;
+    with `validation` folders the config's validation data is replaced by them (at most the model's
+    context length, bits per byte counted with the tokenizer)."""
+    if isinstance(path_or_model, torch.nn.Module):
+        from smoltrain.config import Config
+
+        model = path_or_model
+        config = config or Config(model=model.config)
+        tokenizer_path = tokenizer or config.data.tokenizer
+    else:
+        from smoltrain.model.hf import load_any
+
+        model, loaded_config, known_tokenizer = load_any(path_or_model, device=device)
+        config = config or loaded_config
+        tokenizer_path = tokenizer or known_tokenizer
+    model.to(device)
+    if validation:
+        if tokenizer_path is None:
+            raise ConfigError("--validation needs a tokenizer to count bytes for bits per byte: pass --tokenizer PATH")
+        seq_len = min(config.data.seq_len, model.config.max_seq_len)
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, validation=validation, embedded=False, tokenizer=str(tokenizer_path), seq_len=seq_len))
+    return model, config, tokenizer_path
+
+
+def task_provenance(task) -> dict:
+    """The settings a task's score depends on, as results.json records them."""
+    sampling = {"num_samples": task.num_samples, "temperature": task.temperature} if task.kind == "generative" else {}
+    return {"kind": task.kind, "items": len(task.items), "num_fewshot": task.num_fewshot,
+            "formulation": task.formulation, "metric": task.metric, **sampling}
+
+
 def evaluate(
     path_or_model,
     tasks: Sequence[str] | None = None,
@@ -186,26 +219,8 @@ def evaluate(
     tokens when a checkpoint tells them, the task settings, the validation folders, smoltrain's version.
     """
     device = resolve_device(device)
-    validation = parse_validation(validation)
-    if isinstance(path_or_model, torch.nn.Module):
-        from smoltrain.config import Config
-
-        model = path_or_model
-        config = config or Config(model=model.config)
-        tokenizer_path = tokenizer or config.data.tokenizer
-    else:
-        from smoltrain.model.hf import load_any
-
-        model, loaded_config, known_tokenizer = load_any(path_or_model, device=device)
-        config = config or loaded_config
-        tokenizer_path = tokenizer or known_tokenizer
-    model.to(device)
-    if validation:
-        if tokenizer_path is None:
-            raise ConfigError("--validation needs a tokenizer to count bytes for bits per byte: pass --tokenizer PATH")
-        seq_len = min(config.data.seq_len, model.config.max_seq_len)
-        config = dataclasses.replace(config, data=dataclasses.replace(
-            config.data, validation=validation, embedded=False, tokenizer=str(tokenizer_path), seq_len=seq_len))
+    model, config, tokenizer_path = _load_for_eval(path_or_model, config, tokenizer, device,
+                                                   parse_validation(validation))
     e = config.eval
     specs = list(tasks) if tasks else ([] if task_files else list(e.tasks) or ["embedded"])
     specs += list(task_files)
@@ -237,9 +252,7 @@ def evaluate(
     report["provenance"] = {
         "model": model_provenance(path_or_model),
         "tokenizer": str(tokenizer_path) if tokenizer_path is not None else None,
-        "tasks": {t.name: {"kind": t.kind, "items": len(t.items), "num_fewshot": t.num_fewshot, "formulation": t.formulation,
-                           "metric": t.metric, **({"num_samples": t.num_samples, "temperature": t.temperature}
-                                                  if t.kind == "generative" else {})} for t in task_list},
+        "tasks": {t.name: task_provenance(t) for t in task_list},
         "limit": limit if limit is not None else e.limit,
         "seed": e.seed if seed is None else seed,
         "batch_size": batch_size or e.batch_size,
