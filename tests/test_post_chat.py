@@ -302,6 +302,7 @@ def test_chat_eval_bookkeeping_against_scripted_replies(tok, monkeypatch, one_th
     count, persona_count = 6, 4
     no_think = {p["question"]: p["answer"] for p in arithmetic_prompts("heldout", count, mode="no_think")}
     personas = persona_prompts("heldout", persona_count)
+    first_question = next(iter(no_think))
 
     def scripted(model, prompts, max_new_tokens, **kwargs):
         out = []
@@ -314,6 +315,8 @@ def test_chat_eval_bookkeeping_against_scripted_replies(tok, monkeypatch, one_th
             elif text.endswith("<think>\n\n</think>\n"):  # no_think: right on even answers
                 answer = no_think[question]
                 reply = f"The answer is {answer}." if int(float(answer.strip('$'))) % 2 == 0 else "The answer is -1."
+            elif question == first_question:  # think, but no think block: right, badly formatted
+                reply = f"The answer is {no_think[question]}."
             else:  # think: a valid block, always right, then stops
                 reply = f"<think>\nsteps\n</think>\nThe answer is {no_think[question]}."
             out.append(tok(reply, add_special_tokens=False)["input_ids"])
@@ -327,7 +330,9 @@ def test_chat_eval_bookkeeping_against_scripted_replies(tok, monkeypatch, one_th
     assert results["no_think_accuracy"] == pytest.approx(sum(even) / count)
     assert results["think_accuracy"] == 1.0
     assert results["adherence"] == 0.5
-    assert results["think_format"] == 1.0 and results["stop_rate"] == 1.0
+    # the format is a think-mode measure: one think reply of `count` lacks its block; tag-free no_think
+    # and persona replies do not count (a base model writes those for nothing)
+    assert results["think_format"] == pytest.approx((count - 1) / count) and results["stop_rate"] == 1.0
     p = sum(even) / count
     assert results["no_think_accuracy_stderr"] == pytest.approx((p * (1 - p) / (count - 1)) ** 0.5)
     think_lengths = [d["tokens"] for d in details if d["set"] == "think"]

@@ -138,9 +138,9 @@ def prose_documents(keep: Callable[[str], bool] = lambda key: True) -> Iterator[
 
 # ----------------------------------------------------------------------------- math
 
-_NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam",
+NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam",
           "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sami", "Tariq", "Uma", "Victor", "Wen", "Yusuf", "Zoe"]
-_ITEMS = [("notebook", "notebooks"), ("apple", "apples"), ("pencil", "pencils"), ("ticket", "tickets"),
+ITEMS = [("notebook", "notebooks"), ("apple", "apples"), ("pencil", "pencils"), ("ticket", "tickets"),
           ("book", "books"), ("sandwich", "sandwiches"), ("plant", "plants"), ("marble", "marbles"),
           ("cupcake", "cupcakes"), ("battery", "batteries"), ("stamp", "stamps"), ("cookie", "cookies")]
 
@@ -150,7 +150,7 @@ def _money(cents: int) -> str:
 
 
 def _shopping(r: random.Random) -> tuple[str, list[str], int | str]:
-    name, (_, p1), (_, p2) = r.choice(_NAMES), *r.sample(_ITEMS, 2)
+    name, (_, p1), (_, p2) = r.choice(NAMES), *r.sample(ITEMS, 2)
     a, b, x, y = r.randint(2, 12), r.randint(2, 12), r.randint(1, 15), r.randint(1, 15)
     q = f"{name} buys {a} {p1} at ${x} each and {b} {p2} at ${y} each. How many dollars does {name} spend in total?"
     steps = [f"The {p1} cost {a} * {x} = {a * x} dollars.", f"The {p2} cost {b} * {y} = {b * y} dollars.",
@@ -159,7 +159,7 @@ def _shopping(r: random.Random) -> tuple[str, list[str], int | str]:
 
 
 def _change(r: random.Random) -> tuple[str, list[str], int | str]:
-    name, (_, items) = r.choice(_NAMES), r.choice(_ITEMS)
+    name, (_, items) = r.choice(NAMES), r.choice(ITEMS)
     n, price = r.randint(2, 9), r.randint(105, 995)
     total = n * price
     bill = next(b for b in (1000, 2000, 5000, 10000) if b >= total)
@@ -170,7 +170,7 @@ def _change(r: random.Random) -> tuple[str, list[str], int | str]:
 
 
 def _sharing(r: random.Random) -> tuple[str, list[str], int | str]:
-    name, (_, items) = r.choice(_NAMES), r.choice(_ITEMS)
+    name, (_, items) = r.choice(NAMES), r.choice(ITEMS)
     k = r.randint(3, 9)
     n = k * r.randint(3, 30) + r.randint(0, k - 1)
     each, left = divmod(n, k)
@@ -190,7 +190,7 @@ def _distance(r: random.Random) -> tuple[str, list[str], int | str]:
 
 
 def _discount(r: random.Random) -> tuple[str, list[str], int | str]:
-    (item, _), d = r.choice(_ITEMS), r.choice([10, 15, 20, 25, 30, 40, 50])
+    (item, _), d = r.choice(ITEMS), r.choice([10, 15, 20, 25, 30, 40, 50])
     price = 20 * r.randint(2, 40)
     off = price * d // 100
     q = f"A {item} costs ${price}. It is on sale for {d}% off. What is the sale price in dollars?"
@@ -200,7 +200,7 @@ def _discount(r: random.Random) -> tuple[str, list[str], int | str]:
 
 
 def _ages(r: random.Random) -> tuple[str, list[str], int | str]:
-    a, b = r.sample(_NAMES, 2)
+    a, b = r.sample(NAMES, 2)
     gap, later, b_now = r.randint(2, 30), r.randint(2, 15), r.randint(3, 40)
     a_later = b_now + gap + later
     q = f"{a} is {gap} years older than {b}. In {later} years, {a} will be {a_later}. How old is {b} now?"
@@ -209,7 +209,7 @@ def _ages(r: random.Random) -> tuple[str, list[str], int | str]:
 
 
 def _reading(r: random.Random) -> tuple[str, list[str], int | str]:
-    name, per_day, pages = r.choice(_NAMES), r.randint(8, 40), r.randint(120, 600)
+    name, per_day, pages = r.choice(NAMES), r.randint(8, 40), r.randint(120, 600)
     days = -(-pages // per_day)
     q = f"{name} reads {per_day} pages a day. The book has {pages} pages. How many days does {name} need to finish it?"
     steps = [f"{pages} / {per_day} = {pages / per_day:.2f}, so {pages // per_day} full days are not enough"
@@ -228,7 +228,7 @@ def _fence(r: random.Random) -> tuple[str, list[str], int | str]:
 
 
 def _savings(r: random.Random) -> tuple[str, list[str], int | str]:
-    name, weekly, weeks = r.choice(_NAMES), r.randint(5, 60), r.randint(3, 20)
+    name, weekly, weeks = r.choice(NAMES), r.randint(5, 60), r.randint(3, 20)
     spent = r.randint(1, weekly * weeks)
     q = f"{name} saves ${weekly} every week for {weeks} weeks, then spends ${spent} on a bike. How many dollars are left?"
     steps = [f"Savings: {weekly} * {weeks} = {weekly * weeks} dollars.",
@@ -247,7 +247,7 @@ def _fraction(r: random.Random) -> tuple[str, list[str], int | str]:
 
 
 def _average(r: random.Random) -> tuple[str, list[str], int | str]:
-    name, k = r.choice(_NAMES), r.randint(3, 6)
+    name, k = r.choice(NAMES), r.randint(3, 6)
     scores = [r.randint(50, 100) for _ in range(k - 1)]
     mean = r.randint(max(60, -(-sum(scores) // k)), 100) if sum(scores) < 100 * k else 100
     last = mean * k - sum(scores)

@@ -1,9 +1,10 @@
 """Chat evals: generate through the chat template in both modes and check what a program can check.
 
 Held-out arithmetic answered in no_think and in think mode (accuracy), held-out questions under a
-rule's system prompt (adherence: the rule is checked on the final answer), the think format (a
-closed think block before the answer in think mode; none in no_think mode, whose empty block is
-already in the prompt), the stop rate (the end-of-turn token before the length limit) and the mean
+rule's system prompt (adherence: the rule is checked on the final answer), the think format of
+think-mode replies (one closed think block first, then an answer; counted on the think set only,
+since a no_think reply without tags is what any base model writes and would score it for nothing),
+the stop rate (the end-of-turn token before the length limit) and the mean
 reply length. Greedy decoding with the KV cache; every rate comes with its standard error.
 """
 
@@ -90,7 +91,8 @@ def chat_evals(model, tokenizer, count: int = 50, persona_count: int = 48, seed:
         for prompt, reply in zip(prompts, replies):
             text = reply["text"]
             verdict = {"format": think_format_ok(text, mode), "stopped": reply["stopped"]}
-            formats.append(float(verdict["format"]))
+            if mode == "think":
+                formats.append(float(verdict["format"]))
             stops.append(float(reply["stopped"]))
             if name == "persona":
                 verdict["follows_rule"] = follows_rule(prompt["rule"], text)

@@ -1,7 +1,9 @@
 """Embedded chat data: seeded conversations built offline from what the embedded corpus already has.
 
-Four sources, so a fresh clone can run SFT and every chat eval: "arithmetic" (the corpus's word
-problems, a step-by-step trace in <think> in think mode, the answer alone in no_think mode),
+Four sources, so a fresh clone can run SFT and every chat eval: "arithmetic" (small-number word
+problems a model of a few million parameters can learn, and the corpus's multi-step word problems,
+which it mostly cannot; a step-by-step trace in <think> in think mode, the answer alone in no_think
+mode),
 "persona" (system prompts with rules a program can check: capital letters, a fixed last word,
 reply-length limits), "stdlib" (what a standard-library function does, from its docstring) and
 "multiturn" (chats that switch mode mid-way with a trailing /think or /no_think). Items are split
@@ -23,15 +25,19 @@ import sys
 import uuid
 from pathlib import Path
 
-from smoltrain.data.corpus import code_documents, in_validation_split, math_solution
+from smoltrain.data.corpus import ITEMS, NAMES, code_documents, in_validation_split, math_solution
 from smoltrain.data.shards import write_json_atomic
 from smoltrain.post.chat_data import Conversation, write_conversations
 from smoltrain.post.chat_template import END_THINK
 
-CHAT_DATA_VERSION = 1
+CHAT_DATA_VERSION = 2
 HELDOUT_FRACTION = 0.1
 SOURCES = ("arithmetic", "persona", "stdlib", "multiturn")
 MIXTURE = {"arithmetic": 0.4, "persona": 0.2, "stdlib": 0.25, "multiturn": 0.15}
+# Share of the arithmetic items that are small-number problems (one step, operands up to 9): the
+# demo's 1.7M-parameter model learns those in a few SFT minutes, so accuracy has room to move through
+# SFT, APO and GRPO; the rest are the corpus's multi-step problems (SmolLM3's AIME in miniature).
+SMALL_SHARE = 0.6
 STDLIB_MODULE_SHARE = 0.35  # of stdlib modules read for questions: ~1.5k functions, parsed in ~2 s
 
 
@@ -42,18 +48,34 @@ def _split(key: str, seed: int) -> str:
 # ----------------------------------------------------------------------------- arithmetic
 
 
+def small_problem(r: random.Random) -> tuple[str, list[str], int]:
+    """(question, steps, answer) of a one-step problem on numbers up to 9 (answers 0-18)."""
+    name, (_, items) = r.choice(NAMES), r.choice(ITEMS)
+    a, b = r.randint(1, 9), r.randint(1, 9)
+    if r.random() < 0.5:
+        question = r.choice([f"{name} has {a} {items} and gets {b} more. How many {items} does {name} have now?",
+                             f"What is {a} plus {b}?", f"There are {a} {items} in a box and {b} on a shelf. How many {items} are there?"])
+        return question, [f"{a} + {b} = {a + b}."], a + b
+    a += b  # a - b with a result of 0-9
+    question = r.choice([f"{name} has {a} {items} and gives {b} away. How many {items} does {name} have left?",
+                         f"What is {a} minus {b}?", f"There were {a} {items}. {name} took {b}. How many {items} are left?"])
+    return question, [f"{a} - {b} = {a - b}."], a - b
+
+
 def arithmetic_items(split: str, count: int, seed: int = 0) -> list[dict]:
-    """The first `count` word problems of a split: {"question", "steps", "answer"} (answer a string)."""
+    """The first `count` word problems of a split: {"question", "steps", "answer", "kind"} (answer a
+    string; kind "small" or "multistep", drawn with SMALL_SHARE)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be train or heldout, got {split!r}")
     r = random.Random(f"chat-math/{seed}")
     items, seen = [], set()
     while len(items) < count:
-        question, steps, answer = math_solution(r)
+        kind = "small" if r.random() < SMALL_SHARE else "multistep"
+        question, steps, answer = small_problem(r) if kind == "small" else math_solution(r)
         if question in seen or _split(question, seed) != split:
             continue
         seen.add(question)
-        items.append({"question": question, "steps": steps, "answer": str(answer)})
+        items.append({"question": question, "steps": steps, "answer": str(answer), "kind": kind})
     return items
 
 
@@ -344,7 +366,7 @@ def persona_prompts(split: str = "heldout", count: int = 60, seed: int = 0, mode
 
 def chat_data_key(seed: int, count: int) -> str:
     settings = {"version": CHAT_DATA_VERSION, "python": sys.version.split()[0], "seed": seed, "count": count,
-                "mixture": MIXTURE, "heldout": HELDOUT_FRACTION, "stdlib_share": STDLIB_MODULE_SHARE}
+                "mixture": MIXTURE, "small": SMALL_SHARE, "heldout": HELDOUT_FRACTION, "stdlib_share": STDLIB_MODULE_SHARE}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -385,6 +407,7 @@ __all__ = [
     "follows_rule",
     "persona_prompts",
     "rules",
+    "small_problem",
     "stdlib_items",
     "think_response",
 ]
