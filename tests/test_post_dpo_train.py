@@ -14,35 +14,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from preference_helpers import SHAPE, preference_rows, save_init_model, write_rows
 
-from smoltrain.config import config_from_dict
-from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
-from smoltrain.model.hf import save_model_folder
-from smoltrain.model.transformer import build_model
 from smoltrain.post import dpo
 from smoltrain.post.dpo import REFERENCE_FILE, load_dpo_config
-
-SHAPE = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, max_seq_len=64)
-WORDS = ["red", "green", "blue", "cat", "dog", "bird", "one", "two", "three"]
-
-
-def preference_rows(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        a, b = torch.randperm(len(WORDS), generator=g)[:2].tolist()
-        rows.append({"prompt": f"say {WORDS[a]}:", "chosen": f" {WORDS[a]} {WORDS[a]}", "rejected": f" {WORDS[b]}"})
-    return rows
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_train")
-    save_tokenizer(train_tokenizer([" ".join(WORDS) + " say:"] * 40, 300, False), root / "tok")
-    config = config_from_dict({"model": SHAPE, "data": {"seq_len": 32}, "train": {"micro_batch_size": 1, "global_batch_tokens": 32}})
-    save_model_folder(build_model(config.model, seed=5), config, root / "init", tokenizer=root / "tok")
+    save_init_model(root, "init")
     for name, (n, seed) in {"train": (64, 1), "eval": (16, 2)}.items():
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_rows(n, seed)))
+        write_rows(root / f"{name}.jsonl", preference_rows(n, seed))
     (root / "recipe.yaml").write_text(RECIPE.format(root=root))
     return root
 
