@@ -23,6 +23,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_training_args(parser: argparse.ArgumentParser, init_help: str, init_metavar: str = "MODEL_FOLDER") -> None:
+    """A training verb's recipe, --set, --resume and --init (train.init)."""
+    _add_config_args(parser)
+    parser.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
+    parser.add_argument("--init", metavar=init_metavar, help=init_help)
+
+
 def _add_chat_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="model folder, checkpoint, run folder or Hugging Face folder")
     parser.add_argument("--tokenizer", help="tokenizer folder, when the model has none")
@@ -55,29 +62,21 @@ def _add_training_verbs(verbs) -> None:
     p.set_defaults(func=cmd_config)
 
     p = verbs.add_parser("train", help="pretrain (resumes from the run folder's latest checkpoint)")
-    _add_config_args(p)
-    p.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
-    p.add_argument("--init", metavar="MODEL_FOLDER", help="start from these weights (model, HF, run or checkpoint folder)")
+    _add_training_args(p, "start from these weights (model, HF, run or checkpoint folder)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="resume although a data source changed since the checkpoint (its position restarts)")
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("dpo", help="preference training (APO-zero, APO-down, DPO, IPO) from train.init")
-    _add_config_args(p)
-    p.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
-    p.add_argument("--init", metavar="MODEL_FOLDER", help="the model to start from, also the reference (train.init)")
+    _add_training_args(p, "the model to start from, also the reference (train.init)")
     p.set_defaults(func=cmd_dpo)
 
     p = verbs.add_parser("grpo", help="RL with verifiable rewards (GRPO, DAPO length penalty) in the training loop")
-    _add_config_args(p)
-    p.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
-    p.add_argument("--init", metavar="MODEL_FOLDER", help="start from these weights (an SFT or APO model folder)")
+    _add_training_args(p, "start from these weights (an SFT or APO model folder)")
     p.set_defaults(func=cmd_grpo)
 
     p = verbs.add_parser("sft", help="supervised fine-tuning on chat data (data check, packing, chat evals)")
-    _add_config_args(p)
-    p.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
-    p.add_argument("--init", metavar="MODEL", help="start from these weights (model, HF, run or checkpoint folder)")
+    _add_training_args(p, "start from these weights (model, HF, run or checkpoint folder)", init_metavar="MODEL")
     p.set_defaults(func=cmd_sft)
 
 
