@@ -167,3 +167,10 @@ def test_the_demo_recipe_reads_with_any_init_model(root):
     config = load_dpo_config(recipe, [f"train.init={root / 'init'}"])
     assert config.dpo.loss == "apo_zero" and config.dpo.beta == 0.1 and config.model.hidden_size == SHAPE["hidden_size"]
     assert config.train.global_batch_tokens == config.dpo.pairs_per_step * config.data.seq_len
+
+
+def test_the_start_line_counts_a_step_in_pairs(root, capsys):
+    config = config_for(root, root / "one_step", ["train.max_steps=1", "dpo.pairs_per_step=16"])
+    dpo.run(config)
+    # the recipe: micro_batch_size 4 pairs, so 16 pairs a step are 4 micro-batches on one process
+    assert "a step = 16 pairs = 4 x 4 accumulation x 1 data-parallel |" in capsys.readouterr().out

@@ -294,3 +294,34 @@ def test_the_save_of_a_step_comes_before_its_evaluation(two_sources, tmp_path, m
         trainer.run(config)
     checkpoint = find_checkpoint(tmp_path / "run")
     assert checkpoint is not None and checkpoint.name == "step_00000004"
+
+
+class Undescribed:
+    """Pretraining behind only the contract's required parts: no describe_step."""
+
+    name = "undescribed"
+
+    def __init__(self, inner: PretrainObjective):
+        self.inner, self.batches = inner, inner.batches
+
+    def __getattr__(self, name):  # loss, accumulation, stateful, step_metrics, evaluate
+        if name == "describe_step":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def test_the_start_line_describes_a_step_in_the_objectives_own_units(two_sources, tmp_path, capsys):
+    config = tiny_pretrain_config(two_sources, tmp_path / "tokens", max_steps=1)
+    t = config.train
+    Trainer(config).train()
+    accumulation = t.global_batch_tokens // (t.micro_batch_size * config.data.seq_len)  # 64 // (2 x 16) = 2
+    want = f"a step = 2 x 16 tokens x {accumulation} accumulation x 1 data-parallel = {t.global_batch_tokens} tokens |"
+    assert want in capsys.readouterr().out
+
+    def build(config, model, ctx, run_dir):
+        return Undescribed(build_pretrain_objective(config, model, ctx, run_dir))
+
+    Trainer(tiny_pretrain_config(two_sources, tmp_path / "rows", max_steps=1), build_objective=build).train()
+    out = capsys.readouterr().out
+    assert "smoltrain train (undescribed)" in out
+    assert f"a step = {accumulation} micro-batches of at most {t.micro_batch_size} rows x 1 data-parallel |" in out

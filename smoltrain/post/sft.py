@@ -44,7 +44,7 @@ from smoltrain.post.sft_data import (
     report_markdown,
     tokenize_conversations,
 )
-from smoltrain.train.pretrain import next_token_loss
+from smoltrain.train.pretrain import next_token_loss, token_step
 
 console = Console(highlight=False, markup=False, soft_wrap=True)
 
@@ -170,6 +170,9 @@ class SFTObjective:
 
     def accumulation(self, seq_len: int, dp_world: int) -> int:
         return grad_accumulation(self.config.train, seq_len, dp_world)
+
+    def describe_step(self, seq_len: int, dp_world: int) -> str:
+        return token_step(self.config, seq_len, dp_world)
 
     def stateful(self) -> dict:
         return {}  # the batch source's position is all the state there is
