@@ -286,9 +286,7 @@ def cmd_train(args) -> int:
     from smoltrain.train.checkpoint import finished_at
     from smoltrain.train.trainer import run
 
-    config = load_config(args.config, args.overrides)
-    if args.init:
-        config.train.init = args.init
+    config = load_config(args.config, _with_init(args))
     check_eval_config(config)
     step = finished_at(args.resume or config.train.out_dir, config.train.max_steps)
     if step is not None:
@@ -310,10 +308,7 @@ def cmd_grpo(args) -> int:
     from smoltrain.config import load_config
     from smoltrain.post.grpo_train import run
 
-    config = load_config(args.config, args.overrides)
-    if args.init:
-        config.train.init = args.init
-    return _exit_status(run(config, resume=args.resume))
+    return _exit_status(run(load_config(args.config, _with_init(args)), resume=args.resume))
 
 
 def cmd_sft(args) -> int:
@@ -567,6 +562,12 @@ def cmd_data_preferences(args) -> int:
 
 
 # ----------------------------------------------------------------------------- entry
+
+
+def _with_init(args) -> list[str]:
+    """--set overrides, then --init as train.init: the init model is the base a partial model section
+    overrides before the config is validated (config_from_dict)."""
+    return [*args.overrides, f"train.init={json.dumps(args.init)}"] if args.init else list(args.overrides)
 
 
 def _exit_status(summary: dict) -> int:

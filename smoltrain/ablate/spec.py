@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smoltrain.config import Config, apply_overrides, config_from_dict
+from smoltrain.config import Config, apply_overrides, config_from_dict, replace_sections
 from smoltrain.errors import ConfigError
 from smoltrain.files import load_yaml, parse_yaml
 
@@ -85,8 +85,7 @@ class AblationSpec:
             steps = self.budget_steps
         else:
             steps = math.ceil(self.budget_tokens / config.train.global_batch_tokens)
-        train = dataclasses.replace(config.train, max_steps=steps)
-        return dataclasses.replace(config, train=train)
+        return replace_sections(config, train=dataclasses.replace(config.train, max_steps=steps))
 
 
 def _fail(source: str, message: str) -> None:

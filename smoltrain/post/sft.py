@@ -26,6 +26,7 @@ from smoltrain.config import (
     config_from_dict,
     grad_accumulation,
     load_config,
+    replace_sections,
 )
 from smoltrain.errors import ConfigError
 from smoltrain.files import write_atomic
@@ -248,7 +249,7 @@ def sft(config: Config, resume: str | None = None, should_stop=None) -> dict:
     if config.sft.warmup_fraction is not None:
         optim = dataclasses.replace(optim, warmup_steps=round(config.sft.warmup_fraction * train.max_steps))
     data = dataclasses.replace(config.data, tokenizer=str((tokenizer_dir / "tokenizer.json").resolve()))
-    config = dataclasses.replace(config, train=train, optim=optim, data=data)
+    config = replace_sections(config, train=train, optim=optim, data=data)
     if main:
         console.print(f"sft: {len(prepared.rows)} rows of {config.data.seq_len} per epoch, {rows_per_step} rows per step, "
                       f"{train.max_steps} steps (warmup {optim.warmup_steps}, lr {optim.lr:g} -> {optim.min_lr:g} "
