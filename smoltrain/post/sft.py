@@ -24,7 +24,6 @@ from smoltrain.config import (
     Config,
     apply_overrides,
     config_from_dict,
-    grad_accumulation,
     load_config,
     replace_sections,
 )
@@ -45,7 +44,7 @@ from smoltrain.post.sft_data import (
     report_markdown,
     tokenize_conversations,
 )
-from smoltrain.train.pretrain import next_token_loss, token_step
+from smoltrain.train.pretrain import PretrainObjective
 
 console = Console(highlight=False, markup=False, soft_wrap=True)
 
@@ -155,28 +154,17 @@ def _write_atomic(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------- the objective
 
 
-class SFTObjective:
-    """Cross-entropy on the packed rows' labels (assistant tokens, or all), summed; the Trainer divides
-    by the label tokens of the whole step. evaluate() runs the chat evals and keeps a vibe test."""
+class SFTObjective(PretrainObjective):
+    """Pretraining's summed cross-entropy and token batches, on the packed rows' labels (assistant
+    tokens, or all); the Trainer divides by the label tokens of the whole step. The batch source's
+    position is all the state there is. evaluate() runs the chat evals and keeps a vibe test."""
 
     name = "sft"
 
     def __init__(self, config: Config, batches: PackedChatBatches, tokenizer, run_dir: Path, is_main: bool):
-        self.config, self.batches, self.tokenizer = config, batches, tokenizer
-        self.run_dir, self.is_main = run_dir, is_main
+        super().__init__(config, batches)
+        self.tokenizer, self.run_dir, self.is_main = tokenizer, run_dir, is_main
         self.last_chat: dict | None = None
-
-    def loss(self, model: nn.Module, batch: dict):
-        return next_token_loss(model, batch)
-
-    def accumulation(self, seq_len: int, dp_world: int) -> int:
-        return grad_accumulation(self.config.train, seq_len, dp_world)
-
-    def describe_step(self, seq_len: int, dp_world: int) -> str:
-        return token_step(self.config, seq_len, dp_world)
-
-    def stateful(self) -> dict:
-        return {}  # the batch source's position is all the state there is
 
     def step_metrics(self) -> dict:
         return {"epoch": round(self.batches.epoch, 4)}
