@@ -23,7 +23,7 @@ def next_token_loss(model: nn.Module, batch: dict):
     return out.loss, out.num_tokens, {"loss": (out.ce_loss, out.num_tokens)}
 
 
-def token_step(config: Config, seq_len: int, dp_world: int) -> str:
+def describe_token_step(config: Config, seq_len: int, dp_world: int) -> str:
     """A token-batched objective's step (pretraining, SFT) for the Trainer's start line."""
     micro, accumulation = config.train.micro_batch_size, grad_accumulation(config.train, seq_len, dp_world)
     return (f"{micro} x {seq_len} tokens x {accumulation} accumulation x {dp_world} data-parallel = "
@@ -47,7 +47,7 @@ class PretrainObjective:
         return grad_accumulation(self.config.train, seq_len, dp_world)
 
     def describe_step(self, seq_len: int, dp_world: int) -> str:
-        return token_step(self.config, seq_len, dp_world)
+        return describe_token_step(self.config, seq_len, dp_world)
 
     def stateful(self) -> dict:
         return {}  # the loader's position is saved as `batches`; nothing else draws or moves
