@@ -122,6 +122,25 @@ def timed(step, device, steps: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    config = bench_config(args, device)
+    torch.manual_seed(0)
+    ids = torch.randint(0, config.model.vocab_size, (args.batch, args.seq + 1))
+    batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+             "document_ids": torch.zeros(args.batch, args.seq, dtype=torch.int32)}
+    rates, cpu_rates, profile = measure_both(args, config, device, batch)
+    result = result_record(args, config, device, rates, cpu_rates)
+    print_result(args, config, result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if profile:
+        print(profile)
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line, with the device-dependent defaults filled in."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="19m")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -144,20 +163,17 @@ def main() -> None:
                         help="then profile this many of our steps and print the top operators by self time")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    args.batch = args.batch or (16 if device.type == "cuda" else 4)
-    args.seq = args.seq or (2048 if device.type == "cuda" else 256)
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    cuda = args.device == "cuda"
+    args.batch = args.batch or (16 if cuda else 4)
+    args.seq = args.seq or (2048 if cuda else 256)
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    return args
 
-    import transformers
 
-    config = bench_config(args, device)
+def measure_both(args, config, device, batch) -> tuple[dict, dict, str | None]:
+    """Tokens per wall second and per CPU second of ours and the peer (alternating in rounds, or one
+    after the other with --sequential), and our profile table with --profile."""
     tokens = args.batch * args.seq
-    torch.manual_seed(0)
-    ids = torch.randint(0, config.model.vocab_size, (args.batch, args.seq + 1))
-    batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
-             "document_ids": torch.zeros(args.batch, args.seq, dtype=torch.int32)}
-
     cpu_rates = {}
 
     def measure(steps: dict) -> dict:
@@ -174,7 +190,6 @@ def main() -> None:
     ours_model, ours = our_step(config, device, batch)
     profile = profile_table(ours, device, args.warmup, args.profile) if args.profile else None
     state = {k: v.detach().cpu() for k, v in ours_model.state_dict().items()}
-    rates = {}
     if args.skip_peer:
         rates = measure({"smoltrain": ours})
     elif args.sequential:
@@ -188,6 +203,12 @@ def main() -> None:
     else:
         _, peer = peer_step(config, device, batch, state, args.peer_compile)
         rates = measure({"smoltrain": ours, "transformers": peer})
+    return rates, cpu_rates, profile
+
+
+def result_record(args, config, device, rates: dict, cpu_rates: dict) -> dict:
+    """The JSON record: hardware, versions and date next to the numbers."""
+    import transformers
 
     per_token = flops_per_token(config.model, args.seq)
     peak = peak_tflops(device)
@@ -205,19 +226,20 @@ def main() -> None:
     if device.type == "cpu":
         result["tokens_per_cpu_s"] = cpu_rates
         result["ratio_cpu_time"] = cpu_rates["smoltrain"] / cpu_rates["transformers"] if "transformers" in cpu_rates else None
+    return result
+
+
+def print_result(args, config, result: dict) -> None:
+    """The record as JSON, then one line a person reads (and the per-CPU-second ratio on a CPU)."""
     print(json.dumps(result))
+    rates = result["tokens_per_s"]
     line = " | ".join(f"{name} {rate:,.0f} tok/s" + (f" ({100 * result['mfu'][name]:.0f}% MFU)" if result["mfu"][name] else "")
                       for name, rate in rates.items())
     ratio = f" | ratio {result['ratio']:.2f}x" if result["ratio"] else ""
     print(f"{result['device']} {args.shape} {args.batch}x{args.seq} {config.train.precision}: {line}{ratio}")
     if result.get("ratio_cpu_time"):
-        print("per CPU-second: " + " | ".join(f"{n} {r:,.0f} tok/s" for n, r in cpu_rates.items())
+        print("per CPU-second: " + " | ".join(f"{n} {r:,.0f} tok/s" for n, r in result["tokens_per_cpu_s"].items())
               + f" | ratio {result['ratio_cpu_time']:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if profile:
-        print(profile)
 
 
 def profile_table(step, device, warmup: int, steps: int) -> str:

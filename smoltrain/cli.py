@@ -23,6 +23,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_training_args(parser: argparse.ArgumentParser, init_help: str, init_metavar: str = "MODEL_FOLDER") -> None:
+    """A training verb's recipe, --set, --resume and --init (train.init)."""
+    _add_config_args(parser)
+    parser.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
+    parser.add_argument("--init", metavar=init_metavar, help=init_help)
+
+
 def _add_chat_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="model folder, checkpoint, run folder or Hugging Face folder")
     parser.add_argument("--tokenizer", help="tokenizer folder, when the model has none")
@@ -39,37 +46,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"smoltrain {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _add_training_verbs(verbs)
+    _add_planning_verbs(verbs)
+    _add_model_file_verbs(verbs)
+    _add_eval_and_chat_verbs(verbs)
+    _add_run_verbs(verbs)
+    _add_data_verbs(verbs)
+    return parser
 
+
+def _add_training_verbs(verbs) -> None:
+    """Config, and the verbs that train: pretraining and the post-training objectives."""
     p = verbs.add_parser("config", help="print the resolved config of a recipe")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
     p = verbs.add_parser("train", help="pretrain (resumes from the run folder's latest checkpoint)")
-    _add_config_args(p)
-    p.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
-    p.add_argument("--init", metavar="MODEL_FOLDER", help="start from these weights (model, HF, run or checkpoint folder)")
+    _add_training_args(p, "start from these weights (model, HF, run or checkpoint folder)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="resume although a data source changed since the checkpoint (its position restarts)")
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("dpo", help="preference training (APO-zero, APO-down, DPO, IPO) from train.init")
-    _add_config_args(p)
-    p.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
-    p.add_argument("--init", metavar="MODEL_FOLDER", help="the model to start from, also the reference (train.init)")
+    _add_training_args(p, "the model to start from, also the reference (train.init)")
     p.set_defaults(func=cmd_dpo)
 
     p = verbs.add_parser("grpo", help="RL with verifiable rewards (GRPO, DAPO length penalty) in the training loop")
-    _add_config_args(p)
-    p.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
-    p.add_argument("--init", metavar="MODEL_FOLDER", help="start from these weights (an SFT or APO model folder)")
+    _add_training_args(p, "start from these weights (an SFT or APO model folder)")
     p.set_defaults(func=cmd_grpo)
 
     p = verbs.add_parser("sft", help="supervised fine-tuning on chat data (data check, packing, chat evals)")
-    _add_config_args(p)
-    p.add_argument("--resume", metavar="PATH", help="run folder or checkpoint folder to resume from")
-    p.add_argument("--init", metavar="MODEL", help="start from these weights (model, HF, run or checkpoint folder)")
+    _add_training_args(p, "start from these weights (model, HF, run or checkpoint folder)", init_metavar="MODEL")
     p.set_defaults(func=cmd_sft)
 
+
+def _add_planning_verbs(verbs) -> None:
+    """Sizing a run before it starts: the plan and the pre-flight doctor."""
     p = verbs.add_parser("plan", help="parameters, FLOPs, memory, time or GPU count of a config")
     _add_config_args(p)
     budget = p.add_mutually_exclusive_group()
@@ -92,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 when any check FAILs (for launch scripts)")
     p.set_defaults(func=cmd_doctor)
 
+
+def _add_model_file_verbs(verbs) -> None:
+    """Model folders in and out: Hugging Face export / import, merges."""
     p = verbs.add_parser("export", help="write a Hugging Face transformers folder (Llama / SmolLM3 / Qwen3)")
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="model folder, run folder or checkpoint folder")
     p.add_argument("--out", required=True, help="output folder")
@@ -120,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device for --eval")
     p.set_defaults(func=cmd_merge)
 
+
+def _add_eval_and_chat_verbs(verbs) -> None:
+    """Scoring a model, and talking to it through its chat template."""
     p = verbs.add_parser("eval", help="score a model on tasks (log-likelihood and generative) and validation data")
     p.add_argument("model", metavar="MODEL", help="model folder, checkpoint, run folder or Hugging Face folder")
     p.add_argument("--tasks", help="comma-separated: embedded, arithmetic, code_tokens, prose_cloze, F.jsonl, "
@@ -171,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_run_verbs(verbs) -> None:
+    """Whole runs: ablation grids, the demo, the report of a run folder."""
     p = verbs.add_parser("ablate", help="run a grid of (variant, seed) runs against a baseline and report verdicts")
     p.add_argument("ablation", metavar="ABLATION.yaml", help="baseline, variants, seeds, budget (recipes/ablations/)")
     p.add_argument("--out", help="output folder (default: the file's out_dir, else runs/ablations/NAME)")
@@ -193,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: RUN_DIR/report)")
     p.set_defaults(func=cmd_report)
 
+
+def _add_data_verbs(verbs) -> None:
+    """`smoltrain data SUBCOMMAND`: corpus, tokenizer, tokenizer report, shards, preference pairs."""
     p = verbs.add_parser("data", help="embedded corpus, tokenizer training and comparison, tokenization into shards")
     data = p.add_subparsers(dest="data_verb", required=True, metavar="SUBCOMMAND")
     q = data.add_parser("corpus", help="write the embedded corpus (prose, code, math; train/validation jsonl.gz)")
@@ -245,8 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.set_defaults(func=cmd_data_preferences)
 
-    return parser
-
 
 def cmd_config(args) -> int:
     from smoltrain.config import load_config
@@ -264,9 +286,7 @@ def cmd_train(args) -> int:
     from smoltrain.train.checkpoint import finished_at
     from smoltrain.train.trainer import run
 
-    config = load_config(args.config, args.overrides)
-    if args.init:
-        config.train.init = args.init
+    config = load_config(args.config, _with_init(args))
     check_eval_config(config)
     step = finished_at(args.resume or config.train.out_dir, config.train.max_steps)
     if step is not None:
@@ -275,47 +295,26 @@ def cmd_train(args) -> int:
                   f"{config.train.max_steps}): nothing to train; raise train.max_steps to train on, "
                   f"or choose another train.out_dir")
         return 0
-    summary = run(config, resume=args.resume, allow_data_change=args.allow_data_change)
-    if summary["stopped_by"]:  # checkpoint saved; the conventional status tells a requeue script why
-        return 128 + signal.Signals[summary["stopped_by"]].value
-    return 0
+    return _exit_status(run(config, resume=args.resume, allow_data_change=args.allow_data_change))
 
 
 def cmd_dpo(args) -> int:
-    import signal
-
     from smoltrain.post.dpo import load_dpo_config, run
 
-    summary = run(load_dpo_config(args.config, args.overrides, init=args.init), resume=args.resume)
-    if summary["stopped_by"]:
-        return 128 + signal.Signals[summary["stopped_by"]].value
-    return 0
+    return _exit_status(run(load_dpo_config(args.config, args.overrides, init=args.init), resume=args.resume))
 
 
 def cmd_grpo(args) -> int:
-    import signal
-
     from smoltrain.config import load_config
     from smoltrain.post.grpo_train import run
 
-    config = load_config(args.config, args.overrides)
-    if args.init:
-        config.train.init = args.init
-    summary = run(config, resume=args.resume)
-    if summary["stopped_by"]:
-        return 128 + signal.Signals[summary["stopped_by"]].value
-    return 0
+    return _exit_status(run(load_config(args.config, _with_init(args)), resume=args.resume))
 
 
 def cmd_sft(args) -> int:
-    import signal
-
     from smoltrain.post.sft import load_sft_config, sft
 
-    summary = sft(load_sft_config(args.config, args.overrides, init=args.init), resume=args.resume)
-    if summary["stopped_by"]:
-        return 128 + signal.Signals[summary["stopped_by"]].value
-    return 0
+    return _exit_status(sft(load_sft_config(args.config, args.overrides, init=args.init), resume=args.resume))
 
 
 def cmd_plan(args) -> int:
@@ -563,6 +562,18 @@ def cmd_data_preferences(args) -> int:
 
 
 # ----------------------------------------------------------------------------- entry
+
+
+def _with_init(args) -> list[str]:
+    """--set overrides, then --init as train.init: the init model is the base a partial model section
+    overrides before the config is validated (config_from_dict)."""
+    return [*args.overrides, f"train.init={json.dumps(args.init)}"] if args.init else list(args.overrides)
+
+
+def _exit_status(summary: dict) -> int:
+    """A training verb's status: 0, or 128 + the signal that stopped it (its checkpoint is saved; the
+    conventional status tells a requeue script why)."""
+    return 128 + signal.Signals[summary["stopped_by"]].value if summary["stopped_by"] else 0
 
 
 def _is_main_rank() -> bool:

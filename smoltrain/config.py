@@ -352,13 +352,25 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
+    from smoltrain.train.init_model import with_init_model_section
+
     raw = apply_overrides(dict(raw or {}), overrides or [])
-    config = _build(Config, raw, "")
+    # Keys the recipe or --set gave (not defaults): a model to start from fills in the others.
+    explicit = frozenset(f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict)
+                         for key in values)
+    config = _build(Config, with_init_model_section(raw), "")
     validate(config)
-    # Keys the recipe or --set gave (not defaults): a model to start from may fill in the others.
-    config.explicit = frozenset(f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict)
-                                for key in values)
+    config.explicit = explicit
     return config
+
+
+def replace_sections(config: Config, **sections) -> Config:
+    """`dataclasses.replace` of whole sections that keeps the record of the keys the recipe gave
+    (`explicit`), which train.init's model resolution reads."""
+    out = dataclasses.replace(config, **sections)
+    if hasattr(config, "explicit"):
+        out.explicit = config.explicit
+    return out
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:

@@ -13,7 +13,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import yaml
 
@@ -82,15 +82,24 @@ class BadLine:
     kind: str
 
 
+GZIP_ERRORS = (OSError, EOFError, zlib.error)  # what damaged or truncated gzip data raises while it is read
+
+
+def gzip_or_plain(raw: BinaryIO) -> BinaryIO:
+    """A binary file opened for reading, decompressed when it starts with gzip's magic bytes (the
+    content decides, not the name: a .jsonl that is gzipped, or a .gz that is not, both read)."""
+    gzipped = raw.read(2) == b"\x1f\x8b"
+    raw.seek(0)
+    return gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+
+
 def jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, parsed JSON value or a BadLine) of each non-blank line of a .jsonl file,
     gzipped or not (told by its magic bytes, not its name). Damaged gzip data is a DataError
     naming the line it stopped at."""
     path = Path(path)
     with open(path, "rb") as raw:
-        gzipped = raw.read(2) == b"\x1f\x8b"
-        raw.seek(0)
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+        stream = gzip_or_plain(raw)
         line_no = 0
         try:
             for line in stream:
@@ -103,5 +112,5 @@ def jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                     yield line_no, BadLine(f"invalid UTF-8 at byte {e.start} of the line", "invalid_utf8")
                 except json.JSONDecodeError as e:
                     yield line_no, BadLine(f"not valid JSON ({e.msg} at column {e.colno})", "not_json")
-        except (OSError, EOFError, zlib.error) as e:
+        except GZIP_ERRORS as e:
             raise DataError(f"{path}:{line_no + 1}: unreadable gzip data ({e})") from None

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from pretrain_helpers import write_two_sources
 
 
 @pytest.fixture
@@ -9,3 +10,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    """Token shards of two sources for a tiny pretraining run (see pretrain_helpers)."""
+    return write_two_sources(tmp_path_factory.mktemp("data"))

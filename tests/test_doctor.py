@@ -37,12 +37,7 @@ TINY = Budget(matmul_size=32, measure_s=0.01, recipe_rows=16, copy_mb=1, sustain
 SLOW_SLEEP_S = 0.003  # per 32x32 matmul (~5 us): the simulated throttled rank runs ~500x slower
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from preference_helpers import SHAPE, preference_rows, save_init_model, write_rows
 
 from smoltrain.config import config_from_dict
-from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
 from smoltrain.errors import DataError
 from smoltrain.model.hf import save_model_folder
 from smoltrain.model.transformer import build_model
@@ -19,33 +19,10 @@ from smoltrain.post.dpo import DPOObjective, PreferenceBatches, build_dpo_object
 from smoltrain.post.preference import pair_losses
 from smoltrain.post.preference_data import Pair, TextTokenizer, load_preferences
 
-SHAPE = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, max_seq_len=64)
-WORDS = ["red", "green", "blue", "cat", "dog", "bird", "one", "two", "three"]
-
-
-def preference_rows(n, seed=0):
-    """Prompts naming a word; the chosen answer repeats it, the rejected names another word."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        a, b = torch.randperm(len(WORDS), generator=g)[:2].tolist()
-        rows.append({"prompt": f"say {WORDS[a]}:", "chosen": f" {WORDS[a]} {WORDS[a]}", "rejected": f" {WORDS[b]}"})
-    return rows
-
-
-def write_rows(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 @pytest.fixture(scope="module")
 def init_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("init")
-    tok = root / "tok"
-    save_tokenizer(train_tokenizer([" ".join(WORDS) + " say:"] * 40, 300, False), tok)
-    config = config_from_dict({"model": SHAPE, "data": {"seq_len": 32}, "train": {"micro_batch_size": 1, "global_batch_tokens": 32}})
-    save_model_folder(build_model(config.model, seed=5), config, root / "model", tokenizer=tok)
-    return root / "model"
+    return save_init_model(tmp_path_factory.mktemp("init"), "model")
 
 
 def fake_ctx(rank=0, world=1):

@@ -14,35 +14,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from preference_helpers import SHAPE, preference_rows, save_init_model, write_rows
 
-from smoltrain.config import config_from_dict
-from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
-from smoltrain.model.hf import save_model_folder
-from smoltrain.model.transformer import build_model
 from smoltrain.post import dpo
 from smoltrain.post.dpo import REFERENCE_FILE, load_dpo_config
-
-SHAPE = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, max_seq_len=64)
-WORDS = ["red", "green", "blue", "cat", "dog", "bird", "one", "two", "three"]
-
-
-def preference_rows(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        a, b = torch.randperm(len(WORDS), generator=g)[:2].tolist()
-        rows.append({"prompt": f"say {WORDS[a]}:", "chosen": f" {WORDS[a]} {WORDS[a]}", "rejected": f" {WORDS[b]}"})
-    return rows
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_train")
-    save_tokenizer(train_tokenizer([" ".join(WORDS) + " say:"] * 40, 300, False), root / "tok")
-    config = config_from_dict({"model": SHAPE, "data": {"seq_len": 32}, "train": {"micro_batch_size": 1, "global_batch_tokens": 32}})
-    save_model_folder(build_model(config.model, seed=5), config, root / "init", tokenizer=root / "tok")
+    save_init_model(root, "init")
     for name, (n, seed) in {"train": (64, 1), "eval": (16, 2)}.items():
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_rows(n, seed)))
+        write_rows(root / f"{name}.jsonl", preference_rows(n, seed))
     (root / "recipe.yaml").write_text(RECIPE.format(root=root))
     return root
 
@@ -184,3 +167,10 @@ def test_the_demo_recipe_reads_with_any_init_model(root):
     config = load_dpo_config(recipe, [f"train.init={root / 'init'}"])
     assert config.dpo.loss == "apo_zero" and config.dpo.beta == 0.1 and config.model.hidden_size == SHAPE["hidden_size"]
     assert config.train.global_batch_tokens == config.dpo.pairs_per_step * config.data.seq_len
+
+
+def test_the_start_line_counts_a_step_in_pairs(root, capsys):
+    config = config_for(root, root / "one_step", ["train.max_steps=1", "dpo.pairs_per_step=16"])
+    dpo.run(config)
+    # the recipe: micro_batch_size 4 pairs, so 16 pairs a step are 4 micro-batches on one process
+    assert "a step = 16 pairs = 4 x 4 accumulation x 1 data-parallel |" in capsys.readouterr().out

@@ -80,3 +80,50 @@ def test_a_model_folder_defines_the_model_too(tmp_path):
     source = config_from_dict({"model": SOURCE, "data": {"seq_len": 16}})
     save_model_folder(build_model(source.model, seed=1), source, tmp_path / "folder")
     assert resolve_init_model(config_with(tmp_path / "folder")).model == source.model
+
+
+def test_a_partial_model_section_overrides_the_init_model_not_the_defaults(hf_folder):
+    # 2 KV heads and tensor parallel 2 fit the init model (4 heads, 2 KV heads); the defaults' 9 heads
+    # and 3 KV heads would refuse both before the init model was read.
+    config = config_from_dict({"model": {"num_kv_heads": 2, "max_seq_len": 128}, "data": {"seq_len": 16},
+                               "parallel": {"tp": 2},
+                               "train": {"init": str(hf_folder), "global_batch_tokens": 64, "micro_batch_size": 2}})
+    assert config.model == ModelConfig(**{**SOURCE, "max_seq_len": 128})
+    assert {k for k in config.explicit if k.startswith("model.")} == {"model.num_kv_heads", "model.max_seq_len"}
+    said = []
+    assert resolve_init_model(config, say=said.append).model == config.model
+    assert said == [f"model from train.init {hf_folder}, changed: model.max_seq_len 128 (the init model has 64)"]
+    # A shape the init model does not have is still refused, naming both.
+    with pytest.raises(ConfigError, match="model.hidden_size is 64 here but 32 in the init model"):
+        resolve_init_model(config_with(hf_folder, hidden_size=64))
+
+
+def test_a_value_equal_to_the_default_is_kept_when_a_runner_replaces_sections(hf_folder, tmp_path):
+    """max_seq_len 2048 is ModelConfig's default: an ablation run's config (its train section
+    replaced for the budget) must still count it as given, not take the init model's 64."""
+    from smoltrain.ablate.spec import load_ablation
+
+    baseline = {"model": {"max_seq_len": 2048}, "data": {"seq_len": 16},
+                "train": {"init": str(hf_folder), "global_batch_tokens": 64, "micro_batch_size": 2}}
+    spec = load_ablation(raw={"baseline": baseline, "variants": {"short": ["model.max_seq_len=32"]}, "seeds": [0],
+                              "budget": {"steps": 3}, "eval": {"tasks": [], "val_batches": 0}},
+                         out_dir=str(tmp_path / "ablation"))
+    assert resolve_init_model(spec.config_for("baseline", 0)).model.max_seq_len == 2048
+    assert resolve_init_model(spec.config_for("short", 0)).model.max_seq_len == 32
+    assert resolve_init_model(spec.config_for("short", 0)).model.norm_eps == SOURCE["norm_eps"]
+
+
+def test_init_on_the_command_line_is_the_base_of_the_recipes_model_section(hf_folder, tmp_path):
+    from smoltrain.cli import main as cli_main
+    from smoltrain.config import load_config
+
+    write_random_documents(tmp_path / "data", "low", 1, 100, seed=1)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+model: {{num_kv_heads: 2, max_seq_len: 128}}   # the defaults' 9 heads do not take 2 KV heads; the init model's 4 do
+data: {{sources: {{low: {tmp_path / 'data'}}}, seq_len: 16}}
+train: {{out_dir: {tmp_path / 'run'}, max_steps: 1, log_every: 1, global_batch_tokens: 64, micro_batch_size: 2,
+        tensorboard: false, device: cpu}}
+""")
+    assert cli_main(["train", str(recipe), "--init", str(hf_folder)]) == 0
+    assert load_config(tmp_path / "run" / "config.yaml").model == ModelConfig(**{**SOURCE, "max_seq_len": 128})

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from synthetic_shards import write_random_documents
+from pretrain_helpers import tiny_pretrain_config
 
 from smoltrain.config import config_from_dict
 from smoltrain.model.transformer import build_model, token_logprobs
@@ -183,33 +183,14 @@ def test_masked_objective_is_unbiased_by_the_data_parallel_split(tmp_path):
 # ----------------------------------------------------------------------------- the Trainer
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_random_documents(root / "low", "low", 1, 100, seed=1)
-    write_random_documents(root / "high", "high", 100, 200, seed=2)
-    return root
-
-
-def make_config(data_dir, out_dir, **train):
-    return config_from_dict({
-        "model": {"vocab_size": 256, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-                  "intermediate_size": 64, "max_seq_len": 64},
-        "data": {"sources": {"low": str(data_dir / "low"), "high": str(data_dir / "high")}, "seq_len": 16},
-        "optim": {"lr": 1e-2, "warmup_steps": 2},
-        "train": {"out_dir": str(out_dir), "max_steps": 6, "log_every": 1, "save_every": 100, "eval_every": 1000,
-                  "global_batch_tokens": 64, "micro_batch_size": 2, "tensorboard": False, "device": "cpu", **train},
-    })
-
-
 def losses(out_dir: Path) -> list[float]:
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return [m["loss"] for m in lines if "loss" in m and "event" not in m]
 
 
-def test_should_stop_saves_and_stops_and_the_rerun_continues_identically(data_dir, tmp_path):
-    straight = Trainer(make_config(data_dir, tmp_path / "straight")).train()
-    config = make_config(data_dir, tmp_path / "run")
+def test_should_stop_saves_and_stops_and_the_rerun_continues_identically(two_sources, tmp_path):
+    straight = Trainer(tiny_pretrain_config(two_sources, tmp_path / "straight")).train()
+    config = tiny_pretrain_config(two_sources, tmp_path / "run")
     run = Trainer(config, should_stop=lambda: run.state.step >= 2)
     stopped = run.train()
     assert stopped["stopped_by"] == "should_stop" and stopped["step"] == 2 and not stopped["finished"]
@@ -278,17 +259,17 @@ def build_drawing(config, model, ctx, run_dir):
     return build_drawing.last
 
 
-def test_a_stateful_part_round_trips_and_tokens_count_label_tokens(data_dir, tmp_path):
+def test_a_stateful_part_round_trips_and_tokens_count_label_tokens(two_sources, tmp_path):
     from smoltrain.data.loader import build_train_loader
 
-    summary = Trainer(make_config(data_dir, tmp_path / "straight"), build_objective=build_drawing).train()
+    summary = Trainer(tiny_pretrain_config(two_sources, tmp_path / "straight"), build_objective=build_drawing).train()
     straight = build_drawing.last.draws.seen
     assert len(straight) == 12  # 6 steps x 2 micro-batches
-    loader = build_train_loader(make_config(data_dir, tmp_path / "x"))
+    loader = build_train_loader(tiny_pretrain_config(two_sources, tmp_path / "x"))
     labels = torch.cat([loader.next_batch()["labels"] for _ in range(12)])
     assert summary["tokens"] == int((labels % 2 == 1).sum()) < labels.numel()  # not global_batch_tokens x steps
 
-    config = make_config(data_dir, tmp_path / "run", save_every=3)
+    config = tiny_pretrain_config(two_sources, tmp_path / "run", save_every=3)
     first = Trainer(config, build_objective=build_drawing, should_stop=lambda: first.state.step >= 4)
     first.train()
     assert find_checkpoint(tmp_path / "run").name == "step_00000004"
@@ -300,7 +281,7 @@ def test_a_stateful_part_round_trips_and_tokens_count_label_tokens(data_dir, tmp
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
 
 
-def test_the_save_of_a_step_comes_before_its_evaluation(data_dir, tmp_path, monkeypatch):
+def test_the_save_of_a_step_comes_before_its_evaluation(two_sources, tmp_path, monkeypatch):
     """An evaluation that crashes (issue 18: a TP scoring batch) must not lose that step's checkpoint."""
     import smoltrain.eval.during_training as during_training
 
@@ -308,8 +289,39 @@ def test_the_save_of_a_step_comes_before_its_evaluation(data_dir, tmp_path, monk
         raise RuntimeError("evaluation failed")
 
     monkeypatch.setattr(during_training, "evaluate_during_training", crash)
-    config = make_config(data_dir, tmp_path / "run", save_every=4, eval_every=4)
+    config = tiny_pretrain_config(two_sources, tmp_path / "run", save_every=4, eval_every=4)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         trainer.run(config)
     checkpoint = find_checkpoint(tmp_path / "run")
     assert checkpoint is not None and checkpoint.name == "step_00000004"
+
+
+class Undescribed:
+    """Pretraining behind only the contract's required parts: no describe_step."""
+
+    name = "undescribed"
+
+    def __init__(self, inner: PretrainObjective):
+        self.inner, self.batches = inner, inner.batches
+
+    def __getattr__(self, name):  # loss, accumulation, stateful, step_metrics, evaluate
+        if name == "describe_step":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def test_the_start_line_describes_a_step_in_the_objectives_own_units(two_sources, tmp_path, capsys):
+    config = tiny_pretrain_config(two_sources, tmp_path / "tokens", max_steps=1)
+    t = config.train
+    Trainer(config).train()
+    accumulation = t.global_batch_tokens // (t.micro_batch_size * config.data.seq_len)  # 64 // (2 x 16) = 2
+    want = f"a step = 2 x 16 tokens x {accumulation} accumulation x 1 data-parallel = {t.global_batch_tokens} tokens |"
+    assert want in capsys.readouterr().out
+
+    def build(config, model, ctx, run_dir):
+        return Undescribed(build_pretrain_objective(config, model, ctx, run_dir))
+
+    Trainer(tiny_pretrain_config(two_sources, tmp_path / "rows", max_steps=1), build_objective=build).train()
+    out = capsys.readouterr().out
+    assert "smoltrain train (undescribed)" in out
+    assert f"a step = {accumulation} micro-batches of at most {t.micro_batch_size} rows x 1 data-parallel |" in out

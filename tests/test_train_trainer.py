@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from synthetic_shards import write_random_documents
+from pretrain_helpers import tiny_pretrain_config
 
 import smoltrain.train.trainer as trainer
 from smoltrain.cli import main as cli_main
@@ -21,23 +21,9 @@ from smoltrain.train.checkpoint import load_model_from_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_random_documents(root / "low", "low", 1, 100, seed=1)
-    write_random_documents(root / "high", "high", 100, 200, seed=2)
-    return root
-
-
-def make_config(data_dir, out_dir, **train):
-    return config_from_dict({
-        "model": {"vocab_size": 256, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-                  "intermediate_size": 64, "max_seq_len": 64},
-        "data": {"sources": {"low": str(data_dir / "low"), "high": str(data_dir / "high")}, "seq_len": 16},
-        "optim": {"lr": 1e-2, "warmup_steps": 2},
-        "train": {"out_dir": str(out_dir), "max_steps": 10, "log_every": 1, "save_every": 4, "eval_every": 1000,
-                  "global_batch_tokens": 64, "micro_batch_size": 2, "tensorboard": False, **train},
-    })
+def make_config(sources, out_dir, **train):
+    """Ten steps with a checkpoint every four: room to rewind and to resume."""
+    return tiny_pretrain_config(sources, out_dir, **{"max_steps": 10, "save_every": 4, **train})
 
 
 class Recorder:
@@ -75,14 +61,14 @@ def reference_batches(config, count):
     return [loader.next_batch()["input_ids"] for _ in range(count)]
 
 
-def test_non_finite_loss_or_gradient_never_updates_the_weights(data_dir, tmp_path, monkeypatch):
+def test_non_finite_loss_or_gradient_never_updates_the_weights(two_sources, tmp_path, monkeypatch):
     def poison(model, loss, norm):
         for p in model.parameters():
             p.grad.fill_(float("nan"))
         return float("nan"), float("nan")
 
     recorder = Recorder(monkeypatch, tamper={3: poison})
-    summary = trainer.run(make_config(data_dir, tmp_path / "run", max_steps=5))
+    summary = trainer.run(make_config(two_sources, tmp_path / "run", max_steps=5))
     assert summary["skipped_steps"] == 1 and summary["step"] == 5
     w = recorder.weights  # w[i] = weights at the start of step i + 1
     assert not same_weights(w[1], w[2])  # step 2 updated
@@ -94,16 +80,16 @@ def test_non_finite_loss_or_gradient_never_updates_the_weights(data_dir, tmp_pat
     assert events == [{"step": 3, "event": "nonfinite", "loss": None, "grad_norm": None}]
 
 
-def test_spike_with_skip_action_withholds_the_update(data_dir, tmp_path, monkeypatch):
+def test_spike_with_skip_action_withholds_the_update(two_sources, tmp_path, monkeypatch):
     recorder = Recorder(monkeypatch, tamper={7: lambda model, loss, norm: (loss * 50, norm)})
-    summary = trainer.run(make_config(data_dir, tmp_path / "run", spike_action="skip", spike_window=5, spike_std=10))
+    summary = trainer.run(make_config(two_sources, tmp_path / "run", spike_action="skip", spike_window=5, spike_std=10))
     assert summary["spikes"] == 1 and summary["skipped_steps"] == 1
     assert same_weights(recorder.weights[6], recorder.weights[7])
     assert not same_weights(recorder.weights[5], recorder.weights[6])
 
 
-def test_spike_rewind_restores_the_checkpoint_and_really_skips_the_next_batches(data_dir, tmp_path, monkeypatch):
-    config = make_config(data_dir, tmp_path / "run", spike_action="rewind", spike_window=5, spike_std=10,
+def test_spike_rewind_restores_the_checkpoint_and_really_skips_the_next_batches(two_sources, tmp_path, monkeypatch):
+    config = make_config(two_sources, tmp_path / "run", spike_action="rewind", spike_window=5, spike_std=10,
                          spike_skip_batches=5)
     recorder = Recorder(monkeypatch, tamper={7: lambda model, loss, norm: (loss * 50, norm)})
     summary = trainer.run(config)
@@ -124,8 +110,8 @@ def test_spike_rewind_restores_the_checkpoint_and_really_skips_the_next_batches(
     assert [m["event"] for m in lines if "event" in m] == ["spike", "rewind"]
 
 
-def test_a_spike_that_persists_after_three_rewinds_is_skipped_instead(data_dir, tmp_path, monkeypatch):
-    config = make_config(data_dir, tmp_path / "run", spike_action="rewind", spike_window=5, spike_std=10,
+def test_a_spike_that_persists_after_three_rewinds_is_skipped_instead(two_sources, tmp_path, monkeypatch):
+    config = make_config(two_sources, tmp_path / "run", spike_action="rewind", spike_window=5, spike_std=10,
                          save_every=6)
     Recorder(monkeypatch, tamper={call: lambda model, loss, norm: (loss * 50, norm) for call in range(7, 40)})
     summary = trainer.run(config)
@@ -135,8 +121,8 @@ def test_a_spike_that_persists_after_three_rewinds_is_skipped_instead(data_dir, 
     assert [m["event"] for m in lines if m.get("event") == "rewind"] == ["rewind"] * 3
 
 
-def test_stages_switch_mixture_sequence_length_rope_and_schedule(data_dir, tmp_path, monkeypatch):
-    config = make_config(data_dir, tmp_path / "run", max_steps=6, save_every=100)
+def test_stages_switch_mixture_sequence_length_rope_and_schedule(two_sources, tmp_path, monkeypatch):
+    config = make_config(two_sources, tmp_path / "run", max_steps=6, save_every=100)
     config.data.mixture = {"low": 1.0, "high": 0.0}
     config.data.stages = [StageConfig(name="long", start_step=3, mixture={"low": 0.0, "high": 1.0}, seq_len=32,
                                       rope_theta=50000.0, reset_schedule=True, lr=5e-3)]
@@ -156,15 +142,15 @@ def test_stages_switch_mixture_sequence_length_rope_and_schedule(data_dir, tmp_p
     assert model.rope_theta == 50000.0 and saved.model.rope_theta == 50000.0
 
 
-def test_sigterm_saves_and_stops_then_rerun_continues_identically(data_dir, tmp_path, monkeypatch):
-    straight = trainer.run(make_config(data_dir, tmp_path / "straight", max_steps=6))
+def test_sigterm_saves_and_stops_then_rerun_continues_identically(two_sources, tmp_path, monkeypatch):
+    straight = trainer.run(make_config(two_sources, tmp_path / "straight", max_steps=6))
 
     def terminate(model, loss, norm):
         os.kill(os.getpid(), signal.SIGTERM)
         return loss, norm
 
     Recorder(monkeypatch, tamper={3: terminate})
-    config = make_config(data_dir, tmp_path / "run", max_steps=6)
+    config = make_config(two_sources, tmp_path / "run", max_steps=6)
     stopped = trainer.run(config)
     assert stopped["stopped_by"] == "SIGTERM" and stopped["step"] == 3 and not stopped["finished"]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
@@ -175,11 +161,11 @@ def test_sigterm_saves_and_stops_then_rerun_continues_identically(data_dir, tmp_
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
 
 
-def test_init_starts_from_a_model_folder(data_dir, tmp_path, monkeypatch):
+def test_init_starts_from_a_model_folder(two_sources, tmp_path, monkeypatch):
     from smoltrain.model.hf import save_model_folder
     from smoltrain.model.transformer import build_model
 
-    config = make_config(data_dir, tmp_path / "run", max_steps=1)
+    config = make_config(two_sources, tmp_path / "run", max_steps=1)
     source = build_model(config.model, seed=42)
     save_model_folder(source, config, tmp_path / "init")
     recorder = Recorder(monkeypatch)
@@ -193,9 +179,9 @@ def test_init_starts_from_a_model_folder(data_dir, tmp_path, monkeypatch):
         trainer.run(config)
 
 
-def test_config_mistakes_are_one_line_and_exit_code_2(data_dir, tmp_path, capsys):
+def test_config_mistakes_are_one_line_and_exit_code_2(two_sources, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(make_config(data_dir, tmp_path / "run").to_yaml())
+    recipe.write_text(make_config(two_sources, tmp_path / "run").to_yaml())
     cases = [
         (["--set", "train.max_step=3"], "did you mean 'max_steps'"),
         (["--set", "train.global_batch_tokens=80"], "train.global_batch_tokens (80) must be a multiple"),
@@ -214,8 +200,8 @@ def test_config_mistakes_are_one_line_and_exit_code_2(data_dir, tmp_path, capsys
     assert done.stderr.strip().splitlines() == [f"smoltrain train: error: {recipe}: optim.lr must be positive, got -1.0"]
 
 
-def test_the_resolved_config_and_summary_are_written(data_dir, tmp_path):
-    config = make_config(data_dir, tmp_path / "run", max_steps=2)
+def test_the_resolved_config_and_summary_are_written(two_sources, tmp_path):
+    config = make_config(two_sources, tmp_path / "run", max_steps=2)
     summary = trainer.run(config)
     assert load_config(tmp_path / "run" / "config.yaml") == config
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == json.loads(json.dumps(summary))
@@ -247,10 +233,10 @@ def test_periodic_evaluation_writes_validation_loss_and_bpb_per_source(tmp_path)
             assert source["tokens"] > 0 and 0 < source["loss"] < 10 and 0 < source["bpb"] < 10
 
 
-def test_activation_checkpointing_changes_memory_not_results(data_dir, tmp_path):
-    plain = trainer.run(make_config(data_dir, tmp_path / "plain", max_steps=3))
-    checkpointed = trainer.run(make_config(data_dir, tmp_path / "ac", max_steps=3, activation_checkpointing=True))
-    trainer.run(make_config(data_dir, tmp_path / "ac2", max_steps=3, activation_checkpointing=True,
+def test_activation_checkpointing_changes_memory_not_results(two_sources, tmp_path):
+    plain = trainer.run(make_config(two_sources, tmp_path / "plain", max_steps=3))
+    checkpointed = trainer.run(make_config(two_sources, tmp_path / "ac", max_steps=3, activation_checkpointing=True))
+    trainer.run(make_config(two_sources, tmp_path / "ac2", max_steps=3, activation_checkpointing=True,
                             activation_checkpointing_every=2))
     losses = lambda d: [m["loss"] for m in metrics(d) if "loss" in m]  # noqa: E731
     assert losses(tmp_path / "ac") == losses(tmp_path / "plain") and checkpointed["loss"] == plain["loss"]
@@ -261,8 +247,8 @@ def test_activation_checkpointing_changes_memory_not_results(data_dir, tmp_path)
     assert same_weights(a.state_dict(), b.state_dict())
 
 
-def test_rerun_with_a_truncated_latest_checkpoint_resumes_from_the_previous_one(data_dir, tmp_path, capsys):
-    config = make_config(data_dir, tmp_path / "run", max_steps=8)
+def test_rerun_with_a_truncated_latest_checkpoint_resumes_from_the_previous_one(two_sources, tmp_path, capsys):
+    config = make_config(two_sources, tmp_path / "run", max_steps=8)
     first = trainer.run(config)
     data = tmp_path / "run" / "checkpoints" / "step_00000008" / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smoltrain.config import Config, apply_overrides, config_from_dict
+from smoltrain.config import Config, apply_overrides, config_from_dict, replace_sections
 from smoltrain.errors import ConfigError
 from smoltrain.files import load_yaml, parse_yaml
 
@@ -84,8 +85,7 @@ class AblationSpec:
             steps = self.budget_steps
         else:
             steps = math.ceil(self.budget_tokens / config.train.global_batch_tokens)
-        train = dataclasses.replace(config.train, max_steps=steps)
-        return dataclasses.replace(config, train=train)
+        return replace_sections(config, train=dataclasses.replace(config.train, max_steps=steps))
 
 
 def _fail(source: str, message: str) -> None:
@@ -122,93 +122,31 @@ def _mark(source: str, text: str, key: str) -> str:
 def load_ablation(path: str | os.PathLike | None = None, raw: dict | None = None, out_dir: str | None = None) -> AblationSpec:
     """Read and validate an ablation file (or an already-parsed mapping); every run's config is
     built and validated here, before anything is trained."""
-    text = ""
-    base_dir = Path.cwd()
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: ablation file not found")
-        text = p.read_text()
-        raw = parse_yaml(text, str(p))
-        source, base_dir = str(p), p.parent
-        default_name = p.stem
-    else:
-        source, default_name = "<ablation>", "ablation"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping with baseline, variants, seeds and budget")
-    for key in raw:
-        if key not in _TOP_KEYS:
-            close = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(_TOP_KEYS)})"
-            _fail(_mark(source, text, key), f"unknown key '{key}'{hint}")
-    for key in ("baseline", "variants", "seeds", "budget"):
-        if key not in raw:
-            _fail(source, f"missing '{key}'")
-
-    # Baseline: a recipe path or an inline mapping.
-    baseline = raw["baseline"]
-    if isinstance(baseline, str):
-        recipe = (base_dir / baseline) if not Path(baseline).is_absolute() else Path(baseline)
-        if not recipe.is_file():
-            _fail(_mark(source, text, "baseline"), f"baseline: recipe {recipe} not found")
-        baseline = load_yaml(recipe) or {}
-        if not isinstance(baseline, dict):
-            _fail(str(recipe), "expected a mapping of config sections")
-    elif not isinstance(baseline, dict):
-        _fail(_mark(source, text, "baseline"), "baseline: expected a recipe path or a config mapping")
-    baseline = copy.deepcopy(baseline)
-    apply_overrides(baseline, _overrides(_mark(source, text, "set"), "set", raw.get("set")))
-
-    variants_raw = raw["variants"]
-    if not isinstance(variants_raw, dict) or not variants_raw:
-        _fail(_mark(source, text, "variants"), "variants: expected a non-empty mapping of name -> overrides")
-    variants: dict[str, list[str]] = {BASELINE: []}
-    for name, value in variants_raw.items():
-        name = str(name)
-        if name == BASELINE:
-            _fail(_mark(source, text, "variants"), "variants: 'baseline' is reserved (the baseline always runs)")
-        if not _NAME.match(name):
-            _fail(_mark(source, text, "variants"), f"variants: {name!r} is not a usable name (letters, digits, . _ + -)")
-        overrides = _overrides(_mark(source, text, "variants"), f"variants.{name}", value)
-        if not overrides:
-            _fail(_mark(source, text, "variants"), f"variants.{name}: no overrides (it would equal the baseline)")
-        variants[name] = overrides
-
-    seeds = raw["seeds"]
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = list(range(seeds))  # `seeds: 3` means seeds 0, 1, 2
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        _fail(_mark(source, text, "seeds"), "seeds: expected a list of integers or a count")
-    if len(set(seeds)) != len(seeds):
-        _fail(_mark(source, text, "seeds"), f"seeds: repeated seed in {seeds}")
-
-    budget = raw["budget"]
-    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("steps", "tokens"):
-        _fail(_mark(source, text, "budget"), "budget: expected {steps: N} or {tokens: N}")
-    (unit, amount), = budget.items()
-    if isinstance(amount, float) and amount.is_integer():
-        amount = int(amount)
-    if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
-        _fail(_mark(source, text, "budget"), f"budget.{unit}: expected a positive integer, got {amount!r}")
-
+    raw, text, source, base_dir, default_name = _read(path, raw)
+    where = functools.partial(_mark, source, text)  # key -> `file:line` for error messages
+    _check_keys(raw, source, where)
+    baseline = _baseline(raw, base_dir, where)
+    variants = _variants(raw["variants"], where)
+    seeds = _seeds(raw["seeds"], where)
+    unit, amount = _budget(raw["budget"], where)
     eval_section = raw.get("eval") or {}
     if not isinstance(eval_section, dict):
-        _fail(_mark(source, text, "eval"), "eval: expected a mapping (the eval config section)")
+        _fail(where("eval"), "eval: expected a mapping (the eval config section)")
     noise_sigma = raw.get("noise_sigma", 2.0)
     param_tolerance = raw.get("param_tolerance", 0.05)
     for key, value in (("noise_sigma", noise_sigma), ("param_tolerance", param_tolerance)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            _fail(_mark(source, text, key), f"{key}: expected a positive number, got {value!r}")
-
+            _fail(where(key), f"{key}: expected a positive number, got {value!r}")
     stage = raw.get("stage", "pretrain")
     if stage not in STAGES:
-        _fail(_mark(source, text, "stage"), f"stage: expected one of {', '.join(STAGES)}, got {stage!r}")
+        _fail(where("stage"), f"stage: expected one of {', '.join(STAGES)}, got {stage!r}")
+
     name = str(raw.get("name") or default_name)
     spec = AblationSpec(
         name=name,
         baseline=baseline,
         variants=variants,
-        seeds=list(seeds),
+        seeds=seeds,
         budget_steps=amount if unit == "steps" else None,
         budget_tokens=amount if unit == "tokens" else None,
         eval=copy.deepcopy(eval_section),
@@ -223,3 +161,84 @@ def load_ablation(path: str | os.PathLike | None = None, raw: dict | None = None
     for variant in spec.variants:  # every run's config is valid, its eval suite resolved, before the first one starts
         check_eval_config(spec.config_for(variant, spec.seeds[0]))
     return spec
+
+
+def _read(path: str | os.PathLike | None, raw: dict | None) -> tuple[Any, str, str, Path, str]:
+    """The parsed mapping, the file's text (for line numbers), its name, its folder and the default ablation name."""
+    if path is None:
+        return raw, "", "<ablation>", Path.cwd(), "ablation"
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: ablation file not found")
+    text = p.read_text()
+    return parse_yaml(text, str(p)), text, str(p), p.parent, p.stem
+
+
+def _check_keys(raw: Any, source: str, where) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with baseline, variants, seeds and budget")
+    for key in raw:
+        if key not in _TOP_KEYS:
+            close = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(_TOP_KEYS)})"
+            _fail(where(key), f"unknown key '{key}'{hint}")
+    for key in ("baseline", "variants", "seeds", "budget"):
+        if key not in raw:
+            _fail(source, f"missing '{key}'")
+
+
+def _baseline(raw: dict, base_dir: Path, where) -> dict:
+    """The baseline config mapping (a recipe path, relative to the ablation file, or inline), `set` applied."""
+    baseline = raw["baseline"]
+    if isinstance(baseline, str):
+        recipe = (base_dir / baseline) if not Path(baseline).is_absolute() else Path(baseline)
+        if not recipe.is_file():
+            _fail(where("baseline"), f"baseline: recipe {recipe} not found")
+        baseline = load_yaml(recipe) or {}
+        if not isinstance(baseline, dict):
+            _fail(str(recipe), "expected a mapping of config sections")
+    elif not isinstance(baseline, dict):
+        _fail(where("baseline"), "baseline: expected a recipe path or a config mapping")
+    baseline = copy.deepcopy(baseline)
+    apply_overrides(baseline, _overrides(where("set"), "set", raw.get("set")))
+    return baseline
+
+
+def _variants(variants_raw: Any, where) -> dict[str, list[str]]:
+    """name -> overrides, the baseline first with none."""
+    if not isinstance(variants_raw, dict) or not variants_raw:
+        _fail(where("variants"), "variants: expected a non-empty mapping of name -> overrides")
+    variants: dict[str, list[str]] = {BASELINE: []}
+    for name, value in variants_raw.items():
+        name = str(name)
+        if name == BASELINE:
+            _fail(where("variants"), "variants: 'baseline' is reserved (the baseline always runs)")
+        if not _NAME.match(name):
+            _fail(where("variants"), f"variants: {name!r} is not a usable name (letters, digits, . _ + -)")
+        overrides = _overrides(where("variants"), f"variants.{name}", value)
+        if not overrides:
+            _fail(where("variants"), f"variants.{name}: no overrides (it would equal the baseline)")
+        variants[name] = overrides
+    return variants
+
+
+def _seeds(seeds: Any, where) -> list[int]:
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = list(range(seeds))  # `seeds: 3` means seeds 0, 1, 2
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        _fail(where("seeds"), "seeds: expected a list of integers or a count")
+    if len(set(seeds)) != len(seeds):
+        _fail(where("seeds"), f"seeds: repeated seed in {seeds}")
+    return list(seeds)
+
+
+def _budget(budget: Any, where) -> tuple[str, int]:
+    """("steps" or "tokens", a positive integer)."""
+    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("steps", "tokens"):
+        _fail(where("budget"), "budget: expected {steps: N} or {tokens: N}")
+    (unit, amount), = budget.items()
+    if isinstance(amount, float) and amount.is_integer():
+        amount = int(amount)
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+        _fail(where("budget"), f"budget.{unit}: expected a positive integer, got {amount!r}")
+    return unit, amount

@@ -9,15 +9,14 @@ Plain text files (any other extension) are one document each.
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import os
-import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
 from smoltrain.errors import DataError
+from smoltrain.files import GZIP_ERRORS, gzip_or_plain
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 
@@ -85,9 +84,7 @@ class DocumentReader:
 
     def _jsonl(self) -> Iterator[str]:
         with open(self.path, "rb") as raw:
-            gzipped = raw.read(2) == b"\x1f\x8b"
-            raw.seek(0)
-            stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+            stream = gzip_or_plain(raw)
             line_no = 0
             try:
                 for line in stream:
@@ -97,7 +94,7 @@ class DocumentReader:
                     text = self._json_record(line, line_no)
                     if text is not None:
                         yield text
-            except (OSError, EOFError, zlib.error) as e:
+            except GZIP_ERRORS as e:
                 if not self.skip_bad:
                     raise DataError(f"{self.path}:{line_no + 1}: unreadable gzip data ({e}); --skip-bad keeps "
                                     f"the {line_no} lines before it") from None

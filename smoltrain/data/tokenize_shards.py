@@ -183,60 +183,17 @@ def tokenize(tokenizer: str, inputs: list[str], out_dir: str | os.PathLike, text
     tok_hash = tokenizer_file_hash(tokenizer)
     settings = {"tokenizer_hash": tok_hash, "text_key": text_key, "add_bos": add_bos, "skip_bad": skip_bad,
                 "dtype": dtype.name}
-
-    # A previous complete run lists its shards in meta.json; they stay a complete dataset until this
-    # job has staged every new shard.
-    previous: dict = {}
-    meta_path = out / META
-    if meta_path.is_file():
-        try:
-            previous = {s["name"]: s for s in json.loads(meta_path.read_text()).get("shards", [])}
-        except (json.JSONDecodeError, TypeError, KeyError):
-            previous = {}
-
-    tasks, entries = [], {}
-    for index, path in enumerate(files):
-        shard = shard_name(name, index)
-        fingerprint = _fingerprint(path, settings)
-        done = _finished(out, shard, fingerprint, previous)
-        if done is not None:
-            entries[shard] = done
-            continue
-        tasks.append({"out": str(out), "path": str(path), "shard": shard, "fingerprint": fingerprint,
-                      "text_key": text_key, "skip_bad": skip_bad, "eot_id": eot_id, "bos_id": bos_id,
-                      "dtype": dtype.name})
     shards = [shard_name(name, i) for i in range(len(files))]
+    task_settings = {"out": str(out), "text_key": text_key, "skip_bad": skip_bad, "eot_id": eot_id, "bos_id": bos_id,
+                     "dtype": dtype.name}
+    tasks, entries = _tasks(out, files, shards, settings, task_settings)
     _cleanup(out, shards)
 
     started = time.perf_counter()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, min(workers or cores, len(tasks) or 1))
-    total_bytes = sum(Path(t["path"]).stat().st_size for t in tasks)
-    try:
-        tasks.sort(key=lambda t: -Path(t["path"]).stat().st_size)  # largest first: the last to finish is short
-        for entry in _run(tasks, tokenizer, workers, max(1, cores // workers), total_bytes, show_progress):
-            entries[entry["name"]] = entry
-    except BaseException:
-        _cleanup(out, shards)
-        raise
+    entries.update(_tokenize_tasks(out, shards, tasks, tokenizer, workers, show_progress))
     elapsed = time.perf_counter() - started
 
-    # Every shard is ready: take the old meta.json down, move the staged shards in, drop shards of
-    # inputs no longer given (or now empty), then write the new meta.json.
-    meta_path.unlink(missing_ok=True)
-    for shard in shards:
-        for suffix in (".bin", ".idx"):
-            staged = out / STAGING / f"{shard}{suffix}"
-            if staged.is_file():
-                os.replace(staged, out / f"{shard}{suffix}")
-    keep = {s for s in shards if not entries[s].get("empty")}
-    for stale in out.glob(f"{name}_[0-9][0-9][0-9][0-9][0-9].*"):
-        if stale.stem not in keep:
-            stale.unlink()
-    skipped = Counter()
-    for shard in shards:
-        skipped.update(entries[shard].get("skipped", {}))
-    ordered = [entries[s] for s in shards if s in keep]
+    ordered, skipped = _publish(out, name, shards, entries)
     if not ordered:
         raise DataError(f"{', '.join(inputs)}: no documents in any input file ({sum(skipped.values())} bad records skipped)")
     meta = write_meta(
@@ -249,6 +206,65 @@ def tokenize(tokenizer: str, inputs: list[str], out_dir: str | os.PathLike, text
     meta["elapsed_s"] = elapsed
     meta["tokenized_files"] = len(tasks)
     return meta
+
+
+def _tasks(out: Path, files: list[Path], shards: list[str], settings: dict, task_settings: dict) -> tuple[list[dict], dict]:
+    """The files still to tokenize (as worker tasks), and the entries of the shards that are already done."""
+    # A previous complete run lists its shards in meta.json; they stay a complete dataset until this
+    # job has staged every new shard.
+    previous: dict = {}
+    meta_path = out / META
+    if meta_path.is_file():
+        try:
+            previous = {s["name"]: s for s in json.loads(meta_path.read_text()).get("shards", [])}
+        except (json.JSONDecodeError, TypeError, KeyError):
+            previous = {}
+    tasks, entries = [], {}
+    for path, shard in zip(files, shards):
+        fingerprint = _fingerprint(path, settings)
+        done = _finished(out, shard, fingerprint, previous)
+        if done is not None:
+            entries[shard] = done
+            continue
+        tasks.append({**task_settings, "path": str(path), "shard": shard, "fingerprint": fingerprint})
+    return tasks, entries
+
+
+def _tokenize_tasks(out: Path, shards: list[str], tasks: list[dict], tokenizer: str, workers: int | None,
+                    show_progress: bool) -> dict:
+    """Run the tasks over the cores (largest file first); their shards wait in the staging folder."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(workers or cores, len(tasks) or 1))
+    total_bytes = sum(Path(t["path"]).stat().st_size for t in tasks)
+    entries = {}
+    try:
+        tasks.sort(key=lambda t: -Path(t["path"]).stat().st_size)  # largest first: the last to finish is short
+        for entry in _run(tasks, tokenizer, workers, max(1, cores // workers), total_bytes, show_progress):
+            entries[entry["name"]] = entry
+    except BaseException:
+        _cleanup(out, shards)
+        raise
+    return entries
+
+
+def _publish(out: Path, name: str, shards: list[str], entries: dict) -> tuple[list[dict], Counter]:
+    """Every shard is ready: take the old meta.json down, move the staged shards in, drop shards of
+    inputs no longer given (or now empty). Returns the non-empty shards' entries in order and the
+    skipped records per reason; the caller writes the new meta.json."""
+    (out / META).unlink(missing_ok=True)
+    for shard in shards:
+        for suffix in (".bin", ".idx"):
+            staged = out / STAGING / f"{shard}{suffix}"
+            if staged.is_file():
+                os.replace(staged, out / f"{shard}{suffix}")
+    keep = {s for s in shards if not entries[s].get("empty")}
+    for stale in out.glob(f"{name}_[0-9][0-9][0-9][0-9][0-9].*"):
+        if stale.stem not in keep:
+            stale.unlink()
+    skipped = Counter()
+    for shard in shards:
+        skipped.update(entries[shard].get("skipped", {}))
+    return [entries[s] for s in shards if s in keep], skipped
 
 
 def progress_rates(num_bytes: int, num_tokens: int, elapsed_s: float) -> str:

@@ -222,10 +222,12 @@ def evaluate(
     model, config, tokenizer_path = _load_for_eval(path_or_model, config, tokenizer, device,
                                                    parse_validation(validation))
     e = config.eval
+    limit = limit if limit is not None else e.limit
+    seed = e.seed if seed is None else seed
+    batch_size = batch_size or e.batch_size
     specs = list(tasks) if tasks else ([] if task_files else list(e.tasks) or ["embedded"])
     specs += list(task_files)
-    task_list = resolve_tasks(specs, limit if limit is not None else e.limit,
-                              num_fewshot if num_fewshot is not None else (e.num_fewshot or None), e.seed if seed is None else seed,
+    task_list = resolve_tasks(specs, limit, num_fewshot if num_fewshot is not None else (e.num_fewshot or None), seed,
                               num_samples, temperature)
     if task_list and tokenizer_path is None and config.data.embedded:
         from smoltrain.eval.validation import resolve_data_config
@@ -233,29 +235,17 @@ def evaluate(
         tokenizer_path = resolve_data_config(config).data.tokenizer  # built once, then cached
     if task_list and tokenizer_path is None:
         raise ConfigError("no tokenizer is known for this model: pass --tokenizer PATH (tokenizer.json or a folder)")
-    was_training = model.training
-    model.eval()
     details: list | None = [] if log_samples else None
-    try:
-        results = score_tasks(model, load_tokenizer(tokenizer_path), task_list, batch_size or e.batch_size,
-                              e.seed if seed is None else seed, device, progress, details=details) if task_list else {}
-        val = {}
-        num_val = val_batches if val_batches is not None else e.val_batches
-        if num_val > 0 and (config.data.validation or config.data.embedded):
-            from smoltrain.eval.validation import validation_per_source
-
-            val = validation_per_source(model, config, num_val, batch_size or e.batch_size, device,
-                                        torch.bfloat16 if device.type == "cuda" else None)
-    finally:
-        model.train(was_training)
+    num_val = val_batches if val_batches is not None else e.val_batches
+    results, val = _score(model, config, tokenizer_path, task_list, batch_size, seed, num_val, device, progress, details)
     report = {"tasks": results, "aggregate": aggregate(results), "val": val, "main_metric": main_metrics(task_list)}
     report["provenance"] = {
         "model": model_provenance(path_or_model),
         "tokenizer": str(tokenizer_path) if tokenizer_path is not None else None,
         "tasks": {t.name: task_provenance(t) for t in task_list},
-        "limit": limit if limit is not None else e.limit,
-        "seed": e.seed if seed is None else seed,
-        "batch_size": batch_size or e.batch_size,
+        "limit": limit,
+        "seed": seed,
+        "batch_size": batch_size,
         "validation": dict(config.data.validation) if val else {},
         "val_batches": num_val if val else 0,
         "device": str(device),
@@ -267,6 +257,26 @@ def evaluate(
             report["samples"] = str(write_samples(details, Path(out).with_suffix(".samples.jsonl")))
         write_results(report, out)
     return report
+
+
+def _score(model, config, tokenizer_path, task_list: list, batch_size: int, seed: int, num_val: int,
+           device: torch.device, progress: bool, details: list | None) -> tuple[dict, dict]:
+    """The tasks' results and the validation loss per source (when the config names validation data),
+    scored with the model in eval mode; it is put back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        results = score_tasks(model, load_tokenizer(tokenizer_path), task_list, batch_size, seed, device, progress,
+                              details=details) if task_list else {}
+        val = {}
+        if num_val > 0 and (config.data.validation or config.data.embedded):
+            from smoltrain.eval.validation import validation_per_source
+
+            val = validation_per_source(model, config, num_val, batch_size, device,
+                                        torch.bfloat16 if device.type == "cuda" else None)
+    finally:
+        model.train(was_training)
+    return results, val
 
 
 def parse_validation(specs: Sequence[str] | dict[str, str]) -> dict[str, str]:

@@ -292,6 +292,11 @@ class DPOObjective:
                               f"train.micro_batch_size x data-parallel ranks ({self.config.train.micro_batch_size} x {dp_world})")
         return self.config.dpo.pairs_per_step // per_round
 
+    def describe_step(self, seq_len: int, dp_world: int) -> str:
+        accumulation = self.accumulation(seq_len, dp_world)
+        return (f"{self.config.dpo.pairs_per_step} pairs = {self.config.train.micro_batch_size} x {accumulation} "
+                f"accumulation x {dp_world} data-parallel")
+
     def stateful(self) -> dict:
         return {}  # the position is the batch source's; the reference pass is a file in the run folder
 

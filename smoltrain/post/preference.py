@@ -45,15 +45,21 @@ def preference_losses(
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
     if loss == "apo_zero":
-        return (1 - torch.sigmoid(beta * chosen_ratio)) + torch.sigmoid(beta * rejected_ratio)
+        return _raise_and_lower(chosen_ratio, rejected_ratio, beta)
     if loss == "apo_down":
-        return torch.sigmoid(beta * chosen_ratio) + (1 - torch.sigmoid(beta * (chosen_ratio - rejected_ratio)))
+        return _raise_and_lower(chosen_ratio - rejected_ratio, chosen_ratio, beta)
     if loss == "dpo":
         return -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
     if chosen_tokens is None or rejected_tokens is None:
         raise ValueError("ipo needs the completion token counts of both answers")
     delta = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
     return (delta - 1 / (2 * beta)) ** 2
+
+
+def _raise_and_lower(raised: torch.Tensor, lowered: torch.Tensor, beta: float) -> torch.Tensor:
+    """The APO shape, 1 - sigma(beta raised) + sigma(beta lowered): APO-zero raises r_w and lowers r_l,
+    APO-down raises the margin r_w - r_l and lowers r_w."""
+    return 1 - torch.sigmoid(beta * raised) + torch.sigmoid(beta * lowered)
 
 
 def sft_losses(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:

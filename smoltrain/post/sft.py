@@ -24,8 +24,8 @@ from smoltrain.config import (
     Config,
     apply_overrides,
     config_from_dict,
-    grad_accumulation,
     load_config,
+    replace_sections,
 )
 from smoltrain.errors import ConfigError
 from smoltrain.files import write_atomic
@@ -44,7 +44,7 @@ from smoltrain.post.sft_data import (
     report_markdown,
     tokenize_conversations,
 )
-from smoltrain.train.pretrain import next_token_loss
+from smoltrain.train.pretrain import PretrainObjective
 
 console = Console(highlight=False, markup=False, soft_wrap=True)
 
@@ -154,25 +154,17 @@ def _write_atomic(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------- the objective
 
 
-class SFTObjective:
-    """Cross-entropy on the packed rows' labels (assistant tokens, or all), summed; the Trainer divides
-    by the label tokens of the whole step. evaluate() runs the chat evals and keeps a vibe test."""
+class SFTObjective(PretrainObjective):
+    """Pretraining's summed cross-entropy and token batches, on the packed rows' labels (assistant
+    tokens, or all); the Trainer divides by the label tokens of the whole step. The batch source's
+    position is all the state there is. evaluate() runs the chat evals and keeps a vibe test."""
 
     name = "sft"
 
     def __init__(self, config: Config, batches: PackedChatBatches, tokenizer, run_dir: Path, is_main: bool):
-        self.config, self.batches, self.tokenizer = config, batches, tokenizer
-        self.run_dir, self.is_main = run_dir, is_main
+        super().__init__(config, batches)
+        self.tokenizer, self.run_dir, self.is_main = tokenizer, run_dir, is_main
         self.last_chat: dict | None = None
-
-    def loss(self, model: nn.Module, batch: dict):
-        return next_token_loss(model, batch)
-
-    def accumulation(self, seq_len: int, dp_world: int) -> int:
-        return grad_accumulation(self.config.train, seq_len, dp_world)
-
-    def stateful(self) -> dict:
-        return {}  # the batch source's position is all the state there is
 
     def step_metrics(self) -> dict:
         return {"epoch": round(self.batches.epoch, 4)}
@@ -245,7 +237,7 @@ def sft(config: Config, resume: str | None = None, should_stop=None) -> dict:
     if config.sft.warmup_fraction is not None:
         optim = dataclasses.replace(optim, warmup_steps=round(config.sft.warmup_fraction * train.max_steps))
     data = dataclasses.replace(config.data, tokenizer=str((tokenizer_dir / "tokenizer.json").resolve()))
-    config = dataclasses.replace(config, train=train, optim=optim, data=data)
+    config = replace_sections(config, train=train, optim=optim, data=data)
     if main:
         console.print(f"sft: {len(prepared.rows)} rows of {config.data.seq_len} per epoch, {rows_per_step} rows per step, "
                       f"{train.max_steps} steps (warmup {optim.warmup_steps}, lr {optim.lr:g} -> {optim.min_lr:g} "

@@ -9,6 +9,7 @@ kernel, document masking, the init std that imported weights ignore): those are 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable
 
 from smoltrain.config import Config, ModelConfig, validate
@@ -17,6 +18,25 @@ from smoltrain.errors import ConfigError
 # Model keys a stage may set differently from the model it starts from (the first two are the
 # playbook's long-context recipe: a larger RoPE base at a longer sequence length).
 MAY_CHANGE = ("rope_theta", "max_seq_len", "z_loss", "attention_kernel", "document_masking", "init_std")
+
+
+def with_init_model_section(raw: dict) -> dict:
+    """A raw config mapping whose model section is the init model's, overridden by the keys the
+    section gives: with train.init, a partial model section (`max_seq_len: 512`) is validated as
+    the model that will train, not merged into the defaults first (a default of 9 heads would
+    refuse `num_kv_heads: 2` that the init model's 4 heads take). Unchanged without train.init,
+    with a complete model section, or while train.init names nothing yet (a recipe read before its
+    init run exists: the Trainer says so in one line when it starts)."""
+    train, given = raw.get("train"), raw.get("model")
+    given = {} if given is None else given
+    init = train.get("init") if isinstance(train, dict) else None
+    if not init or not isinstance(given, dict) or not Path(str(init)).exists():
+        return raw  # (a model section that is not a mapping is the config builder's one-line error)
+    if all(f.name in given for f in dataclasses.fields(ModelConfig)):
+        return raw
+    from smoltrain.model.hf import model_config_of
+
+    return {**raw, "model": {**dataclasses.asdict(model_config_of(str(init))), **given}}
 
 
 def resolve_init_model(config: Config, say: Callable[[str], None] | None = None) -> Config:
@@ -53,4 +73,4 @@ def resolve_init_model(config: Config, say: Callable[[str], None] | None = None)
     return out
 
 
-__all__ = ["MAY_CHANGE", "resolve_init_model"]
+__all__ = ["MAY_CHANGE", "resolve_init_model", "with_init_model_section"]

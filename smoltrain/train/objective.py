@@ -25,6 +25,11 @@ The contract, in words (the Protocols below say the same in types):
   cross-entropy without z-loss), else it is loss_sum / count. The loop calls `loss` under autocast,
   once per micro-batch, with gradient sync handled outside.
 - `objective.accumulation(seq_len, dp_world)` -> micro-batches per optimizer step on each rank.
+- optional: `objective.describe_step(seq_len, dp_world)` -> what one optimizer step holds, in the
+  objective's own units, for the Trainer's start line ("a step = ..."): pretraining and SFT
+  "2 x 16 tokens x 2 accumulation x 1 data-parallel = 64 tokens", DPO "8 pairs = 4 x 2
+  accumulation x 1 data-parallel". Without it the line counts what every objective shares:
+  "2 micro-batches of at most 4 rows x 1 data-parallel".
 - `objective.stateful()` -> extra checkpoint parts by name (anything with state_dict /
   load_state_dict: a rollout RNG, a reference-log-prob cache position), saved and restored
   by the loop beside the model, optimizer and loader. Each rank saves its own (torch.save of

@@ -23,6 +23,13 @@ def next_token_loss(model: nn.Module, batch: dict):
     return out.loss, out.num_tokens, {"loss": (out.ce_loss, out.num_tokens)}
 
 
+def describe_token_step(config: Config, seq_len: int, dp_world: int) -> str:
+    """A token-batched objective's step (pretraining, SFT) for the Trainer's start line."""
+    micro, accumulation = config.train.micro_batch_size, grad_accumulation(config.train, seq_len, dp_world)
+    return (f"{micro} x {seq_len} tokens x {accumulation} accumulation x {dp_world} data-parallel = "
+            f"{micro * seq_len * accumulation * dp_world:,} tokens")
+
+
 class PretrainObjective:
     """Next-token prediction on the training loader's packed sequences (intra-document masking by
     document_ids); "loss" is reported as cross-entropy alone, z-loss is only backpropagated."""
@@ -38,6 +45,9 @@ class PretrainObjective:
 
     def accumulation(self, seq_len: int, dp_world: int) -> int:
         return grad_accumulation(self.config.train, seq_len, dp_world)
+
+    def describe_step(self, seq_len: int, dp_world: int) -> str:
+        return describe_token_step(self.config, seq_len, dp_world)
 
     def stateful(self) -> dict:
         return {}  # the loader's position is saved as `batches`; nothing else draws or moves

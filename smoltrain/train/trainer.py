@@ -324,10 +324,8 @@ class Trainer:
                                      start_step=self.state.step)
         for event in self.events:
             self.metrics.write({"step": self.state.step, **event})
-        seq_len = self.batches.seq_len
         self.say(f"smoltrain train ({self.objective.name}): {count_parameters(self.model) / 1e6:.1f}M parameters | "
-                 f"a step = {t.micro_batch_size} x {seq_len} x {self.accumulation()} accumulation x "
-                 f"{ctx.dp_world} data-parallel | {describe_layout(ctx)} | "
+                 f"a step = {self.describe_step()} | {describe_layout(ctx)} | "
                  f"{self.device.type} {ctx.precision} | compile {'on' if ctx.compile else 'off'} | to step {t.max_steps} in {self.run_dir}")
 
     # ------------------------------------------------------------------------- small helpers
@@ -367,6 +365,15 @@ class Trainer:
 
     def accumulation(self) -> int:
         return self.objective.accumulation(self.batches.seq_len, self.ctx.dp_world)
+
+    def describe_step(self) -> str:
+        """What one optimizer step holds: in the objective's own units (tokens, pairs) where it says
+        (objective.py's optional describe_step), else micro-batches of rows, true of every objective."""
+        describe = getattr(self.objective, "describe_step", None)
+        if describe is not None:
+            return describe(self.batches.seq_len, self.ctx.dp_world)
+        return (f"{self.accumulation()} micro-batches of at most {self.config.train.micro_batch_size} rows x "
+                f"{self.ctx.dp_world} data-parallel")
 
     def _abort(self) -> None:
         if self.owns_group and dist.is_available() and dist.is_initialized():
