@@ -413,9 +413,12 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
             from smoltrain.ablate.grid import ablate
             from smoltrain.ablate.spec import AblationSpec
 
-            n = steps.get("ablation") or (int(np.clip(seconds_for("ablation") * rate / (4 * gbt), 6, 60)) if rate else 60)
+            eager_rate = settings["variable"].get("tokens_per_s") and (1 - PLAN_OVERHEAD) * settings["variable"]["tokens_per_s"]
+            n = steps.get("ablation") or (int(np.clip(seconds_for("ablation") * eager_rate / (4 * gbt), 6, 60)) if eager_rate else 60)
             console.print(f"  ablation budget: {n} steps x {gbt:,} tokens per run, 4 runs")
-            raw = base_config.to_dict()
+            # eager: runs of a few steps cannot pay back compiles (each arm's graph, and the evaluation's
+            # shapes, compiled cold: 98 s and 73 s of the first 194 s ablation on 2 cores)
+            raw = with_overrides(base_config, _speed_overrides(settings["variable"])).to_dict()
             raw["train"].update(eval_every=n, save_every=n, log_every=max(1, n // 10), tensorboard=False)
             raw["optim"]["warmup_steps"] = _warmup(base, n)
             spec = AblationSpec(
@@ -426,15 +429,15 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
             )
             ablation = ablate(spec=spec, console=console)
             runs = [r for arm in ablation["arms"].values() for r in arm["runs"]]
-            # Plan pretraining for the machine undisturbed: the fastest run's steady tokens/s (the median
-            # of its logged intervals; a run of a few steps is mostly startup, compile and evaluation,
-            # so its tokens per wall second would plan a third of what the time box holds), less
-            # PLAN_OVERHEAD, but never below that run's tokens per wall second.
-            # A neighbour slowing the machine down later meets the deadline.
+            # Plan pretraining for the machine undisturbed: the probe's rate of the chosen configuration,
+            # scaled down when the fastest ablation run's steady (eager) tokens/s, the median of its logged
+            # intervals, fell short of the probe's eager rate (a busier machine than at the probe), less
+            # PLAN_OVERHEAD. A neighbour slowing the machine down later meets the deadline.
             from smoltrain.report.run import median_of, read_metrics
 
             steady = max(median_of(read_metrics(r["run_dir"])[0], "tokens_per_s") or 0.0 for r in runs)
-            rate = max(max(r["tokens"] / r["wall_s"] for r in runs), (1 - PLAN_OVERHEAD) * steady)
+            if rate and eager_rate and steady:
+                rate *= min(1.0, (1 - PLAN_OVERHEAD) * steady / eager_rate)
         finish_stage("ablation", {"results": str(out / "ablation" / "results.json"), "steps": n,
                                   "planning_tokens_per_s": rate})
 
@@ -500,7 +503,9 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
                 seconds = seconds_for(stage)
                 init = start_model(stage)
                 if stage == "sft":
-                    tokens_per_s = rate or settings["fixed"].get("tokens_per_s") or 1e4
+                    # SFT trains pretraining's shape at its speed: plan it from pretraining's own steady tokens/s
+                    tokens_per_s = (1 - PLAN_OVERHEAD) * pretrain_rate(records) if pretrain_rate(records) else rate
+                    tokens_per_s = tokens_per_s or settings["fixed"].get("tokens_per_s") or 1e4
                     rows_rate = tokens_per_s / (sizes.sft_rows_per_step * pretrain_config.data.seq_len)
                     n = steps.get("sft") or int(np.clip(0.9 * seconds * rows_rate, 3, 100_000))
                     raw = sft_recipe(pretrain_config, init, out / "sft", n, settings["fixed"], sizes)
@@ -547,6 +552,16 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     print_summary(console, facts, bar.elapsed())
     console.print(f"report: {html_path} (markdown: {md_path})", soft_wrap=True)
     return html_path
+
+
+def pretrain_rate(records: dict) -> float | None:
+    """The median logged tokens/s of this demo's pretraining run (None when it did not run here)."""
+    from smoltrain.report.run import median_of, read_metrics
+
+    model = records.get("pretrain", {}).get("model")
+    if not model or not (Path(model) / "metrics.jsonl").is_file():
+        return None
+    return median_of(read_metrics(model)[0], "tokens_per_s")
 
 
 def _named_speed(name: str) -> tuple[str, str]:

@@ -38,7 +38,7 @@ class PostSizes:
     """How much each post-training stage and each row's evaluation does (the test shrinks all of it)."""
 
     conversations: int = 4000  # embedded SFT conversations (~125 tokens each at vocab 4096)
-    sft_rows_per_step: int = 16
+    sft_rows_per_step: int = 8  # small batches: twice the updates of 16 rows; measured better at this size
     chat_items: int = 40  # held-out items per chat-eval set (no_think, think, persona), per row: +-8 points at 50%
     suite_items: int = 100  # items per embedded pretraining task, per row
     val_batches: int = 8
@@ -62,7 +62,7 @@ class PostSizes:
 
 # Settings of the demo's model size (1.6M parameters): learning rates far above SmolLM3's 3B ones,
 # with the playbook's ratios (APO ~10x below SFT).
-SFT_SETTINGS = {"lr": 1e-3, "min_lr": 1e-4, "schedule": "cosine", "grad_clip": 1.0, "weight_decay": 0.0}
+SFT_SETTINGS = {"lr": 3e-3, "min_lr": 3e-4, "schedule": "cosine", "grad_clip": 1.0, "weight_decay": 0.0}
 APO_SETTINGS = {"lr": 1e-4, "min_lr": 1e-4, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0}
 APO_LOSS = {"loss": "apo_zero", "beta": 0.1}
 GRPO_SETTINGS = {"lr": 2e-4, "min_lr": 2e-4, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0}

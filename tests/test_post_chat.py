@@ -31,6 +31,7 @@ from smoltrain.post.chat_template import (
     write_chat_tokenizer,
 )
 from smoltrain.post.embedded_chat import (
+    MIXTURE,
     answer_is_correct,
     apply_rule,
     arithmetic_items,
@@ -289,7 +290,7 @@ def test_embedded_chat_files_are_cached_and_readable(tmp_path):
     data = read_conversations(files)
     assert {c.source for c in data.conversations} == {"arithmetic", "persona", "stdlib", "multiturn"}
     with gzip.open(files[0], "rt") as f:
-        assert len(f.readlines()) == 80
+        assert len(f.readlines()) == 200 * MIXTURE["arithmetic"]
 
 
 # ----------------------------------------------------------------------------- chat evals
@@ -390,3 +391,27 @@ def test_smollm2s_template_gets_a_training_twin_that_renders_the_same_text(folde
 
 def tok_decode_masked(tok, ids, mask):
     return tok.decode([i for i, m in zip(ids, mask) if m])
+
+
+def test_adherence_needs_a_finished_reply(tok, monkeypatch, one_thread):
+    """A reply cut at the token limit is no answer, even when its text happens to keep the rule (a base
+    model's 48 tokens of "0.0.0..." are one "word" under 'Reply in at most 3 words')."""
+    model = build_model(ModelConfig(vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                    intermediate_size=64, max_seq_len=512), seed=0)
+    personas = persona_prompts("heldout", 2)  # rules "caps" and "lower"
+    limit = 40  # "THE ANSWER IS 7." is ~16 tokens of this small vocabulary
+
+    def scripted(model, prompts, max_new_tokens, **kwargs):
+        out = []
+        for ids in prompts:
+            text = tok.decode(ids)
+            if personas[0]["messages"][0]["content"] + "\n" in text:
+                out.append(tok("THE ANSWER IS 7.", add_special_tokens=False)["input_ids"])
+            else:  # keeps "lower" but never ends its turn
+                out.append(tok("the answer " * 20, add_special_tokens=False)["input_ids"][:max_new_tokens])
+        return out
+
+    monkeypatch.setattr(chat_eval, "generate", scripted)
+    results = chat_eval.chat_evals(model, tok, count=0, persona_count=2, max_new_tokens=limit)
+    assert [follows_rule(p["rule"], t) for p, t in zip(personas, ["THE ANSWER IS 7.", "the answer " * 20])] == [True, True]
+    assert results["adherence"] == 0.5 and results["stop_rate"] == 0.5

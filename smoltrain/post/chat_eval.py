@@ -1,7 +1,8 @@
 """Chat evals: generate through the chat template in both modes and check what a program can check.
 
 Held-out arithmetic answered in no_think and in think mode (accuracy), held-out questions under a
-rule's system prompt (adherence: the rule is checked on the final answer), the think format of
+rule's system prompt (adherence: the rule is checked on the final answer of a reply that ended its
+turn), the think format of
 think-mode replies (one closed think block first, then an answer; counted on the think set only,
 since a no_think reply without tags is what any base model writes and would score it for nothing),
 the stop rate (the end-of-turn token before the length limit) and the mean
@@ -95,7 +96,8 @@ def chat_evals(model, tokenizer, count: int = 50, persona_count: int = 48, seed:
                 formats.append(float(verdict["format"]))
             stops.append(float(reply["stopped"]))
             if name == "persona":
-                verdict["follows_rule"] = follows_rule(prompt["rule"], text)
+                # a reply cut at the token limit is no answer: 48 tokens of "0.0.0..." are one "word"
+                verdict["follows_rule"] = reply["stopped"] and follows_rule(prompt["rule"], text)
                 adherence.append(float(verdict["follows_rule"]))
             else:
                 verdict["correct"] = answer_is_correct(text, prompt["answer"])
