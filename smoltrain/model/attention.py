@@ -118,11 +118,30 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     """q: [batch, heads, seq_q, dim]; k, v: [batch, kv_heads, seq_kv, dim] (GQA when fewer heads).
 
     mask: None (causal, seq_q == seq_kv), a boolean tensor broadcastable to [batch, 1, seq_q, seq_kv]
-    (True = attend), or a flex_attention BlockMask.
+    (True = attend) or an additive float bias of that shape, or a flex_attention BlockMask.
     """
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, torch.Tensor):
+        if q.shape[2] == 1 and q.device.type == "cpu":
+            return _attend_one_query(q, k, v, mask)
+        if mask.is_floating_point() and mask.dtype != q.dtype:  # an additive bias under autocast
+            mask = mask.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
+def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A decoding step on CPU: the query heads sharing a key head become rows of one matmul against
+    the unrepeated keys. sdpa's CPU flash kernel tiles for long queries: with one query it is 1.9x
+    slower (64 rows, 4 heads over 1 key head, 100 keys, one core: 400 -> 210 us, 18% of a rollout)."""
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    scores = torch.matmul(q.reshape(batch, kv_heads, heads // kv_heads, dim), k.transpose(-1, -2)) * dim**-0.5
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask
+    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(batch, heads, 1, dim)
