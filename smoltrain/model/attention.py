@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -118,11 +119,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     """q: [batch, heads, seq_q, dim]; k, v: [batch, kv_heads, seq_kv, dim] (GQA when fewer heads).
 
     mask: None (causal, seq_q == seq_kv), a boolean tensor broadcastable to [batch, 1, seq_q, seq_kv]
-    (True = attend) or an additive float bias of that shape, or a flex_attention BlockMask.
+    (True = attend) or an additive float bias of that shape, a flex_attention BlockMask, or a
+    SharedPrefixMask.
     """
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, SharedPrefixMask):
+        return mask.attend(q, k, v)
     if isinstance(mask, torch.Tensor):
         if q.shape[2] == 1 and q.device.type == "cpu":
             return _attend_one_query(q, k, v, mask)
@@ -145,3 +149,36 @@ def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         scores = scores + mask
     probs = scores.float().softmax(dim=-1).to(v.dtype)
     return torch.matmul(probs, v).reshape(batch, heads, 1, dim)
+
+
+@dataclass
+class SharedPrefixMask:
+    """Training on several continuations of one prompt without running the prompt once per row. The
+    batch is one packed sequence: `prompts` distinct prompts of `prompt_len` columns (left-padded),
+    then `len(rows)` tails of `tail_len` columns (right-padded), tail i continuing prompt rows[i].
+    Prompts attend causally within themselves (`prompt_mask` [prompts, 1, P, P]); a tail attends to
+    its prompt's keys, then causally to itself (`tail_mask` [tails, 1, T, P + T]). One forward, so
+    gradients reach every block through its output (FSDP2 unshards there), and a prompt's gradient is
+    the sum over its tails."""
+
+    prompts: int
+    prompt_len: int
+    rows: torch.Tensor
+    tail_len: int
+    prompt_mask: torch.Tensor
+    tail_mask: torch.Tensor
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[1, heads, tokens, dim] in, [1, heads, tokens, dim] out."""
+        split = self.prompts * self.prompt_len
+
+        def grid(x: torch.Tensor, start: int, end: int, count: int, length: int) -> torch.Tensor:
+            return x[0, :, start:end].unflatten(1, (count, length)).transpose(0, 1)  # [count, heads, length, dim]
+
+        end = split + len(self.rows) * self.tail_len
+        q_p, k_p, v_p = (grid(x, 0, split, self.prompts, self.prompt_len) for x in (q, k, v))
+        q_t, k_t, v_t = (grid(x, split, end, len(self.rows), self.tail_len) for x in (q, k, v))
+        y_p = attend(q_p, k_p, v_p, self.prompt_mask)
+        y_t = attend(q_t, torch.cat([k_p.index_select(0, self.rows), k_t], dim=2),
+                     torch.cat([v_p.index_select(0, self.rows), v_t], dim=2), self.tail_mask)
+        return torch.cat([y_p.transpose(0, 1).flatten(1, 2), y_t.transpose(0, 1).flatten(1, 2)], dim=1)[None]
