@@ -124,25 +124,18 @@ def sample(
         return Samples([[] for _ in range(rows)], [[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows)
 
     state = _prefill(model, prompts, max_new_tokens, lockstep, repeats)
+    device = state.ids.device
     uniforms = None
     if isinstance(generator, (list, tuple)):
-        uniforms = torch.stack([torch.rand(max_new_tokens, generator=g) for g in generator]).to(state.ids.device)
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=g) for g in generator]).to(device)
         generator = None
-    stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=state.ids.device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=state.ids.device)
-    logprobs = torch.zeros(rows, max_new_tokens, device=state.ids.device)
-    entropies = torch.zeros(rows, max_new_tokens, device=state.ids.device)
+    stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    logprobs, entropies = torch.zeros(rows, max_new_tokens, device=device), torch.zeros(rows, max_new_tokens, device=device)
     produced = max_new_tokens
     for i in range(max_new_tokens):
-        scaled = _scale(state.logits, temperature)
-        if temperature == 0:
-            token = scaled.argmax(dim=-1)
-        else:
-            token = _draw(scaled, top_k, top_p, generator, None if uniforms is None else uniforms[:, i])
-        log_dist = scaled.log_softmax(dim=-1)
-        logprobs[:, i] = log_dist.gather(1, token[:, None]).squeeze(1)
-        # finite: the logits are unfiltered here; vecdot with softmax, not exp(log_dist): 2 passes fewer
-        entropies[:, i] = -torch.linalg.vecdot(scaled.softmax(dim=-1), log_dist)
+        token, logprobs[:, i], entropies[:, i] = _choose(state.logits, temperature, top_k, top_p, generator,
+                                                         None if uniforms is None else uniforms[:, i])
         state.ids[:, state.longest + i] = token
         if on_token is not None:
             on_token(token.tolist())
@@ -155,6 +148,17 @@ def sample(
             break
         _decode_step(model, state, state.longest + i)
     return _cut_at_stops(state, produced, logprobs, entropies, set(stop_tokens))
+
+
+def _choose(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+            generator: torch.Generator | None, uniform: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Every row's next token, with the log-probability and entropy of the distribution it was drawn
+    from (logits / temperature before top-k / top-p: finite, and what a teacher-forced recompute sees)."""
+    scaled = _scale(logits, temperature)
+    token = scaled.argmax(dim=-1) if temperature == 0 else _draw(scaled, top_k, top_p, generator, uniform)
+    log_dist = scaled.log_softmax(dim=-1)
+    entropy = -torch.linalg.vecdot(scaled.softmax(dim=-1), log_dist)  # not exp(log_dist): one pass fewer
+    return token, log_dist.gather(1, token[:, None]).squeeze(1), entropy
 
 
 @dataclass
