@@ -45,7 +45,7 @@ def _draw(scaled: torch.Tensor, top_k: int | None, top_p: float | None, generato
     """sample_next on logits already divided by the temperature."""
     nucleus = top_p is not None and top_p < 1.0
     if top_k is not None and top_k < scaled.shape[-1]:
-        values, candidates = scaled.topk(top_k, dim=-1)  # sorted, largest first
+        values, candidates = _top_k(scaled, top_k)  # sorted, largest first
     elif nucleus:
         values, candidates = scaled.sort(dim=-1, descending=True)
     else:
@@ -61,6 +61,21 @@ def _draw(scaled: torch.Tensor, top_k: int | None, top_p: float | None, generato
     u = uniform[:, None].to(cdf.dtype) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)  # zero-mass entries never win
     return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
+
+
+def _top_k(scores: torch.Tensor, k: int, sets: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores.topk(k) of [rows, vocab] (sorted, largest first), 1.6-2.2x faster on CPU at 32-64 rows
+    of a 4k vocabulary (torch's CPU topk is a heap over every entry: 9% of a rollout). The vocabulary
+    is split into `sets` interleaved slices; the k columns whose maxima are largest hold the top k (an
+    entry elsewhere has k larger column maxima above it), so topk runs on their k x sets entries only."""
+    rows, vocab = scores.shape
+    width = vocab // sets
+    if vocab % sets or width < 2 * k:  # nothing to save
+        return scores.topk(k, dim=-1)
+    columns = scores.view(rows, sets, width).amax(dim=1).topk(k, dim=-1, sorted=False).indices
+    members = (columns[:, :, None] + width * torch.arange(sets, device=scores.device)).flatten(1)
+    values, picked = scores.gather(1, members).topk(k, dim=-1)
+    return values, members.gather(1, picked)
 
 
 @dataclass
