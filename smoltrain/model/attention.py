@@ -128,27 +128,37 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     if isinstance(mask, SharedPrefixMask):
         return mask.attend(q, k, v)
     if isinstance(mask, torch.Tensor):
-        if q.shape[2] == 1 and q.device.type == "cpu":
-            return _attend_one_query(q, k, v, mask)
         if mask.is_floating_point() and mask.dtype != q.dtype:  # an additive bias under autocast
             mask = mask.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 
-def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A decoding step on CPU: the query heads sharing a key head become rows of one matmul against
-    the unrepeated keys. sdpa's CPU flash kernel tiles for long queries: with one query it is 1.9x
-    slower (64 rows, 4 heads over 1 key head, 100 keys, one core: 400 -> 210 us, 18% of a rollout)."""
-    batch, heads, _, dim = q.shape
-    kv_heads = k.shape[1]
-    scores = torch.matmul(q.reshape(batch, kv_heads, heads // kv_heads, dim), k.transpose(-1, -2)) * dim**-0.5
-    if mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    else:
-        scores = scores + mask
-    probs = scores.float().softmax(dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(batch, heads, 1, dim)
+def attend_shared_prompt(q: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor, prompt_bias: torch.Tensor,
+                         k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A decoding step (one query per row) whose rows come in groups sharing a prompt, prompt-major:
+    scores against the group's prompt keys in one matmul per prompt (its keys read once, not once per
+    row: a 150-token prompt sampled 8 times reads 150 x 8 keys per layer and token otherwise), then
+    against the row's own tokens, one softmax over both.
+    q [rows, heads, 1, dim]; prompt_k, prompt_v [prompts, kv_heads, prompt_len, dim]; prompt_bias
+    [prompts, 1, 1, prompt_len] additive (-inf on padding); k, v [rows, kv_heads, new, dim], all visible.
+    Grouping the query heads of a key head into matmul rows (GQA) also beats sdpa's CPU flash kernel,
+    which tiles for long queries (64 rows x 100 keys, one core: 400 -> 210 us)."""
+    rows, heads, _, dim = q.shape
+    prompts, kv_heads, prompt_len, _ = prompt_k.shape
+    group, per_key = rows // prompts, heads // kv_heads
+    q = q.reshape(rows, kv_heads, per_key, dim) * dim**-0.5
+
+    def by_prompt(x: torch.Tensor) -> torch.Tensor:  # [rows, kv, per_key, n] -> [prompts, kv, group * per_key, n]
+        return x.unflatten(0, (prompts, group)).transpose(1, 2).flatten(2, 3)
+
+    def by_row(x: torch.Tensor) -> torch.Tensor:  # the inverse
+        return x.unflatten(2, (group, per_key)).transpose(1, 2).flatten(0, 1)
+
+    shared = by_row(torch.matmul(by_prompt(q), prompt_k.transpose(-1, -2)) + prompt_bias)
+    probs = torch.cat([shared, torch.matmul(q, k.transpose(-1, -2))], dim=-1).float().softmax(dim=-1).to(v.dtype)
+    y = by_row(torch.matmul(by_prompt(probs[..., :prompt_len]), prompt_v)) + torch.matmul(probs[..., prompt_len:], v)
+    return y.reshape(rows, heads, 1, dim)
 
 
 @dataclass

@@ -179,12 +179,10 @@ def _choose(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
 @dataclass
 class _Decoding:
     """sample()'s tensors: every row's tokens (left-padded prompt, then what it draws), their
-    positions, the additive attention bias (-inf on left padding), the cache, and the logits of the
-    last column fed."""
+    positions, the cache, and the logits of the last column fed."""
 
     ids: torch.Tensor
     positions: torch.Tensor
-    bias: torch.Tensor
     cache: KVCache
     logits: torch.Tensor
     longest: int
@@ -212,7 +210,7 @@ def _prefill(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
         ids[row, pad:longest] = torch.tensor(prompt, dtype=torch.long, device=device)
         real[row, :pad] = False
     positions = (real.long().cumsum(dim=-1) - 1).clamp(min=0)
-    cache = KVCache(base.config, batch, total, device, dtype=weight.dtype)
+    cache = KVCache(base.config, batch, longest, device, dtype=weight.dtype)
     chunk = max(1, PREFILL_CHUNK_ELEMENTS // (batch * vocab_size))
     if lockstep is not None:
         chunk = -lockstep(-chunk)  # the smallest chunk of all ranks (batches may differ by a row)
@@ -223,21 +221,19 @@ def _prefill(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
         mask = ((keys <= queries) & real[:, None, :end]) | (keys == queries)
         logits = model(ids[:, start:end], position_ids=positions[:, start:end], attention_mask=mask[:, None],
                        cache=cache, logits_to_keep=1)[:, -1]
+    # Each prompt's keys stay one copy its rows attend to; what the rows draw goes to their own cache.
+    bias = torch.zeros(batch, longest, dtype=cache.dtype, device=device).masked_fill(~real[:, :longest], float("-inf"))
+    cache.share_prompts(repeats, bias[:, None, None, :], max_new_tokens)
     if repeats > 1:  # the prompts' rows become their groups' rows
-        ids, real, positions, logits = (t.repeat_interleave(repeats, dim=0) for t in (ids, real, positions, logits))
-        cache.keys, cache.values = (t.repeat_interleave(repeats, dim=1) for t in (cache.keys, cache.values))
-        cache.batch *= repeats
-    # Built once: a decoded token sees every real column before it (and itself, always real), so its
-    # mask is a slice of this bias, not a [rows, columns] boolean rebuilt at every step.
-    bias = torch.zeros(real.shape, dtype=cache.dtype, device=device).masked_fill(~real, float("-inf"))
-    return _Decoding(ids, positions, bias[:, None, None, :], cache, logits, longest)
+        ids, positions, logits = (t.repeat_interleave(repeats, dim=0) for t in (ids, positions, logits))
+    return _Decoding(ids, positions, cache, logits, longest)
 
 
 def _decode_step(model: torch.nn.Module, state: _Decoding, column: int) -> None:
     """Feed one column through the cache; its logits replace state.logits."""
-    end = column + 1
-    state.logits = model(state.ids[:, column:end], position_ids=state.positions[:, column:end],
-                         attention_mask=state.bias[..., :end], cache=state.cache, logits_to_keep=1)[:, -1]
+    end = column + 1  # the cache knows what a drawn token sees: its prompt (not the padding), then its row
+    state.logits = model(state.ids[:, column:end], position_ids=state.positions[:, column:end], cache=state.cache,
+                         logits_to_keep=1)[:, -1]
 
 
 def _cut_at_stops(state: _Decoding, produced: int, logprobs: torch.Tensor, entropies: torch.Tensor,
