@@ -4,7 +4,8 @@ Positions restart at every document boundary, so RoPE layers see document-relati
 a packed sequence gives each document exactly the logits it would get alone. On CPU the
 document mask is a dense boolean block-diagonal matrix for sdpa (flex_attention has no CPU
 backward in torch 2.13); on CUDA it is a flex_attention BlockMask (about 2x faster than causal
-flash attention at 4096 tokens with 512-token documents).
+flash attention at 4096 tokens with 512-token documents). Rows that share a prompt (GRPO's
+groups) attend to one copy of it, in training (SharedPromptMask) and in decoding (attend_shared_prompt).
 """
 
 from __future__ import annotations
@@ -119,17 +120,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     """q: [batch, heads, seq_q, dim]; k, v: [batch, kv_heads, seq_kv, dim] (GQA when fewer heads).
 
     mask: None (causal, seq_q == seq_kv), a boolean tensor broadcastable to [batch, 1, seq_q, seq_kv]
-    (True = attend) or an additive float bias of that shape, a flex_attention BlockMask, or a
-    SharedPrefixMask.
+    (True = attend), a flex_attention BlockMask, or a SharedPromptMask.
     """
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if isinstance(mask, SharedPrefixMask):
+    if isinstance(mask, SharedPromptMask):
         return mask.attend(q, k, v)
     if isinstance(mask, torch.Tensor):
-        if mask.is_floating_point() and mask.dtype != q.dtype:  # an additive bias under autocast
-            mask = mask.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
 
@@ -142,8 +140,8 @@ def attend_shared_prompt(q: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torc
     against the row's own tokens, one softmax over both.
     q [rows, heads, 1, dim]; prompt_k, prompt_v [prompts, kv_heads, prompt_len, dim]; prompt_bias
     [prompts, 1, 1, prompt_len] additive (-inf on padding); k, v [rows, kv_heads, new, dim], all visible.
-    Grouping the query heads of a key head into matmul rows (GQA) also beats sdpa's CPU flash kernel,
-    which tiles for long queries (64 rows x 100 keys, one core: 400 -> 210 us)."""
+    The query heads of a key head are rows of one matmul (GQA without repeating keys): sdpa's CPU
+    flash kernel, tiled for long queries, is 1.9x slower for one query (64 rows x 100 keys, one core)."""
     rows, heads, _, dim = q.shape
     prompts, kv_heads, prompt_len, _ = prompt_k.shape
     group, per_key = rows // prompts, heads // kv_heads
@@ -162,7 +160,7 @@ def attend_shared_prompt(q: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torc
 
 
 @dataclass
-class SharedPrefixMask:
+class SharedPromptMask:
     """Training on several continuations of one prompt without running the prompt once per row. The
     batch is one packed sequence: `prompts` distinct prompts of `prompt_len` columns (left-padded),
     then `len(rows)` tails of `tail_len` columns (right-padded), tail i continuing prompt rows[i].

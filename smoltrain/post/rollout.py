@@ -3,6 +3,7 @@ micro-batches built from them (prompt + completion, right-padded, labels on the 
 
 Completions keep their first end-of-turn token and are trained on it (TRL). Under torchrun each rank
 samples its own prompts' groups, in lockstep with the others (model.generate.sample's `lockstep`).
+The training forward runs each distinct prompt of a micro-batch once for all its completions.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smoltrain.model.attention import SharedPrefixMask
+from smoltrain.model.attention import SharedPromptMask
 from smoltrain.model.generate import sample
 from smoltrain.model.transformer import token_logprobs
 
@@ -121,7 +122,7 @@ def _shared_prompt_layout(prompts: list[list[int]], completions: list[list[int]]
 
 def completion_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
     """`token_logprobs(model, input_ids, labels, temperature)` of a micro-batch ([rows, width], 0 off
-    the labels), with each distinct prompt run once for all its rows (`SharedPrefixMask`): a group of
+    the labels), with each distinct prompt run once for all its rows (`SharedPromptMask`): a group of
     G completions of a 150-token chat prompt costs 150 + G x 64 tokens of forward and backward, not
     G x 214 (0.97 -> 0.48 s of a 16-row CPU step). Positions are those of the right-padded rows."""
     prompt_ids, real, rows, tail_ids = batch["prompt_ids"], batch["prompt_real"], batch["prompt_of_row"], batch["tail_ids"]
@@ -138,7 +139,7 @@ def completion_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
     tail_labels = tail_labels.masked_fill(label_columns >= labels.shape[1], -100)
     tail_mask = torch.cat([real[rows][:, None, :].expand(-1, tail_width, -1),
                            (steps[None, :] <= steps[:, None]).expand(tails, -1, -1)], dim=-1)
-    mask = SharedPrefixMask(prompts, width, rows, tail_width, prompt_mask[:, None], tail_mask[:, None])
+    mask = SharedPromptMask(prompts, width, rows, tail_width, prompt_mask[:, None], tail_mask[:, None])
 
     def packed(prompt_part: torch.Tensor, tail_part: torch.Tensor) -> torch.Tensor:  # one sequence, batch 1
         return torch.cat([prompt_part.flatten(), tail_part.flatten()])[None]
