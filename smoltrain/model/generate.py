@@ -189,8 +189,9 @@ class _Decoding:
 
 
 def _prefill(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, lockstep, repeats: int) -> _Decoding:
-    """Left-pad the prompts, feed them through the cache in chunks, then copy each prompt's rows
-    `repeats` times. Positions count real tokens only; the mask always lets a query see itself."""
+    """Left-pad the prompts and feed them through the cache in chunks; each prompt's keys then stay
+    one copy shared by its `repeats` rows. Positions count real tokens only; the mask always lets a
+    query see itself."""
     base = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     weight = base.embed_tokens.weight
     device, vocab_size = weight.device, base.config.vocab_size
@@ -221,7 +222,7 @@ def _prefill(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
         mask = ((keys <= queries) & real[:, None, :end]) | (keys == queries)
         logits = model(ids[:, start:end], position_ids=positions[:, start:end], attention_mask=mask[:, None],
                        cache=cache, logits_to_keep=1)[:, -1]
-    # Each prompt's keys stay one copy its rows attend to; what the rows draw goes to their own cache.
+    # What the rows draw goes to their own cache; the prompts' padding is masked by this bias.
     bias = torch.zeros(batch, longest, dtype=cache.dtype, device=device).masked_fill(~real[:, :longest], float("-inf"))
     cache.share_prompts(repeats, bias[:, None, None, :], max_new_tokens)
     if repeats > 1:  # the prompts' rows become their groups' rows
