@@ -49,12 +49,9 @@ def ours(model_dir: Path, args) -> list[float]:
 
     from smoltrain.config import config_from_dict
     from smoltrain.post.grpo_train import build_grpo_objective
+    from smoltrain.train.distributed import single_process_context
     from smoltrain.train.optim import build_optimizer
-    from smoltrain.train.trainer import (
-        build_training_model,
-        forward_backward,
-        single_process_context,
-    )
+    from smoltrain.train.trainer import build_training_model, forward_backward
 
     rows = args.prompts * args.generations
     config = config_from_dict({
@@ -66,7 +63,7 @@ def ours(model_dir: Path, args) -> list[float]:
         "grpo": {"num_generations": args.generations, "prompts_per_step": args.prompts, "temperature": 1.0,
                  "max_completion_length": args.completion_tokens, "rewards": {"math_answer": 1.0}, "eval_count": 4},
     })
-    ctx = single_process_context(torch.device("cpu"))
+    ctx = single_process_context(torch.device("cpu"), config.train)
     model = build_training_model(config, ctx.device, init_from=str(model_dir), ctx=ctx)
     optimizer = build_optimizer(config.optim, model)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -75,7 +72,7 @@ def ours(model_dir: Path, args) -> list[float]:
         for _ in range(args.steps + args.warmup):
             start = (time.perf_counter(), time.process_time())
             micro = [objective.batches.next_batch() for _ in range(objective.accumulation(0, 1))]
-            forward_backward(model, objective, micro, ctx, "fp32", config.optim.grad_clip)
+            forward_backward(model, objective, micro, ctx, config.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append((time.perf_counter() - start[0], time.process_time() - start[1]))

@@ -128,6 +128,16 @@ def test_top_k_and_top_p_renormalise_over_the_kept_tokens():
     assert torch.equal(_empirical(logits, 100, temperature=1.0, top_k=None, top_p=1e-9), torch.eye(6)[0])
 
 
+@pytest.mark.parametrize("rows, vocab, k", [(32, 4096, 50), (3, 2048, 1), (5, 1000, 50), (4, 6, 3)])
+def test_top_k_through_column_maxima_equals_torch_topk(rows, vocab, k):
+    scores = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+    crowded = torch.arange(k) % 8 * (vocab // 8) + torch.arange(k) // 8  # row 0's top k in the fewest columns
+    scores[0, crowded] = 50.0 + torch.arange(k, dtype=torch.float32)
+    values, indices = generation._top_k(scores, k)
+    expected = scores.topk(k, dim=-1)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+
+
 def test_invalid_arguments_are_refused():
     model = _model("rope-gqa")
     with pytest.raises(ValueError):

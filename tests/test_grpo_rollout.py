@@ -7,7 +7,7 @@ import torch
 from smoltrain.config import ModelConfig
 from smoltrain.model.generate import sample
 from smoltrain.model.transformer import build_model, token_logprobs
-from smoltrain.post.rollout import generate_rollouts, micro_batches
+from smoltrain.post.rollout import completion_logprobs, generate_rollouts, micro_batches
 
 VOCAB = 200
 
@@ -47,6 +47,36 @@ def test_rollout_logprobs_equal_a_teacher_forced_recompute(temperature):
         torch.testing.assert_close(recomputed[mask], batch["sampling_logprobs"][mask], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("size", [4, 9])
+def test_prompts_run_once_per_micro_batch_give_the_full_rows_logprobs_and_gradients(size):
+    """completion_logprobs (each distinct prompt once, its G completions attending to it) against the
+    plain forward over every prompt + completion row: the same values and parameter gradients, with
+    prompts of 1 token (nothing before the last), groups split over micro-batches and stop tokens."""
+    model = _model()
+    rollouts = generate_rollouts(model, _prompts([5, 11, 1]), num_generations=3, max_completion_length=12,
+                                 temperature=0.7, stop_tokens=set(range(1, VOCAB, 8)),
+                                 generator=torch.Generator().manual_seed(0))
+    assert any(rollouts.truncated) and not all(rollouts.truncated)  # rows of different lengths
+    batches = micro_batches(rollouts, torch.zeros(9), size=size)
+    # rows 0-2, 3-5, 6-8 answer prompts of 5, 11 and 1 tokens: each distinct prompt once, but its last token
+    assert [b["prompt_ids"].shape for b in batches] == ([(2, 10), (2, 10), (1, 1)] if size == 4 else [(3, 10)])
+    for batch in batches:
+        weights = torch.randn(batch["labels"].shape, generator=torch.Generator().manual_seed(1))
+        full, full_grads = _with_gradients(model, weights, token_logprobs, batch["input_ids"], batch["labels"], 0.7)
+        shared, shared_grads = _with_gradients(model, weights, completion_logprobs, batch, 0.7)
+        torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+        assert not shared[batch["labels"] == -100].any()
+        for a, b in zip(shared_grads, full_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _with_gradients(model, weights, logprobs, *args):
+    model.zero_grad()
+    values = logprobs(model, *args)
+    (values * weights).sum().backward()
+    return values.detach(), [p.grad.clone() for p in model.parameters()]
+
+
 def test_micro_batches_put_labels_on_completion_tokens_and_mask_truncated_rows():
     from smoltrain.post.rollout import Rollouts
 
@@ -62,6 +92,10 @@ def test_micro_batches_put_labels_on_completion_tokens_and_mask_truncated_rows()
     assert second["loss_mask"].tolist() == [[False] * 4, [True, False, False, False]]
     assert second["advantages"].tolist() == [0.5, -0.5]
     assert first["sampling_logprobs"][0, 2:4].tolist() == pytest.approx([-0.1, -0.2])
+    # each distinct prompt once but its last token, which starts every row's tail
+    assert first["prompt_ids"].tolist() == [[5, 6]] and first["prompt_of_row"].tolist() == [0, 0]
+    assert first["tail_ids"].tolist() == [[7, 1], [7, 0]] and first["tail_start"].tolist() == [2, 2]
+    assert second["prompt_real"].tolist() == [[False]] and second["tail_ids"].tolist() == [[9, 4, 4], [9, 0, 0]]
 
 
 def test_lockstep_padding_and_extra_decode_steps_leave_the_samples_unchanged():

@@ -4,13 +4,15 @@ Positions restart at every document boundary, so RoPE layers see document-relati
 a packed sequence gives each document exactly the logits it would get alone. On CPU the
 document mask is a dense boolean block-diagonal matrix for sdpa (flex_attention has no CPU
 backward in torch 2.13); on CUDA it is a flex_attention BlockMask (about 2x faster than causal
-flash attention at 4096 tokens with 512-token documents).
+flash attention at 4096 tokens with 512-token documents). Rows that share a prompt (GRPO's
+groups) attend to one copy of it, in training (SharedPromptMask) and in decoding (attend_shared_prompt).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -118,11 +120,73 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     """q: [batch, heads, seq_q, dim]; k, v: [batch, kv_heads, seq_kv, dim] (GQA when fewer heads).
 
     mask: None (causal, seq_q == seq_kv), a boolean tensor broadcastable to [batch, 1, seq_q, seq_kv]
-    (True = attend), or a flex_attention BlockMask.
+    (True = attend), a flex_attention BlockMask, or a SharedPromptMask.
     """
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, SharedPromptMask):
+        return mask.attend(q, k, v)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
+def attend_shared_prompt(q: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor, prompt_bias: torch.Tensor,
+                         k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A decoding step (one query per row) whose rows come in groups sharing a prompt, prompt-major:
+    scores against the group's prompt keys in one matmul per prompt (its keys read once, not once per
+    row: a 150-token prompt sampled 8 times reads 150 x 8 keys per layer and token otherwise), then
+    against the row's own tokens, one softmax over both.
+    q [rows, heads, 1, dim]; prompt_k, prompt_v [prompts, kv_heads, prompt_len, dim]; prompt_bias
+    [prompts, 1, 1, prompt_len] additive (-inf on padding); k, v [rows, kv_heads, new, dim], all visible.
+    The query heads of a key head are rows of one matmul (GQA without repeating keys): sdpa's CPU
+    flash kernel, tiled for long queries, is 1.9x slower for one query (64 rows x 100 keys, one core)."""
+    rows, heads, _, dim = q.shape
+    prompts, kv_heads, prompt_len, _ = prompt_k.shape
+    group, per_key = rows // prompts, heads // kv_heads
+    q = q.reshape(rows, kv_heads, per_key, dim) * dim**-0.5
+
+    def by_prompt(x: torch.Tensor) -> torch.Tensor:  # [rows, kv, per_key, n] -> [prompts, kv, group * per_key, n]
+        return x.unflatten(0, (prompts, group)).transpose(1, 2).flatten(2, 3)
+
+    def by_row(x: torch.Tensor) -> torch.Tensor:  # the inverse
+        return x.unflatten(2, (group, per_key)).transpose(1, 2).flatten(0, 1)
+
+    shared = by_row(torch.matmul(by_prompt(q), prompt_k.transpose(-1, -2)) + prompt_bias)
+    probs = torch.cat([shared, torch.matmul(q, k.transpose(-1, -2))], dim=-1).float().softmax(dim=-1).to(v.dtype)
+    y = by_row(torch.matmul(by_prompt(probs[..., :prompt_len]), prompt_v)) + torch.matmul(probs[..., prompt_len:], v)
+    return y.reshape(rows, heads, 1, dim)
+
+
+@dataclass
+class SharedPromptMask:
+    """Training on several continuations of one prompt without running the prompt once per row. The
+    batch is one packed sequence: `prompts` distinct prompts of `prompt_len` columns (left-padded),
+    then `len(rows)` tails of `tail_len` columns (right-padded), tail i continuing prompt rows[i].
+    Prompts attend causally within themselves (`prompt_mask` [prompts, 1, P, P]); a tail attends to
+    its prompt's keys, then causally to itself (`tail_mask` [tails, 1, T, P + T]). One forward, so
+    gradients reach every block through its output (FSDP2 unshards there), and a prompt's gradient is
+    the sum over its tails."""
+
+    prompts: int
+    prompt_len: int
+    rows: torch.Tensor
+    tail_len: int
+    prompt_mask: torch.Tensor
+    tail_mask: torch.Tensor
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[1, heads, tokens, dim] in, [1, heads, tokens, dim] out."""
+        split = self.prompts * self.prompt_len
+
+        def grid(x: torch.Tensor, start: int, end: int, count: int, length: int) -> torch.Tensor:
+            return x[0, :, start:end].unflatten(1, (count, length)).transpose(0, 1)  # [count, heads, length, dim]
+
+        end = split + len(self.rows) * self.tail_len
+        q_p, k_p, v_p = (grid(x, 0, split, self.prompts, self.prompt_len) for x in (q, k, v))
+        q_t, k_t, v_t = (grid(x, split, end, len(self.rows), self.tail_len) for x in (q, k, v))
+        y_p = attend(q_p, k_p, v_p, self.prompt_mask)
+        y_t = attend(q_t, torch.cat([k_p.index_select(0, self.rows), k_t], dim=2),
+                     torch.cat([v_p.index_select(0, self.rows), v_t], dim=2), self.tail_mask)
+        return torch.cat([y_p.transpose(0, 1).flatten(1, 2), y_t.transpose(0, 1).flatten(1, 2)], dim=1)[None]

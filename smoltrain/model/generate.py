@@ -31,14 +31,25 @@ def sample_next(
     a CPU rollout at 4k vocabulary, 32 rows)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    return _draw(_scale(logits, temperature), top_k, top_p, generator, uniform)
+
+
+def _scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 logits / temperature (no division at 1.0: a [rows, vocab] pass per decoded token)."""
+    logits = logits.float()
+    return logits if temperature in (0.0, 1.0) else logits / temperature
+
+
+def _draw(scaled: torch.Tensor, top_k: int | None, top_p: float | None, generator: torch.Generator | None,
+          uniform: torch.Tensor | None) -> torch.Tensor:
+    """sample_next on logits already divided by the temperature."""
     nucleus = top_p is not None and top_p < 1.0
-    if top_k is not None and top_k < logits.shape[-1]:
-        values, candidates = logits.topk(top_k, dim=-1)  # sorted, largest first
+    if top_k is not None and top_k < scaled.shape[-1]:
+        values, candidates = _top_k(scaled, top_k)  # sorted, largest first
     elif nucleus:
-        values, candidates = logits.sort(dim=-1, descending=True)
+        values, candidates = scaled.sort(dim=-1, descending=True)
     else:
-        values, candidates = logits, None
+        values, candidates = scaled, None
     probs = values.softmax(dim=-1)
     if nucleus:
         # Keep a token while the mass ranked above it is below top_p: the smallest set reaching
@@ -50,6 +61,21 @@ def sample_next(
     u = uniform[:, None].to(cdf.dtype) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)  # zero-mass entries never win
     return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
+
+
+def _top_k(scores: torch.Tensor, k: int, sets: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores.topk(k) of [rows, vocab] (sorted, largest first), 1.6-2.2x faster on CPU at 32-64 rows
+    of a 4k vocabulary (torch's CPU topk is a heap over every entry: 9% of a rollout). The vocabulary
+    is split into `sets` interleaved slices; the k columns whose maxima are largest hold the top k (an
+    entry elsewhere has k larger column maxima above it), so topk runs on their k x sets entries only."""
+    rows, vocab = scores.shape
+    width = vocab // sets
+    if vocab % sets or width < 2 * k:  # nothing to save
+        return scores.topk(k, dim=-1)
+    columns = scores.view(rows, sets, width).amax(dim=1).topk(k, dim=-1, sorted=False).indices
+    members = (columns[:, :, None] + width * torch.arange(sets, device=scores.device)).flatten(1)
+    values, picked = scores.gather(1, members).topk(k, dim=-1)
+    return values, members.gather(1, picked)
 
 
 @dataclass
@@ -106,10 +132,66 @@ def sample(
     _check_arguments(temperature, top_k, top_p)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    rows = len(prompts) * repeats
+    if isinstance(generator, (list, tuple)) and len(generator) != rows:
+        raise ValueError(f"{len(generator)} generators for {rows} prompts")
     if max_new_tokens <= 0:
-        rows = len(prompts) * repeats
         return Samples([[] for _ in range(rows)], [[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows)
 
+    state = _prefill(model, prompts, max_new_tokens, lockstep, repeats)
+    device = state.ids.device
+    uniforms = None
+    if isinstance(generator, (list, tuple)):
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=g) for g in generator]).to(device)
+        generator = None
+    stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    logprobs, entropies = torch.zeros(rows, max_new_tokens, device=device), torch.zeros(rows, max_new_tokens, device=device)
+    produced = max_new_tokens
+    for i in range(max_new_tokens):
+        token, logprobs[:, i], entropies[:, i] = _choose(state.logits, temperature, top_k, top_p, generator,
+                                                         None if uniforms is None else uniforms[:, i])
+        state.ids[:, state.longest + i] = token
+        if on_token is not None:
+            on_token(token.tolist())
+        finished |= torch.isin(token, stops)
+        if i == max_new_tokens - 1:
+            break
+        running = int(not bool(finished.all()))
+        if (lockstep(running) if lockstep is not None else running) == 0:
+            produced = i + 1
+            break
+        _decode_step(model, state, state.longest + i)
+    return _cut_at_stops(state, produced, logprobs, entropies, set(stop_tokens))
+
+
+def _choose(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+            generator: torch.Generator | None, uniform: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Every row's next token, with the log-probability and entropy of the distribution it was drawn
+    from (logits / temperature before top-k / top-p: finite, and what a teacher-forced recompute sees)."""
+    scaled = _scale(logits, temperature)
+    token = scaled.argmax(dim=-1) if temperature == 0 else _draw(scaled, top_k, top_p, generator, uniform)
+    log_dist = scaled.log_softmax(dim=-1)
+    entropy = -torch.linalg.vecdot(scaled.softmax(dim=-1), log_dist)  # not exp(log_dist): one pass fewer
+    return token, log_dist.gather(1, token[:, None]).squeeze(1), entropy
+
+
+@dataclass
+class _Decoding:
+    """sample()'s tensors: every row's tokens (left-padded prompt, then what it draws), their
+    positions, the cache, and the logits of the last column fed."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    cache: KVCache
+    logits: torch.Tensor
+    longest: int
+
+
+def _prefill(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, lockstep, repeats: int) -> _Decoding:
+    """Left-pad the prompts and feed them through the cache in chunks; each prompt's keys then stay
+    one copy shared by its `repeats` rows. Positions count real tokens only; the mask always lets a
+    query see itself."""
     base = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     weight = base.embed_tokens.weight
     device, vocab_size = weight.device, base.config.vocab_size
@@ -122,68 +204,45 @@ def sample(
     if base.rope_cos.shape[0] < total:  # beyond the trained length: extend the tables, do not fail
         base.set_rope(max_seq_len=total)
 
-    ids = torch.zeros(batch, total, dtype=torch.long, device=device)  # prompts, then what we generate
+    ids = torch.zeros(batch, total, dtype=torch.long, device=device)
     real = torch.ones(batch, total, dtype=torch.bool, device=device)  # False on left padding
     for row, prompt in enumerate(prompts):
         pad = longest - len(prompt)
         ids[row, pad:longest] = torch.tensor(prompt, dtype=torch.long, device=device)
         real[row, :pad] = False
     positions = (real.long().cumsum(dim=-1) - 1).clamp(min=0)
-    cache = KVCache(base.config, batch, total, device, dtype=weight.dtype)
-
-    def step(start: int, end: int) -> torch.Tensor:
-        """Feed columns [start, end) through the cache; the last column's logits."""
-        queries = torch.arange(start, end, device=device)[:, None]
-        keys = torch.arange(end, device=device)[None, :]
-        mask = ((keys <= queries) & real[:, None, :end]) | (keys == queries)
-        logits = model(ids[:, start:end], position_ids=positions[:, start:end], attention_mask=mask[:, None], cache=cache,
-                       logits_to_keep=1)
-        return logits[:, -1]
-
+    cache = KVCache(base.config, batch, longest, device, dtype=weight.dtype)
     chunk = max(1, PREFILL_CHUNK_ELEMENTS // (batch * vocab_size))
     if lockstep is not None:
         chunk = -lockstep(-chunk)  # the smallest chunk of all ranks (batches may differ by a row)
     for start in range(0, longest, chunk):
-        logits = step(start, min(start + chunk, longest))
+        end = min(start + chunk, longest)
+        queries = torch.arange(start, end, device=device)[:, None]
+        keys = torch.arange(end, device=device)[None, :]
+        mask = ((keys <= queries) & real[:, None, :end]) | (keys == queries)
+        logits = model(ids[:, start:end], position_ids=positions[:, start:end], attention_mask=mask[:, None],
+                       cache=cache, logits_to_keep=1)[:, -1]
+    # What the rows draw goes to their own cache; the prompts' padding is masked by this bias.
+    bias = torch.zeros(batch, longest, dtype=cache.dtype, device=device).masked_fill(~real[:, :longest], float("-inf"))
+    cache.share_prompts(repeats, bias[:, None, None, :], max_new_tokens)
     if repeats > 1:  # the prompts' rows become their groups' rows
-        batch *= repeats
-        ids, real, positions, logits = (t.repeat_interleave(repeats, dim=0) for t in (ids, real, positions, logits))
-        cache.keys, cache.values = (t.repeat_interleave(repeats, dim=1) for t in (cache.keys, cache.values))
-        cache.batch = batch
+        ids, positions, logits = (t.repeat_interleave(repeats, dim=0) for t in (ids, positions, logits))
+    return _Decoding(ids, positions, cache, logits, longest)
 
-    uniforms = None
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != batch:
-            raise ValueError(f"{len(generator)} generators for {batch} prompts")
-        uniforms = torch.stack([torch.rand(max_new_tokens, generator=g) for g in generator]).to(device)
-        generator = None
-    stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    logprobs = torch.zeros(batch, max_new_tokens, device=device)
-    entropies = torch.zeros(batch, max_new_tokens, device=device)
-    produced = max_new_tokens
-    for i in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, generator, None if uniforms is None else uniforms[:, i])
-        scaled = logits.float() / temperature if temperature > 0 else logits.float()
-        log_dist = scaled.log_softmax(dim=-1)
-        logprobs[:, i] = log_dist.gather(1, token[:, None]).squeeze(1)
-        entropies[:, i] = -(log_dist.exp() * log_dist).sum(-1)  # finite: the logits are unfiltered here
-        ids[:, longest + i] = token
-        if on_token is not None:
-            on_token(token.tolist())
-        finished |= torch.isin(token, stops)
-        if i == max_new_tokens - 1:
-            break
-        running = int(not bool(finished.all()))
-        if (lockstep(running) if lockstep is not None else running) == 0:
-            produced = i + 1
-            break
-        logits = step(longest + i, longest + i + 1)
 
-    stop_set = set(stop_tokens)
+def _decode_step(model: torch.nn.Module, state: _Decoding, column: int) -> None:
+    """Feed one column through the cache; its logits replace state.logits."""
+    end = column + 1  # the cache knows what a drawn token sees: its prompt (not the padding), then its row
+    state.logits = model(state.ids[:, column:end], position_ids=state.positions[:, column:end], cache=state.cache,
+                         logits_to_keep=1)[:, -1]
+
+
+def _cut_at_stops(state: _Decoding, produced: int, logprobs: torch.Tensor, entropies: torch.Tensor,
+                  stop_set: set[int]) -> Samples:
+    """Each row's new tokens up to and including its first stop token (all of them if none)."""
     tokens, row_logprobs, row_entropies, ended = [], [], [], []
-    for new, lp, ent in zip(ids[:, longest : longest + produced].tolist(),
-                            logprobs[:, :produced].tolist(), entropies[:, :produced].tolist()):
+    new_ids = state.ids[:, state.longest : state.longest + produced].tolist()
+    for new, lp, ent in zip(new_ids, logprobs[:, :produced].tolist(), entropies[:, :produced].tolist()):
         stop = next((j for j, t in enumerate(new) if t in stop_set), None)
         keep = len(new) if stop is None else stop + 1
         tokens.append(new[:keep])

@@ -17,6 +17,7 @@ from smoltrain.config import ModelConfig
 from smoltrain.model.attention import (
     apply_rotary,
     attend,
+    attend_shared_prompt,
     build_mask,
     positions_from_documents,
     resolve_kernel,
@@ -41,13 +42,18 @@ class RMSNorm(nn.Module):
 
 class KVCache:
     """Keys and values of every layer for max_len tokens, for incremental decoding. Allocated at the
-    first update, shaped like its keys: under tensor parallelism a rank holds only its heads."""
+    first update, shaped like its keys: under tensor parallelism a rank holds only its heads.
+
+    After prefilling each prompt once, `share_prompts(repeats, ...)` keeps them as one copy that the
+    prompt's `repeats` rows attend to (cascade attention: the prompt's keys are read once per group,
+    not once per row) and starts an empty cache for the rows' own tokens."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32):
         self.num_layers, self.batch, self.max_len = config.num_layers, batch, max_len
         self.device, self.dtype = device, dtype
         self.keys = self.values = None
         self.length = 0  # tokens already stored
+        self.prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # keys, values, padding bias
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keys is None:
@@ -60,6 +66,20 @@ class KVCache:
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def share_prompts(self, repeats: int, bias: torch.Tensor, max_new_tokens: int) -> None:
+        """The stored tokens become the shared prompts (bias [prompts, 1, 1, length]: -inf on padding);
+        `repeats` rows per prompt (prompt-major) then store up to max_new_tokens each."""
+        self.prompts = (self.keys[:, :, :, : self.length], self.values[:, :, :, : self.length], bias)
+        self.keys = self.values = None
+        self.batch, self.max_len, self.length = self.batch * repeats, max_new_tokens, 0
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        k, v = self.update(layer, k, v)
+        if self.prompts is None:
+            return attend(q, k, v, mask)
+        keys, values, bias = self.prompts
+        return attend_shared_prompt(q, keys[layer], values[layer], bias, k, v)
 
 
 class Attention(nn.Module):
@@ -92,9 +112,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.use_rope:
             q, k = apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype)), apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype))
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        y = attend(q, k, v, mask)
+        y = attend(q, k, v, mask) if cache is None else cache.attend(self.layer, q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
 

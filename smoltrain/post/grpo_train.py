@@ -23,11 +23,10 @@ from torch import nn
 from smoltrain.config import Config
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.generate import sample
-from smoltrain.model.transformer import token_logprobs
 from smoltrain.post.grpo import aggregate, group_advantages, per_token_loss
 from smoltrain.post.prompts import encode, load_prompts, reward_columns
 from smoltrain.post.rewards import answers_match, build_rewards, extract_answer, score
-from smoltrain.post.rollout import generate_rollouts, max_over_ranks, micro_batches
+from smoltrain.post.rollout import completion_logprobs, generate_rollouts, max_over_ranks, micro_batches
 
 
 def _row_seed(*parts) -> int:
@@ -140,7 +139,7 @@ class GRPOObjective:
 
     def loss(self, model: nn.Module, batch):
         g = self.config.grpo
-        logprobs = token_logprobs(model, batch["input_ids"], batch["labels"], temperature=g.temperature)
+        logprobs = completion_logprobs(model, batch, g.temperature)
         per_token, parts = per_token_loss(logprobs, batch["advantages"], batch.get("old_logprobs"), g.epsilon,
                                           g.epsilon_high, g.beta, batch.get("ref_logprobs"), g.kl_bias_correction)
         mask = batch["loss_mask"]
@@ -199,8 +198,8 @@ class GRPOObjective:
     def _logprobs(self, model: nn.Module, batch: dict) -> torch.Tensor:
         autocast = torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
         with autocast:
-            return token_logprobs(model, batch["input_ids"].to(self.ctx.device), batch["labels"].to(self.ctx.device),
-                                  temperature=self.config.grpo.temperature).float().cpu()
+            on_device = {key: value.to(self.ctx.device) for key, value in batch.items()}
+            return completion_logprobs(model, on_device, self.config.grpo.temperature).float().cpu()
 
     def make_rollouts(self, k: int) -> None:
         g, ctx = self.config.grpo, self.ctx
