@@ -69,6 +69,8 @@ def test_grpo_resume_after_sigkill_mid_rollout_batch_matches_uninterrupted_run(t
     reference = grpo(recipe, tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr
     expected = per_step(tmp_path / "reference")
+    g = RECIPE["grpo"]  # the start line counts a step in rollouts, not in pretraining's tokens
+    assert f"a step = {g['prompts_per_step']} prompts x {g['num_generations']} generations = " in reference.stdout
     assert [s[0] for s in expected] == list(range(1, 7))
     assert len({s[3] for s in expected}) == 3  # mu = 2: a new rollout batch every second step
     assert any(abs(s[1]) > 1e-6 for s in expected) and all(s[2] > 0 for s in expected)  # it trains

@@ -134,6 +134,12 @@ class GRPOObjective:
         rows = g.prompts_per_step // dp_world * g.num_generations
         return -(-rows // self.config.train.micro_batch_size)
 
+    def describe_step(self, seq_len: int, dp_world: int) -> str:
+        g = self.config.grpo
+        return (f"{g.prompts_per_step} prompts x {g.num_generations} generations = {g.prompts_per_step * g.num_generations} "
+                f"rollouts ({self.accumulation(seq_len, dp_world)} micro-batches of at most "
+                f"{self.config.train.micro_batch_size} per rank x {dp_world} data-parallel)")
+
     def stateful(self) -> dict:
         return {"rollout_buffer": self.buffer}
 
