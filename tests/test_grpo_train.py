@@ -90,6 +90,15 @@ def test_grpo_resume_after_sigkill_mid_rollout_batch_matches_uninterrupted_run(t
     got = {s[0]: s for s in per_step(run)}
     assert [got[s] for s in range(1, 7)] == expected  # bit for bit on CPU
 
+    # A fresh run from the finished one scores its starting model first: the same numbers as the
+    # finished run's last evaluation (same weights, same held-out prompts and sampling seeds).
+    follow = grpo(recipe, tmp_path / "follow", None, "--set", f"train.init={tmp_path / 'reference'}", "--set", "train.max_steps=1")
+    assert follow.returncode == 0, follow.stderr
+    last = [json.loads(x)["eval"]["grpo"] for x in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()
+            if '"eval"' in x][-1]
+    assert json.loads((tmp_path / "follow" / "eval_before.json").read_text()) == last
+    assert f"start model, held-out: pass@1 {last['pass@1']:.3f}" in follow.stdout
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -371,8 +371,12 @@ def load_grpo_prompts(config: Config) -> tuple[list[dict], list[dict]]:
     return train, heldout
 
 
+BEFORE = "eval_before.json"  # the held-out evaluation of the starting model, in the run folder
+
+
 def build_grpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -> GRPOObjective:
-    """The factory the Trainer calls after building the model (at its starting weights)."""
+    """The factory the Trainer calls after building the model (at its starting weights); a fresh run
+    from train.init first scores the starting model on the held-out prompts (eval_before.json)."""
     from smoltrain.post.chat_template import load_chat_tokenizer
 
     tokenizer = load_chat_tokenizer(tokenizer_path(config), config.grpo.chat_template)
@@ -383,7 +387,19 @@ def build_grpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -
 
         reference = build_training_model(config, ctx.device, init_from=config.train.init, ctx=ctx).eval()
         reference.requires_grad_(False)
-    return GRPOObjective(config, model, ctx, tokenizer, train, heldout, reference)
+    objective = GRPOObjective(config, model, ctx, tokenizer, train, heldout, reference)
+    before = run_dir / BEFORE
+    if config.train.init and not (run_dir / "checkpoints" / "latest").is_file() and not before.is_file():
+        # the starting model on the held-out prompts: what "GRPO raised pass@1" is measured against
+        start = objective.evaluate(model)["grpo"]
+        if ctx.is_main:
+            from smoltrain.files import write_json
+
+            write_json(before, start)
+            print(f"start model, held-out: pass@1 {start['pass@1']:.3f} +- {start['pass@1_stderr']:.3f}, "
+                  f"pass@{config.grpo.pass_k} {start[f'pass@{config.grpo.pass_k}']:.3f}, "
+                  f"greedy length {start['greedy_mean_length']:.1f} tokens (n {start['n']})", flush=True)
+    return objective
 
 
 def run(config: Config, resume: str | None = None, should_stop=None) -> dict:
