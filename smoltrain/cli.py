@@ -251,14 +251,16 @@ def _add_data_verbs(verbs) -> None:
 
     q = data.add_parser("preferences", help="preference pairs: chosen answers from a strong model, rejected from a weak one")
     q.add_argument("--prompts", required=True, help="jsonl of prompts ('messages' or 'prompt', optional 'answer', "
-                   "'reference'), or 'embedded' (the embedded chat data's arithmetic, with worked solutions)")
+                   "'reference'), 'embedded' (the embedded chat data's arithmetic, with worked solutions) or "
+                   "'embedded:persona' (its questions under system-prompt rules, with replies that keep them)")
     q.add_argument("--chosen-model", required=True, help="strong model folder, or 'reference' (the rows' reference replies)")
     q.add_argument("--rejected-model", required=True, help="weak model folder")
     q.add_argument("--out", required=True, help="output jsonl (a .summary.json is written beside it)")
     mode = q.add_mutually_exclusive_group()
     mode.add_argument("--think", dest="mode", action="store_const", const="think", help="answer in think mode")
     mode.add_argument("--no-think", dest="mode", action="store_const", const="no_think", help="answer in no_think mode")
-    q.add_argument("--verify", choices=["math"], help="keep pairs whose chosen answer is right and rejected wrong")
+    q.add_argument("--verify", choices=["math", "rule"], help="math: keep pairs whose chosen answer is right and rejected "
+                   "wrong; rule: whose chosen reply keeps the system prompt's rule and rejected breaks it")
     q.add_argument("--count", type=int, help="use the first COUNT prompts")
     q.add_argument("--max-new-tokens", type=int, default=256)
     q.add_argument("--batch-size", type=int, default=32)

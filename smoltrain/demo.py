@@ -481,12 +481,12 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
             console.print(f"[yellow]{stage}: {missing}[/yellow]")
             records[stage] = {"done": False, "skipped": missing}
             continue
-        title = {"sft": "SFT on the embedded chat data", "apo": "APO-zero on generated preference pairs",
+        title = {"sft": "SFT on the embedded chat data", "apo": "APO-zero on generated instruction-following pairs",
                  "grpo": "GRPO in no_think mode with the overlong penalty",
                  "merge": "merge: soup of the last APO checkpoints, then 0.9 soup + 0.1 base"}[stage]
         record: dict = {}
         if stage == "apo":
-            with bar("preferences", "preference pairs: worked solutions vs an early SFT checkpoint"):
+            with bar("preferences", "preference pairs: rule-keeping replies vs an early SFT checkpoint's"):
                 pairs = build_pairs(Path(records["sft"]["model"]), out / "preferences", sizes, console)
             kept = sum(s.get("kept", 0) for s in pairs["summaries"].values())
             record["pairs"] = pairs

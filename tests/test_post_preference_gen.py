@@ -128,3 +128,35 @@ def test_plain_text_pairs_for_a_pretrained_model(models, tmp_path, monkeypatch):
     assert first["chosen"].endswith(f"\n#### {first['chosen'].split('#### ')[1]}") and "\n\n" not in first["rejected"]
     tok_text = TextTokenizer.load(models / "smollm3")
     assert len(load_preferences(out, tok_text)) == len(rows)  # plain rows load without a template
+
+
+def test_rule_pairs_keep_a_chosen_reply_that_keeps_the_rule_and_a_rejected_one_that_breaks_it(models, tmp_path, monkeypatch):
+    """--prompts embedded:persona --verify rule: SmolLM3's instruction-following pairs in small."""
+    import smoltrain.post.chat_eval as chat_eval
+    from smoltrain.post.embedded_chat import follows_rule, persona_prompts
+
+    prompts = persona_prompts("train", 4)
+    assert [p["rule"] for p in prompts] == ["caps", "lower", "end:banana", "end:cheers"]
+    assert all(follows_rule(p["rule"], p["reference"]) for p in prompts)  # the references keep their rules
+    weak = [(prompts[0]["reference"], True),  # identical to the chosen reply
+            ("the answer is 3.", True),  # "lower" kept: no pair to learn from
+            ("The answer is 3.", True),  # breaks "end with banana": kept
+            ("The answer is 3. Cheers", False)]  # cut at the token limit
+    monkeypatch.setattr(chat_eval, "generate_replies", lambda model, tok, p, *a, **k: [
+        {"text": t, "tokens": len(t.split()), "stopped": s} for t, s in weak[: len(p)]])
+    out = tmp_path / "rules.jsonl"
+    summary = preference_gen.build_preferences("embedded:persona", "reference", str(models / "weak"), out,
+                                               mode="no_think", verify="rule", count=4, device="cpu")
+    assert summary["kept"] == 1
+    assert summary["dropped"] == {"cut_at_max_tokens": 1, "identical": 1, "rejected_keeps_rule": 1}
+    assert summary["chosen_adherence"] == 1.0 and summary["rejected_adherence"] == 0.75
+    row = json.loads(out.read_text())
+    assert row["prompt"][0] == {"role": "system", "content": "End every answer with the word banana."}
+    assert row["chosen"][0]["content"] == prompts[2]["reference"] and row["rejected"][0]["content"] == "The answer is 3."
+
+
+def test_rule_verification_needs_a_known_rule(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi", "reference": "HELLO", "rule": "shout"}) + "\n")
+    with pytest.raises(DataError, match="p.jsonl:1: --verify rule needs a 'rule' in every prompt row.*got 'shout'"):
+        preference_gen.build_preferences(str(prompts), "reference", "reference", tmp_path / "o.jsonl", verify="rule")

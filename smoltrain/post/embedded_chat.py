@@ -348,8 +348,9 @@ def chat_conversations(split: str = "train", count: int = 8000, seed: int = 0) -
 
 
 def persona_prompts(split: str = "heldout", count: int = 60, seed: int = 0, mode: str = "no_think") -> list[dict]:
-    """Held-out questions under a rule's system prompt: {"messages": [system, user], "chat_template_kwargs",
-    "rule"}; questions alternate between arithmetic and stdlib, rules cycle through `rules()`."""
+    """Questions under a rule's system prompt: {"messages": [system, user], "chat_template_kwargs", "rule",
+    "reference"} (a reply that keeps the rule, with its think block in think mode); questions alternate
+    between arithmetic and stdlib, rules cycle through `rules()`."""
     r = random.Random(f"chat-persona/{split}/{seed}")
     arithmetic = arithmetic_items(split, count, seed)
     stdlib = stdlib_items(split, seed)
@@ -357,9 +358,12 @@ def persona_prompts(split: str = "heldout", count: int = 60, seed: int = 0, mode
     prompts = []
     for i in range(count):
         rule = rule_list[i % len(rule_list)]
-        question = arithmetic[i]["question"] if i % 2 == 0 or not stdlib else _stdlib_turn(r, stdlib[i % len(stdlib)])[0]
+        use_math = i % 2 == 0 or not stdlib
+        question, steps, reply = persona_turn(r, rule, arithmetic[i] if use_math else None,
+                                              None if use_math else stdlib[i % len(stdlib)])
         prompts.append({"messages": [{"role": "system", "content": rule["system"]}, {"role": "user", "content": question}],
-                        "chat_template_kwargs": {"enable_thinking": mode == "think"}, "rule": rule["id"]})
+                        "chat_template_kwargs": {"enable_thinking": mode == "think"}, "rule": rule["id"],
+                        "reference": _reply(mode == "think", steps, reply)})
     return prompts
 
 

@@ -3,7 +3,9 @@
 Both models answer every prompt through their chat template with batched greedy generation (the same
 `generate_replies` the chat evals use). A pair is kept only when both answers are usable: they
 differ, neither is empty, both reached their end-of-turn token (a cut answer would teach length),
-and with `--verify math` the chosen answer is right and the rejected one wrong.
+and with `--verify math` the chosen answer is right and the rejected one wrong, with `--verify rule`
+the chosen reply keeps the system prompt's rule and the rejected one breaks it (SmolLM3's APO gained
+its 15-20 IFEval points from pairs like these).
 """
 
 from __future__ import annotations
@@ -19,12 +21,19 @@ from smoltrain.files import write_atomic
 from smoltrain.post.preference_data import read_rows
 
 REFERENCE = "reference"  # --chosen-model reference: the prompt row's own reference reply
+PERSONA = "embedded:persona"  # --prompts: the embedded training questions under system-prompt rules
+VERIFY = ("math", "rule")
 PLAIN_STOP = "\n\n"  # plain text: an answer ends at the first blank line (the corpus's document layout)
 
 
 def read_prompts(path: str, count: int | None = None, mode: str | None = None) -> list[dict]:
-    """Rows {"messages" | "prompt", "chat_template_kwargs"?, "answer"?, "reference"?}; `embedded` is the
-    embedded chat data's training arithmetic, whose reference replies are its worked solutions."""
+    """Rows {"messages" | "prompt", "chat_template_kwargs"?, "answer"?, "reference"?, "rule"?}; `embedded`
+    is the embedded chat data's training arithmetic, whose reference replies are its worked solutions;
+    `embedded:persona` its training questions under a system-prompt rule, with replies that keep it."""
+    if path == PERSONA:
+        from smoltrain.post.embedded_chat import persona_prompts
+
+        return persona_prompts("train", count or 200, 0, mode or "no_think")
     if path == "embedded":
         from smoltrain.post.embedded_chat import arithmetic_prompts, direct_response, think_response
 
@@ -116,7 +125,7 @@ def _plain_replies(model_path: str, prompts: list[dict], max_new_tokens: int, ba
 
 def verdict(prompt: dict, chosen: dict, rejected: dict, verify: str | None) -> str | None:
     """Why the pair is dropped, or None to keep it."""
-    from smoltrain.post.embedded_chat import answer_is_correct
+    from smoltrain.post.embedded_chat import answer_is_correct, follows_rule
 
     if not chosen["text"].strip() or not rejected["text"].strip():
         return "empty_answer"
@@ -129,6 +138,11 @@ def verdict(prompt: dict, chosen: dict, rejected: dict, verify: str | None) -> s
             return "chosen_wrong"
         if answer_is_correct(rejected["text"], prompt["answer"]):
             return "rejected_right"
+    if verify == "rule":
+        if not follows_rule(prompt["rule"], chosen["text"]):
+            return "chosen_breaks_rule"
+        if follows_rule(prompt["rule"], rejected["text"]):
+            return "rejected_keeps_rule"
     return None
 
 
@@ -139,8 +153,8 @@ def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str,
                       plain: bool = False) -> dict:
     """Write out (jsonl of conversational pairs, or plain-text ones with `plain`: prompts as text, no
     chat template, answers cut at the first blank line) and out's .summary.json; returns the summary."""
-    if verify not in (None, "math"):
-        raise ConfigError(f"--verify must be math, got {verify!r}")
+    if verify not in (None, *VERIFY):
+        raise ConfigError(f"--verify must be one of {', '.join(VERIFY)}, got {verify!r}")
     if mode not in (None, "think", "no_think"):
         raise ConfigError(f"mode must be think or no_think, got {mode!r}")
     if plain and mode is not None:
@@ -158,6 +172,14 @@ def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str,
         missing = [p.get("where", "?") for p in prompts if not isinstance(p.get("answer"), (str, int, float))]
         if missing:
             raise DataError(f"{missing[0]}: --verify math needs an 'answer' in every prompt row")
+    if verify == "rule":
+        from smoltrain.post.embedded_chat import rules
+
+        known = {r["id"] for r in rules()}
+        bad = next((p for p in prompts if p.get("rule") not in known), None)
+        if bad is not None:
+            raise DataError(f"{bad.get('where', '?')}: --verify rule needs a 'rule' in every prompt row, one of "
+                            f"{', '.join(sorted(known))}; got {bad.get('rule')!r}")
     if plain:
         if REFERENCE in (chosen_model, rejected_model) and any(not isinstance(p["text_reference"], str) for p in prompts):
             raise DataError("--chosen-model reference needs a 'reference' reply in every prompt row")
@@ -202,6 +224,11 @@ def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str,
 
         summary["chosen_accuracy"] = sum(answer_is_correct(c["text"], p["answer"]) for p, c in zip(prompts, chosen)) / len(prompts)
         summary["rejected_accuracy"] = sum(answer_is_correct(r["text"], p["answer"]) for p, r in zip(prompts, rejected)) / len(prompts)
+    if verify == "rule":
+        from smoltrain.post.embedded_chat import follows_rule
+
+        summary["chosen_adherence"] = sum(follows_rule(p["rule"], c["text"]) for p, c in zip(prompts, chosen)) / len(prompts)
+        summary["rejected_adherence"] = sum(follows_rule(p["rule"], r["text"]) for p, r in zip(prompts, rejected)) / len(prompts)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, text in ((path, "".join(json.dumps(row) + "\n" for row, _, _ in rows)),
@@ -210,4 +237,4 @@ def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str,
     return summary
 
 
-__all__ = ["build_preferences", "read_prompts", "verdict", "REFERENCE"]
+__all__ = ["build_preferences", "read_prompts", "verdict", "PERSONA", "REFERENCE", "VERIFY"]
