@@ -98,6 +98,12 @@ def test_grpo_resume_after_sigkill_mid_rollout_batch_matches_uninterrupted_run(t
             if '"eval"' in x][-1]
     assert json.loads((tmp_path / "follow" / "eval_before.json").read_text()) == last
     assert f"start model, held-out: pass@1 {last['pass@1']:.3f}" in follow.stdout
+    # pass_k 1: pass@1 stays the greedy rate (the one sample's rate is mean@1), the same as above
+    single = grpo(recipe, tmp_path / "single", None, "--set", f"train.init={tmp_path / 'reference'}",
+                  "--set", "train.max_steps=1", "--set", "grpo.pass_k=1")
+    assert single.returncode == 0, single.stderr
+    before = json.loads((tmp_path / "single" / "eval_before.json").read_text())
+    assert before["pass@1"] == last["pass@1"] and "mean@1" in before and "pass@2" not in before
 
 
 def _free_port() -> int:

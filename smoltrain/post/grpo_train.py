@@ -317,8 +317,11 @@ class GRPOObjective:
             from smoltrain.post.chat_eval import chat_evals
 
             chat = {"chat": chat_evals(model, self.tokenizer, seed=self.config.train.seed)}
+        # pass@1 is greedy; with pass_k 1 the one sample's rate is mean@1 (a pass@1 key for it would
+        # overwrite the greedy one, as it once did)
+        sampled = {f"pass@{g.pass_k}": round(pk, 4)} if g.pass_k > 1 else {}
         return {**chat, "grpo": {"pass@1": round(p1, 4), "pass@1_stderr": round(math.sqrt(p1 * (1 - p1) / n), 4),
-                f"pass@{g.pass_k}": round(pk, 4), f"mean@{g.pass_k}": round(sums[2] / (n * g.pass_k), 4),
+                **sampled, f"mean@{g.pass_k}": round(sums[2] / (n * g.pass_k), 4),
                 "greedy_mean_length": round(sums[3] / n, 2), "greedy_truncated": round(sums[4] / n, 4),
                 "n": int(n)}}
 
@@ -396,9 +399,11 @@ def build_grpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -
             from smoltrain.files import write_json
 
             write_json(before, start)
-            print(f"start model, held-out: pass@1 {start['pass@1']:.3f} +- {start['pass@1_stderr']:.3f}, "
-                  f"pass@{config.grpo.pass_k} {start[f'pass@{config.grpo.pass_k}']:.3f}, "
-                  f"greedy length {start['greedy_mean_length']:.1f} tokens (n {start['n']})", flush=True)
+            k = config.grpo.pass_k
+            print(f"start model, held-out: pass@1 {start['pass@1']:.3f} +- {start['pass@1_stderr']:.3f} (greedy), "
+                  + (f"pass@{k} {start[f'pass@{k}']:.3f}, " if k > 1 else "")
+                  + f"mean@{k} {start[f'mean@{k}']:.3f}, greedy length {start['greedy_mean_length']:.1f} tokens (n {start['n']})",
+                  flush=True)
     return objective
 
 
