@@ -238,3 +238,24 @@ def test_time_box_stops_the_trainer_which_saves_and_returns(tmp_path):
     assert 0 < summary["step"] < 100_000
     model, saved = load_model_from_checkpoint(tmp_path / "run", "cpu")
     assert saved.train.max_steps == 100_000
+
+
+def test_a_stage_moved_its_target_when_the_difference_exceeds_two_combined_standard_errors():
+    from smoltrain.report.demo_report import moved
+
+    def row(**chat):
+        return {"chat": chat, "val": {"prose": {"loss": chat.pop("loss", 5.0)}}}
+
+    base = row(no_think_accuracy=0.0, no_think_accuracy_stderr=0.0, adherence=0.0, adherence_stderr=0.0,
+               think_format=0.0, think_format_stderr=0.0, stop_rate=0.0, stop_rate_stderr=0.0)
+    sft = row(no_think_accuracy=0.10, no_think_accuracy_stderr=0.06, adherence=0.5, adherence_stderr=0.07,
+              think_format=1.0, think_format_stderr=0.0, stop_rate=0.0, stop_rate_stderr=0.0)
+    verdicts = moved({"base": base, "sft": sft}, "sft")
+    # 10 +- 6 points is inside 2 standard errors; 0% -> 100% with no noise on either side is a move;
+    # the same 0% on both sides is no change
+    assert verdicts == ("no_think_accuracy +10 pts (no clear change); adherence +50 pts (moved); "
+                        "think_format +100 pts (moved); stop_rate +0 pts (no clear change)")
+    apo = row(adherence=0.5, adherence_stderr=0.07, no_think_accuracy=0.1, no_think_accuracy_stderr=0.06,
+              think_accuracy=0.1, think_accuracy_stderr=0.06, loss=4.5)
+    merged = row(adherence=0.5, adherence_stderr=0.07, loss=4.2)
+    assert moved({"apo": apo, "merged": merged}, "merged") == "adherence +0 pts (no clear change); val_loss -0.30"

@@ -78,8 +78,10 @@ def moved(rows: dict, name: str) -> str:
             unit = f"{diff:+.2f}" if metric == "val_loss" else f"{diff:+.1f} tokens"
         else:
             unit = f"{100 * diff:+.0f} pts"
-        verdict = ("no clear change" if noise and abs(diff) < SIGNIFICANT * noise
-                   else "moved" if noise else "")
+        # a rate at 0% or 100% on both sides has no noise: any difference is a move; a metric without
+        # standard errors (validation loss) gets no verdict
+        verdict = ("" if sa is None and sb is None else
+                   "no clear change" if abs(diff) < SIGNIFICANT * noise or diff == 0 else "moved")
         parts.append(f"{metric} {unit}" + (f" ({verdict})" if verdict else ""))
     return "; ".join(parts) or "-"
 
@@ -223,8 +225,8 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
     report.text(f"Chat evals: {s.chat_items} held-out items per set, greedy, through the smollm3 template (no_think "
                 f"replies up to {s.chat_new_tokens} tokens, think up to {s.think_new_tokens}); ± is the standard error. "
                 f"Pretraining evals: mean validation loss over the sources (nats/token) and the embedded suite's centred "
-                f"score ({s.suite_items} items per task; 0 = chance). Think format counts a no_think or persona reply "
-                f"without think tags as valid, so a model that never writes a tag scores about 2/3. `*`: stopped by its "
+                f"score ({s.suite_items} items per task; 0 = chance). Think format is the share of think-mode replies "
+                f"with one closed think block and an answer; adherence counts replies that ended their turn. `*`: stopped by its "
                 f"time box. \"target vs start\" "
                 f"compares a stage with the model it started from (the merge with APO); a difference inside "
                 f"{SIGNIFICANT:g} combined standard errors is no clear change.")
