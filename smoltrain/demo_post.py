@@ -178,8 +178,9 @@ def build_pairs(sft_dir: Path, out: Path, sizes: PostSizes, console: Console) ->
     """Instruction-following pairs in both modes, as SmolLM3's APO gained IFEval: training questions
     under a system-prompt rule, chosen = the embedded reply that keeps the rule, rejected = an early
     SFT checkpoint's reply, kept when it breaks the rule (verify rule). Falls back to the final SFT
-    model when the run saved a single checkpoint. (Pairs of right vs wrong arithmetic answers were
-    tried: APO-zero took the SFT model's held-out accuracy from 14% to 2%, LOG.md.)"""
+    model when the run saved a single checkpoint. The questions carry no arithmetic: pairs of right vs
+    wrong answers took the SFT model's held-out accuracy from 14% to 2%, rule pairs on arithmetic
+    questions from 31% to 14% (LOG.md)."""
     from smoltrain.post.preference_gen import PERSONA, REFERENCE, build_preferences
 
     weak = early_checkpoint(sft_dir) or sft_dir

@@ -133,15 +133,17 @@ def test_plain_text_pairs_for_a_pretrained_model(models, tmp_path, monkeypatch):
 def test_rule_pairs_keep_a_chosen_reply_that_keeps_the_rule_and_a_rejected_one_that_breaks_it(models, tmp_path, monkeypatch):
     """--prompts embedded:persona --verify rule: SmolLM3's instruction-following pairs in small."""
     import smoltrain.post.chat_eval as chat_eval
-    from smoltrain.post.embedded_chat import follows_rule, persona_prompts
+    from smoltrain.post.embedded_chat import apply_rule, follows_rule
 
-    prompts = persona_prompts("train", 4)
-    assert [p["rule"] for p in prompts] == ["caps", "lower", "end:banana", "end:cheers"]
+    prompts = preference_gen.read_prompts("embedded:persona", 4, "no_think")
+    assert len(prompts) == 4 and {p["kind"] for p in prompts} == {"stdlib"}  # no arithmetic in rule pairs
     assert all(follows_rule(p["rule"], p["reference"]) for p in prompts)  # the references keep their rules
+    breaks = "THE ANSWER IS 3, said plainly and at length today, friend"  # breaks every rule there is
+    assert not any(follows_rule(p["rule"], breaks) for p in prompts)
     weak = [(prompts[0]["reference"], True),  # identical to the chosen reply
-            ("the answer is 3.", True),  # "lower" kept: no pair to learn from
-            ("The answer is 3.", True),  # breaks "end with banana": kept
-            ("The answer is 3. Cheers", False)]  # cut at the token limit
+            (apply_rule(prompts[1]["rule"], "The answer is 3.", "3"), True),  # keeps its rule: nothing to learn
+            (breaks, True),  # kept
+            (breaks, False)]  # cut at the token limit
     monkeypatch.setattr(chat_eval, "generate_replies", lambda model, tok, p, *a, **k: [
         {"text": t, "tokens": len(t.split()), "stopped": s} for t, s in weak[: len(p)]])
     out = tmp_path / "rules.jsonl"
@@ -149,10 +151,10 @@ def test_rule_pairs_keep_a_chosen_reply_that_keeps_the_rule_and_a_rejected_one_t
                                                mode="no_think", verify="rule", count=4, device="cpu")
     assert summary["kept"] == 1
     assert summary["dropped"] == {"cut_at_max_tokens": 1, "identical": 1, "rejected_keeps_rule": 1}
-    assert summary["chosen_adherence"] == 1.0 and summary["rejected_adherence"] == 0.75
+    assert summary["chosen_adherence"] == 1.0 and summary["rejected_adherence"] == 0.5
     row = json.loads(out.read_text())
-    assert row["prompt"][0] == {"role": "system", "content": "End every answer with the word banana."}
-    assert row["chosen"][0]["content"] == prompts[2]["reference"] and row["rejected"][0]["content"] == "The answer is 3."
+    assert row["prompt"][0] == prompts[2]["messages"][0]
+    assert row["chosen"][0]["content"] == prompts[2]["reference"] and row["rejected"][0]["content"] == breaks
 
 
 def test_rule_verification_needs_a_known_rule(tmp_path):
