@@ -258,4 +258,9 @@ def test_a_stage_moved_its_target_when_the_difference_exceeds_two_combined_stand
     apo = row(adherence=0.5, adherence_stderr=0.07, no_think_accuracy=0.1, no_think_accuracy_stderr=0.06,
               think_accuracy=0.1, think_accuracy_stderr=0.06, loss=4.5)
     merged = row(adherence=0.5, adherence_stderr=0.07, loss=4.2)
+    grpo = row(no_think_accuracy=0.1, no_think_accuracy_stderr=0.06, no_think_length=6.9, no_think_length_stderr=0.01)
+    apo["chat"].update(no_think_length=7.0, no_think_length_stderr=0.01)
+    # a tenth of a token is 7 standard errors here, but no change worth a verdict
+    assert moved({"apo": apo, "grpo": grpo}, "grpo") == ("no_think_accuracy +0 pts (no clear change); "
+                                                          "no_think_length -0.1 tokens (no clear change)")
     assert moved({"apo": apo, "merged": merged}, "merged") == "adherence +0 pts (no clear change); val_loss -0.30"

@@ -31,6 +31,7 @@ TARGETS = {
     "merged": ("apo", ["adherence", "val_loss"], "keeps APO's behaviour, recovers some of the base's language modelling"),
 }
 SIGNIFICANT = 2.0  # combined standard errors
+MIN_LENGTH_CHANGE = 1.0  # tokens: a reply length that moves less is "no clear change" however tight its error
 
 
 # ----------------------------------------------------------------------------- the card
@@ -80,8 +81,9 @@ def moved(rows: dict, name: str) -> str:
             unit = f"{100 * diff:+.0f} pts"
         # a rate at 0% or 100% on both sides has no noise: any difference is a move; a metric without
         # standard errors (validation loss) gets no verdict
+        small = metric.endswith("length") and abs(diff) < MIN_LENGTH_CHANGE  # 7.0 -> 6.9 tokens is no story
         verdict = ("" if sa is None and sb is None else
-                   "no clear change" if abs(diff) < SIGNIFICANT * noise or diff == 0 else "moved")
+                   "no clear change" if abs(diff) < SIGNIFICANT * noise or diff == 0 or small else "moved")
         parts.append(f"{metric} {unit}" + (f" ({verdict})" if verdict else ""))
     return "; ".join(parts) or "-"
 
