@@ -128,43 +128,37 @@ def _plain_replies(model_path: str, prompts: list[dict], max_new_tokens: int, ba
     return replies
 
 
-def verdict(prompt: dict, chosen: dict, rejected: dict, verify: str | None) -> str | None:
-    """Why the pair is dropped, or None to keep it."""
+def _passes(verify: str, prompt: dict, text: str) -> bool:
+    """--verify's check of one reply: math, the answer is right; rule, the system prompt's rule is kept."""
     from smoltrain.post.embedded_chat import answer_is_correct, follows_rule
 
+    return answer_is_correct(text, prompt["answer"]) if verify == "math" else follows_rule(prompt["rule"], text)
+
+
+# --verify: (the summary's rate name, why a pair is dropped when the chosen fails, when the rejected passes)
+_VERIFY_NAMES = {"math": ("accuracy", "chosen_wrong", "rejected_right"),
+                 "rule": ("adherence", "chosen_breaks_rule", "rejected_keeps_rule")}
+
+
+def verdict(prompt: dict, chosen: dict, rejected: dict, verify: str | None) -> str | None:
+    """Why the pair is dropped, or None to keep it."""
     if not chosen["text"].strip() or not rejected["text"].strip():
         return "empty_answer"
     if not chosen["stopped"] or not rejected["stopped"]:
         return "cut_at_max_tokens"
     if chosen["text"].strip() == rejected["text"].strip():
         return "identical"
-    if verify == "math":
-        if not answer_is_correct(chosen["text"], prompt["answer"]):
-            return "chosen_wrong"
-        if answer_is_correct(rejected["text"], prompt["answer"]):
-            return "rejected_right"
-    if verify == "rule":
-        if not follows_rule(prompt["rule"], chosen["text"]):
-            return "chosen_breaks_rule"
-        if follows_rule(prompt["rule"], rejected["text"]):
-            return "rejected_keeps_rule"
+    if verify is not None:
+        _, chosen_fails, rejected_passes = _VERIFY_NAMES[verify]
+        if not _passes(verify, prompt, chosen["text"]):
+            return chosen_fails
+        if _passes(verify, prompt, rejected["text"]):
+            return rejected_passes
     return None
 
 
-def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str, out: str | os.PathLike,
-                      mode: str | None = None, verify: str | None = None, count: int | None = None,
-                      max_new_tokens: int = 256, batch_size: int = 32, device: str = "auto",
-                      chat_template: str | None = None, temperature: float = 0.0, seed: int = 0,
-                      plain: bool = False) -> dict:
-    """Write out (jsonl of conversational pairs, or plain-text ones with `plain`: prompts as text, no
-    chat template, answers cut at the first blank line) and out's .summary.json; returns the summary."""
-    if verify not in (None, *VERIFY):
-        raise ConfigError(f"--verify must be one of {', '.join(VERIFY)}, got {verify!r}")
-    if mode not in (None, "think", "no_think"):
-        raise ConfigError(f"mode must be think or no_think, got {mode!r}")
-    if plain and mode is not None:
-        raise ConfigError("--plain prompts have no chat template, so no --think / --no-think mode")
-    prompts = _with_mode(read_prompts(prompts_path, count, mode), mode)
+def _check_prompts(prompts: list[dict], verify: str | None, plain: bool) -> None:
+    """What --plain and --verify need of every prompt row, as one-line errors (fills the plain text in)."""
     if plain:
         for p in prompts:
             if "text" not in p:  # a jsonl row: its prompt text, or its one user message
@@ -185,6 +179,54 @@ def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str,
         if bad is not None:
             raise DataError(f"{bad.get('where', '?')}: --verify rule needs a 'rule' in every prompt row, one of "
                             f"{', '.join(sorted(known))}; got {bad.get('rule')!r}")
+
+
+def _pair_row(prompt: dict, chosen: dict, rejected: dict, plain: bool) -> dict:
+    if plain:
+        return {"prompt": prompt["text"], "chosen": chosen["text"], "rejected": rejected["text"]}
+    row = {"prompt": prompt["messages"], "chosen": [{"role": "assistant", "content": chosen["text"]}],
+           "rejected": [{"role": "assistant", "content": rejected["text"]}]}
+    if prompt.get("chat_template_kwargs"):
+        row["chat_template_kwargs"] = prompt["chat_template_kwargs"]
+    return row
+
+
+def _summary(prompts: list[dict], chosen: list[dict], rejected: list[dict], kept: list[tuple], dropped: Counter,
+             verify: str | None) -> dict:
+    """Kept and dropped pairs, lengths of the kept answers, and with --verify both sides' pass rates."""
+    def mean_tokens(replies):
+        values = [x["tokens"] for x in replies if x["tokens"] is not None]
+        return statistics.mean(values) if values else None
+
+    kept_chosen, kept_rejected = [c for _, c, _ in kept], [r for _, _, r in kept]
+    summary = {
+        "prompts": len(prompts), "kept": len(kept), "dropped": dict(sorted(dropped.items())),
+        "chosen_tokens_mean": mean_tokens(kept_chosen), "rejected_tokens_mean": mean_tokens(kept_rejected),
+        "chosen_chars_mean": statistics.mean(len(c["text"]) for c in kept_chosen),
+        "rejected_chars_mean": statistics.mean(len(r["text"]) for r in kept_rejected),
+    }
+    if verify is not None:
+        rate = _VERIFY_NAMES[verify][0]
+        for side, replies in (("chosen", chosen), ("rejected", rejected)):
+            summary[f"{side}_{rate}"] = sum(_passes(verify, p, x["text"]) for p, x in zip(prompts, replies)) / len(prompts)
+    return summary
+
+
+def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str, out: str | os.PathLike,
+                      mode: str | None = None, verify: str | None = None, count: int | None = None,
+                      max_new_tokens: int = 256, batch_size: int = 32, device: str = "auto",
+                      chat_template: str | None = None, temperature: float = 0.0, seed: int = 0,
+                      plain: bool = False) -> dict:
+    """Write out (jsonl of conversational pairs, or plain-text ones with `plain`: prompts as text, no
+    chat template, answers cut at the first blank line) and out's .summary.json; returns the summary."""
+    if verify not in (None, *VERIFY):
+        raise ConfigError(f"--verify must be one of {', '.join(VERIFY)}, got {verify!r}")
+    if mode not in (None, "think", "no_think"):
+        raise ConfigError(f"mode must be think or no_think, got {mode!r}")
+    if plain and mode is not None:
+        raise ConfigError("--plain prompts have no chat template, so no --think / --no-think mode")
+    prompts = _with_mode(read_prompts(prompts_path, count, mode), mode)
+    _check_prompts(prompts, verify, plain)
     if plain:
         if REFERENCE in (chosen_model, rejected_model) and any(not isinstance(p["text_reference"], str) for p in prompts):
             raise DataError("--chosen-model reference needs a 'reference' reply in every prompt row")
@@ -194,49 +236,20 @@ def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str,
         chosen = _replies(chosen_model, prompts, max_new_tokens, batch_size, device, chat_template, temperature, seed)
         rejected = _replies(rejected_model, prompts, max_new_tokens, batch_size, device, chat_template, temperature, seed + 1)
     dropped: Counter = Counter()
-    rows = []
+    kept = []
     for prompt, c, r in zip(prompts, chosen, rejected):
         reason = verdict(prompt, c, r, verify)
         if reason:
             dropped[reason] += 1
-            continue
-        if plain:
-            rows.append(({"prompt": prompt["text"], "chosen": c["text"], "rejected": r["text"]}, c, r))
-            continue
-        row = {"prompt": prompt["messages"], "chosen": [{"role": "assistant", "content": c["text"]}],
-               "rejected": [{"role": "assistant", "content": r["text"]}]}
-        if prompt.get("chat_template_kwargs"):
-            row["chat_template_kwargs"] = prompt["chat_template_kwargs"]
-        rows.append((row, c, r))
-    if not rows:
+        else:
+            kept.append((_pair_row(prompt, c, r, plain), c, r))
+    if not kept:
         raise DataError(f"no pair was kept out of {len(prompts)} prompts ({', '.join(f'{k}: {v}' for k, v in sorted(dropped.items()))})")
-
-    def mean_tokens(replies):
-        values = [x["tokens"] for x in replies if x["tokens"] is not None]
-        return statistics.mean(values) if values else None
-
-    def mean_chars(replies):
-        return statistics.mean(len(x["text"]) for x in replies)
-
-    summary = {
-        "prompts": len(prompts), "kept": len(rows), "dropped": dict(sorted(dropped.items())),
-        "chosen_model": chosen_model, "rejected_model": rejected_model, "mode": mode, "verify": verify, "plain": plain,
-        "chosen_tokens_mean": mean_tokens([c for _, c, _ in rows]), "rejected_tokens_mean": mean_tokens([r for _, _, r in rows]),
-        "chosen_chars_mean": mean_chars([c for _, c, _ in rows]), "rejected_chars_mean": mean_chars([r for _, _, r in rows]),
-    }
-    if verify == "math":
-        from smoltrain.post.embedded_chat import answer_is_correct
-
-        summary["chosen_accuracy"] = sum(answer_is_correct(c["text"], p["answer"]) for p, c in zip(prompts, chosen)) / len(prompts)
-        summary["rejected_accuracy"] = sum(answer_is_correct(r["text"], p["answer"]) for p, r in zip(prompts, rejected)) / len(prompts)
-    if verify == "rule":
-        from smoltrain.post.embedded_chat import follows_rule
-
-        summary["chosen_adherence"] = sum(follows_rule(p["rule"], c["text"]) for p, c in zip(prompts, chosen)) / len(prompts)
-        summary["rejected_adherence"] = sum(follows_rule(p["rule"], r["text"]) for p, r in zip(prompts, rejected)) / len(prompts)
+    summary = {**_summary(prompts, chosen, rejected, kept, dropped, verify), "chosen_model": chosen_model,
+               "rejected_model": rejected_model, "mode": mode, "verify": verify, "plain": plain}
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for target, text in ((path, "".join(json.dumps(row) + "\n" for row, _, _ in rows)),
+    for target, text in ((path, "".join(json.dumps(row) + "\n" for row, _, _ in kept)),
                          (path.with_name(path.name + ".summary.json"), json.dumps(summary, indent=2) + "\n")):
         write_atomic(target, text)
     return summary
