@@ -219,7 +219,19 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
         + (f" Stages reused from `{facts['reused_from']}`." if facts.get("reused_from") else "")
     )
 
-    # The report card
+    _card_section(report, facts, rows, records, figures)
+    _data_section(report, facts, config)
+    _speed_section(report, facts)
+    _ablation_section(report, records, figures)
+    _pretraining_sections(report, facts, rows, records, config, figures)
+    _post_training_section(report, records)
+    _samples_section(report, rows)
+    _export_section(report, facts)
+    return report
+
+
+def _card_section(report: Report, facts: dict, rows: dict, records: dict, figures: Path) -> None:
+    """The report card: a row per stage, its caption and verdicts, the card's figure, the stage curves, the persona chat."""
     report.heading("Report card")
     headers, table = card_rows(facts)
     report.table(headers, table)
@@ -248,7 +260,9 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
         report.text(f"The vibe test, one prompt with a persona system prompt, every stage: `{_prompt_text(messages)}`")
         report.table(["stage", "reply"], [(ROW_TITLE[n], f"`{_one_line(r)}`") for n, r in replies.items()])
 
-    # 1. Data
+
+def _data_section(report: Report, facts: dict, config: Config) -> None:
+    """1. Data: tokens per source and split, the tokenizer, build times."""
     report.heading("1. Data")
     manifest = facts["data"]["manifest"]
     unigram = facts.get("unigram") or {}
@@ -263,7 +277,9 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
                 f"{t['corpus_s']:.1f} s, tokenizer {t['tokenizer_s']:.1f} s, tokenization {t['tokenize_s']:.1f} s. "
                 f"The unigram loss is what a model that ignores context would score on each validation set.")
 
-    # 2. Speed
+
+def _speed_section(report: Report, facts: dict) -> None:
+    """2. Speed: the probe's table and the configuration each stage ran."""
     report.heading("2. Speed: the fastest configuration on this machine")
     probe = facts.get("probe")
     if probe and probe.get("forced"):
@@ -283,7 +299,9 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
     else:
         report.text("No speed probe (on CUDA the recipe's precision and compile settings apply).")
 
-    # 3. Ablation
+
+def _ablation_section(report: Report, records: dict, figures: Path) -> None:
+    """3. Ablation: intra-document masking on/off, judged against the seed noise."""
     ablation = _ablation(records)
     if ablation:
         report.heading("3. Ablation: intra-document masking on/off")
@@ -301,7 +319,9 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
             report.image(shutil.copyfile(loss_curves, figures / "ablation_loss_curves.png"),
                          "ablation training loss: mean over seeds, band between seeds")
 
-    # 4. Pretraining and its evaluation
+
+def _pretraining_sections(report: Report, facts: dict, rows: dict, records: dict, config: Config, figures: Path) -> None:
+    """4. Pretraining (its curves) and 5. the pretraining evals of every stage."""
     pre = records.get("pretrain") or {}
     if pre.get("model") and (Path(pre["model"]) / "metrics.jsonl").is_file():
         report.heading("4. Pretraining")
@@ -311,6 +331,7 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
                     + (" (stopped by its time box)" if pre.get("summary", {}).get("stopped_by") else "")
                     + (f", {tps:,.0f} tokens/s median" if tps else "") + ".")
         add_run_sections(report, config, train, evals, figures, prefix="pretrain_")
+    unigram = facts.get("unigram") or {}
     if "base" in rows:
         base = rows["base"]
         report.heading("5. Pretraining evals of every stage")
@@ -325,7 +346,9 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
                     + "; post-training on chat data is expected to raise it a little (forgetting), the merge with the "
                       "base to bring some of it back.")
 
-    # 6. Post-training stages
+
+def _post_training_section(report: Report, records: dict) -> None:
+    """6. Post-training stages: steps, time boxes, recipes, the preference pairs and the merge."""
     post = [(n, records[ROW_STAGE[n]]) for n in ("sft", "apo", "grpo", "merged") if ROW_STAGE[n] in records]
     if post:
         report.heading("6. Post-training stages")
@@ -360,7 +383,9 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
         report.text("Every stage can be re-run by hand from its recipe (`smoltrain sft|dpo|grpo RECIPE`), or the demo "
                     "restarted from any finished stage: `smoltrain demo --stages grpo,merge` reuses the earlier ones.")
 
-    # 7. Sample chats
+
+def _samples_section(report: Report, rows: dict) -> None:
+    """7. Sample chats: the same prompts answered by every stage."""
     if rows:
         report.heading("7. Sample chats: the same prompts, every stage")
         report.text("Greedy replies through the chat template. Reading outputs is how SmolLM3's team caught system "
@@ -373,7 +398,9 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
             report.text(f"**{_prompt_text(messages, prompt.get('chat_template_kwargs'))}**")
             report.table(["stage", "reply"], [(ROW_TITLE[n], f"`{_one_line(r)}`") for n, r in replies.items()])
 
-    # 8. Export
+
+def _export_section(report: Report, facts: dict) -> None:
+    """8. The Hugging Face export, loaded back with transformers, and its model card."""
     e = facts.get("export")
     if e:
         report.heading("8. Hugging Face export and model card")
@@ -382,7 +409,6 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
                     f"logits differ from ours by at most {e['max_logit_diff']:.1e}, and greedy continuations "
                     f"{'are identical' if e['greedy_match'] else 'DIFFER'}. Its model card (`README.md`) lists the "
                     f"stages {e['card_stages']}.")
-    return report
 
 
 def _vibe_prompts() -> list[dict]:
