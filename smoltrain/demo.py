@@ -272,6 +272,58 @@ STAGE_FOLDERS = {"ablation": ["ablation"], "pretrain": ["pretrain", "eval.json",
 # ----------------------------------------------------------------------------- the demo
 
 
+def _fixed_steps(steps: dict[str, int] | None, ablation_steps: int | None, pretrain_steps: int | None) -> dict[str, int]:
+    """Stages with fixed steps (no time box), from `steps` and the two CLI flags, each at least 1."""
+    steps = dict(steps or {})
+    if ablation_steps is not None:
+        steps["ablation"] = ablation_steps
+    if pretrain_steps is not None:
+        steps["pretrain"] = pretrain_steps
+    for name, value in steps.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name}-steps must be at least 1, got {value}")
+    return steps
+
+
+def _reused_stages(out: Path, run: list[str], from_run: str | None) -> tuple[Path | None, dict[str, dict], bool]:
+    """(the demo folder stages are reused from, their records, whether it is `out` itself); every stage
+    that runs must find the one it starts from, run now or reused."""
+    source = Path(from_run) if from_run else (out if len(run) < len(STAGES) else None)
+    if source is not None and not (source / MARKER).is_file():
+        raise ConfigError(f"--from {source}: not a demo folder (no {MARKER})")
+    same_folder = source is not None and source.resolve() == out.resolve()
+    keep = reused_records(source, run) if source is not None else {}
+    for stage in run:
+        needs = {"sft": ["pretrain"], "apo": ["sft"], "grpo": ["sft"], "merge": ["apo", "pretrain"]}.get(stage, [])
+        missing = [n for n in needs if n not in run and n not in keep]
+        if missing:
+            raise ConfigError(f"--stages {stage} needs a finished {missing[0]} stage: add it to --stages, or name a "
+                              f"demo folder that has one with --from")
+    return source, keep, same_folder
+
+
+def _probe_and_choose(base: Config, trained: list[str], nominal: dict[str, float], speed: str | None, on_cpu: bool,
+                      console: Console) -> tuple[dict | None, str | None]:
+    """(the speed probe, the chosen configuration): `speed` when given, else measured on a CPU."""
+    if speed is not None:
+        precision, compile = _named_speed(speed)
+        return {"configs": {speed: {"precision": precision, "compile": compile, "tokens_per_s": None}},
+                "native_bf16": None, "forced": True}, speed
+    if not (on_cpu and trained):
+        return None, None
+    probe = probe_speed(base)
+    compiled = len([s for s in trained if s in ("ablation", "pretrain", "sft")]) + 3 * ("ablation" in trained)
+    choice = choose_speed(probe, sum(nominal.get(s, 0.0) for s in ("ablation", "pretrain", "sft")), compiled)
+    for name, entry in probe["configs"].items():
+        compile_note = (f", compile {entry['compile_s']:.1f} s (then {entry['recompile_s']:.1f} s)"
+                        if entry["compile"] == "on" else "")
+        console.print(f"  {name:<13} {entry['tokens_per_s']:>9,.0f} tokens/s{compile_note}"
+                      + ("   <- chosen" if name == choice else ""))
+    if not probe["native_bf16"]:
+        console.print("  no native bf16 on this CPU: fp32 only (bf16 would be emulated)")
+    return probe, choice
+
+
 def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: str | None = None,
          console: Console | None = None, suite_items: int | None = None, ablation_steps: int | None = None,
          pretrain_steps: int | None = None, stages: str | list[str] | None = None, from_run: str | None = None,
@@ -290,33 +342,16 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     sizes = sizes or PostSizes()
     if suite_items is not None:
         sizes.suite_items = suite_items
-    steps = dict(steps or {})
-    if ablation_steps is not None:
-        steps["ablation"] = ablation_steps
-    if pretrain_steps is not None:
-        steps["pretrain"] = pretrain_steps
+    steps = _fixed_steps(steps, ablation_steps, pretrain_steps)
     if minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {minutes}")
-    for name, value in steps.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name}-steps must be at least 1, got {value}")
     run = parse_stages(",".join(stages) if isinstance(stages, list) else stages)
     recipe_path = Path(recipe) if recipe else RECIPE
     base = load_config(recipe_path)
     if not base.data.embedded:
         raise ConfigError(f"{recipe_path}: the demo trains on the embedded corpus (data.embedded: true)")
     out = Path(out_dir)
-    source = Path(from_run) if from_run else (out if len(run) < len(STAGES) else None)
-    if source is not None and not (source / MARKER).is_file():
-        raise ConfigError(f"--from {source}: not a demo folder (no {MARKER})")
-    same_folder = source is not None and source.resolve() == out.resolve()
-    keep = reused_records(source, run) if source is not None else {}
-    for stage in run:  # each stage needs the one it starts from, run now or reused
-        needs = {"sft": ["pretrain"], "apo": ["sft"], "grpo": ["sft"], "merge": ["apo", "pretrain"]}.get(stage, [])
-        missing = [n for n in needs if n not in run and n not in keep]
-        if missing:
-            raise ConfigError(f"--stages {stage} needs a finished {missing[0]} stage: add it to --stages, or name a "
-                              f"demo folder that has one with --from")
+    source, keep, same_folder = _reused_stages(out, run, from_run)
     _prepare_out_dir(out, run, keep, same_folder)
     budget_s = minutes * 60
     records: dict[str, dict] = dict(keep)
@@ -353,23 +388,7 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
         pending_rows = len([s for s in run if s in ("pretrain", *POST_STAGES)]) + ("pretrain" in keep and "base" not in rows)
         left = budget_s - bar.elapsed() - reserve_seconds(run, pending_rows, RESERVE_S["row"])
         nominal = nominal_seconds(max(left, 0.0), trained)
-        probe = choice = None
-        if speed is not None:
-            precision, compile = _named_speed(speed)
-            probe = {"configs": {speed: {"precision": precision, "compile": compile, "tokens_per_s": None}},
-                     "native_bf16": None, "forced": True}
-            choice = speed
-        elif on_cpu and trained:
-            probe = probe_speed(base)
-            compiled = len([s for s in trained if s in ("ablation", "pretrain", "sft")]) + 3 * ("ablation" in trained)
-            choice = choose_speed(probe, sum(nominal.get(s, 0.0) for s in ("ablation", "pretrain", "sft")), compiled)
-            for name, entry in probe["configs"].items():
-                compile_note = (f", compile {entry['compile_s']:.1f} s (then {entry['recompile_s']:.1f} s)"
-                                if entry["compile"] == "on" else "")
-                console.print(f"  {name:<13} {entry['tokens_per_s']:>9,.0f} tokens/s{compile_note}"
-                              + ("   <- chosen" if name == choice else ""))
-            if not probe["native_bf16"]:
-                console.print("  no native bf16 on this CPU: fp32 only (bf16 would be emulated)")
+        probe, choice = _probe_and_choose(base, trained, nominal, speed, on_cpu, console)
         settings = {"fixed": stage_settings(probe, choice, True), "variable": stage_settings(probe, choice, False)}
         console.print(f"  matmul peak {peak * 1e3:.1f} GFLOP/s (fp32); plan: " if peak else "  plan: ", end="")
         console.print(", ".join(f"{s} {v:.0f} s" for s, v in nominal.items()))
