@@ -505,12 +505,12 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
                  "grpo": "GRPO in no_think mode with the overlong penalty",
                  "merge": "merge: soup of the last APO checkpoints, then 0.9 soup + 0.1 base"}[stage]
         record: dict = {}
+        pairs = None
         if stage == "apo":
             with bar("preferences", "preference pairs: rule-keeping replies vs an early SFT checkpoint's"):
                 pairs = build_pairs(Path(records["sft"]["model"]), out / "preferences", sizes, console)
-            kept = sum(s.get("kept", 0) for s in pairs["summaries"].values())
             record["pairs"] = pairs
-            if not kept:
+            if not pairs["kept"]:
                 records[stage] = {"done": False, "skipped": "no preference pair was kept", **record}
                 console.print("[yellow]apo: no preference pair was kept: stage skipped[/yellow]")
                 continue
@@ -522,26 +522,8 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
             else:
                 seconds = seconds_for(stage)
                 init = start_model(stage)
-                if stage == "sft":
-                    # SFT trains pretraining's shape at its speed: plan it from pretraining's own steady tokens/s
-                    tokens_per_s = (1 - PLAN_OVERHEAD) * pretrain_rate(records) if pretrain_rate(records) else rate
-                    tokens_per_s = tokens_per_s or settings["fixed"].get("tokens_per_s") or 1e4
-                    rows_rate = tokens_per_s / (sizes.sft_rows_per_step * pretrain_config.data.seq_len)
-                    n = steps.get("sft") or int(np.clip(0.9 * seconds * rows_rate, 3, 100_000))
-                    raw = sft_recipe(pretrain_config, init, out / "sft", n, settings["fixed"], sizes)
-                    runner = run_sft
-                elif stage == "apo":
-                    raw = apo_recipe(pretrain_config, init, Path(records["sft"]["tokenizer"]), pairs["files"], out / "apo", kept,
-                                     settings["variable"], sizes)
-                    if "apo" in steps:
-                        raw["train"]["max_steps"] = steps["apo"]
-                    runner = run_apo
-                else:
-                    # the deadline decides (rollouts' speed is not probed; constant lr): a cap it comes before
-                    n = steps.get("grpo") or 200
-                    raw = grpo_recipe(pretrain_config, init, Path(records["sft"]["tokenizer"]), out / "grpo", n,
-                                      settings["variable"], sizes)
-                    runner = run_grpo
+                raw, runner = _post_recipe(stage, seconds, init, records, pairs if stage == "apo" else None,
+                                           pretrain_config, settings, sizes, steps, rate, out)
                 path = write_recipe(recipes / f"{stage}.yaml", raw)
                 console.print(f"  from {init}; recipe {path}; up to {raw['train']['max_steps']} steps")
                 record.update(runner(path, seconds, console))
@@ -572,6 +554,27 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     print_summary(console, facts, bar.elapsed())
     console.print(f"report: {html_path} (markdown: {md_path})", soft_wrap=True)
     return html_path
+
+
+def _post_recipe(stage: str, seconds: float, init: Path, records: dict, pairs: dict | None, pretrain_config: Config,
+                 settings: dict, sizes: PostSizes, steps: dict[str, int], rate: float | None, out: Path):
+    """(the recipe, the runner) of the sft, apo or grpo stage, its steps planned for `seconds`."""
+    if stage == "sft":
+        # SFT trains pretraining's shape at its speed: plan it from pretraining's own steady tokens/s
+        measured = pretrain_rate(records)
+        tokens_per_s = ((1 - PLAN_OVERHEAD) * measured if measured else rate) or settings["fixed"].get("tokens_per_s") or 1e4
+        rows_rate = tokens_per_s / (sizes.sft_rows_per_step * pretrain_config.data.seq_len)
+        n = steps.get("sft") or int(np.clip(0.9 * seconds * rows_rate, 3, 100_000))
+        return sft_recipe(pretrain_config, init, out / "sft", n, settings["fixed"], sizes), run_sft
+    tokenizer = Path(records["sft"]["tokenizer"])
+    if stage == "apo":
+        raw = apo_recipe(pretrain_config, init, tokenizer, pairs["files"], out / "apo", pairs["kept"], settings["variable"], sizes)
+        if "apo" in steps:
+            raw["train"]["max_steps"] = steps["apo"]
+        return raw, run_apo
+    # GRPO: the deadline decides (rollouts' speed is not probed; constant lr): a cap it comes before
+    n = steps.get("grpo") or 200
+    return grpo_recipe(pretrain_config, init, tokenizer, out / "grpo", n, settings["variable"], sizes), run_grpo
 
 
 def pretrain_rate(records: dict) -> float | None:

@@ -198,7 +198,8 @@ def build_pairs(sft_dir: Path, out: Path, sizes: PostSizes, console: Console) ->
         s = summaries[mode]
         console.print(f"  {mode}: kept {s['kept']} of {s['prompts']} pairs (the rejected model kept the rule on "
                       f"{s.get('rejected_adherence', 0):.0%}); dropped {s['dropped'] or 'none'}")
-    return {"files": files, "rejected_model": str(weak), "summaries": summaries}
+    return {"files": files, "rejected_model": str(weak), "summaries": summaries,
+            "kept": sum(s.get("kept", 0) for s in summaries.values())}
 
 
 def apo_recipe(pretrain: Config, sft_dir: Path, tokenizer: Path, pairs: list[str], out_dir: Path, kept: int, speed: dict,
