@@ -507,7 +507,7 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
         record: dict = {}
         pairs = None
         if stage == "apo":
-            with bar("preferences", "preference pairs: rule-keeping replies vs an early SFT checkpoint's"):
+            with bar("preferences", "preference pairs: rule-keeping replies vs the SFT model's own rule-breaking ones"):
                 pairs = build_pairs(Path(records["sft"]["model"]), out / "preferences", sizes, console)
             record["pairs"] = pairs
             if not pairs["kept"]:

@@ -4,10 +4,10 @@ Every stage is the library call behind its verb (`smoltrain sft|dpo|grpo|merge`,
 run on a recipe the demo writes into `<out>/recipes/` (so any stage can be re-run by hand) and
 time-boxed by the Trainer's should_stop hook: steps are planned from the seconds the budget gives the
 stage and the throughput measured for the chosen precision, and a slower-than-planned machine stops
-after the step in flight instead of blowing the budget. Rejected APO replies come from an early SFT
-checkpoint: it already ends its turns (a reply cut at the token limit is no usable pair) but keeps
-the system prompt's rules less often than the embedded replies that are chosen, which is SmolLM3's
-strong-vs-weak recipe in small.
+after the step in flight instead of blowing the budget. APO's pairs are SmolLM3's strong-vs-weak recipe
+in small with the policy as the weak side: chosen = the embedded reply that keeps the system prompt's
+rule, rejected = the SFT model's own greedy reply where it breaks the rule (on-policy rejected replies
+moved adherence +13 points where an early checkpoint's moved it +7, at the same learning rate; LOG.md).
 """
 
 from __future__ import annotations
@@ -40,14 +40,17 @@ class PostSizes:
 
     conversations: int = 4000  # embedded SFT conversations (~125 tokens each at vocab 4096)
     sft_rows_per_step: int = 8  # small batches: twice the updates of 16 rows; measured better at this size
-    chat_items: int = 100  # held-out items per chat-eval set (no_think, think, persona), per row: +-5 points at 50%
+    # held-out items per chat-eval set and row: no_think and persona at +-2.5 points at 50% (~4 s a row on
+    # 2 cores); the think set's long replies cost more (+-5 points). Stages are compared item by item.
+    chat_items: int = 400
+    think_items: int = 100
     suite_items: int = 100  # items per embedded pretraining task, per row
     val_batches: int = 8
     chat_new_tokens: int = 48  # no_think and persona replies
     think_new_tokens: int = 160
     sample_new_tokens: int = 120  # the side-by-side chats
     preference_prompts: int = 192  # training questions under a rule, per mode (no_think and think), for the pairs
-    rejected_temperature: float = 0.0  # greedy rejected replies; > 0 samples them
+    rejected_temperature: float = 0.0  # greedy rejected replies (sampled at 1.0 they kept the rule twice as often)
     apo_pairs_per_step: int = 32
     apo_epochs: int = 2
     grpo_prompts_per_step: int = 64  # 8-16 were too few informative groups a step: accuracy fell (LOG.md)
@@ -62,9 +65,10 @@ class PostSizes:
 
 
 # Settings of the demo's model size (1.6M parameters): learning rates far above SmolLM3's 3B ones,
-# with the playbook's ratios (APO ~10x below SFT).
+# with the playbook's ratios (APO 10x below SFT: 1e-4 moved adherence +0, 3e-4 +7 to +13, 1e-3 +10
+# at twice the accuracy cost; LOG.md).
 SFT_SETTINGS = {"lr": 3e-3, "min_lr": 3e-4, "schedule": "cosine", "grad_clip": 1.0, "weight_decay": 0.0}
-APO_SETTINGS = {"lr": 1e-4, "min_lr": 1e-4, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0}
+APO_SETTINGS = {"lr": 3e-4, "min_lr": 3e-4, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0}
 APO_LOSS = {"loss": "apo_zero", "beta": 0.1}
 GRPO_SETTINGS = {"lr": 2e-4, "min_lr": 2e-4, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0}
 
@@ -162,33 +166,23 @@ def run_sft(recipe: Path, seconds: float, console: Console) -> dict:
     return {"summary": summary, "stopped_by_budget": stopped, "model": config.train.out_dir}
 
 
-def early_checkpoint(run_dir: Path) -> Path | None:
-    """The oldest complete checkpoint of a run that is not its last (None when it saved only one)."""
-    from smoltrain.train.checkpoint import verify_checkpoint
-
-    root = run_dir / "checkpoints"
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and verify_checkpoint(p) is None) if root.is_dir() else []
-    return steps[0] if len(steps) > 1 else None
-
-
 # ----------------------------------------------------------------------------- preference pairs and APO
 
 
 def build_pairs(sft_dir: Path, out: Path, sizes: PostSizes, console: Console) -> dict:
     """Instruction-following pairs in both modes, as SmolLM3's APO gained IFEval: training questions
-    under a system-prompt rule, chosen = the embedded reply that keeps the rule, rejected = an early
-    SFT checkpoint's reply, kept when it breaks the rule (verify rule). Falls back to the final SFT
-    model when the run saved a single checkpoint. The questions carry no arithmetic: pairs of right vs
-    wrong answers took the SFT model's held-out accuracy from 14% to 2%, rule pairs on arithmetic
-    questions from 31% to 14% (LOG.md)."""
+    under a system-prompt rule, chosen = the embedded reply that keeps the rule, rejected = the SFT
+    model's own reply, kept where it breaks the rule (verify rule). The policy's own mistakes are the
+    ones worth pushing down: they moved adherence about twice as far as an early checkpoint's (LOG.md).
+    The questions carry no arithmetic: pairs of right vs wrong answers took the SFT model's held-out
+    accuracy from 14% to 2%, rule pairs on arithmetic questions from 31% to 14% (LOG.md)."""
     from smoltrain.post.preference_gen import PERSONA, REFERENCE, build_preferences
 
-    weak = early_checkpoint(sft_dir) or sft_dir
     files, summaries = [], {}
     for mode, new_tokens in (("no_think", sizes.chat_new_tokens), ("think", sizes.think_new_tokens)):
         path = out / f"pairs_{mode}.jsonl"
         try:
-            summaries[mode] = build_preferences(PERSONA, REFERENCE, str(weak), path, mode=mode, verify="rule",
+            summaries[mode] = build_preferences(PERSONA, REFERENCE, str(sft_dir), path, mode=mode, verify="rule",
                                                 count=sizes.preference_prompts, max_new_tokens=new_tokens, device="cpu",
                                                 temperature=sizes.rejected_temperature)
         except DataError as e:  # "no pair was kept" in one mode leaves the other
@@ -196,9 +190,9 @@ def build_pairs(sft_dir: Path, out: Path, sizes: PostSizes, console: Console) ->
             continue
         files.append(str(path))
         s = summaries[mode]
-        console.print(f"  {mode}: kept {s['kept']} of {s['prompts']} pairs (the rejected model kept the rule on "
+        console.print(f"  {mode}: kept {s['kept']} of {s['prompts']} pairs (the SFT model kept the rule on "
                       f"{s.get('rejected_adherence', 0):.0%}); dropped {s['dropped'] or 'none'}")
-    return {"files": files, "rejected_model": str(weak), "summaries": summaries,
+    return {"files": files, "rejected_model": str(sft_dir), "summaries": summaries,
             "kept": sum(s.get("kept", 0) for s in summaries.values())}
 
 
@@ -304,7 +298,8 @@ def evaluate_row(model_path: str, tokenizer, data_tokenizer: str, eval_config: C
     model = model.float().eval()
     with torch.no_grad():
         chat = chat_evals(model, tokenizer, count=sizes.chat_items, persona_count=sizes.chat_items,
-                          max_new_tokens=sizes.chat_new_tokens, think_max_new_tokens=sizes.think_new_tokens)
+                          think_count=sizes.think_items, max_new_tokens=sizes.chat_new_tokens,
+                          think_max_new_tokens=sizes.think_new_tokens, per_item=True)
         samples = vibe_test(model, tokenizer, max_new_tokens=sizes.sample_new_tokens, prompts=VIBE_PROMPTS)
         pre = evaluate(model, ["embedded"], config=eval_config, tokenizer=data_tokenizer, limit=sizes.suite_items,
                        val_batches=sizes.val_batches, device="cpu", out=pre_out, progress=False)
@@ -316,4 +311,4 @@ def evaluate_row(model_path: str, tokenizer, data_tokenizer: str, eval_config: C
 
 __all__ = ["PostSizes", "POST_STAGES", "ROWS", "stage_available", "Deadline", "time_boxed", "sft_recipe", "run_sft",
            "build_pairs", "apo_recipe", "run_apo", "grpo_recipe", "run_grpo", "run_merge", "chat_tokenizer",
-           "evaluate_row", "early_checkpoint", "write_recipe", "write_json"]
+           "evaluate_row", "write_recipe", "write_json"]

@@ -117,7 +117,7 @@ TINY_RECIPE = {
 }
 
 
-TINY_SIZES = PostSizes(conversations=64, sft_rows_per_step=8, chat_items=2, suite_items=4, val_batches=1, chat_new_tokens=8,
+TINY_SIZES = PostSizes(conversations=64, sft_rows_per_step=8, chat_items=2, think_items=2, suite_items=4, val_batches=1, chat_new_tokens=8,
                        think_new_tokens=12, sample_new_tokens=8, preference_prompts=8, apo_pairs_per_step=4, apo_epochs=1,
                        grpo_prompts_per_step=2, grpo_generations=2, grpo_max_completion=8, grpo_overlong_max_len=8,
                        grpo_overlong_cache=4, grpo_eval_count=2, soup_checkpoints=2, rejected_temperature=1.0)
@@ -174,6 +174,7 @@ def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, capsys, monkeypatch):
     assert set(base["chat"]) >= {"no_think_accuracy", "think_accuracy", "adherence", "think_format", "stop_rate",
                                  "no_think_length", "think_length", "no_think_accuracy_stderr"}
     assert base["chat"]["n"] == {"no_think": 2, "think": 2, "persona": 2}
+    assert len(base["chat"]["items"]["no_think_accuracy"]) == 2  # per item: stages are compared paired
     assert set(base["val"]) == {"prose", "code", "math"}
     assert len(rows) == len(list((out / "rows").glob("*.json")))
 
@@ -238,6 +239,38 @@ def test_time_box_stops_the_trainer_which_saves_and_returns(tmp_path):
     assert 0 < summary["step"] < 100_000
     model, saved = load_model_from_checkpoint(tmp_path / "run", "cpu")
     assert saved.train.max_steps == 100_000
+
+
+def test_stages_scored_on_the_same_items_are_compared_item_by_item():
+    """A paired comparison: 20 of 400 items turned right and none wrong is a clear move, although the
+    two rows' own standard errors (+-2.4 points each) overlap; the standard error is that of the
+    per-item differences, checked against numpy."""
+    from smoltrain.report.demo_report import moved, paired_difference
+
+    rng = np.random.default_rng(0)
+    start = (rng.random(400) < 0.3).astype(float)
+    better = start.copy()
+    better[np.flatnonzero(start == 0)[:20]] = 1.0
+
+    def row(values):
+        p = values.mean()
+        return {"chat": {"adherence": p, "adherence_stderr": float(np.sqrt(p * (1 - p) / 399)),
+                         "no_think_accuracy": p, "no_think_accuracy_stderr": float(np.sqrt(p * (1 - p) / 399)),
+                         "items": {"adherence": values.tolist(), "no_think_accuracy": values.tolist()}}}
+
+    diff, stderr = paired_difference(row(start), row(better), "adherence")
+    d = better - start
+    assert diff == pytest.approx(d.mean()) and stderr == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
+    assert moved({"sft": row(start), "apo": row(better)}, "apo").startswith("adherence +5 pts (moved)")
+    unpaired = {name: {"chat": {k: v for k, v in r["chat"].items() if k != "items"}}
+                for name, r in (("sft", row(start)), ("apo", row(better)))}
+    assert moved(unpaired, "apo").startswith("adherence +5 pts (no clear change)")  # the old, unpaired test
+    # turns both ways that nearly cancel: no clear change, paired or not
+    mixed = better.copy()
+    mixed[np.flatnonzero(start == 1)[:15]] = 0.0
+    assert moved({"sft": row(start), "apo": row(mixed)}, "apo").startswith("adherence +1 pts (no clear change)")
+    # rows scored on different numbers of items are not paired
+    assert paired_difference(row(start), row(better[:200]), "adherence") is None
 
 
 def test_a_stage_moved_its_target_when_the_difference_exceeds_two_combined_standard_errors():

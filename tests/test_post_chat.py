@@ -339,6 +339,17 @@ def test_chat_eval_bookkeeping_against_scripted_replies(tok, monkeypatch, one_th
     think_lengths = [d["tokens"] for d in details if d["set"] == "think"]
     assert results["think_length"] == pytest.approx(sum(think_lengths) / count)
     assert results["n"] == {"no_think": count, "think": count, "persona": persona_count}
+    assert "items" not in results
+
+    # per item, in the sets' fixed order: the same rates, for comparing two models item by item
+    paired = chat_eval.chat_evals(model, tok, count=count, persona_count=persona_count, max_new_tokens=400,
+                                  think_max_new_tokens=400, think_count=2, per_item=True)
+    assert paired["n"] == {"no_think": count, "think": 2, "persona": persona_count}
+    assert paired["items"]["no_think_accuracy"] == [float(e) for e in even]
+    assert paired["items"]["adherence"] == [1.0, 1.0, 0.0, 0.0]
+    assert paired["items"]["think_format"] == [0.0, 1.0]  # the first think reply lacks its block
+    for name, values in paired["items"].items():
+        assert paired[name] == pytest.approx(sum(values) / len(values))
 
 
 def test_generate_replies_cuts_at_end_of_turn_like_an_unrestricted_run(tok, monkeypatch, one_thread):

@@ -63,21 +63,27 @@ def generate_replies(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     return replies
 
 
-def _rate(name: str, values: list[float], out: dict) -> None:
+def _rate(name: str, values: list[float], out: dict, items: dict | None) -> None:
     out[name] = sum(values) / len(values) if values else float("nan")
     out[f"{name}_stderr"] = standard_error(values)
+    if items is not None:
+        items[name] = values
 
 
 def chat_evals(model, tokenizer, count: int = 50, persona_count: int = 48, seed: int = 0,
                max_new_tokens: int = 48, think_max_new_tokens: int = 160, batch_size: int = 32,
-               details: list | None = None) -> dict:
+               details: list | None = None, think_count: int | None = None, per_item: bool = False) -> dict:
     """{"no_think_accuracy", "think_accuracy", "adherence", "think_format", "stop_rate",
     "no_think_length", "think_length"} each with "<name>_stderr", plus "n" per set.
 
+    think_count: items of the think set (default `count`; its replies are the long ones). `per_item`
+    adds "items": each metric's per-item values in a fixed order (the sets are a function of the
+    counts and the seed), so two models evaluated alike can be compared item by item (paired).
     `details` (a list) receives every prompt, reply and verdict, for the vibe test in reports."""
+    think_count = count if think_count is None else think_count
     sets = {
         "no_think": (arithmetic_prompts("heldout", count, seed, "no_think"), max_new_tokens),
-        "think": (arithmetic_prompts("heldout", count, seed, "think"), think_max_new_tokens),
+        "think": (arithmetic_prompts("heldout", think_count, seed, "think"), think_max_new_tokens),
         "persona": (persona_prompts("heldout", persona_count, seed, "no_think"), max_new_tokens),
     }
     results: dict = {}
@@ -108,14 +114,17 @@ def chat_evals(model, tokenizer, count: int = 50, persona_count: int = 48, seed:
                                 "chat_template_kwargs": prompt.get("chat_template_kwargs", {}),
                                 "reference": prompt.get("answer", prompt.get("rule")), "reply": text,
                                 "tokens": reply["tokens"], **verdict})
-    _rate("no_think_accuracy", correct["no_think"], results)
-    _rate("think_accuracy", correct["think"], results)
-    _rate("adherence", adherence, results)
-    _rate("think_format", formats, results)
-    _rate("stop_rate", stops, results)
-    _rate("no_think_length", lengths["no_think"], results)
-    _rate("think_length", lengths["think"], results)
+    items = {} if per_item else None
+    _rate("no_think_accuracy", correct["no_think"], results, items)
+    _rate("think_accuracy", correct["think"], results, items)
+    _rate("adherence", adherence, results, items)
+    _rate("think_format", formats, results, items)
+    _rate("stop_rate", stops, results, items)
+    _rate("no_think_length", lengths["no_think"], results, items)
+    _rate("think_length", lengths["think"], results, items)
     results["n"] = {name: len(prompts) for name, (prompts, _) in sets.items()}
+    if items is not None:
+        results["items"] = items
     return results
 
 

@@ -2,9 +2,11 @@
 was trained, how fast (the speed probe's choice), what the ablation found, the curves of each stage,
 the same chats answered by every stage side by side, the export and where the time went.
 
-The report card says for each post-training stage whether its target metric moved, judged against
-the two rows' standard errors (a difference inside 2 combined standard errors is "no clear change"),
-so a stage that did not move is reported as such rather than read into noise.
+The report card says for each post-training stage whether its target metric moved, judged item by
+item against the model it started from: both rows answered the same held-out prompts, so the noise
+is the standard error of the per-item differences (paired), a difference inside 2 of them is "no
+clear change", and a stage that did not move is reported as such rather than read into noise. Rows
+without per-item results (an older run's) fall back to the two rows' combined standard errors.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ ROW_TITLE = {"base": "base (pretrained)", "sft": "SFT", "apo": "APO-zero", "grpo
 TARGETS = {
     "sft": ("base", ["no_think_accuracy", "adherence", "think_format", "stop_rate"],
             "teaches the chat format, both modes, the system-prompt rules and some arithmetic"),
-    "apo": ("sft", ["adherence", "accuracy"], "prefers replies that keep the system prompt's rule over an early "
-            "checkpoint's that break it (SmolLM3's APO: +15-20 IFEval points)"),
+    "apo": ("sft", ["adherence", "accuracy"], "prefers replies that keep the system prompt's rule over the SFT "
+            "model's own that break it (SmolLM3's APO: +15-20 IFEval points)"),
     "grpo": ("apo", ["no_think_accuracy", "no_think_length"], "rewards right no_think answers, penalises long ones"),
     "merged": ("apo", ["adherence", "val_loss"], "keeps APO's behaviour, recovers some of the base's language modelling"),
 }
-SIGNIFICANT = 2.0  # combined standard errors
+SIGNIFICANT = 2.0  # standard errors of the difference
 MIN_LENGTH_CHANGE = 1.0  # tokens: a reply length that moves less is "no clear change" however tight its error
 
 
@@ -55,6 +57,24 @@ def _metric(row: dict, name: str) -> tuple[float | None, float | None]:
     return c.get(name), c.get(f"{name}_stderr")
 
 
+def paired_difference(start: dict, row: dict, metric: str) -> tuple[float, float] | None:
+    """(mean per-item difference row - start, its standard error) when both rows scored the same items
+    of `metric` ("accuracy": both modes, the mean of the two differences); None otherwise."""
+    from smoltrain.eval.scoring import standard_error
+
+    names = ["no_think_accuracy", "think_accuracy"] if metric == "accuracy" else [metric]
+    means, errors = [], []
+    for name in names:
+        a = ((start.get("chat") or {}).get("items") or {}).get(name)
+        b = ((row.get("chat") or {}).get("items") or {}).get(name)
+        if not a or not b or len(a) != len(b):
+            return None
+        diffs = [y - x for x, y in zip(a, b)]
+        means.append(sum(diffs) / len(diffs))
+        errors.append(standard_error(diffs))
+    return sum(means) / len(means), math.hypot(*errors) / len(errors)
+
+
 def _pm(value: float | None, stderr: float | None, percent: bool = True) -> str:
     if value is None or value != value:
         return "-"
@@ -73,8 +93,8 @@ def moved(rows: dict, name: str) -> str:
         (a, sa), (b, sb) = _metric(rows[start], metric), _metric(rows[name], metric)
         if a is None or b is None:
             continue
-        diff = b - a
-        noise = math.hypot(sa or 0, sb or 0)
+        paired = paired_difference(rows[start], rows[name], metric)
+        diff, noise = paired if paired else (b - a, math.hypot(sa or 0, sb or 0))
         if metric.endswith("length") or metric == "val_loss":
             unit = f"{diff:+.2f}" if metric == "val_loss" else f"{diff:+.1f} tokens"
         else:
@@ -82,7 +102,7 @@ def moved(rows: dict, name: str) -> str:
         # a rate at 0% or 100% on both sides has no noise: any difference is a move; a metric without
         # standard errors (validation loss) gets no verdict
         small = metric.endswith("length") and abs(diff) < MIN_LENGTH_CHANGE  # 7.0 -> 6.9 tokens is no story
-        verdict = ("" if sa is None and sb is None else
+        verdict = ("" if sa is None and sb is None and paired is None else
                    "no clear change" if abs(diff) < SIGNIFICANT * noise or diff == 0 or small else "moved")
         parts.append(f"{metric} {unit}" + (f" ({verdict})" if verdict else ""))
     return "; ".join(parts) or "-"
@@ -236,14 +256,15 @@ def _card_section(report: Report, facts: dict, rows: dict, records: dict, figure
     headers, table = card_rows(facts)
     report.table(headers, table)
     s = facts["sizes"]
-    report.text(f"Chat evals: {s.chat_items} held-out items per set, greedy, through the smollm3 template (no_think "
+    report.text(f"Chat evals: {s.chat_items} held-out items in the no_think and persona sets, {s.think_items} in the "
+                f"think set, greedy, through the smollm3 template (no_think "
                 f"replies up to {s.chat_new_tokens} tokens, think up to {s.think_new_tokens}); ± is the standard error. "
                 f"Pretraining evals: mean validation loss over the sources (nats/token) and the embedded suite's centred "
                 f"score ({s.suite_items} items per task; 0 = chance). Think format is the share of think-mode replies "
                 f"with one closed think block and an answer; adherence counts replies that ended their turn. `*`: stopped by its "
                 f"time box. \"target vs start\" "
-                f"compares a stage with the model it started from (the merge with APO); a difference inside "
-                f"{SIGNIFICANT:g} combined standard errors is no clear change.")
+                f"compares a stage with the model it started from (the merge with APO) on the same prompts, item by "
+                f"item: a difference inside {SIGNIFICANT:g} standard errors of the per-item differences is no clear change.")
     verdicts = [f"**{ROW_TITLE[name]}** {why}: {moved(rows, name)} against {ROW_TITLE[start]}."
                 for name, (start, _, why) in TARGETS.items() if name in rows]
     if verdicts:
