@@ -324,6 +324,259 @@ def _probe_and_choose(base: Config, trained: list[str], nominal: dict[str, float
     return probe, choice
 
 
+class DemoRun:
+    """One demo run: its shared state (the output folder, the stage records, the report card's rows, the
+    time budget, the speed settings) and a method per stage, which `demo()` calls in playbook order."""
+
+    def __init__(self, out: Path, run: list[str], keep: dict[str, dict], source: Path | None, recipe_path: Path,
+                 base: Config, minutes: float, sizes: PostSizes, steps: dict[str, int], console: Console):
+        self.out, self.run, self.keep, self.recipe_path, self.base = out, run, keep, recipe_path, base
+        self.minutes, self.budget_s, self.sizes, self.steps, self.console = minutes, minutes * 60, sizes, steps, console
+        self.records: dict[str, dict] = dict(keep)
+        self.marker = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": self.records}
+        write_json(out / MARKER, self.marker)
+        self.bar = Stages(console, 4 + sum(1 if s == "ablation" else 2 for s in run) + ("apo" in run))
+        self.facts: dict = {"recipe": str(recipe_path), "minutes": minutes, "device": _device_name(), "run": run,
+                            "reused_from": str(source) if keep else None, "records": self.records, "sizes": sizes}
+        self.rows: dict[str, dict] = {ROW_OF.get(stage, stage): _read_row(record) for stage, record in keep.items()
+                                      if record.get("row")}
+        self.row_s = RESERVE_S["row"]  # one row's evaluation, re-estimated from each one measured
+
+    # ------------------------------------------------------------------------- bookkeeping
+
+    def finish_stage(self, stage: str, record: dict) -> None:
+        record.update(done=True, folders=STAGE_FOLDERS[stage], wall_s=self.bar.wall.get(stage))
+        self.records[stage] = record
+        write_json(self.out / MARKER, self.marker)
+
+    def seconds_for(self, stage: str) -> float:
+        """The stage's time box, planned from what is really left now (inf for fixed steps)."""
+        if stage in self.steps:
+            return float("inf")
+        pending = [s for s in self.run if s not in self.records or s == stage]
+        pending = pending[pending.index(stage):]
+        rows_left = len([s for s in pending if s in ("pretrain", *POST_STAGES)])
+        left = self.budget_s - self.bar.elapsed() - reserve_seconds(pending, rows_left, self.row_s)
+        seconds = stage_seconds(stage, left, pending, self.nominal[stage])
+        late = seconds > left * TRAIN_SHARES[stage] / sum(TRAIN_SHARES[s] for s in pending if s in TRAIN_SHARES) + 1e-9
+        self.console.print(f"  time box: {seconds:.0f} s" + (" (the floor: earlier stages overran, so the demo ends "
+                                                            "late)" if late else ""))
+        return seconds
+
+    def evaluate(self, stage: str, name: str, model_path: str) -> None:
+        """The report card's row `name` for the model of `stage`."""
+        out = self.out
+        with self.bar(f"{name} evals", f"evaluate {name}: chat evals, pretraining evals, sample chats"):
+            pre_out = out / "eval.json" if name == "base" else None
+            self.rows[name] = evaluate_row(model_path, self.chat_tok, self.data.tokenizer, self.eval_config, self.sizes,
+                                           out / "rows" / f"{name}.json", pre_out)
+            _print_row(self.console, name, self.rows[name])
+        self.row_s = self.bar.wall[f"{name} evals"]
+        if Path(model_path).resolve().is_relative_to(out.resolve()):  # never into a reused folder elsewhere
+            # the stage's final chat evals beside its model, where sft and dpo keep theirs: the model card reads them
+            write_json(Path(model_path) / CHAT_EVALS, {"chat": self.rows[name]["chat"], "vibe": self.rows[name]["samples"]})
+        self.records[stage]["row"] = str(out / "rows" / f"{name}.json")
+        write_json(out / MARKER, self.marker)
+
+    # ------------------------------------------------------------------------- stages
+
+    def prepare_data(self) -> None:
+        """1. Data: corpus -> tokenizer -> shards (cached after the first run)."""
+        with self.bar("data", "data: embedded corpus, tokenizer, shards"):
+            from smoltrain.data.embedded import ensure_embedded_data
+
+            self.data = ensure_embedded_data(self.base.data)
+            manifest = json.loads((Path(self.data.tokenizer).parent / "manifest.json").read_text())
+            for key, value in manifest["tokens"].items():
+                self.console.print(f"  {key:<18} {value:>12,} tokens")
+            self.chat_tok = chat_tokenizer(self.data.tokenizer, self.out)
+        self.facts["data"] = {"manifest": manifest, "cached": self.bar.wall["data"] < 0.5 * sum(manifest["timings"].values())}
+
+    def plan(self, speed: str | None) -> None:
+        """2. Reference points, this machine's speed in each precision, and the plan."""
+        base, run, console = self.base, self.run, self.console
+        with self.bar("baselines", "baselines, speed probe and budget"):
+            unigram = unigram_losses(self.data, base.model.vocab_size)
+            console.print("  unigram loss (nats/token): " + ", ".join(f"{s} {v:.3f}" for s, v in unigram.items()))
+            on_cpu = resolve_device(base.train.device).type == "cpu"
+            peak = matmul_peak_tflops() if on_cpu else None  # on CUDA the trainer knows the accelerator's peak
+            trained = [s for s in run if s in TRAIN_SHARES]
+            pending_rows = (len([s for s in run if s in ("pretrain", *POST_STAGES)])
+                            + ("pretrain" in self.keep and "base" not in self.rows))
+            left = self.budget_s - self.bar.elapsed() - reserve_seconds(run, pending_rows, RESERVE_S["row"])
+            self.nominal = nominal_seconds(max(left, 0.0), trained)
+            self.probe, self.choice = _probe_and_choose(base, trained, self.nominal, speed, on_cpu, console)
+            self.settings = {"fixed": stage_settings(self.probe, self.choice, True),
+                             "variable": stage_settings(self.probe, self.choice, False)}
+            console.print(f"  matmul peak {peak * 1e3:.1f} GFLOP/s (fp32); plan: " if peak else "  plan: ", end="")
+            console.print(", ".join(f"{s} {v:.0f} s" for s, v in self.nominal.items()))
+            self.facts.update(unigram=unigram, peak_tflops=peak, probe=self.probe, speed_choice=self.choice,
+                              speed=self.settings, nominal_s=self.nominal)
+        self.unigram = unigram
+        self.base_config = with_overrides(base, [f"train.peak_tflops={json.dumps(peak)}",
+                                                 *_speed_overrides(self.settings["fixed"])])
+        self.eval_config = with_overrides(self.base_config, ["eval.tasks=[]", f"eval.val_batches={self.sizes.val_batches}"])
+        self.gbt = base.train.global_batch_tokens
+        rate = self.settings["fixed"].get("tokens_per_s")  # None on CUDA (no probe): the recipe's steps
+        self.rate = rate and (1 - PLAN_OVERHEAD) * rate
+
+    def ablation(self) -> None:
+        """3. Intra-document masking on/off, 2 seeds, judged against the seed-to-seed spread."""
+        from smoltrain.ablate.grid import ablate
+        from smoltrain.ablate.spec import AblationSpec
+        from smoltrain.report.run import median_of, read_metrics
+
+        gbt, rate = self.gbt, self.rate
+        with self.bar("ablation", "ablation: document masking on/off x 2 seeds"):
+            n = self.steps.get("ablation") or (int(np.clip(self.seconds_for("ablation") * rate / (4 * gbt), 6, 60))
+                                               if rate else 60)
+            self.console.print(f"  ablation budget: {n} steps x {gbt:,} tokens per run, 4 runs")
+            raw = self.base_config.to_dict()
+            raw["train"].update(eval_every=n, save_every=n, log_every=max(1, n // 10), tensorboard=False)
+            raw["optim"]["warmup_steps"] = _warmup(self.base, n)
+            spec = AblationSpec(
+                name="document-masking", baseline=raw,
+                variants={"baseline": [], "no-document-masking": ["model.document_masking=false"]},
+                seeds=[0, 1], budget_steps=n, eval={"tasks": [], "val_batches": VAL_BATCHES},
+                out_dir=str(self.out / "ablation"), source=f"{self.recipe_path} (smoltrain demo)",
+            )
+            ablation = ablate(spec=spec, console=self.console)
+            runs = [r for arm in ablation["arms"].values() for r in arm["runs"]]
+            # Plan pretraining for the machine undisturbed: the fastest run's steady tokens/s (the median
+            # of its logged intervals; a run of a few steps is mostly startup, compile and evaluation,
+            # so its tokens per wall second would plan a third of what the time box holds), less
+            # PLAN_OVERHEAD, but never below that run's tokens per wall second. The ablation runs the
+            # chosen (compiled) configuration on purpose: the probe's few steps under-read a compiled
+            # step's steady speed ~3x (3.6k vs 11.5k tokens/s), and its cold compiles warm the caches
+            # pretraining then uses. A neighbour slowing the machine down later meets the deadline.
+            steady = max(median_of(read_metrics(r["run_dir"])[0], "tokens_per_s") or 0.0 for r in runs)
+            self.rate = max(max(r["tokens"] / r["wall_s"] for r in runs), (1 - PLAN_OVERHEAD) * steady)
+        self.finish_stage("ablation", {"results": str(self.out / "ablation" / "results.json"), "steps": n,
+                                       "planning_tokens_per_s": self.rate})
+
+    def pretrain(self) -> None:
+        """4. Pretraining in its time box, then the base row of the report card."""
+        from smoltrain.train.trainer import run as train
+
+        out, gbt, rate = self.out, self.gbt, self.rate
+        with self.bar("pretrain", "pretrain the demo model"):
+            seconds = self.seconds_for("pretrain")
+            n = self.steps.get("pretrain") or (int(np.clip(0.95 * seconds * rate / gbt, 10, 5000)) if rate
+                                               else self.base.train.max_steps)
+            self.console.print(f"  {n} steps x {gbt:,} tokens" + (f" at {rate:,.0f} tokens/s" if rate else "")
+                               + f", {self.settings['fixed'].get('name', 'the recipe precision')}")
+            config = with_overrides(self.base_config, [
+                f"train.out_dir={json.dumps(str(out / 'pretrain'))}", f"train.max_steps={n}",
+                f"train.eval_every={max(1, n // 4)}", f"train.save_every={n}", f"train.log_every={max(1, n // 50)}",
+                "eval.tasks=[]", f"eval.val_batches={VAL_BATCHES}", f"optim.warmup_steps={_warmup(self.base, n)}",
+            ])
+            summary, stopped = time_boxed(train, config, seconds, self.console)
+            if stopped:
+                self.console.print(f"  time budget reached: pretraining stopped at step {summary['step']} of {n}")
+        self.finish_stage("pretrain", {"model": str(out / "pretrain"), "config": str(out / "pretrain" / "config.yaml"),
+                                       "steps": n, "summary": summary,
+                                       "planned_s": seconds if seconds != float("inf") else None})
+        self.evaluate("pretrain", "base", str(out / "pretrain"))
+
+    def evaluate_reused_base(self) -> None:
+        """A reused base model that was never evaluated gets its row."""
+        if "pretrain" in self.keep and "base" not in self.rows:
+            self.evaluate("pretrain", "base", self.keep["pretrain"]["model"])
+
+    @property
+    def pretrain_config(self) -> Config:
+        records = self.records
+        return load_config(records["pretrain"]["config"]) if "pretrain" in records else self.base_config
+
+    def start_model(self, stage: str) -> Path:
+        """The newest model of the chain before `stage`."""
+        chain = CHAIN[: CHAIN.index(stage)] if stage in CHAIN else CHAIN
+        records = self.records
+        return Path(next(records[s]["model"] for s in reversed(chain) if s in records and records[s].get("model")))
+
+    def post_training(self) -> None:
+        """5-8. Post-training, each stage from the newest model of the chain before it."""
+        for stage in [s for s in self.run if s in POST_STAGES]:
+            missing = stage_available(stage)
+            needs = {"apo": "sft", "grpo": "sft", "merge": "apo"}.get(stage)
+            if not missing and needs and not self.records.get(needs, {}).get("model"):
+                missing = f"stage not available: it starts from the {needs} stage, which did not run"
+            if missing:
+                self.console.print(f"[yellow]{stage}: {missing}[/yellow]")
+                self.records[stage] = {"done": False, "skipped": missing}
+                continue
+            record = self.post_stage(stage)
+            if record is not None:
+                self.finish_stage(stage, record)
+                self.evaluate(stage, ROW_OF.get(stage, stage), record["model"])
+
+    def post_stage(self, stage: str) -> dict | None:
+        """One post-training stage's record (None when APO kept no pair and was skipped)."""
+        records, console = self.records, self.console
+        title = {"sft": "SFT on the embedded chat data", "apo": "APO-zero on generated instruction-following pairs",
+                 "grpo": "GRPO in no_think mode with the overlong penalty",
+                 "merge": "merge: soup of the last APO checkpoints, then 0.9 soup + 0.1 base"}[stage]
+        record: dict = {}
+        pairs = None
+        if stage == "apo":
+            with self.bar("preferences", "preference pairs: rule-keeping replies vs the SFT model's own rule-breaking ones"):
+                pairs = build_pairs(Path(records["sft"]["model"]), self.out / "preferences", self.sizes, console)
+            record["pairs"] = pairs
+            if not pairs["kept"]:
+                records[stage] = {"done": False, "skipped": "no preference pair was kept", **record}
+                console.print("[yellow]apo: no preference pair was kept: stage skipped[/yellow]")
+                return None
+        with self.bar(stage, title):
+            if stage == "merge":
+                pretrain_dir = Path(records["pretrain"]["model"]) if "pretrain" in records else None
+                record.update(run_merge(Path(records["apo"]["model"]), pretrain_dir, self.out / "merge", self.sizes))
+                console.print(f"  soup of {len(record['soup_of'])} checkpoints -> {record['soup']}; "
+                              f"0.9 soup + 0.1 base -> {record['model']}")
+                return record
+            seconds = self.seconds_for(stage)
+            init = self.start_model(stage)
+            raw, runner = _post_recipe(stage, seconds, init, records, pairs, self.pretrain_config, self.settings,
+                                       self.sizes, self.steps, self.rate, self.out)
+            path = write_recipe(self.out / "recipes" / f"{stage}.yaml", raw)
+            console.print(f"  from {init}; recipe {path}; up to {raw['train']['max_steps']} steps")
+            record.update(runner(path, seconds, console))
+            record.update(recipe=str(path), planned_s=seconds if seconds != float("inf") else None, init=str(init))
+            if stage == "sft":
+                record["tokenizer"] = str(Path(record["model"]) / "tokenizer" / "tokenizer.json")
+        return record
+
+    def export(self) -> None:
+        """9. Export the final model to Hugging Face (with its model card) and load it back with transformers."""
+        records = self.records
+        final = next((records[s] for s in ("merge", "grpo", "apo", "sft", "pretrain") if records.get(s, {}).get("model")),
+                     None)
+        if final is None:
+            return
+        with self.bar("export", "export to Hugging Face and load with transformers"):
+            export = export_and_reload(final["model"], self.data, self.pretrain_config, self.out / "hf")
+            self.console.print(f"  {export['architecture']} in {export['path']}: max |logit diff| "
+                               f"{export['max_logit_diff']:.2e}, greedy continuation identical: {export['greedy_match']}; "
+                               f"model card: {export['card_stages']}")
+        self.facts["export"] = export
+
+    def report(self) -> Path:
+        """10. One report (its own stage's time is known once the figures are drawn; writing is instant)."""
+        from smoltrain.report.demo_report import add_wall_times, build_demo_report
+
+        bar = self.bar
+        with bar("report", "report"):
+            self.facts["rows"] = self.rows
+            report = build_demo_report(self.out, self.facts, self.pretrain_config, bar.elapsed())
+        add_wall_times(report, self.out / "figures", bar.wall, bar.elapsed())
+        md_path, html_path = report.write(self.out)
+        self.marker.update(wall_s=bar.wall, total_s=bar.elapsed(), speed_choice=self.choice, probe=self.probe,
+                           minutes=self.minutes, device=self.facts["device"], unigram=self.unigram)
+        write_json(self.out / MARKER, self.marker)
+        print_summary(self.console, self.facts, bar.elapsed())
+        self.console.print(f"report: {html_path} (markdown: {md_path})", soft_wrap=True)
+        return html_path
+
+
 def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: str | None = None,
          console: Console | None = None, suite_items: int | None = None, ablation_steps: int | None = None,
          pretrain_steps: int | None = None, stages: str | list[str] | None = None, from_run: str | None = None,
@@ -336,8 +589,6 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     derived from `minutes` and the measured throughput. sizes: how much each post-training stage and
     each row's evaluation does. speed: a configuration of SPEED_CONFIGS ("fp32 eager", "bf16 compile",
     ...) to use without probing."""
-    from smoltrain.report.demo_report import add_wall_times, build_demo_report
-
     console = console or Console(highlight=False)
     sizes = sizes or PostSizes()
     if suite_items is not None:
@@ -353,207 +604,17 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     out = Path(out_dir)
     source, keep, same_folder = _reused_stages(out, run, from_run)
     _prepare_out_dir(out, run, keep, same_folder)
-    budget_s = minutes * 60
-    records: dict[str, dict] = dict(keep)
-    marker = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": records}
-    write_json(out / MARKER, marker)
-    bar = Stages(console, 4 + sum(1 if s == "ablation" else 2 for s in run) + ("apo" in run))
-    facts: dict = {"recipe": str(recipe_path), "minutes": minutes, "device": _device_name(), "run": run,
-                   "reused_from": str(source) if keep else None, "records": records, "sizes": sizes}
-    rows: dict[str, dict] = {ROW_OF.get(stage, stage): _read_row(record) for stage, record in keep.items() if record.get("row")}
-
-    def finish_stage(stage: str, record: dict) -> None:
-        record.update(done=True, folders=STAGE_FOLDERS[stage], wall_s=bar.wall.get(stage))
-        records[stage] = record
-        write_json(out / MARKER, marker)
-
-    # 1. Data: corpus -> tokenizer -> shards (cached after the first run).
-    with bar("data", "data: embedded corpus, tokenizer, shards"):
-        from smoltrain.data.embedded import ensure_embedded_data
-
-        data = ensure_embedded_data(base.data)
-        manifest = json.loads((Path(data.tokenizer).parent / "manifest.json").read_text())
-        for key, value in manifest["tokens"].items():
-            console.print(f"  {key:<18} {value:>12,} tokens")
-        chat_tok = chat_tokenizer(data.tokenizer, out)
-    facts["data"] = {"manifest": manifest, "cached": bar.wall["data"] < 0.5 * sum(manifest["timings"].values())}
-
-    # 2. Reference points, this machine's speed in each precision, and the plan.
-    with bar("baselines", "baselines, speed probe and budget"):
-        unigram = unigram_losses(data, base.model.vocab_size)
-        console.print("  unigram loss (nats/token): " + ", ".join(f"{s} {v:.3f}" for s, v in unigram.items()))
-        on_cpu = resolve_device(base.train.device).type == "cpu"
-        peak = matmul_peak_tflops() if on_cpu else None  # on CUDA the trainer knows the accelerator's peak
-        trained = [s for s in run if s in TRAIN_SHARES]
-        pending_rows = len([s for s in run if s in ("pretrain", *POST_STAGES)]) + ("pretrain" in keep and "base" not in rows)
-        left = budget_s - bar.elapsed() - reserve_seconds(run, pending_rows, RESERVE_S["row"])
-        nominal = nominal_seconds(max(left, 0.0), trained)
-        probe, choice = _probe_and_choose(base, trained, nominal, speed, on_cpu, console)
-        settings = {"fixed": stage_settings(probe, choice, True), "variable": stage_settings(probe, choice, False)}
-        console.print(f"  matmul peak {peak * 1e3:.1f} GFLOP/s (fp32); plan: " if peak else "  plan: ", end="")
-        console.print(", ".join(f"{s} {v:.0f} s" for s, v in nominal.items()))
-        facts.update(unigram=unigram, peak_tflops=peak, probe=probe, speed_choice=choice, speed=settings, nominal_s=nominal)
-    row_s = RESERVE_S["row"]
-
-    def seconds_for(stage: str) -> float:
-        if stage in steps:  # fixed steps: no time box
-            return float("inf")
-        pending = [s for s in run if s not in records or s == stage]
-        pending = pending[pending.index(stage):]
-        rows_left = len([s for s in pending if s in ("pretrain", *POST_STAGES)])
-        left = budget_s - bar.elapsed() - reserve_seconds(pending, rows_left, row_s)
-        seconds = stage_seconds(stage, left, pending, nominal[stage])
-        late = seconds > left * TRAIN_SHARES[stage] / sum(TRAIN_SHARES[s] for s in pending if s in TRAIN_SHARES) + 1e-9
-        console.print(f"  time box: {seconds:.0f} s" + (" (the floor: earlier stages overran, so the demo ends late)"
-                                                       if late else ""))
-        return seconds
-
-    def row(stage: str, name: str, model_path: str) -> None:
-        nonlocal row_s
-        with bar(f"{name} evals", f"evaluate {name}: chat evals, pretraining evals, sample chats"):
-            pre_out = out / "eval.json" if name == "base" else None
-            rows[name] = evaluate_row(model_path, chat_tok, data.tokenizer, eval_config, sizes, out / "rows" / f"{name}.json",
-                                      pre_out)
-            _print_row(console, name, rows[name])
-        row_s = bar.wall[f"{name} evals"]
-        if Path(model_path).resolve().is_relative_to(out.resolve()):  # never into a reused folder elsewhere
-            # the stage's final chat evals beside its model, where sft and dpo keep theirs: the model card reads them
-            write_json(Path(model_path) / CHAT_EVALS, {"chat": rows[name]["chat"], "vibe": rows[name]["samples"]})
-        records[stage]["row"] = str(out / "rows" / f"{name}.json")
-        write_json(out / MARKER, marker)
-
-    base_config = with_overrides(base, [f"train.peak_tflops={json.dumps(peak)}", *_speed_overrides(settings["fixed"])])
-    eval_config = with_overrides(base_config, ["eval.tasks=[]", f"eval.val_batches={sizes.val_batches}"])
-    gbt = base.train.global_batch_tokens
-    rate = settings["fixed"].get("tokens_per_s")  # None on CUDA (no probe): the recipe's steps
-    rate = rate and (1 - PLAN_OVERHEAD) * rate
-
-    # 3. Ablation: intra-document masking on/off, 2 seeds, judged against the seed-to-seed spread.
+    demo_run = DemoRun(out, run, keep, source, recipe_path, base, minutes, sizes, steps, console)
+    demo_run.prepare_data()
+    demo_run.plan(speed)
     if "ablation" in run:
-        with bar("ablation", "ablation: document masking on/off x 2 seeds"):
-            from smoltrain.ablate.grid import ablate
-            from smoltrain.ablate.spec import AblationSpec
-
-            n = steps.get("ablation") or (int(np.clip(seconds_for("ablation") * rate / (4 * gbt), 6, 60)) if rate else 60)
-            console.print(f"  ablation budget: {n} steps x {gbt:,} tokens per run, 4 runs")
-            raw = base_config.to_dict()
-            raw["train"].update(eval_every=n, save_every=n, log_every=max(1, n // 10), tensorboard=False)
-            raw["optim"]["warmup_steps"] = _warmup(base, n)
-            spec = AblationSpec(
-                name="document-masking", baseline=raw,
-                variants={"baseline": [], "no-document-masking": ["model.document_masking=false"]},
-                seeds=[0, 1], budget_steps=n, eval={"tasks": [], "val_batches": VAL_BATCHES},
-                out_dir=str(out / "ablation"), source=f"{recipe_path} (smoltrain demo)",
-            )
-            ablation = ablate(spec=spec, console=console)
-            runs = [r for arm in ablation["arms"].values() for r in arm["runs"]]
-            # Plan pretraining for the machine undisturbed: the fastest run's steady tokens/s (the median
-            # of its logged intervals; a run of a few steps is mostly startup, compile and evaluation,
-            # so its tokens per wall second would plan a third of what the time box holds), less
-            # PLAN_OVERHEAD, but never below that run's tokens per wall second. The ablation runs the
-            # chosen (compiled) configuration on purpose: the probe's few steps under-read a compiled
-            # step's steady speed ~3x (3.6k vs 11.5k tokens/s), and its cold compiles warm the caches
-            # pretraining then uses. A neighbour slowing the machine down later meets the deadline.
-            from smoltrain.report.run import median_of, read_metrics
-
-            steady = max(median_of(read_metrics(r["run_dir"])[0], "tokens_per_s") or 0.0 for r in runs)
-            rate = max(max(r["tokens"] / r["wall_s"] for r in runs), (1 - PLAN_OVERHEAD) * steady)
-        finish_stage("ablation", {"results": str(out / "ablation" / "results.json"), "steps": n,
-                                  "planning_tokens_per_s": rate})
-
-    # 4. Pretraining in its time box, then the base row of the report card.
+        demo_run.ablation()
     if "pretrain" in run:
-        with bar("pretrain", "pretrain the demo model"):
-            from smoltrain.train.trainer import run as train
-
-            seconds = seconds_for("pretrain")
-            n = steps.get("pretrain") or (int(np.clip(0.95 * seconds * rate / gbt, 10, 5000)) if rate else base.train.max_steps)
-            console.print(f"  {n} steps x {gbt:,} tokens" + (f" at {rate:,.0f} tokens/s" if rate else "")
-                          + f", {settings['fixed'].get('name', 'the recipe precision')}")
-            pretrain_config = with_overrides(base_config, [
-                f"train.out_dir={json.dumps(str(out / 'pretrain'))}", f"train.max_steps={n}",
-                f"train.eval_every={max(1, n // 4)}", f"train.save_every={n}", f"train.log_every={max(1, n // 50)}",
-                "eval.tasks=[]", f"eval.val_batches={VAL_BATCHES}", f"optim.warmup_steps={_warmup(base, n)}",
-            ])
-            summary, stopped = time_boxed(train, pretrain_config, seconds, console)
-            if stopped:
-                console.print(f"  time budget reached: pretraining stopped at step {summary['step']} of {n}")
-        finish_stage("pretrain", {"model": str(out / "pretrain"), "config": str(out / "pretrain" / "config.yaml"),
-                                  "steps": n, "summary": summary, "planned_s": seconds if seconds != float("inf") else None})
-        row("pretrain", "base", str(out / "pretrain"))
-    if "pretrain" in keep and "base" not in rows:  # a reused base model that was never evaluated
-        row("pretrain", "base", keep["pretrain"]["model"])
-    pretrain_dir = Path(records["pretrain"]["model"]) if "pretrain" in records else None
-    pretrain_config = load_config(records["pretrain"]["config"]) if "pretrain" in records else base_config
-
-    # 5-8. Post-training, each stage from the newest model of the chain before it.
-    def start_model(stage: str) -> Path:
-        chain = CHAIN[: CHAIN.index(stage)] if stage in CHAIN else CHAIN
-        return Path(next(records[s]["model"] for s in reversed(chain) if s in records and records[s].get("model")))
-
-    recipes = out / "recipes"
-    for stage in [s for s in run if s in POST_STAGES]:
-        missing = stage_available(stage)
-        needs = {"apo": "sft", "grpo": "sft", "merge": "apo"}.get(stage)
-        if not missing and needs and not records.get(needs, {}).get("model"):
-            missing = f"stage not available: it starts from the {needs} stage, which did not run"
-        if missing:
-            console.print(f"[yellow]{stage}: {missing}[/yellow]")
-            records[stage] = {"done": False, "skipped": missing}
-            continue
-        title = {"sft": "SFT on the embedded chat data", "apo": "APO-zero on generated instruction-following pairs",
-                 "grpo": "GRPO in no_think mode with the overlong penalty",
-                 "merge": "merge: soup of the last APO checkpoints, then 0.9 soup + 0.1 base"}[stage]
-        record: dict = {}
-        pairs = None
-        if stage == "apo":
-            with bar("preferences", "preference pairs: rule-keeping replies vs the SFT model's own rule-breaking ones"):
-                pairs = build_pairs(Path(records["sft"]["model"]), out / "preferences", sizes, console)
-            record["pairs"] = pairs
-            if not pairs["kept"]:
-                records[stage] = {"done": False, "skipped": "no preference pair was kept", **record}
-                console.print("[yellow]apo: no preference pair was kept: stage skipped[/yellow]")
-                continue
-        with bar(stage, title):
-            if stage == "merge":
-                record.update(run_merge(Path(records["apo"]["model"]), pretrain_dir, out / "merge", sizes))
-                console.print(f"  soup of {len(record['soup_of'])} checkpoints -> {record['soup']}; "
-                              f"0.9 soup + 0.1 base -> {record['model']}")
-            else:
-                seconds = seconds_for(stage)
-                init = start_model(stage)
-                raw, runner = _post_recipe(stage, seconds, init, records, pairs if stage == "apo" else None,
-                                           pretrain_config, settings, sizes, steps, rate, out)
-                path = write_recipe(recipes / f"{stage}.yaml", raw)
-                console.print(f"  from {init}; recipe {path}; up to {raw['train']['max_steps']} steps")
-                record.update(runner(path, seconds, console))
-                record.update(recipe=str(path), planned_s=seconds if seconds != float("inf") else None, init=str(init))
-                if stage == "sft":
-                    record["tokenizer"] = str(Path(record["model"]) / "tokenizer" / "tokenizer.json")
-        finish_stage(stage, record)
-        row(stage, ROW_OF.get(stage, stage), record["model"])
-
-    # 9. Export the final model to Hugging Face (with its model card) and load it back with transformers.
-    final = next((records[s] for s in ("merge", "grpo", "apo", "sft", "pretrain") if records.get(s, {}).get("model")), None)
-    if final is not None:
-        with bar("export", "export to Hugging Face and load with transformers"):
-            export = export_and_reload(final["model"], data, pretrain_config, out / "hf")
-            console.print(f"  {export['architecture']} in {export['path']}: max |logit diff| {export['max_logit_diff']:.2e}, "
-                          f"greedy continuation identical: {export['greedy_match']}; model card: {export['card_stages']}")
-        facts["export"] = export
-
-    # 10. One report (its own stage's time is known once the figures are drawn; writing is instant).
-    with bar("report", "report"):
-        facts["rows"] = rows
-        report = build_demo_report(out, facts, pretrain_config, bar.elapsed())
-    add_wall_times(report, out / "figures", bar.wall, bar.elapsed())
-    md_path, html_path = report.write(out)
-    marker.update(wall_s=bar.wall, total_s=bar.elapsed(), speed_choice=choice, probe=probe, minutes=minutes,
-                  device=facts["device"], unigram=unigram)
-    write_json(out / MARKER, marker)
-    print_summary(console, facts, bar.elapsed())
-    console.print(f"report: {html_path} (markdown: {md_path})", soft_wrap=True)
-    return html_path
+        demo_run.pretrain()
+    demo_run.evaluate_reused_base()
+    demo_run.post_training()
+    demo_run.export()
+    return demo_run.report()
 
 
 def _post_recipe(stage: str, seconds: float, init: Path, records: dict, pairs: dict | None, pretrain_config: Config,
@@ -671,5 +732,5 @@ def print_summary(console: Console, facts: dict, total_s: float) -> None:
                       f"model card stages {e['card_stages']}", soft_wrap=True)
 
 
-__all__ = ["demo", "unigram_losses", "matmul_peak_tflops", "probe_speed", "choose_speed", "stage_seconds",
+__all__ = ["demo", "DemoRun", "unigram_losses", "matmul_peak_tflops", "probe_speed", "choose_speed", "stage_seconds",
            "nominal_seconds", "parse_stages", "export_and_reload", "STAGES"]

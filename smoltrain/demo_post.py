@@ -49,7 +49,8 @@ class PostSizes:
     chat_new_tokens: int = 48  # no_think and persona replies
     think_new_tokens: int = 160
     sample_new_tokens: int = 120  # the side-by-side chats
-    preference_prompts: int = 192  # training questions under a rule, per mode (no_think and think), for the pairs
+    # training questions under a rule, per mode (no_think and think): a third to a half become pairs
+    preference_prompts: int = 512
     rejected_temperature: float = 0.0  # greedy rejected replies (sampled at 1.0 they kept the rule twice as often)
     apo_pairs_per_step: int = 32
     apo_epochs: int = 2
@@ -172,10 +173,11 @@ def run_sft(recipe: Path, seconds: float, console: Console) -> dict:
 def build_pairs(sft_dir: Path, out: Path, sizes: PostSizes, console: Console) -> dict:
     """Instruction-following pairs in both modes, as SmolLM3's APO gained IFEval: training questions
     under a system-prompt rule, chosen = the embedded reply that keeps the rule, rejected = the SFT
-    model's own reply, kept where it breaks the rule (verify rule). The policy's own mistakes are the
-    ones worth pushing down: they moved adherence about twice as far as an early checkpoint's (LOG.md).
-    The questions carry no arithmetic: pairs of right vs wrong answers took the SFT model's held-out
-    accuracy from 14% to 2%, rule pairs on arithmetic questions from 31% to 14% (LOG.md)."""
+    model's own reply, kept where it breaks the rule (verify rule) and, on an arithmetic question, still
+    answers right: the pair then differs in the rule alone (rule pairs whose rejected side also had
+    wrong numbers took held-out accuracy from 31% to 14%; pairs on questions without arithmetic moved
+    adherence on those but lost it on arithmetic ones, 82% -> 67%; LOG.md). The policy's own mistakes
+    are the ones worth pushing down: they moved adherence about twice as far as an early checkpoint's."""
     from smoltrain.post.preference_gen import PERSONA, REFERENCE, build_preferences
 
     files, summaries = [], {}

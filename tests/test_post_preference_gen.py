@@ -131,30 +131,41 @@ def test_plain_text_pairs_for_a_pretrained_model(models, tmp_path, monkeypatch):
 
 
 def test_rule_pairs_keep_a_chosen_reply_that_keeps_the_rule_and_a_rejected_one_that_breaks_it(models, tmp_path, monkeypatch):
-    """--prompts embedded:persona --verify rule: SmolLM3's instruction-following pairs in small."""
+    """--prompts embedded:persona --verify rule: SmolLM3's instruction-following pairs in small. On an
+    arithmetic question both replies must also be right, so the pair differs in the rule alone."""
     import smoltrain.post.chat_eval as chat_eval
-    from smoltrain.post.embedded_chat import apply_rule, follows_rule
+    from smoltrain.post.embedded_chat import answer_is_correct, apply_rule, follows_rule
 
-    prompts = preference_gen.read_prompts("embedded:persona", 4, "no_think")
-    assert len(prompts) == 4 and {p["kind"] for p in prompts} == {"stdlib"}  # no arithmetic in rule pairs
+    prompts = preference_gen.read_prompts("embedded:persona", 6, "no_think")
+    assert [p["kind"] for p in prompts] == ["arithmetic", "stdlib"] * 3
     assert all(follows_rule(p["rule"], p["reference"]) for p in prompts)  # the references keep their rules
-    breaks = "THE ANSWER IS 3, said plainly and at length today, friend"  # breaks every rule there is
-    assert not any(follows_rule(p["rule"], breaks) for p in prompts)
+    assert all(answer_is_correct(p["reference"], p["answer"]) for p in prompts if p["kind"] == "arithmetic")
+
+    def breaks(answer):  # mixed case, no rule's first or last word, 9 words: breaks every rule there is
+        return f"THE ANSWER IS {answer}, said plainly and at length today, friend"
+
+    assert not any(follows_rule(p["rule"], breaks(3)) for p in prompts)
+    wrong = int(float(prompts[4]["answer"])) + 1
     weak = [(prompts[0]["reference"], True),  # identical to the chosen reply
             (apply_rule(prompts[1]["rule"], "The answer is 3.", "3"), True),  # keeps its rule: nothing to learn
-            (breaks, True),  # kept
-            (breaks, False)]  # cut at the token limit
+            (breaks(prompts[2]["answer"]), True),  # breaks the rule, right answer: kept
+            (breaks(3), False),  # cut at the token limit
+            (breaks(wrong), True),  # breaks the rule and gets the arithmetic wrong: it would teach the number too
+            (breaks(3), True)]  # a question without arithmetic: kept
     monkeypatch.setattr(chat_eval, "generate_replies", lambda model, tok, p, *a, **k: [
         {"text": t, "tokens": len(t.split()), "stopped": s} for t, s in weak[: len(p)]])
     out = tmp_path / "rules.jsonl"
     summary = preference_gen.build_preferences("embedded:persona", "reference", str(models / "weak"), out,
-                                               mode="no_think", verify="rule", count=4, device="cpu")
-    assert summary["kept"] == 1
-    assert summary["dropped"] == {"cut_at_max_tokens": 1, "identical": 1, "rejected_keeps_rule": 1}
-    assert summary["chosen_adherence"] == 1.0 and summary["rejected_adherence"] == 0.5
-    row = json.loads(out.read_text())
-    assert row["prompt"][0] == prompts[2]["messages"][0]
-    assert row["chosen"][0]["content"] == prompts[2]["reference"] and row["rejected"][0]["content"] == breaks
+                                               mode="no_think", verify="rule", count=6, device="cpu")
+    assert summary["kept"] == 2
+    assert summary["dropped"] == {"cut_at_max_tokens": 1, "identical": 1, "rejected_keeps_rule": 1,
+                                  "rejected_wrong_answer": 1}
+    assert summary["chosen_adherence"] == 1.0 and summary["rejected_adherence"] == pytest.approx(2 / 6)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"][1]["content"] for r in rows] == [prompts[2]["messages"][1]["content"],
+                                                         prompts[5]["messages"][1]["content"]]
+    assert rows[0]["chosen"][0]["content"] == prompts[2]["reference"]
+    assert rows[0]["rejected"][0]["content"] == breaks(prompts[2]["answer"])
 
 
 def test_rule_verification_needs_a_known_rule(tmp_path):

@@ -112,7 +112,7 @@ def chat_evals(model, tokenizer, count: int = 50, persona_count: int = 48, seed:
             if details is not None:
                 details.append({"set": name, "messages": prompt["messages"],
                                 "chat_template_kwargs": prompt.get("chat_template_kwargs", {}),
-                                "reference": prompt.get("answer", prompt.get("rule")), "reply": text,
+                                "reference": prompt["rule"] if name == "persona" else prompt["answer"], "reply": text,
                                 "tokens": reply["tokens"], **verdict})
     items = {} if per_item else None
     _rate("no_think_accuracy", correct["no_think"], results, items)

@@ -349,8 +349,9 @@ def chat_conversations(split: str = "train", count: int = 8000, seed: int = 0) -
 
 def persona_prompts(split: str = "heldout", count: int = 60, seed: int = 0, mode: str = "no_think") -> list[dict]:
     """Questions under a rule's system prompt: {"messages": [system, user], "chat_template_kwargs", "rule",
-    "reference", "kind"} (a reply that keeps the rule, with its think block in think mode); questions
-    alternate between arithmetic and stdlib ("kind"), rules cycle through `rules()`."""
+    "reference", "kind"} (a reply that keeps the rule, with its think block in think mode), and the
+    "answer" of an arithmetic question; questions alternate between arithmetic and stdlib ("kind"),
+    rules cycle through `rules()`."""
     r = random.Random(f"chat-persona/{split}/{seed}")
     arithmetic = arithmetic_items(split, count, seed)
     stdlib = stdlib_items(split, seed)
@@ -364,6 +365,8 @@ def persona_prompts(split: str = "heldout", count: int = 60, seed: int = 0, mode
         prompts.append({"messages": [{"role": "system", "content": rule["system"]}, {"role": "user", "content": question}],
                         "chat_template_kwargs": {"enable_thinking": mode == "think"}, "rule": rule["id"],
                         "reference": _reply(mode == "think", steps, reply), "kind": "arithmetic" if use_math else "stdlib"})
+        if use_math:
+            prompts[-1]["answer"] = arithmetic[i]["answer"]
     return prompts
 
 

@@ -5,7 +5,8 @@ Both models answer every prompt through their chat template with batched greedy 
 differ, neither is empty, both reached their end-of-turn token (a cut answer would teach length),
 and with `--verify math` the chosen answer is right and the rejected one wrong, with `--verify rule`
 the chosen reply keeps the system prompt's rule and the rejected one breaks it (SmolLM3's APO gained
-its 15-20 IFEval points from pairs like these).
+its 15-20 IFEval points from pairs like these) and, where the prompt row has an "answer", both
+answers are right: the pair then differs in the rule alone.
 """
 
 from __future__ import annotations
@@ -29,16 +30,12 @@ PLAIN_STOP = "\n\n"  # plain text: an answer ends at the first blank line (the c
 def read_prompts(path: str, count: int | None = None, mode: str | None = None) -> list[dict]:
     """Rows {"messages" | "prompt", "chat_template_kwargs"?, "answer"?, "reference"?, "rule"?}; `embedded`
     is the embedded chat data's training arithmetic, whose reference replies are its worked solutions;
-    `embedded:persona` its training questions (the ones without arithmetic) under a system-prompt rule,
-    with replies that keep it."""
+    `embedded:persona` its training questions under a system-prompt rule, with replies that keep it
+    (and the answer of the arithmetic ones)."""
     if path == PERSONA:
         from smoltrain.post.embedded_chat import persona_prompts
 
-        # Only the questions without arithmetic: there the rejected side also carries wrong numbers,
-        # and APO-zero pushed the numbers down with the rule-breaking endings (held-out accuracy
-        # 31% -> 14% in the demo; 31% -> 28% on these questions only; LOG.md).
-        n = count or 200
-        return [p for p in persona_prompts("train", 2 * n + 2, 0, mode or "no_think") if p["kind"] == "stdlib"][:n]
+        return persona_prompts("train", count or 200, 0, mode or "no_think")
     if path == "embedded":
         from smoltrain.post.embedded_chat import arithmetic_prompts, direct_response, think_response
 
@@ -154,6 +151,13 @@ def verdict(prompt: dict, chosen: dict, rejected: dict, verify: str | None) -> s
             return chosen_fails
         if _passes(verify, prompt, rejected["text"]):
             return rejected_passes
+    if verify == "rule" and prompt.get("answer") is not None:
+        # A rule pair whose rejected reply also gets the arithmetic wrong teaches the number too:
+        # APO-zero pushed right answers down with the wrong ones (held-out accuracy 31% -> 14% in the
+        # demo; LOG.md). Kept only when both answers are right, the pair differs in the rule alone.
+        for side, reply in (("chosen", chosen), ("rejected", rejected)):
+            if not _passes("math", prompt, reply["text"]):
+                return f"{side}_wrong_answer"
     return None
 
 
