@@ -175,9 +175,10 @@ def build_pairs(sft_dir: Path, out: Path, sizes: PostSizes, console: Console) ->
     under a system-prompt rule, chosen = the embedded reply that keeps the rule, rejected = the SFT
     model's own reply, kept where it breaks the rule (verify rule) and, on an arithmetic question, still
     answers right: the pair then differs in the rule alone (rule pairs whose rejected side also had
-    wrong numbers took held-out accuracy from 31% to 14%; pairs on questions without arithmetic moved
-    adherence on those but lost it on arithmetic ones, 82% -> 67%; LOG.md). The policy's own mistakes
-    are the ones worth pushing down: they moved adherence about twice as far as an early checkpoint's."""
+    wrong numbers took held-out accuracy from 31% to 14%; LOG.md). Where the model broke both, the
+    right answer under another rule is the rejected side (without those pairs adherence on arithmetic
+    questions fell, 82% -> 67%, while it rose on the others). The policy's own mistakes are the ones
+    worth pushing down: they moved adherence about twice as far as an early checkpoint's."""
     from smoltrain.post.preference_gen import PERSONA, REFERENCE, build_preferences
 
     files, summaries = [], {}
@@ -193,7 +194,8 @@ def build_pairs(sft_dir: Path, out: Path, sizes: PostSizes, console: Console) ->
         files.append(str(path))
         s = summaries[mode]
         console.print(f"  {mode}: kept {s['kept']} of {s['prompts']} pairs (the SFT model kept the rule on "
-                      f"{s.get('rejected_adherence', 0):.0%}); dropped {s['dropped'] or 'none'}")
+                      f"{s.get('rejected_adherence', 0):.0%}; {s['rejected_rewritten']} rejected replies with a wrong "
+                      f"answer rewritten as the right one under another rule); dropped {s['dropped'] or 'none'}")
     return {"files": files, "rejected_model": str(sft_dir), "summaries": summaries,
             "kept": sum(s.get("kept", 0) for s in summaries.values())}
 

@@ -140,6 +140,9 @@ def test_rule_pairs_keep_a_chosen_reply_that_keeps_the_rule_and_a_rejected_one_t
     assert [p["kind"] for p in prompts] == ["arithmetic", "stdlib"] * 3
     assert all(follows_rule(p["rule"], p["reference"]) for p in prompts)  # the references keep their rules
     assert all(answer_is_correct(p["reference"], p["answer"]) for p in prompts if p["kind"] == "arithmetic")
+    # each row's counterfactual: the same answer under another rule, which breaks this one
+    assert all(p["rule_breaking"] and not follows_rule(p["rule"], p["rule_breaking"]) for p in prompts)
+    assert all(answer_is_correct(p["rule_breaking"], p["answer"]) for p in prompts if p["kind"] == "arithmetic")
 
     def breaks(answer):  # mixed case, no rule's first or last word, 9 words: breaks every rule there is
         return f"THE ANSWER IS {answer}, said plainly and at length today, friend"
@@ -150,22 +153,30 @@ def test_rule_pairs_keep_a_chosen_reply_that_keeps_the_rule_and_a_rejected_one_t
             (apply_rule(prompts[1]["rule"], "The answer is 3.", "3"), True),  # keeps its rule: nothing to learn
             (breaks(prompts[2]["answer"]), True),  # breaks the rule, right answer: kept
             (breaks(3), False),  # cut at the token limit
-            (breaks(wrong), True),  # breaks the rule and gets the arithmetic wrong: it would teach the number too
+            (breaks(wrong), True),  # breaks the rule and the arithmetic: the row's counterfactual stands in
             (breaks(3), True)]  # a question without arithmetic: kept
     monkeypatch.setattr(chat_eval, "generate_replies", lambda model, tok, p, *a, **k: [
         {"text": t, "tokens": len(t.split()), "stopped": s} for t, s in weak[: len(p)]])
     out = tmp_path / "rules.jsonl"
     summary = preference_gen.build_preferences("embedded:persona", "reference", str(models / "weak"), out,
                                                mode="no_think", verify="rule", count=6, device="cpu")
-    assert summary["kept"] == 2
-    assert summary["dropped"] == {"cut_at_max_tokens": 1, "identical": 1, "rejected_keeps_rule": 1,
-                                  "rejected_wrong_answer": 1}
+    assert summary["kept"] == 3 and summary["rejected_rewritten"] == 1
+    assert summary["dropped"] == {"cut_at_max_tokens": 1, "identical": 1, "rejected_keeps_rule": 1}
     assert summary["chosen_adherence"] == 1.0 and summary["rejected_adherence"] == pytest.approx(2 / 6)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["prompt"][1]["content"] for r in rows] == [prompts[2]["messages"][1]["content"],
-                                                         prompts[5]["messages"][1]["content"]]
+    assert [r["prompt"][1]["content"] for r in rows] == [prompts[i]["messages"][1]["content"] for i in (2, 4, 5)]
     assert rows[0]["chosen"][0]["content"] == prompts[2]["reference"]
     assert rows[0]["rejected"][0]["content"] == breaks(prompts[2]["answer"])
+    assert rows[1]["rejected"][0]["content"] == prompts[4]["rule_breaking"]
+
+    # prompt rows without a counterfactual: a pair whose rejected answer is wrong is dropped
+    plain_rows = tmp_path / "persona.jsonl"
+    plain_rows.write_text("".join(json.dumps({k: v for k, v in p.items() if k != "rule_breaking"}) + "\n"
+                                  for p in prompts))
+    summary = preference_gen.build_preferences(str(plain_rows), "reference", str(models / "weak"), out,
+                                               mode="no_think", verify="rule", count=6, device="cpu")
+    assert summary["kept"] == 2 and summary["rejected_rewritten"] == 0
+    assert summary["dropped"]["rejected_wrong_answer"] == 1
 
 
 def test_rule_verification_needs_a_known_rule(tmp_path):

@@ -274,15 +274,23 @@ def _stdlib_conversation(r: random.Random, item: dict) -> Conversation:
                                   {"role": "assistant", "content": _reply(think, steps, answer)}], kwargs)
 
 
+def _persona_parts(r: random.Random, arithmetic: dict | None, stdlib: dict | None) -> tuple[str, list[str], str, str]:
+    """(question, think steps, answer, short answer) on an arithmetic or a stdlib question, before any rule."""
+    if arithmetic is not None:
+        return arithmetic["question"], arithmetic["steps"], direct_response(arithmetic["answer"]), arithmetic["answer"]
+    question, steps, answer = _stdlib_turn(r, stdlib)
+    return question, steps, answer, stdlib["name"].rsplit(".", 1)[-1]
+
+
+def _ruled(rule: dict, steps: list[str], answer: str, short: str) -> tuple[list[str], str]:
+    """(think steps, reply) of an answer under `rule`."""
+    return steps + [f"The rule: {rule['system']}"], apply_rule(rule["id"], answer, short)
+
+
 def persona_turn(r: random.Random, rule: dict, arithmetic: dict | None, stdlib: dict | None) -> tuple[str, list[str], str]:
     """(question, think steps, reply keeping the rule) on an arithmetic or a stdlib question."""
-    if arithmetic is not None:
-        question, steps, answer = arithmetic["question"], arithmetic["steps"], direct_response(arithmetic["answer"])
-        short = arithmetic["answer"]
-    else:
-        question, steps, answer = _stdlib_turn(r, stdlib)
-        short = stdlib["name"].rsplit(".", 1)[-1]
-    return question, steps + [f"The rule: {rule['system']}"], apply_rule(rule["id"], answer, short)
+    question, steps, answer, short = _persona_parts(r, arithmetic, stdlib)
+    return (question, *_ruled(rule, steps, answer, short))
 
 
 def _persona_conversation(r: random.Random, rule: dict, arithmetic: dict | None, stdlib: dict | None) -> Conversation:
@@ -349,24 +357,40 @@ def chat_conversations(split: str = "train", count: int = 8000, seed: int = 0) -
     return out
 
 
+def _breaking_rule(rule_list: list[dict], i: int, answer: str, short: str) -> dict | None:
+    """The first rule from half the list on (another kind of rule) whose reply breaks rule i's; None
+    when every rule's reply keeps it (a short answer keeps "at most 8 words" under any rule)."""
+    rule, half = rule_list[i % len(rule_list)], len(rule_list) // 2
+    for k in range(half, half + len(rule_list)):
+        other = rule_list[(i + k) % len(rule_list)]
+        if other is not rule and not follows_rule(rule["id"], apply_rule(other["id"], answer, short)):
+            return other
+    return None
+
+
 def persona_prompts(split: str = "heldout", count: int = 60, seed: int = 0, mode: str = "no_think") -> list[dict]:
     """Questions under a rule's system prompt: {"messages": [system, user], "chat_template_kwargs", "rule",
-    "reference", "kind"} (a reply that keeps the rule, with its think block in think mode), and the
-    "answer" of an arithmetic question; questions alternate between arithmetic and stdlib ("kind"),
-    rules cycle through `rules()`."""
+    "reference", "rule_breaking", "kind"}: a reply that keeps the rule (with its think block in think
+    mode) and the same answer written under another rule, which breaks this one (a counterfactual
+    rejected reply for preference pairs), and the "answer" of an arithmetic question; questions
+    alternate between arithmetic and stdlib ("kind"), rules cycle through `rules()`."""
     r = random.Random(f"chat-persona/{split}/{seed}")
     arithmetic = arithmetic_items(split, count, seed)
     stdlib = stdlib_items(split, seed)
     rule_list = rules()
+    think = mode == "think"
     prompts = []
     for i in range(count):
         rule = rule_list[i % len(rule_list)]
         use_math = i % 2 == 0 or not stdlib
-        question, steps, reply = persona_turn(r, rule, arithmetic[i] if use_math else None,
-                                              None if use_math else stdlib[i % len(stdlib)])
+        question, steps, answer, short = _persona_parts(r, arithmetic[i] if use_math else None,
+                                                        None if use_math else stdlib[i % len(stdlib)])
+        other = _breaking_rule(rule_list, i, answer, short)
         prompts.append({"messages": [{"role": "system", "content": rule["system"]}, {"role": "user", "content": question}],
-                        "chat_template_kwargs": {"enable_thinking": mode == "think"}, "rule": rule["id"],
-                        "reference": _reply(mode == "think", steps, reply), "kind": "arithmetic" if use_math else "stdlib"})
+                        "chat_template_kwargs": {"enable_thinking": think}, "rule": rule["id"],
+                        "reference": _reply(think, *_ruled(rule, steps, answer, short)),
+                        "rule_breaking": _reply(think, *_ruled(other, steps, answer, short)) if other else None,
+                        "kind": "arithmetic" if use_math else "stdlib"})
         if use_math:
             prompts[-1]["answer"] = arithmetic[i]["answer"]
     return prompts

@@ -6,7 +6,9 @@ differ, neither is empty, both reached their end-of-turn token (a cut answer wou
 and with `--verify math` the chosen answer is right and the rejected one wrong, with `--verify rule`
 the chosen reply keeps the system prompt's rule and the rejected one breaks it (SmolLM3's APO gained
 its 15-20 IFEval points from pairs like these) and, where the prompt row has an "answer", both
-answers are right: the pair then differs in the rule alone.
+answers are right: the pair then differs in the rule alone. A rejected reply that breaks the rule
+and gets the answer wrong is replaced by the row's `rule_breaking` reply when it has one (the right
+answer under another rule; the summary counts these as "rejected_rewritten").
 """
 
 from __future__ import annotations
@@ -240,16 +242,25 @@ def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str,
         chosen = _replies(chosen_model, prompts, max_new_tokens, batch_size, device, chat_template, temperature, seed)
         rejected = _replies(rejected_model, prompts, max_new_tokens, batch_size, device, chat_template, temperature, seed + 1)
     dropped: Counter = Counter()
-    kept = []
+    kept, rewritten = [], 0
     for prompt, c, r in zip(prompts, chosen, rejected):
         reason = verdict(prompt, c, r, verify)
+        if reason == "rejected_wrong_answer" and isinstance(prompt.get("rule_breaking"), str):
+            # The model broke the rule and the arithmetic. The row's own counterfactual (the right
+            # answer under another rule) stands in as the rejected reply, so the rule is still taught
+            # on arithmetic questions: without these pairs adherence there fell while it rose on the
+            # others (LOG.md).
+            r = {"text": prompt["rule_breaking"], "tokens": None, "stopped": True}
+            reason = verdict(prompt, c, r, verify)
+            rewritten += not reason
         if reason:
             dropped[reason] += 1
         else:
             kept.append((_pair_row(prompt, c, r, plain), c, r))
     if not kept:
         raise DataError(f"no pair was kept out of {len(prompts)} prompts ({', '.join(f'{k}: {v}' for k, v in sorted(dropped.items()))})")
-    summary = {**_summary(prompts, chosen, rejected, kept, dropped, verify), "chosen_model": chosen_model,
+    summary = {**_summary(prompts, chosen, rejected, kept, dropped, verify), "rejected_rewritten": rewritten,
+               "chosen_model": chosen_model,
                "rejected_model": rejected_model, "mode": mode, "verify": verify, "plain": plain}
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

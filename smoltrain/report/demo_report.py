@@ -389,8 +389,9 @@ def _post_training_section(report: Report, records: dict) -> None:
             for mode, p in pairs["summaries"].items():
                 if p.get("kept"):
                     lines.append(f"{mode}: {p['kept']} of {p['prompts']} prompts kept as pairs; the rejected model kept "
-                                 f"the rule on {p.get('rejected_adherence', 0):.0%} (those pairs are dropped), dropped "
-                                 f"{p['dropped'] or 'none'}")
+                                 f"the rule on {p.get('rejected_adherence', 0):.0%} (those pairs are dropped); "
+                                 f"{p.get('rejected_rewritten', 0)} rejected replies that also got the arithmetic wrong "
+                                 f"were replaced by the right answer under another rule; dropped {p['dropped'] or 'none'}")
                 else:
                     lines.append(f"{mode}: {p.get('error', 'no pair kept')}")
             report.text(f"Preference pairs: training questions under a system-prompt rule; chosen = the embedded reply "
