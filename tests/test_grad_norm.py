@@ -73,6 +73,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         norm = clip_grad_norm_(module.parameters(), 0.0).item()
         if rank == 0:
             Path(out).write_text(repr(norm))
+        # both ranks done with the all-reduce before either tears gloo down: without it a rank now
+        # and then aborted in teardown ("terminate called without an active exception", 1 run in 4)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
