@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 from rich.console import Console
+from spawn_helpers import leaves_without_teardown
 
 from smoltrain import doctor
 from smoltrain.cli import main
@@ -225,6 +226,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@leaves_without_teardown
 def _rank(rank: int, world: int, port: int, recipe: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawn_helpers import leaves_without_teardown
 from test_parallel_trainer import write_byte_tokenizer
 
 from smoltrain.config import config_from_dict
@@ -56,6 +57,7 @@ def logprobs(model, config, pad_multiple: int) -> list[list[float]]:
     return [d["logprobs"] for d in details]
 
 
+@leaves_without_teardown
 def _worker(rank: int, world: int, port: int, root: str) -> None:
     from smoltrain.train.distributed import setup_distributed
     from smoltrain.train.parallelize import build_parallel_model

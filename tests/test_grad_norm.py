@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawn_helpers import leaves_without_teardown
 
 from smoltrain.train.optim import clip_grad_norm_
 
@@ -55,6 +56,7 @@ def test_clipping_scales_every_gradient_to_max_norm(one_thread):
     assert all(torch.allclose(p.grad, g * (0.5 / norm), rtol=1e-5) for p, g in zip(params, grads))
 
 
+@leaves_without_teardown
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

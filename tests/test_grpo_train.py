@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from chat_helpers import chat_tokenizers
+from spawn_helpers import leaves_without_teardown
 
 TESTS = Path(__file__).resolve().parent
 
@@ -112,6 +113,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@leaves_without_teardown
 def _worker(rank: int, world: int, recipe: str, out_dir: str, port: int) -> None:
     from smoltrain.config import load_config
     from smoltrain.post.grpo_train import run

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from spawn_helpers import leaves_without_teardown
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -164,6 +165,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@leaves_without_teardown
 def _worker(rank: int, world: int, port: int, out_dir: str, cases: list[dict]) -> None:
     """One rank: run every case in order (each a layout, optionally loading/saving a checkpoint) and
     let rank 0 write what it saw to out_dir/<case>.pt."""

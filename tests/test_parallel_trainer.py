@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawn_helpers import leaves_without_teardown
 from synthetic_shards import write_random_documents
 
 from smoltrain.cli import main as cli_main
@@ -138,6 +139,7 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+@leaves_without_teardown
 def _worker(rank: int, world: int, root: str, cases: list[dict], ports: list[int]) -> None:
     """One torchrun-like rank: each case is one `trainer.run`, which starts and ends the process group."""
     torch.set_num_threads(1)

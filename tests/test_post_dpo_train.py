@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from preference_helpers import SHAPE, preference_rows, save_init_model, write_rows
+from spawn_helpers import leaves_without_teardown
 
 from smoltrain.post import dpo
 from smoltrain.post.dpo import REFERENCE_FILE, load_dpo_config
@@ -131,6 +132,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@leaves_without_teardown
 def _worker(rank, world, root, port):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))

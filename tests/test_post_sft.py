@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 from chat_helpers import VOCAB, chat_tokenizers, conversations
+from spawn_helpers import leaves_without_teardown
 from transformers import AutoTokenizer
 
 from smoltrain import cli
@@ -143,6 +144,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@leaves_without_teardown
 def _worker(rank: int, world: int, recipe_path: str, out: str, port: int) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from pretrain_helpers import tiny_pretrain_config
+from spawn_helpers import leaves_without_teardown
 
 from smoltrain.config import config_from_dict
 from smoltrain.model.transformer import build_model, token_logprobs
@@ -141,6 +142,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@leaves_without_teardown
 def _rank(rank: int, world: int, ports: list[int], out_dir: str) -> None:
     from smoltrain.train.distributed import setup_distributed
     from smoltrain.train.parallelize import build_parallel_model
