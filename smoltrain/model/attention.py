@@ -47,6 +47,30 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
+def left_pad(sequences: list[list[int]], width: int, pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [rows, width], real [rows, width]: False on the padding) of sequences right-aligned in `width`."""
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros(len(sequences), width, dtype=torch.bool, device=device)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long, device=device)
+            real[row, width - len(sequence) :] = True
+    return ids, real
+
+
+def left_padded_positions(real: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded rows (`real` False on the padding): the real tokens count from 0."""
+    return (real.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def left_padded_mask(real: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """[rows, end - start, end] boolean mask of the queries start..end-1 of left-padded rows: causal over
+    the real keys, and always the query itself (a padding query must attend to something)."""
+    queries = torch.arange(start, end, device=real.device)[:, None]
+    keys = torch.arange(end, device=real.device)[None, :]
+    return ((keys <= queries) & real[:, None, :end]) | (keys == queries)
+
+
 def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
     """Position of each token inside its document: 0 at every document start. [batch, seq] -> [batch, seq]."""
     seq = document_ids.shape[-1]

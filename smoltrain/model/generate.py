@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
+from smoltrain.model.attention import left_pad, left_padded_mask, left_padded_positions
 from smoltrain.model.transformer import KVCache
 
 # Float32 logits alive at once during prefill: long prompts are fed in chunks through the cache
@@ -204,24 +206,18 @@ def _prefill(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     if base.rope_cos.shape[0] < total:  # beyond the trained length: extend the tables, do not fail
         base.set_rope(max_seq_len=total)
 
-    ids = torch.zeros(batch, total, dtype=torch.long, device=device)
-    real = torch.ones(batch, total, dtype=torch.bool, device=device)  # False on left padding
-    for row, prompt in enumerate(prompts):
-        pad = longest - len(prompt)
-        ids[row, pad:longest] = torch.tensor(prompt, dtype=torch.long, device=device)
-        real[row, :pad] = False
-    positions = (real.long().cumsum(dim=-1) - 1).clamp(min=0)
+    ids, real = left_pad(prompts, longest, device=device)
+    # the columns of what the rows will draw: real tokens, at the positions after their prompts
+    ids, real = F.pad(ids, (0, max_new_tokens)), F.pad(real, (0, max_new_tokens), value=True)
+    positions = left_padded_positions(real)
     cache = KVCache(base.config, batch, longest, device, dtype=weight.dtype)
     chunk = max(1, PREFILL_CHUNK_ELEMENTS // (batch * vocab_size))
     if lockstep is not None:
         chunk = -lockstep(-chunk)  # the smallest chunk of all ranks (batches may differ by a row)
     for start in range(0, longest, chunk):
         end = min(start + chunk, longest)
-        queries = torch.arange(start, end, device=device)[:, None]
-        keys = torch.arange(end, device=device)[None, :]
-        mask = ((keys <= queries) & real[:, None, :end]) | (keys == queries)
-        logits = model(ids[:, start:end], position_ids=positions[:, start:end], attention_mask=mask[:, None],
-                       cache=cache, logits_to_keep=1)[:, -1]
+        logits = model(ids[:, start:end], position_ids=positions[:, start:end],
+                       attention_mask=left_padded_mask(real, start, end)[:, None], cache=cache, logits_to_keep=1)[:, -1]
     # What the rows draw goes to their own cache; the prompts' padding is masked by this bias.
     bias = torch.zeros(batch, longest, dtype=cache.dtype, device=device).masked_fill(~real[:, :longest], float("-inf"))
     cache.share_prompts(repeats, bias[:, None, None, :], max_new_tokens)

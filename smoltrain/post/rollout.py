@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smoltrain.model.attention import SharedPromptMask
+from smoltrain.model.attention import SharedPromptMask, left_pad, left_padded_mask, left_padded_positions
 from smoltrain.model.generate import sample
 from smoltrain.model.transformer import token_logprobs
 
@@ -105,13 +105,7 @@ def _shared_prompt_layout(prompts: list[list[int]], completions: list[list[int]]
     distinct: dict[tuple[int, ...], int] = {}
     prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
     heads = [list(p[:-1]) for p in distinct]
-    width = max(1, max(len(h) for h in heads))
-    prompt_ids = torch.full((len(heads), width), pad_id, dtype=torch.long)
-    prompt_real = torch.zeros(len(heads), width, dtype=torch.bool)
-    for u, head in enumerate(heads):
-        if head:
-            prompt_ids[u, width - len(head) :] = torch.tensor(head, dtype=torch.long)
-            prompt_real[u, width - len(head) :] = True
+    prompt_ids, prompt_real = left_pad(heads, max(1, max(len(h) for h in heads)), pad_id)
     tails = [[p[-1], *c[:-1]] for p, c in zip(prompts, completions)]
     tail_ids = torch.full((len(tails), max(len(t) for t in tails)), pad_id, dtype=torch.long)
     for r, tail in enumerate(tails):
@@ -129,10 +123,7 @@ def completion_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
     labels = batch["labels"]
     device = prompt_ids.device
     (prompts, width), (tails, tail_width) = prompt_ids.shape, tail_ids.shape
-    columns = torch.arange(width, device=device)
-    # Left padding: positions count real tokens; a query sees real keys up to itself, and always itself.
-    positions = (real.long().cumsum(dim=-1) - 1).clamp(min=0)
-    prompt_mask = ((columns[None, :] <= columns[:, None]) & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
+    positions, prompt_mask = left_padded_positions(real), left_padded_mask(real, 0, width)
     steps = torch.arange(tail_width, device=device)
     label_columns = batch["tail_start"].to(device)[:, None] + steps  # where each tail column's label sits
     tail_labels = labels.gather(1, label_columns.clamp(max=labels.shape[1] - 1))
