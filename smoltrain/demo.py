@@ -17,6 +17,7 @@ should_stop hook after the step in flight. `--stages` runs a subset; the others 
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shutil
@@ -483,8 +484,9 @@ class DemoRun:
         if "pretrain" in self.keep and "base" not in self.rows:
             self.evaluate("pretrain", "base", self.keep["pretrain"]["model"])
 
-    @property
+    @functools.cached_property
     def pretrain_config(self) -> Config:
+        """The base model's config, read once when the first stage after pretraining needs it."""
         records = self.records
         return load_config(records["pretrain"]["config"]) if "pretrain" in records else self.base_config
 
@@ -535,8 +537,7 @@ class DemoRun:
                 return record
             seconds = self.seconds_for(stage)
             init = self.start_model(stage)
-            raw, runner = _post_recipe(stage, seconds, init, records, pairs, self.pretrain_config, self.settings,
-                                       self.sizes, self.steps, self.rate, self.out)
+            raw, runner = self.post_recipe(stage, seconds, init, pairs)
             path = write_recipe(self.out / "recipes" / f"{stage}.yaml", raw)
             console.print(f"  from {init}; recipe {path}; up to {raw['train']['max_steps']} steps")
             record.update(runner(path, seconds, console))
@@ -544,6 +545,28 @@ class DemoRun:
             if stage == "sft":
                 record["tokenizer"] = str(Path(record["model"]) / "tokenizer" / "tokenizer.json")
         return record
+
+    def post_recipe(self, stage: str, seconds: float, init: Path, pairs: dict | None):
+        """(the recipe, the runner) of the sft, apo or grpo stage, its steps planned for `seconds`."""
+        config, sizes, steps, out = self.pretrain_config, self.sizes, self.steps, self.out
+        if stage == "sft":
+            # SFT trains pretraining's shape at its speed: plan it from pretraining's own steady tokens/s
+            measured = pretrain_rate(self.records)
+            tokens_per_s = ((1 - PLAN_OVERHEAD) * measured if measured else self.rate) \
+                or self.settings["fixed"].get("tokens_per_s") or 1e4
+            rows_rate = tokens_per_s / (sizes.sft_rows_per_step * config.data.seq_len)
+            n = steps.get("sft") or int(np.clip(0.9 * seconds * rows_rate, 3, 100_000))
+            return sft_recipe(config, init, out / "sft", n, self.settings["fixed"], sizes), run_sft
+        tokenizer = Path(self.records["sft"]["tokenizer"])
+        if stage == "apo":
+            raw = apo_recipe(config, init, tokenizer, pairs["files"], out / "apo", pairs["kept"], self.settings["variable"],
+                             sizes)
+            if "apo" in steps:
+                raw["train"]["max_steps"] = steps["apo"]
+            return raw, run_apo
+        # GRPO: the deadline decides (rollouts' speed is not probed; constant lr): a cap it comes before
+        return grpo_recipe(config, init, tokenizer, out / "grpo", steps.get("grpo") or 200, self.settings["variable"],
+                           sizes), run_grpo
 
     def export(self) -> None:
         """9. Export the final model to Hugging Face (with its model card) and load it back with transformers."""
@@ -615,27 +638,6 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     demo_run.post_training()
     demo_run.export()
     return demo_run.report()
-
-
-def _post_recipe(stage: str, seconds: float, init: Path, records: dict, pairs: dict | None, pretrain_config: Config,
-                 settings: dict, sizes: PostSizes, steps: dict[str, int], rate: float | None, out: Path):
-    """(the recipe, the runner) of the sft, apo or grpo stage, its steps planned for `seconds`."""
-    if stage == "sft":
-        # SFT trains pretraining's shape at its speed: plan it from pretraining's own steady tokens/s
-        measured = pretrain_rate(records)
-        tokens_per_s = ((1 - PLAN_OVERHEAD) * measured if measured else rate) or settings["fixed"].get("tokens_per_s") or 1e4
-        rows_rate = tokens_per_s / (sizes.sft_rows_per_step * pretrain_config.data.seq_len)
-        n = steps.get("sft") or int(np.clip(0.9 * seconds * rows_rate, 3, 100_000))
-        return sft_recipe(pretrain_config, init, out / "sft", n, settings["fixed"], sizes), run_sft
-    tokenizer = Path(records["sft"]["tokenizer"])
-    if stage == "apo":
-        raw = apo_recipe(pretrain_config, init, tokenizer, pairs["files"], out / "apo", pairs["kept"], settings["variable"], sizes)
-        if "apo" in steps:
-            raw["train"]["max_steps"] = steps["apo"]
-        return raw, run_apo
-    # GRPO: the deadline decides (rollouts' speed is not probed; constant lr): a cap it comes before
-    n = steps.get("grpo") or 200
-    return grpo_recipe(pretrain_config, init, tokenizer, out / "grpo", n, settings["variable"], sizes), run_grpo
 
 
 def pretrain_rate(records: dict) -> float | None:
