@@ -39,14 +39,21 @@ MIN_LENGTH_CHANGE = 1.0  # tokens: a reply length that moves less is "no clear c
 # ----------------------------------------------------------------------------- the card
 
 
+# A card metric that is the mean of per-mode rates (of sets of any sizes), with its standard error.
+POOLED = {"accuracy": ("no_think_accuracy", "think_accuracy")}
+
+
+def _mean_of(parts: list[tuple[float, float]]) -> tuple[float, float]:
+    """(mean of the values, standard error of that mean) of independent (value, standard error) parts."""
+    return sum(v for v, _ in parts) / len(parts), math.hypot(*(e for _, e in parts)) / len(parts)
+
+
 def _metric(row: dict, name: str) -> tuple[float | None, float | None]:
     """(value, standard error) of a card metric of one row."""
     c = row.get("chat") or {}
-    if name == "accuracy":  # both modes pooled: equal-size sets, so the mean of the two rates
-        a, b = c.get("no_think_accuracy"), c.get("think_accuracy")
-        if a is None or b is None:
-            return None, None
-        return (a + b) / 2, math.hypot(c.get("no_think_accuracy_stderr") or 0, c.get("think_accuracy_stderr") or 0) / 2
+    if name in POOLED:
+        parts = [(c.get(n), c.get(f"{n}_stderr") or 0) for n in POOLED[name]]
+        return (None, None) if any(v is None for v, _ in parts) else _mean_of(parts)
     if name == "val_loss":
         val = row.get("val") or {}
         losses = [v["loss"] for v in val.values() if v.get("loss") is not None]
@@ -59,20 +66,18 @@ def _metric(row: dict, name: str) -> tuple[float | None, float | None]:
 
 def paired_difference(start: dict, row: dict, metric: str) -> tuple[float, float] | None:
     """(mean per-item difference row - start, its standard error) when both rows scored the same items
-    of `metric` ("accuracy": both modes, the mean of the two differences); None otherwise."""
+    of `metric` (a POOLED one: per part, then pooled like the rates); None otherwise."""
     from smoltrain.eval.scoring import standard_error
 
-    names = ["no_think_accuracy", "think_accuracy"] if metric == "accuracy" else [metric]
-    means, errors = [], []
-    for name in names:
+    parts = []
+    for name in POOLED.get(metric, (metric,)):
         a = ((start.get("chat") or {}).get("items") or {}).get(name)
         b = ((row.get("chat") or {}).get("items") or {}).get(name)
         if not a or not b or len(a) != len(b):
             return None
         diffs = [y - x for x, y in zip(a, b)]
-        means.append(sum(diffs) / len(diffs))
-        errors.append(standard_error(diffs))
-    return sum(means) / len(means), math.hypot(*errors) / len(errors)
+        parts.append((sum(diffs) / len(diffs), standard_error(diffs)))
+    return _mean_of(parts)
 
 
 def _pm(value: float | None, stderr: float | None, percent: bool = True) -> str:
