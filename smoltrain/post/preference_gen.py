@@ -137,6 +137,7 @@ def _passes(verify: str, prompt: dict, text: str) -> bool:
 # --verify: (the summary's rate name, why a pair is dropped when the chosen fails, when the rejected passes)
 _VERIFY_NAMES = {"math": ("accuracy", "chosen_wrong", "rejected_right"),
                  "rule": ("adherence", "chosen_breaks_rule", "rejected_keeps_rule")}
+REJECTED_WRONG_ANSWER = "rejected_wrong_answer"  # a rule pair whose rejected reply also has the arithmetic wrong
 
 
 def verdict(prompt: dict, chosen: dict, rejected: dict, verify: str | None) -> str | None:
@@ -157,9 +158,10 @@ def verdict(prompt: dict, chosen: dict, rejected: dict, verify: str | None) -> s
         # A rule pair whose rejected reply also gets the arithmetic wrong teaches the number too:
         # APO-zero pushed right answers down with the wrong ones (held-out accuracy 31% -> 14% in the
         # demo; LOG.md). Kept only when both answers are right, the pair differs in the rule alone.
-        for side, reply in (("chosen", chosen), ("rejected", rejected)):
-            if not _passes("math", prompt, reply["text"]):
-                return f"{side}_wrong_answer"
+        if not _passes("math", prompt, chosen["text"]):
+            return "chosen_wrong_answer"
+        if not _passes("math", prompt, rejected["text"]):
+            return REJECTED_WRONG_ANSWER
     return None
 
 
@@ -245,7 +247,7 @@ def build_preferences(prompts_path: str, chosen_model: str, rejected_model: str,
     kept, rewritten = [], 0
     for prompt, c, r in zip(prompts, chosen, rejected):
         reason = verdict(prompt, c, r, verify)
-        if reason == "rejected_wrong_answer" and isinstance(prompt.get("rule_breaking"), str):
+        if reason == REJECTED_WRONG_ANSWER and isinstance(prompt.get("rule_breaking"), str):
             # The model broke the rule and the arithmetic. The row's own counterfactual (the right
             # answer under another rule) stands in as the rejected reply, so the rule is still taught
             # on arithmetic questions: without these pairs adherence there fell while it rose on the
