@@ -241,8 +241,9 @@ def test_export_from_a_sharded_checkpoint(root, reference, two_process, tmp_path
     with torch.no_grad():
         got = hf(ids).logits
         assert torch.allclose(got, model(ids), atol=1e-4)
-        # ... and the sharded run trained the same model as the 1-process one.
-        assert torch.allclose(got, single(ids), atol=1e-4)
+        # ... and the sharded run trained the same model as the 1-process one. 20 steps at lr 1e-2 let the two
+        # reduction orders drift apart by ~1e-4 on logits of size ~4 (1.09e-4 on an AVX-512 Xeon): a relative bound.
+        torch.testing.assert_close(got, single(ids), rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- bad layouts through the CLI

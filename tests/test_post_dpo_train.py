@@ -146,7 +146,10 @@ def test_dpo_under_fsdp_two_ranks_equals_one_process(root, precomputed):
     one, two = steps(precomputed)[:6], steps(root / "fsdp")
     assert len(two) == 6
     for a, b in zip(one, two):
-        for key in ("loss", "grad_norm", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+        # At step 1 the policy is the reference: every reward is 0 up to rounding, and the accuracy counts the
+        # signs of that rounding (0.125 vs 0.0 on an AVX-512 Xeon), so it is compared from step 2 on.
+        keys = ("loss", "grad_norm", "rewards/margins", "logps/chosen") + (("rewards/accuracies",) if a["step"] > 1 else ())
+        for key in keys:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
     # both ranks computed half of the reference pass; the stored file equals the one-process pass
     from safetensors.torch import load_file
