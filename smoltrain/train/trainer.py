@@ -85,7 +85,7 @@ def stage_rope_theta(config: Config, index: int) -> float:
 def load_init_weights(model: nn.Module, path: str, config: Config) -> None:
     """Start from imported weights (a model folder, Hugging Face folder, run or checkpoint): every
     rank reads the full tensors and keeps its own shard, whatever the layout."""
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     source, source_config, _ = load_any(path)
     diffs = [f"model.{k} is {getattr(source_config.model, k)} there, {getattr(config.model, k)} here"
