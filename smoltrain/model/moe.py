@@ -73,6 +73,7 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(experts), persistent=True)
         self.use_bias = config.bias_update_rate > 0
         self.stats: RouterStats | None = None  # the last forward's routing, read by the losses and metrics
+        self.counts: torch.Tensor | None = None  # tokens per expert summed over training forwards since taken
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -90,6 +91,8 @@ class MoE(nn.Module):
         # Sort the (token, slot) pairs by expert: each expert then reads one contiguous slice.
         order = chosen.reshape(-1).argsort(stable=True)
         counts = torch.bincount(chosen.reshape(-1), minlength=self.gate.out_features)
+        if self.training:  # pooled over a step's micro-batches for the bias update and the load metrics
+            self.counts = counts if self.counts is None else self.counts + counts
         routed = self.experts(flat[order // self.top_k], counts)
         routed = routed * weights.reshape(-1)[order, None].to(routed.dtype)
         # Unsort into [tokens, k, D] and sum over k: deterministic, unlike index_add_ with repeats.
@@ -98,6 +101,16 @@ class MoE(nn.Module):
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
         return out.view(shape)
+
+
+def take_counts(layers: list[MoE]) -> torch.Tensor | None:
+    """[layers, E] tokens routed to each expert by the training forwards since the last call; resets."""
+    if any(layer.counts is None for layer in layers):
+        return None
+    counts = torch.stack([layer.counts for layer in layers])
+    for layer in layers:
+        layer.counts = None
+    return counts
 
 
 def load_balancing_loss(stats: list[RouterStats], num_experts: int, top_k: int) -> torch.Tensor:
@@ -132,4 +145,4 @@ def update_expert_bias(layers: list[MoE], counts: torch.Tensor, rate: float) -> 
         layer.expert_bias.add_(change.to(layer.expert_bias.device))
 
 
-__all__ = ["MoE", "Experts", "RouterStats", "load_balancing_loss", "router_z_loss", "expert_counts", "update_expert_bias"]
+__all__ = ["MoE", "Experts", "RouterStats", "take_counts", "load_balancing_loss", "router_z_loss", "expert_counts", "update_expert_bias"]

@@ -25,7 +25,7 @@ from smoltrain.model.attention import (
 )
 from smoltrain.model.layers import MLP, RMSNorm
 from smoltrain.model.loss import LossOutput, chunked_logprobs, chunked_loss, cross_entropy_sums, label_logprobs
-from smoltrain.model.moe import MoE, expert_counts, load_balancing_loss, router_z_loss
+from smoltrain.model.moe import MoE, load_balancing_loss, router_z_loss
 
 
 class KVCache:
@@ -245,20 +245,16 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def router_metrics(self) -> dict[str, float]:
-        """The last forward's routing: aux and z-loss, per-layer max / mean load, router entropy."""
+        """The last forward's router: aux loss, z-loss and mean router entropy (ln E is uniform)."""
         stats = [layer.stats for layer in self.moe_layers() if layer.stats is not None]
         if not stats:
             return {}
         cfg = self.config
-        counts = expert_counts(stats, cfg.num_experts).float()
         probs = torch.cat([s.logits for s in stats]).softmax(dim=-1)
         return {
             "moe_aux": float(load_balancing_loss(stats, cfg.num_experts, cfg.experts_per_token)),
             "moe_z": float(router_z_loss(stats)),
-            # 1.0 is perfect balance; E / k means every token went to the same k experts.
-            "moe_max_load": float((counts.max(dim=-1).values / counts.mean(dim=-1)).max()),
             "moe_entropy": float(-(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()),
-            "moe_load": counts.tolist(),
         }
 
     def _token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""MoE models in the Trainer: router metrics in metrics.jsonl, the loss-free bias equal to the sign
+rule replayed from the logged loads, and a resumed run continuing the uninterrupted curve."""
+
+import dataclasses
+import json
+
+import torch
+from pretrain_helpers import tiny_pretrain_config, write_two_sources
+
+from smoltrain.config import replace_sections
+from smoltrain.train.checkpoint import load_model_from_checkpoint
+from smoltrain.train.trainer import run
+
+MOE = dict(num_experts=4, experts_per_token=2, expert_hidden=16, qk_norm=True, bias_update_rate=0.01, router_z_loss=1e-3)
+
+
+def _config(tmp_path, out, **train):
+    data = tmp_path / "data"
+    config = tiny_pretrain_config(data if data.is_dir() else write_two_sources(data), tmp_path / out, **train)
+    return replace_sections(config, model=dataclasses.replace(config.model, **MOE))
+
+
+def _lines(folder):
+    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_router_metrics_and_bias_follow_the_logged_loads(tmp_path):
+    config = _config(tmp_path, "run", save_every=6)
+    run(config)
+    steps = [m for m in _lines(tmp_path / "run") if "loss" in m and "event" not in m]
+    assert len(steps) == 6
+    for m in steps:
+        assert {"moe_aux", "moe_z", "moe_entropy", "moe_max_load", "moe_min_load"} <= set(m)
+        load = torch.tensor(m["moe_load"])
+        assert load.shape == (2, 4)
+        torch.testing.assert_close(load.sum(-1), torch.ones(2))
+    # Replay DeepSeek-V3's rule from the logged loads (a share below 1/E raises the bias).
+    expected = torch.zeros(2, 4)
+    for m in steps:
+        delta = 0.01 * torch.sign(0.25 - torch.tensor(m["moe_load"]))
+        expected += delta - delta.mean(-1, keepdim=True)
+    model, _ = load_model_from_checkpoint(str(tmp_path / "run"))
+    saved = torch.stack([layer.expert_bias for layer in model.moe_layers()])
+    torch.testing.assert_close(saved, expected)
+    assert saved.abs().sum() > 0
+
+
+def test_a_resumed_moe_run_continues_the_same_curve(tmp_path):
+    run(_config(tmp_path, "whole"))
+    run(_config(tmp_path, "split", max_steps=3, save_every=3))
+    run(_config(tmp_path, "split"))
+    whole = [(m["step"], m["loss"]) for m in _lines(tmp_path / "whole") if "loss" in m and "event" not in m]
+    split = {m["step"]: m["loss"] for m in _lines(tmp_path / "split") if "loss" in m and "event" not in m}
+    assert [(s, split[s]) for s, _ in whole] == whole
