@@ -167,3 +167,23 @@ def test_loss_free_bias_follows_the_sign_rule_with_centering_and_only_picks_expe
     assert (layers[0].stats.chosen == 3).any(dim=-1).all()
     state = model.state_dict()
     assert torch.equal(state["layers.0.mlp.expert_bias"], layers[0].expert_bias)  # saved with the checkpoint
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "olmoe"])
+def test_total_parameters_match_transformers_and_active_ones_the_hand_count(tmp_path, kind):
+    from smoltrain.model.flops import flops_per_token, parameter_counts
+
+    hf = _hf_moe(kind)
+    hf.config.architectures = [type(hf).__name__]
+    cfg = from_hf_config(hf.config.to_dict())
+    counts = parameter_counts(cfg)
+    assert counts["total"] == sum(p.numel() for p in hf.parameters())
+    # A token skips (E - k) experts of 3 x D x F in every MoE layer.
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    skipped = moe_layers * (cfg.num_experts - cfg.experts_per_token) * 3 * cfg.hidden_size * cfg.resolved_expert_hidden
+    assert counts["active"] == counts["total"] - skipped
+    # With every expert active (k = E) an MoE runs the FLOPs of a dense MLP E x F wide plus its router.
+    every = ModelConfig(**{**BASE, "experts_per_token": BASE["num_experts"]}, num_layers=2)
+    dense = ModelConfig(**{**BASE, "num_experts": 0, "intermediate_size": BASE["num_experts"] * BASE["expert_hidden"]}, num_layers=2)
+    router = 2 * BASE["hidden_size"] * BASE["num_experts"]
+    assert flops_per_token(every, 32) == flops_per_token(dense, 32) + 6 * router
