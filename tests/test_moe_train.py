@@ -3,11 +3,13 @@ rule replayed from the logged loads, and a resumed run continuing the uninterrup
 
 import dataclasses
 import json
+from pathlib import Path
 
 import torch
 from pretrain_helpers import tiny_pretrain_config, write_two_sources
 
 from smoltrain.config import replace_sections
+from smoltrain.report.run import report_run
 from smoltrain.train.checkpoint import load_model_from_checkpoint
 from smoltrain.train.trainer import run
 
@@ -43,6 +45,10 @@ def test_router_metrics_and_bias_follow_the_logged_loads(tmp_path):
     saved = torch.stack([layer.expert_bias for layer in model.moe_layers()])
     torch.testing.assert_close(saved, expected)
     assert saved.abs().sum() > 0
+    # The report draws the layer x expert load over steps.
+    markdown, _ = report_run(tmp_path / "run")
+    assert "expert_load.png" in Path(markdown).read_text()
+    assert (tmp_path / "run" / "report" / "expert_load.png").stat().st_size > 1000
 
 
 def test_a_resumed_moe_run_continues_the_same_curve(tmp_path):
