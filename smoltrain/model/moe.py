@@ -38,17 +38,13 @@ class Experts(nn.Module):
         return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
 
     def _sliced(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # CPU: one matmul per expert on its contiguous slice (no masks, no per-token gathers);
-        # empty experts are skipped but still get a zero gradient from autograd.
-        outputs = []
-        start = 0
-        for j, count in enumerate(counts.tolist()):
-            if count == 0:
-                continue
-            part = x[start : start + count]
-            hidden = F.silu(part @ self.gate_proj[j].t()) * (part @ self.up_proj[j].t())
-            outputs.append(hidden @ self.down_proj[j].t())
-            start += count
+        # CPU: one matmul per expert on its contiguous slice (no masks, no per-token gathers). split and
+        # unbind, not indexing: their backward writes each gradient once (one cat / stack), where
+        # x[a:b] and w[j] would each allocate and add a zero tensor the size of the whole input.
+        parts = x.split(counts.tolist())
+        gates, ups, downs = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+        outputs = [F.linear(F.silu(F.linear(part, gates[j])) * F.linear(part, ups[j]), downs[j])
+                   for j, part in enumerate(parts) if part.shape[0]]
         return torch.cat(outputs) if outputs else x.new_zeros((0, x.shape[-1]))
 
 
