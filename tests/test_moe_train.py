@@ -58,3 +58,31 @@ def test_a_resumed_moe_run_continues_the_same_curve(tmp_path):
     whole = [(m["step"], m["loss"]) for m in _lines(tmp_path / "whole") if "loss" in m and "event" not in m]
     split = {m["step"]: m["loss"] for m in _lines(tmp_path / "split") if "loss" in m and "event" not in m}
     assert [(s, split[s]) for s, _ in whole] == whole
+
+
+def test_the_dense_vs_moe_ablation_runs_at_a_tiny_size(tmp_path):
+    import yaml
+
+    from smoltrain.ablate.grid import ablate
+    from smoltrain.ablate.spec import load_ablation
+    from smoltrain.model.flops import parameter_counts
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "ablations" / "dense-vs-moe.yaml"
+    shipped = load_ablation(path)
+    counts = {v: parameter_counts(shipped.config_for(v, 0).model) for v in shipped.variants}
+    # The shipped arms keep their promise: equal active parameters (but the routers), equal total ones.
+    routers = 4 * 8 * 128
+    assert counts["moe-equal-active"]["active"] == counts["baseline"]["active"] + routers
+    assert counts["moe-equal-total"]["total"] == counts["baseline"]["total"] + routers
+
+    tiny = dataclasses.asdict(_config(tmp_path, "unused"))
+    tiny["model"].update(num_experts=0, qk_norm=False, bias_update_rate=0.0, router_z_loss=0.0, intermediate_size=96)
+    tiny["train"] = {k: v for k, v in tiny["train"].items() if k not in ("out_dir", "max_steps", "seed")}
+    raw = {**yaml.safe_load(path.read_text()), "baseline": tiny, "budget": {"steps": 4}, "eval": {"val_batches": 0}}
+    spec = load_ablation(raw=raw, out_dir=str(tmp_path / "ablation"))
+    results = ablate(spec=spec)
+    assert set(results["arms"]) == {"baseline", "moe-equal-active", "moe-equal-total"}
+    tokens = {r["tokens"] for arm in results["arms"].values() for r in arm["runs"]}
+    assert tokens == {4 * 64}  # same tokens in every run
+    figures = tmp_path / "ablation" / "figures"
+    assert (figures / "loss_vs_tokens.png").is_file() and (figures / "loss_vs_seconds.png").is_file()
