@@ -356,7 +356,7 @@ def cmd_export(args) -> int:
     import torch
     from rich.console import Console
 
-    from smoltrain.model.hf import export_hf
+    from smoltrain.report.hf_export import export_hf
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     with Console(stderr=True).status(f"exporting {args.model}"):
@@ -370,7 +370,7 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     from rich.console import Console
 
-    from smoltrain.model.hf import import_gguf, import_hf
+    from smoltrain.train.load_model import import_gguf, import_hf
 
     with Console(stderr=True).status(f"importing {args.hf_dir}"):
         reader = import_gguf if args.hf_dir.endswith(".gguf") else import_hf

@@ -44,6 +44,26 @@ class ModelConfig:
     norm_eps: float = 1e-6
     max_seq_len: int = 2048
     attention_kernel: Literal["auto", "sdpa", "flex"] = "auto"  # auto: flex on CUDA, sdpa on CPU
+    qk_norm_per_head: bool = True  # False: QK-norm over the full q / k width (OLMoE)
+    # Mixture of experts (num_experts > 0): token-choice top-k, softmax router, dropless.
+    num_experts: int = 0
+    experts_per_token: int = 2
+    expert_hidden: Optional[int] = None  # per-expert SwiGLU width; default intermediate_size // experts_per_token
+    shared_expert_hidden: int = 0  # > 0: one shared SwiGLU expert of this width for every token (ungated sum)
+    norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1
+    moe_dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP (HF mlp_only_layers)
+    moe_every: int = 1  # layer i is MoE iff (i + 1) % moe_every == 0 (HF decoder_sparse_step)
+    aux_loss_coef: float = 0.01  # x transformers' load_balancing_loss_func (balanced = experts_per_token)
+    router_z_loss: float = 0.0  # x mean(logsumexp(router logits)^2) (ST-MoE)
+    bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 aux-loss-free bias, +-rate per optimizer step
+
+    @property
+    def resolved_expert_hidden(self) -> int:
+        return self.expert_hidden or max(1, self.intermediate_size // self.experts_per_token)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Qwen3-MoE's rule: sparse unless listed in mlp_only_layers, every decoder_sparse_step-th layer."""
+        return self.num_experts > 0 and layer not in self.moe_dense_layers and (layer + 1) % self.moe_every == 0
 
     @property
     def resolved_head_dim(self) -> int:
@@ -445,6 +465,20 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.z_loss >= 0, f"model.z_loss must be >= 0, got {m.z_loss}")
     _require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
     _require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
+    if m.num_experts > 0:
+        _validate_moe(m)
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    _require(0 < m.experts_per_token <= m.num_experts,
+             f"model.experts_per_token must be in 1..model.num_experts ({m.num_experts}), got {m.experts_per_token}")
+    _require(m.expert_hidden is None or m.expert_hidden > 0, f"model.expert_hidden must be positive, got {m.expert_hidden}")
+    _require(m.shared_expert_hidden >= 0, f"model.shared_expert_hidden must be >= 0, got {m.shared_expert_hidden}")
+    _require(m.moe_every > 0, f"model.moe_every must be positive, got {m.moe_every}")
+    bad = [i for i in m.moe_dense_layers if not 0 <= i < m.num_layers]
+    _require(not bad, f"model.moe_dense_layers: layer {bad[0] if bad else 0} outside 0..{m.num_layers - 1}")
+    for key in ("aux_loss_coef", "router_z_loss", "bias_update_rate"):
+        _require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
 
 
 def validate_eval(e: EvalConfig) -> None:

@@ -122,7 +122,8 @@ def run_one(spec: AblationSpec, variant: str, seed: int, train_fn: TrainFn, eval
         mfu=median_of(train_rows, "mfu"),
         train_elapsed_s=train_rows[-1].get("elapsed_s"),
         parameters=parameter_counts(config.model)["total"],
-        curve={"step": [r["step"] for r in train_rows], "loss": [r["loss"] for r in train_rows]},
+        curve={"step": [r["step"] for r in train_rows], "loss": [r["loss"] for r in train_rows],
+               "tokens": [r.get("tokens") for r in train_rows], "elapsed_s": [r.get("elapsed_s") for r in train_rows]},
         eval=final_eval,
         metrics={"train/final_loss": final_loss(train_rows), **flatten_eval(final_eval or {})},
     )

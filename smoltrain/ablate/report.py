@@ -69,8 +69,25 @@ def _headline_metrics(results: dict) -> list[str]:
     return chosen or keys
 
 
-def write_report(results: dict, curves: dict[str, list[dict[int, float]]], out_dir: Path) -> tuple[Path, Path]:
-    """curves[arm] = one {step: loss} per seed."""
+def _loss_against(report: Report, fig_dir: Path, series: dict, axes: dict[str, dict[str, list[dict[int, float]]]],
+                  colors: dict[str, str]) -> None:
+    """The mean loss curves against tokens seen and against training seconds (mean over seeds at each
+    step): arms that cost different time per token (an MoE, a wider model) compare at equal compute."""
+    for key, name, label in (("tokens", "loss_vs_tokens.png", "tokens"), ("elapsed_s", "loss_vs_seconds.png", "training seconds")):
+        against = {}
+        for arm, (steps, losses) in series.items():
+            per_seed = axes.get(arm, {}).get(key, [])
+            if per_seed and all(all(s in c and c[s] is not None for s in steps) for c in per_seed):
+                against[arm] = ([mean([c[s] for c in per_seed]) for s in steps], losses)
+        if against:
+            report.image(plots.line_plot(fig_dir / name, against, colors=colors, xlabel=label, ylabel="loss",
+                                         title=f"training loss against {label} (mean over seeds)"),
+                         f"training loss per arm against {label}")
+
+
+def write_report(results: dict, curves: dict[str, list[dict[int, float]]], out_dir: Path,
+                 axes: dict[str, dict[str, list[dict[int, float]]]] | None = None) -> tuple[Path, Path]:
+    """curves[arm] = one {step: loss} per seed; axes[arm][tokens | elapsed_s] = one {step: value} per seed."""
     arms = results["arms"]
     names = list(arms)
     colors = {n: plots.color_of(i) for i, n in enumerate(names)}
@@ -117,6 +134,7 @@ def write_report(results: dict, curves: dict[str, list[dict[int, float]]], out_d
         report.image(plots.line_plot(fig_dir / "loss_curves.png", series, bands=bands, colors=colors,
                                      title="training loss (mean over seeds, band: min-max)", ylabel="loss"),
                      "training loss per arm: mean over seeds, shaded between the lowest and highest seed")
+        _loss_against(report, fig_dir, series, axes or {}, colors)
 
     report.heading("Evaluation")
     panels = {}
@@ -164,10 +182,14 @@ def write_results(spec: AblationSpec, records: list[dict]) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = summarize(spec, records)
     curves: dict[str, list[dict[int, float]]] = {}
+    axes: dict[str, dict[str, list[dict[int, float]]]] = {}
     for r in records:
         curve = r.get("curve") or {}
         curves.setdefault(r["variant"], []).append(dict(zip(curve.get("step", []), curve.get("loss", []))))
-    md_path, html_path = write_report(results, curves, out_dir)
+        for key in ("tokens", "elapsed_s"):
+            if key in curve:
+                axes.setdefault(r["variant"], {}).setdefault(key, []).append(dict(zip(curve["step"], curve[key])))
+    md_path, html_path = write_report(results, curves, out_dir, axes)
     results["report_md"], results["report_html"] = str(md_path), str(html_path)
     write_atomic(out_dir / "results.json", json.dumps(results, indent=2))
     return results

@@ -163,7 +163,7 @@ def _load_for_eval(path_or_model, config, tokenizer, device: torch.device, valid
         config = config or Config(model=model.config)
         tokenizer_path = tokenizer or config.data.tokenizer
     else:
-        from smoltrain.model.hf import load_any
+        from smoltrain.train.load_model import load_any
 
         model, loaded_config, known_tokenizer = load_any(path_or_model, device=device)
         config = config or loaded_config

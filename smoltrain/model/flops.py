@@ -3,6 +3,8 @@ config alone (no model is built), so the planner can size a 3B run on a laptop.
 
 FLOPs per token follow the playbook: 6 x matmul parameters (the output head included, tied or not,
 because its matmul runs either way) + 6 x layers x attention width x sequence (causal attention).
+A mixture of experts counts its active parameters for FLOPs (router, top-k experts, shared expert)
+and its total ones for memory (torchtitan's get_moe_model_nparams_and_flops).
 """
 
 from __future__ import annotations
@@ -11,30 +13,48 @@ from smoltrain.config import ModelConfig
 from smoltrain.model.loss import LOSS_CHUNK_ELEMENTS
 
 
-def _layer_matmul_parameters(cfg: ModelConfig) -> int:
-    hidden, head_dim = cfg.hidden_size, cfg.resolved_head_dim
-    attention = hidden * head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, o + k, v
-    mlp = 3 * hidden * cfg.intermediate_size  # gate, up, down
-    return attention + mlp
+def _mlp_parameters(cfg: ModelConfig, layer: int) -> tuple[int, int]:
+    """(stored, active per token) matmul parameters of one layer's MLP: an MoE layer stores its router
+    and every expert but runs the router, its top-k experts and the shared expert for a token."""
+    hidden = cfg.hidden_size
+    if not cfg.is_moe_layer(layer):
+        return 3 * hidden * cfg.intermediate_size, 3 * hidden * cfg.intermediate_size  # gate, up, down
+    router = hidden * cfg.num_experts
+    expert = 3 * hidden * cfg.resolved_expert_hidden
+    shared = 3 * hidden * cfg.shared_expert_hidden
+    return router + cfg.num_experts * expert + shared, router + cfg.experts_per_token * expert + shared
+
+
+def _attention_parameters(cfg: ModelConfig) -> int:
+    return cfg.hidden_size * cfg.resolved_head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, o + k, v
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
-    """total (as stored: a tied head counts once), embedding, non_embedding and matmul parameters."""
+    """total (as stored: a tied head counts once), embedding, non_embedding, matmul (the matmul
+    parameters a token runs through: every one in a dense model, the routed top-k experts in an MoE)
+    and active (total less the experts a token skips; equal to total in a dense model)."""
     embedding = cfg.vocab_size * cfg.hidden_size
     untied_head = 0 if cfg.tie_embeddings else embedding
-    norms_per_layer = 2 * cfg.hidden_size + (2 * cfg.resolved_head_dim if cfg.qk_norm else 0)
-    layers = cfg.num_layers * (_layer_matmul_parameters(cfg) + norms_per_layer)
+    if cfg.qk_norm:
+        qk_norms = 2 * cfg.resolved_head_dim if cfg.qk_norm_per_head else (cfg.num_heads + cfg.num_kv_heads) * cfg.resolved_head_dim
+    else:
+        qk_norms = 0
+    mlp = [_mlp_parameters(cfg, i) for i in range(cfg.num_layers)]
+    attention = cfg.num_layers * _attention_parameters(cfg)
+    layers = attention + sum(stored for stored, _ in mlp) + cfg.num_layers * (2 * cfg.hidden_size + qk_norms)
     total = embedding + untied_head + layers + cfg.hidden_size  # + final norm
+    skipped = sum(stored - active for stored, active in mlp)
     return {
         "total": total,
         "embedding": embedding + untied_head,
         "non_embedding": total - embedding - untied_head,
-        "matmul": cfg.num_layers * _layer_matmul_parameters(cfg) + embedding,  # + the head's matmul
+        "matmul": attention + sum(active for _, active in mlp) + embedding,  # + the head's matmul
+        "active": total - skipped,
     }
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training (forward + backward) FLOPs per token at a sequence length."""
+    """Training (forward + backward) FLOPs per token at a sequence length, from the active parameters."""
     attention_width = cfg.num_heads * cfg.resolved_head_dim
     return 6.0 * parameter_counts(cfg)["matmul"] + 6.0 * cfg.num_layers * attention_width * seq_len
 
@@ -42,6 +62,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
     """Keys and values of every layer for one token: what GQA saves at inference."""
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.resolved_head_dim * bytes_per_value
+
+
+def _mean_mlp_width(cfg: ModelConfig) -> int:
+    """SwiGLU width a token's activations span per layer: the dense width, or k experts + the shared one."""
+    moe = cfg.experts_per_token * cfg.resolved_expert_hidden + cfg.shared_expert_hidden
+    widths = [moe if cfg.is_moe_layer(i) else cfg.intermediate_size for i in range(cfg.num_layers)]
+    return sum(widths) // cfg.num_layers
 
 
 def training_memory_bytes(
@@ -70,7 +97,7 @@ def training_memory_bytes(
     params = parameter_counts(cfg)["total"]
     tokens = micro_batch_size * seq_len
     kv_width = cfg.num_kv_heads * cfg.resolved_head_dim
-    per_layer_token = 6 * cfg.hidden_size + 2 * kv_width + 4 * cfg.intermediate_size
+    per_layer_token = 6 * cfg.hidden_size + 2 * kv_width + 4 * _mean_mlp_width(cfg)
     recomputed = len(range(0, cfg.num_layers, checkpoint_every)) if activation_checkpointing else 0
     saved = recomputed * cfg.hidden_size + (cfg.num_layers - recomputed) * per_layer_token
     if recomputed:

@@ -1,67 +1,53 @@
-"""Hugging Face interop: our model folder, export to and import from transformers (Llama, SmolLM3, Qwen3).
+"""Hugging Face interop of the model layer: config.json <-> ModelConfig and weight names, per family.
 
-Our parameter names are Hugging Face's minus the `model.` prefix, so conversion is a rename; the one
-decision is the architecture: Llama when every layer has RoPE and no QK-norm, SmolLM3 when some layers
-have no positions (its `no_rope_layers`), Qwen3 for QK-norm.
+Our parameter names are Hugging Face's minus the `model.` prefix (MoE experts stacked), so conversion
+is a rename; the one decision is the architecture, which each family in model/families.py answers
+(Llama, SmolLM3, Qwen3, Qwen3-MoE, OLMoE). Loading and saving folders is train/load_model.py's.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import re
-import shutil
-from pathlib import Path
-
 import torch
-import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from smoltrain.config import Config, ModelConfig, config_from_dict, load_config, save_config, validate_model
+from smoltrain.config import ModelConfig, validate_model
 from smoltrain.errors import CheckpointError, ConfigError
-from smoltrain.files import write_atomic
-from smoltrain.model.transformer import Transformer, canonical_name
-
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "model.safetensors"
-# Copied as they are when present; tokenizer_config.json is written when the source has none.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+from smoltrain.model.families import FAMILIES
+from smoltrain.model.family import Family, stack_experts, unstack_experts
 
 # Hugging Face class -> (model_type, config defaults that differ between the families).
-SUPPORTED = {
-    "LlamaForCausalLM": ("llama", {"tie_word_embeddings": False, "max_position_embeddings": 2048}),
-    "SmolLM3ForCausalLM": ("smollm3", {"tie_word_embeddings": True, "max_position_embeddings": 32768}),
-    "Qwen3ForCausalLM": ("qwen3", {"tie_word_embeddings": False, "max_position_embeddings": 32768, "head_dim": 128}),
-}
-_SUPPORTED_TEXT = "LlamaForCausalLM (RoPE in every layer), SmolLM3ForCausalLM (NoPE layers), Qwen3ForCausalLM (QK-norm)"
+SUPPORTED = {f.architecture: (f.model_type, f.defaults) for f in FAMILIES}
+_SUPPORTED_TEXT = ", ".join(f.summary for f in FAMILIES)
+_BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES}
 
 
 # ----------------------------------------------------------------------------- config mapping
 
 
+def family_of(m: ModelConfig) -> Family:
+    """The family whose transformers class computes exactly what our model computes."""
+    all_rope = all(m.uses_rope(i) for i in range(m.num_layers))
+    if m.qk_norm and not all_rope:
+        raise CheckpointError(
+            "no Hugging Face architecture has QK-norm together with NoPE layers "
+            f"(model.qk_norm with model.nope_every/position_encoding); supported: {_SUPPORTED_TEXT}"
+        )
+    for family in FAMILIES:
+        if family.computes(m):
+            return family
+    raise CheckpointError(
+        "no Hugging Face architecture computes this mixture of experts (it needs QK-norm, RoPE in every layer, "
+        f"no shared expert and no loss-free bias: model.shared_expert_hidden=0, model.bias_update_rate=0); supported: {_SUPPORTED_TEXT}"
+    )
+
+
 def hf_architecture(m: ModelConfig) -> str:
     """The transformers class that computes exactly what our model computes."""
-    all_rope = all(m.uses_rope(i) for i in range(m.num_layers))
-    if m.qk_norm:
-        if not all_rope:
-            raise CheckpointError(
-                "no Hugging Face architecture has QK-norm together with NoPE layers "
-                f"(model.qk_norm with model.nope_every/position_encoding); supported: {_SUPPORTED_TEXT}"
-            )
-        return "Qwen3ForCausalLM"
-    # LlamaConfig insists on hidden_size % num_heads == 0 even with an explicit head_dim; SmolLM3
-    # with RoPE in every layer is the same computation without that check.
-    if all_rope and m.hidden_size % m.num_heads == 0:
-        return "LlamaForCausalLM"
-    return "SmolLM3ForCausalLM"
+    return family_of(m).architecture
 
 
 def to_hf_config(m: ModelConfig, special_ids: dict[str, int] | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """config.json contents for the architecture `hf_architecture(m)` picks."""
-    architecture = hf_architecture(m)
-    model_type = SUPPORTED[architecture][0]
+    family = family_of(m)
     # Token ids must lie inside the vocabulary (SmolLM3Config's defaults do not for small vocabularies).
     special = {k: v for k, v in (special_ids or {}).items() if v is not None and 0 <= v < m.vocab_size}
     kwargs = dict(
@@ -84,40 +70,14 @@ def to_hf_config(m: ModelConfig, special_ids: dict[str, int] | None = None, dtyp
         pad_token_id=special.get("pad"),
         dtype=str(dtype).removeprefix("torch."),
     )
-    if model_type == "llama":
-        kwargs.update(mlp_bias=False)
-    elif model_type == "smollm3":
-        kwargs.update(
-            mlp_bias=False,
-            no_rope_layers=[int(m.uses_rope(i)) for i in range(m.num_layers)],
-            no_rope_layer_interval=m.nope_every if m.nope_every > 0 else 4,
-            use_sliding_window=False,
-        )
-    else:
-        kwargs.update(use_sliding_window=False, max_window_layers=m.num_layers)
+    kwargs.update(family.to_hf(m))
 
     from transformers import AutoConfig
 
-    hf = AutoConfig.for_model(model_type, **kwargs)
-    hf.architectures = [architecture]
+    hf = AutoConfig.for_model(family.model_type, **kwargs)
+    hf.architectures = [family.architecture]
     return hf.to_dict()
 
-
-def _nope_pattern(no_rope_layers: list[int], num_layers: int, where: str) -> dict:
-    """SmolLM3's per-layer list (1 = RoPE) -> our position_encoding / nope_every."""
-    flags = [int(bool(x)) for x in no_rope_layers[:num_layers]]
-    if len(flags) < num_layers:
-        raise CheckpointError(f"{where}: no_rope_layers has {len(flags)} entries for {num_layers} layers")
-    if all(flags):
-        return {"nope_every": 0}
-    if not any(flags):
-        return {"position_encoding": "none"}
-    for every in range(2, num_layers + 1):
-        if flags == [int((i + 1) % every != 0) for i in range(num_layers)]:
-            return {"nope_every": every}
-    raise CheckpointError(
-        f"{where}: no_rope_layers {flags} is not 'no RoPE in every k-th layer', the only NoPE pattern smoltrain models"
-    )
 
 
 def from_hf_config(hf: dict, where: str = "config.json") -> ModelConfig:
@@ -130,7 +90,8 @@ def from_hf_config(hf: dict, where: str = "config.json") -> ModelConfig:
     if architecture not in SUPPORTED:
         found = architecture or hf.get("model_type") or "no architecture"
         raise CheckpointError(f"{where}: unsupported architecture {found}; supported: {_SUPPORTED_TEXT}")
-    model_type, defaults = SUPPORTED[architecture]
+    family = _BY_ARCHITECTURE[architecture]
+    defaults = family.defaults
 
     def get(key, default=None):
         value = hf.get(key)
@@ -163,15 +124,11 @@ def from_hf_config(hf: dict, where: str = "config.json") -> ModelConfig:
         intermediate_size=hf["intermediate_size"],
         tie_embeddings=bool(get("tie_word_embeddings")),
         rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0),
-        qk_norm=model_type == "qwen3",
         init_std=float(get("initializer_range", 0.02)),
         norm_eps=float(get("rms_norm_eps", 1e-6)),
         max_seq_len=int(get("max_position_embeddings")),
     )
-    if model_type == "smollm3":
-        interval = get("no_rope_layer_interval", 4)
-        pattern = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
-        fields.update(_nope_pattern(pattern, num_layers, where))
+    fields.update(family.from_hf(hf, get, where))
     model_config = ModelConfig(**fields)
     try:
         validate_model(model_config)
@@ -180,33 +137,12 @@ def from_hf_config(hf: dict, where: str = "config.json") -> ModelConfig:
     return model_config
 
 
-def _config_for_model(model_config: ModelConfig, tokenizer: str | None = None) -> Config:
-    """A full, valid Config around an imported model section (sequence length capped by the model)."""
-    seq_len = min(2048, model_config.max_seq_len)
-    micro_batch = 8
-    batches = -(-65536 // (micro_batch * seq_len))
-    raw = {
-        "model": dataclasses.asdict(model_config),
-        "data": {"seq_len": seq_len, "tokenizer": tokenizer},
-        "train": {"micro_batch_size": micro_batch, "global_batch_tokens": batches * micro_batch * seq_len},
-    }
-    return config_from_dict(raw)
-
-
-# ----------------------------------------------------------------------------- weights
-
-
-def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our parameter names (wrappers stripped) -> full CPU tensors (DTensor shards gathered)."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        state[canonical_name(name)] = tensor.detach().to("cpu").contiguous()
-    return state
+# ----------------------------------------------------------------------------- weight names
 
 
 def to_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> Hugging Face's names (`model.` prefix; MoE experts one Linear each)."""
+    state = unstack_experts(state)
     return {name if name.startswith("lm_head.") else f"model.{name}": t for name, t in state.items()}
 
 
@@ -218,433 +154,28 @@ def from_hf_names(tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, tor
         if name == "lm_head.weight" and tied:
             continue
         state[name.removeprefix("model.")] = tensor
-    return state
+    return stack_experts(state)
 
 
-def _expected_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = Transformer(model_config)
-    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+# What moved to train/load_model.py (loading any model folder) and report/hf_export.py (export with
+# its model card) stays importable from here for callers written against the old module; new code
+# imports from the new homes (model/ itself never does: the lookup happens only when asked).
+_MOVED = {
+    "export_hf": "smoltrain.report.hf_export",
+    **{name: "smoltrain.train.load_model" for name in (
+        "CONFIG_FILE", "WEIGHTS_FILE", "TOKENIZER_FILES", "save_model_folder", "load_model_folder", "load_any",
+        "model_config_of", "import_hf", "import_gguf", "copy_tokenizer", "_read_hf_config", "_stored_dtype",
+        "_config_for_model", "_full_state_dict", "_read_safetensors",
+    )},
+}
 
 
-def _check_state(state: dict[str, torch.Tensor], model_config: ModelConfig, where: str) -> None:
-    expected = _expected_shapes(model_config)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
-        raise CheckpointError(f"{where}: weights do not match the config ({'; '.join(parts)})")
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise CheckpointError(f"{where}: {name} has shape {tuple(state[name].shape)}, the config implies {shape}")
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
 
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-def _model_from_state(model_config: ModelConfig, state: dict[str, torch.Tensor], device, where: str) -> Transformer:
-    """Build on meta, materialise on `device` and copy the weights in (no wasted random init)."""
-    _check_state(state, model_config, where)
-    with torch.device("meta"):
-        model = Transformer(model_config)
-    model.to_empty(device=device)
-    model.load_state_dict(state, strict=True)
-    model.set_rope(max_seq_len=model_config.max_seq_len)  # rope tables are buffers to_empty left blank
-    return model.eval()
 
-
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """One model.safetensors or a sharded set with its index."""
-    single = folder / WEIGHTS_FILE
-    index = folder / "model.safetensors.index.json"
-    try:
-        if single.is_file():
-            return load_file(single)
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            tensors = {}
-            for shard in shards:
-                tensors.update(load_file(folder / shard))
-            return tensors
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder}: cannot read weights ({e})") from None
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise CheckpointError(f"{folder}: only PyTorch .bin weights found; convert them to safetensors first")
-    raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (or sharded model.safetensors.index.json)")
-
-
-def _stored_dtype(path: Path) -> torch.dtype | None:
-    """The floating dtype of a safetensors file's matrices, without reading the tensors."""
-    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():
-            return names.get(f.get_slice(key).get_dtype())
-    return None
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def _write_atomic(path: Path, write) -> None:
-    write_atomic(path, write)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        # safetensors creates its file 0600; give it the mode of the folder's other files (0666 less the umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-
-    _write_atomic(path, write)
-
-
-def _prepare_out_dir(out_dir: str | os.PathLike, source: Path | None = None) -> Path:
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a folder")
-    if source is not None and out.resolve() == source.resolve():
-        raise CheckpointError(f"{out}: the output folder must differ from the input folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"{out}: cannot create the output folder ({e.strerror})") from None
-    stale = out / "model.safetensors.index.json"  # a sharded index left there would shadow our single file
-    if stale.is_file():
-        stale.unlink()
-    return out
-
-
-# ----------------------------------------------------------------------------- tokenizer files
-
-
-def _tokenizer_source(tokenizer: str | os.PathLike | None) -> Path | None:
-    if tokenizer is None:
-        return None
-    path = Path(tokenizer)
-    if path.is_dir():
-        if not (path / "tokenizer.json").is_file():
-            raise CheckpointError(f"{path}: no tokenizer.json in this tokenizer folder")
-        return path
-    if not path.is_file():
-        raise CheckpointError(f"{path}: tokenizer not found (expected a tokenizer.json or a folder holding one)")
-    if path.name == "tokenizer.json" and (path.parent / "tokenizer_config.json").is_file():
-        return path.parent  # its companion files (special tokens, chat template) travel with it
-    return path
-
-
-def _special_token_ids(tokenizer_json: Path, tokenizer_config: dict) -> dict[str, int]:
-    """bos/eos/pad/unk ids: from tokenizer_config.json when it has the key (null: no such token), else
-    guessed from the special tokens' conventional names (<|endoftext|> is bos and eos, as in SmolLM2)."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special]
-    from smoltrain.data.tokenizer import END_OF_TEXT, ROLE_TOKENS
-
-    hints = {
-        "bos": ROLE_TOKENS["bos"] + [END_OF_TEXT],  # SmolLM2 begins documents with <|endoftext|>
-        "eos": ROLE_TOKENS["eos"],
-        "pad": [t for t in ROLE_TOKENS["pad"] if t not in ROLE_TOKENS["eos"]],  # no guessed pad = eos
-        "unk": ROLE_TOKENS["unk"],
-    }
-    ids = {}
-    for role, candidates in hints.items():
-        key = f"{role}_token"
-        named = tokenizer_config[key] if key in tokenizer_config else next((c for c in candidates if c in specials), None)
-        if isinstance(named, dict):
-            named = named.get("content")
-        token_id = tok.token_to_id(named) if isinstance(named, str) else None
-        if token_id is not None:
-            ids[role] = token_id
-    return ids
-
-
-def copy_tokenizer(tokenizer: str | os.PathLike | None, out_dir: Path, model_max_length: int) -> dict[str, int]:
-    """Copy tokenizer files into out_dir, writing a tokenizer_config.json that transformers'
-    AutoTokenizer loads when the source has none. Returns the special token ids."""
-    source = _tokenizer_source(tokenizer)
-    if source is None:
-        return {}
-    if source.is_dir():
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file() and (source / name).resolve() != (out_dir / name).resolve():
-                _write_atomic(out_dir / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
-    elif source.resolve() != (out_dir / "tokenizer.json").resolve():
-        _write_atomic(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(source, tmp))
-    config_path = out_dir / "tokenizer_config.json"
-    tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    ids = _special_token_ids(out_dir / "tokenizer.json", tokenizer_config)
-    if not tokenizer_config:
-        from tokenizers import Tokenizer
-
-        vocab = {i: t for t, i in Tokenizer.from_file(str(out_dir / "tokenizer.json")).get_vocab(with_added_tokens=True).items()}
-        tokenizer_config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            **{f"{role}_token": vocab[i] for role, i in ids.items()},
-            "model_max_length": model_max_length,
-            "clean_up_tokenization_spaces": False,
-        }
-        _write_text(config_path, json.dumps(tokenizer_config, indent=2) + "\n")
-    return ids
-
-
-def _folder_tokenizer(folder: Path) -> Path | None:
-    return folder if (folder / "tokenizer.json").is_file() else None
-
-
-# ----------------------------------------------------------------------------- model folder
-
-
-def save_model_folder(model: nn.Module, config: Config, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """config.yaml (resolved) + model.safetensors (our names) + tokenizer files when known.
-
-    The RoPE base and table length are read from the model, so a long-context stage's ABF theta
-    is what gets saved. config.yaml is written last: its presence marks a complete folder.
-    """
-    _tokenizer_source(tokenizer)  # fail before writing anything
-    out = _prepare_out_dir(out_dir)
-    base = getattr(model, "_orig_mod", model)
-    model_config = config.model
-    if isinstance(base, Transformer):
-        model_config = dataclasses.replace(
-            model_config, rope_theta=float(base.rope_theta), max_seq_len=max(model_config.max_seq_len, base.rope_cos.shape[0])
-        )
-    config = dataclasses.replace(config, model=model_config)
-    _save_tensors(out / WEIGHTS_FILE, _full_state_dict(model))
-    tokenizer = tokenizer if tokenizer is not None else _existing(config.data.tokenizer)
-    copy_tokenizer(tokenizer, out, model_config.max_seq_len)
-    if (out / "tokenizer.json").is_file():
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=str((out / "tokenizer.json").resolve())))
-    save_config(config, out / CONFIG_FILE)
-    return out
-
-
-def _existing(path: str | None) -> str | None:
-    return path if path and Path(path).exists() else None
-
-
-def load_model_folder(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, Config]:
-    folder = Path(path)
-    if not (folder / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{folder}: not a model folder (no {CONFIG_FILE})")
-    config = load_config(folder / CONFIG_FILE)
-    state = _read_safetensors(folder)
-    return _model_from_state(config.model, state, device, str(folder)), config
-
-
-def _read_hf_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return hf
-
-
-def _load_hf_folder(folder: Path, device) -> tuple[Transformer, Config]:
-    model_config = from_hf_config(_read_hf_config(folder), str(folder / "config.json"))
-    state = from_hf_names(_read_safetensors(folder), model_config.tie_embeddings)
-    model = _model_from_state(model_config, state, device, str(folder))
-    tokenizer = folder / "tokenizer.json"
-    return model, _config_for_model(model_config, str(tokenizer.resolve()) if tokenizer.is_file() else None)
-
-
-def _is_checkpoint(folder: Path) -> bool:
-    """A training run folder (checkpoints/), its checkpoints/ folder (latest), or one checkpoint
-    (DCP .metadata, the COMPLETE marker, or a step_<8 digits> name)."""
-    return (
-        (folder / "checkpoints").is_dir()
-        or (folder / "latest").is_file()
-        or (folder / ".metadata").is_file()
-        or (folder / "COMPLETE").is_file()
-        or re.fullmatch(r"step_\d{8}", folder.name) is not None
-    )
-
-
-def _embedded_tokenizer(config: Config) -> str | None:
-    # Only when the embedded data was already built (it is, for any run trained on it): building
-    # the corpus as a side effect of exporting would be a surprise.
-    if not config.data.embedded or not Path(config.data.cache_dir).is_dir():
-        return None
-    try:
-        from smoltrain.data.embedded import ensure_embedded_data
-    except ImportError:
-        return None
-    return _existing(ensure_embedded_data(config.data).tokenizer)
-
-
-def load_any(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, Config, str | None]:
-    """A model from a model folder, a Hugging Face folder, a training run folder or a checkpoint folder,
-    with its config and tokenizer (a tokenizer.json file or a folder holding one; None when unknown)."""
-    folder = Path(path)
-    if not folder.exists():
-        raise CheckpointError(f"{folder}: no such file or folder")
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: expected a folder (model folder, Hugging Face folder, run or checkpoint)")
-    if (folder / CONFIG_FILE).is_file() and ((folder / WEIGHTS_FILE).is_file() or not _is_checkpoint(folder)):
-        model, config = load_model_folder(folder, device)
-        tokenizer = _folder_tokenizer(folder) or _existing(config.data.tokenizer)
-        return model, config, str(tokenizer) if tokenizer else None
-    if _is_checkpoint(folder):
-        from smoltrain.train.checkpoint import load_model_from_checkpoint
-
-        model, config = load_model_from_checkpoint(str(folder), device)
-        tokenizer = _existing(config.data.tokenizer) or _embedded_tokenizer(config)
-        return model, config, tokenizer
-    if (folder / "config.json").is_file():
-        model, config = _load_hf_folder(folder, device)
-        tokenizer = _folder_tokenizer(folder)
-        return model, config, str(tokenizer) if tokenizer else None
-    raise CheckpointError(
-        f"{folder}: not a model folder ({CONFIG_FILE} + {WEIGHTS_FILE}), Hugging Face folder (config.json), "
-        "run folder (checkpoints/) or checkpoint (checkpoints/step_<8 digits>)"
-    )
-
-
-def model_config_of(path: str | os.PathLike) -> ModelConfig:
-    """The model section of whatever `load_any` would load, without reading weights: a model folder's
-    config.yaml, a Hugging Face config.json, or a checkpoint's config (with the RoPE base of the stage
-    it was saved in)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such folder (model folder, Hugging Face folder, run or checkpoint)")
-    if (folder / CONFIG_FILE).is_file() and ((folder / WEIGHTS_FILE).is_file() or not _is_checkpoint(folder)):
-        return load_config(folder / CONFIG_FILE).model
-    if _is_checkpoint(folder):
-        from smoltrain.train.checkpoint import find_checkpoint, read_config, read_train_state
-
-        checkpoint = find_checkpoint(folder, required=True)
-        model = read_config(checkpoint).model
-        model.rope_theta = read_train_state(checkpoint).get("rope_theta", model.rope_theta)
-        return model
-    if (folder / "config.json").is_file():
-        return from_hf_config(_read_hf_config(folder), str(folder / "config.json"))
-    raise CheckpointError(f"{folder}: not a model folder, Hugging Face folder, run folder or checkpoint")
-
-
-# ----------------------------------------------------------------------------- export / import
-
-
-def export_hf(
-    path_or_model: str | os.PathLike | nn.Module,
-    out_dir: str | os.PathLike,
-    tokenizer: str | os.PathLike | None = None,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads offline.
-
-    dtype: of the saved weights; default the model's, or for a model folder the dtype it was stored in
-    (an imported bf16 checkpoint exports as bf16, bit for bit).
-    """
-    source = None
-    if isinstance(path_or_model, nn.Module):
-        model = getattr(path_or_model, "_orig_mod", path_or_model)
-        model_config = dataclasses.replace(
-            model.config, rope_theta=float(model.rope_theta), max_seq_len=max(model.config.max_seq_len, model.rope_cos.shape[0])
-        )
-    else:
-        source = Path(path_or_model)
-        model, config, known_tokenizer = load_any(source)
-        model_config = config.model
-        tokenizer = tokenizer if tokenizer is not None else known_tokenizer
-        if dtype is None and (source / WEIGHTS_FILE).is_file():
-            dtype = _stored_dtype(source / WEIGHTS_FILE)
-    architecture = hf_architecture(model_config)  # fail before writing anything
-    _tokenizer_source(tokenizer)
-    out = _prepare_out_dir(out_dir, source)
-    state = _full_state_dict(model)
-    dtype = dtype or next(iter(state.values())).dtype
-    state = {name: t.to(dtype) for name, t in to_hf_names(state).items()}
-    special_ids = copy_tokenizer(tokenizer, out, model_config.max_seq_len)
-    _save_tensors(out / WEIGHTS_FILE, state)
-    hf = to_hf_config(model_config, special_ids, dtype)
-    assert hf["architectures"] == [architecture]
-    if (out / "chat_template.jinja").is_file():
-        _write_chat_generation_config(out, special_ids)
-    _write_text(out / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    from smoltrain.report.model_card import model_card
-
-    _write_text(out / "README.md", model_card(source, out, model_config, architecture))
-    return out
-
-
-def _write_chat_generation_config(out: Path, special_ids: dict[str, int]) -> None:
-    """A chat model's turn ends with <|im_end|>: transformers' generate() stops there (and at eos)."""
-    from tokenizers import Tokenizer
-
-    end_of_turn = Tokenizer.from_file(str(out / "tokenizer.json")).token_to_id("<|im_end|>")
-    eos = list(dict.fromkeys(i for i in (end_of_turn, special_ids.get("eos")) if i is not None))
-    config = {"eos_token_id": eos[0] if len(eos) == 1 else eos, "do_sample": False}
-    for role in ("bos", "pad"):
-        if role in special_ids:
-            config[f"{role}_token_id"] = special_ids[role]
-    _write_text(out / "generation_config.json", json.dumps(config, indent=2) + "\n")
-
-
-def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """A Hugging Face Llama / SmolLM3 / Qwen3 folder -> our model folder, weights kept in their dtype
-    (renamed only), tokenizer files copied. Training can start from the result (train.init)."""
-    folder = Path(hf_dir)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such folder")
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    model_config = from_hf_config(_read_hf_config(folder), str(folder / "config.json"))
-    state = from_hf_names(_read_safetensors(folder), model_config.tie_embeddings)
-    _check_state(state, model_config, str(folder))
-    out = _prepare_out_dir(out_dir, folder)
-    _save_tensors(out / WEIGHTS_FILE, {name: t.contiguous() for name, t in state.items()})
-    copy_tokenizer(_folder_tokenizer(folder), out, model_config.max_seq_len)
-    tokenizer = out / "tokenizer.json"
-    config = _config_for_model(model_config, str(tokenizer.resolve()) if tokenizer.is_file() else None)
-    save_config(config, out / CONFIG_FILE)
-    return out
-
-
-def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """A llama.cpp GGUF file -> our model folder. transformers' GGUF loader dequantizes the weights
-    (to float32) and rebuilds the tokenizer with the file's own chat template, which is kept."""
-    import tempfile
-
-    file = Path(gguf_path)
-    if not file.is_file():
-        raise CheckpointError(f"{file}: no such GGUF file")
-    try:
-        import gguf  # noqa: F401  (transformers' GGUF loader needs it)
-    except ImportError:
-        raise CheckpointError(f"{file}: reading GGUF needs the gguf package (pip install 'smoltrain[gguf]')") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
-        hf_model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
-    except (ValueError, KeyError, OSError) as e:
-        raise CheckpointError(f"{file}: transformers cannot read this GGUF file ({str(e).splitlines()[0]})") from None
-    hf = hf_model.config.to_dict()
-    hf.pop("quantization_config", None)
-    model_config = from_hf_config(hf, str(file))
-    state = from_hf_names({k: v.detach().contiguous() for k, v in hf_model.state_dict().items()}, model_config.tie_embeddings)
-    _check_state(state, model_config, str(file))
-    out = _prepare_out_dir(out_dir)
-    _save_tensors(out / WEIGHTS_FILE, state)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        copy_tokenizer(tmp, out, model_config.max_seq_len)
-    config = _config_for_model(model_config, str((out / "tokenizer.json").resolve()))
-    save_config(config, out / CONFIG_FILE)
-    return out
-
-
-__all__ = [
-    "SUPPORTED", "save_model_folder", "load_model_folder", "load_any", "export_hf", "import_hf", "import_gguf",
-    "hf_architecture", "to_hf_config", "from_hf_config", "copy_tokenizer",
-]
+__all__ = ["SUPPORTED", "family_of", "hf_architecture", "to_hf_config", "from_hf_config", "to_hf_names", "from_hf_names"]

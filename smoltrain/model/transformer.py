@@ -23,21 +23,9 @@ from smoltrain.model.attention import (
     resolve_kernel,
     rotary_tables,
 )
+from smoltrain.model.layers import MLP, RMSNorm
 from smoltrain.model.loss import LossOutput, chunked_logprobs, chunked_loss, cross_entropy_sums, label_logprobs
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (as transformers does), then cast back: matters under bf16 autocast.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+from smoltrain.model.moe import MoE, load_balancing_loss, router_z_loss
 
 
 class KVCache:
@@ -95,19 +83,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.qk_norm_per_head = config.qk_norm_per_head
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+            q_width = self.head_dim if config.qk_norm_per_head else self.num_heads * self.head_dim
+            k_width = self.head_dim if config.qk_norm_per_head else self.num_kv_heads * self.head_dim
+            self.q_norm = RMSNorm(q_width, config.norm_eps)
+            self.k_norm = RMSNorm(k_width, config.norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         # -1 instead of num_heads: tensor parallelism shards the projections and leaves local head counts.
-        q = self.q_proj(x).view(batch, seq, -1, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, -1, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, -1, self.head_dim)
-        if self.q_norm is not None:  # per head, before RoPE (Qwen3)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None and not self.qk_norm_per_head:  # over the full width (OLMoE)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(batch, seq, -1, self.head_dim)
+        k = k.view(batch, seq, -1, self.head_dim)
+        v = v.view(batch, seq, -1, self.head_dim)
+        if self.q_norm is not None and self.qk_norm_per_head:  # per head, before RoPE (Qwen3)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.use_rope:
@@ -116,26 +110,13 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -242,7 +223,39 @@ class Transformer(nn.Module):
         return F.linear(hidden, weight)
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str) -> LossOutput:
-        return chunked_loss(self.loss_chunk, hidden, labels, self.config.vocab_size, self.config.z_loss, reduction)
+        out = chunked_loss(self.loss_chunk, hidden, labels, self.config.vocab_size, self.config.z_loss, reduction)
+        if not self.moe_layers():
+            return out
+        # Balancing terms are per token already: a "sum" loss (divided by the batch's tokens later)
+        # carries them times its token count, so both reductions train on CE + coef x aux.
+        scale = out.num_tokens.float() if reduction == "sum" else 1.0
+        return out._replace(loss=out.loss + scale * self.router_loss())
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
+
+    def router_loss(self) -> torch.Tensor:
+        """aux_loss_coef x transformers' load-balancing loss + router_z_loss x z-loss, of the last forward."""
+        stats = [layer.stats for layer in self.moe_layers()]
+        cfg = self.config
+        loss = cfg.aux_loss_coef * load_balancing_loss(stats, cfg.num_experts, cfg.experts_per_token)
+        if cfg.router_z_loss:
+            loss = loss + cfg.router_z_loss * router_z_loss(stats)
+        return loss
+
+    @torch.no_grad()
+    def router_metrics(self) -> dict[str, float]:
+        """The last forward's router: aux loss, z-loss and mean router entropy (ln E is uniform)."""
+        stats = [layer.stats for layer in self.moe_layers() if layer.stats is not None]
+        if not stats:
+            return {}
+        cfg = self.config
+        probs = torch.cat([s.logits for s in stats]).softmax(dim=-1)
+        return {
+            "moe_aux": float(load_balancing_loss(stats, cfg.num_experts, cfg.experts_per_token)),
+            "moe_z": float(router_z_loss(stats)),
+            "moe_entropy": float(-(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()),
+        }
 
     def _token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
         return chunked_logprobs(self.token_logprob_chunk, hidden, labels, self.config.vocab_size, temperature)
@@ -268,6 +281,8 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             full = _initial_value(canonical_name(name), tuple(param.shape), self.config.init_std, seed)
             _copy_full_into(param, full)
+        for layer in self.moe_layers():  # a buffer, left blank by a meta-device build
+            layer.expert_bias.zero_()
         self.set_rope(max_seq_len=self.rope_cos.shape[0])
 
 

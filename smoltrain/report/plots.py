@@ -148,3 +148,32 @@ def _bars(ax, labels, values, errors, colors, value_format, zoom: bool = True) -
             ax.set_ylim(min(low - err, 0.0), top * 1.12 if top > 0 else 1.0)
     ax.yaxis.get_major_formatter().set_useOffset(False)
     ax.grid(axis="y", alpha=0.3)
+
+
+def heat_map(
+    path: str | os.PathLike,
+    values: Sequence[Sequence[float]],
+    *,
+    x: Sequence[float],
+    row_labels: Sequence[str],
+    title: str = "",
+    xlabel: str = "step",
+    colorbar: str = "",
+    center: float = 1.0,
+) -> Path:
+    """values[row][column] as colours (columns at x), diverging around `center` so that both
+    directions away from it (an overloaded expert, a starved one) stand out."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    rows, high = len(values), max((max(r) for r in values if len(r)), default=center)
+    fig = Figure(figsize=(7.5, max(2.5, min(12.0, 0.18 * rows + 1.5))))
+    ax = fig.subplots()
+    norm = TwoSlopeNorm(vcenter=center, vmin=0.0, vmax=max(high, center * 1.001))
+    image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="RdBu_r", norm=norm,
+                      extent=(x[0] - 0.5, x[-1] + 0.5, rows - 0.5, -0.5))
+    step = max(1, rows // 24)  # at most ~24 tick labels
+    ax.set_yticks(range(0, rows, step), [row_labels[i] for i in range(0, rows, step)], fontsize=7)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    fig.colorbar(image, ax=ax, label=colorbar)
+    return save_figure(fig, path)

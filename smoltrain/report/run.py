@@ -130,7 +130,8 @@ def add_run_sections(report: Report, config, train: list[dict], evals: list[dict
         ("embeddings", "tied" if m.tie_embeddings else "untied"),
         ("positions", positions),
         ("document masking", m.document_masking),
-        ("parameters", f"{counts['total']:,} ({counts['non_embedding']:,} non-embedding)"),
+        ("parameters", f"{counts['total']:,} ({counts['non_embedding']:,} non-embedding"
+                       + (f", {counts['active']:,} active per token)" if counts["active"] != counts["total"] else ")")),
         ("steps", f"{last.get('step', 0):,} of {config.train.max_steps:,}"),
         ("tokens", last.get("tokens")),
         ("sequence length", " -> ".join(map(str, dict.fromkeys(r[3] for r in stages))) if stages else config.data.seq_len),
@@ -163,10 +164,33 @@ def add_run_sections(report: Report, config, train: list[dict], evals: list[dict
             report.image(plots.line_plot(figures_dir / f"{prefix}{key}.png", {label: ([p[0] for p in points], [p[1] for p in points])},
                                          title=label, ylabel=label, logy=key == "grad_norm"), label)
 
+    add_router_section(report, train, figures_dir, prefix)
     if evals:
         final = evals[-1]
         report.heading(f"Evaluation at step {final['step']:,}", 3)
         add_eval_tables(report, final["eval"])
+
+
+def add_router_section(report: Report, train: list[dict], figures_dir: Path, prefix: str = "") -> None:
+    """A mixture of experts' router: the load of every (layer, expert) over steps as a heat map (1 is a
+    fair share; a collapsed router shows as a few dark rows) and the balancing terms as curves."""
+    rows = [r for r in train if isinstance(r.get("moe_load"), list)]
+    if not rows:
+        return
+    report.heading("Router", 3)
+    layers, experts = len(rows[0]["moe_load"]), len(rows[0]["moe_load"][0])
+    # [layer x expert][step]: share of the layer's picks x E (1 = balanced).
+    grid = [[r["moe_load"][layer][e] * experts for r in rows] for layer in range(layers) for e in range(experts)]
+    labels = [f"L{layer} E{e}" for layer in range(layers) for e in range(experts)]
+    report.image(plots.heat_map(figures_dir / f"{prefix}expert_load.png", grid, x=[r["step"] for r in rows],
+                                row_labels=labels, title="expert load (x fair share)", colorbar="load / fair share"),
+                 "tokens routed to each expert of each MoE layer over steps, relative to an even split")
+    for key, label in (("moe_aux", "load-balancing loss (balanced = top-k)"), ("moe_max_load", "busiest expert / mean"),
+                       ("moe_entropy", "router entropy (nats)")):
+        points = [(r["step"], r[key]) for r in rows if _is_number(r.get(key))]
+        if points:
+            report.image(plots.line_plot(figures_dir / f"{prefix}{key}.png", {label: ([p[0] for p in points], [p[1] for p in points])},
+                                         title=label, ylabel=label), label)
 
 
 def stage_rows(config) -> list[tuple[str, int, int, int, float, str]]:

@@ -34,7 +34,7 @@ def with_init_model_section(raw: dict) -> dict:
         return raw  # (a model section that is not a mapping is the config builder's one-line error)
     if all(f.name in given for f in dataclasses.fields(ModelConfig)):
         return raw
-    from smoltrain.model.hf import model_config_of
+    from smoltrain.train.load_model import model_config_of
 
     return {**raw, "model": {**dataclasses.asdict(model_config_of(str(init))), **given}}
 
@@ -47,7 +47,7 @@ def resolve_init_model(config: Config, say: Callable[[str], None] | None = None)
     path = config.train.init
     if not path:
         return config
-    from smoltrain.model.hf import model_config_of
+    from smoltrain.train.load_model import model_config_of
 
     source = model_config_of(path)
     explicit = getattr(config, "explicit", None)

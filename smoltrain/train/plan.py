@@ -183,6 +183,8 @@ def plan_table(result: dict):
     c = result["parameters"]
     rows = [
         ("parameters", f"{_si(c['total'])} ({_si(c['non_embedding'])} non-embedding, {_si(c['embedding'])} embedding)"),
+        *([("active parameters", f"{_si(c['active'])} per token (memory counts the total, FLOPs and MFU the active)")]
+          if c["active"] != c["total"] else []),
         ("FLOPs per token", f"{_si(result['flops_per_token'])} (6 x {_si(c['matmul'])} matmul params + attention)"),
         ("tokens", _si(result["total_tokens"])),
         ("total FLOPs", f"{result['total_flops']:.3e}"),

@@ -64,6 +64,7 @@ from smoltrain.train.objective import Objective
 from smoltrain.train.optim import apply_hyperparameters, build_optimizer, clip_grad_norm_, lr_for_step, set_lr
 from smoltrain.train.parallelize import build_parallel_model, load_full_state_dict, set_gradient_sync
 from smoltrain.train.pretrain import build_pretrain_objective
+from smoltrain.train.router import router_step
 
 log = logging.getLogger(__name__)
 console = Console(highlight=False, markup=False, soft_wrap=True)
@@ -85,7 +86,7 @@ def stage_rope_theta(config: Config, index: int) -> float:
 def load_init_weights(model: nn.Module, path: str, config: Config) -> None:
     """Start from imported weights (a model folder, Hugging Face folder, run or checkpoint): every
     rank reads the full tensors and keeps its own shard, whatever the layout."""
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     source, source_config, _ = load_any(path)
     diffs = [f"model.{k} is {getattr(source_config.model, k)} there, {getattr(config.model, k)} here"
@@ -311,6 +312,7 @@ class Trainer:
         self.stopped_by: str | None = None
         self.metrics = None
         self.events: list[dict] = []  # found before metrics.jsonl is open
+        self.router: dict = {}  # the last step's router metrics (MoE models)
         if checkpoint is not None:
             self.restore(checkpoint)
             self.say(f"resumed from {checkpoint} (step {self.state.step}, {self.state.tokens:,} tokens)")
@@ -425,6 +427,7 @@ class Trainer:
                 return False
             self.say("no checkpoint to rewind to (or rewound there 3 times already): update skipped")
             action = "skip"
+        self.router = router_step(self.model, self.ctx, config.model.bias_update_rate if action == "update" else 0.0)
         if action == "update":
             self.optimizer.step()
         else:
@@ -502,6 +505,7 @@ class Trainer:
             "elapsed_s": state.elapsed_s, "stage": self.stage, "skipped_steps": state.skipped_steps,
             **{name: _finite(value) for name, value in result.metrics.items()},
             **self.objective.step_metrics(),
+            **self.router,
         }
         if self.device.type == "cuda":
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9

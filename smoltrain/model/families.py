@@ -1,0 +1,14 @@
+"""The model families, one line each, in the order export tries them (the first whose transformers
+class computes exactly the config wins)."""
+
+from smoltrain.model import llama, olmoe, qwen3, qwen3_moe, smollm3
+
+FAMILIES = (
+    qwen3_moe.FAMILY,
+    olmoe.FAMILY,
+    qwen3.FAMILY,
+    llama.FAMILY,
+    smollm3.FAMILY,
+)
+
+__all__ = ["FAMILIES"]

@@ -1,0 +1,114 @@
+"""What a model family is: the transformers class that computes exactly what our model computes for
+some configs, and its Hugging Face adapter both ways (config fields and weight names).
+
+Each family lives in its own folder (smoltrain/model/<family>/) and is one line of model/families.py.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from smoltrain.config import ModelConfig
+from smoltrain.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architecture: str  # the transformers class, e.g. Qwen3MoeForCausalLM
+    model_type: str  # config.json's model_type
+    defaults: dict  # config.json defaults that differ between families (read when a key is absent)
+    summary: str  # for "supported: ..." messages
+    computes: Callable[[ModelConfig], bool]  # does the HF class compute exactly this config?
+    to_hf: Callable[[ModelConfig], dict]  # config.json fields beyond the shared ones
+    from_hf: Callable[[dict, Callable, str], dict]  # ModelConfig fields beyond the shared ones
+
+
+# ----------------------------------------------------------------------------- MoE weight names
+# Ours stack the experts ([E, F, D], torchtitan); Hugging Face's files keep one Linear per expert
+# (`mlp.experts.{j}.gate_proj.weight`), the on-disk form transformers 4.x and 5.x both load.
+
+_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def unstack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our stacked expert tensors -> one HF Linear weight per expert; the loss-free bias has no HF
+    counterpart (export refuses models that use it, so it is all zeros here) and is left out."""
+    out = {}
+    for name, tensor in state.items():
+        match = _STACKED.match(name)
+        if match:
+            for j, part in enumerate(tensor.unbind(0)):
+                out[f"{match[1]}.{j}.{match[2]}.weight"] = part.contiguous()
+        elif not name.endswith(".mlp.expert_bias"):
+            out[name] = tensor
+    return out
+
+
+def stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF per-expert Linear weights -> our stacked tensors (experts in index order), plus a zero bias."""
+    out, parts = {}, {}
+    for name, tensor in state.items():
+        match = _PER_EXPERT.match(name)
+        if match:
+            parts.setdefault((match[1], match[3]), {})[int(match[2])] = tensor
+        else:
+            out[name] = tensor
+    for (prefix, proj), experts in parts.items():
+        if sorted(experts) != list(range(len(experts))):
+            raise CheckpointError(f"{prefix}: expert indices {sorted(experts)} are not 0..{len(experts) - 1}")
+        out[f"{prefix}.{proj}"] = torch.stack([experts[j] for j in range(len(experts))])
+        gate = prefix.removesuffix(".experts") + ".gate.weight"
+        if proj == "gate_proj" and gate in state:
+            out[prefix.removesuffix(".experts") + ".expert_bias"] = torch.zeros(len(experts), dtype=torch.float32)
+    return out
+
+
+# Router options some MoE configs carry that our dropless, noise-free router does not compute.
+UNSUPPORTED_MOE_KEYS = ("router_jitter_noise", "capacity_factor", "expert_capacity", "moe_capacity_factor", "clip_qkv",
+                        "shared_expert_intermediate_size")
+
+
+def refuse_unsupported_moe_keys(hf: dict, where: str) -> None:
+    for key in UNSUPPORTED_MOE_KEYS:
+        if hf.get(key):
+            raise CheckpointError(f"{where}: {key}={hf[key]!r} is not supported (smoltrain's router is dropless, without noise)")
+
+
+def moe_fields(hf: dict, get: Callable, where: str) -> dict:
+    """Router fields both MoE families share (num_experts: hub name; num_local_experts: 5.x to_dict)."""
+    refuse_unsupported_moe_keys(hf, where)
+    experts = hf.get("num_experts") or hf.get("num_local_experts")
+    if not isinstance(experts, int) or experts <= 0:
+        raise CheckpointError(f"{where}: missing or non-positive num_experts")
+    return dict(
+        num_experts=experts,
+        experts_per_token=int(get("num_experts_per_tok")),
+        norm_topk_prob=bool(get("norm_topk_prob", False)),
+        aux_loss_coef=float(get("router_aux_loss_coef")),
+    )
+
+
+def moe_hf_fields(m: ModelConfig) -> dict:
+    return dict(
+        num_experts=m.num_experts,
+        num_experts_per_tok=m.experts_per_token,
+        norm_topk_prob=m.norm_topk_prob,
+        router_aux_loss_coef=m.aux_loss_coef,
+        # transformers adds coef x aux to its loss only with this on: training parity needs it.
+        output_router_logits=m.aux_loss_coef > 0,
+    )
+
+
+def plain_moe(m: ModelConfig) -> bool:
+    """Routing both HF MoE families compute: no shared expert, no loss-free bias, RoPE in every layer."""
+    all_rope = all(m.uses_rope(i) for i in range(m.num_layers))
+    return m.num_experts > 0 and m.shared_expert_hidden == 0 and m.bias_update_rate == 0 and all_rope
+
+
+__all__ = ["Family", "stack_experts", "unstack_experts", "moe_fields", "moe_hf_fields", "plain_moe", "refuse_unsupported_moe_keys"]
