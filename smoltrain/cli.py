@@ -107,12 +107,14 @@ def _add_planning_verbs(verbs) -> None:
 
 def _add_model_file_verbs(verbs) -> None:
     """Model folders in and out: Hugging Face export / import, merges."""
-    p = verbs.add_parser("export", help="write a Hugging Face transformers folder (Llama / SmolLM3 / Qwen3)")
+    p = verbs.add_parser("export", help="write a Hugging Face transformers folder (Llama / SmolLM3 / Qwen3) or a GGUF file")
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="model folder, run folder or checkpoint folder")
-    p.add_argument("--out", required=True, help="output folder")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="output folder")
+    out.add_argument("--gguf", metavar="FILE", help="write one GGUF file for llama.cpp instead (weights, tokenizer, chat template)")
     p.add_argument("--tokenizer", help="tokenizer.json or tokenizer folder (default: the one the model knows)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="weight dtype (auto: as stored)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "q8_0"], default="auto",
+                   help="weight dtype (auto: as stored; q8_0: GGUF only)")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("import", help="read a Hugging Face Llama / SmolLM3 / Qwen3 folder (or a GGUF file) into a model folder")
@@ -358,12 +360,30 @@ def cmd_export(args) -> int:
 
     from smoltrain.model.hf import export_hf
 
+    if args.gguf:
+        return _export_gguf(args)
+    if args.dtype == "q8_0":
+        from smoltrain.errors import ConfigError
+
+        raise ConfigError("--dtype q8_0 is a GGUF format: use it with --gguf FILE")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     with Console(stderr=True).status(f"exporting {args.model}"):
         out = export_hf(args.model, args.out, tokenizer=args.tokenizer, dtype=dtype)
     architecture = json.loads((out / "config.json").read_text())["architectures"][0]
     tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
     print(f"wrote {out} ({architecture}, {tokenizer})")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    from rich.console import Console
+
+    from smoltrain.post.gguf_export import export_gguf
+
+    dtype = None if args.dtype == "auto" else args.dtype
+    with Console(stderr=True).status(f"exporting {args.model} to GGUF"):
+        architecture = export_gguf(args.model, args.gguf, tokenizer=args.tokenizer, dtype=dtype)
+    print(f"wrote {args.gguf} (llama.cpp {architecture}, {dtype or 'dtype as stored'})")
     return 0
 
 
