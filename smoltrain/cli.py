@@ -227,7 +227,9 @@ def _add_data_verbs(verbs) -> None:
     q.add_argument("--fraction", type=float, default=1.0, help="keep this share of every source")
     q.set_defaults(func=cmd_data_corpus)
     q = data.add_parser("tokenizer", help="train a byte-level BPE tokenizer (tokenizer.json for transformers)")
-    q.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="jsonl, jsonl.gz, parquet or text files")
+    q.add_argument("--input", nargs="+", required=True, metavar="GLOB",
+                   help="jsonl, jsonl.gz, parquet or text files, or Hugging Face dataset folders (save_to_disk or parquet snapshot)")
+    q.add_argument("--split", help="split of a dataset folder (default: its only split, else train)")
     q.add_argument("--vocab-size", type=int, required=True)
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--text-key", default="text", help="JSON key / parquet column of the text")
@@ -242,7 +244,9 @@ def _add_data_verbs(verbs) -> None:
     q.set_defaults(func=cmd_data_tokenizer_report)
     q = data.add_parser("tokenize", help="tokenize files into token shards (.bin + .idx + meta.json)")
     q.add_argument("--tokenizer", required=True, help="tokenizer.json or HF tokenizer folder")
-    q.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="jsonl, jsonl.gz, parquet or text files")
+    q.add_argument("--input", nargs="+", required=True, metavar="GLOB",
+                   help="jsonl, jsonl.gz, parquet or text files, or Hugging Face dataset folders (save_to_disk or parquet snapshot)")
+    q.add_argument("--split", help="split of a dataset folder (default: its only split, else train)")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--text-key", default="text", help="JSON key / parquet column of the text")
     q.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -554,7 +558,7 @@ def cmd_data_tokenize(args) -> int:
     from smoltrain.data.tokenize_shards import tokenize
 
     meta = tokenize(args.tokenizer, args.input, args.out, text_key=args.text_key, workers=args.workers,
-                    skip_bad=args.skip_bad, add_bos=args.add_bos, name=args.name)
+                    skip_bad=args.skip_bad, add_bos=args.add_bos, name=args.name, split=args.split)
     rate = meta["num_tokens"] / max(1e-9, meta["elapsed_s"]) if meta["tokenized_files"] else 0.0
     print(f"{args.out}: {meta['num_tokens']:,} tokens, {meta['num_documents']:,} documents, "
           f"{len(meta['shards'])} shards ({meta['tokenized_files']} tokenized now, {rate / 1e6:.2f}M tokens/s)")

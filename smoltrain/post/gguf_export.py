@@ -127,10 +127,21 @@ def _add_tokenizer(writer, hf_dir: Path, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=vocab_size)
-    if "bos" not in special.add_special_token:
-        # Our tokenizers add no BOS (no post-processor); without the key llama.cpp would add one for Llama 3 vocabularies.
-        special.add_special_token["bos"] = bool(spec.get("post_processor"))
+    # Whether BOS / EOS are added is what transformers does with these files, stated always: without the
+    # key llama.cpp adds a BOS for Llama-3 vocabularies, which ours (no BOS) would then not match.
+    special.add_special_token.update(_added_special_tokens(hf_dir))
     special.add_to_gguf(writer, quiet=True)
+
+
+def _added_special_tokens(hf_dir: Path) -> dict[str, bool]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    plain, full = tokenizer.encode("a", add_special_tokens=False), tokenizer.encode("a")
+    return {
+        "bos": full[:1] != plain[:1] and full[0] == tokenizer.bos_token_id,
+        "eos": full[-1:] != plain[-1:] and full[-1] == tokenizer.eos_token_id,
+    }
 
 
 # ----------------------------------------------------------------------------- tensors
