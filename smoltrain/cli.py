@@ -228,8 +228,7 @@ def _add_data_verbs(verbs) -> None:
     q.set_defaults(func=cmd_data_corpus)
     q = data.add_parser("tokenizer", help="train a byte-level BPE tokenizer (tokenizer.json for transformers)")
     q.add_argument("--input", nargs="+", required=True, metavar="GLOB",
-                   help="jsonl, jsonl.gz, parquet or text files, or Hugging Face dataset folders (save_to_disk or parquet snapshot)")
-    q.add_argument("--split", help="split of a dataset folder (default: its only split, else train)")
+                   help="jsonl, jsonl.gz, parquet or text files, or Hugging Face dataset folders (their only split, else train)")
     q.add_argument("--vocab-size", type=int, required=True)
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--text-key", default="text", help="JSON key / parquet column of the text")
