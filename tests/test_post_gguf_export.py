@@ -147,10 +147,14 @@ def test_what_llama_cpp_cannot_express_is_refused_in_one_line(tmp_path, tokenize
     assert cli.main(["export", str(every_3rd), "--gguf", str(tmp_path / "a.gguf")]) == 2
     assert cli.main(["export", str(no_positions), "--gguf", str(tmp_path / "b.gguf")]) == 2
     assert cli.main(["export", str(every_3rd), "--out", str(tmp_path / "hf"), "--dtype", "q8_0"]) == 2
+    shape = dict(vocab_size=320, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=96)
+    model = build_model(ModelConfig(**shape), seed=0)
+    no_tokenizer = save_model_folder(model, _config_for_model(model.config, None), tmp_path / "bare")
+    assert cli.main(["export", str(no_tokenizer), "--gguf", str(tmp_path / "c.gguf")]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3
+    assert len(err) == 4
     assert "nope_every=3" in err[0] and "every 4th layer" in err[0] and "no positional encoding" in err[1]
-    assert "--gguf" in err[2]
+    assert "--gguf" in err[2] and "needs the tokenizer" in err[3]
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.gguf*"))
 
 
