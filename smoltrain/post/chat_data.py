@@ -1,4 +1,4 @@
-"""Conversations out of jsonl, jsonl.gz and parquet files, checked row by row, with errors naming file:line.
+"""Conversations out of jsonl, jsonl.gz and parquet files and dataset folders, checked row by row, errors naming file:line.
 
 Rows hold `messages` ([{"role", "content"}]) and optional `chat_template_kwargs` as Hugging Face's
 smoltalk2 stores them, or `prompt` / `completion` (a string or a list of messages each). A None
@@ -203,7 +203,7 @@ class ConversationReader:
         self.split = split  # of a dataset folder
         self.kind = input_kind(self.path)
         if self.kind == "text":
-            raise DataError(f"{self.path}: chat data must be .jsonl, .jsonl.gz or .parquet")
+            raise DataError(f"{self.path}: chat data must be .jsonl, .jsonl.gz, .parquet or a dataset folder")
         self.source = source_of(self.path)
         self.skipped: Counter[str] = Counter()
         self.read = 0
