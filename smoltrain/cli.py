@@ -107,12 +107,14 @@ def _add_planning_verbs(verbs) -> None:
 
 def _add_model_file_verbs(verbs) -> None:
     """Model folders in and out: Hugging Face export / import, merges."""
-    p = verbs.add_parser("export", help="write a Hugging Face transformers folder (Llama / SmolLM3 / Qwen3)")
+    p = verbs.add_parser("export", help="write a Hugging Face transformers folder (Llama / SmolLM3 / Qwen3) or a GGUF file")
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="model folder, run folder or checkpoint folder")
-    p.add_argument("--out", required=True, help="output folder")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="output folder")
+    out.add_argument("--gguf", metavar="FILE", help="write one GGUF file for llama.cpp instead (weights, tokenizer, chat template)")
     p.add_argument("--tokenizer", help="tokenizer.json or tokenizer folder (default: the one the model knows)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="weight dtype (auto: as stored)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "q8_0"], default="auto",
+                   help="weight dtype (auto: as stored; q8_0: GGUF only)")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("import", help="read a Hugging Face Llama / SmolLM3 / Qwen3 folder (or a GGUF file) into a model folder")
@@ -225,7 +227,8 @@ def _add_data_verbs(verbs) -> None:
     q.add_argument("--fraction", type=float, default=1.0, help="keep this share of every source")
     q.set_defaults(func=cmd_data_corpus)
     q = data.add_parser("tokenizer", help="train a byte-level BPE tokenizer (tokenizer.json for transformers)")
-    q.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="jsonl, jsonl.gz, parquet or text files")
+    q.add_argument("--input", nargs="+", required=True, metavar="GLOB",
+                   help="jsonl, jsonl.gz, parquet or text files, or Hugging Face dataset folders (their only split, else train)")
     q.add_argument("--vocab-size", type=int, required=True)
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--text-key", default="text", help="JSON key / parquet column of the text")
@@ -240,7 +243,9 @@ def _add_data_verbs(verbs) -> None:
     q.set_defaults(func=cmd_data_tokenizer_report)
     q = data.add_parser("tokenize", help="tokenize files into token shards (.bin + .idx + meta.json)")
     q.add_argument("--tokenizer", required=True, help="tokenizer.json or HF tokenizer folder")
-    q.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="jsonl, jsonl.gz, parquet or text files")
+    q.add_argument("--input", nargs="+", required=True, metavar="GLOB",
+                   help="jsonl, jsonl.gz, parquet or text files, or Hugging Face dataset folders (save_to_disk or parquet snapshot)")
+    q.add_argument("--split", help="split of a dataset folder (default: its only split, else train)")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--text-key", default="text", help="JSON key / parquet column of the text")
     q.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -358,12 +363,30 @@ def cmd_export(args) -> int:
 
     from smoltrain.report.hf_export import export_hf
 
+    if args.gguf:
+        return _export_gguf(args)
+    if args.dtype == "q8_0":
+        from smoltrain.errors import ConfigError
+
+        raise ConfigError("--dtype q8_0 is a GGUF format: use it with --gguf FILE")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     with Console(stderr=True).status(f"exporting {args.model}"):
         out = export_hf(args.model, args.out, tokenizer=args.tokenizer, dtype=dtype)
     architecture = json.loads((out / "config.json").read_text())["architectures"][0]
     tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
     print(f"wrote {out} ({architecture}, {tokenizer})")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    from rich.console import Console
+
+    from smoltrain.report.gguf_export import export_gguf
+
+    dtype = None if args.dtype == "auto" else args.dtype
+    with Console(stderr=True).status(f"exporting {args.model} to GGUF"):
+        architecture = export_gguf(args.model, args.gguf, tokenizer=args.tokenizer, dtype=dtype)
+    print(f"wrote {args.gguf} (llama.cpp {architecture}, {dtype or 'dtype as stored'})")
     return 0
 
 
@@ -534,7 +557,7 @@ def cmd_data_tokenize(args) -> int:
     from smoltrain.data.tokenize_shards import tokenize
 
     meta = tokenize(args.tokenizer, args.input, args.out, text_key=args.text_key, workers=args.workers,
-                    skip_bad=args.skip_bad, add_bos=args.add_bos, name=args.name)
+                    skip_bad=args.skip_bad, add_bos=args.add_bos, name=args.name, split=args.split)
     rate = meta["num_tokens"] / max(1e-9, meta["elapsed_s"]) if meta["tokenized_files"] else 0.0
     print(f"{args.out}: {meta['num_tokens']:,} tokens, {meta['num_documents']:,} documents, "
           f"{len(meta['shards'])} shards ({meta['tokenized_files']} tokenized now, {rate / 1e6:.2f}M tokens/s)")

@@ -177,8 +177,10 @@ class DPOConfig:
     loss: Literal["apo_zero", "apo_down", "dpo", "ipo"] = "apo_zero"  # SmolLM3: APO-zero kept AIME25, DPO lost it
     beta: float = 0.1  # 0.05-0.1 in the playbook
     sft_weight: float = 0.0  # RPO: + weight x the chosen answer's NLL per token
-    train_data: list[str] = field(default_factory=list)  # jsonl(.gz) of prompt / chosen / rejected rows
+    train_data: list[str] = field(default_factory=list)  # jsonl(.gz) or dataset folders of prompt / chosen / rejected rows
     eval_data: list[str] = field(default_factory=list)  # held-out pairs for preference accuracy
+    split: Optional[str] = None  # of dataset folders in train_data (default: their only split, else train)
+    eval_split: Optional[str] = None  # of dataset folders in eval_data (same default)
     holdout_pairs: int = 0  # without eval_data: hold out this many training pairs (a seeded draw)
     reference: Optional[str] = None  # reference model (default: train.init, the model training starts from)
     precompute: bool = True  # reference log-probs once before training, stored in the run folder
@@ -193,8 +195,10 @@ class DPOConfig:
 class GRPOConfig:
     """RL with verifiable rewards (`smoltrain grpo`); defaults are TRL 1.16's where it has one."""
 
-    prompts: str = "embedded"  # "embedded" (arithmetic word problems), "gsm8k:PATH", or a jsonl/json/parquet file
+    prompts: str = "embedded"  # "embedded" (arithmetic problems), "gsm8k:PATH", a jsonl/json/parquet file or a dataset folder
     eval_prompts: Optional[str] = None  # held-out prompts: default the held-out split of `prompts` (a file needs one)
+    split: Optional[str] = None  # of a dataset folder in prompts (default: its only split, else train)
+    eval_split: Optional[str] = None  # of eval_prompts' dataset folder, or of prompts' when eval_prompts is unset
     num_prompts: int = 2000  # training prompts drawn from the source (the embedded source generates this many)
     eval_count: int = 64  # held-out prompts scored every train.eval_every steps
     mode: Literal["think", "no_think"] = "no_think"  # unless a prompt row sets its own
@@ -223,8 +227,10 @@ class GRPOConfig:
 
 @dataclass
 class SFTConfig:
-    # Conversation files (jsonl, jsonl.gz, parquet; globs allowed); "embedded" is the embedded chat data.
+    # Conversation files (jsonl, jsonl.gz, parquet; globs allowed), Hugging Face dataset folders (save_to_disk or
+    # a parquet snapshot), or "embedded", the embedded chat data.
     data: list[str] = field(default_factory=lambda: ["embedded"])
+    split: Optional[str] = None  # of dataset folders in data (default: their only split, else train)
     embedded_conversations: int = 8000
     chat_template: Literal["smollm3", "chatml", "model"] = "smollm3"  # model: the init model's own
     loss: Literal["assistant", "all"] = "assistant"  # assistant: content + <|im_end|> of assistant turns only

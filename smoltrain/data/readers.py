@@ -1,9 +1,11 @@
-"""Documents out of jsonl, jsonl.gz, parquet and plain-text files, streamed, with errors that name file:line.
+"""Documents out of jsonl, jsonl.gz, parquet and plain-text files and `datasets` folders, streamed, with errors
+that name file:line.
 
 Every bad record (not JSON, no text key, not a string, empty, invalid UTF-8) is a DataError at its
 line, or, with skip_bad, a counted skip; so are a file without documents and a truncated gzip stream
 (whose records before the damage are kept). A `.json` file holds a list of records (or one record).
-Plain text files (any other extension) are one document each.
+Plain text files (any other extension) are one document each. A folder is a Hugging Face dataset (what
+`save_to_disk` wrote, or a snapshot of parquet shards), read through the `datasets` library by split.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     files: list[Path] = []
     for pattern in patterns:
         matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(pattern), recursive=True))
-        matches = [m for m in matches if m.is_file()]
+        matches = [m for m in matches if m.is_file() or is_dataset_folder(m)]
         if not matches:
             raise DataError(f"{pattern}: no input file matches")
         files.extend(matches)
@@ -40,6 +42,8 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 
 def input_kind(path: Path) -> str:
+    if path.is_dir():
+        return "dataset"
     name = path.name.lower()
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
@@ -50,15 +54,63 @@ def input_kind(path: Path) -> str:
     return "text"
 
 
+# ----------------------------------------------------------------------------- datasets folders
+
+
+def is_dataset_folder(path: Path) -> bool:
+    """A folder `Dataset.save_to_disk` / `DatasetDict.save_to_disk` wrote, or a dataset snapshot with parquet shards."""
+    return path.is_dir() and (
+        (path / "dataset_dict.json").is_file() or (path / "state.json").is_file() or next(path.rglob("*.parquet"), None) is not None
+    )
+
+
+def input_size(path: Path) -> int:
+    """Bytes on disk of a file, or of every file in a dataset folder (for progress and fingerprints)."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def _dataset_splits(folder: Path) -> dict:
+    """Split name -> rows of a dataset folder. Saved datasets are memory-mapped; snapshots are streamed
+    from their parquet files, so neither is copied into the `datasets` cache."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{folder}: reading a dataset folder needs the datasets package (pip install datasets)") from None
+    try:
+        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(folder))
+            if isinstance(loaded, datasets.Dataset):  # one saved split; unnamed ones are "train", as on the Hub
+                return {str(loaded.split or "train"): loaded}
+            return dict(loaded)
+        return dict(datasets.load_dataset(str(folder), streaming=True))
+    except (ValueError, FileNotFoundError, OSError, datasets.exceptions.DatasetsError) as e:
+        raise DataError(f"{folder}: not a readable dataset folder ({str(e).splitlines()[0]})") from None
+
+
+def dataset_rows(folder: str | os.PathLike, split: str | None = None) -> Iterator[dict]:
+    """The rows (dicts) of one split of a dataset folder: `split`, else its only split, else 'train'.
+    A split it does not have is a DataError listing the ones it has."""
+    folder = Path(folder)
+    splits = _dataset_splits(folder)
+    if split is None:
+        split = next(iter(splits)) if len(splits) == 1 else "train"
+    if split not in splits:
+        raise DataError(f"{folder}: no split '{split}' (splits: {', '.join(splits)}; choose one with --split or a split: key)")
+    yield from splits[split]
+
+
 class DocumentReader:
     """Iterate the texts of one file. `bytes_read` follows the position on disk (for progress bars)."""
 
-    def __init__(self, path: str | os.PathLike, text_key: str = "text", skip_bad: bool = False):
+    def __init__(self, path: str | os.PathLike, text_key: str = "text", skip_bad: bool = False, split: str | None = None):
         self.path = Path(path)
         self.text_key = text_key
         self.skip_bad = skip_bad
+        self.split = split  # of a dataset folder
         self.kind = input_kind(self.path)
-        self.size = self.path.stat().st_size
+        self.size = input_size(self.path)
         self.bytes_read = 0
         self.documents = 0
         self.skipped: Counter[str] = Counter()
@@ -69,7 +121,8 @@ class DocumentReader:
         self.skipped[kind] += 1
 
     def __iter__(self) -> Iterator[str]:
-        records = {"jsonl": self._jsonl, "json": self._json, "parquet": self._parquet, "text": self._text}[self.kind]()
+        records = {"jsonl": self._jsonl, "json": self._json, "parquet": self._parquet, "text": self._text,
+                   "dataset": self._dataset}[self.kind]()
         for text in records:
             self.documents += 1
             yield text
@@ -176,6 +229,12 @@ class DocumentReader:
                 self.bytes_read = self.size * row // total
         except pa.ArrowException as e:
             raise DataError(f"{self.path}: unreadable after row {row} ({e})") from None
+
+    def _dataset(self) -> Iterator[str]:
+        for row, record in enumerate(dataset_rows(self.path, self.split), start=1):
+            text = self._record_text(record, f"row {row}")
+            if text is not None:
+                yield text
 
     def _text(self) -> Iterator[str]:
         data = self.path.read_bytes()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smoltrain.data.readers import DocumentReader, expand_inputs
+from smoltrain.data.readers import DocumentReader, expand_inputs, input_size
 from smoltrain.data.shards import META, ShardWriter, shard_name, token_dtype, write_json_atomic, write_meta
 from smoltrain.errors import DataError
 
@@ -59,7 +59,7 @@ def _done_marker(out: Path, shard: str) -> Path:
 
 def _fingerprint(path: Path, settings: dict) -> dict:
     st = path.stat()
-    return {"input": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, **settings}
+    return {"input": str(path.resolve()), "size": input_size(path), "mtime_ns": st.st_mtime_ns, **settings}
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -83,7 +83,7 @@ def _tokenize_file(task: dict) -> dict:
     eot, dtype = task["eot_id"], np.dtype(task["dtype"])
     head = np.array([task["bos_id"]] if task["bos_id"] is not None else [], dtype=dtype)
     tail = np.array([eot], dtype=dtype)
-    reader = DocumentReader(path, task["text_key"], task["skip_bad"])
+    reader = DocumentReader(path, task["text_key"], task["skip_bad"], task["split"])
     num_bytes, reported = 0, 0
     staging = out / STAGING
     with ShardWriter(staging, task["shard"], dtype) as writer:
@@ -167,8 +167,9 @@ def _cleanup(out: Path, shards: list[str]) -> None:
 
 def tokenize(tokenizer: str, inputs: list[str], out_dir: str | os.PathLike, text_key: str = "text",
              workers: int | None = None, skip_bad: bool = False, add_bos: bool = False, name: str | None = None,
-             show_progress: bool = True) -> dict:
-    """Tokenize jsonl / jsonl.gz / parquet / text files into the shard contract; returns meta.json's content."""
+             show_progress: bool = True, split: str | None = None) -> dict:
+    """Tokenize jsonl / jsonl.gz / parquet / text files and dataset folders (their `split`) into the shard
+    contract; returns meta.json's content."""
     from smoltrain.data.tokenizer import load_tokenizer, special_token_id, tokenizer_file_hash
 
     files = expand_inputs(inputs)
@@ -182,10 +183,10 @@ def tokenize(tokenizer: str, inputs: list[str], out_dir: str | os.PathLike, text
     name = name or out.name
     tok_hash = tokenizer_file_hash(tokenizer)
     settings = {"tokenizer_hash": tok_hash, "text_key": text_key, "add_bos": add_bos, "skip_bad": skip_bad,
-                "dtype": dtype.name}
+                "dtype": dtype.name, "split": split}
     shards = [shard_name(name, i) for i in range(len(files))]
     task_settings = {"out": str(out), "text_key": text_key, "skip_bad": skip_bad, "eot_id": eot_id, "bos_id": bos_id,
-                     "dtype": dtype.name}
+                     "dtype": dtype.name, "split": split}
     tasks, entries = _tasks(out, files, shards, settings, task_settings)
     _cleanup(out, shards)
 
@@ -235,7 +236,7 @@ def _tokenize_tasks(out: Path, shards: list[str], tasks: list[dict], tokenizer: 
     """Run the tasks over the cores (largest file first); their shards wait in the staging folder."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, min(workers or cores, len(tasks) or 1))
-    total_bytes = sum(Path(t["path"]).stat().st_size for t in tasks)
+    total_bytes = sum(input_size(Path(t["path"])) for t in tasks)
     entries = {}
     try:
         tasks.sort(key=lambda t: -Path(t["path"]).stat().st_size)  # largest first: the last to finish is short

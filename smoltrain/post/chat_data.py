@@ -1,4 +1,4 @@
-"""Conversations out of jsonl, jsonl.gz and parquet files, checked row by row, with errors naming file:line.
+"""Conversations out of jsonl, jsonl.gz and parquet files and dataset folders, checked row by row, errors naming file:line.
 
 Rows hold `messages` ([{"role", "content"}]) and optional `chat_template_kwargs` as Hugging Face's
 smoltalk2 stores them, or `prompt` / `completion` (a string or a list of messages each). A None
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smoltrain.data.readers import expand_inputs, input_kind
+from smoltrain.data.readers import dataset_rows, expand_inputs, input_kind
 from smoltrain.errors import DataError
 from smoltrain.files import BadLine, jsonl_rows, write_atomic
 from smoltrain.post.chat_template import TEMPLATE_KWARGS
@@ -197,12 +197,13 @@ def source_of(path: Path) -> str:
 class ConversationReader:
     """The conversations of one file; bad rows raise DataError at file:line, or are counted (skip_bad)."""
 
-    def __init__(self, path: str | os.PathLike, skip_bad: bool = False):
+    def __init__(self, path: str | os.PathLike, skip_bad: bool = False, split: str | None = None):
         self.path = Path(path)
         self.skip_bad = skip_bad
+        self.split = split  # of a dataset folder
         self.kind = input_kind(self.path)
         if self.kind == "text":
-            raise DataError(f"{self.path}: chat data must be .jsonl, .jsonl.gz or .parquet")
+            raise DataError(f"{self.path}: chat data must be .jsonl, .jsonl.gz, .parquet or a dataset folder")
         self.source = source_of(self.path)
         self.skipped: Counter[str] = Counter()
         self.read = 0
@@ -217,7 +218,7 @@ class ConversationReader:
             return None
 
     def __iter__(self) -> Iterator[Conversation]:
-        rows = self._jsonl() if self.kind == "jsonl" else self._parquet()
+        rows = {"jsonl": self._jsonl, "dataset": self._dataset}.get(self.kind, self._parquet)()
         for conv in rows:
             if conv is not None:
                 self.read += 1
@@ -237,6 +238,10 @@ class ConversationReader:
         if not self.skip_bad:
             raise DataError(f"{self.path}:{line_no}: {reason}")
         self.skipped[kind] += 1
+
+    def _dataset(self) -> Iterator[Conversation | None]:
+        for row_no, row in enumerate(dataset_rows(self.path, self.split), start=1):
+            yield self._row(row, f"row {row_no}")
 
     def _parquet(self) -> Iterator[Conversation | None]:
         import pyarrow as pa
@@ -267,11 +272,11 @@ class ChatData:
     files: list[str]
 
 
-def read_conversations(inputs: list[str], skip_bad: bool = False) -> ChatData:
-    """Every conversation of every file the patterns match, in file order."""
+def read_conversations(inputs: list[str], skip_bad: bool = False, split: str | None = None) -> ChatData:
+    """Every conversation of every file the patterns match, in file order (`split` of dataset folders)."""
     conversations, skipped, files = [], Counter(), expand_inputs(inputs)
     for path in files:
-        reader = ConversationReader(path, skip_bad)
+        reader = ConversationReader(path, skip_bad, split)
         conversations.extend(reader)
         skipped.update(reader.skipped)
     return ChatData(conversations, skipped, [str(f) for f in files])

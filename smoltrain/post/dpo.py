@@ -384,13 +384,13 @@ def split_data(config: Config, tokenizer: TextTokenizer, render=None) -> tuple[l
     p = config.dpo
     if not p.train_data:
         raise ConfigError("dpo.train_data is empty: name one or more jsonl files of prompt / chosen / rejected rows")
-    train = load_preferences(p.train_data, tokenizer, p.max_length, p.skip_bad, render)
+    train = load_preferences(p.train_data, tokenizer, p.max_length, p.skip_bad, render, p.split)
     if train.skipped:
         log.warning("dpo.train_data: skipped %s bad rows (%s)", sum(train.skipped.values()),
                     ", ".join(f"{k}: {v}" for k, v in sorted(train.skipped.items())))
     pairs = train.pairs
     if p.eval_data:
-        return pairs, load_preferences(p.eval_data, tokenizer, p.max_length, p.skip_bad, render).pairs
+        return pairs, load_preferences(p.eval_data, tokenizer, p.max_length, p.skip_bad, render, p.eval_split).pairs
     if p.holdout_pairs:
         if p.holdout_pairs >= len(pairs):
             raise ConfigError(f"dpo.holdout_pairs ({p.holdout_pairs}) leaves none of the {len(pairs)} pairs to train on")

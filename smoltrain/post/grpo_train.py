@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from smoltrain.config import Config
+from smoltrain.data.readers import is_dataset_folder
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.generate import sample
 from smoltrain.post.grpo import aggregate, group_advantages, per_token_loss
@@ -362,15 +363,18 @@ def tokenizer_path(config: Config) -> str:
 
 
 def load_grpo_prompts(config: Config) -> tuple[list[dict], list[dict]]:
-    """Training and held-out prompts; a file source needs grpo.eval_prompts."""
+    """Training and held-out prompts; a file source needs grpo.eval_prompts (a dataset folder: them or grpo.eval_split)."""
     g = config.grpo
-    train = load_prompts(g.prompts, "train", g.mode, g.num_prompts, config.train.seed)
+    train = load_prompts(g.prompts, "train", g.mode, g.num_prompts, config.train.seed, g.split)
     if g.eval_prompts:
-        heldout = load_prompts(g.eval_prompts, "heldout", g.mode, g.eval_count, config.train.seed)
+        heldout = load_prompts(g.eval_prompts, "heldout", g.mode, g.eval_count, config.train.seed, g.eval_split)
     elif g.prompts == "embedded" or g.prompts.startswith("gsm8k:"):
         heldout = load_prompts(g.prompts, "heldout", g.mode, g.eval_count, config.train.seed)
+    elif g.eval_split and is_dataset_folder(Path(g.prompts)):
+        heldout = load_prompts(g.prompts, "heldout", g.mode, g.eval_count, config.train.seed, g.eval_split)
     else:
-        raise ConfigError(f"grpo.prompts is a file ({g.prompts}): set grpo.eval_prompts to held-out prompts")
+        raise ConfigError(f"grpo.prompts is a file ({g.prompts}): set grpo.eval_prompts to held-out prompts "
+                          "(or, for a dataset folder, grpo.eval_split to its held-out split)")
     return train, heldout
 
 

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from smoltrain.data.readers import dataset_rows, is_dataset_folder
 from smoltrain.errors import DataError
 from smoltrain.files import BadLine, jsonl_rows
 
@@ -171,8 +172,11 @@ def check_row(row, conversational_allowed: bool = True) -> tuple[str, str] | Non
 # ----------------------------------------------------------------------------- files
 
 
-def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
-    """(line number, parsed JSON or a BadLine) of a .jsonl / .jsonl.gz preference file."""
+def read_rows(path: str | os.PathLike, split: str | None = None) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON or a BadLine) of a .jsonl / .jsonl.gz preference file, or (row number, row)
+    of one split of a dataset folder."""
+    if is_dataset_folder(Path(path)):
+        return enumerate(dataset_rows(path, split), start=1)
     if not Path(path).is_file():
         raise DataError(f"{path}: no such preference file")
     return jsonl_rows(path)
@@ -197,6 +201,7 @@ def load_preferences(
     max_length: int = DEFAULT_MAX_LENGTH,
     skip_bad: bool = False,
     render: Render | None = None,
+    split: str | None = None,
 ) -> PreferenceData:
     """Read and tokenize every row; a bad row is a one-line `file:line` DataError, or a counted skip."""
     if isinstance(paths, (str, os.PathLike)):
@@ -205,7 +210,7 @@ def load_preferences(
         raise DataError(f"max_length must be at least 2, got {max_length}")
     data = PreferenceData([], [], Counter(), max_length)
     for path in paths:
-        for line_no, row in read_rows(path):
+        for line_no, row in read_rows(path, split):
             where = f"{path}:{line_no}"
             bad = (row.reason, row.kind) if isinstance(row, BadLine) else check_row(row)
             if bad is None:

@@ -47,9 +47,11 @@ def check_prompt(row, where: str, default_mode: str) -> dict:
     return item
 
 
-def load_prompts(source: str, split: str = "train", mode: str = "no_think", count: int = 0, seed: int = 0) -> list[dict]:
-    """Prompts of one split ("train" or "heldout") from `source`: "embedded", "gsm8k:PATH" or a file.
-    count > 0 keeps the first `count` (the embedded source generates exactly that many)."""
+def load_prompts(source: str, split: str = "train", mode: str = "no_think", count: int = 0, seed: int = 0,
+                 dataset_split: str | None = None) -> list[dict]:
+    """Prompts of one split ("train" or "heldout") from `source`: "embedded", "gsm8k:PATH", a file, or
+    `dataset_split` of a dataset folder. count > 0 keeps the first `count` (the embedded source generates
+    exactly that many)."""
     if mode not in MODES:
         raise DataError(f"mode must be think or no_think, got {mode!r}")
     if source == "embedded":
@@ -61,7 +63,7 @@ def load_prompts(source: str, split: str = "train", mode: str = "no_think", coun
     elif source.startswith("gsm8k:"):
         items = _gsm8k_prompts(Path(source.removeprefix("gsm8k:")), "test" if split == "heldout" else "train", mode)
     else:
-        items = _file_prompts(Path(source), mode)
+        items = _file_prompts(Path(source), mode, dataset_split)
     return items[:count] if count > 0 else items
 
 
@@ -85,12 +87,16 @@ def _gsm8k_prompts(path: Path, split: str, mode: str) -> list[dict]:
     return items
 
 
-def _file_prompts(path: Path, mode: str) -> list[dict]:
+def _file_prompts(path: Path, mode: str, dataset_split: str | None = None) -> list[dict]:
+    from smoltrain.data.readers import dataset_rows, is_dataset_folder
     from smoltrain.eval.adapters import read_rows
 
-    if not path.is_file():
-        raise DataError(f"{path}: no such prompt file (or use 'embedded' or 'gsm8k:PATH')")
-    rows = read_rows(path)
+    if is_dataset_folder(path):
+        rows = list(dataset_rows(path, dataset_split))
+    elif not path.is_file():
+        raise DataError(f"{path}: no such prompt file or dataset folder (or use 'embedded' or 'gsm8k:PATH')")
+    else:
+        rows = read_rows(path)
     if not rows:
         raise DataError(f"{path}: no prompts in the file")
     return [check_prompt(row, f"{path}:{number}", mode) for number, row in enumerate(rows, start=1)]

@@ -130,7 +130,7 @@ def prepare_sft_data(config: Config, tokenizer_dir: Path) -> PreparedData:
     if s.loss == "assistant" and not has_generation_markers(tokenizer.chat_template):
         raise ConfigError(f"sft.loss: assistant needs a chat template with {{% generation %}} markers and the "
                           f"{s.chat_template} template has none; use sft.chat_template smollm3 or chatml, or sft.loss all")
-    data = read_conversations(_data_files(config), skip_bad=s.skip_bad)
+    data = read_conversations(_data_files(config), skip_bad=s.skip_bad, split=s.split)
     if s.instructions_as_system:
         for conv in data.conversations:
             instructions = conv.kwargs.pop("custom_instructions", None)

@@ -388,6 +388,25 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def _gguf_config_overrides(file: Path) -> dict:
+    """What transformers' GGUF loader reads wrong: a Qwen3 file's head_dim (it maps attention.key_length for
+    Qwen3-MoE only, so Qwen3Config's default 128 applies), and the float32 RMSNorm eps (1e-5 comes back as
+    9.99999975e-06), given back as the shortest decimal that float32 stores the same."""
+    import gguf
+    import numpy as np
+
+    fields = gguf.GGUFReader(file).fields
+    architecture = fields["general.architecture"].contents()
+    overrides = {}
+    key_length = fields.get(f"{architecture}.attention.key_length")
+    if architecture == "qwen3" and key_length is not None:
+        overrides["head_dim"] = int(key_length.contents())
+    eps = fields.get(f"{architecture}.attention.layer_norm_rms_epsilon")
+    if eps is not None:
+        overrides["rms_norm_eps"] = float(np.format_float_positional(np.float32(eps.contents()), unique=True, trim="-"))
+    return overrides
+
+
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """A llama.cpp GGUF file -> our model folder. transformers' GGUF loader dequantizes the weights
     (to float32) and rebuilds the tokenizer with the file's own chat template, which is kept."""
@@ -404,8 +423,10 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
-        hf_model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
-    except (ValueError, KeyError, OSError) as e:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            str(file.parent), gguf_file=file.name, dtype=torch.float32, **_gguf_config_overrides(file)
+        )
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{file}: transformers cannot read this GGUF file ({str(e).splitlines()[0]})") from None
     hf = hf_model.config.to_dict()
     hf.pop("quantization_config", None)
@@ -416,6 +437,11 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
     _save_tensors(out / WEIGHTS_FILE, state)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
+        # tokenizer.json holds the split the file's tokenizer.ggml.pre names; a class such as Qwen2Tokenizer
+        # would impose its own on load (Qwen2's single digits on a Llama-3 vocabulary of 1-3 digit groups).
+        tokenizer_config = json.loads((Path(tmp) / "tokenizer_config.json").read_text())
+        tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
         copy_tokenizer(tmp, out, model_config.max_seq_len)
     config = _config_for_model(model_config, str((out / "tokenizer.json").resolve()))
     save_config(config, out / CONFIG_FILE)
