@@ -222,12 +222,14 @@ def test_one_slowed_gloo_rank_is_named_a_straggler(two_sources, tmp_path):
 
 @pytest.mark.slow
 def test_the_demo_recipe_run_has_no_findings_and_its_report_shows_the_time_breakdown(tmp_path, one_thread):
-    """The demo recipe on 5% of the embedded corpus, 120 steps logged every 2 (a checkpoint and an
-    evaluation at step 60), the matmul rate measured here as the doctor does by default."""
+    """The demo recipe's model, schedule and mixture on 5% of the embedded corpus, 40 steps of 4 x 256
+    tokens logged every step (a checkpoint and an evaluation at step 20), the matmul rate measured here
+    as the doctor does by default."""
     recipe = Path(__file__).parents[1] / "recipes" / "demo.yaml"
     config = load_config(recipe, [f"train.out_dir={tmp_path / 'demo'}", f"data.cache_dir={tmp_path / 'cache'}",
-                                  "data.embedded_fraction=0.05", "train.max_steps=120", "train.log_every=2",
-                                  "train.save_every=60", "train.eval_every=60", "eval.val_batches=2"])
+                                  "data.embedded_fraction=0.05", "train.max_steps=40", "train.log_every=1",
+                                  "train.global_batch_tokens=1024", "train.micro_batch_size=4", "train.save_every=20",
+                                  "train.eval_every=20", "eval.val_batches=2"])
     Trainer(config).train()
     code, findings = doctor(tmp_path / "demo", tmp_path)
     assert (code, findings) == (0, [])

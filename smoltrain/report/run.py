@@ -175,23 +175,25 @@ def add_run_sections(report: Report, config, train: list[dict], evals: list[dict
         add_eval_tables(report, final["eval"])
 
 
-TIME_LAYERS = (("time/data_s", "waiting for data"), ("time/forward_backward_s", "forward + backward"),
-               ("time/optimizer_s", "optimizer step"), ("time/other_s", "the rest (collectives, syncs, guard)"))
+TIME_LAYERS = (("time/data_s", "waiting for data"), ("time/rollouts_s", "generating rollouts"),
+               ("time/forward_backward_s", "forward + backward"), ("time/optimizer_s", "optimizer step"),
+               ("time/other_s", "the rest (collectives, syncs, guard)"))
 
 
 def add_time_breakdown(report: Report, train: list[dict], path: Path) -> None:
     """Where a step's time went, stacked per logged step (the trainer's `time/` fields), and a table of
     each part's median share; nothing for runs logged before those fields existed."""
-    rows = [r for r in train if all(_is_number(r.get(key)) for key, _ in TIME_LAYERS)]
+    present = [(key, label) for key, label in TIME_LAYERS if any(_is_number(r.get(key)) for r in train)]
+    rows = [r for r in train if present and all(_is_number(r.get(key)) for key, _ in present)]
     if not rows:
         return
-    layers = {label: [1000 * r[key] for r in rows] for key, label in TIME_LAYERS}
+    layers = {label: [1000 * r[key] for r in rows] for key, label in present}
     report.image(plots.stacked_plot(path, [r["step"] for r in rows], layers, title="where a step's time goes",
                                     ylabel="ms per step (mean over each log interval)"), "where a step's time goes")
-    totals = [sum(r[key] for key, _ in TIME_LAYERS) for r in rows]
+    totals = [sum(r[key] for key, _ in present) for r in rows]
     table = [(label, 1000 * statistics.median(r[key] for r in rows),
               _percent(statistics.median(r[key] / t for r, t in zip(rows, totals) if t > 0)))
-             for key, label in TIME_LAYERS]
+             for key, label in present]
     for key, label in (("time/checkpoint_s", "checkpoints (total)"), ("time/eval_s", "evaluation (total)")):
         spent = sum(r.get(key) or 0.0 for r in train)
         if spent:

@@ -25,18 +25,21 @@ CLIMB_MIN_GB, CLIMB_MIN_SHARE = 0.05, 0.05  # and the window rises by 50 MB and 
 
 
 class StepTimer:
-    """start_step(); `with phase("data"|"forward_backward"|"optimizer")` (or begin(name) ... end(name)
+    """start_step(); `with phase(batch_phase|"forward_backward"|"optimizer")` (or begin(name) ... end(name)
     where a `with` would re-indent a loop); end_step() on every step;
     add("checkpoint"|"eval", seconds) for work between steps; read() at log time returns the
-    interval's per-step means and starts a new interval."""
+    interval's per-step means and starts a new interval. batch_phase names the time spent getting the
+    step's batches: "data" (waiting on the loader), or the objective's own word where it makes them
+    (GRPO: "rollouts", generation, which is no data wait)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, batch_phase: str = "data"):
         self.cuda = device.type == "cuda"
+        self.batch_phase = batch_phase
         self._reset()
 
     def _reset(self) -> None:
         self.steps = 0
-        self.wall = {"step": 0.0, "data": 0.0, **{name: 0.0 for name in DEVICE_PHASES}}
+        self.wall = {"step": 0.0, self.batch_phase: 0.0, **{name: 0.0 for name in DEVICE_PHASES}}
         self.between = {"checkpoint": 0.0, "eval": 0.0}
         self.busy_cpu_s = 0.0  # process CPU time in the device phases: a rank waiting on its peers spends none
         self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
@@ -80,14 +83,15 @@ class StepTimer:
 
     def read(self) -> tuple[dict, list[float]]:
         """(the `time/` fields: per-step means of the interval, and its checkpoint and evaluation
-        totals when there were any; this rank's [step_s, data_s, busy_s] for the rank gather)."""
+        totals when there were any; this rank's [step_s, batch_s, busy_s] for the rank gather)."""
         if self.events:
             self.events[-1][2].synchronize()  # the last phase's end: every earlier event is complete too
             for name, start, end in self.events:
                 self.wall[name] += start.elapsed_time(end) / 1000
         n = max(self.steps, 1)
         means = {name: seconds / n for name, seconds in self.wall.items()}
-        phases = means["data"] + sum(means[name] for name in DEVICE_PHASES)
+        batches = means[self.batch_phase]
+        phases = batches + sum(means[name] for name in DEVICE_PHASES)
         fields = {f"time/{name}_s": value for name, value in means.items()}
         # The rest: the guard, zero_grad, the stop check's all-reduce and, on CUDA, the host time the
         # device ran ahead of; clipped at 0 where event times and wall clocks disagree by a little.
@@ -96,8 +100,8 @@ class StepTimer:
         if self.cuda:
             busy = phases  # event times include waiting on NCCL: see the straggler note in run_watch.py
         else:
-            busy = means["data"] + self.busy_cpu_s / n
-        figures = [means["step"], means["data"], busy]
+            busy = batches + self.busy_cpu_s / n
+        figures = [means["step"], batches, busy]
         self._reset()
         return fields, figures
 

@@ -424,7 +424,7 @@ class Trainer:
         self.enter_stage(stage_at(config.data, state.step))
         lr = lr_for_step(config, state.step)
         set_lr(self.optimizer, lr)
-        with self.timer.phase("data"):
+        with self.timer.phase(self.timer.batch_phase):
             micro_batches = [self.batches.next_batch() for _ in range(self.accumulation())]
         result = self.forward_backward(micro_batches)
         verdict = guard(result.loss, result.grad_norm, self.spikes.threshold(), config.train.spike_action)
@@ -529,7 +529,7 @@ class Trainer:
 
     def build_diagnostics(self) -> None:
         """The step timer, memory watch and rank gather (its host names are gathered here, on every rank)."""
-        self.timer = StepTimer(self.device)
+        self.timer = StepTimer(self.device, getattr(self.objective, "batch_phase", "data"))
         self.memory = MemoryWatch(self.device)
         self.ranks = RankWatch(self.device, self.ctx.world_size)
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
