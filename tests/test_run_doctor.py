@@ -215,6 +215,7 @@ def test_one_slowed_gloo_rank_is_named_a_straggler(two_sources, tmp_path):
     _, findings = doctor(run, tmp_path, "--matmul-tflops", "1e-6")
     straggler = next(f for f in findings if f["kind"] == "straggler")
     assert straggler["evidence"]["rank"] == 1 and "rank 1" in straggler["summary"]
+    assert straggler["steps"] == [events[0]["step"], 10]  # slowest from the event to the end
 
 
 # ----------------------------------------------------------------------------- a clean run

@@ -98,7 +98,7 @@ def diagnose(records: list[dict], matmul_tflops: float | None = None) -> list[Fi
     findings += loss_noise(rows)
     findings += loss_spikes(rows, events)
     findings += grad_norm_growth(rows)
-    findings += stragglers(events)
+    findings += stragglers(rows, events)
     findings += memory_growth(rows)
     if matmul_tflops:
         findings += low_mfu(rows, matmul_tflops)
@@ -293,8 +293,9 @@ def grad_norm_growth(rows: list[dict]) -> list[Finding]:
 # ----------------------------------------------------------------------------- ranks, memory, MFU
 
 
-def stragglers(events: list[dict]) -> list[Finding]:
-    """The trainer's straggler events (train/rank_watch.py), one finding per rank."""
+def stragglers(rows: list[dict], events: list[dict]) -> list[Finding]:
+    """The trainer's straggler events (train/rank_watch.py), one finding per rank, covering its events
+    and the logged steps after them where it stayed the slowest rank."""
     by_rank: dict[int, list[dict]] = {}
     for e in events:
         if e.get("event") == "straggler":
@@ -307,7 +308,13 @@ def stragglers(events: list[dict]) -> list[Finding]:
                     "busy_s": found[-1].get("busy_s"), "others_median_s": found[-1].get("others_median_s")}
         summary = (f"rank {rank} ({host}) busy up to {100 * worst:.0f}% longer than the other ranks' median, "
                    f"{found[0].get('logs')} logged steps in a row")
-        findings.append(Finding("straggler", (found[0]["step"], found[-1]["step"]), evidence, summary))
+        last = found[-1]["step"]
+        for r in rows:
+            if r["step"] > last and r.get("rank/slowest") == rank:
+                last = r["step"]
+            elif r["step"] > last:
+                break
+        findings.append(Finding("straggler", (found[0]["step"], last), evidence, summary))
     return findings
 
 
