@@ -29,6 +29,7 @@ from smoltrain.data.shards import ShardWriter, shard_name, write_meta
 from smoltrain.report.diagnosis import diagnose, lag1_autocorrelation, smooth_trend
 from smoltrain.report.run import read_records, report_run
 from smoltrain.train.pretrain import build_pretrain_objective
+from smoltrain.train.rank_watch import RankWatch
 from smoltrain.train.step_timer import CLIMB_WINDOW, memory_climb
 from smoltrain.train.trainer import Trainer
 
@@ -274,6 +275,19 @@ def test_memory_climb_needs_a_steady_rise_of_a_window():
     assert memory_climb(climbing[:-1]) is None  # a window short
     small = [(s, 1.0 + 0.0001 * s) for s in steps]  # rising, but 7 MB in all
     assert memory_climb(small) is None
+
+
+def test_a_straggler_is_a_rank_over_the_others_median_for_three_logs_in_a_row():
+    watch = RankWatch(torch.device("cpu"), world_size=1)
+    watch.world, watch.hosts, watch.slow_logs = 4, ["a", "b", "c", "d"], [0] * 4  # as four ranks would see it
+    fast, slow = [0.10, 0.11, 0.10, 0.10], [0.10, 0.11, 0.10, 0.14]  # rank 3: 0.14 / median(0.10, 0.11, 0.10) = 1.4
+    barely = [0.10, 0.10, 0.10, 0.124]  # 24% over: under the 25% bar
+    tiny = [0.010, 0.010, 0.010, 0.019]  # 90% over, but 9 ms: a scheduler hiccup
+    seen = [watch._stragglers(step, busy) for step, busy in enumerate([slow, slow, barely, slow, slow, slow, slow,
+                                                                        fast, slow, slow, slow, tiny, tiny, tiny], 1)]
+    events = [e for found in seen for e in found]
+    assert [(e["step"], e["rank"], e["host"]) for e in events] == [(6, 3, "d"), (11, 3, "d")]
+    assert events[0]["slower_by"] == pytest.approx(0.14 / 0.10 - 1)
 
 
 def test_a_run_logged_without_time_fields_gets_no_time_findings(tmp_path):

@@ -21,6 +21,9 @@ import torch.distributed as dist
 # STRAGGLER_SHARE for STRAGGLER_LOGS logged steps in a row (one slow interval is a hiccup: a page
 # fault, a neighbour's job; a throttled GPU cost SmolLM3 350 -> 100 GB/s of all-reduce for hours).
 STRAGGLER_SHARE, STRAGGLER_LOGS = 0.25, 3
+# And by at least 10 ms a step: below that a scheduler hiccup on a shared CPU is as large (a 2-layer test
+# model's step is ~12 ms of CPU; real steps are 100s of ms).
+STRAGGLER_MIN_S = 0.01
 
 
 class RankWatch:
@@ -56,7 +59,8 @@ class RankWatch:
         for rank, mine in enumerate(busy):
             others = statistics.median(busy[:rank] + busy[rank + 1:])
             slower_by = mine / others - 1 if others > 0 else 0.0
-            self.slow_logs[rank] = self.slow_logs[rank] + 1 if slower_by > STRAGGLER_SHARE else 0
+            slow = slower_by > STRAGGLER_SHARE and mine - others > STRAGGLER_MIN_S
+            self.slow_logs[rank] = self.slow_logs[rank] + 1 if slow else 0
             if self.slow_logs[rank] == STRAGGLER_LOGS:  # once per slow stretch; a recovery re-arms it
                 events.append({"step": step, "event": "straggler", "rank": rank, "host": self.hosts[rank],
                                "slower_by": slower_by, "busy_s": mine, "others_median_s": others,
@@ -64,4 +68,4 @@ class RankWatch:
         return events
 
 
-__all__ = ["RankWatch", "STRAGGLER_SHARE", "STRAGGLER_LOGS"]
+__all__ = ["RankWatch", "STRAGGLER_SHARE", "STRAGGLER_LOGS", "STRAGGLER_MIN_S"]
