@@ -101,7 +101,9 @@ def _add_planning_verbs(verbs) -> None:
     p.add_argument("--checkpoints", metavar="DIR", help="checkpoint folder (default: the recipe's train.out_dir)")
     p.add_argument("--quick", action="store_true", help="shorter measurements: under a minute on one node")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write every figure and verdict to this JSON file")
-    p.add_argument("--strict", action="store_true", help="exit 1 when any check FAILs (for launch scripts)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any check FAILs (with --run: any finding)")
+    p.add_argument("--run", metavar="RUN_DIR", help="instead: read a run folder's metrics and name what went wrong")
+    p.add_argument("--matmul-tflops", type=float, help="with --run: the device's matmul rate (default: measured here)")
     p.set_defaults(func=cmd_doctor)
 
 
@@ -350,9 +352,28 @@ def cmd_doctor(args) -> int:
     import os
 
     from smoltrain.doctor import exit_code, run
+    from smoltrain.errors import ConfigError
 
+    if args.run:
+        return _doctor_run(args)
+    if args.matmul_tflops is not None:
+        raise ConfigError("--matmul-tflops goes with --run")
     result = run(args.recipe, args.overrides, args.data, args.checkpoints, args.quick, args.json_out)
     if args.json_out and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 writes and prints
+        print(f"wrote {args.json_out}")
+    return exit_code(result, args.strict)
+
+
+def _doctor_run(args) -> int:
+    from smoltrain.doctor.run import diagnose_run, exit_code
+    from smoltrain.errors import ConfigError
+
+    given = [flag for flag, value in (("--recipe", args.recipe), ("--set", args.overrides), ("--data", args.data),
+                                      ("--checkpoints", args.checkpoints), ("--quick", args.quick)) if value]
+    if given:
+        raise ConfigError(f"--run reads a finished or running run: {', '.join(given)} belong to the pre-flight check")
+    result = diagnose_run(args.run, args.json_out, args.matmul_tflops)
+    if args.json_out:
         print(f"wrote {args.json_out}")
     return exit_code(result, args.strict)
 

@@ -105,6 +105,7 @@ class RolloutSource:
 
 class GRPOObjective:
     name = "grpo"
+    batch_phase = "rollouts"  # next_batch generates: the Trainer logs time/rollouts_s, not a data wait
 
     def __init__(self, config: Config, model: nn.Module, ctx, tokenizer, train_prompts: list[dict],
                  eval_prompts: list[dict], reference: nn.Module | None = None):

@@ -70,6 +70,28 @@ def line_plot(
     return save_figure(fig, path)
 
 
+def stacked_plot(
+    path: str | os.PathLike,
+    x: Sequence[float],
+    layers: Mapping[str, Sequence[float]],
+    *,
+    title: str = "",
+    xlabel: str = "step",
+    ylabel: str = "",
+) -> Path:
+    """Layers stacked over x (each layer's band is its share of the total), the first at the bottom."""
+    fig = Figure(figsize=(7.5, 4.2))
+    ax = fig.subplots()
+    ax.stackplot(list(x), *[list(y) for y in layers.values()], labels=list(layers),
+                 colors=[color_of(i) for i in range(len(layers))], alpha=0.85)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return save_figure(fig, path)
+
+
 def bar_plot(
     path: str | os.PathLike,
     labels: Sequence[str],

@@ -25,13 +25,13 @@ LOWER_IS_BETTER = ("loss", "bpb", "perplexity", "ppl", "length", "truncated")  #
 # ----------------------------------------------------------------------------- reading
 
 
-def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
-    """(training lines, evaluation lines) of `RUN_DIR/metrics.jsonl`, in file order."""
+def read_records(run_dir: str | os.PathLike) -> list[dict]:
+    """Every line of `RUN_DIR/metrics.jsonl` (training, evaluation and event lines), in file order."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{path}: no metrics.jsonl (is {run_dir} a training run folder?)")
     lines = path.read_text(encoding="utf-8").splitlines()
-    train, evals = [], []
+    records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -43,10 +43,15 @@ def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
             raise DataError(f"{path}:{number}: not valid JSON") from None
         if not isinstance(row, dict) or "step" not in row:
             raise DataError(f"{path}:{number}: expected an object with a 'step' key")
-        if isinstance(row.get("eval"), dict):
-            evals.append(row)
-        elif "loss" in row:
-            train.append(row)
+        records.append(row)
+    return records
+
+
+def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """(training lines, evaluation lines) of `RUN_DIR/metrics.jsonl`, in file order."""
+    records = read_records(run_dir)
+    evals = [row for row in records if isinstance(row.get("eval"), dict)]
+    train = [row for row in records if not isinstance(row.get("eval"), dict) and "loss" in row]
     return _last_per_step(train), _last_per_step(evals)
 
 
@@ -163,6 +168,7 @@ def add_run_sections(report: Report, config, train: list[dict], evals: list[dict
             points = [(r["step"], r[key]) for r in train if _is_number(r.get(key))]
             report.image(plots.line_plot(figures_dir / f"{prefix}{key}.png", {label: ([p[0] for p in points], [p[1] for p in points])},
                                          title=label, ylabel=label, logy=key == "grad_norm"), label)
+        add_time_breakdown(report, train, figures_dir / f"{prefix}time.png")
 
     add_router_section(report, train, figures_dir, prefix)
     if evals:
@@ -191,6 +197,47 @@ def add_router_section(report: Report, train: list[dict], figures_dir: Path, pre
         if points:
             report.image(plots.line_plot(figures_dir / f"{prefix}{key}.png", {label: ([p[0] for p in points], [p[1] for p in points])},
                                          title=label, ylabel=label), label)
+
+
+TIME_LAYERS = (("time/data_s", "waiting for data"), ("time/rollouts_s", "generating rollouts"),
+               ("time/forward_backward_s", "forward + backward"), ("time/optimizer_s", "optimizer step"),
+               ("time/other_s", "the rest (collectives, syncs, guard)"))
+
+
+def add_time_breakdown(report: Report, train: list[dict], path: Path) -> None:
+    """Where a step's time went, stacked per logged step (the trainer's `time/` fields), and a table of
+    each part's median share; nothing for runs logged before those fields existed."""
+    present = [(key, label) for key, label in TIME_LAYERS if any(_is_number(r.get(key)) for r in train)]
+    rows = [r for r in train if present and all(_is_number(r.get(key)) for key, _ in present)]
+    if not rows:
+        return
+    layers = {label: [1000 * r[key] for r in rows] for key, label in present}
+    report.image(plots.stacked_plot(path, [r["step"] for r in rows], layers, title="where a step's time goes",
+                                    ylabel="ms per step (mean over each log interval)"), "where a step's time goes")
+    totals = [sum(r[key] for key, _ in present) for r in rows]
+    table = [(label, 1000 * statistics.median(r[key] for r in rows),
+              _percent(statistics.median(r[key] / t for r, t in zip(rows, totals) if t > 0)))
+             for key, label in present]
+    for key, label in (("time/checkpoint_s", "checkpoints (total)"), ("time/eval_s", "evaluation (total)")):
+        spent = sum(r.get(key) or 0.0 for r in train)
+        if spent:
+            table.append((label, 1000 * spent, None))
+    report.table(["part of a step", "median ms", "median share"], table)
+
+
+def add_diagnosis(report: Report, records: list[dict]) -> None:
+    """The findings of `smoltrain doctor --run` (report/diagnosis.py) without low_mfu, which needs the
+    device's measured matmul rate (the doctor measures it)."""
+    from smoltrain.report.diagnosis import diagnose
+
+    findings = diagnose(records)
+    report.heading("Diagnosis", 3)
+    if not findings:
+        report.text("No findings: throughput, data wait, loss noise and spikes, grad norm, ranks and memory look "
+                    "as a healthy run's (low MFU is judged by `smoltrain doctor --run`, which measures the matmul rate).")
+        return
+    report.table(["kind", "steps", "evidence", "likely cause", "check"],
+                 [(f.kind, f"{f.steps[0]}-{f.steps[1]}", f.summary, f.cause, f.check) for f in findings])
 
 
 def stage_rows(config) -> list[tuple[str, int, int, int, float, str]]:
@@ -264,8 +311,9 @@ def report_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     report = Report(f"Run report: {run_dir.resolve().name}")
     report.text(f"Run folder `{run_dir}`; {len(train)} training log lines, {len(evals)} evaluations.")
     add_run_sections(report, config, train, evals, out_dir)
+    add_diagnosis(report, read_records(run_dir))
     return report.write(out_dir)
 
 
-__all__ = ["read_metrics", "flatten_eval", "lower_is_better", "report_run",
+__all__ = ["read_metrics", "read_records", "add_time_breakdown", "add_diagnosis", "flatten_eval", "lower_is_better", "report_run",
            "add_run_sections", "add_eval_tables", "final_loss", "median_of", "format_value"]

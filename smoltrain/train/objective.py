@@ -35,6 +35,8 @@ The contract, in words (the Protocols below say the same in types):
   by the loop beside the model, optimizer and loader. Each rank saves its own (torch.save of
   {name: state_dict}: tensors, numbers, strings, lists, dicts; read back with weights_only);
   after a layout change every rank reads rank 0's.
+- optional: `objective.batch_phase` -> the word for the time `batches.next_batch()` takes in the log
+  line's `time/<word>_s` (default "data", a wait on the loader; GRPO "rollouts": it generates).
 - `objective.step_metrics()` -> a dict of already-global floats to add to the step's log line
   (rollout lengths, rewards per function), or {}.
 - `objective.evaluate(model)` -> a dict of extra eval results (chat evals, preference accuracy,

@@ -64,7 +64,9 @@ from smoltrain.train.objective import Objective
 from smoltrain.train.optim import apply_hyperparameters, build_optimizer, clip_grad_norm_, lr_for_step, set_lr
 from smoltrain.train.parallelize import build_parallel_model, load_full_state_dict, set_gradient_sync
 from smoltrain.train.pretrain import build_pretrain_objective
+from smoltrain.train.rank_watch import RankWatch
 from smoltrain.train.router import router_step
+from smoltrain.train.step_timer import MemoryWatch, StepTimer, describe_event
 
 log = logging.getLogger(__name__)
 console = Console(highlight=False, markup=False, soft_wrap=True)
@@ -125,17 +127,21 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def forward_backward(model: nn.Module, objective: Objective, micro_batches: list[dict], ctx: ParallelContext,
-                     grad_clip: float) -> StepResult:
+                     grad_clip: float, timer: StepTimer | None = None) -> StepResult:
     """Accumulate the gradients of the objective's loss sums over this rank's micro-batches, then
     divide them by the step's count summed over data-parallel ranks (times dp_world: FSDP and DDP
     average gradients over ranks) and clip. Every returned number is global, identical on every rank.
-    bf16 autocast is entered per forward, over float32 master weights."""
+    bf16 autocast is entered per forward, over float32 master weights. `timer` times the micro-batch
+    loop as the step's forward-backward; the all-reduce, clipping and the sync that reads the loss
+    are the step's rest."""
     device = ctx.device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if ctx.precision == "bf16"
                 else contextlib.nullcontext())
     # name -> (sum, count), float64 (counts beyond 2^24 stay exact); "" is the loss itself.
     sums = {"": torch.zeros(2, device=device, dtype=torch.float64)}
     tokens = torch.zeros((), device=device, dtype=torch.float64)
+    if timer is not None:
+        timer.begin("forward_backward")
     for i, batch in enumerate(micro_batches):
         # Data-parallel gradients are reduced once, after the last micro-batch, not after each.
         set_gradient_sync(model, i == len(micro_batches) - 1)
@@ -148,6 +154,8 @@ def forward_backward(model: nn.Module, objective: Objective, micro_batches: list
             pair = sums.setdefault(name, torch.zeros(2, device=device, dtype=torch.float64))
             pair += torch.stack([torch.as_tensor(value, device=device).detach().double().reshape(()),
                                  torch.as_tensor(n, device=device).double().reshape(())])
+    if timer is not None:
+        timer.end("forward_backward")
     # One collective for everything: every rank must see the same loss, or the spike guard would
     # skip the update on some ranks only.
     names = list(sums)
@@ -313,6 +321,7 @@ class Trainer:
         self.metrics = None
         self.events: list[dict] = []  # found before metrics.jsonl is open
         self.router: dict = {}  # the last step's router metrics (MoE models)
+        self.build_diagnostics()
         if checkpoint is not None:
             self.restore(checkpoint)
             self.say(f"resumed from {checkpoint} (step {self.state.step}, {self.state.tokens:,} tokens)")
@@ -413,10 +422,12 @@ class Trainer:
         """One optimizer step: the stage in force, the lr of this step, the objective's micro-batches,
         forward-backward, then the guard's verdict. False when the guard rewound instead."""
         config, state = self.config, self.state
+        self.timer.start_step()
         self.enter_stage(stage_at(config.data, state.step))
         lr = lr_for_step(config, state.step)
         set_lr(self.optimizer, lr)
-        micro_batches = [self.batches.next_batch() for _ in range(self.accumulation())]
+        with self.timer.phase(self.timer.batch_phase):
+            micro_batches = [self.batches.next_batch() for _ in range(self.accumulation())]
         result = self.forward_backward(micro_batches)
         verdict = guard(result.loss, result.grad_norm, self.spikes.threshold(), config.train.spike_action)
         self.report(verdict, result)
@@ -429,7 +440,8 @@ class Trainer:
             action = "skip"
         self.router = router_step(self.model, self.ctx, config.model.bias_update_rate if action == "update" else 0.0)
         if action == "update":
-            self.optimizer.step()
+            with self.timer.phase("optimizer"):
+                self.optimizer.step()
         else:
             state.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -439,11 +451,13 @@ class Trainer:
         self.last = (result, lr)
         self.interval.tokens += result.tokens
         self.interval.steps += 1
+        self.timer.end_step()
         crash_point(f"after_step_{state.step}")
         return True
 
     def forward_backward(self, micro_batches: list[dict]) -> StepResult:
-        return forward_backward(self.model, self.objective, micro_batches, self.ctx, self.config.optim.grad_clip)
+        return forward_backward(self.model, self.objective, micro_batches, self.ctx, self.config.optim.grad_clip,
+                                self.timer)
 
     def report(self, verdict: Verdict, result: StepResult) -> None:
         """The guard's events into metrics.jsonl and the console; a normal loss joins the spike window
@@ -507,16 +521,40 @@ class Trainer:
             **self.objective.step_metrics(),
             **self.router,
         }
-        if self.device.type == "cuda":
-            record["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        diagnostics, events = self.diagnostics(tokens_per_s)
+        record.update(diagnostics)
         self.metrics.write(record)
         eta = (t.max_steps - state.step) * elapsed / interval.steps
         self.say(console_line({**record, "loss": result.loss, "grad_norm": result.grad_norm}, t.max_steps, eta))
+        for event in events:
+            self.metrics.write(event)
+            self.say(describe_event(event))
         interval.restart()
+
+    def build_diagnostics(self) -> None:
+        """The step timer, memory watch and rank gather (its host names are gathered here, on every rank)."""
+        self.timer = StepTimer(self.device, getattr(self.objective, "batch_phase", "data"))
+        self.memory = MemoryWatch(self.device)
+        self.ranks = RankWatch(self.device, self.ctx.world_size)
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    def diagnostics(self, tokens_per_s: float) -> tuple[dict, list[dict]]:
+        """A log line's `time/`, `memory/` and `rank/` fields, the device and its achieved TFLOP/s (which
+        `smoltrain doctor --run` sets against a measured matmul rate), and the events they raise
+        (memory_growth, straggler). Every rank calls it: the rank gather is a collective."""
+        step = self.state.step
+        fields, figures = self.timer.read()
+        memory, growth = self.memory.read(step)
+        ranks, events = self.ranks.gather(step, figures)
+        per_token = flops_per_token(self.config.model, self.batches.seq_len)
+        fields.update(memory, **ranks, device=self.device_name, precision=self.ctx.precision,
+                      tflops_per_device=tokens_per_s / self.ctx.world_size * per_token / 1e12)
+        return fields, ([growth] if growth else []) + events
 
     # ------------------------------------------------------------------------- checkpoints
 
     def save(self) -> None:
+        started = time.perf_counter()
         extra = {"loader": self.batches.state_dict(), "spike_window": self.spikes.state_dict(), "stage": self.stage,
                  "rope_theta": self.model.rope_theta, "dp_world": self.ctx.dp_world, "layout": self.layout,
                  "objective": self.objective.name}
@@ -527,6 +565,7 @@ class Trainer:
                         dict(dataclasses.asdict(self.state), **extra), self.config,
                         keep=self.config.train.keep_checkpoints, parts=parts)
         self.interval.start = time.perf_counter()  # saving is not training throughput
+        self.timer.add("checkpoint", self.interval.start - started)
 
     def restore(self, path: Path) -> None:
         """Load a checkpoint into every part, whatever layout saved it: DCP reshards the weights and
@@ -602,6 +641,7 @@ class Trainer:
         data-parallel ranks. Written to metrics.jsonl when there was anything to evaluate."""
         from smoltrain.eval.during_training import evaluate_during_training
 
+        started = time.perf_counter()
         ctx, model = self.ctx, self.model
         data_parallel = (ctx.dp_rank, ctx.dp_world, ctx.flat_dp_mesh.get_group()) if ctx.dp_world > 1 else None
         was_training = model.training
@@ -616,6 +656,7 @@ class Trainer:
             if line:
                 self.say(line)
         self.interval.start = time.perf_counter()  # evaluation time is not training throughput
+        self.timer.add("eval", self.interval.start - started)
         return result
 
     def finish(self) -> dict:
