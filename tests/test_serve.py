@@ -243,11 +243,14 @@ def test_a_full_queue_answers_503_and_the_queued_request_is_served_later(chat_mo
 
 
 def test_requests_joining_a_running_batch_decode_as_they_would_alone(chat_model):
-    """A joins alone; at A's 3rd token B (a longer prompt: the batch is padded on the left) and C (a
-    shorter one) join; C ends first (rows and columns are cut). Each equals generate on its own prompt."""
+    """A joins alone; at A's 3rd token B (a longer prompt: the batch is padded on the left), C (a shorter
+    one) and D (with a stop token) join; C and D end first (rows and columns are cut). Each equals
+    generate on its own prompt."""
     _, model, _ = chat_model
-    prompts = {"A": [5, 17, 99, 3, 250, 41], "B": list(range(30, 52)), "C": [7, 8]}
-    budgets = {"A": 14, "B": 10, "C": 3}
+    prompts = {"A": [5, 17, 99, 3, 250, 41], "B": list(range(30, 52)), "C": [7, 8], "D": [300, 301, 302]}
+    budgets = {"A": 14, "B": 10, "C": 3, "D": 10}
+    alone = {name: generate(model, [prompt], budgets[name])[0] for name, prompt in prompts.items()}
+    stop = alone["D"][4]  # D stops at its 5th token, or earlier where that token came before
     engine = Engine(model, max_batch=4, max_queue=4)
     got = {name: [] for name in prompts}
     ended = threading.Event()
@@ -257,15 +260,16 @@ def test_requests_joining_a_running_batch_decode_as_they_would_alone(chat_model)
         def emit(token):
             got[name].append(token)
             if name == "A" and len(got["A"]) == 3:
-                engine.submit([sequence("B"), sequence("C")])
+                engine.submit([sequence("B"), sequence("C"), sequence("D")])
             return True
 
         def finish(reason):
             reasons[name] = reason
-            if len(reasons) == 3:
+            if len(reasons) == len(prompts):
                 ended.set()
 
-        return Sequence(prompt=prompts[name], max_tokens=budgets[name], emit=emit, finish=finish)
+        return Sequence(prompt=prompts[name], max_tokens=budgets[name], emit=emit, finish=finish,
+                        stop_tokens=frozenset([stop] if name == "D" else []))
 
     engine.start()
     try:
@@ -273,8 +277,9 @@ def test_requests_joining_a_running_batch_decode_as_they_would_alone(chat_model)
         assert ended.wait(timeout=120)
     finally:
         engine.stop()
-    for name, prompt in prompts.items():
-        assert got[name] == generate(model, [prompt], budgets[name])[0], name
-    assert reasons == {"A": "length", "B": "length", "C": "length"}
-    # B and C joined at A's 4th token and decoded in A's steps: 13 steps, where one at a time takes 13 + 9 + 2
+    for name in "ABC":
+        assert got[name] == alone[name], name
+    assert got["D"] == alone["D"][: alone["D"].index(stop)]  # the stop token itself is not emitted
+    assert reasons == {"A": "length", "B": "length", "C": "length", "D": "stop"}
+    # B, C, D joined at A's 4th token and decoded in A's steps: 13 steps (one at a time: over 13 + 9 + 2)
     assert engine.steps == 13

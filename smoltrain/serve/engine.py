@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -41,12 +41,13 @@ class Sequence:
     top_p: float | None = None
     stop_tokens: frozenset[int] = frozenset()
     generator: torch.Generator | None = None
-    produced: int = 0
+    produced: int = 0  # tokens chosen so far
     cancelled: bool = False
-    position: int = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.position = len(self.prompt)  # the position of the next token fed
+    @property
+    def position(self) -> int:
+        """The position of the newest token, the next one fed: positions count from 0 at the prompt's start."""
+        return len(self.prompt) + self.produced - 1
 
 
 class BatchCache:
@@ -249,7 +250,6 @@ class Engine:
             seq.finish("stop")
             return False
         seq.produced += 1
-        seq.position += 1
         if token in seq.stop_tokens:
             seq.finish("stop")
             return False
