@@ -18,6 +18,7 @@ from smoltrain.post.chat import generate_file, load_chat_model
 from smoltrain.post.chat_template import encode_prompt, end_of_turn_id
 from smoltrain.serve import build_app
 from smoltrain.serve.engine import Engine, Sequence
+from smoltrain.serve.streams import TextStream
 
 KEY = "test-key-0123"
 CAP = 64  # the server's max_tokens cap in these tests
@@ -239,7 +240,29 @@ def test_a_full_queue_answers_503_and_the_queued_request_is_served_later(chat_mo
         assert first[0].status_code == 200 and first[0].json()["choices"][0]["message"]["role"] == "assistant"
 
 
-# ----------------------------------------------------------------------------- the engine alone
+# ----------------------------------------------------------------------------- the engine and the text alone
+
+
+@pytest.mark.parametrize("stops, expected", [([], "Prix: 5 € 😀 and héllo wörld"), (["llo w"], "Prix: 5 € 😀 and hé"),
+                                             (["😀"], "Prix: 5 € ")])
+def test_streamed_text_never_splits_a_character_nor_shows_what_a_stop_cuts(chat_model, stops, expected):
+    _, _, tokenizer = chat_model
+    text = "Prix: 5 € 😀 and héllo wörld"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) / 2  # the 512-token vocabulary spells the accents and the emoji in byte pieces
+    stream, deltas = TextStream(tokenizer, stops), []
+    for token in ids:
+        deltas.append(stream.push(token))
+        if stream.stopped:
+            break
+    deltas.append(stream.close())
+    assert "".join(deltas) == expected and not any("\ufffd" in d for d in deltas)
+    shown = ""
+    for d in deltas:  # nothing a stop later cut was ever shown
+        shown += d
+        assert expected.startswith(shown)
+
+
 
 
 def test_requests_joining_a_running_batch_decode_as_they_would_alone(chat_model):

@@ -1,8 +1,9 @@
 """From the engine's tokens to a request's text: incremental decoding with stop strings, and the bridge
 from the decoding thread to the request's asyncio task.
 
-Text is sent once its characters are complete (a multi-byte character spans tokens) and once it can no
-longer turn out to be the start of a stop string, so a streamed reply never shows what a stop cuts.
+Text is sent once its characters are complete (a multi-byte character can span tokens: a trailing run of
+U+FFFD waits for the next token or the end, the text before it goes at once) and once it can no longer
+turn out to be the start of a stop string, so a streamed reply never shows what a stop cuts.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ class TextStream:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            return ""
+        # bytes before an incomplete character decode the same whatever follows; the character may complete
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False).rstrip("\ufffd")
         self.text = text
         found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if found:
