@@ -1,9 +1,10 @@
 """From the engine's tokens to a request's text: incremental decoding with stop strings, and the bridge
 from the decoding thread to the request's asyncio task.
 
-Text is sent once its characters are complete (a multi-byte character can span tokens: a trailing run of
-U+FFFD waits for the next token or the end, the text before it goes at once) and once it can no longer
-turn out to be the start of a stop string, so a streamed reply never shows what a stop cuts.
+Text is sent once its characters are complete and once it can no longer turn out to be the start of a
+stop string, so a streamed reply never shows what a stop cuts. A UTF-8 character spans up to 4 bytes,
+which may come in several tokens: the last 3 U+FFFD of the text wait (an unfinished character decodes to
+one per byte at most), earlier ones are bytes no later token can complete.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import asyncio
 from dataclasses import dataclass
 
 from smoltrain.serve.engine import Sequence
+
+UNFINISHED_MAX = 3  # bytes of a UTF-8 character that may still be waiting for its last one
 
 
 class TextStream:
@@ -26,9 +29,9 @@ class TextStream:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        # bytes before an incomplete character decode the same whatever follows; the character may complete
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False).rstrip("\ufffd")
-        self.text = text
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        unfinished = min(UNFINISHED_MAX, len(text) - len(text.rstrip("\ufffd")))
+        text = self.text = text[: len(text) - unfinished]
         found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if found:
             self.stopped = True
