@@ -11,8 +11,10 @@ import httpx2
 import openai
 import pytest
 import torch
+import uvicorn
 from serve_helpers import CONTEXT, running, tiny_chat_model
 
+from smoltrain import cli
 from smoltrain.model.generate import generate
 from smoltrain.post.chat import generate_file, load_chat_model
 from smoltrain.post.chat_template import encode_prompt, end_of_turn_id
@@ -238,6 +240,21 @@ def test_a_full_queue_answers_503_and_the_queued_request_is_served_later(chat_mo
         start()
         waiter.join(timeout=60)
         assert first[0].status_code == 200 and first[0].json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_the_serve_verb_serves_the_folder_on_localhost_with_the_key_from_the_environment(chat_model, monkeypatch, capsys):
+    folder = chat_model[0]
+    calls = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(app=app, **kwargs))
+    monkeypatch.setenv("SMOLTRAIN_API_KEY", KEY)
+    assert cli.main(["serve", str(folder), "--port", "8123", "--device", "cpu"]) == 0
+    assert (calls["host"], calls["port"]) == ("127.0.0.1", 8123)
+    with running(calls["app"]) as url:
+        assert [m.id for m in client(url, api_key=KEY).models.list().data] == [folder.name]
+        with pytest.raises(openai.AuthenticationError):
+            client(url).models.list()
+    assert cli.main(["serve", str(folder), "--max-batch", "0"]) == 2
+    assert "--max-batch" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the engine and the text alone
