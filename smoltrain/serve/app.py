@@ -95,6 +95,7 @@ class Server:
         base = getattr(model, "_orig_mod", model)
         self.tokenizer, self.name, self.engine = tokenizer, name, engine
         self.context = base.config.max_seq_len
+        self.device = base.embed_tokens.weight.device  # where a seeded request's generator draws
         self.max_tokens = max_tokens
         self.api_key = api_key
         self.eot = end_of_turn_id(tokenizer)
@@ -132,7 +133,7 @@ class Server:
         job = Job(asyncio.get_running_loop(), self.tokenizer, body.stops(), body.n)
         for index in range(body.n):
             # choice i draws from seed + i: choice 0 with a seed samples what `generate --seed` samples
-            generator = None if body.seed is None else torch.Generator().manual_seed(body.seed + index)
+            generator = None if body.seed is None else torch.Generator(self.device).manual_seed(body.seed + index)
             job.add(index, prompt=prompt, max_tokens=budget, temperature=body.temperature,
                     top_p=None if body.top_p >= 1.0 else body.top_p, stop_tokens=stop_tokens, generator=generator)
         try:
