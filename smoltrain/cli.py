@@ -198,7 +198,7 @@ def _add_eval_and_chat_verbs(verbs) -> None:
     p.add_argument("--name", help="the model's id in the API (default: the folder's name)")
     p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one reply may ask for")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond it: 503")
+    p.add_argument("--max-queue", type=int, default=64, help="completions waiting for a row (a request with n counts n); beyond it: 503")
     p.set_defaults(func=cmd_serve)
 
 

@@ -9,6 +9,7 @@ constant time; bodies over the size limit are refused while they arrive, not aft
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -98,6 +99,7 @@ class Server:
         self.device = base.embed_tokens.weight.device  # where a seeded request's generator draws
         self.max_tokens = max_tokens
         self.api_key = api_key
+        self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key is not None else b""
         self.eot = end_of_turn_id(tokenizer)
         self.created = int(time.time())
 
@@ -105,8 +107,10 @@ class Server:
         if self.api_key is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        # compare_digest: the time taken does not tell how much of a guessed key was right
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+        # digests of equal length compared in constant time: the time taken tells neither how much of a
+        # guessed key was right nor the key's length
+        given_digest = hashlib.sha256(given.strip().encode()).digest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_digest, self.key_digest):
             raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
 
     def token_budget(self, prompt: list[int], asked: int | None) -> int:
@@ -127,7 +131,7 @@ class Server:
             raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
 
-    def start(self, body, prompt: list[int], stop_tokens: frozenset[int]) -> Job:
+    def submit(self, body, prompt: list[int], stop_tokens: frozenset[int]) -> Job:
         """Queue the request's n choices in the engine (503 when the queue is full)."""
         budget = self.token_budget(prompt, body.token_limit())
         job = Job(asyncio.get_running_loop(), self.tokenizer, body.stops(), body.n)
@@ -215,7 +219,7 @@ def _add_routes(app: FastAPI, server: Server) -> None:
             prompt = encode_prompt(server.tokenizer, messages, **body.chat_template_kwargs)
         except Exception as e:  # the template refused the conversation (jinja raise_exception, bad kwargs)
             raise ApiError(400, f"messages: the chat template refused them ({e})", param="messages") from None
-        job = server.start(body, prompt, frozenset([server.eot]))
+        job = server.submit(body, prompt, frozenset([server.eot]))
         return await _respond(job, body, len(prompt), "chat.completion", server.name)
 
     @app.post("/v1/completions", dependencies=authorized)
@@ -225,7 +229,7 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         if not prompt:
             raise ApiError(400, "prompt: no tokens", param="prompt")
         eos = server.tokenizer.eos_token_id
-        job = server.start(body, prompt, frozenset([server.eot] + ([eos] if eos is not None else [])))
+        job = server.submit(body, prompt, frozenset([server.eot] + ([eos] if eos is not None else [])))
         return await _respond(job, body, len(prompt), "text_completion", server.name)
 
 

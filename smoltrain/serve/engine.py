@@ -172,7 +172,7 @@ class Engine:
         """Queue the sequences of one request, all or none: QueueFull when they do not fit."""
         with self._ready:
             if len(self._waiting) + len(sequences) > self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting (at most {self.max_queue})")
+                raise QueueFull(f"{len(self._waiting)} completions are waiting (at most {self.max_queue})")
             self._waiting.extend(sequences)
             self._ready.notify()
 
