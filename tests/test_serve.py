@@ -109,6 +109,11 @@ def test_seeded_choices_sample_what_generate_samples_with_that_seed(chat_model, 
                        seed=11 + index)[0]
         assert choice.index == index and choice.message.content == tokenizer.decode(ids, skip_special_tokens=False)
     assert reply.choices[0].message.content != reply.choices[1].message.content
+    streamed = ["", ""]
+    for chunk in client(server).chat.completions.create(model="tiny", messages=messages, temperature=0.9, max_tokens=16,
+                                                        n=2, seed=11, stream=True):
+        streamed[chunk.choices[0].index] += chunk.choices[0].delta.content or ""
+    assert streamed == [choice.message.content for choice in reply.choices]
 
 
 def test_a_stop_string_cuts_the_reply_streamed_or_not(server):
