@@ -19,7 +19,7 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m ruff check smoltrain tests bench
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 demo: venv
 	$(VENV)/bin/smoltrain demo

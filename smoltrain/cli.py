@@ -193,6 +193,18 @@ def _add_eval_and_chat_verbs(verbs) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
+    p = verbs.add_parser("serve", help="an OpenAI-compatible API (/v1/chat/completions, /v1/completions) and a chat page at /")
+    _add_chat_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("SMOLTRAIN_API_KEY"),
+                   help="every /v1 call needs Authorization: Bearer KEY (default: $SMOLTRAIN_API_KEY)")
+    p.add_argument("--name", help="the model's id in the API (default: the folder's name)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one reply may ask for")
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")
+    p.add_argument("--max-queue", type=int, default=64, help="completions waiting for a row (a request with n counts n); beyond it: 503")
+    p.set_defaults(func=cmd_serve)
+
 
 def _add_run_verbs(verbs) -> None:
     """Whole runs: ablation grids, the demo, the report of a run folder."""
@@ -509,6 +521,18 @@ def cmd_generate(args) -> int:
                             seed=args.seed)
     print(f"wrote {summary['out']}: {summary['completions']} completions for {summary['prompts']} prompts, "
           f"{summary['stopped']} stopped with <|im_end|>, {summary['mean_tokens']:.1f} tokens on average")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from smoltrain.errors import ConfigError
+    from smoltrain.serve import serve
+
+    if min(args.max_tokens, args.max_batch, args.max_queue) < 1:
+        raise ConfigError("--max-tokens, --max-batch and --max-queue must be positive")
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or None, device=args.device,
+          tokenizer=args.tokenizer, template=args.template, name=args.name, max_tokens=args.max_tokens,
+          max_batch=args.max_batch, max_queue=args.max_queue)
     return 0
 
 
