@@ -232,7 +232,7 @@ def _worker(rank: int, world: int, recipe_path: str, out: str, port: int) -> Non
 
 
 @pytest.mark.slow
-def test_lora_sft_under_fsdp_on_two_gloo_ranks_equals_one_process_and_resumes(root, tmp_path, one_thread):
+def test_lora_sft_under_fsdp_on_two_gloo_ranks_equals_one_process_and_reloads_in_one(root, tmp_path, one_thread):
     # dropout 0: each rank draws its own masks, so only a deterministic adapter can equal one process
     path = recipe(root, tmp_path / "single", dropout=0.0)
     sft(load_sft_config(path))
@@ -246,3 +246,26 @@ def test_lora_sft_under_fsdp_on_two_gloo_ranks_equals_one_process_and_resumes(ro
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
     single, fsdp = (load_any(tmp_path / name)[0].eval() for name in ("single", "fsdp"))
     assert (logits_of(single, ids) - logits_of(fsdp, ids)).abs().max() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+def test_grpo_with_lora_takes_its_kl_to_the_base_without_building_a_reference(tmp_path, monkeypatch, one_thread):
+    from test_grpo_train import RECIPE
+
+    from smoltrain.post import grpo_train
+    from smoltrain.train import trainer
+
+    raw = json.loads(json.dumps(RECIPE))
+    raw["data"]["tokenizer"] = str(chat_tokenizers(tmp_path / "tok") / "smollm3")
+    raw["train"].update(out_dir=str(tmp_path / "grpo"), max_steps=4, save_every=4, eval_every=1000,
+                        lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    raw["grpo"].update(beta=0.04, num_iterations=1, eval_count=1, pass_k=1)
+    built = []
+    monkeypatch.setattr(trainer, "build_training_model", lambda *a, **k: built.append(1) or build_training_model(*a, **k))
+    grpo_train.run(config_from_dict(raw))
+    assert len(built) == 1  # the policy alone: no frozen copy for the reference
+    kl = [json.loads(x)["kl"] for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    # the policy starts as its base (B = 0), then leaves it: the KL is taken to the base, not to itself
+    assert kl[0] == pytest.approx(0.0, abs=1e-7) and max(kl) > 0
