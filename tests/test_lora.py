@@ -162,7 +162,7 @@ def test_exporting_an_adapter_from_a_model_folder_is_a_one_line_error(root, tmp_
 def pairs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lora_dpo")
     save_init_model(root, "init")
-    write_rows(root / "train.jsonl", preference_rows(32, 1))
+    write_rows(root / "train.jsonl", preference_rows(33, 1))  # odd: 2 ranks score unequal shares of the reference pass
     (root / "recipe.yaml").write_text(f"""
 optim: {{lr: 0.01, warmup_steps: 1, schedule: constant}}
 train: {{max_steps: 4, log_every: 1, save_every: 4, eval_every: 1000, micro_batch_size: 4, init: {root}/init,
@@ -178,18 +178,25 @@ def dpo_steps(out: Path) -> list[dict]:
     return [m for m in lines if "loss" in m and "event" not in m]
 
 
-def test_dpo_with_lora_scores_the_reference_on_the_base_without_a_second_model(pairs, monkeypatch, one_thread):
-    from smoltrain.post.preference_data import TextTokenizer, load_preferences
-
-    # precompute (the default): the stored pass equals the frozen base's log-probs, scored independently
+@pytest.fixture(scope="module")
+def stored(pairs) -> Path:
+    """A LoRA DPO run with the reference pass precomputed (the default)."""
     dpo.run(dpo.load_dpo_config(pairs / "recipe.yaml", [f"train.out_dir={pairs / 'stored'}"]))
+    return pairs / "stored"
+
+
+def test_dpo_with_lora_scores_the_reference_on_the_base_without_a_second_model(pairs, stored, monkeypatch, one_thread):
     from safetensors.torch import load_file
 
-    stored = load_file(pairs / "stored" / dpo.REFERENCE_FILE)
+    from smoltrain.post.preference_data import TextTokenizer, load_preferences
+
+    # the stored pass equals the frozen base's log-probs, scored independently
+
+    passed = load_file(stored / dpo.REFERENCE_FILE)
     base, _, tokenizer = load_any(pairs / "init")
     rows = load_preferences([str(pairs / "train.jsonl")], TextTokenizer.load(tokenizer), 64, False, None).pairs
     chosen, rejected = dpo.sequence_logprobs(base, rows, 4, 64, TextTokenizer.load(tokenizer).eos_id, torch.device("cpu"), "fp32")
-    assert torch.allclose(stored["train.chosen"], chosen, atol=1e-5) and torch.allclose(stored["train.rejected"], rejected, atol=1e-5)
+    assert torch.allclose(passed["train.chosen"], chosen, atol=1e-5) and torch.allclose(passed["train.rejected"], rejected, atol=1e-5)
     del base
 
     # live reference: every forward runs on the one training model, and it is the only model alive
@@ -208,7 +215,7 @@ def test_dpo_with_lora_scores_the_reference_on_the_base_without_a_second_model(p
     dpo.run(config)
     assert len(seen) == 1 and alive == [1]
     # the adapters moved, yet the live reference (the base, adapters off) matched the stored pass each step
-    for a, b in zip(dpo_steps(pairs / "stored"), dpo_steps(pairs / "live"), strict=True):
+    for a, b in zip(dpo_steps(stored), dpo_steps(pairs / "live"), strict=True):
         for key in ("loss", "rewards/chosen", "rewards/margins", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
     assert dpo_steps(pairs / "live")[-1]["loss"] < dpo_steps(pairs / "live")[0]["loss"]
@@ -229,6 +236,25 @@ def _worker(rank: int, world: int, recipe_path: str, out: str, port: int) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     sft(load_sft_config(recipe_path, [f"train.out_dir={out}"]))
+
+
+@leaves_without_teardown
+def _dpo_worker(rank: int, world: int, recipe_path: str, out: str, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dpo.run(dpo.load_dpo_config(recipe_path, [f"train.out_dir={out}"]))
+
+
+@pytest.mark.slow
+def test_lora_dpo_under_fsdp_scores_the_reference_pass_on_the_sharded_base_like_one_process(pairs, stored, one_thread):
+    mp.spawn(_dpo_worker, args=(2, str(pairs / "recipe.yaml"), str(pairs / "fsdp"), _free_port()), nprocs=2, join=True)
+    from safetensors.torch import load_file
+
+    one, two = load_file(stored / dpo.REFERENCE_FILE), load_file(pairs / "fsdp" / dpo.REFERENCE_FILE)
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    for a, b in zip(dpo_steps(stored), dpo_steps(pairs / "fsdp"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
 @pytest.mark.slow
