@@ -21,13 +21,13 @@ from spawn_helpers import leaves_without_teardown
 
 from smoltrain import cli
 from smoltrain.config import Config, DataConfig, ModelConfig, config_from_dict
-from smoltrain.errors import ConfigError
+from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.hf import export_hf, load_any, save_model_folder
 from smoltrain.model.transformer import Transformer, build_model, token_logprobs
 from smoltrain.post import dpo
 from smoltrain.post.chat_data import write_conversations
 from smoltrain.post.sft import load_sft_config, sft
-from smoltrain.train.checkpoint import find_checkpoint, read_config
+from smoltrain.train.checkpoint import check_compatible, find_checkpoint, read_config
 from smoltrain.train.lora import is_adapter_name, load_lora_model
 from smoltrain.train.optim import build_optimizer
 from smoltrain.train.trainer import build_training_model
@@ -115,6 +115,17 @@ def test_only_the_adapters_train_sit_in_the_optimizer_and_the_checkpoint(root, r
         if not is_adapter_name(name):
             assert torch.equal(param, init[name.replace(".base_layer.", ".")]), name
     assert any(p.abs().max() > 0 for n, p in trained.named_parameters() if ".lora_B." in n)  # the adapters moved
+
+
+def test_resuming_with_other_adapters_is_a_one_line_error(run):
+    checkpoint = find_checkpoint(run)
+    config = read_config(checkpoint)
+    config.train.lora.r = 8
+    with pytest.raises(CheckpointError, match=r"train.lora r 4 on down_proj, o_proj, q_proj, v_proj, now r 8 on"):
+        check_compatible(checkpoint, config)
+    config.train.lora = None
+    with pytest.raises(CheckpointError, match=r"train.lora r 4 on .*, now off"):
+        check_compatible(checkpoint, config)
 
 
 def test_a_stopped_lora_run_resumes_with_the_same_losses_dropout_included(root, run, one_thread):
@@ -231,11 +242,12 @@ def _free_port() -> int:
 
 
 @leaves_without_teardown
-def _worker(rank: int, world: int, recipe_path: str, out: str, port: int) -> None:
+def _worker(rank: int, world: int, recipe_path: str, out: str, port: int, stop_after: int) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    sft(load_sft_config(recipe_path, [f"train.out_dir={out}"]))
+    calls = iter(range(100))
+    sft(load_sft_config(recipe_path, [f"train.out_dir={out}"]), should_stop=lambda: next(calls) >= stop_after)
 
 
 @leaves_without_teardown
@@ -258,12 +270,15 @@ def test_lora_dpo_under_fsdp_scores_the_reference_pass_on_the_sharded_base_like_
 
 
 @pytest.mark.slow
-def test_lora_sft_under_fsdp_on_two_gloo_ranks_equals_one_process_and_reloads_in_one(root, tmp_path, one_thread):
+def test_lora_sft_under_fsdp_on_two_gloo_ranks_equals_one_process_and_resumes(root, tmp_path, one_thread):
     # dropout 0: each rank draws its own masks, so only a deterministic adapter can equal one process
     path = recipe(root, tmp_path / "single", dropout=0.0)
     sft(load_sft_config(path))
-    mp.spawn(_worker, args=(2, str(path), str(tmp_path / "fsdp"), _free_port()), nprocs=2, join=True)
-    want, got = per_step(tmp_path / "single"), per_step(tmp_path / "fsdp")
+    for stop_after in (3, 100):  # stopped (and saved) after step 4, then resumed from the sharded adapters
+        mp.spawn(_worker, args=(2, str(path), str(tmp_path / "fsdp"), _free_port(), stop_after), nprocs=2, join=True)
+    assert (tmp_path / "fsdp" / "config.history" / "step_00000004.yaml").is_file()  # the second session began at step 4
+    want = per_step(tmp_path / "single")
+    got = sorted({s: (s, loss, norm) for s, loss, norm in per_step(tmp_path / "fsdp")}.values())
     assert [s for s, *_ in got] == [s for s, *_ in want] == list(range(1, 7))
     for (step, loss, norm), (_, ref_loss, ref_norm) in zip(got, want):
         assert loss == pytest.approx(ref_loss, rel=1e-5), step

@@ -341,10 +341,12 @@ def check_compatible(checkpoint: Path, config: Config) -> None:
              for k in SHAPE_KEYS if getattr(saved, k) != getattr(config.model, k)]
     if diffs:
         raise CheckpointError(f"{checkpoint} was written for another model shape ({'; '.join(diffs)})")
-    before, now = read_config(checkpoint).train.lora, config.train.lora
-    shape = (lambda lora: None if lora is None else (lora.r, sorted(lora.target_modules)))
-    if shape(before) != shape(now):
-        raise CheckpointError(f"{checkpoint} was written with train.lora {before} (r and target_modules must stay), now {now}")
+    def adapters(lora) -> str:  # what fixes the adapters' shapes
+        return "off" if lora is None else f"r {lora.r} on {', '.join(sorted(lora.target_modules))}"
+
+    before, now = adapters(read_config(checkpoint).train.lora), adapters(config.train.lora)
+    if before != now:
+        raise CheckpointError(f"{checkpoint} was written with train.lora {before}, now {now} (the adapters' shapes must stay)")
 
 
 def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
