@@ -54,11 +54,11 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Optimizer state keyed by parameter name alone (param_groups.<name>.lr, not param_groups.<index>):
 # a layout that groups parameters differently (TP splits DTensor from plain ones) still loads it.
 FLAT_OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
-# Model fields that change parameter shapes: a checkpoint only loads into the same values.
 # A LoRA model's checkpoint holds its adapters alone (the frozen base comes from train.init): a
 # 135M model with r 16 on all projections saves 4.9M parameters and their Adam moments. Loading is
 # not strict, for the frozen parameters only: DCP still fails on any adapter key the files lack.
 ADAPTERS_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
+# Model fields that change parameter shapes: a checkpoint only loads into the same values.
 SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                "intermediate_size", "tie_embeddings", "qk_norm")
 
@@ -334,6 +334,11 @@ def read_config(checkpoint: Path) -> Config:
         raise CheckpointError(f"{checkpoint}: its config is not valid: {e}") from None
 
 
+def _adapter_shapes(lora) -> str:
+    """What fixes a LoRA checkpoint's tensor shapes (alpha and dropout may change on resume)."""
+    return "off" if lora is None else f"r {lora.r} on {', '.join(sorted(lora.target_modules))}"
+
+
 def check_compatible(checkpoint: Path, config: Config) -> None:
     """One clear line instead of DCP's shape-mismatch traceback when the model changed."""
     saved = read_config(checkpoint).model
@@ -341,10 +346,7 @@ def check_compatible(checkpoint: Path, config: Config) -> None:
              for k in SHAPE_KEYS if getattr(saved, k) != getattr(config.model, k)]
     if diffs:
         raise CheckpointError(f"{checkpoint} was written for another model shape ({'; '.join(diffs)})")
-    def adapters(lora) -> str:  # what fixes the adapters' shapes
-        return "off" if lora is None else f"r {lora.r} on {', '.join(sorted(lora.target_modules))}"
-
-    before, now = adapters(read_config(checkpoint).train.lora), adapters(config.train.lora)
+    before, now = _adapter_shapes(read_config(checkpoint).train.lora), _adapter_shapes(config.train.lora)
     if before != now:
         raise CheckpointError(f"{checkpoint} was written with train.lora {before}, now {now} (the adapters' shapes must stay)")
 

@@ -181,7 +181,7 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | os.PathLike, 
     state = {f"{PEFT_PREFIX}{name}": tensor.detach().cpu().contiguous()
              for name, tensor in to_hf_names({canonical_name(k): v for k, v in state.items()}).items()}
     write_atomic(out / ADAPTER_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         peft_config(cfg, base_model).save_pretrained(tmp)  # peft's own serialisation of its config
         text = (Path(tmp) / ADAPTER_CONFIG).read_text()
     write_atomic(out / ADAPTER_CONFIG, text)
