@@ -95,7 +95,7 @@ def init_adapter_weights(model: nn.Module, cfg: LoRAConfig) -> None:
 def trainable_summary(model: nn.Module) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return f"LoRA: {trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M parameters ({100 * trainable / total:.2f}%)"
+    return f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%), the base frozen"
 
 
 @contextlib.contextmanager
