@@ -128,6 +128,18 @@ def test_resuming_with_other_adapters_is_a_one_line_error(run):
         check_compatible(checkpoint, config)
 
 
+def test_adapters_on_a_changed_base_are_a_one_line_error(root, tmp_path, one_thread):
+    import shutil
+
+    shutil.copytree(root / "init", tmp_path / "init")
+    sft(load_sft_config(recipe(root, tmp_path / "run"), ["train.max_steps=2", f"train.init={tmp_path / 'init'}"]))
+    assert load_any(tmp_path / "run")[0] is not None  # the base it was trained on
+    config = Config(model=ModelConfig(**MODEL), data=DataConfig(seq_len=SEQ))
+    save_model_folder(build_model(config.model, seed=4), config, tmp_path / "init", tokenizer=root / "base")
+    with pytest.raises(CheckpointError, match=r"its adapters were trained on another base model .* changed since"):
+        load_any(tmp_path / "run")
+
+
 def test_a_stopped_lora_run_resumes_with_the_same_losses_dropout_included(root, run, one_thread):
     out = root / "stopped"
     calls = iter(range(100))

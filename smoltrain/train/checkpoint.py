@@ -169,7 +169,12 @@ def save_checkpoint(
         tmp.mkdir()
     barrier()
 
-    options = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=_has_adapters(model))
+    adapters_only = _has_adapters(model)
+    if adapters_only:  # which base the adapters belong to (collective under FSDP: every rank computes it)
+        from smoltrain.train.lora import base_norm
+
+        train_state = dict(train_state, lora_base_norm=base_norm(model))
+    options = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=adapters_only)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     with _single_process_quiet():
         dcp.save(
@@ -358,6 +363,11 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
     when the layout changed: rank r's stream belonged to another position). Returns the train state."""
     rank, _ = rank_world()
     adapters_only = _has_adapters(model)  # the base parameters are frozen and not in the checkpoint
+    train_state = read_train_state(checkpoint)
+    if adapters_only:
+        from smoltrain.train.lora import check_base
+
+        check_base(model, train_state.get("lora_base_norm"), checkpoint, read_config(checkpoint).train.init)
     if optimizer is None:
         model_options = ADAPTERS_ONLY if adapters_only else None
         state = {"model": get_model_state_dict(model, options=model_options)}
@@ -376,7 +386,6 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=options)
-    train_state = read_train_state(checkpoint)
     rngs = train_state.get("rng") or []
     if optimizer is not None and restore_rng and rank < len(rngs):
         set_rng_state(rngs[rank])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -96,6 +97,26 @@ def trainable_summary(model: nn.Module) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%), the base frozen"
+
+
+def base_norm(model: nn.Module) -> float:
+    """L2 norm of the frozen base's weights, whatever the layout (a collective under FSDP). A LoRA
+    checkpoint records it: it holds the adapters alone, and the base is re-read from train.init."""
+    from smoltrain.train.optim import grad_norm  # a global norm of tensors of any layout
+
+    return float(grad_norm([p.detach() for p in model.parameters() if not p.requires_grad]))
+
+
+def check_base(model: nn.Module, saved: float | None, checkpoint: Path, init: str | None) -> None:
+    """A checkpoint's adapters only mean something on the base they were trained on: refuse another
+    one (train.init changed, e.g. a run folder whose latest checkpoint moved on). The tolerance, 1e-6
+    relative, covers float32 norms summed in another order on another layout (~1e-7)."""
+    if saved is None:
+        return
+    now = base_norm(model)
+    if not math.isclose(now, saved, rel_tol=1e-6):
+        raise CheckpointError(f"{checkpoint}: its adapters were trained on another base model (weight norm {saved:.9g}, "
+                              f"now {now:.9g}): train.init {init} changed since")
 
 
 @contextlib.contextmanager
