@@ -228,5 +228,6 @@ def adapter_summary(out: Path) -> str:
     return f"r {config['r']}, alpha {config['lora_alpha']:g}, targets {', '.join(sorted(config['target_modules']))}"
 
 
-__all__ = ["adapters_disabled", "apply_lora", "base_parameter_name", "export_adapter", "has_adapters", "init_adapter_weights",
-           "is_adapter_name", "load_lora_model", "merge_adapters", "peft_config", "save_adapter", "trainable_summary"]
+__all__ = ["adapter_summary", "adapters_disabled", "apply_lora", "base_norm", "base_parameter_name", "check_base", "export_adapter",
+           "has_adapters", "init_adapter_weights", "is_adapter_name", "load_lora_model", "lora_layers", "merge_adapters", "peft_config",
+           "save_adapter", "trainable_summary"]
