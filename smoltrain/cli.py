@@ -111,9 +111,10 @@ def _add_model_file_verbs(verbs) -> None:
     """Model folders in and out: Hugging Face export / import, merges."""
     p = verbs.add_parser("export", help="write a Hugging Face transformers folder (Llama / SmolLM3 / Qwen3) or a GGUF file")
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="model folder, run folder or checkpoint folder")
-    out = p.add_mutually_exclusive_group(required=True)
-    out.add_argument("--out", help="output folder")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--out", help="output folder (a LoRA run exports its base with the adapters merged)")
     out.add_argument("--gguf", metavar="FILE", help="write one GGUF file for llama.cpp instead (weights, tokenizer, chat template)")
+    p.add_argument("--adapter", metavar="OUT", help="a LoRA run's adapters as a PEFT adapter folder (for peft's PeftModel)")
     p.add_argument("--tokenizer", help="tokenizer.json or tokenizer folder (default: the one the model knows)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "q8_0"], default="auto",
                    help="weight dtype (auto: as stored; q8_0: GGUF only)")
@@ -394,14 +395,25 @@ def cmd_export(args) -> int:
     import torch
     from rich.console import Console
 
+    from smoltrain.errors import ConfigError
     from smoltrain.report.hf_export import export_hf
 
+    if args.gguf and args.adapter:
+        raise ConfigError("export: --adapter writes a PEFT folder; use it alone or with --out, not with --gguf")
     if args.gguf:
         return _export_gguf(args)
     if args.dtype == "q8_0":
-        from smoltrain.errors import ConfigError
-
         raise ConfigError("--dtype q8_0 is a GGUF format: use it with --gguf FILE")
+    if not args.out and not args.adapter:
+        raise ConfigError("export: name an output with --out DIR or --gguf FILE (or --adapter OUT for a LoRA run's adapters)")
+    if args.adapter:
+        from smoltrain.train.lora import adapter_summary, export_adapter
+
+        with Console(stderr=True).status(f"exporting the adapters of {args.model}"):
+            adapter = export_adapter(args.model, args.adapter)
+        print(f"wrote {adapter} (PEFT LoRA adapter: {adapter_summary(adapter)})")
+        if not args.out:
+            return 0
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     with Console(stderr=True).status(f"exporting {args.model}"):
         out = export_hf(args.model, args.out, tokenizer=args.tokenizer, dtype=dtype)

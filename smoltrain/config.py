@@ -121,6 +121,21 @@ class OptimConfig:
     decay_shape: Literal["linear", "1-sqrt"] = "linear"
 
 
+# The projections a LoRA adapter may wrap: every nn.Linear of a block (Hugging Face's names, which
+# peft's adapter files and PeftModel.from_pretrained use too).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters through peft (train/lora.py): the base stays frozen, only A and B train."""
+
+    r: int = 16
+    alpha: float = 32.0  # peft's lora_alpha: the update is scaled by alpha / r
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # all linear layers (QLoRA's advice)
+
+
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
@@ -146,6 +161,7 @@ class TrainConfig:
     spike_action: Literal["warn", "skip", "rewind"] = "warn"
     spike_skip_batches: int = 10  # rewind: batches skipped after the checkpoint
     tensorboard: bool = True
+    lora: Optional[LoRAConfig] = None  # set: train low-rank adapters on a frozen base (sft, dpo, grpo)
 
 
 @dataclass
@@ -513,6 +529,24 @@ def _check_mixture(mixture: dict[str, float], key: str, sources: list[str]) -> N
              f"{key}: no positive weight ({', '.join(f'{n}: {w:g}' for n, w in mixture.items())})")
 
 
+def validate_lora(t: TrainConfig, p: ParallelConfig) -> None:
+    lora = t.lora
+    if lora is None:
+        return
+    _require(lora.r > 0, f"train.lora.r must be positive, got {lora.r}")
+    _require(lora.alpha > 0, f"train.lora.alpha must be positive, got {lora.alpha}")
+    _require(0 <= lora.dropout < 1, f"train.lora.dropout must lie in [0, 1), got {lora.dropout}")
+    _require(bool(lora.target_modules), f"train.lora.target_modules must name at least one of: {', '.join(LORA_TARGETS)}")
+    for name in lora.target_modules:
+        _require(name in LORA_TARGETS, f"train.lora.target_modules: no module '{name}'{_did_you_mean(name, list(LORA_TARGETS))}")
+    # peft's layers replace the nn.Linear that the tensor-parallel plan shards column- and row-wise.
+    _require(p.tp == 1, f"train.lora needs parallel.tp 1 (got {p.tp}): tensor parallelism does not shard peft's layers")
+    # Activation checkpointing recomputes blocks without the RNG state (parallelize.py): dropout
+    # masks would differ between forward and recomputation.
+    _require(lora.dropout == 0 or not t.activation_checkpointing,
+             "train.lora.dropout > 0 needs train.activation_checkpointing false (the recomputed forward would draw other masks)")
+
+
 def validate_dpo(p: DPOConfig) -> None:
     _require(p.beta > 0, f"dpo.beta must be positive, got {p.beta}")
     _require(p.sft_weight >= 0, f"dpo.sft_weight must be >= 0, got {p.sft_weight}")
@@ -577,6 +611,7 @@ def validate(c: Config) -> None:
     for key in ("dp_replicate", "tp"):
         _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be -1 (auto) or >= 1, got {p.dp_shard}")
+    validate_lora(t, p)
     check_tensor_parallel(c.model, p)
     validate_eval(c.eval)
     validate_dpo(c.dpo)

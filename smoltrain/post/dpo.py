@@ -8,6 +8,7 @@ reference again (`dpo.precompute: false` keeps the reference in memory and runs 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -204,9 +205,10 @@ def _fingerprint(reference: str, splits: dict[str, list[Pair]], max_length: int)
 
 
 def reference_logps(reference: str, splits: dict[str, list[Pair]], run_dir: Path, batch_pairs: int, max_length: int,
-                    pad_id: int, ctx, precision: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                    pad_id: int, ctx, precision: str, base: nn.Module | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The reference's summed log-probs of every split, read from run_dir when a pass for the same
-    reference and data is stored there, else computed (pairs split over all ranks) and stored."""
+    reference and data is stored there, else computed (pairs split over all ranks) and stored.
+    base: a LoRA policy whose frozen base is the reference, scored with its adapters off (no second model)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -222,16 +224,26 @@ def reference_logps(reference: str, splits: dict[str, list[Pair]], run_dir: Path
                         "resume with the same dpo section, or delete it to recompute")
 
     from smoltrain.model.hf import load_any
+    from smoltrain.train.lora import adapters_disabled
 
     start = time.perf_counter()
-    model, _, _ = load_any(reference, device=ctx.device)
-    model.requires_grad_(False)
+    if base is None:
+        model, _, _ = load_any(reference, device=ctx.device)
+        model.requires_grad_(False)
     rank, world = ctx.rank, ctx.world_size
     result = {}
     for name, pairs in splits.items():
         # Every rank computes a strided share with its own full replica; a sum over ranks assembles it.
         mine = list(range(rank, len(pairs), world))
-        c, r = sequence_logprobs(model, [pairs[i] for i in mine], batch_pairs, max_length, pad_id, ctx.device, precision)
+        if base is None:
+            c, r = sequence_logprobs(model, [pairs[i] for i in mine], batch_pairs, max_length, pad_id, ctx.device, precision)
+        else:
+            # The training model's forward has collectives (FSDP): every rank scores as many pairs,
+            # a short share padded with its first pair, whose repeat is dropped.
+            padded = mine + mine[:1] * (-(-len(pairs) // world) - len(mine))
+            with adapters_disabled(base):
+                c, r = sequence_logprobs(base, [pairs[i] for i in padded], batch_pairs, max_length, pad_id, ctx.device, precision)
+            c, r = c[: len(mine)], r[: len(mine)]
         both = torch.zeros(2, len(pairs), dtype=torch.float32)
         both[0, mine], both[1, mine] = c, r
         if world > 1:
@@ -239,7 +251,6 @@ def reference_logps(reference: str, splits: dict[str, list[Pair]], run_dir: Path
             dist.all_reduce(both)
             both = both.cpu()
         result[name] = (both[0].clone(), both[1].clone())
-    del model
     if ctx.is_main:
         tensors = {f"{name}.{side}": t.contiguous() for name, pair in result.items() for side, t in zip(("chosen", "rejected"), pair)}
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint,
@@ -262,24 +273,35 @@ class DPOObjective:
     def __init__(self, config: Config, batches: PreferenceBatches, eval_pairs: list[Pair],
                  eval_reference: tuple[torch.Tensor, torch.Tensor] | None, reference_model: nn.Module | None,
                  pad_id: int, device: torch.device, precision: str, chat=None, run_dir: Path | None = None,
-                 is_main: bool = True):
+                 is_main: bool = True, base_reference: bool = False):
         self.config, self.batches = config, batches
         self.eval_pairs, self.eval_reference = eval_pairs, eval_reference
         self.reference_model = reference_model  # live reference (dpo.precompute: false), else None
+        # LoRA: the live reference is the policy itself with its adapters off (its frozen base)
+        self.base_reference = base_reference
         self.pad_id, self.device, self.precision = pad_id, device, precision
         self.chat, self.run_dir, self.is_main = chat, run_dir, is_main  # chat: a chat tokenizer, for chat evals
 
-    def _reference(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.reference_model is None:
+    def _live_reference(self, model: nn.Module):
+        """(the reference model, the context to score it in): the base of a LoRA policy, or the loaded one."""
+        from smoltrain.train.lora import adapters_disabled
+
+        if self.base_reference:
+            return model, adapters_disabled(model)
+        return self.reference_model, contextlib.nullcontext()
+
+    def _reference(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reference_model is None and not self.base_reference:
             return batch["ref_chosen"], batch["ref_rejected"]
-        with torch.no_grad():
-            return summed_logprobs(token_logprobs(self.reference_model, batch["input_ids"], batch["labels"]), batch["labels"])
+        reference, context = self._live_reference(model)
+        with torch.no_grad(), context:
+            return summed_logprobs(token_logprobs(reference, batch["input_ids"], batch["labels"]), batch["labels"])
 
     def loss(self, model: nn.Module, batch):
         p = self.config.dpo
         labels = batch["labels"]
         chosen, rejected = summed_logprobs(token_logprobs(model, batch["input_ids"], labels), labels)
-        ref_chosen, ref_rejected = self._reference(batch)
+        ref_chosen, ref_rejected = self._reference(model, batch)
         chosen_tokens, rejected_tokens = batch["completion_tokens"].chunk(2)
         losses = pair_losses(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens,
                              p.loss, p.beta, p.sft_weight)
@@ -315,8 +337,10 @@ class DPOObjective:
         p = self.config.dpo
         micro = self.config.train.micro_batch_size
         chosen, rejected = sequence_logprobs(model, self.eval_pairs, micro, p.max_length, self.pad_id, self.device, self.precision)
-        if self.reference_model is not None:
-            ref = sequence_logprobs(self.reference_model, self.eval_pairs, micro, p.max_length, self.pad_id, self.device, self.precision)
+        if self.reference_model is not None or self.base_reference:
+            reference, context = self._live_reference(model)
+            with context:
+                ref = sequence_logprobs(reference, self.eval_pairs, micro, p.max_length, self.pad_id, self.device, self.precision)
         else:
             ref = self.eval_reference
         lengths = [collate([pair], p.max_length, self.pad_id)["completion_tokens"] for pair in self.eval_pairs]
@@ -419,11 +443,15 @@ def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) ->
     precision = getattr(ctx, "precision", "fp32")  # resolved train.precision (bf16 autocast or fp32)
     micro = config.train.micro_batch_size
     reference_model, train_ref, eval_ref = None, None, None
+    # LoRA from the reference itself: the policy's frozen base is the reference, scored with its
+    # adapters off; no second model is loaded.
+    base_reference = config.train.lora is not None and reference == config.train.init
     if p.precompute:
         splits = {"train": train_pairs, "eval": eval_pairs} if eval_pairs else {"train": train_pairs}
-        stored = reference_logps(reference, splits, Path(run_dir), micro, p.max_length, pad_id, ctx, precision)
+        stored = reference_logps(reference, splits, Path(run_dir), micro, p.max_length, pad_id, ctx, precision,
+                                 base=model if base_reference else None)
         train_ref, eval_ref = stored["train"], stored.get("eval")
-    else:
+    elif not base_reference:
         from smoltrain.model.hf import load_any
 
         reference_model, _, _ = load_any(reference, device=ctx.device)
@@ -436,7 +464,7 @@ def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) ->
 
         chat = load_chat_tokenizer(path, p.chat_template)
     objective = DPOObjective(config, batches, eval_pairs, eval_ref, reference_model, pad_id, ctx.device, precision,
-                             chat, Path(run_dir), ctx.is_main)
+                             chat, Path(run_dir), ctx.is_main, base_reference=base_reference and not p.precompute)
     objective.accumulation(p.max_length, ctx.dp_world)  # a bad batch split fails now, not at step 1
     before = Path(run_dir) / CHAT_BEFORE
     fresh = not (Path(run_dir) / "checkpoints" / "latest").is_file()

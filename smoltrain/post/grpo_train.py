@@ -209,6 +209,15 @@ class GRPOObjective:
             on_device = {key: value.to(self.ctx.device) for key, value in batch.items()}
             return completion_logprobs(model, on_device, self.config.grpo.temperature).float().cpu()
 
+    def _reference_logprobs(self, batch: dict) -> torch.Tensor:
+        """The frozen starting policy's log-probs: a LoRA policy's own base (adapters off), else the reference model."""
+        if self.reference is not None:
+            return self._logprobs(self.reference, batch)
+        from smoltrain.train.lora import adapters_disabled
+
+        with adapters_disabled(self.model):
+            return self._logprobs(self.model, batch)
+
     def make_rollouts(self, k: int) -> None:
         g, ctx = self.config.grpo, self.ctx
         indices = self._step_prompts(k)
@@ -248,7 +257,7 @@ class GRPOObjective:
                 batch["old_logprobs"] = self._logprobs(self.model, batch)
         if g.beta > 0:
             for batch in batches:
-                batch["ref_logprobs"] = self._logprobs(self.reference, batch)
+                batch["ref_logprobs"] = self._reference_logprobs(batch)
         for batch in batches:
             del batch["sampling_logprobs"]  # kept in tests; the loss recomputes through the forward
         self.buffer.batches = batches
@@ -390,7 +399,9 @@ def build_grpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -
     tokenizer = load_chat_tokenizer(tokenizer_path(config), config.grpo.chat_template)
     train, heldout = load_grpo_prompts(config)
     reference = None
-    if config.grpo.beta > 0:  # the frozen starting policy, also on resume (built from train.init, not the checkpoint)
+    # The frozen starting policy, also on resume (built from train.init, not the checkpoint); with LoRA
+    # the policy's own base, its adapters off (no second model).
+    if config.grpo.beta > 0 and config.train.lora is None:
         from smoltrain.train.trainer import build_training_model
 
         reference = build_training_model(config, ctx.device, init_from=config.train.init, ctx=ctx).eval()

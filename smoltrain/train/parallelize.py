@@ -13,8 +13,9 @@ import torch.nn as nn
 
 from smoltrain.config import Config
 from smoltrain.errors import CheckpointError
-from smoltrain.model.transformer import Transformer, canonical_name
+from smoltrain.model.transformer import Transformer
 from smoltrain.train.distributed import ParallelContext
+from smoltrain.train.lora import apply_lora, base_parameter_name, init_adapter_weights, is_adapter_name
 
 # ----------------------------------------------------------------------------- the recipe, one function each
 
@@ -135,10 +136,14 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
     compile -> FSDP2 on the meta device, then materialise and `init_weights(train.seed)`; DDP last
     (it wraps materialised weights). Each step must see the one before: FSDP shards TP's DTensors
     (2-D), compile traces the checkpointed block (under TP the checkpoint wraps the compiled block
-    instead), and FSDP hooks wrap the compiled block."""
+    instead), and FSDP hooks wrap the compiled block. With train.lora, peft's layers come first: every
+    later step sees the model that trains, and FSDP shards the adapters with their block."""
     device = torch.device(device) if device is not None else ctx.device
+    lora = config.train.lora
     with torch.device("meta"):
         model = Transformer(config.model)
+    if lora is not None:
+        apply_lora(model, lora)
     if ctx.tp > 1:
         apply_tensor_parallel(model, ctx.tp_mesh, config.parallel.sequence_parallel, config.parallel.loss_parallel)
     checkpointing, compiling = config.train.activation_checkpointing, ctx.compile
@@ -155,6 +160,8 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
         apply_fsdp(model, ctx.dp_mesh, torch.bfloat16 if ctx.precision == "bf16" else None)
     model.to_empty(device=device)
     model.init_weights(config.train.seed)
+    if lora is not None:
+        init_adapter_weights(model, lora)
     if ctx.dp_world > 1 and ctx.ddp:
         apply_ddp(model, ctx.flat_dp_mesh)
     return model
@@ -170,10 +177,12 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
     (torch 2.13's set_model_state_dict(full_state_dict=True) scatters from rank 0 and asserts on
     uneven strided FSDP x TP shards, e.g. a vocabulary of 97 over 2 x 2.)
+
+    A LoRA model takes the weights into its base layers and keeps its adapters.
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    params = {canonical_name(name): param for name, param in model.named_parameters()}
+    params = {base_parameter_name(name): param for name, param in model.named_parameters() if not is_adapter_name(name)}
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
         raise CheckpointError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -308,7 +308,13 @@ class Trainer:
         self.write_config(read_train_state(checkpoint)["step"] if checkpoint else 0)
 
         # setup_distributed seeded the runtime RNG per data-parallel rank; init does not use it.
-        self.model = build_training_model(config, self.device, init_from=None if checkpoint else t.init, ctx=ctx)
+        # A LoRA checkpoint holds the adapters alone: the frozen base comes from train.init on resume too.
+        init_from = t.init if checkpoint is None or t.lora is not None else None
+        self.model = build_training_model(config, self.device, init_from=init_from, ctx=ctx)
+        if t.lora is not None:
+            from smoltrain.train.lora import trainable_summary
+
+            self.say(trainable_summary(self.model))
         self.optimizer = build_optimizer(config.optim, self.model)
         self.objective = build_objective(config, self.model, ctx, self.run_dir)
         self.batches = self.objective.batches
