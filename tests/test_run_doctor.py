@@ -290,6 +290,18 @@ def test_a_straggler_is_a_rank_over_the_others_median_for_three_logs_in_a_row():
     assert events[0]["slower_by"] == pytest.approx(0.14 / 0.10 - 1)
 
 
+def test_doctor_run_mistakes_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    cases = {"no such run folder": ["--run", str(tmp_path / "missing")],
+             "no metrics.jsonl": ["--run", str(tmp_path / "empty")],
+             "--quick belong to the pre-flight check": ["--run", str(tmp_path / "empty"), "--quick"],
+             "--matmul-tflops goes with --run": ["--matmul-tflops", "10"]}
+    for message, argv in cases.items():
+        assert cli_main(["doctor", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+
+
 def test_a_run_logged_without_time_fields_gets_no_time_findings(tmp_path):
     """An older run folder (no time/, memory/ or rank/ fields): the loss and throughput rules still read it."""
     rows = [{"step": s, "loss": 5.0 - 0.01 * s, "grad_norm": 1.0, "tokens_per_s": 1000.0, "lr": 1e-3} for s in range(1, 60)]
