@@ -241,7 +241,7 @@ def test_the_demo_recipe_run_has_no_findings_and_its_report_shows_the_time_break
 
     markdown = report_run(tmp_path / "demo")[0].read_text()
     assert "where a step's time goes" in markdown and "No findings" in markdown
-    assert "checkpoints (total)" in markdown and "evaluation (total)" in markdown
+    assert "checkpoints (logged total)" in markdown and "evaluation (logged total)" in markdown
 
 
 # ----------------------------------------------------------------------------- the rules' arithmetic
