@@ -173,6 +173,12 @@ def test_a_growing_allocation_is_a_memory_growth_event_and_finding(two_sources, 
     growth = next(f for f in findings if f["kind"] == "memory_growth")
     assert growth["evidence"]["field"] == "memory/rss_gb" and growth["evidence"]["mb_per_step"] == pytest.approx(16, rel=0.3)
 
+    # Against a 1 PFLOP/s matmul rate the tiny model's rate is low MFU: the median of the logged rates over it.
+    _, findings = doctor(tmp_path / "leak", tmp_path, "--matmul-tflops", "1000")
+    low = next(f for f in findings if f["kind"] == "low_mfu")
+    rates = [r["tflops_per_device"] for r in records(tmp_path / "leak") if "tflops_per_device" in r]
+    assert low["evidence"]["share"] == pytest.approx(np.median(rates[1:]) / 1000, rel=1e-9)  # first line: warm-up
+
 
 # ----------------------------------------------------------------------------- a slowed gloo rank
 
