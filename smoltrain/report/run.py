@@ -218,11 +218,11 @@ def add_time_breakdown(report: Report, train: list[dict], path: Path) -> None:
     table = [(label, 1000 * statistics.median(r[key] for r in rows),
               _percent(statistics.median(r[key] / t for r, t in zip(rows, totals) if t > 0)))
              for key, label in present]
-    for key, label in (("time/checkpoint_s", "checkpoints (total)"), ("time/eval_s", "evaluation (total)")):
+    for key, label in (("time/checkpoint_s", "checkpoints (logged total)"), ("time/eval_s", "evaluation (logged total)")):
         spent = sum(r.get(key) or 0.0 for r in train)
         if spent:
             table.append((label, 1000 * spent, None))
-    report.table(["part of a step", "median ms", "median share"], table)
+    report.table(["part of a step", "ms (median per step)", "median share"], table)
 
 
 def add_diagnosis(report: Report, records: list[dict]) -> None:
