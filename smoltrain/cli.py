@@ -109,7 +109,7 @@ def _add_planning_verbs(verbs) -> None:
 
 def _add_model_file_verbs(verbs) -> None:
     """Model folders in and out: Hugging Face export / import, merges."""
-    p = verbs.add_parser("export", help="write a Hugging Face transformers folder (Llama / SmolLM3 / Qwen3) or a GGUF file")
+    p = verbs.add_parser("export", help="write a Hugging Face transformers folder or a GGUF file")
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="model folder, run folder or checkpoint folder")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--out", help="output folder (a LoRA run exports its base with the adapters merged)")

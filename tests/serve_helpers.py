@@ -18,14 +18,14 @@ from smoltrain.model.transformer import build_model
 CONTEXT = 256
 
 
-def tiny_chat_model(root: Path) -> Path:
+def tiny_chat_model(root: Path, **model_changes) -> Path:
     """A 2-layer GQA model folder with the smollm3 chat tokenizer (the chat CLI tests' model), drawn with
     init_std 0.3: its greedy replies differ from prompt to prompt and token to token, so any slip in positions,
     masks or cache shows. (At 0.02 every reply is "\n" repeated; 30 SFT steps, 19 s here, give "The answer is"
-    then spaces.)"""
+    then spaces.) model_changes: other ModelConfig fields (an MoE: num_experts=...)."""
     tokenizers = chat_tokenizers(root / "tok")
     config = Config(model=ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                      intermediate_size=64, max_seq_len=CONTEXT, init_std=0.3),
+                                      intermediate_size=64, max_seq_len=CONTEXT, init_std=0.3, **model_changes),
                     data=DataConfig(seq_len=CONTEXT))
     save_model_folder(build_model(config.model, seed=0), config, root / "model", tokenizer=tokenizers / "smollm3")
     return root / "model"

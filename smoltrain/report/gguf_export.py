@@ -22,8 +22,12 @@ from smoltrain.files import write_atomic
 
 # What llama.cpp names each Hugging Face architecture we export. Llama and SmolLM3 store q/k rows
 # in GGML's interleaved RoPE order (the converter permutes them); Qwen3 keeps HF's rotate-half order.
-GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "SmolLM3ForCausalLM": "smollm3", "Qwen3ForCausalLM": "qwen3"}
+GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "SmolLM3ForCausalLM": "smollm3", "Qwen3ForCausalLM": "qwen3",
+                      "Qwen3MoeForCausalLM": "qwen3moe", "OlmoeForCausalLM": "olmoe"}
 PERMUTED_QK = {"llama", "smollm3"}
+# What llama.cpp's MoE graphs hard-code (src/models/qwen3moe.cpp, olmoe.cpp): build_moe_ffn's norm_w argument
+# (renormalise the top-k softmax weights) is true for qwen3moe and false for olmoe, and every layer has experts.
+LLAMA_CPP_NORM_TOPK = {"qwen3moe": True, "olmoe": False}
 # llama.cpp hard-codes SmolLM3's NoPE step (src/models/smollm3.cpp: no RoPE where (layer + 1) % 4 == 0);
 # no GGUF key can say another one.
 LLAMA_CPP_NOPE_EVERY = 4
@@ -39,6 +43,8 @@ def gguf_architecture(hf_config: dict) -> str:
 
     architecture = hf_config["architectures"][0]
     model = from_hf_config(hf_config)
+    if model.num_experts > 0:
+        return _moe_architecture(model, GGUF_ARCHITECTURES[architecture])
     rope_layers = [model.uses_rope(i) for i in range(model.num_layers)]
     if all(rope_layers):
         return "qwen3" if model.qk_norm else "llama"  # all-RoPE SmolLM3 (odd head_dim) is llama with key_length
@@ -49,6 +55,24 @@ def gguf_architecture(hf_config: dict) -> str:
             f"{LLAMA_CPP_NOPE_EVERY}th layer (export to a Hugging Face folder instead)"
         )
     return GGUF_ARCHITECTURES[architecture]
+
+
+def _moe_architecture(model, arch: str) -> str:
+    """qwen3moe or olmoe, when llama.cpp's graph for it computes this model's routing; else a one-line refusal.
+    (A shared expert or the loss-free routing bias never gets here: the Hugging Face export refuses them.)"""
+    dense = [i for i in range(model.num_layers) if not model.is_moe_layer(i)]
+    if dense:
+        key = f"model.moe_every={model.moe_every}" if model.moe_every != 1 else f"model.moe_dense_layers={list(model.moe_dense_layers)}"
+        problem = f"{key} (dense layers {dense}: its {arch} has experts in every layer)"
+    elif model.norm_topk_prob != LLAMA_CPP_NORM_TOPK[arch]:
+        always = "always renormalises" if LLAMA_CPP_NORM_TOPK[arch] else "never renormalises"
+        problem = f"model.norm_topk_prob={model.norm_topk_prob} (its {arch} {always} the top-k router weights)"
+    elif arch == "olmoe" and model.num_kv_heads != model.num_heads:
+        # llama.cpp sizes olmoe's attn_k_norm as the full hidden width, so the K projection must be as wide.
+        problem = f"model.num_kv_heads={model.num_kv_heads} (its olmoe has no grouped-query attention: num_heads={model.num_heads})"
+    else:
+        return arch
+    raise CheckpointError(f"llama.cpp cannot represent {problem}; export to a Hugging Face folder instead")
 
 
 def _permute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -147,12 +171,12 @@ def _added_special_tokens(hf_dir: Path) -> dict[str, bool]:
 # ----------------------------------------------------------------------------- tensors
 
 
-def _encode(array: np.ndarray, dtype: str):
-    """(data, raw GGML type or None) for one tensor: norms (1-D) stay float32 as in llama.cpp's
-    converter, and a matrix whose rows are not whole Q8_0 blocks of 32 falls back to float16."""
+def _encode(array: np.ndarray, dtype: str, gguf_name: str):
+    """(data, raw GGML type or None) for one tensor: norms (1-D) and MoE routers (ffn_gate_inp) stay float32
+    as in llama.cpp's converter, and a matrix whose rows are not whole Q8_0 blocks of 32 falls back to float16."""
     import gguf
 
-    if array.ndim == 1 or dtype == "float32":
+    if array.ndim == 1 or dtype == "float32" or ".ffn_gate_inp." in gguf_name:
         return array, None
     if dtype == "q8_0" and array.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
         return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
@@ -161,23 +185,36 @@ def _encode(array: np.ndarray, dtype: str):
     return array.astype(np.float16), None
 
 
+def _hf_tensors(hf_dir: Path, arch: str) -> dict[str, torch.Tensor]:
+    """The folder's tensors in float32, each MoE layer's per-expert Linears stacked into one (E, out, in)
+    tensor as llama.cpp's ffn_*_exps are. olmoe needs an output matrix even when tied (qwen3moe's is optional)."""
+    from safetensors.torch import load_file
+
+    from smoltrain.model.family import stack_experts
+
+    tensors = {name: t.float() for name, t in load_file(hf_dir / "model.safetensors").items()}
+    if any(".mlp.experts." in name for name in tensors):
+        tensors = {name: t for name, t in stack_experts(tensors).items() if not name.endswith(".expert_bias")}
+    if arch == "olmoe" and "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    return tensors
+
+
 def _add_tensors(writer, hf_dir: Path, hf_config: dict, arch: str, dtype: str) -> None:
     import gguf
-    from safetensors import safe_open
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf_config["num_hidden_layers"])
     heads = {"q_proj": hf_config["num_attention_heads"], "k_proj": hf_config["num_key_value_heads"]}
-    with safe_open(hf_dir / "model.safetensors", framework="pt") as f:
-        for name in f.keys():
-            tensor = f.get_tensor(name).float()
-            projection = name.split(".")[-2]
-            if arch in PERMUTED_QK and projection in heads:
-                tensor = _permute_qk(tensor, heads[projection])
-            gguf_name = names.get_name(name, try_suffixes=(".weight",))
-            if gguf_name is None:
-                raise CheckpointError(f"{hf_dir}: llama.cpp's {arch} has no tensor for {name}")
-            data, raw_dtype = _encode(tensor.numpy(), dtype)
-            writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
+    for name, tensor in _hf_tensors(hf_dir, arch).items():
+        projection = name.split(".")[-2]
+        if arch in PERMUTED_QK and projection in heads:
+            tensor = _permute_qk(tensor, heads[projection])
+        gguf_name = names.get_name(name, try_suffixes=(".weight",))
+        if gguf_name is None:
+            raise CheckpointError(f"{hf_dir}: llama.cpp's {arch} has no tensor for {name}")
+        gguf_name += "" if gguf_name.endswith(".weight") else ".weight"
+        data, raw_dtype = _encode(tensor.numpy(), dtype, gguf_name)
+        writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
 
 
 # ----------------------------------------------------------------------------- file
@@ -205,6 +242,21 @@ def _add_hyperparameters(writer, hf_config: dict, name: str, dtype: str) -> None
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(hf_config["rope_parameters"]["rope_theta"])
     writer.add_layer_norm_rms_eps(hf_config["rms_norm_eps"])
+    _add_moe_hyperparameters(writer, hf_config)
+
+
+def _add_moe_hyperparameters(writer, hf_config: dict) -> None:
+    """Expert count, experts per token, and (qwen3moe) the expert width; olmoe's experts are feed_forward_length
+    wide. Read through our config parser, since config.json names the expert count num_experts or num_local_experts."""
+    from smoltrain.model.hf import from_hf_config
+
+    model = from_hf_config(hf_config)
+    if model.num_experts == 0:
+        return
+    writer.add_expert_count(model.num_experts)
+    writer.add_expert_used_count(model.experts_per_token)
+    if "moe_intermediate_size" in hf_config:
+        writer.add_expert_feed_forward_length(model.resolved_expert_hidden)
 
 
 def write_gguf(hf_dir: Path, out: Path, dtype: str, name: str) -> str:
@@ -235,7 +287,7 @@ def export_gguf(
     """`smoltrain export MODEL --gguf out.gguf`: a model, HF, run or checkpoint folder -> one GGUF file.
 
     dtype: float32, float16, bfloat16 or q8_0; default the dtype the weights are stored in. Returns
-    llama.cpp's architecture name (llama, smollm3 or qwen3).
+    llama.cpp's architecture name (llama, smollm3, qwen3, qwen3moe or olmoe).
     """
     try:
         import gguf  # noqa: F401

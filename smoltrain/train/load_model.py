@@ -390,8 +390,9 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
 def _gguf_config_overrides(file: Path) -> dict:
     """What transformers' GGUF loader reads wrong: a Qwen3 file's head_dim (it maps attention.key_length for
-    Qwen3-MoE only, so Qwen3Config's default 128 applies), and the float32 RMSNorm eps (1e-5 comes back as
-    9.99999975e-06), given back as the shortest decimal that float32 stores the same."""
+    Qwen3-MoE only, so Qwen3Config's default 128 applies), a Qwen3-MoE file's expert width (default 768), and
+    the float32 RMSNorm eps (1e-5 comes back as 9.99999975e-06), given back as the shortest decimal that
+    float32 stores the same."""
     import gguf
     import numpy as np
 
@@ -401,10 +402,29 @@ def _gguf_config_overrides(file: Path) -> dict:
     key_length = fields.get(f"{architecture}.attention.key_length")
     if architecture == "qwen3" and key_length is not None:
         overrides["head_dim"] = int(key_length.contents())
+    expert_width = fields.get(f"{architecture}.expert_feed_forward_length")  # not mapped for qwen3moe either
+    if architecture == "qwen3moe" and expert_width is not None:
+        overrides["moe_intermediate_size"] = int(expert_width.contents())
     eps = fields.get(f"{architecture}.attention.layer_norm_rms_epsilon")
     if eps is not None:
         overrides["rms_norm_eps"] = float(np.format_float_positional(np.float32(eps.contents()), unique=True, trim="-"))
     return overrides
+
+
+def _per_expert_linears(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5's in-memory MoE layout -> the per-expert Linears of its files (which from_hf_names stacks):
+    `experts.gate_up_proj` (E, 2F, D) holds each expert's gate rows then its up rows, `experts.down_proj` is (E, D, F)."""
+    out = {}
+    for name, tensor in state.items():
+        prefix, _, proj = name.rpartition(".")
+        if not prefix.endswith(".mlp.experts") or proj not in ("gate_up_proj", "down_proj"):
+            out[name] = tensor
+            continue
+        parts = {"down_proj": tensor} if proj == "down_proj" else dict(zip(("gate_proj", "up_proj"), tensor.chunk(2, dim=1)))
+        for part, stacked in parts.items():
+            for j, weight in enumerate(stacked.unbind(0)):
+                out[f"{prefix}.{j}.{part}.weight"] = weight.contiguous()
+    return out
 
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -431,7 +451,8 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
     hf = hf_model.config.to_dict()
     hf.pop("quantization_config", None)
     model_config = from_hf_config(hf, str(file))
-    state = from_hf_names({k: v.detach().contiguous() for k, v in hf_model.state_dict().items()}, model_config.tie_embeddings)
+    tensors = _per_expert_linears({k: v.detach().contiguous() for k, v in hf_model.state_dict().items()})
+    state = from_hf_names(tensors, model_config.tie_embeddings)
     _check_state(state, model_config, str(file))
     out = _prepare_out_dir(out_dir)
     _save_tensors(out / WEIGHTS_FILE, state)
