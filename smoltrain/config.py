@@ -56,6 +56,15 @@ class ModelConfig:
     aux_loss_coef: float = 0.01  # x transformers' load_balancing_loss_func (balanced = experts_per_token)
     router_z_loss: float = 0.0  # x mean(logsumexp(router logits)^2) (ST-MoE)
     bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 aux-loss-free bias, +-rate per optimizer step
+    # Gemma 3: local sliding-window layers with a global one every k-th, and its block and norm style.
+    sliding_window: int = 0  # > 0: local layers attend to the last W tokens, themselves included
+    global_every: int = 0  # with sliding_window: every k-th layer (1-based) attends globally (Gemma 3: 6)
+    rope_local_theta: Optional[float] = None  # RoPE base of the local layers (Gemma 3: 10000); None: rope_theta
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w starting at 0, in float32 (Gemma)
+    sandwich_norm: bool = False  # a norm after attention and after the MLP too (Gemma 2 and 3)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), rounded to the weights' dtype (Gemma)
+    mlp_activation: Literal["silu", "gelu_tanh"] = "silu"  # the gated MLP's activation (Gemma: gelu_tanh)
+    query_pre_attn_scalar: Optional[int] = None  # attention scale = this ** -0.5 (None: head_dim ** -0.5)
 
     @property
     def resolved_expert_hidden(self) -> int:
@@ -68,6 +77,10 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    def is_local_layer(self, layer: int) -> bool:
+        """HF Gemma 3's layer_types: sliding_attention unless (i + 1) % sliding_window_pattern == 0."""
+        return self.sliding_window > 0 and not (self.global_every > 0 and (layer + 1) % self.global_every == 0)
 
     def uses_rope(self, layer: int) -> bool:
         """HF SmolLM3 semantics: no_rope_layers[i] = 1 (RoPE) unless (i + 1) % interval == 0."""
@@ -465,8 +478,13 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.z_loss >= 0, f"model.z_loss must be >= 0, got {m.z_loss}")
     _require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
     _require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
+    for key in ("sliding_window", "global_every"):
+        _require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
+    for key in ("rope_local_theta", "query_pre_attn_scalar"):
+        _require(getattr(m, key) is None or getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     if m.num_experts > 0:
         _validate_moe(m)
+        _require(m.mlp_activation == "silu", f"model.mlp_activation={m.mlp_activation!r}: experts compute SwiGLU (silu) only")
 
 
 def _validate_moe(m: ModelConfig) -> None:

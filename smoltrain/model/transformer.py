@@ -7,6 +7,7 @@ Initialisation is a function of (seed, parameter name) only, never of the parall
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from smoltrain.config import ModelConfig
 from smoltrain.model.attention import (
+    SharedPromptMask,
     apply_rotary,
     attend,
     attend_shared_prompt,
@@ -22,6 +24,7 @@ from smoltrain.model.attention import (
     positions_from_documents,
     resolve_kernel,
     rotary_tables,
+    window_band,
 )
 from smoltrain.model.layers import MLP, RMSNorm
 from smoltrain.model.loss import LossOutput, chunked_logprobs, chunked_loss, cross_entropy_sums, label_logprobs
@@ -62,12 +65,21 @@ class KVCache:
         self.keys = self.values = None
         self.batch, self.max_len, self.length = self.batch * repeats, max_new_tokens, 0
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, window: int = 0) -> torch.Tensor:
+        """window > 0 (a sliding-window layer): a decoding step reads only the keys of its window; the
+        mask of a step without shared prompts carries the window already."""
         k, v = self.update(layer, k, v)
         if self.prompts is None:
             return attend(q, k, v, mask)
         keys, values, bias = self.prompts
-        return attend_shared_prompt(q, keys[layer], values[layer], bias, k, v)
+        keys, values = keys[layer], values[layer]
+        if window > 0:  # one query per row, at column prompt_len + own - 1: it sees the columns from `first` on
+            prompt_len = keys.shape[2]
+            first = prompt_len + k.shape[2] - window
+            start, own_start = max(first, 0), max(first - prompt_len, 0)
+            keys, values, bias = keys[:, :, start:], values[:, :, start:], bias[..., start:]
+            k, v = k[:, :, own_start:], v[:, :, own_start:]
+        return attend_shared_prompt(q, keys, values, bias, k, v)
 
 
 class Attention(nn.Module):
@@ -78,6 +90,10 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.resolved_head_dim
         self.use_rope = config.uses_rope(layer)
+        self.window = config.sliding_window if config.is_local_layer(layer) else 0
+        # sdpa scales by head_dim ** -0.5; Gemma's query_pre_attn_scalar is folded into the queries.
+        scalar = config.query_pre_attn_scalar
+        self.query_scale = 1.0 if scalar in (None, self.head_dim) else (self.head_dim / scalar) ** 0.5
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
@@ -87,8 +103,8 @@ class Attention(nn.Module):
         if config.qk_norm:
             q_width = self.head_dim if config.qk_norm_per_head else self.num_heads * self.head_dim
             k_width = self.head_dim if config.qk_norm_per_head else self.num_kv_heads * self.head_dim
-            self.q_norm = RMSNorm(q_width, config.norm_eps)
-            self.k_norm = RMSNorm(k_width, config.norm_eps)
+            self.q_norm = RMSNorm(q_width, config.norm_eps, config.norm_plus_one)
+            self.k_norm = RMSNorm(k_width, config.norm_eps, config.norm_plus_one)
         else:
             self.q_norm = self.k_norm = None
 
@@ -106,19 +122,32 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.use_rope:
             q, k = apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype)), apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype))
-        y = attend(q, k, v, mask) if cache is None else cache.attend(self.layer, q, k, v, mask)
+        if self.query_scale != 1.0:
+            q = q * self.query_scale
+        y = attend(q, k, v, mask) if cache is None else cache.attend(self.layer, q, k, v, mask, self.window)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class Block(nn.Module):
+    """Pre-norm block; with sandwich_norm (Gemma) the attention and MLP outputs are normed too, under
+    Gemma's names: post_attention_layernorm is then the norm after attention, not the one before the MLP."""
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        norm = functools.partial(RMSNorm, config.hidden_size, config.norm_eps, config.norm_plus_one)
+        self.input_layernorm = norm()
         self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.post_attention_layernorm = norm()
+        self.sandwich = config.sandwich_norm
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
         self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -129,7 +158,7 @@ class Transformer(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_plus_one)
         # Tied: the head reuses the embedding matrix (no second Parameter to keep tied through
         # meta-device builds, FSDP and checkpoints).
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -143,6 +172,10 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(self.config.resolved_head_dim, max_seq_len, self.rope_theta, device=device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if self.config.rope_local_theta is not None:  # Gemma 3: sliding-window layers have their own base
+            cos, sin = rotary_tables(self.config.resolved_head_dim, max_seq_len, self.config.rope_local_theta, device=device)
+            self.register_buffer("rope_local_cos", cos, persistent=False)
+            self.register_buffer("rope_local_sin", sin, persistent=False)
 
     def set_rope(self, theta: float | None = None, max_seq_len: int | None = None) -> None:
         """Long-context extension: a larger RoPE base (ABF) and/or longer tables."""
@@ -195,10 +228,16 @@ class Transformer(nn.Module):
             mask = (keys[None, :] <= queries[:, None])[None, None]
         cos = self.rope_cos[position_ids][:, None]
         sin = self.rope_sin[position_ids][:, None]
+        inputs = {False: (cos, sin, mask)}  # per layer kind: is it a local (sliding-window) layer?
+        if self.config.sliding_window > 0:
+            inputs[True] = self._local_inputs(position_ids, cos, sin, mask, document_ids if use_documents else None,
+                                              attention_mask is None and offset == 0, kernel)
 
         x = self.embed_tokens(input_ids)
-        for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
+        if self.config.embed_scale:  # Gemma: sqrt(hidden) rounded to the weights' dtype (34.0 for 1152 in bf16)
+            x = x * torch.tensor(self.config.hidden_size**0.5).to(self.embed_tokens.weight.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, *inputs[self.config.is_local_layer(i)], cache)
         if cache is not None:
             cache.length += seq
         # The final norm stays out of the loss chunks: under sequence parallel it is where the
@@ -210,6 +249,20 @@ class Transformer(nn.Module):
         if reduction == "none":
             return self._token_logprobs(x, labels, temperature)
         return self._loss(x, labels, reduction)
+
+    def _local_inputs(self, position_ids, cos, sin, mask, document_ids, fresh: bool, kernel: str) -> tuple:
+        """cos, sin and mask of the sliding-window layers. A fresh forward (no cache offset, no caller's
+        mask) builds its document or causal mask with the window; a caller's or a cache's mask gets the band."""
+        if self.config.rope_local_theta is not None:
+            cos, sin = self.rope_local_cos[position_ids][:, None], self.rope_local_sin[position_ids][:, None]
+        window = self.config.sliding_window
+        if fresh:
+            documents = document_ids if document_ids is not None else torch.zeros_like(position_ids)
+            return cos, sin, build_mask(documents, kernel, window)
+        if isinstance(mask, SharedPromptMask):
+            raise ValueError("shared-prompt training (GRPO) does not compute sliding-window layers yet")
+        seq = position_ids.shape[1]
+        return cos, sin, window_band(mask, window, seq, mask.shape[-1] if mask is not None else seq, position_ids.device)
 
     def output(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits; under loss parallel a DTensor sharded over the vocabulary."""
@@ -280,6 +333,8 @@ class Transformer(nn.Module):
         keyed by (seed, canonical name), then sharded if the parameter is a DTensor."""
         for name, param in self.named_parameters():
             full = _initial_value(canonical_name(name), tuple(param.shape), self.config.init_std, seed)
+            if self.config.norm_plus_one and param.ndim == 1:  # (1 + w) norms start at w = 0
+                full.zero_()
             _copy_full_into(param, full)
         for layer in self.moe_layers():  # a buffer, left blank by a meta-device build
             layer.expert_bias.zero_()
