@@ -239,7 +239,7 @@ class SFTConfig:
     # Conversation files (jsonl, jsonl.gz, parquet; globs allowed); "embedded" is the embedded chat data.
     data: list[str] = field(default_factory=lambda: ["embedded"])
     embedded_conversations: int = 8000
-    chat_template: Literal["smollm3", "chatml", "model"] = "smollm3"  # model: the init model's own
+    chat_template: Literal["smollm3", "chatml", "gemma", "model"] = "smollm3"  # model: the init model's own
     loss: Literal["assistant", "all"] = "assistant"  # assistant: content + <|im_end|> of assistant turns only
     packing: bool = True  # best-fit decreasing into rows of data.seq_len; false: one conversation per row
     overflow: Literal["truncate", "drop"] = "truncate"  # a conversation longer than a row: keep its start, or skip it

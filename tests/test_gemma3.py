@@ -1,16 +1,35 @@
 """Gemma 3 against transformers: imported logits, export round trip, 10 training steps and greedy
 generation of Gemma3ForCausalLM; sliding-window masks against transformers' mask functions and a
-packed row against its documents run alone."""
+packed row against its documents run alone; sft with the gemma chat template, then chat generation."""
+
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from chat_helpers import VOCAB as VOCAB_SFT
+from chat_helpers import chat_tokenizers, conversations
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
 
+from smoltrain.config import Config, DataConfig, ModelConfig
+from smoltrain.data.tokenizer import save_tokenizer
 from smoltrain.model.attention import build_mask
+from smoltrain.model.gemma3.hf import STYLE
 from smoltrain.model.generate import generate
+from smoltrain.model.transformer import build_model
+from smoltrain.post.chat_data import write_conversations
+from smoltrain.post.chat_template import (
+    GEMMA_TOKENS,
+    encode_chat,
+    encode_prompt,
+    end_of_turn_id,
+    load_chat_tokenizer,
+    write_chat_tokenizer,
+)
+from smoltrain.post.sft import load_sft_config, sft
 from smoltrain.report.hf_export import export_hf
-from smoltrain.train.load_model import import_hf, load_any
+from smoltrain.train.load_model import import_hf, load_any, save_model_folder
 
 WINDOW = 8
 # 7 layers: a global one (the sixth) among local ones; head_dim 16 with query_pre_attn_scalar 24 so
@@ -122,3 +141,56 @@ def test_greedy_generation_past_the_window_equals_transformers(pair):
         with torch.no_grad():
             theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
         assert mine == theirs[0, len(prompt):].tolist()
+
+
+GEMMA_MODEL = dict(vocab_size=VOCAB_SFT, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=1, head_dim=16,
+                   intermediate_size=64, max_seq_len=128, sliding_window=WINDOW, global_every=3, rope_local_theta=10000.0,
+                   rope_theta=1_000_000.0, **STYLE)
+
+
+def _gemma_tokenizer(root: Path) -> Path:
+    """The chat tests' tokenizer with Gemma's two turn tokens added, and the gemma template beside it."""
+    from tokenizers import Tokenizer
+
+    chat_tokenizers(root)
+    tok = Tokenizer.from_file(str(root / "base" / "tokenizer.json"))
+    tok.add_special_tokens(list(GEMMA_TOKENS))
+    save_tokenizer(tok, root / "gemma_base")
+    return write_chat_tokenizer(root / "gemma_base", root / "gemma", "gemma")
+
+
+def test_sft_on_gemma_trains_model_turns_only_and_generates_as_transformers(tmp_path):
+    tokenizer_dir = _gemma_tokenizer(tmp_path)
+    tok = load_chat_tokenizer(tokenizer_dir)
+    convs = conversations(12)
+    # Assistant-only mask: the masked tokens spell the model turns' contents and their <end_of_turn>, nothing else.
+    for conv in convs[:4]:
+        ids, mask = encode_chat(tok, conv.messages)
+        masked = tok.decode([t for t, m in zip(ids, mask) if m])
+        assert masked == "".join(m["content"].strip() + "<end_of_turn>" for m in conv.messages if m["role"] == "assistant")
+    config = Config(model=ModelConfig(**{**GEMMA_MODEL, "vocab_size": len(tok)}), data=DataConfig(seq_len=128))
+    save_model_folder(build_model(config.model, seed=3), config, tmp_path / "init", tokenizer=tokenizer_dir)
+    write_conversations(tmp_path / "chat.jsonl", convs)
+    raw = {"data": {"seq_len": 128},
+           "sft": {"data": [str(tmp_path / "chat.jsonl")], "epochs": None, "warmup_fraction": None, "chat_eval_items": 0,
+                   "chat_template": "gemma"},
+           "optim": {"lr": 3e-3, "warmup_steps": 1, "schedule": "constant"},
+           "train": {"init": str(tmp_path / "init"), "out_dir": str(tmp_path / "run"), "max_steps": 3, "log_every": 1,
+                     "save_every": 100, "eval_every": 1000, "global_batch_tokens": 256, "micro_batch_size": 2,
+                     "tensorboard": False, "device": "cpu", "compile": "off"},
+           "eval": {"val_batches": 0}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert sft(load_sft_config(tmp_path / "r.yaml"))["finished"]
+    # Chat generation from the run equals transformers' greedy generation of the exported model.
+    model, _, _ = load_any(tmp_path / "run")
+    prompt = [{"role": "user", "content": convs[0].messages[0]["content"] if convs[0].messages[0]["role"] == "user"
+               else convs[0].messages[1]["content"]}]
+    ids = encode_prompt(tok, prompt)
+    eot = end_of_turn_id(tok)
+    ours = generate(model.eval(), [ids], 20, stop_tokens=[eot])[0]
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    hf = Gemma3ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, local_files_only=True).eval()
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=eot, pad_token_id=0)
+    theirs = theirs[0, len(ids):].tolist()
+    assert ours == (theirs[:-1] if theirs and theirs[-1] == eot else theirs)
