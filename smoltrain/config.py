@@ -65,6 +65,15 @@ class ModelConfig:
     embed_scale: bool = False  # embeddings times sqrt(hidden_size), rounded to the weights' dtype (Gemma)
     mlp_activation: Literal["silu", "gelu_tanh"] = "silu"  # the gated MLP's activation (Gemma: gelu_tanh)
     query_pre_attn_scalar: Optional[int] = None  # attention scale = this ** -0.5 (None: head_dim ** -0.5)
+    # Hybrid (Qwen3-Next): gated DeltaNet linear attention in every layer but every k-th, which attends fully.
+    full_attention_every: int = 0  # > 0: hybrid, a full-attention layer every k-th (1-based; Qwen3-Next: 4)
+    partial_rotary_factor: float = 1.0  # RoPE turns the first head_dim x this dimensions of q and k (Qwen3-Next: 0.25)
+    attention_output_gate: bool = False  # attention output times sigmoid(a second query projection) (Qwen3-Next)
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32  # a multiple of linear_num_key_heads
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_conv_kernel: int = 4  # the short causal convolution before the delta rule
 
     @property
     def resolved_expert_hidden(self) -> int:
@@ -77,6 +86,18 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.resolved_head_dim * self.partial_rotary_factor)
+
+    def layer_kind(self, layer: int) -> str:
+        """linear (gated DeltaNet), local (sliding window) or global attention."""
+        return "linear" if self.is_linear_layer(layer) else "local" if self.is_local_layer(layer) else "global"
+
+    def is_linear_layer(self, layer: int) -> bool:
+        """HF Qwen3-Next's layer_types: linear_attention unless (i + 1) % full_attention_interval == 0."""
+        return self.full_attention_every > 0 and (layer + 1) % self.full_attention_every != 0
 
     def is_local_layer(self, layer: int) -> bool:
         """HF Gemma 3's layer_types: sliding_attention unless (i + 1) % sliding_window_pattern == 0."""
@@ -478,7 +499,16 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.z_loss >= 0, f"model.z_loss must be >= 0, got {m.z_loss}")
     _require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
     _require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
-    for key in ("sliding_window", "global_every"):
+    if m.full_attention_every > 0:
+        for key in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                    "linear_conv_kernel"):
+            _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+        _require(m.linear_num_value_heads % m.linear_num_key_heads == 0,
+                 f"model.linear_num_value_heads ({m.linear_num_value_heads}) must be a multiple of "
+                 f"model.linear_num_key_heads ({m.linear_num_key_heads})")
+    _require(0 < m.partial_rotary_factor <= 1 and m.rotary_dim % 2 == 0,
+             f"model.partial_rotary_factor must be in (0, 1] and turn an even number of dimensions, got {m.partial_rotary_factor}")
+    for key in ("sliding_window", "global_every", "full_attention_every"):
         _require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
     for key in ("rope_local_theta", "query_pre_attn_scalar"):
         _require(getattr(m, key) is None or getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")

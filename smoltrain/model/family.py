@@ -112,10 +112,12 @@ def plain_moe(m: ModelConfig) -> bool:
 
 
 def standard_layers(m: ModelConfig) -> bool:
-    """Llama's layer style, the one every family but Gemma computes: global attention, w-scaled norms
-    before attention and MLP only, SwiGLU, unscaled embeddings, head_dim ** -0.5 attention scale."""
+    """Llama's layer style, the one every family but Gemma and Qwen3-Next computes: global softmax attention
+    in every layer, full RoPE, no output gate, w-scaled norms before attention and MLP only, SwiGLU,
+    unscaled embeddings, head_dim ** -0.5 attention scale."""
     return (m.sliding_window == 0 and m.rope_local_theta is None and not m.norm_plus_one and not m.sandwich_norm
-            and not m.embed_scale and m.mlp_activation == "silu" and m.query_pre_attn_scalar in (None, m.resolved_head_dim))
+            and not m.embed_scale and m.mlp_activation == "silu" and m.query_pre_attn_scalar in (None, m.resolved_head_dim)
+            and m.full_attention_every == 0 and not m.attention_output_gate and m.partial_rotary_factor == 1.0)
 
 
 __all__ = ["Family", "stack_experts", "unstack_experts", "moe_fields", "moe_hf_fields", "plain_moe", "refuse_unsupported_moe_keys",

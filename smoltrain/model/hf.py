@@ -37,8 +37,8 @@ def family_of(m: ModelConfig) -> Family:
         if family.computes(m):
             return family
     if not standard_layers(m):
-        raise CheckpointError("no Hugging Face architecture computes Gemma's layer style (sliding windows, (1 + w) sandwich "
-                              f"norms, GeGLU, scaled embeddings) in part or with experts; supported: {_SUPPORTED_TEXT}")
+        raise CheckpointError("no Hugging Face architecture computes this mixture of Gemma's or Qwen3-Next's layer style "
+                              f"(sliding windows, sandwich norms, linear or gated attention) with others; supported: {_SUPPORTED_TEXT}")
     raise CheckpointError(
         "no Hugging Face architecture computes this mixture of experts (it needs QK-norm, RoPE in every layer, "
         f"no shared expert and no loss-free bias: model.shared_expert_hidden=0, model.bias_update_rate=0); supported: {_SUPPORTED_TEXT}"

@@ -29,6 +29,8 @@ from smoltrain.model.attention import (
 from smoltrain.model.layers import MLP, RMSNorm
 from smoltrain.model.loss import LossOutput, chunked_logprobs, chunked_loss, cross_entropy_sums, label_logprobs
 from smoltrain.model.moe import MoE, load_balancing_loss, router_z_loss
+from smoltrain.model.qwen3_next.delta_rule import segments_from_documents
+from smoltrain.model.qwen3_next.layer import GatedDeltaNet
 
 
 class KVCache:
@@ -45,6 +47,13 @@ class KVCache:
         self.keys = self.values = None
         self.length = 0  # tokens already stored
         self.prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # keys, values, padding bias
+        self.linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # linear layers: (conv state, recurrent state)
+
+    def linear_state(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.linear.get(layer, (None, None))
+
+    def set_linear_state(self, layer: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        self.linear[layer] = (conv, state)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keys is None:
@@ -95,7 +104,9 @@ class Attention(nn.Module):
         scalar = config.query_pre_attn_scalar
         self.query_scale = 1.0 if scalar in (None, self.head_dim) else (self.head_dim / scalar) ** 0.5
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.output_gate = config.attention_output_gate
+        # With the output gate, q_proj also makes the gate: [query | gate] per head (Qwen3-Next's layout).
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim * (2 if self.output_gate else 1), bias=False)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
@@ -112,6 +123,9 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         # -1 instead of num_heads: tensor parallelism shards the projections and leaves local head counts.
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.output_gate:
+            q, gate = q.view(batch, seq, -1, 2 * self.head_dim).chunk(2, dim=-1)
+            q, gate = q.reshape(batch, seq, -1), gate.reshape(batch, seq, -1)
         if self.q_norm is not None and not self.qk_norm_per_head:  # over the full width (OLMoE)
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(batch, seq, -1, self.head_dim)
@@ -120,12 +134,17 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.qk_norm_per_head:  # per head, before RoPE (Qwen3)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.use_rope:
+        if self.use_rope and cos.shape[-1] < self.head_dim:  # partial RoPE: the other dimensions carry no position
+            rot = cos.shape[-1]
+            q = torch.cat([apply_rotary(q[..., :rot], cos.to(q.dtype), sin.to(q.dtype)), q[..., rot:]], dim=-1)
+            k = torch.cat([apply_rotary(k[..., :rot], cos.to(k.dtype), sin.to(k.dtype)), k[..., rot:]], dim=-1)
+        elif self.use_rope:
             q, k = apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype)), apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype))
         if self.query_scale != 1.0:
             q = q * self.query_scale
         y = attend(q, k, v, mask) if cache is None else cache.attend(self.layer, q, k, v, mask, self.window)
-        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+        y = y.transpose(1, 2).reshape(batch, seq, -1)
+        return self.o_proj(y * torch.sigmoid(gate) if self.output_gate else y)
 
 
 class Block(nn.Module):
@@ -136,7 +155,11 @@ class Block(nn.Module):
         super().__init__()
         norm = functools.partial(RMSNorm, config.hidden_size, config.norm_eps, config.norm_plus_one)
         self.input_layernorm = norm()
-        self.self_attn = Attention(config, layer)
+        self.linear = config.is_linear_layer(layer)
+        if self.linear:  # a hybrid's linear layer: `mask` brings the document segments (or None)
+            self.linear_attn = GatedDeltaNet(config, layer)
+        else:
+            self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = norm()
         self.sandwich = config.sandwich_norm
         if self.sandwich:
@@ -144,11 +167,16 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config)
 
+    def mix(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+        if self.linear:
+            return self.linear_attn(x, mask, cache)
+        return self.self_attn(x, cos, sin, mask, cache)
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
         if self.sandwich:
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            x = x + self.post_attention_layernorm(self.mix(self.input_layernorm(x), cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + self.mix(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -169,11 +197,11 @@ class Transformer(nn.Module):
         self.loss_parallel = False
 
     def _register_rope(self, max_seq_len: int, device) -> None:
-        cos, sin = rotary_tables(self.config.resolved_head_dim, max_seq_len, self.rope_theta, device=device)
+        cos, sin = rotary_tables(self.config.rotary_dim, max_seq_len, self.rope_theta, device=device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if self.config.rope_local_theta is not None:  # Gemma 3: sliding-window layers have their own base
-            cos, sin = rotary_tables(self.config.resolved_head_dim, max_seq_len, self.config.rope_local_theta, device=device)
+            cos, sin = rotary_tables(self.config.rotary_dim, max_seq_len, self.config.rope_local_theta, device=device)
             self.register_buffer("rope_local_cos", cos, persistent=False)
             self.register_buffer("rope_local_sin", sin, persistent=False)
 
@@ -228,16 +256,20 @@ class Transformer(nn.Module):
             mask = (keys[None, :] <= queries[:, None])[None, None]
         cos = self.rope_cos[position_ids][:, None]
         sin = self.rope_sin[position_ids][:, None]
-        inputs = {False: (cos, sin, mask)}  # per layer kind: is it a local (sliding-window) layer?
+        inputs = {"global": (cos, sin, mask)}  # per kind of layer: global, local (sliding window), linear
         if self.config.sliding_window > 0:
-            inputs[True] = self._local_inputs(position_ids, cos, sin, mask, document_ids if use_documents else None,
-                                              attention_mask is None and offset == 0, kernel)
+            inputs["local"] = self._local_inputs(position_ids, cos, sin, mask, document_ids if use_documents else None,
+                                                 attention_mask is None and offset == 0, kernel)
+        if self.config.full_attention_every > 0:
+            if attention_mask is not None:
+                raise ValueError("linear-attention layers take no attention mask (padded batches: generation is not supported yet)")
+            inputs["linear"] = (None, None, segments_from_documents(document_ids) if use_documents else None)
 
         x = self.embed_tokens(input_ids)
         if self.config.embed_scale:  # Gemma: sqrt(hidden) rounded to the weights' dtype (34.0 for 1152 in bf16)
             x = x * torch.tensor(self.config.hidden_size**0.5).to(self.embed_tokens.weight.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, *inputs[self.config.is_local_layer(i)], cache)
+            x = block(x, *inputs[self.config.layer_kind(i)], cache)
         if cache is not None:
             cache.length += seq
         # The final norm stays out of the loss chunks: under sequence parallel it is where the
@@ -333,8 +365,10 @@ class Transformer(nn.Module):
         keyed by (seed, canonical name), then sharded if the parameter is a DTensor."""
         for name, param in self.named_parameters():
             full = _initial_value(canonical_name(name), tuple(param.shape), self.config.init_std, seed)
-            if self.config.norm_plus_one and param.ndim == 1:  # (1 + w) norms start at w = 0
+            if self.config.norm_plus_one and param.ndim == 1 and ".linear_attn." not in name:  # (1 + w) norms start at w = 0
                 full.zero_()
+            if name.endswith("linear_attn.A_log"):  # decay rates exp(A) in (1, 16), the range FLA draws them from
+                full = _initial_value(canonical_name(name) + "/A", (2, *param.shape), 1.0, seed)[0].sigmoid().mul(15).add(1).log()
             _copy_full_into(param, full)
         for layer in self.moe_layers():  # a buffer, left blank by a meta-device build
             layer.expert_bias.zero_()

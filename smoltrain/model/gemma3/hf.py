@@ -18,7 +18,8 @@ UNSUPPORTED = ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirec
 
 def computes(m: ModelConfig) -> bool:
     all_rope = all(m.uses_rope(i) for i in range(m.num_layers))
-    return m.num_experts == 0 and all_rope and all(getattr(m, key) == value for key, value in STYLE.items())
+    hybrid = m.full_attention_every > 0 or m.attention_output_gate or m.partial_rotary_factor != 1.0
+    return m.num_experts == 0 and all_rope and not hybrid and all(getattr(m, key) == value for key, value in STYLE.items())
 
 
 def layer_types(m: ModelConfig) -> list[str]:

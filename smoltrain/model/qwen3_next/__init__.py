@@ -1,2 +1,6 @@
-"""Qwen3-Next's linear attention: the gated delta rule (chunked for training, recurrent for decoding) and
-its short causal convolution, both resetting at document boundaries."""
+"""Qwen3-Next: gated DeltaNet linear attention (model/qwen3_next/delta_rule.py, layer.py) with gated full
+attention every k-th layer (transformers' Qwen3NextForCausalLM, dense MLPs)."""
+
+from smoltrain.model.qwen3_next.hf import FAMILY
+
+__all__ = ["FAMILY"]

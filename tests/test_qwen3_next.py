@@ -1,0 +1,83 @@
+"""Qwen3-Next (dense) against transformers' Qwen3NextForCausalLM on its torch fallback path: imported
+logits, export round trip, 10 training steps; and a packed row of the hybrid against its documents alone."""
+
+import pytest
+import torch
+from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+from smoltrain.report.hf_export import export_hf
+from smoltrain.train.load_model import import_hf, load_any
+
+# 4 layers: 3 gated DeltaNet + 1 gated full attention; 2 key heads serving 4 value heads; partial RoPE.
+HF_CONFIG = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                 linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4, num_experts=0,
+                 max_position_embeddings=256, pad_token_id=None)
+
+
+def _hf_next(seed: int = 0) -> Qwen3NextForCausalLM:
+    """Norm weights (and dt_bias, A_log) away from their init, so a (1 + w) slip or a swapped vector shows."""
+    torch.manual_seed(seed)
+    model = Qwen3NextForCausalLM(Qwen3NextConfig(**HF_CONFIG))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn(p.shape))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3_next")
+    hf = _hf_next()
+    hf.save_pretrained(root / "hf")
+    ours, config, _ = load_any(import_hf(root / "hf", root / "ours"))
+    return hf, ours.eval(), config, root
+
+
+def test_imported_qwen3_next_logits_match_transformers_and_export_round_trips(pair):
+    hf, ours, config, root = pair
+    m = config.model
+    assert (m.full_attention_every, m.partial_rotary_factor, m.linear_num_value_heads) == (4, 0.25, 4)
+    ids = torch.randint(0, 128, (2, 100), generator=torch.Generator().manual_seed(1))  # 100 tokens: two chunks of 64
+    with torch.no_grad():
+        ours_logits, theirs = ours(ids), hf(ids).logits
+    assert (ours_logits - theirs).abs().max().item() <= 1e-4
+    export_hf(ours, root / "exported")
+    again = Qwen3NextForCausalLM.from_pretrained(root / "exported", dtype=torch.float32, local_files_only=True).eval()
+    assert again.config.layer_types == hf.config.layer_types
+    expected = hf.state_dict()
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_packed_row_of_the_hybrid_gives_each_document_its_alone_logits(pair):
+    _, ours, _, _ = pair
+    lengths = [30, 1, 50, 19]
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(0, 128, (1, n), generator=g) for n in lengths]
+    document_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        packed = ours(torch.cat(docs, dim=1), document_ids=document_ids)
+        alone = torch.cat([ours(d) for d in docs], dim=1)
+    assert (packed - alone).abs().max().item() <= 1e-5
+
+
+def test_ten_training_steps_give_transformers_losses(tmp_path):
+    hf = _hf_next(seed=3).train()
+    hf.save_pretrained(tmp_path / "hf")
+    ours, _, _ = load_any(import_hf(tmp_path / "hf", tmp_path / "ours"))
+    ours.train()
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-2)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for step in range(10):
+        ids = torch.randint(0, 128, (2, 24), generator=g)
+        labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)  # transformers shifts inside
+        theirs = hf(ids, labels=ids).loss
+        mine = ours(ids, labels=labels).loss
+        assert abs(mine.item() - theirs.item()) < 1e-4 * max(1.0, theirs.item()), (step, mine.item(), theirs.item())
+        for loss, opt in ((theirs, opt_hf), (mine, opt_ours)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
