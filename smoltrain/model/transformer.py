@@ -71,6 +71,8 @@ class KVCache:
         """The stored tokens become the shared prompts (bias [prompts, 1, 1, length]: -inf on padding);
         `repeats` rows per prompt (prompt-major) then store up to max_new_tokens each."""
         self.prompts = (self.keys[:, :, :, : self.length], self.values[:, :, :, : self.length], bias)
+        self.linear = {layer: (conv.repeat_interleave(repeats, 0), state.repeat_interleave(repeats, 0))
+                       for layer, (conv, state) in self.linear.items()}
         self.keys = self.values = None
         self.batch, self.max_len, self.length = self.batch * repeats, max_new_tokens, 0
 
@@ -261,9 +263,7 @@ class Transformer(nn.Module):
             inputs["local"] = self._local_inputs(position_ids, cos, sin, mask, document_ids if use_documents else None,
                                                  attention_mask is None and offset == 0, kernel)
         if self.config.full_attention_every > 0:
-            if attention_mask is not None:
-                raise ValueError("linear-attention layers take no attention mask (padded batches: generation is not supported yet)")
-            inputs["linear"] = (None, None, segments_from_documents(document_ids) if use_documents else None)
+            inputs["linear"] = (None, None, self._linear_segments(document_ids if use_documents else None, attention_mask))
 
         x = self.embed_tokens(input_ids)
         if self.config.embed_scale:  # Gemma: sqrt(hidden) rounded to the weights' dtype (34.0 for 1152 in bf16)
@@ -281,6 +281,18 @@ class Transformer(nn.Module):
         if reduction == "none":
             return self._token_logprobs(x, labels, temperature)
         return self._loss(x, labels, reduction)
+
+    @staticmethod
+    def _linear_segments(document_ids: torch.Tensor | None, attention_mask) -> torch.Tensor | None:
+        """Document index per token for the linear layers (their state and convolution restart per document).
+        A caller's mask is generation's left-padded prefill: the last query of each row sees exactly its
+        real keys, so padding (0) and prompt (1) are two documents and the state starts at the prompt."""
+        if attention_mask is None:
+            return segments_from_documents(document_ids) if document_ids is not None else None
+        if not isinstance(attention_mask, torch.Tensor):
+            raise ValueError("linear-attention layers take no shared-prompt mask (GRPO's shared-prompt training)")
+        seq = attention_mask.shape[-2]
+        return attention_mask[:, 0, -1, -seq:].long()
 
     def _local_inputs(self, position_ids, cos, sin, mask, document_ids, fresh: bool, kernel: str) -> tuple:
         """cos, sin and mask of the sliding-window layers. A fresh forward (no cache offset, no caller's

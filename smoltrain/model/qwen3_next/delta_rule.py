@@ -32,20 +32,22 @@ def segments_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, segments: torch.Tensor | None = None,
                 state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal convolution then SiLU. x [batch, channels, seq]; weight [channels, kernel];
-    state [batch, channels, kernel - 1]: the inputs before x (zeros if None). A token sees only inputs
-    of its own document (segments [batch, seq]). Returns (output, the new state)."""
+    state [batch, channels, kernel - 1]: the inputs before x (zeros if None), of the first token's
+    document. A token sees only inputs of its own document (segments [batch, seq]). Returns (output,
+    the new state)."""
     kernel = weight.shape[1]
     batch, channels, seq = x.shape
-    past = state if state is not None else x.new_zeros(batch, channels, kernel - 1)
-    full = torch.cat([past.to(x.dtype), x], dim=-1)
+    past = state.to(x.dtype) if state is not None else x.new_zeros(batch, channels, kernel - 1)
+    full = torch.cat([past, x], dim=-1)
     if segments is None:
         out = F.conv1d(full, weight[:, None], groups=channels)
-    else:  # shift by shift, each tap zeroed where it reaches into another document
+    else:  # tap by tap, each zeroed where it reaches into another document
+        full_segments = torch.cat([segments[:, :1].expand(-1, kernel - 1), segments], dim=1)
         out = x * weight[:, -1:]
         for shift in range(1, kernel):
-            same = torch.zeros_like(segments, dtype=torch.bool)
-            same[:, shift:] = segments[:, shift:] == segments[:, :-shift]
-            out = out + full[:, :, kernel - 1 - shift : kernel - 1 - shift + seq] * weight[:, kernel - 1 - shift, None] * same[:, None]
+            start = kernel - 1 - shift
+            same = full_segments[:, start : start + seq] == segments
+            out = out + full[:, :, start : start + seq] * weight[:, start, None] * same[:, None]
     return F.silu(out), full[:, :, -(kernel - 1):]
 
 
