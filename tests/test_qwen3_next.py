@@ -94,3 +94,18 @@ def test_greedy_generation_from_the_recurrent_state_equals_transformers(pair):
         with torch.no_grad():
             theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)
         assert mine == theirs[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_next", "gemma3"])
+def test_parameter_counts_of_the_new_layer_styles_match_the_built_models(kind):
+    from smoltrain.config import ModelConfig
+    from smoltrain.model.flops import parameter_counts
+    from smoltrain.model.gemma3.hf import STYLE as GEMMA
+    from smoltrain.model.qwen3_next.hf import STYLE as NEXT
+    from smoltrain.model.transformer import build_model, count_parameters
+
+    base = dict(vocab_size=96, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=48, max_seq_len=32)
+    extra = (dict(NEXT, full_attention_every=2, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                  linear_value_head_dim=12) if kind == "qwen3_next" else dict(GEMMA, sliding_window=8, global_every=2))
+    config = ModelConfig(**base, **extra)
+    assert parameter_counts(config)["total"] == count_parameters(build_model(config))
