@@ -109,3 +109,31 @@ def test_parameter_counts_of_the_new_layer_styles_match_the_built_models(kind):
                   linear_value_head_dim=12) if kind == "qwen3_next" else dict(GEMMA, sliding_window=8, global_every=2))
     config = ModelConfig(**base, **extra)
     assert parameter_counts(config)["total"] == count_parameters(build_model(config))
+
+
+def test_the_attention_vs_hybrid_ablation_runs_at_a_tiny_size(tmp_path):
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+    from pretrain_helpers import tiny_pretrain_config, write_two_sources
+
+    from smoltrain.ablate.grid import ablate
+    from smoltrain.ablate.spec import load_ablation
+    from smoltrain.model.flops import parameter_counts
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "ablations" / "attention-vs-hybrid.yaml"
+    shipped = load_ablation(path)
+    counts = {v: parameter_counts(shipped.config_for(v, 0).model)["total"] for v in shipped.variants}
+    assert abs(counts["hybrid-3to1"] / counts["baseline"] - 1) < 0.01  # equal parameters, as the recipe says
+    assert [shipped.config_for("hybrid-3to1", 0).model.layer_kind(i) for i in range(4)] == ["linear"] * 3 + ["global"]
+
+    tiny = dataclasses.asdict(tiny_pretrain_config(write_two_sources(tmp_path / "data"), tmp_path / "unused"))
+    tiny["train"] = {k: v for k, v in tiny["train"].items() if k not in ("out_dir", "max_steps", "seed")}
+    raw = {**yaml.safe_load(path.read_text()), "baseline": tiny, "budget": {"steps": 3}, "eval": {"val_batches": 0},
+           "param_tolerance": 1.0}
+    results = ablate(spec=load_ablation(raw=raw, out_dir=str(tmp_path / "ablation")))
+    assert set(results["arms"]) == {"baseline", "hybrid-3to1"}
+    runs = [r for arm in results["arms"].values() for r in arm["runs"]]
+    assert len(runs) == 4 and len({r["tokens"] for r in runs}) == 1  # same tokens in every run
+    assert all(r["tokens_per_s"] for r in runs)
