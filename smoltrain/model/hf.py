@@ -2,7 +2,7 @@
 
 Our parameter names are Hugging Face's minus the `model.` prefix (MoE experts stacked), so conversion
 is a rename; the one decision is the architecture, which each family in model/families.py answers
-(Llama, SmolLM3, Qwen3, Qwen3-MoE, OLMoE, Gemma 3). Loading and saving folders is train/load_model.py's.
+(Llama, SmolLM3, Qwen3, Qwen3-MoE, OLMoE, Gemma 3, Qwen3-Next). Loading and saving folders is train/load_model.py's.
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ document boundaries, so a packed row gives each document the outputs it gets alo
 
 Per token: S <- exp(g) S + beta k (v - exp(g) S^T k)^T, out = S^T q / sqrt(d_k), with q and k
 L2-normalised (as transformers' torch fallback and the FLA kernels). The chunked form follows
-transformers' (UT transform per chunk, a scan over chunks) with two changes that make it ~2x faster
-on CPU: one triangular solve for both right-hand sides, and the chunk's read of its entry state folded
-into one query matrix, so the scan does 3 small matmuls per chunk instead of 4.
+transformers' (UT transform per chunk, a scan over chunks) with one triangular solve for both
+right-hand sides and the chunk's reads of its entry state folded into one matrix, so the scan does 2
+small matmuls per chunk instead of 4; on the shared 2-core CPU that measured 1.0x its speed forward
+and 1.0-1.5x forward + backward (bench/linear_attention.py), not the 2x hoped for: small elementwise
+passes, not the matmuls, dominate at these sizes.
 """
 
 from __future__ import annotations
