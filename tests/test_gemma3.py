@@ -194,3 +194,21 @@ def test_sft_on_gemma_trains_model_turns_only_and_generates_as_transformers(tmp_
         theirs = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=eot, pad_token_id=0)
     theirs = theirs[0, len(ids):].tolist()
     assert ours == (theirs[:-1] if theirs and theirs[-1] == eot else theirs)
+
+
+def test_grpo_shared_prompt_logprobs_of_gemma_equal_the_full_rows(pair):
+    """completion_logprobs (each prompt once, its completions attending to it) keeps the sliding window:
+    prompts and completions longer than the window give the full rows' log-probabilities."""
+    from smoltrain.model.transformer import token_logprobs
+    from smoltrain.post.rollout import completion_logprobs, generate_rollouts, micro_batches
+
+    _, ours, _, _ = pair
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 12)]
+    rollouts = generate_rollouts(ours, prompts, num_generations=2, max_completion_length=10, temperature=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+    for batch in micro_batches(rollouts, torch.zeros(4), size=4):
+        with torch.no_grad():
+            full = token_logprobs(ours, batch["input_ids"], batch["labels"])
+            shared = completion_logprobs(ours, batch)
+        torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)

@@ -7,6 +7,7 @@ Initialisation is a function of (seed, parameter name) only, never of the parall
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 
@@ -303,8 +304,11 @@ class Transformer(nn.Module):
         if fresh:
             documents = document_ids if document_ids is not None else torch.zeros_like(position_ids)
             return cos, sin, build_mask(documents, kernel, window)
-        if isinstance(mask, SharedPromptMask):
-            raise ValueError("shared-prompt training (GRPO) does not compute sliding-window layers yet")
+        if isinstance(mask, SharedPromptMask):  # left-padded prompts then their tails: columns are positions
+            prompt_len, tail_len = mask.prompt_len, mask.tail_len
+            return cos, sin, dataclasses.replace(
+                mask, prompt_mask=window_band(mask.prompt_mask, window, prompt_len, prompt_len, position_ids.device),
+                tail_mask=window_band(mask.tail_mask, window, tail_len, prompt_len + tail_len, position_ids.device))
         seq = position_ids.shape[1]
         return cos, sin, window_band(mask, window, seq, mask.shape[-1] if mask is not None else seq, position_ids.device)
 
