@@ -212,3 +212,19 @@ def test_grpo_shared_prompt_logprobs_of_gemma_equal_the_full_rows(pair):
             full = token_logprobs(ours, batch["input_ids"], batch["labels"])
             shared = completion_logprobs(ours, batch)
         torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_keeps_only_the_window_of_local_layers(pair):
+    from smoltrain.model.generate import _decode_step, _prefill
+
+    _, ours, config, _ = pair
+    state = _prefill(ours, [list(range(1, 21)), list(range(3, 9))], max_new_tokens=12, lockstep=None, repeats=2)
+    for column in range(state.longest, state.longest + 11):
+        state.ids[:, column] = 5
+        _decode_step(ours, state, column)
+    cache = state.cache
+    for layer in range(config.model.num_layers):
+        local = config.model.is_local_layer(layer)
+        # 20 prompt tokens and 11 own ones: a local layer keeps the prompt's last 7 and a ring of 8
+        assert cache.prompts[0][layer].shape[2] == (WINDOW - 1 if local else 20)
+        assert cache.keys[layer].shape[2] == (WINDOW if local else 12)
