@@ -137,3 +137,26 @@ def test_the_attention_vs_hybrid_ablation_runs_at_a_tiny_size(tmp_path):
     runs = [r for arm in results["arms"].values() for r in arm["runs"]]
     assert len(runs) == 4 and len({r["tokens"] for r in runs}) == 1  # same tokens in every run
     assert all(r["tokens_per_s"] for r in runs)
+
+
+def test_loss_by_position_buckets_each_token_by_its_place_in_its_document(pair):
+    from smoltrain.eval.validation import position_sums
+    from smoltrain.model.transformer import token_logprobs
+
+    _, ours, _, _ = pair
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 128, (2, 40), generator=g)
+    labels = torch.randint(0, 128, (2, 40), generator=g)
+    labels[1, :3] = -100
+    documents = torch.tensor([[0] * 25 + [1] * 15, [0] * 40])
+    sums = position_sums(ours, [{"input_ids": ids, "labels": labels, "document_ids": documents}], 4, torch.device("cpu"))
+    # Brute force: every document alone, its tokens' nats by position into buckets of 10.
+    expected = torch.zeros(4, 2, dtype=torch.float64)
+    for row, spans in ((0, [(0, 25), (25, 40)]), (1, [(0, 40)])):
+        for a, b in spans:
+            with torch.no_grad():
+                nats = -token_logprobs(ours, ids[row : row + 1, a:b], labels[row : row + 1, a:b])[0]
+            for p in range(b - a):
+                if labels[row, a + p] != -100:
+                    expected[p // 10] += torch.tensor([nats[p].item(), 1.0], dtype=torch.float64)
+    torch.testing.assert_close(sums, expected, rtol=1e-5, atol=1e-4)
