@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from smoltrain.model.qwen3_next.delta_rule import chunk_gated_delta_rule
+from smoltrain.model.delta_rule import chunk_gated_delta_rule
 
 
 def _inputs(batch: int, seq: int, heads: int, dim: int, device: str, grad: bool):

@@ -10,7 +10,7 @@ from transformers.models.qwen3_next.modeling_qwen3_next import (
     torch_recurrent_gated_delta_rule,
 )
 
-from smoltrain.model.qwen3_next.delta_rule import (
+from smoltrain.model.delta_rule import (
     causal_conv,
     chunk_gated_delta_rule,
     recurrent_gated_delta_rule,

@@ -27,11 +27,11 @@ from smoltrain.model.attention import (
     rotary_tables,
     window_band,
 )
+from smoltrain.model.delta_rule import segments_from_documents
 from smoltrain.model.layers import MLP, RMSNorm
+from smoltrain.model.linear_attention import GatedDeltaNet
 from smoltrain.model.loss import LossOutput, chunked_logprobs, chunked_loss, cross_entropy_sums, label_logprobs
 from smoltrain.model.moe import MoE, load_balancing_loss, router_z_loss
-from smoltrain.model.qwen3_next.delta_rule import segments_from_documents
-from smoltrain.model.qwen3_next.layer import GatedDeltaNet
 
 
 class KVCache:

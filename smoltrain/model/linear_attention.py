@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smoltrain.config import ModelConfig
-from smoltrain.model.qwen3_next.delta_rule import causal_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from smoltrain.model.delta_rule import causal_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
 
 
 class GatedRMSNorm(nn.Module):
