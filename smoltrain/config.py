@@ -56,6 +56,24 @@ class ModelConfig:
     aux_loss_coef: float = 0.01  # x transformers' load_balancing_loss_func (balanced = experts_per_token)
     router_z_loss: float = 0.0  # x mean(logsumexp(router logits)^2) (ST-MoE)
     bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 aux-loss-free bias, +-rate per optimizer step
+    # Gemma 3: local sliding-window layers with a global one every k-th, and its block and norm style.
+    sliding_window: int = 0  # > 0: local layers attend to the last W tokens, themselves included
+    global_every: int = 0  # with sliding_window: every k-th layer (1-based) attends globally (Gemma 3: 6)
+    rope_local_theta: Optional[float] = None  # RoPE base of the local layers (Gemma 3: 10000); None: rope_theta
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w starting at 0, in float32 (Gemma)
+    sandwich_norm: bool = False  # a norm after attention and after the MLP too (Gemma 2 and 3)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), rounded to the weights' dtype (Gemma)
+    mlp_activation: Literal["silu", "gelu_tanh"] = "silu"  # the gated MLP's activation (Gemma: gelu_tanh)
+    query_pre_attn_scalar: Optional[int] = None  # attention scale = this ** -0.5 (None: head_dim ** -0.5)
+    # Hybrid (Qwen3-Next): gated DeltaNet linear attention in every layer but every k-th, which attends fully.
+    full_attention_every: int = 0  # > 0: hybrid, a full-attention layer every k-th (1-based; Qwen3-Next: 4)
+    partial_rotary_factor: float = 1.0  # RoPE turns the first head_dim x this dimensions of q and k (Qwen3-Next: 0.25)
+    attention_output_gate: bool = False  # attention output times sigmoid(a second query projection) (Qwen3-Next)
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32  # a multiple of linear_num_key_heads
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_conv_kernel: int = 4  # the short causal convolution before the delta rule
 
     @property
     def resolved_expert_hidden(self) -> int:
@@ -68,6 +86,22 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.resolved_head_dim * self.partial_rotary_factor)
+
+    def layer_kind(self, layer: int) -> str:
+        """linear (gated DeltaNet), local (sliding window) or global attention."""
+        return "linear" if self.is_linear_layer(layer) else "local" if self.is_local_layer(layer) else "global"
+
+    def is_linear_layer(self, layer: int) -> bool:
+        """HF Qwen3-Next's layer_types: linear_attention unless (i + 1) % full_attention_interval == 0."""
+        return self.full_attention_every > 0 and (layer + 1) % self.full_attention_every != 0
+
+    def is_local_layer(self, layer: int) -> bool:
+        """HF Gemma 3's layer_types: sliding_attention unless (i + 1) % sliding_window_pattern == 0."""
+        return self.sliding_window > 0 and not (self.global_every > 0 and (layer + 1) % self.global_every == 0)
 
     def uses_rope(self, layer: int) -> bool:
         """HF SmolLM3 semantics: no_rope_layers[i] = 1 (RoPE) unless (i + 1) % interval == 0."""
@@ -248,7 +282,7 @@ class SFTConfig:
     data: list[str] = field(default_factory=lambda: ["embedded"])
     split: Optional[str] = None  # of dataset folders in data (default: their only split, else train)
     embedded_conversations: int = 8000
-    chat_template: Literal["smollm3", "chatml", "model"] = "smollm3"  # model: the init model's own
+    chat_template: Literal["smollm3", "chatml", "gemma", "model"] = "smollm3"  # model: the init model's own
     loss: Literal["assistant", "all"] = "assistant"  # assistant: content + <|im_end|> of assistant turns only
     packing: bool = True  # best-fit decreasing into rows of data.seq_len; false: one conversation per row
     overflow: Literal["truncate", "drop"] = "truncate"  # a conversation longer than a row: keep its start, or skip it
@@ -487,8 +521,22 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.z_loss >= 0, f"model.z_loss must be >= 0, got {m.z_loss}")
     _require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
     _require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
+    if m.full_attention_every > 0:
+        for key in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                    "linear_conv_kernel"):
+            _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+        _require(m.linear_num_value_heads % m.linear_num_key_heads == 0,
+                 f"model.linear_num_value_heads ({m.linear_num_value_heads}) must be a multiple of "
+                 f"model.linear_num_key_heads ({m.linear_num_key_heads})")
+    _require(0 < m.partial_rotary_factor <= 1 and m.rotary_dim % 2 == 0,
+             f"model.partial_rotary_factor must be in (0, 1] and turn an even number of dimensions, got {m.partial_rotary_factor}")
+    for key in ("sliding_window", "global_every", "full_attention_every"):
+        _require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
+    for key in ("rope_local_theta", "query_pre_attn_scalar"):
+        _require(getattr(m, key) is None or getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     if m.num_experts > 0:
         _validate_moe(m)
+        _require(m.mlp_activation == "silu", f"model.mlp_activation={m.mlp_activation!r}: experts compute SwiGLU (silu) only")
 
 
 def _validate_moe(m: ModelConfig) -> None:

@@ -73,6 +73,21 @@ def evaluate_checkpoint(config: Config, run_dir: Path) -> dict:
         return evaluate_during_training(model, config, torch.device(device))
 
 
+def evaluate_positions(config: Config, run_dir: Path) -> dict:
+    """Validation loss by position in the document on the run's latest checkpoint (early vs late tokens)."""
+    import torch
+
+    from smoltrain.eval.validation import loss_by_position
+    from smoltrain.train.checkpoint import load_model_from_checkpoint
+    from smoltrain.train.distributed import resolve_device
+
+    device = resolve_device(config.train.device).type
+    model, _ = load_model_from_checkpoint(str(run_dir), device)
+    model.eval()
+    with torch.no_grad():
+        return loss_by_position(model, config, config.eval.val_batches, config.eval.batch_size, device=device)
+
+
 def run_one(spec: AblationSpec, variant: str, seed: int, train_fn: TrainFn, evaluate_fn: EvaluateFn,
             console: Console) -> dict:
     """Train (or resume) and evaluate one run; returns its record."""
@@ -112,6 +127,9 @@ def run_one(spec: AblationSpec, variant: str, seed: int, train_fn: TrainFn, eval
     final_eval = next((e["eval"] for e in reversed(eval_rows) if e["step"] >= max_steps), None)
     if final_eval is None:
         final_eval = evaluate_fn(config, run_dir)
+    # Only for the trainer's runs (a test's stand-in train_fn leaves no checkpoint to score).
+    positions = evaluate_positions(config, run_dir) if train_fn is train_with_trainer and config.eval.val_batches else {}
+    memory = [r["peak_memory_gb"] for r in train_rows if r.get("peak_memory_gb") is not None]  # CUDA runs log it
     record.update(
         finished=True,
         wall_s=record["wall_s"] + time.perf_counter() - start,
@@ -125,7 +143,8 @@ def run_one(spec: AblationSpec, variant: str, seed: int, train_fn: TrainFn, eval
         curve={"step": [r["step"] for r in train_rows], "loss": [r["loss"] for r in train_rows],
                "tokens": [r.get("tokens") for r in train_rows], "elapsed_s": [r.get("elapsed_s") for r in train_rows]},
         eval=final_eval,
-        metrics={"train/final_loss": final_loss(train_rows), **flatten_eval(final_eval or {})},
+        metrics={"train/final_loss": final_loss(train_rows), **flatten_eval(final_eval or {}), **positions,
+                 **({"train/peak_memory_gb": max(memory)} if memory else {})},
     )
     _write_json(record_path, record)
     return record

@@ -161,3 +161,39 @@ def validation_per_source(model, config, num_batches: int, batch_size: int, devi
             sums = sum_over_ranks(model, sums, forwards, rank, group, batches[0]["input_ids"][:1].to(device))
         results[source] = metrics_from_sums(sums)
     return results
+
+
+@torch.no_grad()
+def position_sums(model, batches: Iterable[dict], buckets: int, device: torch.device) -> torch.Tensor:
+    """float64 [buckets, 2] (nats, tokens) of the label tokens by their position in their document (the
+    context they see: `document_ids` restart it), in `buckets` equal slices of the row length."""
+    from smoltrain.model.attention import positions_from_documents
+
+    sums = torch.zeros(buckets, 2, dtype=torch.float64, device=device)
+    for batch in batches:
+        input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        documents = batch.get("document_ids")
+        documents = documents.to(device) if documents is not None else torch.zeros_like(input_ids)
+        nats = -token_logprobs(model, input_ids, labels, document_ids=documents)
+        width = -(-input_ids.shape[1] // buckets)
+        bucket = positions_from_documents(documents) // width
+        valid = labels != -100
+        sums[:, 0].index_add_(0, bucket[valid], nats[valid].double())
+        sums[:, 1].index_add_(0, bucket[valid], torch.ones_like(nats[valid], dtype=torch.float64))
+    return sums
+
+
+def loss_by_position(model, config, num_batches: int, batch_size: int, buckets: int = 4, device=None) -> dict:
+    """{"val/position/0-63": mean loss, ...} over the validation sources pooled: early against late
+    tokens of a document (a hybrid's linear layers forget, softmax attention does not)."""
+    from smoltrain.data.loader import validation_batches
+
+    config = resolve_data_config(config)
+    if not config.data.validation or num_batches <= 0:
+        return {}
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    sums = sum(position_sums(model, list(validation_batches(config, source, num_batches, batch_size)), buckets, device)
+               for source in config.data.validation)
+    width = -(-config.data.seq_len // buckets)
+    return {f"val/position/{i * width}-{(i + 1) * width - 1}": float(nats / tokens)
+            for i, (nats, tokens) in enumerate(sums.tolist()) if tokens}

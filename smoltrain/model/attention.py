@@ -101,32 +101,51 @@ def _note_once(message: str) -> None:
     log.info(message)
 
 
-def document_mask_dense(document_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean [batch, 1, seq, seq]: causal and same document."""
+def document_mask_dense(document_ids: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """Boolean [batch, 1, seq, seq]: causal and same document (and within the window, if one)."""
     seq = document_ids.shape[-1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    if window > 0:
+        causal = causal.triu(-(window - 1))
     same_document = document_ids[:, :, None] == document_ids[:, None, :]
     return (causal & same_document)[:, None]
 
 
-def document_block_mask(document_ids: torch.Tensor):
-    """flex_attention BlockMask for causal attention within documents."""
+def document_block_mask(document_ids: torch.Tensor, window: int = 0):
+    """flex_attention BlockMask for causal attention within documents (and within the window, if one)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def causal_document(b, h, q, kv):
         return (q >= kv) & (document_ids[b, q] == document_ids[b, kv])
 
+    def causal_document_window(b, h, q, kv):
+        return causal_document(b, h, q, kv) & (q - kv < window)
+
     batch, seq = document_ids.shape
-    return create_block_mask(causal_document, batch, None, seq, seq, device=document_ids.device)
+    mask_mod = causal_document_window if window > 0 else causal_document
+    return create_block_mask(mask_mod, batch, None, seq, seq, device=document_ids.device)
 
 
-def build_mask(document_ids: torch.Tensor | None, kernel: str):
-    """The mask argument for `attend`: None means plain causal."""
+def build_mask(document_ids: torch.Tensor | None, kernel: str, window: int = 0):
+    """The mask argument for `attend`: None means plain causal. window > 0: a sliding-window layer's
+    mask (each query sees itself and the window - 1 tokens before it, as HF's sliding_window_overlay)."""
     if document_ids is None:
         return None
     if kernel == "flex":
-        return document_block_mask(document_ids)
-    return document_mask_dense(document_ids)
+        return document_block_mask(document_ids, window)
+    return document_mask_dense(document_ids, window)
+
+
+def window_band(mask: torch.Tensor | None, window: int, seq_q: int, seq_kv: int, device) -> torch.Tensor:
+    """A boolean mask over cache columns (queries are the last seq_q of seq_kv columns) limited to the
+    last `window` keys of each query; a None mask is causal. Left-padded rows keep their real tokens
+    contiguous, so a column distance is a position distance."""
+    queries = torch.arange(seq_kv - seq_q, seq_kv, device=device)[:, None]
+    keys = torch.arange(seq_kv, device=device)[None, :]
+    band = keys > queries - window
+    if mask is None:
+        return (band & (keys <= queries))[None, None]
+    return mask & band
 
 
 # ----------------------------------------------------------------------------- kernels

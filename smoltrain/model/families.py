@@ -1,7 +1,7 @@
 """The model families, one line each, in the order export tries them (the first whose transformers
 class computes exactly the config wins)."""
 
-from smoltrain.model import llama, olmoe, qwen3, qwen3_moe, smollm3
+from smoltrain.model import gemma3, llama, olmoe, qwen3, qwen3_moe, qwen3_next, smollm3
 
 FAMILIES = (
     qwen3_moe.FAMILY,
@@ -9,6 +9,8 @@ FAMILIES = (
     qwen3.FAMILY,
     llama.FAMILY,
     smollm3.FAMILY,
+    gemma3.FAMILY,
+    qwen3_next.FAMILY,
 )
 
 __all__ = ["FAMILIES"]

@@ -108,7 +108,17 @@ def moe_hf_fields(m: ModelConfig) -> dict:
 def plain_moe(m: ModelConfig) -> bool:
     """Routing both HF MoE families compute: no shared expert, no loss-free bias, RoPE in every layer."""
     all_rope = all(m.uses_rope(i) for i in range(m.num_layers))
-    return m.num_experts > 0 and m.shared_expert_hidden == 0 and m.bias_update_rate == 0 and all_rope
+    return m.num_experts > 0 and m.shared_expert_hidden == 0 and m.bias_update_rate == 0 and all_rope and standard_layers(m)
 
 
-__all__ = ["Family", "stack_experts", "unstack_experts", "moe_fields", "moe_hf_fields", "plain_moe", "refuse_unsupported_moe_keys"]
+def standard_layers(m: ModelConfig) -> bool:
+    """Llama's layer style, the one every family but Gemma and Qwen3-Next computes: global softmax attention
+    in every layer, full RoPE, no output gate, w-scaled norms before attention and MLP only, SwiGLU,
+    unscaled embeddings, head_dim ** -0.5 attention scale."""
+    return (m.sliding_window == 0 and m.rope_local_theta is None and not m.norm_plus_one and not m.sandwich_norm
+            and not m.embed_scale and m.mlp_activation == "silu" and m.query_pre_attn_scalar in (None, m.resolved_head_dim)
+            and m.full_attention_every == 0 and not m.attention_output_gate and m.partial_rotary_factor == 1.0)
+
+
+__all__ = ["Family", "stack_experts", "unstack_experts", "moe_fields", "moe_hf_fields", "plain_moe", "refuse_unsupported_moe_keys",
+           "standard_layers"]

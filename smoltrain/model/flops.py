@@ -26,7 +26,23 @@ def _mlp_parameters(cfg: ModelConfig, layer: int) -> tuple[int, int]:
 
 
 def _attention_parameters(cfg: ModelConfig) -> int:
-    return cfg.hidden_size * cfg.resolved_head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, o + k, v
+    queries = cfg.num_heads * (2 if cfg.attention_output_gate else 1)  # the output gate doubles q_proj
+    return cfg.hidden_size * cfg.resolved_head_dim * (queries + cfg.num_heads + 2 * cfg.num_kv_heads)  # q, o + k, v
+
+
+def _linear_attention_parameters(cfg: ModelConfig) -> tuple[int, int]:
+    """(matmul, other) parameters of a gated DeltaNet layer: projections; convolution, decay, norm."""
+    keys, values = cfg.linear_num_key_heads * cfg.linear_key_head_dim, cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    matmul = cfg.hidden_size * (2 * keys + 2 * values + 2 * cfg.linear_num_value_heads) + values * cfg.hidden_size
+    other = (2 * keys + values) * cfg.linear_conv_kernel + 2 * cfg.linear_num_value_heads + cfg.linear_value_head_dim
+    return matmul, other
+
+
+def _mixer_parameters(cfg: ModelConfig) -> tuple[int, int]:
+    """(matmul, other) parameters of every layer's token mixer together: attention or linear attention."""
+    linear = sum(cfg.is_linear_layer(i) for i in range(cfg.num_layers))
+    linear_matmul, linear_other = _linear_attention_parameters(cfg)
+    return (cfg.num_layers - linear) * _attention_parameters(cfg) + linear * linear_matmul, linear * linear_other
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -39,9 +55,11 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
         qk_norms = 2 * cfg.resolved_head_dim if cfg.qk_norm_per_head else (cfg.num_heads + cfg.num_kv_heads) * cfg.resolved_head_dim
     else:
         qk_norms = 0
+    attention_layers = sum(not cfg.is_linear_layer(i) for i in range(cfg.num_layers))
     mlp = [_mlp_parameters(cfg, i) for i in range(cfg.num_layers)]
-    attention = cfg.num_layers * _attention_parameters(cfg)
-    layers = attention + sum(stored for stored, _ in mlp) + cfg.num_layers * (2 * cfg.hidden_size + qk_norms)
+    attention, mixer_other = _mixer_parameters(cfg)
+    norms = cfg.num_layers * (4 if cfg.sandwich_norm else 2) * cfg.hidden_size + attention_layers * qk_norms
+    layers = attention + mixer_other + sum(stored for stored, _ in mlp) + norms
     total = embedding + untied_head + layers + cfg.hidden_size  # + final norm
     skipped = sum(stored - active for stored, active in mlp)
     return {
@@ -56,7 +74,10 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training (forward + backward) FLOPs per token at a sequence length, from the active parameters."""
     attention_width = cfg.num_heads * cfg.resolved_head_dim
-    return 6.0 * parameter_counts(cfg)["matmul"] + 6.0 * cfg.num_layers * attention_width * seq_len
+    # Softmax attention layers only (a sliding-window layer counted at full length: an upper bound);
+    # linear layers' state work is O(1) per token and left out, as their matmuls dominate.
+    attention_layers = sum(not cfg.is_linear_layer(i) for i in range(cfg.num_layers))
+    return 6.0 * parameter_counts(cfg)["matmul"] + 6.0 * attention_layers * attention_width * seq_len
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:

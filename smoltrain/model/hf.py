@@ -2,7 +2,7 @@
 
 Our parameter names are Hugging Face's minus the `model.` prefix (MoE experts stacked), so conversion
 is a rename; the one decision is the architecture, which each family in model/families.py answers
-(Llama, SmolLM3, Qwen3, Qwen3-MoE, OLMoE). Loading and saving folders is train/load_model.py's.
+(Llama, SmolLM3, Qwen3, Qwen3-MoE, OLMoE, Gemma 3, Qwen3-Next). Loading and saving folders is train/load_model.py's.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import torch
 from smoltrain.config import ModelConfig, validate_model
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.families import FAMILIES
-from smoltrain.model.family import Family, stack_experts, unstack_experts
+from smoltrain.model.family import Family, stack_experts, standard_layers, unstack_experts
 
 # Hugging Face class -> (model_type, config defaults that differ between the families).
 SUPPORTED = {f.architecture: (f.model_type, f.defaults) for f in FAMILIES}
 _SUPPORTED_TEXT = ", ".join(f.summary for f in FAMILIES)
 _BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES}
+# transformers' activation name -> ours (the gated MLP's).
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 # ----------------------------------------------------------------------------- config mapping
@@ -34,6 +36,9 @@ def family_of(m: ModelConfig) -> Family:
     for family in FAMILIES:
         if family.computes(m):
             return family
+    if not standard_layers(m):
+        raise CheckpointError("no Hugging Face architecture computes this mixture of Gemma's or Qwen3-Next's layer style "
+                              f"(sliding windows, sandwich norms, linear or gated attention) with others; supported: {_SUPPORTED_TEXT}")
     raise CheckpointError(
         "no Hugging Face architecture computes this mixture of experts (it needs QK-norm, RoPE in every layer, "
         f"no shared expert and no loss-free bias: model.shared_expert_hidden=0, model.bias_update_rate=0); supported: {_SUPPORTED_TEXT}"
@@ -58,7 +63,7 @@ def to_hf_config(m: ModelConfig, special_ids: dict[str, int] | None = None, dtyp
         num_attention_heads=m.num_heads,
         num_key_value_heads=m.num_kv_heads,
         head_dim=m.resolved_head_dim,
-        hidden_act="silu",
+        hidden_act={ours: name for name, ours in ACTIVATIONS.items()}[m.mlp_activation],
         max_position_embeddings=m.max_seq_len,
         initializer_range=m.init_std,
         rms_norm_eps=m.norm_eps,
@@ -100,8 +105,9 @@ def from_hf_config(hf: dict, where: str = "config.json") -> ModelConfig:
     for key in ("attention_bias", "mlp_bias", "use_sliding_window"):
         if hf.get(key):
             raise CheckpointError(f"{where}: {key}=true is not supported by smoltrain's model")
-    if get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (smoltrain uses SwiGLU with silu)")
+    activation = hf.get("hidden_activation") or get("hidden_act", "silu")  # Gemma names it hidden_activation
+    if activation not in ACTIVATIONS:
+        raise CheckpointError(f"{where}: hidden_act={activation!r} is not supported (smoltrain's gated MLP: {', '.join(ACTIVATIONS)})")
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling")
     rope_type = rope.get("rope_type") or rope.get("type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type")
@@ -127,6 +133,7 @@ def from_hf_config(hf: dict, where: str = "config.json") -> ModelConfig:
         init_std=float(get("initializer_range", 0.02)),
         norm_eps=float(get("rms_norm_eps", 1e-6)),
         max_seq_len=int(get("max_position_embeddings")),
+        mlp_activation=ACTIVATIONS[activation],
     )
     fields.update(family.from_hf(hf, get, where))
     model_config = ModelConfig(**fields)

@@ -7,6 +7,8 @@ Initialisation is a function of (seed, parameter name) only, never of the parall
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 
 import torch
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from smoltrain.config import ModelConfig
 from smoltrain.model.attention import (
+    SharedPromptMask,
     apply_rotary,
     attend,
     attend_shared_prompt,
@@ -22,52 +25,93 @@ from smoltrain.model.attention import (
     positions_from_documents,
     resolve_kernel,
     rotary_tables,
+    window_band,
 )
+from smoltrain.model.delta_rule import segments_from_documents
 from smoltrain.model.layers import MLP, RMSNorm
+from smoltrain.model.linear_attention import GatedDeltaNet
 from smoltrain.model.loss import LossOutput, chunked_logprobs, chunked_loss, cross_entropy_sums, label_logprobs
 from smoltrain.model.moe import MoE, load_balancing_loss, router_z_loss
 
 
 class KVCache:
-    """Keys and values of every layer for max_len tokens, for incremental decoding. Allocated at the
-    first update, shaped like its keys: under tensor parallelism a rank holds only its heads.
+    """Keys and values of every layer for max_len tokens, for incremental decoding. Allocated per layer
+    at its first update, shaped like its keys: under tensor parallelism a rank holds only its heads.
 
     After prefilling each prompt once, `share_prompts(repeats, ...)` keeps them as one copy that the
     prompt's `repeats` rows attend to (cascade attention: the prompt's keys are read once per group,
-    not once per row) and starts an empty cache for the rows' own tokens."""
+    not once per row) and starts an empty cache for the rows' own tokens. A sliding-window layer then
+    keeps only what its window can still see: the prompt's last window - 1 keys and a ring of window
+    own keys (Gemma 3 at 32k tokens and window 512: 5 of 6 layers hold 1/64 of the keys)."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32):
         self.num_layers, self.batch, self.max_len = config.num_layers, batch, max_len
         self.device, self.dtype = device, dtype
-        self.keys = self.values = None
+        self.windows = [config.sliding_window if config.is_local_layer(i) else 0 for i in range(config.num_layers)]
+        self.keys: list[torch.Tensor | None] = [None] * self.num_layers
+        self.values: list[torch.Tensor | None] = [None] * self.num_layers
         self.length = 0  # tokens already stored
-        self.prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # keys, values, padding bias
+        # per layer keys, values; the padding bias of the full prompt width
+        self.prompts: tuple[list, list, torch.Tensor] | None = None
+        self.linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # linear layers: (conv state, recurrent state)
+
+    def linear_state(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.linear.get(layer, (None, None))
+
+    def set_linear_state(self, layer: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        self.linear[layer] = (conv, state)
+
+    def _capacity(self, layer: int) -> int:
+        """Own tokens a layer stores: a ring of the window for a local layer once prompts are shared."""
+        window = self.windows[layer]
+        return min(self.max_len, window) if self.prompts is not None and window > 0 else self.max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys is None:
-            shape = (self.num_layers, self.batch, k.shape[1], self.max_len, k.shape[3])
-            self.keys = torch.zeros(shape, device=self.device, dtype=self.dtype)
-            self.values = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        capacity = self._capacity(layer)
+        if self.keys[layer] is None:
+            shape = (self.batch, k.shape[1], capacity, k.shape[3])
+            self.keys[layer] = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            self.values[layer] = torch.zeros(shape, device=self.device, dtype=self.dtype)
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens, asked for {end}")
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        if capacity < self.max_len:  # a ring (one token per decoding step): order does not matter unmasked
+            self.keys[layer][:, :, self.length % capacity] = k[:, :, 0]
+            self.values[layer][:, :, self.length % capacity] = v[:, :, 0]
+            return self.keys[layer][:, :, : min(end, capacity)], self.values[layer][:, :, : min(end, capacity)]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def share_prompts(self, repeats: int, bias: torch.Tensor, max_new_tokens: int) -> None:
         """The stored tokens become the shared prompts (bias [prompts, 1, 1, length]: -inf on padding);
         `repeats` rows per prompt (prompt-major) then store up to max_new_tokens each."""
-        self.prompts = (self.keys[:, :, :, : self.length], self.values[:, :, :, : self.length], bias)
-        self.keys = self.values = None
+        def kept(tensor: torch.Tensor | None, window: int) -> torch.Tensor | None:
+            if tensor is None:  # a linear layer
+                return None
+            tensor = tensor[:, :, : self.length]
+            return tensor[:, :, -(window - 1) :].clone() if 0 < window - 1 < self.length else tensor
+
+        self.prompts = ([kept(k, w) for k, w in zip(self.keys, self.windows)],
+                        [kept(v, w) for v, w in zip(self.values, self.windows)], bias)
+        self.linear = {layer: (conv.repeat_interleave(repeats, 0), state.repeat_interleave(repeats, 0))
+                       for layer, (conv, state) in self.linear.items()}
+        self.keys, self.values = [None] * self.num_layers, [None] * self.num_layers
         self.batch, self.max_len, self.length = self.batch * repeats, max_new_tokens, 0
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, window: int = 0) -> torch.Tensor:
+        """window > 0 (a sliding-window layer): a decoding step reads only the keys of its window; the
+        mask of a step without shared prompts carries the window already."""
+        own = self.length + k.shape[2]  # own tokens after this step's
         k, v = self.update(layer, k, v)
         if self.prompts is None:
             return attend(q, k, v, mask)
-        keys, values, bias = self.prompts
-        return attend_shared_prompt(q, keys[layer], values[layer], bias, k, v)
+        keys, values, bias = self.prompts[0][layer], self.prompts[1][layer], self.prompts[2]
+        bias = bias[..., bias.shape[-1] - keys.shape[2] :]  # a local layer kept the prompt's last columns
+        if window > 0:  # one query per row: it sees the kept prompt columns from `start` on, and its ring
+            start = max(keys.shape[2] + own - window, 0)
+            keys, values, bias = keys[:, :, start:], values[:, :, start:], bias[..., start:]
+        return attend_shared_prompt(q, keys, values, bias, k, v)
 
 
 class Attention(nn.Module):
@@ -78,8 +122,14 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.resolved_head_dim
         self.use_rope = config.uses_rope(layer)
+        self.window = config.sliding_window if config.is_local_layer(layer) else 0
+        # sdpa scales by head_dim ** -0.5; Gemma's query_pre_attn_scalar is folded into the queries.
+        scalar = config.query_pre_attn_scalar
+        self.query_scale = 1.0 if scalar in (None, self.head_dim) else (self.head_dim / scalar) ** 0.5
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.output_gate = config.attention_output_gate
+        # With the output gate, q_proj also makes the gate: [query | gate] per head (Qwen3-Next's layout).
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim * (2 if self.output_gate else 1), bias=False)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
@@ -87,8 +137,8 @@ class Attention(nn.Module):
         if config.qk_norm:
             q_width = self.head_dim if config.qk_norm_per_head else self.num_heads * self.head_dim
             k_width = self.head_dim if config.qk_norm_per_head else self.num_kv_heads * self.head_dim
-            self.q_norm = RMSNorm(q_width, config.norm_eps)
-            self.k_norm = RMSNorm(k_width, config.norm_eps)
+            self.q_norm = RMSNorm(q_width, config.norm_eps, config.norm_plus_one)
+            self.k_norm = RMSNorm(k_width, config.norm_eps, config.norm_plus_one)
         else:
             self.q_norm = self.k_norm = None
 
@@ -96,6 +146,9 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         # -1 instead of num_heads: tensor parallelism shards the projections and leaves local head counts.
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.output_gate:
+            q, gate = q.view(batch, seq, -1, 2 * self.head_dim).chunk(2, dim=-1)
+            q, gate = q.reshape(batch, seq, -1), gate.reshape(batch, seq, -1)
         if self.q_norm is not None and not self.qk_norm_per_head:  # over the full width (OLMoE)
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(batch, seq, -1, self.head_dim)
@@ -104,22 +157,49 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.qk_norm_per_head:  # per head, before RoPE (Qwen3)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.use_rope:
+        if self.use_rope and cos.shape[-1] < self.head_dim:  # partial RoPE: the other dimensions carry no position
+            rot = cos.shape[-1]
+            q = torch.cat([apply_rotary(q[..., :rot], cos.to(q.dtype), sin.to(q.dtype)), q[..., rot:]], dim=-1)
+            k = torch.cat([apply_rotary(k[..., :rot], cos.to(k.dtype), sin.to(k.dtype)), k[..., rot:]], dim=-1)
+        elif self.use_rope:
             q, k = apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype)), apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype))
-        y = attend(q, k, v, mask) if cache is None else cache.attend(self.layer, q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+        if self.query_scale != 1.0:
+            q = q * self.query_scale
+        y = attend(q, k, v, mask) if cache is None else cache.attend(self.layer, q, k, v, mask, self.window)
+        y = y.transpose(1, 2).reshape(batch, seq, -1)
+        return self.o_proj(y * torch.sigmoid(gate) if self.output_gate else y)
 
 
 class Block(nn.Module):
+    """Pre-norm block; with sandwich_norm (Gemma) the attention and MLP outputs are normed too, under
+    Gemma's names: post_attention_layernorm is then the norm after attention, not the one before the MLP."""
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        norm = functools.partial(RMSNorm, config.hidden_size, config.norm_eps, config.norm_plus_one)
+        self.input_layernorm = norm()
+        self.linear = config.is_linear_layer(layer)
+        if self.linear:  # a hybrid's linear layer: `mask` brings the document segments (or None)
+            self.linear_attn = GatedDeltaNet(config, layer)
+        else:
+            self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = norm()
+        self.sandwich = config.sandwich_norm
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
         self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config)
 
+    def mix(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+        if self.linear:
+            return self.linear_attn(x, mask, cache)
+        return self.self_attn(x, cos, sin, mask, cache)
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.mix(self.input_layernorm(x), cos, sin, mask, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.mix(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -129,7 +209,7 @@ class Transformer(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_plus_one)
         # Tied: the head reuses the embedding matrix (no second Parameter to keep tied through
         # meta-device builds, FSDP and checkpoints).
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -140,9 +220,13 @@ class Transformer(nn.Module):
         self.loss_parallel = False
 
     def _register_rope(self, max_seq_len: int, device) -> None:
-        cos, sin = rotary_tables(self.config.resolved_head_dim, max_seq_len, self.rope_theta, device=device)
+        cos, sin = rotary_tables(self.config.rotary_dim, max_seq_len, self.rope_theta, device=device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if self.config.rope_local_theta is not None:  # Gemma 3: sliding-window layers have their own base
+            cos, sin = rotary_tables(self.config.rotary_dim, max_seq_len, self.config.rope_local_theta, device=device)
+            self.register_buffer("rope_local_cos", cos, persistent=False)
+            self.register_buffer("rope_local_sin", sin, persistent=False)
 
     def set_rope(self, theta: float | None = None, max_seq_len: int | None = None) -> None:
         """Long-context extension: a larger RoPE base (ABF) and/or longer tables."""
@@ -195,10 +279,18 @@ class Transformer(nn.Module):
             mask = (keys[None, :] <= queries[:, None])[None, None]
         cos = self.rope_cos[position_ids][:, None]
         sin = self.rope_sin[position_ids][:, None]
+        inputs = {"global": (cos, sin, mask)}  # per kind of layer: global, local (sliding window), linear
+        if self.config.sliding_window > 0:
+            inputs["local"] = self._local_inputs(position_ids, cos, sin, mask, document_ids if use_documents else None,
+                                                 attention_mask is None and offset == 0, kernel)
+        if self.config.full_attention_every > 0:
+            inputs["linear"] = (None, None, self._linear_segments(document_ids if use_documents else None, attention_mask))
 
         x = self.embed_tokens(input_ids)
-        for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
+        if self.config.embed_scale:  # Gemma: sqrt(hidden) rounded to the weights' dtype (34.0 for 1152 in bf16)
+            x = x * torch.tensor(self.config.hidden_size**0.5).to(self.embed_tokens.weight.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, *inputs[self.config.layer_kind(i)], cache)
         if cache is not None:
             cache.length += seq
         # The final norm stays out of the loss chunks: under sequence parallel it is where the
@@ -210,6 +302,35 @@ class Transformer(nn.Module):
         if reduction == "none":
             return self._token_logprobs(x, labels, temperature)
         return self._loss(x, labels, reduction)
+
+    @staticmethod
+    def _linear_segments(document_ids: torch.Tensor | None, attention_mask) -> torch.Tensor | None:
+        """Document index per token for the linear layers (their state and convolution restart per document).
+        A caller's mask is generation's left-padded prefill: the last query of each row sees exactly its
+        real keys, so padding (0) and prompt (1) are two documents and the state starts at the prompt."""
+        if attention_mask is None:
+            return segments_from_documents(document_ids) if document_ids is not None else None
+        if not isinstance(attention_mask, torch.Tensor):
+            raise ValueError("linear-attention layers take no shared-prompt mask (GRPO's shared-prompt training)")
+        seq = attention_mask.shape[-2]
+        return attention_mask[:, 0, -1, -seq:].long()
+
+    def _local_inputs(self, position_ids, cos, sin, mask, document_ids, fresh: bool, kernel: str) -> tuple:
+        """cos, sin and mask of the sliding-window layers. A fresh forward (no cache offset, no caller's
+        mask) builds its document or causal mask with the window; a caller's or a cache's mask gets the band."""
+        if self.config.rope_local_theta is not None:
+            cos, sin = self.rope_local_cos[position_ids][:, None], self.rope_local_sin[position_ids][:, None]
+        window = self.config.sliding_window
+        if fresh:
+            documents = document_ids if document_ids is not None else torch.zeros_like(position_ids)
+            return cos, sin, build_mask(documents, kernel, window)
+        if isinstance(mask, SharedPromptMask):  # left-padded prompts then their tails: columns are positions
+            prompt_len, tail_len = mask.prompt_len, mask.tail_len
+            return cos, sin, dataclasses.replace(
+                mask, prompt_mask=window_band(mask.prompt_mask, window, prompt_len, prompt_len, position_ids.device),
+                tail_mask=window_band(mask.tail_mask, window, tail_len, prompt_len + tail_len, position_ids.device))
+        seq = position_ids.shape[1]
+        return cos, sin, window_band(mask, window, seq, mask.shape[-1] if mask is not None else seq, position_ids.device)
 
     def output(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits; under loss parallel a DTensor sharded over the vocabulary."""
@@ -280,6 +401,10 @@ class Transformer(nn.Module):
         keyed by (seed, canonical name), then sharded if the parameter is a DTensor."""
         for name, param in self.named_parameters():
             full = _initial_value(canonical_name(name), tuple(param.shape), self.config.init_std, seed)
+            if self.config.norm_plus_one and param.ndim == 1 and ".linear_attn." not in name:  # (1 + w) norms start at w = 0
+                full.zero_()
+            if name.endswith("linear_attn.A_log"):  # decay rates exp(A) in (1, 16), the range FLA draws them from
+                full = _initial_value(canonical_name(name) + "/A", (2, *param.shape), 1.0, seed)[0].sigmoid().mul(15).add(1).log()
             _copy_full_into(param, full)
         for layer in self.moe_layers():  # a buffer, left blank by a meta-device build
             layer.expert_bias.zero_()

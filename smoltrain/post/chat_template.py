@@ -31,6 +31,7 @@ END_OF_TURN = "<|im_end|>"
 START_OF_TURN = "<|im_start|>"
 THINK, END_THINK = "<think>", "</think>"
 CHAT_TOKENS = (START_OF_TURN, END_OF_TURN, THINK, END_THINK)
+END_OF_TURN_TOKENS = (END_OF_TURN, "<end_of_turn>")  # ChatML's, Gemma's
 EMPTY_THINK = "<think>\n\n</think>\n"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face."
 TEMPLATE_FILE = "chat_template.jinja"
@@ -99,6 +100,35 @@ CHATML = r"""{#- ChatML (plain, for reasoning mid-training: no reasoning-mode sy
 {%- endif -%}
 """
 
+# Gemma 3's published template, text only, with {% generation %} markers: the system message opens
+# the first user turn, the assistant's role is `model`, contents are trimmed.
+GEMMA = r"""{#- Gemma 3's chat template (text), with generation markers for assistant-only training -#}
+{{- bos_token or "" -}}
+{%- if messages and messages[0].role == "system" -%}
+{%- set first_user_prefix = messages[0].content + "\n\n" -%}
+{%- set loop_messages = messages[1:] -%}
+{%- else -%}
+{%- set first_user_prefix = "" -%}
+{%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+{%- if (message.role == "user") != (loop.index0 % 2 == 0) -%}
+{{- raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") -}}
+{%- endif -%}
+{%- if message.role == "assistant" -%}
+{{- "<start_of_turn>model\n" -}}
+{%- generation -%}{{- message.content | trim -}}{{- "<end_of_turn>" -}}{%- endgeneration -%}
+{{- "\n" -}}
+{%- else -%}
+{{- "<start_of_turn>" + message.role + "\n" + (first_user_prefix if loop.first else "") + (message.content | trim) + "<end_of_turn>\n" -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- "<start_of_turn>model\n" -}}
+{%- endif -%}
+"""
+GEMMA_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+
 # Published templates without {% generation %} markers, and their training twins: the same text for
 # every conversation, with markers (TRL swaps in training templates the same way). Keyed by the
 # exact Jinja source; `model` uses the twin, so SmolLM2 keeps its own template and its default prompt.
@@ -134,8 +164,10 @@ You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
 """
 TRAINING_TWINS = {SMOLLM2: SMOLLM2_TRAINING}
 
-TEMPLATES = {"smollm3": SMOLLM3, "chatml": CHATML}
-TEMPLATE_CHOICES = ("smollm3", "chatml", "model")
+TEMPLATES = {"smollm3": SMOLLM3, "chatml": CHATML, "gemma": GEMMA}
+TEMPLATE_CHOICES = ("smollm3", "chatml", "gemma", "model")
+# The special tokens each template needs in the vocabulary.
+TEMPLATE_TOKENS = {"smollm3": CHAT_TOKENS, "chatml": CHAT_TOKENS[:2], "gemma": GEMMA_TOKENS}
 
 
 # ----------------------------------------------------------------------------- files
@@ -195,7 +227,7 @@ def write_chat_tokenizer(tokenizer: str | os.PathLike, out_dir: str | os.PathLik
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(source_json)).get_vocab(with_added_tokens=True)
-    needed = CHAT_TOKENS if template == "smollm3" else CHAT_TOKENS[:2] if template == "chatml" else ()
+    needed = TEMPLATE_TOKENS.get(template, ())
     missing = [t for t in needed if t not in vocab]
     if missing:
         raise DataError(f"{source_json}: the {template} chat template needs the special tokens {', '.join(missing)}")
@@ -262,10 +294,12 @@ def encode_prompt(tokenizer, messages: list[dict], **kwargs) -> list[int]:
 
 
 def end_of_turn_id(tokenizer) -> int:
-    token_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise DataError(f"the tokenizer has no {END_OF_TURN} token")
-    return token_id
+    """ChatML's <|im_end|>, else Gemma's <end_of_turn>."""
+    for token in END_OF_TURN_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            return token_id
+    raise DataError(f"the tokenizer has no end-of-turn token ({' or '.join(END_OF_TURN_TOKENS)})")
 
 
 __all__ = [
@@ -273,6 +307,8 @@ __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "EMPTY_THINK",
     "END_OF_TURN",
+    "END_OF_TURN_TOKENS",
+    "GEMMA",
     "END_THINK",
     "SMOLLM3",
     "TEMPLATES",

@@ -24,6 +24,7 @@ from smoltrain.config import Config
 from smoltrain.data.readers import is_dataset_folder
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.generate import sample
+from smoltrain.post.chat_template import END_OF_TURN_TOKENS
 from smoltrain.post.grpo import aggregate, group_advantages, per_token_loss
 from smoltrain.post.prompts import encode, load_prompts, reward_columns
 from smoltrain.post.rewards import answers_match, build_rewards, extract_answer, score
@@ -340,14 +341,14 @@ class GRPOObjective:
 def _stop_tokens(tokenizer) -> list[int]:
     """End of turn (chat prompts) and end of sequence (text prompts), whichever the tokenizer has."""
     stops = set()
-    for token in ("<|im_end|>", tokenizer.eos_token):
+    for token in (*END_OF_TURN_TOKENS, tokenizer.eos_token):
         if token is None:
             continue
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is not None and token_id != tokenizer.unk_token_id:
             stops.add(token_id)
     if not stops:
-        raise ConfigError("the tokenizer has neither <|im_end|> nor an end-of-sequence token: completions could never stop")
+        raise ConfigError("the tokenizer has no end-of-turn nor end-of-sequence token: completions could never stop")
     return sorted(stops)
 
 

@@ -31,7 +31,7 @@ from smoltrain.errors import ConfigError
 from smoltrain.files import write_atomic
 from smoltrain.post.chat_data import read_conversations
 from smoltrain.post.chat_template import (
-    END_OF_TURN,
+    end_of_turn_id,
     has_generation_markers,
     load_chat_tokenizer,
     write_chat_tokenizer,
@@ -129,7 +129,7 @@ def prepare_sft_data(config: Config, tokenizer_dir: Path) -> PreparedData:
     tokenizer = load_chat_tokenizer(tokenizer_dir)
     if s.loss == "assistant" and not has_generation_markers(tokenizer.chat_template):
         raise ConfigError(f"sft.loss: assistant needs a chat template with {{% generation %}} markers and the "
-                          f"{s.chat_template} template has none; use sft.chat_template smollm3 or chatml, or sft.loss all")
+                          f"{s.chat_template} template has none; use sft.chat_template smollm3, chatml or gemma, or sft.loss all")
     data = read_conversations(_data_files(config), skip_bad=s.skip_bad, split=s.split)
     if s.instructions_as_system:
         for conv in data.conversations:
@@ -142,7 +142,7 @@ def prepare_sft_data(config: Config, tokenizer_dir: Path) -> PreparedData:
     report = data_report(data.conversations, examples, stats, rows, config.data.seq_len, tokenizer, data.skipped,
                          s.chat_template)
     report["files"] = data.files
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
     return PreparedData(examples, rows, report, tokenizer, pad_id)
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from smoltrain.config import ModelConfig
-from smoltrain.model.family import Family
+from smoltrain.model.family import Family, standard_layers
 
 
 def computes(m: ModelConfig) -> bool:
     all_rope = all(m.uses_rope(i) for i in range(m.num_layers))
-    return m.num_experts == 0 and m.qk_norm and m.qk_norm_per_head and all_rope
+    return m.num_experts == 0 and m.qk_norm and m.qk_norm_per_head and all_rope and standard_layers(m)
 
 
 FAMILY = Family(

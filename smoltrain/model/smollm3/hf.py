@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from smoltrain.config import ModelConfig
 from smoltrain.errors import CheckpointError
-from smoltrain.model.family import Family
+from smoltrain.model.family import Family, standard_layers
 
 
 def computes(m: ModelConfig) -> bool:
-    return m.num_experts == 0 and not m.qk_norm
+    return m.num_experts == 0 and not m.qk_norm and standard_layers(m)
 
 
 def to_hf(m: ModelConfig) -> dict:

@@ -1,0 +1,162 @@
+"""Qwen3-Next (dense) against transformers' Qwen3NextForCausalLM on its torch fallback path: imported
+logits, export round trip, 10 training steps; and a packed row of the hybrid against its documents alone."""
+
+import pytest
+import torch
+from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+from smoltrain.model.generate import generate
+from smoltrain.report.hf_export import export_hf
+from smoltrain.train.load_model import import_hf, load_any
+
+# 4 layers: 3 gated DeltaNet + 1 gated full attention; 2 key heads serving 4 value heads; partial RoPE.
+HF_CONFIG = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                 linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4, num_experts=0,
+                 max_position_embeddings=256, pad_token_id=None)
+
+
+def _hf_next(seed: int = 0) -> Qwen3NextForCausalLM:
+    """Norm weights (and dt_bias, A_log) away from their init, so a (1 + w) slip or a swapped vector shows."""
+    torch.manual_seed(seed)
+    model = Qwen3NextForCausalLM(Qwen3NextConfig(**HF_CONFIG))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn(p.shape))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3_next")
+    hf = _hf_next()
+    hf.save_pretrained(root / "hf")
+    ours, config, _ = load_any(import_hf(root / "hf", root / "ours"))
+    return hf, ours.eval(), config, root
+
+
+def test_imported_qwen3_next_logits_match_transformers_and_export_round_trips(pair):
+    hf, ours, config, root = pair
+    m = config.model
+    assert (m.full_attention_every, m.partial_rotary_factor, m.linear_num_value_heads) == (4, 0.25, 4)
+    ids = torch.randint(0, 128, (2, 100), generator=torch.Generator().manual_seed(1))  # 100 tokens: two chunks of 64
+    with torch.no_grad():
+        ours_logits, theirs = ours(ids), hf(ids).logits
+    assert (ours_logits - theirs).abs().max().item() <= 1e-4
+    export_hf(ours, root / "exported")
+    again = Qwen3NextForCausalLM.from_pretrained(root / "exported", dtype=torch.float32, local_files_only=True).eval()
+    assert again.config.layer_types == hf.config.layer_types
+    expected = hf.state_dict()
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_packed_row_of_the_hybrid_gives_each_document_its_alone_logits(pair):
+    _, ours, _, _ = pair
+    lengths = [30, 1, 50, 19]
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(0, 128, (1, n), generator=g) for n in lengths]
+    document_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        packed = ours(torch.cat(docs, dim=1), document_ids=document_ids)
+        alone = torch.cat([ours(d) for d in docs], dim=1)
+    assert (packed - alone).abs().max().item() <= 1e-5
+
+
+def test_ten_training_steps_give_transformers_losses(tmp_path):
+    hf = _hf_next(seed=3).train()
+    hf.save_pretrained(tmp_path / "hf")
+    ours, _, _ = load_any(import_hf(tmp_path / "hf", tmp_path / "ours"))
+    ours.train()
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-2)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for step in range(10):
+        ids = torch.randint(0, 128, (2, 24), generator=g)
+        labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)  # transformers shifts inside
+        theirs = hf(ids, labels=ids).loss
+        mine = ours(ids, labels=labels).loss
+        assert abs(mine.item() - theirs.item()) < 1e-4 * max(1.0, theirs.item()), (step, mine.item(), theirs.item())
+        for loss, opt in ((theirs, opt_hf), (mine, opt_ours)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def test_greedy_generation_from_the_recurrent_state_equals_transformers(pair):
+    hf, ours, _, _ = pair
+    g = torch.Generator().manual_seed(4)
+    # Two prompts batched (left-padded: the padding is a document of its own) on our side, alone on theirs.
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 13)]
+    ours_out = generate(ours, prompts, 12)
+    for prompt, mine in zip(prompts, ours_out):
+        with torch.no_grad():
+            theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        assert mine == theirs[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_next", "gemma3"])
+def test_parameter_counts_of_the_new_layer_styles_match_the_built_models(kind):
+    from smoltrain.config import ModelConfig
+    from smoltrain.model.flops import parameter_counts
+    from smoltrain.model.gemma3.hf import STYLE as GEMMA
+    from smoltrain.model.qwen3_next.hf import STYLE as NEXT
+    from smoltrain.model.transformer import build_model, count_parameters
+
+    base = dict(vocab_size=96, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=48, max_seq_len=32)
+    extra = (dict(NEXT, full_attention_every=2, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                  linear_value_head_dim=12) if kind == "qwen3_next" else dict(GEMMA, sliding_window=8, global_every=2))
+    config = ModelConfig(**base, **extra)
+    assert parameter_counts(config)["total"] == count_parameters(build_model(config))
+
+
+def test_the_attention_vs_hybrid_ablation_runs_at_a_tiny_size(tmp_path):
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+    from pretrain_helpers import tiny_pretrain_config, write_two_sources
+
+    from smoltrain.ablate.grid import ablate
+    from smoltrain.ablate.spec import load_ablation
+    from smoltrain.model.flops import parameter_counts
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "ablations" / "attention-vs-hybrid.yaml"
+    shipped = load_ablation(path)
+    counts = {v: parameter_counts(shipped.config_for(v, 0).model)["total"] for v in shipped.variants}
+    assert abs(counts["hybrid-3to1"] / counts["baseline"] - 1) < 0.01  # equal parameters, as the recipe says
+    assert [shipped.config_for("hybrid-3to1", 0).model.layer_kind(i) for i in range(4)] == ["linear"] * 3 + ["global"]
+
+    tiny = dataclasses.asdict(tiny_pretrain_config(write_two_sources(tmp_path / "data"), tmp_path / "unused"))
+    tiny["train"] = {k: v for k, v in tiny["train"].items() if k not in ("out_dir", "max_steps", "seed")}
+    raw = {**yaml.safe_load(path.read_text()), "baseline": tiny, "budget": {"steps": 3}, "eval": {"val_batches": 0},
+           "param_tolerance": 1.0}
+    results = ablate(spec=load_ablation(raw=raw, out_dir=str(tmp_path / "ablation")))
+    assert set(results["arms"]) == {"baseline", "hybrid-3to1"}
+    runs = [r for arm in results["arms"].values() for r in arm["runs"]]
+    assert len(runs) == 4 and len({r["tokens"] for r in runs}) == 1  # same tokens in every run
+    assert all(r["tokens_per_s"] for r in runs)
+
+
+def test_loss_by_position_buckets_each_token_by_its_place_in_its_document(pair):
+    from smoltrain.eval.validation import position_sums
+    from smoltrain.model.transformer import token_logprobs
+
+    _, ours, _, _ = pair
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 128, (2, 40), generator=g)
+    labels = torch.randint(0, 128, (2, 40), generator=g)
+    labels[1, :3] = -100
+    documents = torch.tensor([[0] * 25 + [1] * 15, [0] * 40])
+    sums = position_sums(ours, [{"input_ids": ids, "labels": labels, "document_ids": documents}], 4, torch.device("cpu"))
+    # Brute force: every document alone, its tokens' nats by position into buckets of 10.
+    expected = torch.zeros(4, 2, dtype=torch.float64)
+    for row, spans in ((0, [(0, 25), (25, 40)]), (1, [(0, 40)])):
+        for a, b in spans:
+            with torch.no_grad():
+                nats = -token_logprobs(ours, ids[row : row + 1, a:b], labels[row : row + 1, a:b])[0]
+            for p in range(b - a):
+                if labels[row, a + p] != -100:
+                    expected[p // 10] += torch.tensor([nats[p].item(), 1.0], dtype=torch.float64)
+    torch.testing.assert_close(sums, expected, rtol=1e-5, atol=1e-4)
