@@ -1,5 +1,6 @@
 """SFT data: conversations -> token ids and loss targets (from the template's generation mask),
-best-fit-decreasing packing into rows, the data check and report, and the batch source.
+best-fit-decreasing packing into rows, the data check and report, and the batch source. (Preparing
+them on disk for a run, in parallel and cached, is post/sft_prepare.py's; these are its parts.)
 
 A packed row holds whole conversations, each with its own document id, so positions restart and no
 token attends across conversations (the model's document masking): a packed conversation gets the
@@ -20,7 +21,7 @@ import torch
 
 from smoltrain.errors import DataError
 from smoltrain.post.chat_data import Conversation, conversation_mode, system_prompt
-from smoltrain.post.chat_template import encode_chat, encode_chats, render
+from smoltrain.post.chat_template import encode_chat, render
 
 STATE_VERSION = 1
 
