@@ -218,7 +218,8 @@ def mixture_items(example_source: np.ndarray, sources: list[str], weights: dict[
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
-def _write_plan(folder: Path, entries: list[dict], settings: Settings, vocab_size: int, tokenizer_hash: str) -> dict:
+def _write_plan(folder: Path, entries: list[dict], settings: Settings, vocab_size: int, tokenizer_hash: str,
+                started: float) -> dict:
     """meta.json of both shard folders, the packing plan over the weighted examples, the data report."""
     shards = [{k: e[k] for k in ("name", "num_tokens", "num_documents")} for e in entries if e["num_documents"]]
     if not shards:
@@ -248,6 +249,7 @@ def _write_plan(folder: Path, entries: list[dict], settings: Settings, vocab_siz
         shares["weight"] = settings.weights.get(name, 1.0)
     report = data_report(counts, trained, len(plan), settings.seq_len, skipped, settings.template)
     report["files"] = [e["file"] for e in entries]
+    report["preparation_s"] = round(time.perf_counter() - started, 2)
     write_json(folder / REPORT, report)
     return report
 
@@ -280,8 +282,9 @@ def prepare(files: list[tuple[str, Path]], tokenizer_dir: Path, settings: Settin
         vocab_size = load_tokenizer(tokenizer_json).get_vocab_size()
         tasks = [{"path": str(path), "source": name, "shard": shard_name("sft", i), "folder": str(tmp),
                   "dtype": token_dtype(vocab_size).name, "settings": asdict(settings)} for i, (name, path) in enumerate(files)]
+        started = time.perf_counter()
         entries = _run_tasks(tasks, tokenizer_dir, workers, show_progress)
-        _write_plan(tmp, entries, settings, vocab_size, tokenizer_file_hash(tokenizer_json))
+        _write_plan(tmp, entries, settings, vocab_size, tokenizer_file_hash(tokenizer_json), started)
         try:
             os.rename(tmp, final)
         except OSError:

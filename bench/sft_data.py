@@ -1,0 +1,193 @@
+"""SFT data at scale: preparation tokens/s against tokenizers' encode_batch on the same rendered text, peak
+memory of `smoltrain sft` (2 steps, tiny model) as the conversations grow, and time to step 1 when cached.
+
+Writes N synthetic smoltalk2-shaped conversations (system prompts, custom instructions, think and
+no_think turns, multi-turn) into --files jsonl.gz files once, then per N: run 1 of `smoltrain sft`
+prepares into a fresh cache, run 2 (a new run folder) finds it. Peak memory is the summed RSS of the
+run's process tree (its preparation workers included; PSS, so pages a fork shares count once), sampled every 0.1 s. The peer encodes the
+rendered text of the first --peer-sample conversations with encode_batch on all cores (Rust threads),
+texts already in memory: ours is timed end to end (read, gunzip, JSON, check, render, encode, write).
+
+    python bench/sft_data.py --conversations 20000
+    python bench/sft_data.py --conversations 100000 300000 --tokenizer /path/smollm2 --template chatml
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+WORDS = ("the of and to in is that it for on with as was at by an be this which or from but not are have one all "
+         "were when we there can more if out so about what up its into than them only new some could time these two "
+         "may then first any like now such make over our even most after also made many well way down should because "
+         "long get through back much before go good same right take three world still own last never under while").split()
+
+
+def synthetic_row(r: random.Random) -> dict:
+    """One smoltalk2-shaped row: ~300 tokens, a fifth with custom instructions, a third multi-turn."""
+    def text(lo: int, hi: int) -> str:
+        return " ".join(r.choice(WORDS) for _ in range(r.randint(lo, hi))).capitalize() + "."
+
+    messages, kwargs = [], {"enable_thinking": r.random() < 0.5}
+    if r.random() < 0.2:
+        kwargs["custom_instructions"] = text(5, 20)
+    for _ in range(r.choice((1, 1, 2, 3))):
+        messages.append({"role": "user", "content": text(10, 60)})
+        answer = text(30, 160)
+        messages.append({"role": "assistant", "content": f"<think>\n{text(20, 80)}\n</think>\n{answer}"
+                         if kwargs["enable_thinking"] else answer})
+    return {"messages": messages, "chat_template_kwargs": kwargs}
+
+
+def write_data(folder: Path, count: int, files: int) -> list[str]:
+    done = folder / "done.json"
+    paths = [folder / f"smoltalk{i:02d}.train.jsonl.gz" for i in range(files)]
+    if done.is_file() and json.loads(done.read_text()) == {"count": count, "files": files}:
+        return [str(p) for p in paths]
+    folder.mkdir(parents=True, exist_ok=True)
+    r = random.Random(0)
+    for i, path in enumerate(paths):
+        with gzip.open(path, "wt", compresslevel=1) as f:
+            for _ in range(count // files + (i < count % files)):
+                f.write(json.dumps(synthetic_row(r)) + "\n")
+    done.write_text(json.dumps({"count": count, "files": files}))
+    return [str(p) for p in paths]
+
+
+def peer_tokens_per_s(files: list[str], tokenizer_dir: Path, sample: int) -> float:
+    """encode_batch (all cores) on the rendered text of the first `sample` conversations, best of 2."""
+    from tokenizers import Tokenizer
+
+    from smoltrain.post.chat_data import ConversationReader
+    from smoltrain.post.chat_template import load_chat_tokenizer, render
+
+    chat = load_chat_tokenizer(tokenizer_dir)
+    texts = []
+    for path in files:
+        for conv in ConversationReader(path):
+            texts.append(render(chat, conv.messages, **conv.kwargs))
+            if len(texts) == sample:
+                break
+        if len(texts) == sample:
+            break
+    fast = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    best = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        tokens = sum(len(e.ids) for e in fast.encode_batch(texts, add_special_tokens=False))
+        best = max(best, tokens / (time.perf_counter() - start))
+    return best
+
+
+def make_init(root: Path, tokenizer: str, template: str, seq_len: int) -> tuple[Path, Path]:
+    from smoltrain.config import Config, DataConfig, ModelConfig
+    from smoltrain.data.tokenizer import load_tokenizer
+    from smoltrain.model.hf import save_model_folder
+    from smoltrain.model.transformer import build_model
+    from smoltrain.post.chat_template import write_chat_tokenizer
+
+    tokenizer_dir = write_chat_tokenizer(tokenizer, root / "tokenizer", template)
+    vocab = load_tokenizer(tokenizer_dir / "tokenizer.json").get_vocab_size()
+    config = Config(model=ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                      intermediate_size=64, max_seq_len=seq_len), data=DataConfig(seq_len=seq_len))
+    if not (root / "init" / "config.yaml").is_file():
+        save_model_folder(build_model(config.model, seed=0), config, root / "init", tokenizer=tokenizer_dir)
+    return root / "init", tokenizer_dir
+
+
+def run_sft(root: Path, init: Path, files: list[str], template: str, seq_len: int, cache: Path, out: Path) -> dict:
+    """One `smoltrain sft` of 2 steps in a fresh process: wall time, time to step 1, peak memory of its tree."""
+    import psutil
+
+    recipe = {"data": {"seq_len": seq_len, "cache_dir": str(cache)},
+              "sft": {"data": files, "chat_template": template, "epochs": None, "warmup_fraction": None, "chat_eval_items": 0,
+                      "loss": "assistant" if template != "model" else "all"},
+              "train": {"init": str(init), "out_dir": str(out), "max_steps": 2, "log_every": 1, "save_every": 1000,
+                        "eval_every": 1000, "global_batch_tokens": 2 * seq_len, "micro_batch_size": 1, "tensorboard": False,
+                        "device": "cpu", "compile": "off"},
+              "eval": {"val_batches": 0}}
+    path = root / "recipe.json"  # JSON is YAML
+    path.write_text(json.dumps(recipe))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "smoltrain", "sft", str(path)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    peak, first_step = 0, None
+    metrics = out / "metrics.jsonl"
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()))
+    reader.start()
+    top = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            peak = max(peak, sum(p.memory_full_info().pss for p in [top, *top.children(recursive=True)]))
+        except psutil.Error:
+            pass
+        if first_step is None and metrics.is_file() and '"step": 1' in metrics.read_text():
+            first_step = time.perf_counter() - start
+        time.sleep(0.1)
+    reader.join()
+    if proc.returncode:
+        raise SystemExit(f"smoltrain sft failed ({proc.returncode}):\n{''.join(stderr)[-3000:]}")
+    report = json.loads((out / "data_report.json").read_text())
+    return {"wall_s": time.perf_counter() - start, "step1_s": first_step, "peak_gb": peak / 1e9, "report": report}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--conversations", type=int, nargs="+", default=[20000])
+    p.add_argument("--files", type=int, default=16, help="input files per data set (smoltalk2 ships many parquet files)")
+    p.add_argument("--tokenizer", help="tokenizer.json or folder (default: the embedded tokenizer)")
+    p.add_argument("--template", default="smollm3", help="chat template: smollm3 (needs <think> tokens) or chatml")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--peer-sample", type=int, default=20000)
+    p.add_argument("--workdir", default=".cache/bench-sft-data")
+    args = p.parse_args()
+
+    import torch
+
+    root = Path(args.workdir).resolve()
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        from smoltrain.config import DataConfig
+        from smoltrain.data.embedded import ensure_embedded_data
+
+        tokenizer = ensure_embedded_data(DataConfig(embedded=True)).tokenizer
+    init, tokenizer_dir = make_init(root, tokenizer, args.template, args.seq_len)
+    print(f"# bench/sft_data.py  {datetime.date.today()}  {platform.processor() or platform.machine()}  "
+          f"{os.cpu_count()} cores  torch {torch.__version__}  python {platform.python_version()}")
+    print(f"tokenizer {tokenizer}, template {args.template}, seq_len {args.seq_len}, {args.files} files")
+    print("| conversations | tokens | prep tokens/s | vs encode_batch | peak GB run 1 | run 1 s | peak GB run 2 | "
+          "run 2 s | step 1 at (run 2) s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for count in args.conversations:
+        files = write_data(root / f"data-{count}", count, args.files)
+        peer = peer_tokens_per_s(files, tokenizer_dir, args.peer_sample)
+        cache = root / f"cache-{count}-{time.time_ns()}"
+        first = run_sft(root, init, files, args.template, args.seq_len, cache, root / f"run1-{count}")
+        second = run_sft(root, init, files, args.template, args.seq_len, cache, root / f"run2-{count}")
+        report = first["report"]
+        rate = report["tokens"] / report["preparation_s"]
+        print(f"| {count:,} | {report['tokens'] / 1e6:.1f}M | {rate / 1e3:.0f}k | {rate / peer:.2f}x ({peer / 1e3:.0f}k) | "
+              f"{first['peak_gb']:.2f} | {first['wall_s']:.0f} | {second['peak_gb']:.2f} | {second['wall_s']:.1f} | "
+              f"{second['step1_s']:.1f} |", flush=True)
+        import shutil
+
+        for leftover in (cache, root / f"run1-{count}", root / f"run2-{count}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
