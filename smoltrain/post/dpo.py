@@ -203,10 +203,46 @@ def _fingerprint(reference: str, splits: dict[str, list[Pair]], max_length: int)
     return h.hexdigest()
 
 
+def build_reference_model(reference: str, config: Config, ctx) -> nn.Module:
+    """The frozen reference in the policy's layout (train/parallelize.py's recipe on ctx): under FSDP
+    each rank keeps its shard of the weights, not a full copy (at 2 ranks half the bytes; LOG.md)."""
+    import dataclasses
+
+    from smoltrain.train.trainer import build_training_model
+
+    model_section = config.model if reference == config.train.init else _init_source(reference)[0]
+    train = dataclasses.replace(config.train, activation_checkpointing=False)  # no backward through it
+    model = build_training_model(dataclasses.replace(config, model=model_section, train=train), ctx.device,
+                                 init_from=reference, ctx=ctx)
+    model.requires_grad_(False)
+    return model
+
+
+def _shared_logprobs(model: nn.Module, pairs: list[Pair], batch_pairs: int, max_length: int, pad_id: int, ctx,
+                     precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of every pair, each data-parallel rank computing a strided share. A sharded
+    model's forward gathers weights from every rank, so all ranks run the same number of batches
+    (short shares are padded with pair 0, whose result is dropped); a sum over ranks assembles it,
+    counted once per tensor-parallel group."""
+    rank, world = ctx.dp_rank, ctx.dp_world
+    mine = list(range(rank, len(pairs), world))
+    padded = mine + [0] * (math.ceil(len(pairs) / world) - len(mine))
+    c, r = sequence_logprobs(model, [pairs[i] for i in padded], batch_pairs, max_length, pad_id, ctx.device, precision)
+    both = torch.zeros(2, len(pairs), dtype=torch.float32)
+    if ctx.tp_rank == 0:
+        both[0, mine], both[1, mine] = c[: len(mine)], r[: len(mine)]
+    if ctx.world_size > 1:
+        both = both.to(ctx.device)
+        dist.all_reduce(both)
+        both = both.cpu()
+    return both[0].clone(), both[1].clone()
+
+
 def reference_logps(reference: str, splits: dict[str, list[Pair]], run_dir: Path, batch_pairs: int, max_length: int,
-                    pad_id: int, ctx, precision: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                    pad_id: int, ctx, precision: str, config: Config) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The reference's summed log-probs of every split, read from run_dir when a pass for the same
-    reference and data is stored there, else computed (pairs split over all ranks) and stored."""
+    reference and data is stored there, else computed by the reference in the policy's layout
+    (pairs split over the data-parallel ranks) and stored."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -221,30 +257,16 @@ def reference_logps(reference: str, splits: dict[str, list[Pair]], run_dir: Path
         raise DataError(f"{path}: stored for another reference model or other preference data; "
                         "resume with the same dpo section, or delete it to recompute")
 
-    from smoltrain.model.hf import load_any
-
     start = time.perf_counter()
-    model, _, _ = load_any(reference, device=ctx.device)
-    model.requires_grad_(False)
-    rank, world = ctx.rank, ctx.world_size
-    result = {}
-    for name, pairs in splits.items():
-        # Every rank computes a strided share with its own full replica; a sum over ranks assembles it.
-        mine = list(range(rank, len(pairs), world))
-        c, r = sequence_logprobs(model, [pairs[i] for i in mine], batch_pairs, max_length, pad_id, ctx.device, precision)
-        both = torch.zeros(2, len(pairs), dtype=torch.float32)
-        both[0, mine], both[1, mine] = c, r
-        if world > 1:
-            both = both.to(ctx.device)
-            dist.all_reduce(both)
-            both = both.cpu()
-        result[name] = (both[0].clone(), both[1].clone())
+    model = build_reference_model(reference, config, ctx)
+    result = {name: _shared_logprobs(model, pairs, batch_pairs, max_length, pad_id, ctx, precision)
+              for name, pairs in splits.items()}
     del model
     if ctx.is_main:
         tensors = {f"{name}.{side}": t.contiguous() for name, pair in result.items() for side, t in zip(("chosen", "rejected"), pair)}
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint,
                                                                                   "reference": str(reference)}))
-    if world > 1:
+    if ctx.world_size > 1:
         dist.barrier()
     log.info("reference log-probs of %s pairs in %.1fs -> %s", sum(len(p) for p in splits.values()),
              time.perf_counter() - start, path)
@@ -421,13 +443,10 @@ def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) ->
     reference_model, train_ref, eval_ref = None, None, None
     if p.precompute:
         splits = {"train": train_pairs, "eval": eval_pairs} if eval_pairs else {"train": train_pairs}
-        stored = reference_logps(reference, splits, Path(run_dir), micro, p.max_length, pad_id, ctx, precision)
+        stored = reference_logps(reference, splits, Path(run_dir), micro, p.max_length, pad_id, ctx, precision, config)
         train_ref, eval_ref = stored["train"], stored.get("eval")
     else:
-        from smoltrain.model.hf import load_any
-
-        reference_model, _, _ = load_any(reference, device=ctx.device)
-        reference_model.requires_grad_(False)
+        reference_model = build_reference_model(reference, config, ctx)
     batches = PreferenceBatches(train_pairs, micro, ctx.dp_rank, ctx.dp_world, config.train.seed, p.max_length,
                                 pad_id, train_ref)
     chat = None
@@ -496,5 +515,5 @@ def write_report(run_dir: Path) -> Path | None:
     return write_atomic(run_dir / "dpo_report.md", f"# Preference training: {run_dir}\n\n" + "\n".join(lines) + "\n")
 
 
-__all__ = ["load_dpo_config", "DPOObjective", "PreferenceBatches", "build_dpo_objective", "reference_logps", "sequence_logprobs", "run",
-           "REFERENCE_FILE"]
+__all__ = ["load_dpo_config", "DPOObjective", "PreferenceBatches", "build_dpo_objective", "build_reference_model", "reference_logps",
+           "sequence_logprobs", "run", "REFERENCE_FILE"]
