@@ -23,6 +23,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -254,6 +255,31 @@ def _write_plan(folder: Path, entries: list[dict], settings: Settings, vocab_siz
     return report
 
 
+def build_once(final: Path, build: Callable[[Path], None], done: str) -> Path:
+    """`final`, built by `build(tmp)` under a temporary name and renamed into place unless `final/done`
+    exists already. Under torchrun the first rank of each node builds and the others wait for the
+    rename (torchrun ends them if it fails); two nodes sharing a file system may both build, and the
+    second rename finds the first's identical folder."""
+    if (final / done).is_file():
+        return final
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        while not (final / done).is_file():
+            time.sleep(_WAIT_S)
+        return final
+    tmp = final.parent / f".{final.name}.{socket.gethostname()}.{os.getpid()}.tmp"
+    try:
+        tmp.mkdir(parents=True)
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / done).is_file():  # not another node's identical copy: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def prepare(files: list[tuple[str, Path]], tokenizer_dir: Path, settings: Settings, cache_dir: str | os.PathLike,
             workers: int | None = None, show_progress: bool = True) -> Path:
     """The prepared folder of these files and settings: found in the cache, else built (by the first
@@ -264,20 +290,12 @@ def prepare(files: list[tuple[str, Path]], tokenizer_dir: Path, settings: Settin
         known = ", ".join(sorted({name for name, _ in files}))
         raise DataError(f"sft.mixture names {', '.join(sorted(unknown))}, which no sft.data file is (sources: {known})")
     tokenizer_dir = Path(tokenizer_dir)
-    key = cache_key(files, tokenizer_dir, settings)
-    final = Path(cache_dir).expanduser() / "sft" / key
-    if (final / PLAN).is_file():
-        return final
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        while not (final / PLAN).is_file():  # torchrun ends this rank if the preparing one fails
-            time.sleep(_WAIT_S)
-        return final
-    tmp = final.parent / f".{key}.{socket.gethostname()}.{os.getpid()}.tmp"
-    try:
-        for sub in ("tokens", "targets"):
-            (tmp / sub).mkdir(parents=True, exist_ok=True)
+
+    def build(tmp: Path) -> None:
         from smoltrain.data.tokenizer import load_tokenizer, tokenizer_file_hash
 
+        for sub in ("tokens", "targets"):
+            (tmp / sub).mkdir()
         tokenizer_json = tokenizer_dir / "tokenizer.json"
         vocab_size = load_tokenizer(tokenizer_json).get_vocab_size()
         tasks = [{"path": str(path), "source": name, "shard": shard_name("sft", i), "folder": str(tmp),
@@ -285,14 +303,9 @@ def prepare(files: list[tuple[str, Path]], tokenizer_dir: Path, settings: Settin
         started = time.perf_counter()
         entries = _run_tasks(tasks, tokenizer_dir, workers, show_progress)
         _write_plan(tmp, entries, settings, vocab_size, tokenizer_file_hash(tokenizer_json), started)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / PLAN).is_file():  # not another node's identical copy: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    final = Path(cache_dir).expanduser() / "sft" / cache_key(files, tokenizer_dir, settings)
+    return build_once(final, build, PLAN)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -330,4 +343,4 @@ def load_prepared(folder: Path) -> tuple[ShardExamples, PackingPlan, dict]:
     return ShardExamples(folder, plan), PackingPlan(plan["items"], plan["offsets"]), report
 
 
-__all__ = ["Settings", "ShardExamples", "cache_key", "load_prepared", "mixture_items", "named_files", "prepare"]
+__all__ = ["Settings", "ShardExamples", "build_once", "cache_key", "load_prepared", "mixture_items", "named_files", "prepare"]
