@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -24,7 +25,7 @@ from smoltrain.errors import ConfigError, DataError
 from smoltrain.files import write_atomic
 from smoltrain.model.transformer import token_logprobs
 from smoltrain.post.preference import pair_losses, reward_metrics
-from smoltrain.post.preference_data import Pair, TextTokenizer, chat_render, collate, load_preferences, summed_logprobs
+from smoltrain.post.preference_data import Pair, TextTokenizer, collate, summed_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -402,23 +403,27 @@ def tokenizer_path(config: Config, reference: str) -> str:
     return tokenizer
 
 
-def split_data(config: Config, tokenizer: TextTokenizer, render=None) -> tuple[list[Pair], list[Pair]]:
+def split_data(config: Config, tokenizer_path: str) -> tuple:
+    """(train pairs, held-out pairs), prepared once on disk (post/preference_prepare.py) and read from
+    there: the held-out ones are dpo.eval_data, else a seeded draw of dpo.holdout_pairs training pairs."""
+    from smoltrain.post.preference_prepare import PairSubset, load_pairs
+
     p = config.dpo
     if not p.train_data:
         raise ConfigError("dpo.train_data is empty: name one or more jsonl files of prompt / chosen / rejected rows")
-    train = load_preferences(p.train_data, tokenizer, p.max_length, p.skip_bad, render)
-    if train.skipped:
-        log.warning("dpo.train_data: skipped %s bad rows (%s)", sum(train.skipped.values()),
-                    ", ".join(f"{k}: {v}" for k, v in sorted(train.skipped.items())))
-    pairs = train.pairs
+    pairs = load_pairs(p.train_data, tokenizer_path, p.chat_template, p.max_length, p.skip_bad, config.data.cache_dir)
+    if pairs.skipped:
+        log.warning("dpo.train_data: skipped %s bad rows (%s)", sum(pairs.skipped.values()),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(pairs.skipped.items())))
     if p.eval_data:
-        return pairs, load_preferences(p.eval_data, tokenizer, p.max_length, p.skip_bad, render).pairs
+        return pairs, load_pairs(p.eval_data, tokenizer_path, p.chat_template, p.max_length, p.skip_bad, config.data.cache_dir)
     if p.holdout_pairs:
         if p.holdout_pairs >= len(pairs):
             raise ConfigError(f"dpo.holdout_pairs ({p.holdout_pairs}) leaves none of the {len(pairs)} pairs to train on")
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
-        held = set(order[: p.holdout_pairs])
-        return [x for i, x in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.train.seed)).numpy()
+        kept = np.ones(len(pairs), dtype=bool)
+        kept[order[: p.holdout_pairs]] = False
+        return PairSubset(pairs, np.flatnonzero(kept)), PairSubset(pairs, np.sort(order[: p.holdout_pairs]))
     return pairs, []
 
 
@@ -436,7 +441,7 @@ def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) ->
     reference = reference_of(config)
     path = tokenizer_path(config, reference)
     tokenizer = TextTokenizer.load(path)
-    train_pairs, eval_pairs = split_data(config, tokenizer, chat_render(path, p.chat_template))
+    train_pairs, eval_pairs = split_data(config, path)
     pad_id = tokenizer.eos_id
     precision = getattr(ctx, "precision", "fp32")  # resolved train.precision (bf16 autocast or fp32)
     micro = config.train.micro_batch_size
