@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -204,17 +205,45 @@ def _fingerprint(reference: str, splits: dict[str, list[Pair]], max_length: int)
     return h.hexdigest()
 
 
+class _LazyTensors(Mapping):
+    """The tensors of an open safetensors file, each read when asked: loading a sharded model from
+    it holds one full tensor at a time, not the whole model (load_any reads every tensor, then copies)."""
+
+    def __init__(self, file):
+        self.file, self.names = file, list(file.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.file.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def build_reference_model(reference: str, config: Config, ctx) -> nn.Module:
     """The frozen reference in the policy's layout (train/parallelize.py's recipe on ctx): under FSDP
-    each rank keeps its shard of the weights, not a full copy (at 2 ranks half the bytes; LOG.md)."""
+    each rank keeps its shard of the weights, not a full copy (at 2 ranks half the bytes; LOG.md). A
+    model folder is read tensor by tensor; other folders (runs, Hugging Face) whole, then sharded."""
     import dataclasses
 
-    from smoltrain.train.trainer import build_training_model
+    from safetensors import safe_open
+
+    from smoltrain.model.hf import CONFIG_FILE, WEIGHTS_FILE
+    from smoltrain.train.parallelize import load_full_state_dict
+    from smoltrain.train.trainer import build_training_model, load_init_weights
 
     model_section = config.model if reference == config.train.init else _init_source(reference)[0]
     train = dataclasses.replace(config.train, activation_checkpointing=False)  # no backward through it
-    model = build_training_model(dataclasses.replace(config, model=model_section, train=train), ctx.device,
-                                 init_from=reference, ctx=ctx)
+    config = dataclasses.replace(config, model=model_section, train=train)
+    model = build_training_model(config, ctx.device, ctx=ctx)
+    folder = Path(reference)
+    if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
+            load_full_state_dict(model, _LazyTensors(weights))
+    else:
+        load_init_weights(model, reference, config)
     model.requires_grad_(False)
     return model
 
