@@ -31,14 +31,15 @@ def _worker(rank: int, mode: str, root: str, port: int, pairs: int, out: str) ->
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from smoltrain.model.hf import load_any
+    from smoltrain.config import load_config
+    from smoltrain.model.hf import CONFIG_FILE, load_any
     from smoltrain.post import dpo
     from smoltrain.post.preference_data import Pair
     from smoltrain.train.distributed import setup_distributed
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    _, config, _ = load_any(root)
+    config = load_config(Path(root) / CONFIG_FILE)  # not load_any: that would load the weights here
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, init=root))  # the reference is the init
     ctx = setup_distributed(config.parallel, config.model, device="cpu", compile="off")
     me = psutil.Process()
