@@ -244,6 +244,10 @@ def build_reference_model(reference: str, config: Config, ctx) -> nn.Module:
             load_full_state_dict(model, _LazyTensors(weights))
     else:
         load_init_weights(model, reference, config)
+    if hasattr(model, "set_reshard_after_forward"):
+        # FSDP2 keeps the root and the last block gathered after a forward, for the backward that
+        # follows at once in training; the reference has none, so every block frees its gathered weights.
+        model.set_reshard_after_forward(True)
     model.requires_grad_(False)
     return model
 
