@@ -276,11 +276,21 @@ class GRPOConfig:
 
 
 @dataclass
+class SFTSourceWeight:
+    """One source of an SFT mixture: set weight or epochs (SmolLM3 weighs each dataset of its mixture)."""
+
+    weight: Optional[float] = None  # conversations per sft epoch, a multiple of the source's (0.5: a seeded half; 2: each twice)
+    epochs: Optional[float] = None  # or passes over the source in the whole run (needs sft.epochs): weight = epochs / sft.epochs
+
+
+@dataclass
 class SFTConfig:
-    # Conversation files (jsonl, jsonl.gz, parquet; globs allowed), Hugging Face dataset folders (save_to_disk or
-    # a parquet snapshot), or "embedded", the embedded chat data.
+    # Conversation files (jsonl, jsonl.gz, parquet, json lists; globs allowed), Hugging Face dataset folders (save_to_disk
+    # or a parquet snapshot), or "embedded", the embedded chat data. "NAME=PATTERN" names the source of all the files a
+    # pattern matches (else: each file's first dotted part).
     data: list[str] = field(default_factory=lambda: ["embedded"])
     split: Optional[str] = None  # of dataset folders in data (default: their only split, else train)
+    mixture: dict[str, SFTSourceWeight] = field(default_factory=dict)  # source name -> weight or epochs; absent: weight 1
     embedded_conversations: int = 8000
     chat_template: Literal["smollm3", "chatml", "gemma", "model"] = "smollm3"  # model: the init model's own
     loss: Literal["assistant", "all"] = "assistant"  # assistant: content + <|im_end|> of assistant turns only
@@ -671,6 +681,11 @@ def validate(c: Config) -> None:
     _require(s.chat_eval_items >= 0, f"sft.chat_eval_items must be >= 0, got {s.chat_eval_items}")
     _require(s.embedded_conversations > 0, f"sft.embedded_conversations must be positive, got {s.embedded_conversations}")
     _require(bool(s.data), "sft.data must name at least one file (or embedded)")
+    for name, source in s.mixture.items():
+        _require((source.weight is None) != (source.epochs is None), f"sft.mixture.{name}: set weight or epochs (one of them)")
+        _require((source.weight or source.epochs or 0) > 0, f"sft.mixture.{name}: weight and epochs must be positive")
+        _require(source.epochs is None or s.epochs is not None,
+                 f"sft.mixture.{name}.epochs needs sft.epochs (the run's passes); with train.max_steps set weight instead")
 
 
 def grad_accumulation(t: TrainConfig, seq_len: int, dp_world: int) -> int:

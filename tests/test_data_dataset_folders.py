@@ -103,7 +103,7 @@ def test_sft_data_takes_a_dataset_folder_split(tmp_path):
     from_folder, from_jsonl = prepared(str(tmp_path / "chat"), "test"), prepared(str(tmp_path / "test.jsonl"), None)
     assert [list(e.ids) for e in from_folder.examples] == [list(e.ids) for e in from_jsonl.examples]
     assert len(from_folder.examples) == 4
-    assert from_folder.rows == from_jsonl.rows
+    assert from_folder.rows.to_lists() == from_jsonl.rows.to_lists()
     with pytest.raises(DataError, match=r"no split 'dev' \(splits: train, test"):
         prepared(str(tmp_path / "chat"), "dev")
 
@@ -118,12 +118,15 @@ def test_dpo_train_and_eval_data_take_dataset_folder_splits(tmp_path):
     tok = TextTokenizer(Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")), "<|endoftext|>")
     rows = preference_rows(10)
     folder = str(save_dict(tmp_path / "pairs", {"train": rows[:7], "test": rows[7:]}))
-    train, held_out = split_data(Config(dpo=DPOConfig(train_data=[folder], eval_data=[folder], eval_split="test")), tok)
-    assert train == load_preferences([write_rows(tmp_path / "train.jsonl", rows[:7])], tok).pairs and len(train) == 7
-    assert held_out == load_preferences([write_rows(tmp_path / "test.jsonl", rows[7:])], tok).pairs and len(held_out) == 3
+    tokenizer_path = str(tmp_path / "tok" / "tokenizer.json")
+    data = DataConfig(cache_dir=str(tmp_path / "cache"))  # dpo prepares its pairs on disk, cached
+    train, held_out = split_data(Config(data=data, dpo=DPOConfig(train_data=[folder], eval_data=[folder], eval_split="test")),
+                                 tokenizer_path)
+    assert list(train) == load_preferences([write_rows(tmp_path / "train.jsonl", rows[:7])], tok).pairs and len(train) == 7
+    assert list(held_out) == load_preferences([write_rows(tmp_path / "test.jsonl", rows[7:])], tok).pairs and len(held_out) == 3
     assert load_preferences([folder], tok, split="train").sources[0] == f"{folder}:1"
     with pytest.raises(DataError, match="no split 'validation'"):
-        split_data(Config(dpo=DPOConfig(train_data=[folder], split="validation")), tok)
+        split_data(Config(data=data, dpo=DPOConfig(train_data=[folder], split="validation")), tokenizer_path)
 
 
 def test_grpo_prompts_take_a_dataset_folder_with_its_held_out_split(tmp_path):

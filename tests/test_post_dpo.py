@@ -3,7 +3,6 @@ summed answer log-probs from one forward equal to per-sequence log-softmax by ha
 pass that is stored and then reused."""
 
 import json
-import types
 
 import pytest
 import torch
@@ -25,9 +24,22 @@ def init_folder(tmp_path_factory):
     return save_init_model(tmp_path_factory.mktemp("init"), "model")
 
 
-def fake_ctx(rank=0, world=1):
-    return types.SimpleNamespace(device=torch.device("cpu"), rank=rank, world_size=world, is_main=rank == 0,
-                                 dp_rank=rank, dp_world=world)
+def cpu_ctx():
+    from smoltrain.train.distributed import single_process_context
+
+    return single_process_context("cpu")
+
+
+def reference_setup(init_folder):
+    """A one-process context and the config of a run whose train.init is the reference."""
+    import dataclasses
+
+    from smoltrain.model.hf import load_any
+    from smoltrain.train.distributed import single_process_context
+
+    _, config, _ = load_any(init_folder)
+    train = dataclasses.replace(config.train, init=str(init_folder), compile="off")
+    return single_process_context("cpu", train), dataclasses.replace(config, train=train)
 
 
 def _pairs(n):
@@ -107,7 +119,8 @@ def test_reference_pass_is_stored_then_reused_without_loading_the_model(init_fol
     tok = TextTokenizer.load(init_folder)
     pairs = load_preferences(write_rows(tmp_path / "p.jsonl", preference_rows(6)), tok).pairs
     splits = {"train": pairs[:4], "eval": pairs[4:]}
-    first = reference_logps(str(init_folder), splits, tmp_path, 3, 1024, tok.eos_id, fake_ctx(), "fp32")
+    ctx, config = reference_setup(init_folder)
+    first = reference_logps(str(init_folder), splits, tmp_path, 3, 1024, tok.eos_id, ctx, "fp32", config)
     model, _, _ = load_any(init_folder)
     with torch.no_grad():
         for name, part in splits.items():
@@ -118,11 +131,11 @@ def test_reference_pass_is_stored_then_reused_without_loading_the_model(init_fol
         raise AssertionError("the stored reference pass should be reused")
 
     monkeypatch.setattr("smoltrain.model.hf.load_any", no_loading)
-    again = reference_logps(str(init_folder), splits, tmp_path, 3, 1024, tok.eos_id, fake_ctx(), "fp32")
+    again = reference_logps(str(init_folder), splits, tmp_path, 3, 1024, tok.eos_id, ctx, "fp32", config)
     for name in splits:
         assert all(torch.equal(a, b) for a, b in zip(first[name], again[name]))
     with pytest.raises(DataError, match="stored for another reference model or other preference data"):
-        reference_logps(str(init_folder), {"train": pairs[:3]}, tmp_path, 3, 1024, tok.eos_id, fake_ctx(), "fp32")
+        reference_logps(str(init_folder), {"train": pairs[:3]}, tmp_path, 3, 1024, tok.eos_id, ctx, "fp32", config)
 
 
 def test_build_objective_holds_out_pairs_and_checks_the_batch_split(init_folder, tmp_path, one_thread):
@@ -132,7 +145,7 @@ def test_build_objective_holds_out_pairs_and_checks_the_batch_split(init_folder,
     config = config_from_dict({"model": SHAPE, "data": {"seq_len": 32},
                                "train": {"micro_batch_size": 2, "global_batch_tokens": 64, "init": str(init_folder)},
                                "dpo": {"train_data": [str(data)], "holdout_pairs": 4, "pairs_per_step": 4}})
-    objective = build_dpo_objective(config, None, fake_ctx(), tmp_path)
+    objective = build_dpo_objective(config, None, cpu_ctx(), tmp_path)
     assert len(objective.batches.pairs) == 8 and len(objective.eval_pairs) == 4
     assert objective.accumulation(1024, 1) == 2
     assert (tmp_path / dpo_module.REFERENCE_FILE).is_file()
@@ -169,7 +182,7 @@ def test_chat_evals_before_training_and_at_evaluation(tmp_path, one_thread, monk
     config = config_from_dict({"model": shape, "data": {"seq_len": 32},
                                "train": {"micro_batch_size": 2, "global_batch_tokens": 64, "init": str(tmp_path / "init")},
                                "dpo": {"train_data": [str(data)], "pairs_per_step": 2, "chat_eval_items": 2}})
-    objective = build_dpo_objective(config, model, fake_ctx(), tmp_path)
+    objective = build_dpo_objective(config, model, cpu_ctx(), tmp_path)
     before = json.loads((tmp_path / "chat_before.json").read_text())
     assert before["chat"]["n"] == {"no_think": 2, "think": 2, "persona": 2} and before["vibe"]
     result = objective.evaluate(model)  # same weights: the same greedy replies

@@ -179,3 +179,40 @@ def test_the_start_line_counts_a_step_in_pairs(root, capsys):
     dpo.run(config)
     # the recipe: micro_batch_size 4 pairs, so 16 pairs a step are 4 micro-batches on one process
     assert "a step = 16 pairs = 4 x 4 accumulation x 1 data-parallel |" in capsys.readouterr().out
+
+
+@leaves_without_teardown
+def _reference_worker(rank, world, root, port, out):
+    """Each rank: the reference's local parameter count, and the pass over 5 pairs (uneven shares) next
+    to the same pass by a full copy of the model."""
+    from torch.distributed.tensor import DTensor
+
+    from smoltrain.model.hf import load_any
+    from smoltrain.post.preference_data import TextTokenizer, load_preferences
+    from smoltrain.train.distributed import setup_distributed
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    config = config_for(Path(root), Path(root) / "unused")
+    ctx = setup_distributed(config.parallel, config.model, device="cpu", compile="off")
+    reference = dpo.build_reference_model(config.train.init, config, ctx)
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in reference.parameters())
+    pairs = load_preferences(Path(root) / "eval.jsonl", TextTokenizer.load(Path(root) / "init")).pairs[:5]
+    sharded = dpo._shared_logprobs(reference, pairs, 2, 64, 0, ctx, "fp32")
+    full = dpo.sequence_logprobs(load_any(config.train.init)[0], pairs, 2, 64, 0, torch.device("cpu"), "fp32")
+    torch.save({"local": local, "sharded": sharded, "full": full}, Path(out) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_reference_is_sharded_like_the_policy_under_fsdp(root, tmp_path):
+    from smoltrain.model.hf import load_any
+
+    mp.spawn(_reference_worker, args=(2, str(root), _free_port(), str(tmp_path)), nprocs=2, join=True)
+    total = sum(p.numel() for p in load_any(root / "init")[0].parameters())
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert sum(g["local"] for g in got) == total and all(g["local"] <= 0.55 * total for g in got)  # halves, no copy
+    for g in got:
+        for sharded, full in zip(g["sharded"], g["full"]):
+            torch.testing.assert_close(sharded, full, rtol=1e-5, atol=1e-5)

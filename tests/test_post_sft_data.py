@@ -3,6 +3,7 @@
 import itertools
 import random
 
+import numpy as np
 import pytest
 import torch
 from chat_helpers import VOCAB, chat_tokenizers, conversations
@@ -16,11 +17,13 @@ from smoltrain.post.chat_template import (
     load_chat_tokenizer,
 )
 from smoltrain.post.sft_data import (
+    ChatCounts,
     PackedChatBatches,
     data_report,
     pack_best_fit,
     report_markdown,
     tokenize_conversations,
+    trained_shares,
 )
 
 
@@ -49,7 +52,7 @@ def test_best_fit_decreasing_is_near_the_brute_force_optimum_and_never_splits():
     for _ in range(60):
         capacity = r.randint(8, 20)
         lengths = [r.randint(1, capacity) for _ in range(r.randint(1, 7))]
-        rows = pack_best_fit(lengths, capacity)
+        rows = pack_best_fit(lengths, capacity).to_lists()
         assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # each once, whole
         assert all(sum(lengths[i] for i in row) <= capacity for row in rows)
         best = optimum_bins(lengths, capacity)
@@ -60,7 +63,7 @@ def test_best_fit_decreasing_is_near_the_brute_force_optimum_and_never_splits():
 
 def test_best_fit_puts_each_item_in_the_tightest_row():
     # rows [8] (2 free) and [5, 4] (1 free): first fit would put the 1 with the 8, best fit with 5 + 4
-    assert pack_best_fit([8, 5, 4, 1], 10) == [[0], [1, 2, 3]]
+    assert pack_best_fit([8, 5, 4, 1], 10).to_lists() == [[0], [1, 2, 3]]
 
 
 def test_labels_are_the_next_tokens_inside_the_generation_mask(tok, one_thread):
@@ -137,7 +140,7 @@ def test_batch_source_resumes_exactly_and_reshuffles_each_epoch(tok):
     epoch1 = [source._row_at(len(rows) + i) for i in range(len(rows))]
     assert sorted(map(tuple, epoch0)) == sorted(map(tuple, epoch1)) and epoch0 != epoch1
     with pytest.raises(DataError, match="rows"):
-        PackedChatBatches(examples, rows[:-1], 128, 2, pad_id=0).load_state_dict(state)
+        PackedChatBatches(examples, rows.to_lists()[:-1], 128, 2, pad_id=0).load_state_dict(state)
 
 
 def test_overflow_is_truncated_keeping_the_start_or_dropped_and_counted(tok):
@@ -159,12 +162,11 @@ def test_data_check_stops_when_the_template_drops_a_system_prompt(tok):
     convs = [Conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "HELLO"}],
                           {"custom_instructions": "Answer in capital letters only."}, "persona", "personas.jsonl:7")]
     chat = load_chat_tokenizer(tok / "smollm3")
-    examples, stats = tokenize_conversations(convs, chat, 256)
-    report = data_report(convs, examples, stats, [[0]], 256, chat)
+    report = data_report(ChatCounts.of(convs, chat), {}, 1, 256)
     assert report["system_prompt_share"] == report["system_prompt_rendered_share"] == 1.0
     chatml = load_chat_tokenizer(tok / "chatml")
     with pytest.raises(DataError, match=r"personas.jsonl:7: its system prompt 'Answer in capital letters only.'"):
-        data_report(convs, examples, stats, [[0]], 256, chatml)
+        ChatCounts.of(convs, chatml)
 
 
 def test_data_report_counts_match_an_independent_count(tok):
@@ -172,7 +174,11 @@ def test_data_report_counts_match_an_independent_count(tok):
     convs = conversations(100)
     examples, stats = tokenize_conversations(convs, chat, seq_len=256)
     rows = pack_best_fit([len(e.ids) for e in examples], 256)
-    report = data_report(convs, examples, stats, rows, 256, chat, template="smollm3")
+    sources = sorted({e.source for e in examples})
+    trained = trained_shares(sources, np.array([sources.index(e.source) for e in examples]),
+                             np.array([len(e.ids) for e in examples]), np.array([e.targets.sum() for e in examples]),
+                             np.arange(len(examples)))
+    report = data_report(ChatCounts.of(convs, chat, stats), trained, len(rows), 256, template="smollm3")
     masks = [encode_chat(chat, c.messages, **c.kwargs)[1] for c in convs]
     assert report["target_tokens"] == sum(sum(m[1:256]) for m in masks if sum(m[1:256]))
     assert report["packing_efficiency"] == pytest.approx(report["tokens"] / (len(rows) * 256))

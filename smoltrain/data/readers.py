@@ -41,6 +41,14 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return unique
 
 
+def input_fingerprint(path: Path) -> list:
+    """What a cache key needs to see a changed input: path, size and modification time of a file, and of
+    every file inside a dataset folder (a folder's own mtime misses a rewritten shard)."""
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return [str(path.resolve()), [[str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                  for f in files]]
+
+
 def input_kind(path: Path) -> str:
     if path.is_dir():
         return "dataset"

@@ -287,6 +287,38 @@ def encode_chat(tokenizer, messages: list[dict], **kwargs) -> tuple[list[int], l
     return ids, mask
 
 
+def encode_chats(tokenizer, chats: list[tuple[list[dict], dict]]) -> list[tuple[list[int], list[int], str]]:
+    """(ids, assistant mask, text) of many (messages, kwargs) chats: `encode_chat`'s result for each,
+    with one batched tokenizer call (Rust threads) instead of one per chat.
+
+    Each chat is rendered by transformers' own Jinja renderer with its own keywords (its generation
+    spans in characters), then the spans become token masks exactly as `apply_chat_template` maps
+    them (char_to_token of a span's first and last character). A test holds it equal to encode_chat.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    texts, spans = [], []
+    for messages, kwargs in chats:
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as apply_chat_template
+        rendered, indices = render_jinja_template(conversations=[messages], chat_template=tokenizer.chat_template,
+                                                  return_assistant_tokens_mask=True,
+                                                  **{**tokenizer.special_tokens_map, **kwargs})
+        texts.append(rendered[0])
+        spans.append(indices[0])
+    out = tokenizer(texts, add_special_tokens=False)
+    result = []
+    for i, (text, chat_spans) in enumerate(zip(texts, spans)):
+        ids = out["input_ids"][i]
+        mask = [0] * len(ids)
+        for start_char, end_char in chat_spans:
+            start, end = out.char_to_token(i, start_char), out.char_to_token(i, end_char - 1)
+            if start is None:
+                break
+            mask[start : end + 1 if end else len(ids)] = [1] * ((end + 1 if end else len(ids)) - start)
+        result.append((ids, mask, text))
+    return result
+
+
 def encode_prompt(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     """Token ids of the conversation followed by the generation prompt (what a model continues)."""
     text = render(tokenizer, messages, add_generation_prompt=True, **kwargs)
@@ -316,6 +348,7 @@ __all__ = [
     "TEMPLATE_KWARGS",
     "THINK",
     "encode_chat",
+    "encode_chats",
     "encode_prompt",
     "end_of_turn_id",
     "has_generation_markers",

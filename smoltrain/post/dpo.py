@@ -14,8 +14,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -25,7 +27,7 @@ from smoltrain.errors import ConfigError, DataError
 from smoltrain.files import write_atomic
 from smoltrain.model.transformer import token_logprobs
 from smoltrain.post.preference import pair_losses, reward_metrics
-from smoltrain.post.preference_data import Pair, TextTokenizer, chat_render, collate, load_preferences, summed_logprobs
+from smoltrain.post.preference_data import Pair, TextTokenizer, collate, summed_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +206,81 @@ def _fingerprint(reference: str, splits: dict[str, list[Pair]], max_length: int)
     return h.hexdigest()
 
 
+class _LazyTensors(Mapping):
+    """The tensors of an open safetensors file, each read when asked: loading a sharded model from
+    it holds one full tensor at a time, not the whole model (load_any reads every tensor, then copies)."""
+
+    def __init__(self, file):
+        self.file, self.names = file, list(file.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.file.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def build_reference_model(reference: str, config: Config, ctx) -> nn.Module:
+    """The frozen reference in the policy's layout (train/parallelize.py's recipe on ctx): under FSDP
+    each rank keeps its shard of the weights, not a full copy (at 2 ranks half the bytes; LOG.md). A
+    model folder is read tensor by tensor; other folders (runs, Hugging Face) whole, then sharded."""
+    import dataclasses
+
+    from safetensors import safe_open
+
+    from smoltrain.model.hf import CONFIG_FILE, WEIGHTS_FILE
+    from smoltrain.train.parallelize import load_full_state_dict
+    from smoltrain.train.trainer import build_training_model, load_init_weights
+
+    model_section = config.model if reference == config.train.init else _init_source(reference)[0]
+    # No backward through it, and no adapters on it (a LoRA policy's own reference is its base: reference_logps).
+    train = dataclasses.replace(config.train, activation_checkpointing=False, lora=None)
+    config = dataclasses.replace(config, model=model_section, train=train)
+    model = build_training_model(config, ctx.device, ctx=ctx)
+    folder = Path(reference)
+    if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
+            load_full_state_dict(model, _LazyTensors(weights))
+    else:
+        load_init_weights(model, reference, config)
+    if hasattr(model, "set_reshard_after_forward"):
+        # FSDP2 keeps the root and the last block gathered after a forward, for the backward that
+        # follows at once in training; the reference has none, so every block frees its gathered weights.
+        model.set_reshard_after_forward(True)
+    model.requires_grad_(False)
+    return model
+
+
+def _shared_logprobs(model: nn.Module, pairs: list[Pair], batch_pairs: int, max_length: int, pad_id: int, ctx,
+                     precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of every pair, each data-parallel rank computing a strided share. A sharded
+    model's forward gathers weights from every rank, so all ranks run the same number of batches
+    (short shares are padded with pair 0, whose result is dropped); a sum over ranks assembles it,
+    counted once per tensor-parallel group."""
+    rank, world = ctx.dp_rank, ctx.dp_world
+    mine = list(range(rank, len(pairs), world))
+    padded = mine + [0] * (math.ceil(len(pairs) / world) - len(mine))
+    c, r = sequence_logprobs(model, [pairs[i] for i in padded], batch_pairs, max_length, pad_id, ctx.device, precision)
+    both = torch.zeros(2, len(pairs), dtype=torch.float32)
+    if ctx.tp_rank == 0:
+        both[0, mine], both[1, mine] = c[: len(mine)], r[: len(mine)]
+    if ctx.world_size > 1:
+        both = both.to(ctx.device)
+        dist.all_reduce(both)
+        both = both.cpu()
+    return both[0].clone(), both[1].clone()
+
+
 def reference_logps(reference: str, splits: dict[str, list[Pair]], run_dir: Path, batch_pairs: int, max_length: int,
-                    pad_id: int, ctx, precision: str, base: nn.Module | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                    pad_id: int, ctx, precision: str, config: Config,
+                    base: nn.Module | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The reference's summed log-probs of every split, read from run_dir when a pass for the same
-    reference and data is stored there, else computed (pairs split over all ranks) and stored.
-    base: a LoRA policy whose frozen base is the reference, scored with its adapters off (no second model)."""
+    reference and data is stored there, else computed by the reference in the policy's layout
+    (pairs split over the data-parallel ranks) and stored. base: a LoRA policy whose frozen base is
+    the reference, scored with its adapters off (no second model)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -223,39 +295,23 @@ def reference_logps(reference: str, splits: dict[str, list[Pair]], run_dir: Path
         raise DataError(f"{path}: stored for another reference model or other preference data; "
                         "resume with the same dpo section, or delete it to recompute")
 
-    from smoltrain.model.hf import load_any
-    from smoltrain.train.lora import adapters_disabled
-
     start = time.perf_counter()
-    if base is None:
-        model, _, _ = load_any(reference, device=ctx.device)
-        model.requires_grad_(False)
-    rank, world = ctx.rank, ctx.world_size
-    result = {}
-    for name, pairs in splits.items():
-        # Every rank computes a strided share with its own full replica; a sum over ranks assembles it.
-        mine = list(range(rank, len(pairs), world))
-        if base is None:
-            c, r = sequence_logprobs(model, [pairs[i] for i in mine], batch_pairs, max_length, pad_id, ctx.device, precision)
-        else:
-            # The training model's forward has collectives (FSDP): every rank scores as many pairs,
-            # a short share padded with its first pair, whose repeat is dropped.
-            padded = mine + mine[:1] * (-(-len(pairs) // world) - len(mine))
-            with adapters_disabled(base):
-                c, r = sequence_logprobs(base, [pairs[i] for i in padded], batch_pairs, max_length, pad_id, ctx.device, precision)
-            c, r = c[: len(mine)], r[: len(mine)]
-        both = torch.zeros(2, len(pairs), dtype=torch.float32)
-        both[0, mine], both[1, mine] = c, r
-        if world > 1:
-            both = both.to(ctx.device)
-            dist.all_reduce(both)
-            both = both.cpu()
-        result[name] = (both[0].clone(), both[1].clone())
+    if base is not None:
+        from smoltrain.train.lora import adapters_disabled
+
+        with adapters_disabled(base):
+            result = {name: _shared_logprobs(base, pairs, batch_pairs, max_length, pad_id, ctx, precision)
+                      for name, pairs in splits.items()}
+    else:
+        model = build_reference_model(reference, config, ctx)
+        result = {name: _shared_logprobs(model, pairs, batch_pairs, max_length, pad_id, ctx, precision)
+                  for name, pairs in splits.items()}
+        del model
     if ctx.is_main:
         tensors = {f"{name}.{side}": t.contiguous() for name, pair in result.items() for side, t in zip(("chosen", "rejected"), pair)}
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint,
                                                                                   "reference": str(reference)}))
-    if world > 1:
+    if ctx.world_size > 1:
         dist.barrier()
     log.info("reference log-probs of %s pairs in %.1fs -> %s", sum(len(p) for p in splits.values()),
              time.perf_counter() - start, path)
@@ -404,23 +460,28 @@ def tokenizer_path(config: Config, reference: str) -> str:
     return tokenizer
 
 
-def split_data(config: Config, tokenizer: TextTokenizer, render=None) -> tuple[list[Pair], list[Pair]]:
+def split_data(config: Config, tokenizer_path: str) -> tuple:
+    """(train pairs, held-out pairs), prepared once on disk (post/preference_prepare.py) and read from
+    there: the held-out ones are dpo.eval_data, else a seeded draw of dpo.holdout_pairs training pairs."""
+    from smoltrain.post.preference_prepare import PairSubset, load_pairs
+
     p = config.dpo
     if not p.train_data:
         raise ConfigError("dpo.train_data is empty: name one or more jsonl files of prompt / chosen / rejected rows")
-    train = load_preferences(p.train_data, tokenizer, p.max_length, p.skip_bad, render, p.split)
-    if train.skipped:
-        log.warning("dpo.train_data: skipped %s bad rows (%s)", sum(train.skipped.values()),
-                    ", ".join(f"{k}: {v}" for k, v in sorted(train.skipped.items())))
-    pairs = train.pairs
+    pairs = load_pairs(p.train_data, tokenizer_path, p.chat_template, p.max_length, p.skip_bad, config.data.cache_dir, p.split)
+    if pairs.skipped:
+        log.warning("dpo.train_data: skipped %s bad rows (%s)", sum(pairs.skipped.values()),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(pairs.skipped.items())))
     if p.eval_data:
-        return pairs, load_preferences(p.eval_data, tokenizer, p.max_length, p.skip_bad, render, p.eval_split).pairs
+        return pairs, load_pairs(p.eval_data, tokenizer_path, p.chat_template, p.max_length, p.skip_bad, config.data.cache_dir,
+                                 p.eval_split)
     if p.holdout_pairs:
         if p.holdout_pairs >= len(pairs):
             raise ConfigError(f"dpo.holdout_pairs ({p.holdout_pairs}) leaves none of the {len(pairs)} pairs to train on")
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
-        held = set(order[: p.holdout_pairs])
-        return [x for i, x in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.train.seed)).numpy()
+        kept = np.ones(len(pairs), dtype=bool)
+        kept[order[: p.holdout_pairs]] = False
+        return PairSubset(pairs, np.flatnonzero(kept)), PairSubset(pairs, np.sort(order[: p.holdout_pairs]))
     return pairs, []
 
 
@@ -438,7 +499,7 @@ def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) ->
     reference = reference_of(config)
     path = tokenizer_path(config, reference)
     tokenizer = TextTokenizer.load(path)
-    train_pairs, eval_pairs = split_data(config, tokenizer, chat_render(path, p.chat_template))
+    train_pairs, eval_pairs = split_data(config, path)
     pad_id = tokenizer.eos_id
     precision = getattr(ctx, "precision", "fp32")  # resolved train.precision (bf16 autocast or fp32)
     micro = config.train.micro_batch_size
@@ -448,14 +509,11 @@ def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) ->
     base_reference = config.train.lora is not None and reference == config.train.init
     if p.precompute:
         splits = {"train": train_pairs, "eval": eval_pairs} if eval_pairs else {"train": train_pairs}
-        stored = reference_logps(reference, splits, Path(run_dir), micro, p.max_length, pad_id, ctx, precision,
+        stored = reference_logps(reference, splits, Path(run_dir), micro, p.max_length, pad_id, ctx, precision, config,
                                  base=model if base_reference else None)
         train_ref, eval_ref = stored["train"], stored.get("eval")
     elif not base_reference:
-        from smoltrain.model.hf import load_any
-
-        reference_model, _, _ = load_any(reference, device=ctx.device)
-        reference_model.requires_grad_(False)
+        reference_model = build_reference_model(reference, config, ctx)
     batches = PreferenceBatches(train_pairs, micro, ctx.dp_rank, ctx.dp_world, config.train.seed, p.max_length,
                                 pad_id, train_ref)
     chat = None
@@ -524,5 +582,5 @@ def write_report(run_dir: Path) -> Path | None:
     return write_atomic(run_dir / "dpo_report.md", f"# Preference training: {run_dir}\n\n" + "\n".join(lines) + "\n")
 
 
-__all__ = ["load_dpo_config", "DPOObjective", "PreferenceBatches", "build_dpo_objective", "reference_logps", "sequence_logprobs", "run",
-           "REFERENCE_FILE"]
+__all__ = ["load_dpo_config", "DPOObjective", "PreferenceBatches", "build_dpo_objective", "build_reference_model", "reference_logps",
+           "sequence_logprobs", "run", "REFERENCE_FILE"]

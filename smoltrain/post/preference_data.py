@@ -195,6 +195,30 @@ class PreferenceData:
         return len(self.pairs)
 
 
+def iter_pairs(path: str | os.PathLike, tokenizer: TextTokenizer, max_length: int, skip_bad: bool, render: Render | None,
+               skipped: Counter, split: str | None = None) -> Iterator[tuple[str, Pair]]:
+    """("file:line", pair) of every good row of one file, streamed; a bad row is a one-line `file:line`
+    DataError, or (skip_bad) counted in `skipped` by kind; split: of a dataset folder."""
+    for line_no, row in read_rows(path, split):
+        where = f"{path}:{line_no}"
+        bad = (row.reason, row.kind) if isinstance(row, BadLine) else check_row(row)
+        if bad is None:
+            if is_conversational(row) and render is None:
+                raise DataError(f"{where}: conversational rows (message lists) need a chat template")
+            pair = tokenize_pair(row, tokenizer, render)
+            if len(pair.prompt_ids) >= max_length:
+                bad = (f"the prompt's {len(pair.prompt_ids)} tokens leave no room for the answers at "
+                       f"max_length {max_length}", "prompt_too_long")
+            elif not pair.chosen_ids or not pair.rejected_ids:
+                bad = ("an answer has no tokens of its own after the prompt", "empty_answer")
+        if bad is not None:
+            if not skip_bad:
+                raise DataError(f"{where}: {bad[0]}")
+            skipped[bad[1]] += 1
+            continue
+        yield where, pair
+
+
 def load_preferences(
     paths: list[str | os.PathLike] | str | os.PathLike,
     tokenizer: TextTokenizer,
@@ -203,30 +227,15 @@ def load_preferences(
     render: Render | None = None,
     split: str | None = None,
 ) -> PreferenceData:
-    """Read and tokenize every row; a bad row is a one-line `file:line` DataError, or a counted skip."""
+    """Read and tokenize every row into memory (`smoltrain dpo` prepares them on disk instead:
+    post/preference_prepare.py); a bad row is a one-line `file:line` DataError, or a counted skip."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
     data = PreferenceData([], [], Counter(), max_length)
     for path in paths:
-        for line_no, row in read_rows(path, split):
-            where = f"{path}:{line_no}"
-            bad = (row.reason, row.kind) if isinstance(row, BadLine) else check_row(row)
-            if bad is None:
-                if is_conversational(row) and render is None:
-                    raise DataError(f"{where}: conversational rows (message lists) need a chat template")
-                pair = tokenize_pair(row, tokenizer, render)
-                if len(pair.prompt_ids) >= max_length:
-                    bad = (f"the prompt's {len(pair.prompt_ids)} tokens leave no room for the answers at "
-                           f"max_length {max_length}", "prompt_too_long")
-                elif not pair.chosen_ids or not pair.rejected_ids:
-                    bad = ("an answer has no tokens of its own after the prompt", "empty_answer")
-            if bad is not None:
-                if not skip_bad:
-                    raise DataError(f"{where}: {bad[0]}")
-                data.skipped[bad[1]] += 1
-                continue
+        for where, pair in iter_pairs(path, tokenizer, max_length, skip_bad, render, data.skipped, split):
             data.pairs.append(pair)
             data.sources.append(where)
     if not data.pairs:
@@ -263,6 +272,6 @@ def summed_logprobs(token_logprobs: torch.Tensor, labels: torch.Tensor) -> tuple
 
 
 __all__ = [
-    "TextTokenizer", "Pair", "chat_render", "PreferenceData", "tokenize_pair", "check_row", "load_preferences", "collate",
+    "TextTokenizer", "Pair", "chat_render", "PreferenceData", "tokenize_pair", "check_row", "iter_pairs", "load_preferences", "collate",
     "summed_logprobs", "common_prefix_length", "DEFAULT_MAX_LENGTH",
 ]

@@ -29,21 +29,14 @@ from smoltrain.config import (
 )
 from smoltrain.errors import ConfigError
 from smoltrain.files import write_atomic
-from smoltrain.post.chat_data import read_conversations
 from smoltrain.post.chat_template import (
     end_of_turn_id,
     has_generation_markers,
     load_chat_tokenizer,
     write_chat_tokenizer,
 )
-from smoltrain.post.sft_data import (
-    PackedChatBatches,
-    data_report,
-    one_per_row,
-    pack_best_fit,
-    report_markdown,
-    tokenize_conversations,
-)
+from smoltrain.post.sft_data import PackedChatBatches, report_markdown
+from smoltrain.post.sft_prepare import Settings, load_prepared, named_files, prepare
 from smoltrain.train.pretrain import PretrainObjective
 
 console = Console(highlight=False, markup=False, soft_wrap=True)
@@ -116,34 +109,33 @@ def _data_files(config: Config) -> list[str]:
 
 @dataclasses.dataclass
 class PreparedData:
-    examples: list
-    rows: list[list[int]]
+    examples: object  # ShardExamples: example i read from the prepared shards
+    rows: object  # PackingPlan
     report: dict
     tokenizer: object
     pad_id: int
+    folder: Path  # the prepared folder in the cache
+
+
+def mixture_weights(s) -> dict[str, float]:
+    """sft.mixture as conversations per sft epoch: epochs over the whole run become epochs / sft.epochs."""
+    return {name: w.weight if w.weight is not None else w.epochs / s.epochs for name, w in s.mixture.items()}
 
 
 def prepare_sft_data(config: Config, tokenizer_dir: Path) -> PreparedData:
-    """Read, check, tokenize and pack; the report is the data check's result."""
+    """Rendered, tokenized, checked and packed once into the cache (post/sft_prepare.py), then opened;
+    the report is the data check's result."""
     s = config.sft
     tokenizer = load_chat_tokenizer(tokenizer_dir)
     if s.loss == "assistant" and not has_generation_markers(tokenizer.chat_template):
         raise ConfigError(f"sft.loss: assistant needs a chat template with {{% generation %}} markers and the "
                           f"{s.chat_template} template has none; use sft.chat_template smollm3, chatml or gemma, or sft.loss all")
-    data = read_conversations(_data_files(config), skip_bad=s.skip_bad, split=s.split)
-    if s.instructions_as_system:
-        for conv in data.conversations:
-            instructions = conv.kwargs.pop("custom_instructions", None)
-            if instructions and conv.messages[0]["role"] != "system":
-                conv.messages.insert(0, {"role": "system", "content": instructions})
-    examples, stats = tokenize_conversations(data.conversations, tokenizer, config.data.seq_len, s.loss, s.overflow)
-    lengths = [len(e.ids) for e in examples]
-    rows = pack_best_fit(lengths, config.data.seq_len) if s.packing else one_per_row(lengths)
-    report = data_report(data.conversations, examples, stats, rows, config.data.seq_len, tokenizer, data.skipped,
-                         s.chat_template)
-    report["files"] = data.files
+    settings = Settings(config.data.seq_len, s.chat_template, s.loss, s.overflow, s.packing, s.instructions_as_system,
+                        s.skip_bad, mixture_weights(s), s.split)
+    folder = prepare(named_files(_data_files(config)), tokenizer_dir, settings, config.data.cache_dir)
+    examples, rows, report = load_prepared(folder)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
-    return PreparedData(examples, rows, report, tokenizer, pad_id)
+    return PreparedData(examples, rows, report, tokenizer, pad_id, folder)
 
 
 def _write_atomic(path: Path, text: str) -> None:

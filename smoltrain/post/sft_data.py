@@ -1,5 +1,6 @@
 """SFT data: conversations -> token ids and loss targets (from the template's generation mask),
-best-fit-decreasing packing into rows, the data check and report, and the batch source.
+best-fit-decreasing packing into rows, the data check and report, and the batch source. (Preparing
+them on disk for a run, in parallel and cached, is post/sft_prepare.py's; these are its parts.)
 
 A packed row holds whole conversations, each with its own document id, so positions restart and no
 token attends across conversations (the model's document masking): a packed conversation gets the
@@ -10,7 +11,7 @@ stops when the text lacks it: the bug that cost SmolLM3's SFT every system promp
 
 from __future__ import annotations
 
-import bisect
+import heapq
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -33,145 +34,232 @@ class Example:
     index: int  # position in the conversation list
 
 
-def tokenize_conversations(conversations: list[Conversation], tokenizer, seq_len: int, loss: str = "assistant",
-                           overflow: str = "truncate") -> tuple[list[Example], dict]:
-    """Examples that fit a row of seq_len, and the counts the data report shows."""
+OUTCOMES = ("kept", "truncated", "dropped_too_long", "dropped_no_target")
+
+
+def check_settings(loss: str, overflow: str) -> None:
     if loss not in ("assistant", "all"):
         raise DataError(f"sft.loss must be assistant or all, got {loss!r}")
     if overflow not in ("truncate", "drop"):
         raise DataError(f"sft.overflow must be truncate or drop, got {overflow!r}")
+
+
+def fit_example(ids, mask, seq_len: int, loss: str, overflow: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(ids, targets, outcome) of one encoded conversation in a row of seq_len; outcome is one of
+    OUTCOMES (the dropped ones come with empty arrays)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    targets = np.asarray(mask, dtype=bool) if loss == "assistant" else np.ones(len(ids), dtype=bool)
+    targets[0] = False  # nothing predicts the first token
+    outcome = "kept"
+    if len(ids) > seq_len:
+        if overflow == "drop":
+            return ids[:0], targets[:0], "dropped_too_long"
+        ids, targets, outcome = ids[:seq_len], targets[:seq_len], "truncated"
+    if not targets.any():  # truncated before the first assistant token, or no assistant token at all
+        return ids[:0], targets[:0], "dropped_no_target"
+    return ids, targets, outcome
+
+
+def tokenize_conversations(conversations: list[Conversation], tokenizer, seq_len: int, loss: str = "assistant",
+                           overflow: str = "truncate") -> tuple[list[Example], dict]:
+    """In memory, one conversation at a time: the examples that fit a row of seq_len and the counts of
+    each outcome. `smoltrain sft` prepares on disk (post/sft_prepare.py); this is the small-list path."""
+    check_settings(loss, overflow)
     examples, stats = [], Counter()
-    tokens_by_source, targets_by_source = Counter(), Counter()
     for index, conv in enumerate(conversations):
-        ids, mask = encode_chat(tokenizer, conv.messages, **conv.kwargs)
-        ids = np.asarray(ids, dtype=np.int64)
-        targets = np.asarray(mask, dtype=bool) if loss == "assistant" else np.ones(len(ids), dtype=bool)
-        targets[0] = False  # nothing predicts the first token
-        if len(ids) > seq_len:
-            if overflow == "drop":
-                stats["dropped_too_long"] += 1
-                continue
-            ids, targets = ids[:seq_len], targets[:seq_len]
-            if not targets.any():
-                stats["dropped_no_target"] += 1  # truncated before the first assistant token
-                continue
-            stats["truncated"] += 1
-        if not targets.any():
-            stats["dropped_no_target"] += 1
-            continue
-        examples.append(Example(ids, targets, conv.source, index))
-        tokens_by_source[conv.source] += len(ids)
-        targets_by_source[conv.source] += int(targets.sum())
-    stats_dict = dict(stats)
-    stats_dict["tokens_by_source"] = dict(tokens_by_source)
-    stats_dict["targets_by_source"] = dict(targets_by_source)
-    return examples, stats_dict
+        ids, targets, outcome = fit_example(*encode_chat(tokenizer, conv.messages, **conv.kwargs), seq_len, loss, overflow)
+        stats[outcome] += 1
+        if len(ids):
+            examples.append(Example(ids, targets, conv.source, index))
+    return examples, dict(stats)
 
 
 # ----------------------------------------------------------------------------- packing
 
 
-def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing: longest first, each into the open row with the least room that fits it
-    (a new row when none does). Returns the item indices of each row; no item is split."""
-    if any(n > capacity or n <= 0 for n in lengths):
+@dataclass
+class PackingPlan:
+    """Rows of example indices as two flat arrays (8 bytes per example, not a Python list per row):
+    row j holds items[offsets[j]:offsets[j + 1]]."""
+
+    items: np.ndarray  # int64
+    offsets: np.ndarray  # int64, rows + 1
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self.items[self.offsets[row] : self.offsets[row + 1]]
+
+    def to_lists(self) -> list[list[int]]:
+        return [self[j].tolist() for j in range(len(self))]
+
+    @classmethod
+    def from_rows(cls, rows: list[list[int]]) -> "PackingPlan":
+        sizes = np.array([len(r) for r in rows], dtype=np.int64)
+        items = np.array([i for r in rows for i in r], dtype=np.int64)
+        return cls(items, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+
+
+def pack_best_fit(lengths, capacity: int) -> PackingPlan:
+    """Best-fit decreasing: longest first (ties: lower index), each into the open row with the least
+    room that fits it (ties: the older row), a new row when none does; no item is split.
+
+    Open rows wait in one min-heap per free-token count, and a boolean array of the non-empty counts
+    finds the tightest one with one numpy scan: 1M conversations pack in seconds and the rows are
+    two int64 arrays (a list of lists took ~70 bytes per item)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and (lengths.min() <= 0 or lengths.max() > capacity):
         raise ValueError(f"every length must lie in [1, {capacity}]")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    rows: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (free tokens, row index), sorted
-    for i in order:
-        at = bisect.bisect_left(room, (lengths[i], -1))
-        if at == len(room):
-            rows.append([i])
-            free, row = capacity - lengths[i], len(rows) - 1
+    order = np.lexsort((np.arange(len(lengths)), -lengths))
+    row_of = np.empty(len(lengths), dtype=np.int64)
+    waiting: dict[int, list[int]] = {}  # free tokens -> heap of row indices
+    open_room = np.zeros(capacity + 1, dtype=bool)
+    rows = 0
+    for i, n in zip(order.tolist(), lengths[order].tolist()):
+        free = n + int(np.argmax(open_room[n:]))
+        if open_room[free]:
+            row = heapq.heappop(waiting[free])
+            if not waiting[free]:
+                open_room[free] = False
         else:
-            free, row = room.pop(at)
-            rows[row].append(i)
-            free -= lengths[i]
+            row, free, rows = rows, capacity, rows + 1
+        row_of[i] = row
+        free -= n
         if free > 0:
-            bisect.insort(room, (free, row))
-    return rows
+            heapq.heappush(waiting.setdefault(free, []), row)
+            open_room[free] = True
+    rank = np.empty(len(lengths), dtype=np.int64)
+    rank[order] = np.arange(len(lengths))
+    items = np.lexsort((rank, row_of))  # by row, in the order items went in
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=rows))]).astype(np.int64)
+    return PackingPlan(items.astype(np.int64), offsets)
 
 
-def one_per_row(lengths: list[int]) -> list[list[int]]:
-    return [[i] for i in range(len(lengths))]
+def one_per_row(lengths) -> PackingPlan:
+    n = len(lengths)
+    return PackingPlan(np.arange(n, dtype=np.int64), np.arange(n + 1, dtype=np.int64))
 
 
 # ----------------------------------------------------------------------------- the data check and report
 
 
+class ChatCounts:
+    """The data report's counts over a stream of conversations (per file in the preparation workers,
+    then merged in file order). `add` is also the data check: a system prompt missing from its
+    rendered chat stops here, naming the conversation."""
+
+    def __init__(self):
+        self.by_source: Counter = Counter()
+        self.modes: Counter = Counter()
+        self.outcomes: Counter = Counter()
+        self.with_system_prompt = 0
+        self.custom_instructions = 0
+        self.rendered_examples: dict[str, str] = {}  # the first of each mode without a system prompt, one with
+
+    def add(self, conv: Conversation, text: str, outcome: str) -> None:
+        self.by_source[conv.source] += 1
+        mode = conversation_mode(conv)
+        self.modes[mode] += 1
+        self.outcomes[outcome] += 1
+        instructions = conv.kwargs.get("custom_instructions")
+        self.custom_instructions += isinstance(instructions, str) and bool(instructions.strip())
+        prompt = system_prompt(conv)
+        if prompt is not None:
+            self.with_system_prompt += 1
+            if prompt not in text:
+                short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                raise DataError(f"{conv.where or 'conversation ' + str(conv)}: its system prompt {short!r} is not in the "
+                                "rendered chat (the template dropped it: the SmolLM3 SFT bug); choose a template that "
+                                "renders system prompts (smollm3)")
+            self.rendered_examples.setdefault("system_prompt", text)
+        elif mode in ("think", "no_think"):
+            self.rendered_examples.setdefault(mode, text)
+
+    def to_dict(self) -> dict:
+        return {"by_source": dict(self.by_source), "modes": dict(self.modes), "outcomes": dict(self.outcomes),
+                "with_system_prompt": self.with_system_prompt, "custom_instructions": self.custom_instructions,
+                "rendered_examples": self.rendered_examples}
+
+    def merge(self, counts: dict) -> None:
+        self.by_source.update(counts["by_source"])
+        self.modes.update(counts["modes"])
+        self.outcomes.update(counts["outcomes"])
+        self.with_system_prompt += counts["with_system_prompt"]
+        self.custom_instructions += counts["custom_instructions"]
+        for name, text in counts["rendered_examples"].items():
+            self.rendered_examples.setdefault(name, text)
+
+    @classmethod
+    def of(cls, conversations: list[Conversation], tokenizer, stats: dict | None = None) -> "ChatCounts":
+        """The counts of an in-memory list (each conversation rendered once more; outcomes from stats)."""
+        counts = cls()
+        for conv in conversations:
+            counts.add(conv, render(tokenizer, conv.messages, **conv.kwargs), "kept")
+        counts.outcomes = Counter(stats or {})
+        return counts
+
+
 def check_system_prompts(conversations: list[Conversation], tokenizer) -> dict:
     """Counts of conversations with a system prompt and of those whose rendered text contains it;
     DataError naming the first conversation whose prompt was lost (the two counts must be equal)."""
-    with_prompt = rendered = 0
-    for conv in conversations:
-        prompt = system_prompt(conv)
-        if prompt is None:
-            continue
-        with_prompt += 1
-        if prompt in render(tokenizer, conv.messages, **conv.kwargs):
-            rendered += 1
-        else:
-            short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-            raise DataError(f"{conv.where or 'conversation ' + str(conv)}: its system prompt {short!r} is not in the "
-                            "rendered chat (the template dropped it: the SmolLM3 SFT bug); choose a template that "
-                            "renders system prompts (smollm3)")
-    return {"with_system_prompt": with_prompt, "system_prompt_rendered": rendered}
+    counts = ChatCounts.of(conversations, tokenizer)
+    return {"with_system_prompt": counts.with_system_prompt, "system_prompt_rendered": counts.with_system_prompt}
 
 
-def _example_texts(conversations: list[Conversation], tokenizer) -> dict[str, str]:
-    """One rendered conversation per mode and one with a system prompt, for people to read."""
-    picks = {}
-    for conv in conversations:
-        mode = conversation_mode(conv)
-        if mode in ("think", "no_think") and mode not in picks and system_prompt(conv) is None:
-            picks[mode] = conv
-        if "system_prompt" not in picks and system_prompt(conv) is not None:
-            picks["system_prompt"] = conv
-        if len(picks) == 3:
-            break
-    return {name: render(tokenizer, conv.messages, **conv.kwargs) for name, conv in picks.items()}
+def trained_shares(sources: list[str], example_source: np.ndarray, lengths: np.ndarray, targets: np.ndarray,
+                   items: np.ndarray) -> dict[str, dict]:
+    """Per source, what one epoch of the plan trains on: its conversations (plan items, a repeated
+    conversation counted each time), tokens and label tokens, and their shares of the totals."""
+    count = np.bincount(example_source[items], minlength=len(sources))
+    tokens = np.bincount(example_source[items], weights=lengths[items], minlength=len(sources))
+    labels = np.bincount(example_source[items], weights=targets[items], minlength=len(sources))
+    total_count, total_tokens = max(1, int(count.sum())), max(1, int(tokens.sum()))
+    return {name: {"conversations": int(count[k]), "tokens": int(tokens[k]), "target_tokens": int(labels[k]),
+                   "conversation_share": int(count[k]) / total_count, "token_share": int(tokens[k]) / total_tokens}
+            for k, name in enumerate(sources)}
 
 
-def data_report(conversations: list[Conversation], examples: list[Example], stats: dict, rows: list[list[int]],
-                seq_len: int, tokenizer, skipped: Counter | dict | None = None, template: str = "") -> dict:
-    """What goes into the run folder before training starts (data_report.json / .md)."""
-    total = len(conversations)
-    modes = Counter(conversation_mode(c) for c in conversations)
-    check = check_system_prompts(conversations, tokenizer)
-    custom = sum(1 for c in conversations if isinstance(c.kwargs.get("custom_instructions"), str)
-                 and c.kwargs["custom_instructions"].strip())
-    tokens = sum(len(e.ids) for e in examples)
-    targets = sum(int(e.targets.sum()) for e in examples)
+def data_report(counts: ChatCounts, trained: dict[str, dict], rows: int, seq_len: int,
+                skipped: Counter | dict | None = None, template: str = "") -> dict:
+    """What goes into the run folder before training starts (data_report.json / .md): the counts of
+    every conversation read and the shares of one epoch of the packed plan (`trained_shares`)."""
+    total = sum(counts.by_source.values())
+    tokens = sum(t["tokens"] for t in trained.values())
+    targets = sum(t["target_tokens"] for t in trained.values())
+    outcomes = counts.outcomes
     return {
         "template": template,
         "conversations": total,
-        "by_source": dict(Counter(c.source for c in conversations)),
-        "modes": {m: modes.get(m, 0) for m in ("think", "no_think", "mixed")},
-        "with_system_prompt": check["with_system_prompt"],
-        "system_prompt_share": check["with_system_prompt"] / max(1, total),
-        "system_prompt_rendered_share": check["system_prompt_rendered"] / max(1, total),
-        "custom_instructions": custom,
+        "by_source": dict(counts.by_source),
+        "modes": {m: counts.modes.get(m, 0) for m in ("think", "no_think", "mixed")},
+        "with_system_prompt": counts.with_system_prompt,
+        "system_prompt_share": counts.with_system_prompt / max(1, total),
+        "system_prompt_rendered_share": counts.with_system_prompt / max(1, total),  # add() stops on a lost one
+        "custom_instructions": counts.custom_instructions,
         "skipped_bad_rows": dict(skipped or {}),
-        "truncated": stats.get("truncated", 0),
-        "dropped": stats.get("dropped_too_long", 0) + stats.get("dropped_no_target", 0),
-        "dropped_too_long": stats.get("dropped_too_long", 0),
-        "dropped_no_target": stats.get("dropped_no_target", 0),
-        "examples": len(examples),
+        "truncated": outcomes.get("truncated", 0),
+        "dropped": outcomes.get("dropped_too_long", 0) + outcomes.get("dropped_no_target", 0),
+        "dropped_too_long": outcomes.get("dropped_too_long", 0),
+        "dropped_no_target": outcomes.get("dropped_no_target", 0),
+        "examples": sum(t["conversations"] for t in trained.values()),
         "tokens": tokens,
         "target_tokens": targets,
         "assistant_token_share": targets / max(1, tokens),
-        "tokens_by_source": stats.get("tokens_by_source", {}),
-        "rows": len(rows),
+        "tokens_by_source": {name: t["tokens"] for name, t in trained.items()},
+        "sources": trained,
+        "rows": rows,
         "seq_len": seq_len,
-        "packing_efficiency": tokens / max(1, len(rows) * seq_len),
-        "rendered_examples": _example_texts(conversations, tokenizer),
+        "packing_efficiency": tokens / max(1, rows * seq_len),
+        "rendered_examples": dict(counts.rendered_examples),
     }
 
 
 def report_markdown(report: dict) -> str:
     pct = lambda x: f"{100 * x:.1f}%"
     modes = report["modes"]
+    shares = ", ".join(f"{name} {pct(t['conversation_share'])} / {pct(t['token_share'])}"
+                       for name, t in report.get("sources", {}).items())
     lines = [
         "## SFT data check",
         "",
@@ -187,6 +275,7 @@ def report_markdown(report: dict) -> str:
         f"| truncated / dropped | {report['truncated']} / {report['dropped']} |",
         f"| tokens (assistant share) | {report['tokens']} ({pct(report['assistant_token_share'])}) |",
         f"| tokens per source | {', '.join(f'{k} {v}' for k, v in report['tokens_by_source'].items())} |",
+        f"| share of conversations / tokens trained | {shares} |",
         (f"| rows x seq_len (packing efficiency) | {report['rows']} x {report['seq_len']} "
          f"({pct(report['packing_efficiency'])}) |"),
         "",
@@ -202,27 +291,30 @@ def report_markdown(report: dict) -> str:
 class PackedChatBatches:
     """Rows of whole conversations in a seeded order, reshuffled every epoch; resumable from two ints.
 
-    Rank r of w takes global rows sequence + r, + r + w, ... (the pretraining loader's convention),
-    so the state is in global rows and a run may resume under another data-parallel size."""
+    `examples[i]` gives an Example (a list in memory, or ShardExamples reading the prepared shards
+    with pread); `rows` is a PackingPlan (or a list of index lists). Rank r of w takes global rows
+    sequence + r, + r + w, ... (the pretraining loader's convention), so the state is in global rows
+    and a run may resume under another data-parallel size."""
 
     stage = -1  # one stage: the Trainer's "before any data.stages" index
 
-    def __init__(self, examples: list[Example], rows: list[list[int]], seq_len: int, micro_batch_size: int,
+    def __init__(self, examples, rows: PackingPlan | list[list[int]], seq_len: int, micro_batch_size: int,
                  pad_id: int, seed: int = 0, dp_rank: int = 0, dp_world: int = 1):
-        if not rows:
+        if not len(rows):
             raise DataError("no SFT rows to train on (every conversation was dropped)")
-        self.examples, self.rows, self.seq_len = examples, rows, seq_len
+        self.examples, self.seq_len = examples, seq_len
+        self.rows = rows if isinstance(rows, PackingPlan) else PackingPlan.from_rows(rows)
         self.micro_batch_size, self.pad_id, self.seed = micro_batch_size, pad_id, seed
         self.dp_rank, self.dp_world = dp_rank, dp_world
         self._sequence = 0
-        self._order: tuple[int, list[int]] | None = None
+        self._order: tuple[int, np.ndarray] | None = None
 
-    def _row_at(self, global_index: int) -> list[int]:
+    def _row_at(self, global_index: int) -> np.ndarray:
         epoch, position = divmod(global_index, len(self.rows))
         if self._order is None or self._order[0] != epoch:
             order = list(range(len(self.rows)))
             random.Random(f"sft/{self.seed}/{epoch}").shuffle(order)
-            self._order = (epoch, order)
+            self._order = (epoch, np.array(order, dtype=np.int64))  # 8 bytes a row, not a list's ~36
         return self.rows[self._order[1][position]]
 
     @property
@@ -275,12 +367,18 @@ class PackedChatBatches:
 
 
 __all__ = [
+    "OUTCOMES",
+    "ChatCounts",
     "Example",
     "PackedChatBatches",
+    "PackingPlan",
+    "check_settings",
     "check_system_prompts",
     "data_report",
+    "fit_example",
     "one_per_row",
     "pack_best_fit",
     "report_markdown",
     "tokenize_conversations",
+    "trained_shares",
 ]
