@@ -191,6 +191,9 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     params = {canonical_name(name): param for name, param in model.named_parameters()}
+    # Persistent buffers too (an MoE's loss-free routing bias); FSDP leaves buffers whole.
+    persistent = {canonical_name(name) for name in model.state_dict()}
+    params.update({canonical_name(name): buffer for name, buffer in model.named_buffers() if canonical_name(name) in persistent})
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
         raise CheckpointError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
