@@ -9,6 +9,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -99,6 +100,7 @@ def _worker(rank: int, port: int, out_dir: str, cases: dict[str, dict]) -> None:
             dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fsdp_ddp_and_tp_equal_one_process_for_an_moe_model(tmp_path):
     torch.set_num_threads(1)
     cases = {"fsdp": {}, "ddp": {"ddp": True}, "tp": {"tp": 2}, "tp_no_sp": {"tp": 2, "sequence_parallel": False}}

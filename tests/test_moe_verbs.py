@@ -5,6 +5,9 @@ logits), cached greedy generation (transformers' generate on the export) and a l
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 import torch.nn.functional as F
 from chat_helpers import VOCAB, chat_tokenizers, conversations
@@ -38,14 +41,13 @@ def _sft_config(root, out):
     })
 
 
+@pytest.mark.slow
 def test_sft_export_generate_and_merge_on_an_moe_model(tmp_path):
     root = chat_tokenizers(tmp_path)
     config = Config(model=ModelConfig(**MODEL), data=DataConfig(seq_len=SEQ))
     save_model_folder(build_model(config.model, seed=3), config, root / "init", tokenizer=root / "base")
     write_conversations(root / "chat.jsonl", conversations(40))
     out = tmp_path / "sft"
-    import json
-
     assert sft(_sft_config(root, out))["finished"]
     first = next(json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x and "event" not in x)
     # Independent: the init model, the first step's rows, F.cross_entropy over the assistant tokens.
