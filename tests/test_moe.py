@@ -84,6 +84,24 @@ def test_sorted_dispatch_equals_token_by_token_reference_forward_and_backward(no
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm")
+def test_grouped_gemm_path_equals_the_per_expert_slices_with_an_empty_expert():
+    """The CUDA path (F.grouped_mm), run here on torch's CPU kernel, against the CPU path."""
+    model = build_model(ModelConfig(**{**BASE, "num_experts": 5}, num_layers=1), seed=4)
+    experts = model.layers[0].mlp.experts
+    x = torch.randn(20, 32, generator=torch.Generator().manual_seed(5))
+    counts = torch.tensor([6, 0, 5, 4, 5])  # expert 1 gets nothing
+    outputs, grads = [], []
+    for path in (experts._sliced, experts._grouped):
+        out = path(x, counts)
+        outputs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), list(experts.parameters())))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert grads[0][0][1].abs().sum() == 0  # the empty expert's gradient is zero, not missing
+
+
 @pytest.mark.parametrize("architecture,shape", SHAPES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(SHAPES)])
 def test_exported_moe_logits_match_transformers_and_import_round_trips(tmp_path, architecture, shape):
     model = build_model(ModelConfig(**BASE, **shape), seed=3)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from pretrain_helpers import tiny_pretrain_config, write_two_sources
 
@@ -60,6 +61,7 @@ def test_a_resumed_moe_run_continues_the_same_curve(tmp_path):
     assert [(s, split[s]) for s, _ in whole] == whole
 
 
+@pytest.mark.slow
 def test_the_dense_vs_moe_ablation_runs_at_a_tiny_size(tmp_path):
     import yaml
 

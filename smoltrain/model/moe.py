@@ -31,11 +31,14 @@ class Experts(nn.Module):
         return self._sliced(x, counts)
 
     def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # One kernel for all experts; offs are the slice ends (int32, as the kernel wants).
+        # One kernel for all experts; offs are the slice ends (int32, as the kernel wants). grouped_mm
+        # has no autocast rule, so cast by hand to the autocast dtype (bf16 over fp32 weights).
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        gate = F.grouped_mm(x, self.gate_proj.transpose(-2, -1), offs=offs)
-        up = F.grouped_mm(x, self.up_proj.transpose(-2, -1), offs=offs)
-        return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
+        x = x.to(dtype)
+        gate = F.grouped_mm(x, self.gate_proj.to(dtype).transpose(-2, -1), offs=offs)
+        up = F.grouped_mm(x, self.up_proj.to(dtype).transpose(-2, -1), offs=offs)
+        return F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(-2, -1), offs=offs)
 
     def _sliced(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # CPU: one matmul per expert on its contiguous slice (no masks, no per-token gathers). split and

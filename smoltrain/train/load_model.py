@@ -369,7 +369,7 @@ def model_config_of(path: str | os.PathLike) -> ModelConfig:
 
 
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """A Hugging Face Llama / SmolLM3 / Qwen3 folder -> our model folder, weights kept in their dtype
+    """A Hugging Face Llama / SmolLM3 / Qwen3 / Qwen3-MoE / OLMoE folder -> our model folder, weights kept in their dtype
     (renamed only), tokenizer files copied. Training can start from the result (train.init)."""
     folder = Path(hf_dir)
     if not folder.is_dir():

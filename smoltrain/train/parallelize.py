@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from smoltrain.config import Config
 from smoltrain.errors import CheckpointError
+from smoltrain.model.moe import MoE
 from smoltrain.model.transformer import Transformer
 from smoltrain.train.distributed import ParallelContext
 from smoltrain.train.lora import apply_lora, base_parameter_name, init_adapter_weights, is_adapter_name
@@ -73,15 +74,31 @@ def apply_tensor_parallel(model: Transformer, tp_mesh, sequence_parallel: bool, 
             "self_attn.k_proj": ColwiseParallel(),
             "self_attn.v_proj": ColwiseParallel(),
             "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
+        }
+        layer_plan.update(_moe_plan(residual) if isinstance(block.mlp, MoE) else {
             "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
             "mlp.gate_proj": ColwiseParallel(),
             "mlp.up_proj": ColwiseParallel(),
             "mlp.down_proj": RowwiseParallel(output_layouts=residual),
-        }
+        })
         if sequence_parallel:
             layer_plan["input_layernorm"] = SequenceParallel()
             layer_plan["post_attention_layernorm"] = SequenceParallel()
         parallelize_module(block, tp_mesh, layer_plan)
+
+
+def _moe_plan(residual) -> dict:
+    """A mixture-of-experts MLP under TP without expert parallelism: router and experts replicated on
+    every TP rank, which all route the full (gathered) sequence and keep their slice of the output.
+    The simplest correct layout (MOE_SHARDING.md shards experts on F instead): no expert compute is
+    saved, but nothing is communicated beyond the residual stream's gather."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import PrepareModuleInputOutput
+
+    return {"mlp": PrepareModuleInputOutput(
+        input_layouts=(residual,), desired_input_layouts=(Replicate(),), use_local_input=True,
+        output_layouts=(Replicate(),), desired_output_layouts=(residual,), use_local_output=True,
+    )}
 
 
 def apply_activation_checkpointing(model: Transformer, every: int = 1) -> None:
@@ -183,6 +200,10 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     params = {base_parameter_name(name): param for name, param in model.named_parameters() if not is_adapter_name(name)}
+    # Persistent buffers too (an MoE's loss-free routing bias); FSDP leaves buffers whole.
+    persistent = {base_parameter_name(name) for name in model.state_dict()}
+    params.update({base_parameter_name(name): buffer for name, buffer in model.named_buffers()
+                   if base_parameter_name(name) in persistent})
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
         raise CheckpointError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
