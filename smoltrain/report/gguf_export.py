@@ -24,9 +24,10 @@ from smoltrain.files import write_atomic
 # in GGML's interleaved RoPE order (the converter permutes them); Qwen3 keeps HF's rotate-half order.
 GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "SmolLM3ForCausalLM": "smollm3", "Qwen3ForCausalLM": "qwen3",
                       "Qwen3MoeForCausalLM": "qwen3moe", "OlmoeForCausalLM": "olmoe", "Gemma3ForCausalLM": "gemma3"}
-# Why an architecture the Hugging Face export writes has no GGUF export (yet).
-NOT_EXPORTED = {"Qwen3NextForCausalLM": "llama.cpp's qwen3next stores the gated-DeltaNet layers in its own fused layouts "
-                                        "(ssm_conv1d, ssm_a, ssm_dt, ssm_ba), which this exporter does not write"}
+# Why an architecture the Hugging Face export writes has no GGUF export. llama.cpp's qwen3next graph has routed
+# experts (and a shared expert) in every layer (tests/test-llama-archs.cpp lists it as moe_mandatory); ours is dense.
+NOT_EXPORTED = {"Qwen3NextForCausalLM": "llama.cpp's qwen3next has experts in every layer and smoltrain's "
+                                        "gated-DeltaNet hybrid is dense, so no GGUF file can hold it"}
 PERMUTED_QK = {"llama", "smollm3"}
 # What llama.cpp's MoE graphs hard-code (src/models/qwen3moe.cpp, olmoe.cpp): build_moe_ffn's norm_w argument
 # (renormalise the top-k softmax weights) is true for qwen3moe and false for olmoe, and every layer has experts.
