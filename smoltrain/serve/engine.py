@@ -83,14 +83,11 @@ class BatchCache:
     def add_row(self, prompt: KVCache) -> None:
         """Append a prefilled row: a one-prompt KVCache (per layer keys and values [1, kv_heads, len, head_dim],
         None for a linear layer, whose conv and recurrent states it holds instead)."""
-        prompt_len = prompt.length
-        keys = [None if k is None else k[:, :, :prompt_len] for k in prompt.keys]
-        values = [None if v is None else v[:, :, :prompt_len] for v in prompt.values]
-        linear = prompt.linear
+        # prefill sized the prompt's cache to the prompt: its tensors are whole, and no one else holds them.
+        prompt_len, keys, values, linear = prompt.length, prompt.keys, prompt.values, prompt.linear
         if self.bias is None:
-            self.keys, self.values = [None if k is None else k.clone() for k in keys], [None if v is None else v.clone() for v in values]
+            self.keys, self.values, self.linear = list(keys), list(values), dict(linear)
             self.bias = torch.zeros(1, prompt_len, dtype=prompt.dtype, device=prompt.device)
-            self.linear = {layer: (conv.clone(), state.clone()) for layer, (conv, state) in linear.items()}
             self.length = prompt_len
             return
         if prompt_len > self.length:  # the newcomer is longer than every running row: pad them on the left
