@@ -26,7 +26,13 @@ FAMILIES = {
     "llama": dict(tie_embeddings=False),
     "qwen3": dict(qk_norm=True, head_dim=32),  # head_dim != hidden / heads: the file must state it
     "smollm3": dict(nope_every=4),
+    # llama.cpp's gemma3 as it hard-codes it: global every 6th layer, local RoPE base 10000, scale head_dim ** -0.5.
+    "gemma3": dict(qk_norm=True, qk_norm_per_head=True, norm_plus_one=True, sandwich_norm=True, embed_scale=True,
+                   mlp_activation="gelu_tanh", sliding_window=8, global_every=6, rope_local_theta=10000.0, head_dim=32,
+                   query_pre_attn_scalar=32),
 }
+QWEN3_NEXT = dict(full_attention_every=4, qk_norm=True, norm_plus_one=True, attention_output_gate=True, partial_rotary_factor=0.25,
+                  linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)
 # The MoE families llama.cpp reads: 4 experts of width 64 (whole Q8_0 blocks), top-2. qwen3moe renormalises the
 # top-2 weights and has per-head QK-norm; olmoe does not renormalise, has full-width QK-norm and no GQA.
 QWEN3_MOE = dict(qk_norm=True, head_dim=32, num_experts=4, experts_per_token=2, expert_hidden=64, norm_topk_prob=True)
@@ -80,6 +86,8 @@ def transformers_model(file: Path):
     expert_width = fields.get("qwen3moe.expert_feed_forward_length")
     if expert_width is not None:
         extra["moe_intermediate_size"] = int(expert_width.contents())
+    if "gemma3.attention.key_length" in fields:  # llama.cpp's scale; Gemma3Config's default query_pre_attn_scalar is 256
+        extra["query_pre_attn_scalar"] = int(fields["gemma3.attention.key_length"].contents())
     return transformers.AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32, **extra)
 
 
@@ -263,6 +271,54 @@ def test_moe_options_llama_cpp_cannot_compute_are_refused_in_one_line(tmp_path, 
              ("qwen3", QWEN3_MOE | dict(bias_update_rate=1e-3), "model.bias_update_rate")]
     for i, (family, fields, key) in enumerate(cases):
         folder, _ = model_folder(tmp_path / str(i), tokenizer_dir, family, num_layers=2, **fields)
+        assert cli.main(["export", str(folder), "--gguf", str(tmp_path / f"{i}.gguf")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0], (key, err)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.gguf*"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "q8_0"])
+def test_transformers_reads_the_gemma3_gguf_with_our_logits(tmp_path, tokenizer_dir, dtype, one_thread):
+    """6 layers (5 sliding-window, 1 global) over 24 tokens, a window of 8: the window, both RoPE bases, the (1 + w)
+    norms and the scaled embedding all show in the logits."""
+    folder, model = model_folder(tmp_path, tokenizer_dir, "gemma3", num_layers=6, rope_theta=1e6)
+    assert cli.main(["export", str(folder), "--gguf", str(tmp_path / "m.gguf"), "--dtype", dtype]) == 0
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    value = lambda key: reader.fields[key].contents()
+    assert value("general.architecture") == "gemma3" and value("gemma3.attention.sliding_window") == 8
+    assert value("gemma3.rope.freq_base") == 1e6 and value("gemma3.attention.key_length") == 32
+    norm = next(t for t in reader.tensors if t.name == "blk.0.post_ffw_norm.weight")
+    state = model.state_dict()
+    torch.testing.assert_close(torch.from_numpy(norm.data.copy()), state["layers.0.post_feedforward_layernorm.weight"] + 1)
+    theirs = transformers_model(tmp_path / "m.gguf")
+    x = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = theirs(x).logits
+        torch.testing.assert_close(logits, rounded_like_the_file(model, dtype)(x), atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits, model(x), atol={"float32": 1e-4, "q8_0": 3e-2}[dtype], rtol=0)
+
+
+def test_import_of_the_exported_gemma3_gguf_is_the_same_model(tmp_path, tokenizer_dir, one_thread):
+    folder, model = model_folder(tmp_path, tokenizer_dir, "gemma3", num_layers=6, rope_theta=1e6)
+    assert cli.main(["export", str(folder), "--gguf", str(tmp_path / "m.gguf"), "--dtype", "float32"]) == 0
+    assert cli.main(["import", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "back")]) == 0
+    back, config, _ = load_any(tmp_path / "back")
+    fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "tie_embeddings",
+              "qk_norm", "norm_plus_one", "sandwich_norm", "embed_scale", "mlp_activation", "sliding_window", "global_every",
+              "rope_theta", "rope_local_theta", "query_pre_attn_scalar", "norm_eps")
+    assert {f: getattr(config.model, f) for f in fields} == {f: getattr(model.config, f) for f in fields}
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_gemma3_and_qwen3_next_llama_cpp_cannot_compute_are_refused_in_one_line(tmp_path, tokenizer_dir, capsys, one_thread):
+    cases = [("gemma3", dict(global_every=2), "model.global_every=2"),
+             ("gemma3", dict(sliding_window=0, global_every=0), "model.sliding_window=0"),
+             ("gemma3", dict(rope_local_theta=20000.0), "model.rope_local_theta=20000"),
+             ("gemma3", dict(query_pre_attn_scalar=64), "model.query_pre_attn_scalar=64"),
+             ("llama", QWEN3_NEXT, "qwen3next")]
+    for i, (family, fields, key) in enumerate(cases):
+        folder, _ = model_folder(tmp_path / str(i), tokenizer_dir, family, num_layers=4, **fields)
         assert cli.main(["export", str(folder), "--gguf", str(tmp_path / f"{i}.gguf")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and key in err[0], (key, err)

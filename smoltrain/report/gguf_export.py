@@ -23,7 +23,11 @@ from smoltrain.files import write_atomic
 # What llama.cpp names each Hugging Face architecture we export. Llama and SmolLM3 store q/k rows
 # in GGML's interleaved RoPE order (the converter permutes them); Qwen3 keeps HF's rotate-half order.
 GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "SmolLM3ForCausalLM": "smollm3", "Qwen3ForCausalLM": "qwen3",
-                      "Qwen3MoeForCausalLM": "qwen3moe", "OlmoeForCausalLM": "olmoe"}
+                      "Qwen3MoeForCausalLM": "qwen3moe", "OlmoeForCausalLM": "olmoe", "Gemma3ForCausalLM": "gemma3"}
+# Why an architecture the Hugging Face export writes has no GGUF export. llama.cpp's qwen3next graph has routed
+# experts (and a shared expert) in every layer (tests/test-llama-archs.cpp lists it as moe_mandatory); ours is dense.
+NOT_EXPORTED = {"Qwen3NextForCausalLM": "llama.cpp's qwen3next has experts in every layer and smoltrain's "
+                                        "gated-DeltaNet hybrid is dense, so no GGUF file can hold it"}
 PERMUTED_QK = {"llama", "smollm3"}
 # What llama.cpp's MoE graphs hard-code (src/models/qwen3moe.cpp, olmoe.cpp): build_moe_ffn's norm_w argument
 # (renormalise the top-k softmax weights) is true for qwen3moe and false for olmoe, and every layer has experts.
@@ -32,6 +36,12 @@ LLAMA_CPP_NORM_TOPK = {"qwen3moe": True, "olmoe": False}
 # no GGUF key can say another one.
 LLAMA_CPP_NOPE_EVERY = 4
 DTYPES = ("float32", "float16", "bfloat16", "q8_0")
+# What llama.cpp hard-codes for gemma3 (src/llama-model.cpp, LLM_ARCH_GEMMA3): a global layer every 6th
+# (set_swa_pattern(6)), RoPE base 10000 on the local layers, and the attention scale head_dim ** -0.5
+# (hidden / heads for the 62-layer 27B); the GGUF keys say only the window and the global RoPE base.
+LLAMA_CPP_GEMMA3_GLOBAL_EVERY = 6
+LLAMA_CPP_GEMMA3_LOCAL_THETA = 10000.0
+LLAMA_CPP_GEMMA3_27B_LAYERS = 62
 
 
 # ----------------------------------------------------------------------------- architecture
@@ -42,7 +52,12 @@ def gguf_architecture(hf_config: dict) -> str:
     from smoltrain.model.hf import from_hf_config
 
     architecture = hf_config["architectures"][0]
+    if architecture in NOT_EXPORTED or architecture not in GGUF_ARCHITECTURES:
+        why = NOT_EXPORTED.get(architecture, f"no GGUF export is written for {architecture}")
+        raise CheckpointError(f"{why}; export to a Hugging Face folder instead")
     model = from_hf_config(hf_config)
+    if architecture == "Gemma3ForCausalLM":
+        return _gemma3_architecture(model)
     if model.num_experts > 0:
         return _moe_architecture(model, GGUF_ARCHITECTURES[architecture])
     rope_layers = [model.uses_rope(i) for i in range(model.num_layers)]
@@ -72,6 +87,25 @@ def _moe_architecture(model, arch: str) -> str:
         problem = f"model.num_kv_heads={model.num_kv_heads} (its olmoe has no grouped-query attention: num_heads={model.num_heads})"
     else:
         return arch
+    raise CheckpointError(f"llama.cpp cannot represent {problem}; export to a Hugging Face folder instead")
+
+
+def _gemma3_architecture(model) -> str:
+    """gemma3, when this model's layer pattern, local RoPE base and attention scale are the ones llama.cpp
+    hard-codes (see LLAMA_CPP_GEMMA3_*); else a one-line refusal naming the key."""
+    llama_cpp_local = [(i + 1) % LLAMA_CPP_GEMMA3_GLOBAL_EVERY != 0 for i in range(model.num_layers)]
+    head_dim = model.resolved_head_dim
+    scale = model.hidden_size // model.num_heads if model.num_layers == LLAMA_CPP_GEMMA3_27B_LAYERS else head_dim
+    local_theta = model.rope_local_theta if model.rope_local_theta is not None else model.rope_theta
+    if [model.is_local_layer(i) for i in range(model.num_layers)] != llama_cpp_local:
+        problem = (f"model.sliding_window={model.sliding_window} with model.global_every={model.global_every} "
+                   f"(its gemma3 has a sliding window on every layer but each {LLAMA_CPP_GEMMA3_GLOBAL_EVERY}th)")
+    elif local_theta != LLAMA_CPP_GEMMA3_LOCAL_THETA:
+        problem = f"model.rope_local_theta={local_theta:g} (its gemma3 uses {LLAMA_CPP_GEMMA3_LOCAL_THETA:g} on local layers)"
+    elif (model.query_pre_attn_scalar or head_dim) != scale:
+        problem = f"model.query_pre_attn_scalar={model.query_pre_attn_scalar} (its gemma3 scales attention by {scale} ** -0.5)"
+    else:
+        return "gemma3"
     raise CheckpointError(f"llama.cpp cannot represent {problem}; export to a Hugging Face folder instead")
 
 
@@ -187,7 +221,8 @@ def _encode(array: np.ndarray, dtype: str, gguf_name: str):
 
 def _hf_tensors(hf_dir: Path, arch: str) -> dict[str, torch.Tensor]:
     """The folder's tensors in float32, each MoE layer's per-expert Linears stacked into one (E, out, in)
-    tensor as llama.cpp's ffn_*_exps are. olmoe needs an output matrix even when tied (qwen3moe's is optional)."""
+    tensor as llama.cpp's ffn_*_exps are. olmoe needs an output matrix even when tied (qwen3moe's is optional).
+    Gemma 3's embedding is stored unscaled: llama.cpp multiplies by sqrt(hidden) itself, as HF does."""
     from safetensors.torch import load_file
 
     from smoltrain.model.family import stack_experts
@@ -197,6 +232,8 @@ def _hf_tensors(hf_dir: Path, arch: str) -> dict[str, torch.Tensor]:
         tensors = {name: t for name, t in stack_experts(tensors).items() if not name.endswith(".expert_bias")}
     if arch == "olmoe" and "lm_head.weight" not in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    if arch == "gemma3":  # HF's Gemma3RMSNorm computes x * (1 + w); llama.cpp's plain RMSNorm reads the (1 + w) stored
+        tensors = {name: t + 1 if name.endswith("norm.weight") else t for name, t in tensors.items()}
     return tensors
 
 
@@ -240,8 +277,11 @@ def _add_hyperparameters(writer, hf_config: dict, name: str, dtype: str) -> None
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(hf_config["rope_parameters"]["rope_theta"])
+    rope = hf_config["rope_parameters"]
+    writer.add_rope_freq_base(rope["full_attention"]["rope_theta"] if "full_attention" in rope else rope["rope_theta"])
     writer.add_layer_norm_rms_eps(hf_config["rms_norm_eps"])
+    if "sliding_window" in hf_config and hf_config["architectures"][0] == "Gemma3ForCausalLM":
+        writer.add_sliding_window(hf_config["sliding_window"])
     _add_moe_hyperparameters(writer, hf_config)
 
 
@@ -287,7 +327,7 @@ def export_gguf(
     """`smoltrain export MODEL --gguf out.gguf`: a model, HF, run or checkpoint folder -> one GGUF file.
 
     dtype: float32, float16, bfloat16 or q8_0; default the dtype the weights are stored in. Returns
-    llama.cpp's architecture name (llama, smollm3, qwen3, qwen3moe or olmoe).
+    llama.cpp's architecture name (llama, smollm3, qwen3, qwen3moe, olmoe or gemma3).
     """
     try:
         import gguf  # noqa: F401

@@ -53,38 +53,61 @@ class Sequence:
 class BatchCache:
     """Keys and values of the running rows, shaped like KVCache's but with a row's own columns: rows are
     right-aligned at the newest column and `bias` (0 or -inf per row and column) hides each row's left
-    padding. The model calls `attend` once per layer for a one-token decoding step and then advances
-    `length`; the storage grows by doubling (no copy per step)."""
+    padding. The model calls `attend` once per attention layer for a one-token decoding step and then
+    advances `length`; the storage grows by doubling (no copy per step). A linear-attention layer
+    (gated DeltaNet) keeps no keys but each row's conv and recurrent state, which padding never touches.
+    A sliding-window layer keeps every column and reads the last window of them (rows are right-aligned,
+    so one slice serves every row)."""
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
-        self.keys: torch.Tensor | None = None  # [layers, rows, kv_heads, capacity, head_dim]
-        self.values: torch.Tensor | None = None
+        self.keys: list[torch.Tensor | None] | None = None  # per layer [rows, kv_heads, capacity, head_dim]; None: linear
+        self.values: list[torch.Tensor | None] | None = None
         self.bias: torch.Tensor | None = None  # [rows, capacity], additive
+        self.linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # linear layers: (conv state, recurrent state)
         self.length = 0  # columns in use (the model advances it after each forward)
 
     @property
     def rows(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[1]
+        return 0 if self.bias is None else self.bias.shape[0]
 
-    def add_row(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append a prefilled row (keys, values [layers, 1, kv_heads, prompt_len, head_dim])."""
-        prompt_len = keys.shape[3]
-        if self.keys is None:
-            self.keys, self.values = keys.clone(), values.clone()
-            self.bias = torch.zeros(1, prompt_len, dtype=keys.dtype, device=keys.device)
+    @property
+    def device(self) -> torch.device:
+        return self.bias.device
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """fn over every attention layer's keys and values (dim 0 rows, dim 2 columns)."""
+        self.keys = [None if k is None else fn(k) for k in self.keys]
+        self.values = [None if v is None else fn(v) for v in self.values]
+
+    def add_row(self, prompt: KVCache) -> None:
+        """Append a prefilled row: a one-prompt KVCache (per layer keys and values [1, kv_heads, len, head_dim],
+        None for a linear layer, whose conv and recurrent states it holds instead)."""
+        # prefill sized the prompt's cache to the prompt: its tensors are whole, and no one else holds them.
+        prompt_len, keys, values, linear = prompt.length, prompt.keys, prompt.values, prompt.linear
+        if self.bias is None:
+            self.keys, self.values, self.linear = list(keys), list(values), dict(linear)
+            self.bias = torch.zeros(1, prompt_len, dtype=prompt.dtype, device=prompt.device)
             self.length = prompt_len
             return
         if prompt_len > self.length:  # the newcomer is longer than every running row: pad them on the left
             self._pad_left(prompt_len - self.length)
-        row_k = keys.new_zeros(*keys.shape[:3], self.keys.shape[3], keys.shape[4])
-        row_v = torch.zeros_like(row_k)
-        row_k[:, :, :, self.length - prompt_len : self.length] = keys
-        row_v[:, :, :, self.length - prompt_len : self.length] = values
+        columns = slice(self.length - prompt_len, self.length)
+
+        def placed(old: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+            if old is None:
+                return None
+            row = new.new_zeros(*new.shape[:2], old.shape[2], new.shape[3])
+            row[:, :, columns] = new
+            return torch.cat([old, row])
+
+        self.keys = [placed(old, new) for old, new in zip(self.keys, keys)]
+        self.values = [placed(old, new) for old, new in zip(self.values, values)]
         row_bias = torch.full((1, self.bias.shape[1]), float("-inf"), dtype=self.bias.dtype, device=self.bias.device)
-        row_bias[:, self.length - prompt_len : self.length] = 0.0
-        self.keys, self.values = torch.cat([self.keys, row_k], dim=1), torch.cat([self.values, row_v], dim=1)
+        row_bias[:, columns] = 0.0
         self.bias = torch.cat([self.bias, row_bias])
+        self.linear = {layer: (torch.cat([conv, linear[layer][0]]), torch.cat([state, linear[layer][1]]))
+                       for layer, (conv, state) in self.linear.items()}
 
     def _pad_left(self, columns: int) -> None:
         def pad(x: torch.Tensor, dim: int, value: float) -> torch.Tensor:
@@ -92,49 +115,57 @@ class BatchCache:
             shape[dim] = columns
             return torch.cat([x.new_full(shape, value), x], dim=dim)
 
-        self.keys, self.values, self.bias = pad(self.keys, 3, 0.0), pad(self.values, 3, 0.0), pad(self.bias, 1, float("-inf"))
+        self._map(lambda x: pad(x, 2, 0.0))
+        self.bias = pad(self.bias, 1, float("-inf"))
         self.length += columns
 
     def keep_rows(self, rows: list[int]) -> None:
         """Drop every other row, then the leading columns that only dropped rows needed."""
         if not rows:
             self.keys = self.values = self.bias = None
-            self.length = 0
+            self.linear, self.length = {}, 0
             return
-        index = torch.tensor(rows, device=self.keys.device)
-        self.keys, self.values = self.keys.index_select(1, index), self.values.index_select(1, index)
+        index = torch.tensor(rows, device=self.device)
+        self._map(lambda x: x.index_select(0, index))
         self.bias = self.bias.index_select(0, index)
+        self.linear = {layer: (conv.index_select(0, index), state.index_select(0, index)) for layer, (conv, state) in self.linear.items()}
         needed = torch.isfinite(self.bias[:, : self.length]).any(dim=0).nonzero()
         first = int(needed[0]) if len(needed) else self.length
         if first > 0:
-            self.keys, self.values = self.keys[:, :, :, first:].contiguous(), self.values[:, :, :, first:].contiguous()
+            self._map(lambda x: x[:, :, first:].contiguous())
             self.bias = self.bias[:, first:].contiguous()
             self.length -= first
 
     def reserve_column(self) -> None:
         """Room for one more column, visible to every row (the token about to be fed)."""
-        if self.length == self.keys.shape[3]:
+        if self.length == self.bias.shape[1]:
             grow = max(16, self.length)
-            self.keys = torch.cat([self.keys, self.keys.new_zeros(*self.keys.shape[:3], grow, self.keys.shape[4])], dim=3)
-            self.values = torch.cat([self.values, torch.zeros_like(self.keys[:, :, :, -grow:])], dim=3)
+            self._map(lambda x: torch.cat([x, x.new_zeros(*x.shape[:2], grow, x.shape[3])], dim=2))
             self.bias = torch.cat([self.bias, self.bias.new_zeros(self.bias.shape[0], grow)], dim=1)
         self.bias[:, self.length] = 0.0
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, window: int = 0) -> torch.Tensor:
         """One query per row against the row's stored columns (masked by bias) and its new key: the
-        one-token decoding kernel `generate` uses (attend_shared_prompt, one "prompt" per row)."""
-        stored = slice(0, self.length)
-        out = attend_shared_prompt(q, self.keys[layer, :, :, stored], self.values[layer, :, :, stored],
+        one-token decoding kernel `generate` uses (attend_shared_prompt, one "prompt" per row). A
+        sliding-window layer (window > 0) reads the last window - 1 stored columns: with the new key, window."""
+        stored = slice(max(self.length - window + 1, 0) if window > 0 else 0, self.length)
+        out = attend_shared_prompt(q, self.keys[layer][:, :, stored], self.values[layer][:, :, stored],
                                    self.bias[:, None, None, stored], k, v)
-        self.keys[layer, :, :, self.length] = k[:, :, 0]
-        self.values[layer, :, :, self.length] = v[:, :, 0]
+        self.keys[layer][:, :, self.length] = k[:, :, 0]
+        self.values[layer][:, :, self.length] = v[:, :, 0]
         return out
+
+    def linear_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.linear[layer]
+
+    def set_linear_state(self, layer: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        self.linear[layer] = (conv, state)
 
 
 @torch.no_grad()
-def prefill(model: torch.nn.Module, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys, values [layers, 1, kv_heads, len, head_dim], logits [1, vocab]) of one prompt, computed as
-    `generate` computes a lone prompt's (same mask, positions and chunks): greedy replies then match it."""
+def prefill(model: torch.nn.Module, prompt: list[int]) -> tuple[KVCache, torch.Tensor]:
+    """(the KVCache of one prompt: per layer keys and values, linear layers' states; logits [1, vocab]), computed
+    as `generate` computes a lone prompt's (same mask, positions and chunks): greedy replies then match it."""
     base = getattr(model, "_orig_mod", model)
     device = base.embed_tokens.weight.device
     ids = torch.tensor([prompt], device=device)
@@ -146,7 +177,7 @@ def prefill(model: torch.nn.Module, prompt: list[int]) -> tuple[torch.Tensor, to
         end = min(start + chunk, len(prompt))
         logits = model(ids[:, start:end], position_ids=positions[:, start:end],
                        attention_mask=left_padded_mask(real, start, end)[:, None], cache=cache, logits_to_keep=1)[:, -1]
-    return cache.keys, cache.values, logits
+    return cache, logits
 
 
 class Engine:
@@ -216,8 +247,8 @@ class Engine:
         for seq in joining:
             if base.rope_cos.shape[0] < len(seq.prompt) + seq.max_tokens:  # as generate: extend, do not fail
                 base.set_rope(max_seq_len=len(seq.prompt) + seq.max_tokens)
-            keys, values, first = prefill(self.model, seq.prompt)
-            cache.add_row(keys, values)
+            prompt_cache, first = prefill(self.model, seq.prompt)
+            cache.add_row(prompt_cache)
             rows.append(first)
             self.running.append(seq)
         if not self.running:
@@ -231,7 +262,7 @@ class Engine:
         tokens = [tokens[i] for i in keep]
         if not self.running:
             return None
-        device = cache.keys.device
+        device = cache.device
         cache.reserve_column()
         self.steps += 1
         return self.model(torch.tensor(tokens, device=device)[:, None],

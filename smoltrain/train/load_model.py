@@ -390,7 +390,8 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
 def _gguf_config_overrides(file: Path) -> dict:
     """What transformers' GGUF loader reads wrong: a Qwen3 file's head_dim (it maps attention.key_length for
-    Qwen3-MoE only, so Qwen3Config's default 128 applies), a Qwen3-MoE file's expert width (default 768), and
+    Qwen3-MoE only, so Qwen3Config's default 128 applies), a Qwen3-MoE file's expert width (default 768), a Gemma 3
+    file's attention scale (query_pre_attn_scalar: llama.cpp uses head_dim, except the 62-layer 27B), and
     the float32 RMSNorm eps (1e-5 comes back as 9.99999975e-06), given back as the shortest decimal that
     float32 stores the same."""
     import gguf
@@ -405,6 +406,8 @@ def _gguf_config_overrides(file: Path) -> dict:
     expert_width = fields.get(f"{architecture}.expert_feed_forward_length")  # not mapped for qwen3moe either
     if architecture == "qwen3moe" and expert_width is not None:
         overrides["moe_intermediate_size"] = int(expert_width.contents())
+    if architecture == "gemma3" and key_length is not None:  # llama.cpp scales by head_dim ** -0.5; Gemma3Config's default is 256
+        overrides["query_pre_attn_scalar"] = int(key_length.contents())
     eps = fields.get(f"{architecture}.attention.layer_norm_rms_epsilon")
     if eps is not None:
         overrides["rms_norm_eps"] = float(np.format_float_positional(np.float32(eps.contents()), unique=True, trim="-"))
