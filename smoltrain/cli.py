@@ -277,6 +277,11 @@ def cmd_config(args) -> int:
     from smoltrain.eval.during_training import check_eval_config
 
     config = load_config(args.config, args.overrides)
+    if any(key.startswith("sft.") for key in config.explicit):  # an SFT recipe: the config its run will use (SFT's defaults, steps)
+        from smoltrain.post.sft import describe_step_plan, load_sft_config
+
+        config = load_sft_config(args.config, args.overrides)
+        print(f"# sft: {describe_step_plan(config)}")
     check_eval_config(config)
     print(config.to_yaml(), end="")
     return 0

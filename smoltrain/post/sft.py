@@ -79,10 +79,31 @@ def load_sft_config(path: str | os.PathLike | None, overrides: list[str] | None 
     for key, value in SFT_OPTIM.items():
         optim.setdefault(key, value)
     optim.setdefault("min_lr", MIN_LR_SHARE * float(optim["lr"]))
+    _explicit_steps_win(raw, train, optim)
     if train.get("init"):
         init_config, _ = _init_source(train["init"])
         raw["model"] = {**dataclasses.asdict(init_config.model), **(raw.get("model") or {})}
     return config_from_dict(raw)
+
+
+def _explicit_steps_win(raw: dict, train: dict, optim: dict) -> None:
+    """A train.max_steps / optim.warmup_steps the recipe or --set gives wins over the steps sft.epochs /
+    sft.warmup_fraction would derive (both default on): the run, its config.yaml and `smoltrain config` agree."""
+    section = raw["sft"] = raw.get("sft") if isinstance(raw.get("sft"), dict) else {}
+    if "max_steps" in train:
+        section["epochs"] = None
+    if "warmup_steps" in optim:
+        section["warmup_fraction"] = None
+
+
+def describe_step_plan(config: Config) -> str:
+    """Where train.max_steps and optim.warmup_steps come from, for `smoltrain config` and the start line."""
+    s = config.sft
+    steps = (f"sft.epochs {s.epochs:g} x the packed rows" if s.epochs is not None
+             else f"train.max_steps {config.train.max_steps} as given (sft.epochs not used)")
+    warmup = (f"sft.warmup_fraction {s.warmup_fraction:g} of the steps" if s.warmup_fraction is not None
+              else f"optim.warmup_steps {config.optim.warmup_steps} as given (sft.warmup_fraction not used)")
+    return f"steps from {steps}; warmup from {warmup}"
 
 
 # ----------------------------------------------------------------------------- data
@@ -241,7 +262,7 @@ def sft(config: Config, resume: str | None = None, should_stop=None) -> dict:
     if main:
         console.print(f"sft: {len(prepared.rows)} rows of {config.data.seq_len} per epoch, {rows_per_step} rows per step, "
                       f"{train.max_steps} steps (warmup {optim.warmup_steps}, lr {optim.lr:g} -> {optim.min_lr:g} "
-                      f"{optim.schedule})")
+                      f"{optim.schedule}); {describe_step_plan(config)}")
     trainer = Trainer(config, build_objective=build_sft_objective_factory(prepared), resume=resume, should_stop=should_stop)
     summary = trainer.train()
     if main:
@@ -274,6 +295,7 @@ __all__ = [
     "SFT_OPTIM",
     "SFTObjective",
     "build_sft_objective_factory",
+    "describe_step_plan",
     "load_sft_config",
     "prepare_sft_data",
     "sft",
