@@ -3,12 +3,17 @@ over SFT's derived ones, inputs are checked before step 1, finished runs say so,
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import yaml
 from chat_helpers import VOCAB, chat_tokenizers, conversations
+from rich.console import Console
 
 from smoltrain import cli
 from smoltrain.config import Config, DataConfig, ModelConfig
@@ -69,3 +74,64 @@ def test_an_explicit_max_steps_wins_over_sfts_epochs_in_the_run_and_in_smoltrain
     run = tmp_path / "run"
     assert json.loads((run / "summary.json").read_text())["step"] == 3
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 3
+
+
+def format_reward_func(completions, **kwargs):
+    """TRL's documented reward function (GRPOTrainer docs, "Example 2"), unchanged."""
+    pattern = r"^<think>.*?</think><answer>.*?</answer>$"
+    completion_contents = [completion[0]["content"] for completion in completions]
+    matches = [re.match(pattern, content) for content in completion_contents]
+    return [1.0 if match else 0.0 for match in matches]
+
+
+def test_a_trl_reward_function_gets_trls_shapes_for_conversational_prompts(monkeypatch):
+    from trl.data_utils import is_conversational
+
+    from smoltrain.post.rewards import RewardState, build_rewards, score
+
+    seen = {}
+
+    def progress(prompts, completions, trainer_state, **kwargs):
+        seen.update(prompt=prompts[0], completion=completions[0], state=trainer_state)
+        return [trainer_state.global_step / trainer_state.max_steps] * len(completions)
+
+    module = types.ModuleType("trl_style_rewards")
+    module.format_reward_func, module.progress = format_reward_func, progress
+    monkeypatch.setitem(sys.modules, "trl_style_rewards", module)
+    rewards = build_rewards({"trl_style_rewards:format_reward_func": 1.0, "trl_style_rewards:progress": 1.0,
+                             "math_answer": 1.0}, group_size=2)
+    prompts = [[{"role": "user", "content": "2 + 5?"}]] * 2
+    texts = ["<think>add</think><answer>7</answer>", "The answer is 8."]
+    scores = score(rewards, prompts, texts, [[1], [2]], {"answer": ["7", "7"]}, RewardState(global_step=3, max_steps=12))
+    assert scores.per_function["trl_style_rewards:format_reward_func"] == [1.0, 0.0]
+    assert scores.per_function["trl_style_rewards:progress"] == [0.25, 0.25]
+    assert scores.per_function["math_answer"] == [1.0, 0.0]  # the built-ins still read the text
+    assert is_conversational({"prompt": seen["prompt"], "completion": seen["completion"]})  # TRL's own test of the shape
+    score(rewards[1:2], ["2 + 5?"], ["7"], [[1]], {}, RewardState(global_step=0, max_steps=12))
+    assert seen["completion"] == "7"  # plain-text prompts keep plain-text completions, as TRL passes them
+
+
+def test_the_doctor_takes_a_post_training_recipe_and_a_recipe_error_keeps_the_measurements(root, tmp_path, one_thread):
+    from smoltrain import doctor
+    from smoltrain.doctor.report import FAIL
+    from smoltrain.doctor.timing import Budget
+
+    tiny = Budget(matmul_size=32, measure_s=0.01, recipe_rows=16, copy_mb=1, sustained_s=0.05, collective_max_mb=0.0625,
+                  collective_s=0.005, storage_mb=1, storage_s=0.02, write_mb=1, loader_s=0.05)
+    quiet = Console(file=io.StringIO(), width=150)
+    sft_path = write_recipe(tmp_path / "sft.yaml", sft_recipe(root, tmp_path / "run"))
+    result = doctor.run(str(sft_path), json_out=str(tmp_path / "sft.json"), budget=tiny, console=quiet)
+    written = json.loads((tmp_path / "sft.json").read_text())
+    notes = [c["figure"] for c in written["checks"] if c["section"] == "loader"]
+    assert len(notes) == 1 and notes[0].startswith("a sft recipe: the machine checks ran")
+    assert {c["section"] for c in result["checks"]} >= {"environment", "compute", "memory", "health"}
+
+    broken = {"model": MODEL, "data": {"seq_len": SEQ},  # no data.sources and no data.embedded: the loader refuses
+              "train": {"out_dir": str(tmp_path / "pre"), "max_steps": 4, "global_batch_tokens": 2 * SEQ,
+                        "micro_batch_size": 2, "device": "cpu"}}
+    result = doctor.run(str(write_recipe(tmp_path / "pre.yaml", broken)), json_out=str(tmp_path / "pre.json"),
+                        budget=tiny, console=quiet)
+    failed = [c for c in json.loads((tmp_path / "pre.json").read_text())["checks"] if c["status"] == FAIL]
+    assert [c["advice"] for c in failed if c["section"] == "loader"] == [
+        "data.sources is empty: name token shard folders or set data.embedded: true"]
+    assert result["measurements"][0]["compute"]  # what was measured is in the result

@@ -25,7 +25,7 @@ from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.generate import sample
 from smoltrain.post.grpo import aggregate, group_advantages, per_token_loss
 from smoltrain.post.prompts import encode, load_prompts, reward_columns
-from smoltrain.post.rewards import answers_match, build_rewards, extract_answer, score
+from smoltrain.post.rewards import RewardState, answers_match, build_rewards, extract_answer, score
 from smoltrain.post.rollout import completion_logprobs, generate_rollouts, max_over_ranks, micro_batches
 
 
@@ -222,7 +222,8 @@ class GRPOObjective:
         texts = [self._decode(ids, truncated) for ids, truncated in zip(rollouts.completion_ids, rollouts.truncated)]
         prompts = [item.get("messages", item.get("prompt")) for item in items for _ in range(g.num_generations)]
         columns = reward_columns(items, g.num_generations)
-        scores = score(self.rewards, prompts, texts, rollouts.completion_ids, columns)
+        state = RewardState(global_step=k * g.num_iterations, max_steps=self.config.train.max_steps)
+        scores = score(self.rewards, prompts, texts, rollouts.completion_ids, columns, state)
         correct = [float(answers_match(extract_answer(t), a)) for t, a in zip(texts, columns["answer"])]
 
         # Everything the advantages and the metrics need, gathered in rank order (= one process's order).
