@@ -10,9 +10,11 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from smoltrain import __version__
-from smoltrain.errors import SmoltrainError, StoppedBySignal
+from smoltrain.errors import ConfigError, SmoltrainError, StoppedBySignal
+from smoltrain.files import output_folder, refuse_to_overwrite
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -113,11 +115,13 @@ def _add_model_file_verbs(verbs) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json or tokenizer folder (default: the one the model knows)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weight dtype (auto: as stored)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("import", help="read a Hugging Face Llama / SmolLM3 / Qwen3 folder (or a GGUF file) into a model folder")
     p.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json + safetensors (+ tokenizer), or a .gguf file")
     p.add_argument("--out", required=True, help="output model folder (config.yaml + model.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_import)
 
     p = verbs.add_parser("merge", help="linear merge (model soup) or slerp of models into a model folder")
@@ -133,6 +137,7 @@ def _add_model_file_verbs(verbs) -> None:
     p.add_argument("--tasks", help="tasks for --eval (as `smoltrain eval --tasks`; default: the model's eval.tasks or embedded)")
     p.add_argument("--limit", type=int, help="items per task for --eval")
     p.add_argument("--device", default="auto", help="device for --eval")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_merge)
 
 
@@ -269,6 +274,7 @@ def _add_data_verbs(verbs) -> None:
     q.add_argument("--plain", action="store_true", help="plain-text prompts and answers, no chat template "
                    "(a pretrained model; answers end at the first blank line)")
     q.add_argument("--device", default="auto")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out file")
     q.set_defaults(func=cmd_data_preferences)
 
 
@@ -330,7 +336,6 @@ def cmd_plan(args) -> int:
     from rich.console import Console
 
     from smoltrain.config import load_config
-    from smoltrain.errors import ConfigError
     from smoltrain.train.plan import plan, plan_table
 
     for name in ("gpus", "days", "mfu", "peak_tflops"):
@@ -364,8 +369,9 @@ def cmd_export(args) -> int:
     from smoltrain.model.hf import export_hf
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    with Console(stderr=True).status(f"exporting {args.model}"):
-        out = export_hf(args.model, args.out, tokenizer=args.tokenizer, dtype=dtype)
+    with Console(stderr=True).status(f"exporting {args.model}"), output_folder(args.out, args.overwrite, [args.model]) as tmp:
+        export_hf(args.model, tmp, tokenizer=args.tokenizer, dtype=dtype)
+    out = Path(args.out)
     architecture = json.loads((out / "config.json").read_text())["architectures"][0]
     tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
     print(f"wrote {out} ({architecture}, {tokenizer})")
@@ -377,9 +383,14 @@ def cmd_import(args) -> int:
 
     from smoltrain.model.hf import import_gguf, import_hf
 
-    with Console(stderr=True).status(f"importing {args.hf_dir}"):
+    source = Path(args.hf_dir)
+    if source.is_file() and source.suffix != ".gguf":
+        raise ConfigError(f"{source}: import reads a Hugging Face folder (config.json + safetensors, + tokenizer) or a "
+                          f".gguf file, not a {source.suffix or 'plain'} file")
+    with Console(stderr=True).status(f"importing {args.hf_dir}"), output_folder(args.out, args.overwrite, [args.hf_dir]) as tmp:
         reader = import_gguf if args.hf_dir.endswith(".gguf") else import_hf
-        out = reader(args.hf_dir, args.out)
+        reader(args.hf_dir, tmp)
+    out = Path(args.out)
     tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
     print(f"wrote {out} (model folder, {tokenizer})")
     return 0
@@ -390,7 +401,6 @@ def cmd_merge(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from smoltrain.errors import ConfigError
     from smoltrain.post.merge import evaluate_side_by_side, last_checkpoints, merge, side_by_side_rows, write_side_by_side
 
     models = list(args.models)
@@ -405,8 +415,9 @@ def cmd_merge(args) -> int:
     if args.limit is not None and args.limit <= 0:
         raise ConfigError(f"--limit must be positive, got {args.limit}")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    with Console(stderr=True).status(f"merging {len(models)} models"):
-        out = merge(models, args.out, weights=args.weights, method=args.method, t=args.t, dtype=dtype)
+    with Console(stderr=True).status(f"merging {len(models)} models"), output_folder(args.out, args.overwrite, models) as tmp:
+        merge(models, tmp, weights=args.weights, method=args.method, t=args.t, dtype=dtype)
+    out = Path(args.out)
     print(f"wrote {out} ({args.method} of {len(models)} models)")
     if args.eval:
         tasks = [t for t in (args.tasks or "").split(",") if t.strip()]
@@ -423,7 +434,6 @@ def cmd_merge(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from smoltrain.errors import ConfigError
     from smoltrain.eval.run import evaluate, print_table
 
     if args.chat:
@@ -551,12 +561,12 @@ def cmd_data_tokenize(args) -> int:
 
 
 def cmd_data_preferences(args) -> int:
-    from smoltrain.errors import ConfigError
     from smoltrain.post.preference_gen import build_preferences
 
     for name in ("count", "max_new_tokens", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    refuse_to_overwrite(args.out, args.overwrite)  # the file itself is written atomically
     summary = build_preferences(args.prompts, args.chosen_model, args.rejected_model, args.out, mode=args.mode,
                                 verify=args.verify, count=args.count, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size, device=args.device,

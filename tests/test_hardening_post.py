@@ -135,3 +135,56 @@ def test_the_doctor_takes_a_post_training_recipe_and_a_recipe_error_keeps_the_me
     assert [c["advice"] for c in failed if c["section"] == "loader"] == [
         "data.sources is empty: name token shard folders or set data.embedded: true"]
     assert result["measurements"][0]["compute"]  # what was measured is in the result
+
+
+def test_sft_checks_its_validation_data_against_the_models_vocabulary_before_step_1(root, tmp_path, capsys):
+    from tests.synthetic_shards import write_random_documents
+
+    shards = tmp_path / "prose"
+    write_random_documents(shards, "prose", 1, 256, num_tokens=2000)
+    meta = json.loads((shards / "meta.json").read_text())
+    (shards / "meta.json").write_text(json.dumps({**meta, "vocab_size": 4096}))  # another tokenizer's shards
+    raw = sft_recipe(root, tmp_path / "run", max_steps=3)
+    raw["data"]["validation"] = {"prose": str(shards)}
+    raw["eval"] = {"val_batches": 1, "batch_size": 2}
+    assert cli.main(["sft", str(write_recipe(tmp_path / "r.yaml", raw))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"smoltrain sft: error: model.vocab_size ({VOCAB}) is smaller than the vocabulary of "
+                   "data.validation.prose (4096)"]
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_import_export_merge_and_preferences_refuse_a_non_empty_out_unless_overwrite(root, tmp_path, capsys):
+    hf, model = tmp_path / "hf", tmp_path / "model"
+    assert cli.main(["export", str(root / "init"), "--out", str(hf)]) == 0
+    assert cli.main(["import", str(hf), "--out", str(model)]) == 0
+    before = (model / "model.safetensors").read_bytes()
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "notes.txt").write_text("a live run's init")
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "x"}\n')
+    refused = {
+        "import": ["import", str(hf), "--out", str(live)],
+        "export": ["export", str(model), "--out", str(live)],
+        "merge": ["merge", str(model), str(root / "init"), "--out", str(live)],
+        "data": ["data", "preferences", "--prompts", "embedded", "--chosen-model", "reference", "--rejected-model",
+                 str(model), "--out", str(tmp_path / "pairs.jsonl")],
+    }
+    for verb, argv in refused.items():
+        capsys.readouterr()
+        assert cli.main(argv) == 2, verb
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"smoltrain {verb}: error: --out ") and err.endswith(
+            "is not empty: pass --overwrite to replace it, or choose another --out"), err
+    assert (live / "notes.txt").read_text() == "a live run's init" and len(list(live.iterdir())) == 1
+
+    assert cli.main(["import", str(hf), "--out", str(model), "--overwrite"]) == 0
+    assert (model / "model.safetensors").read_bytes() == before
+    config = yaml.safe_load((model / "config.yaml").read_text())
+    assert config["data"]["tokenizer"] == str((model / "tokenizer.json").resolve())  # not the temporary folder
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing left behind
+
+    capsys.readouterr()
+    assert cli.main(["import", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "x")]) == 2
+    assert "import reads a Hugging Face folder (config.json + safetensors, + tokenizer) or a .gguf file, not a " \
+           ".jsonl file" in capsys.readouterr().err

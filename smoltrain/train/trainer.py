@@ -33,6 +33,7 @@ import torch.nn as nn
 from rich.console import Console
 
 from smoltrain.config import Config, differences, save_config
+from smoltrain.data.loader import check_validation_data
 from smoltrain.data.stages import resolve_stage, stage_at
 from smoltrain.errors import ConfigError, DataError
 from smoltrain.eval.during_training import check_eval_config, eval_console_line
@@ -287,6 +288,8 @@ class Trainer:
         check_layout(config, ctx)
         if getattr(build_objective, "preflight", None):  # the objective's own checks, before any allocation
             build_objective.preflight(config, ctx)
+        if config.eval.val_batches and (config.data.validation or config.data.embedded):
+            check_validation_data(config)  # every input the run reads, checked before step 1
         self.device = ctx.device
         self.run_dir = Path(t.out_dir)
         if self.device.type == "cuda":
