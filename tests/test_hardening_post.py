@@ -188,3 +188,30 @@ def test_import_export_merge_and_preferences_refuse_a_non_empty_out_unless_overw
     assert cli.main(["import", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "x")]) == 2
     assert "import reads a Hugging Face folder (config.json + safetensors, + tokenizer) or a .gguf file, not a " \
            ".jsonl file" in capsys.readouterr().err
+
+
+def test_a_json_list_reads_as_its_jsonl_twin_for_sft_dpo_and_generate(tmp_path):
+    from smoltrain.errors import DataError
+    from smoltrain.post.chat import read_prompts
+    from smoltrain.post.chat_data import read_conversations
+    from smoltrain.post.preference_data import read_rows
+
+    def twins(name: str, rows: list) -> tuple[Path, Path]:
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / f"{name}.json").write_text(json.dumps(rows, indent=2))
+        return tmp_path / f"{name}.jsonl", tmp_path / f"{name}.json"
+
+    chats = [c.to_row() for c in conversations(5)]
+    lines, listed = twins("chat", chats)
+    assert [c.messages for c in read_conversations([str(listed)]).conversations] == \
+           [c.messages for c in read_conversations([str(lines)]).conversations]
+    pairs = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(3)]
+    lines, listed = twins("pairs", pairs)
+    assert [row for _, row in read_rows(listed)] == [row for _, row in read_rows(lines)]
+    prompts = [{"messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(3)]
+    lines, listed = twins("prompts", prompts)
+    assert [row for row, _ in read_prompts(listed)] == [row for row, _ in read_prompts(lines)]
+
+    (tmp_path / "bad.json").write_text(json.dumps([chats[0], {"messages": "not a list"}]))
+    with pytest.raises(DataError, match=r"bad\.json:record 2: "):
+        read_conversations([str(tmp_path / "bad.json")])

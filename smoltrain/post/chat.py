@@ -18,7 +18,7 @@ from typing import TextIO
 import torch
 
 from smoltrain.errors import CheckpointError, ConfigError, DataError
-from smoltrain.files import write_atomic
+from smoltrain.files import BadLine, jsonl_rows, write_atomic
 from smoltrain.post.chat_data import BadRow, prompt_from_row
 from smoltrain.post.chat_template import (
     encode_prompt,
@@ -133,19 +133,19 @@ class _Stream:
 
 
 def read_prompts(path: str | os.PathLike) -> list[tuple[dict, object]]:
-    """(row, Conversation) per line of a jsonl file of prompts; a bad row is a file:line DataError."""
+    """(row, Conversation) per line of a jsonl file of prompts (per record of a .json list); a bad row
+    is a file:line DataError."""
+    from smoltrain.data.readers import input_kind, json_list_rows
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append((row, prompt_from_row(row, f"{path}:{line_no}")))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-            except BadRow as bad:
-                raise DataError(f"{path}:{line_no}: {bad}") from None
+    listed = json_list_rows(path) if input_kind(Path(path)) == "json" else jsonl_rows(path)
+    for where, row in listed:
+        if isinstance(row, BadLine):
+            raise DataError(f"{path}:{where}: {row.reason}")
+        try:
+            rows.append((row, prompt_from_row(row, f"{path}:{where}")))
+        except BadRow as bad:
+            raise DataError(f"{path}:{where}: {bad}") from None
     if not rows:
         raise DataError(f"{path}: no prompts")
     return rows

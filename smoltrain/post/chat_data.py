@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smoltrain.data.readers import expand_inputs, input_kind
+from smoltrain.data.readers import expand_inputs, input_kind, json_list_rows
 from smoltrain.errors import DataError
 from smoltrain.files import BadLine, jsonl_rows, write_atomic
 from smoltrain.post.chat_template import TEMPLATE_KWARGS
@@ -202,7 +202,7 @@ class ConversationReader:
         self.skip_bad = skip_bad
         self.kind = input_kind(self.path)
         if self.kind == "text":
-            raise DataError(f"{self.path}: chat data must be .jsonl, .jsonl.gz or .parquet")
+            raise DataError(f"{self.path}: chat data must be .jsonl, .jsonl.gz, .json (a list of rows) or .parquet")
         self.source = source_of(self.path)
         self.skipped: Counter[str] = Counter()
         self.read = 0
@@ -217,7 +217,7 @@ class ConversationReader:
             return None
 
     def __iter__(self) -> Iterator[Conversation]:
-        rows = self._jsonl() if self.kind == "jsonl" else self._parquet()
+        rows = {"jsonl": self._jsonl, "json": self._json, "parquet": self._parquet}[self.kind]()
         for conv in rows:
             if conv is not None:
                 self.read += 1
@@ -232,6 +232,10 @@ class ConversationReader:
                 yield self._bad_line(line_no, row.reason, row.kind)
             else:
                 yield self._row(row, str(line_no))
+
+    def _json(self) -> Iterator[Conversation | None]:
+        for where, row in json_list_rows(self.path):
+            yield self._row(row, where)
 
     def _bad_line(self, line_no: int, reason: str, kind: str) -> None:
         if not self.skip_bad:

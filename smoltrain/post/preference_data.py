@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from smoltrain.data.readers import input_kind, json_list_rows
 from smoltrain.errors import DataError
 from smoltrain.files import BadLine, jsonl_rows
 
@@ -171,10 +172,13 @@ def check_row(row, conversational_allowed: bool = True) -> tuple[str, str] | Non
 # ----------------------------------------------------------------------------- files
 
 
-def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
-    """(line number, parsed JSON or a BadLine) of a .jsonl / .jsonl.gz preference file."""
+def read_rows(path: str | os.PathLike) -> Iterator[tuple[int | str, object]]:
+    """(line number, parsed JSON or a BadLine) of a .jsonl / .jsonl.gz preference file; ("record N", row)
+    of a .json list."""
     if not Path(path).is_file():
         raise DataError(f"{path}: no such preference file")
+    if input_kind(Path(path)) == "json":
+        return iter(json_list_rows(path))
     return jsonl_rows(path)
 
 
