@@ -215,3 +215,31 @@ def test_a_json_list_reads_as_its_jsonl_twin_for_sft_dpo_and_generate(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([chats[0], {"messages": "not a list"}]))
     with pytest.raises(DataError, match=r"bad\.json:record 2: "):
         read_conversations([str(tmp_path / "bad.json")])
+
+
+def test_a_template_without_reasoning_modes_leaves_messages_alone_and_its_think_evals_are_na(root, one_thread):
+    import math
+
+    from smoltrain.model.hf import load_any
+    from smoltrain.post.chat import NO_MODES, chat_markdown, chat_repl
+    from smoltrain.post.chat_eval import chat_evals
+    from smoltrain.post.chat_template import SMOLLM2, has_reasoning_modes, load_chat_tokenizer
+
+    smollm2 = load_chat_tokenizer(root / "smollm3")
+    smollm2.chat_template = SMOLLM2  # SmolLM2-135M-Instruct's own template, as its GGUF carries it
+    assert has_reasoning_modes(load_chat_tokenizer(root / "smollm3"))
+    assert not has_reasoning_modes(smollm2) and not has_reasoning_modes(load_chat_tokenizer(root / "chatml"))
+
+    model = load_any(root / "init")[0].eval()
+    out = io.StringIO()
+    conversation = chat_repl(model, smollm2, max_new_tokens=4, stdin=io.StringIO("hi\n/no_think\nthere\n"), stdout=out)
+    assert [m["content"] for m in conversation if m["role"] == "user"] == ["hi", "there"]  # no flag appended
+    shown = out.getvalue()
+    assert shown.startswith(NO_MODES) and "mode: think" not in shown and shown.count(NO_MODES) == 2
+
+    results = chat_evals(model, smollm2, count=2, persona_count=2, max_new_tokens=4)
+    assert results["n"]["think"] == 0 and results["reasoning_modes"] is False
+    assert math.isnan(results["think_accuracy"]) and math.isnan(results["think_format"])
+    table = chat_markdown(results)
+    assert "| think answer accuracy | n/a (no reasoning modes) |" in table
+    assert "| think-format validity | n/a (no reasoning modes) |" in table

@@ -261,6 +261,13 @@ def encode_prompt(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def has_reasoning_modes(tokenizer) -> bool:
+    """Whether the template renders think and no_think differently (smollm3 does; SmolLM2's own and
+    chatml do not): asked of the template itself, so any template answers for itself."""
+    messages = [{"role": "user", "content": "1 + 1?"}]
+    return render(tokenizer, messages, True, enable_thinking=True) != render(tokenizer, messages, True, enable_thinking=False)
+
+
 def end_of_turn_id(tokenizer) -> int:
     token_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     if token_id is None or token_id == tokenizer.unk_token_id:
@@ -283,6 +290,7 @@ __all__ = [
     "encode_prompt",
     "end_of_turn_id",
     "has_generation_markers",
+    "has_reasoning_modes",
     "load_chat_tokenizer",
     "model_template",
     "render",
