@@ -296,17 +296,11 @@ def cmd_config(args) -> int:
 def cmd_train(args) -> int:
     from smoltrain.config import load_config
     from smoltrain.eval.during_training import check_eval_config
-    from smoltrain.train.checkpoint import finished_at
     from smoltrain.train.trainer import run
 
     config = load_config(args.config, _with_init(args))
     check_eval_config(config)
-    step = finished_at(args.resume or config.train.out_dir, config.train.max_steps)
-    if step is not None:
-        if _is_main_rank():
-            print(f"{args.resume or config.train.out_dir} is finished (step {step} of train.max_steps "
-                  f"{config.train.max_steps}): nothing to train; raise train.max_steps to train on, "
-                  f"or choose another train.out_dir")
+    if _finished(args, config):
         return 0
     return _exit_status(run(config, resume=args.resume, allow_data_change=args.allow_data_change))
 
@@ -314,14 +308,20 @@ def cmd_train(args) -> int:
 def cmd_dpo(args) -> int:
     from smoltrain.post.dpo import load_dpo_config, run
 
-    return _exit_status(run(load_dpo_config(args.config, args.overrides, init=args.init), resume=args.resume))
+    config = load_dpo_config(args.config, args.overrides, init=args.init)
+    if _finished(args, config):
+        return 0
+    return _exit_status(run(config, resume=args.resume))
 
 
 def cmd_grpo(args) -> int:
     from smoltrain.config import load_config
     from smoltrain.post.grpo_train import run
 
-    return _exit_status(run(load_config(args.config, _with_init(args)), resume=args.resume))
+    config = load_config(args.config, _with_init(args))
+    if _finished(args, config):
+        return 0
+    return _exit_status(run(config, resume=args.resume))
 
 
 def cmd_sft(args) -> int:
@@ -585,6 +585,17 @@ def _with_init(args) -> list[str]:
     """--set overrides, then --init as train.init: the init model is the base a partial model section
     overrides before the config is validated (config_from_dict)."""
     return [*args.overrides, f"train.init={json.dumps(args.init)}"] if args.init else list(args.overrides)
+
+
+def _finished(args, config) -> bool:
+    """A finished run (its checkpoint at train.max_steps) is said so, and trains nothing (exit 0).
+    SFT asks after its data fixed the steps (post/sft.py)."""
+    from smoltrain.train.checkpoint import finished_note
+
+    note = finished_note(args.resume or config.train.out_dir, config.train.max_steps)
+    if note and _is_main_rank():
+        print(note)
+    return note is not None
 
 
 def _exit_status(summary: dict) -> int:

@@ -243,3 +243,27 @@ def test_a_template_without_reasoning_modes_leaves_messages_alone_and_its_think_
     table = chat_markdown(results)
     assert "| think answer accuracy | n/a (no reasoning modes) |" in table
     assert "| think-format validity | n/a (no reasoning modes) |" in table
+
+
+def test_rerunning_a_finished_sft_or_dpo_run_says_it_is_finished_and_trains_nothing(root, tmp_path, capsys, one_thread):
+    from preference_helpers import preference_rows, save_init_model, write_rows
+
+    sft_path = write_recipe(tmp_path / "sft.yaml", sft_recipe(root, tmp_path / "sft", max_steps=2))
+    save_init_model(tmp_path, "dpo_init")
+    write_rows(tmp_path / "pairs.jsonl", preference_rows(16, 1))
+    dpo_path = write_recipe(tmp_path / "dpo.yaml", {
+        "optim": {"lr": 3e-3, "schedule": "constant"}, "eval": {"val_batches": 0},
+        "train": {"max_steps": 2, "save_every": 1, "micro_batch_size": 4, "init": str(tmp_path / "dpo_init"),
+                  "out_dir": str(tmp_path / "dpo"), "tensorboard": False, "device": "cpu", "precision": "fp32"},
+        "dpo": {"train_data": [str(tmp_path / "pairs.jsonl")], "pairs_per_step": 4, "max_length": 64}})
+    for verb, path, run in (("sft", sft_path, tmp_path / "sft"), ("dpo", dpo_path, tmp_path / "dpo")):
+        assert cli.main([verb, str(path)]) == 0
+        capsys.readouterr()
+        before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()}
+        assert cli.main([verb, str(path)]) == 0
+        out = capsys.readouterr().out
+        assert f"{run} is finished (step 2 of train.max_steps 2): nothing to train" in out, out
+        assert "to step" not in out and "resumed" not in out
+        after = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()}
+        unchanged = ["metrics.jsonl", "summary.json", "config.yaml"] + [f"{verb}_report.md"]
+        assert {n: after[n] for n in unchanged} == {n: before[n] for n in unchanged}

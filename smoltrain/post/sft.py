@@ -44,6 +44,7 @@ from smoltrain.post.sft_data import (
     report_markdown,
     tokenize_conversations,
 )
+from smoltrain.train.checkpoint import finished_note
 from smoltrain.train.pretrain import PretrainObjective
 
 console = Console(highlight=False, markup=False, soft_wrap=True)
@@ -259,6 +260,12 @@ def sft(config: Config, resume: str | None = None, should_stop=None) -> dict:
         optim = dataclasses.replace(optim, warmup_steps=round(config.sft.warmup_fraction * train.max_steps))
     data = dataclasses.replace(config.data, tokenizer=str((tokenizer_dir / "tokenizer.json").resolve()))
     config = replace_sections(config, train=train, optim=optim, data=data)
+    finished = finished_note(resume or run_dir, train.max_steps)
+    if finished:  # as `smoltrain train` does: nothing to train, and the report stays as it was
+        if main:
+            console.print(finished)
+        last = run_dir / "summary.json"
+        return {**(json.loads(last.read_text()) if last.is_file() else {}), "finished": True, "stopped_by": None}
     if main:
         console.print(f"sft: {len(prepared.rows)} rows of {config.data.seq_len} per epoch, {rows_per_step} rows per step, "
                       f"{train.max_steps} steps (warmup {optim.warmup_steps}, lr {optim.lr:g} -> {optim.min_lr:g} "
