@@ -5,6 +5,7 @@ library function of the same name. User mistakes (SmoltrainError) become one lin
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -616,7 +617,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
     )
     try:
-        return args.func(args) or 0
+        status = args.func(args) or 0
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            # Under torchrun: what still holds a process group (the model's FSDP state, in reference
+            # cycles) is freed now, its gloo threads joined, rather than at interpreter finalization,
+            # where they aborted finished runs (exit 134: requeued by SLURM, red in CI).
+            gc.collect()
+        return status
     except SmoltrainError as e:
         if _is_main_rank():
             print(f"smoltrain {args.verb}: error: {e}", file=sys.stderr)

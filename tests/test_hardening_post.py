@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import sys
 import types
@@ -267,3 +268,42 @@ def test_rerunning_a_finished_sft_or_dpo_run_says_it_is_finished_and_trains_noth
         after = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()}
         unchanged = ["metrics.jsonl", "summary.json", "config.yaml"] + (["sft_report.md"] if verb == "sft" else [])
         assert {n: after[n] for n in unchanged} == {n: before[n] for n in unchanged}
+
+
+PROBE = """
+import os, sys
+import torch
+torch.set_num_threads(1)
+from smoltrain import cli
+before = len(os.listdir("/proc/self/task"))
+status = cli.main(sys.argv[1:])
+print(f"rank {os.environ['RANK']} status {status} threads {before} -> {len(os.listdir('/proc/self/task'))}", flush=True)
+sys.exit(status)
+"""
+
+
+def test_a_good_torchrun_run_frees_its_process_groups_before_the_interpreter_ends(tmp_path):
+    """gloo's threads, alive at interpreter finalization, aborted finished runs (exit 134). After the
+    verb returns, every group's threads are joined: the OS threads are back to the count before the run
+    (9 more per rank were left before the fix)."""
+    import socket
+    import subprocess
+
+    from pretrain_helpers import tiny_pretrain_config, write_two_sources
+
+    sources = write_two_sources(tmp_path / "sources")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(tiny_pretrain_config(sources, tmp_path / "run", max_steps=2).to_yaml())
+    (tmp_path / "probe.py").write_text(PROBE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), str(tmp_path / "probe.py"), "train", str(recipe)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = sorted(re.findall(r"rank (\d) status (\d+) threads (\d+) -> (\d+)", done.stdout))
+    assert [(rank, status) for rank, status, _, _ in lines] == [("0", "0"), ("1", "0")], done.stdout
+    assert all(before == after for _, _, before, after in lines), lines

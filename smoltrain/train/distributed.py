@@ -124,6 +124,12 @@ class ParallelContext:
             # (seen with gloo: "terminate called without an active exception" ~1 run in 10).
             dist.barrier()
             dist.destroy_process_group()
+        # destroy_process_group forgets the groups, but the device meshes still hold them (their group
+        # registry): a group left alive is destroyed at interpreter finalization, where gloo's threads
+        # aborted finished runs (exit 134). Dropping the meshes' references frees the groups now.
+        for mesh in (self.mesh, self.flat_dp_mesh):
+            getattr(mesh, "_pg_registry", {}).clear()
+        self.mesh = self.flat_dp_mesh = None
 
 
 def _env_int(name: str, default: int) -> int:
