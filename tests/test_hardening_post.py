@@ -307,3 +307,19 @@ def test_a_good_torchrun_run_frees_its_process_groups_before_the_interpreter_end
     lines = sorted(re.findall(r"rank (\d) status (\d+) threads (\d+) -> (\d+)", done.stdout))
     assert [(rank, status) for rank, status, _, _ in lines] == [("0", "0"), ("1", "0")], done.stdout
     assert all(before == after for _, _, before, after in lines), lines
+
+
+def test_skip_bad_counts_an_empty_chat_file_as_data_tokenize_does(root, tmp_path):
+    from smoltrain.data.readers import DocumentReader
+    from smoltrain.errors import DataError
+    from smoltrain.post.chat_data import read_conversations
+
+    (tmp_path / "empty.jsonl").write_text("")
+    tokenize = DocumentReader(tmp_path / "empty.jsonl", skip_bad=True)
+    assert list(tokenize) == []
+    data = read_conversations([str(root / "chat.jsonl"), str(tmp_path / "empty.jsonl")], skip_bad=True)
+    assert data.skipped == tokenize.skipped == {"empty_file": 1} and len(data.conversations) > 0
+    with pytest.raises(DataError, match=r"empty\.jsonl: no conversations$"):
+        read_conversations([str(tmp_path / "empty.jsonl")])
+    with pytest.raises(DataError, match=r"^no conversations in .*empty\.jsonl \(skipped empty_file: 1\)$"):
+        read_conversations([str(tmp_path / "empty.jsonl")], skip_bad=True)

@@ -224,7 +224,9 @@ class ConversationReader:
                 yield conv
         if self.read == 0:
             skipped = f" ({sum(self.skipped.values())} bad rows skipped)" if self.skipped else ""
-            raise DataError(f"{self.path}: no conversations{skipped}")
+            if not self.skip_bad:
+                raise DataError(f"{self.path}: no conversations{skipped}")
+            self.skipped["empty_file"] += 1  # a counted skip, as `data tokenize --skip-bad` counts it
 
     def _jsonl(self) -> Iterator[Conversation | None]:
         for line_no, row in jsonl_rows(self.path):
@@ -278,6 +280,9 @@ def read_conversations(inputs: list[str], skip_bad: bool = False) -> ChatData:
         reader = ConversationReader(path, skip_bad)
         conversations.extend(reader)
         skipped.update(reader.skipped)
+    if not conversations:
+        counts = ", ".join(f"{kind}: {n}" for kind, n in sorted(skipped.items()))
+        raise DataError(f"no conversations in {', '.join(map(str, files))} (skipped {counts})")
     return ChatData(conversations, skipped, [str(f) for f in files])
 
 
