@@ -323,3 +323,18 @@ def test_skip_bad_counts_an_empty_chat_file_as_data_tokenize_does(root, tmp_path
         read_conversations([str(tmp_path / "empty.jsonl")])
     with pytest.raises(DataError, match=r"^no conversations in .*empty\.jsonl \(skipped empty_file: 1\)$"):
         read_conversations([str(tmp_path / "empty.jsonl")], skip_bad=True)
+
+
+def test_grpos_eval_line_names_the_sampling_temperature_and_a_small_heldout_set_has_no_stderr(tmp_path):
+    from smoltrain.eval.during_training import eval_console_line
+    from smoltrain.eval.scoring import rate_with_error
+    from smoltrain.post.dpo import write_report
+
+    line = eval_console_line(5, {"grpo": {"pass@1": 0.25, "pass@1_stderr": 0.1, "pass@4": 0.5, "n": 16,
+                                          "sampled_at_temperature": 0.7}})
+    assert line == "eval step 5 | grpo pass@1 0.250 pass@4 0.500 (pass@k sampled at temperature 0.7)"
+    assert rate_with_error(0.75, 0.0433, 100) == "0.750 ± 0.043"
+    held_out = {"accuracy": 1.0, "accuracy_stderr": 0.0, "margin": 0.5, "loss": 0.1, "pairs": 8}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 4, "eval": {"preference": held_out}}) + "\n")
+    report = write_report(tmp_path).read_text()
+    assert "| 8 | 4 | 1.000 (n 8: a standard error is not meaningful below 30) |" in report and "± 0.000" not in report

@@ -102,9 +102,12 @@ def eval_console_line(step: int, result: dict) -> str | None:
     for section, values in result.items():  # an objective's own evaluations (chat, preference, pass@k)
         if section in ("val", "tasks", "aggregate") or not isinstance(values, dict):
             continue
-        numbers = [f"{k} {v:.3f}" for k, v in _numeric_leaves(values) if not k.endswith(("_stderr", "/n")) and k != "n"]
+        numbers = [f"{k} {v:.3f}" for k, v in _numeric_leaves(values)
+                   if not k.endswith(("_stderr", "/n")) and k not in ("n", "sampled_at_temperature")]
         if numbers:
-            parts.append(f"{section} " + " ".join(numbers[:8]))
+            sampled = values.get("sampled_at_temperature")  # pass@k's samples (GRPO): at what temperature
+            parts.append(f"{section} " + " ".join(numbers[:8])
+                         + (f" (pass@k sampled at temperature {sampled:g})" if sampled is not None else ""))
     return f"eval step {step} | " + " | ".join(parts) if parts else None
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from smoltrain.config import Config
 from smoltrain.errors import CheckpointError, ConfigError
+from smoltrain.eval.scoring import rate_with_error
 from smoltrain.model.generate import sample
 from smoltrain.post.grpo import aggregate, group_advantages, per_token_loss
 from smoltrain.post.prompts import encode, load_prompts, reward_columns
@@ -324,7 +325,7 @@ class GRPOObjective:
         return {**chat, "grpo": {"pass@1": round(p1, 4), "pass@1_stderr": round(math.sqrt(p1 * (1 - p1) / n), 4),
                 **sampled, f"mean@{g.pass_k}": round(sums[2] / (n * g.pass_k), 4),
                 "greedy_mean_length": round(sums[3] / n, 2), "greedy_truncated": round(sums[4] / n, 4),
-                "n": int(n)}}
+                "n": int(n), "sampled_at_temperature": g.temperature}}
 
 
 def _stop_tokens(tokenizer) -> list[int]:
@@ -401,8 +402,9 @@ def build_grpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -
 
             write_json(before, start)
             k = config.grpo.pass_k
-            print(f"start model, held-out: pass@1 {start['pass@1']:.3f} +- {start['pass@1_stderr']:.3f} (greedy), "
-                  + (f"pass@{k} {start[f'pass@{k}']:.3f}, " if k > 1 else "")
+            print(f"start model, held-out: pass@1 {rate_with_error(start['pass@1'], start['pass@1_stderr'], start['n'])} "
+                  f"(greedy), " + (f"pass@{k} {start[f'pass@{k}']:.3f}, " if k > 1 else "")
+                  + f"{k} samples at temperature {config.grpo.temperature:g}, "
                   + f"mean@{k} {start[f'mean@{k}']:.3f}, greedy length {start['greedy_mean_length']:.1f} tokens (n {start['n']})",
                   flush=True)
     return objective
