@@ -17,6 +17,10 @@ from smoltrain import __version__
 from smoltrain.errors import ConfigError, SmoltrainError, StoppedBySignal
 from smoltrain.files import output_folder, refuse_to_overwrite
 
+# `data preferences`: at 256 new tokens a new user's SmolLM2-135M-Instruct pairs were dropped as cut
+# (issue 24); 512 leaves room for a typical chat answer at twice the generation time of the longest.
+PREFERENCE_NEW_TOKENS = 512
+
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML recipe")
@@ -268,7 +272,8 @@ def _add_data_verbs(verbs) -> None:
     q.add_argument("--verify", choices=["math", "rule"], help="math: keep pairs whose chosen answer is right and rejected "
                    "wrong; rule: whose chosen reply keeps the system prompt's rule and rejected breaks it")
     q.add_argument("--count", type=int, help="use the first COUNT prompts")
-    q.add_argument("--max-new-tokens", type=int, default=256)
+    q.add_argument("--max-new-tokens", type=int, default=PREFERENCE_NEW_TOKENS,
+                   help=f"longest answer, in tokens (default {PREFERENCE_NEW_TOKENS}); a pair whose answer reaches it is dropped")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     q.add_argument("--chat-template", choices=["smollm3", "chatml", "model"], help="default: each model's own")
@@ -576,6 +581,10 @@ def cmd_data_preferences(args) -> int:
     dropped = ", ".join(f"{k}: {v}" for k, v in summary["dropped"].items()) or "none"
     print(f"{args.out}: kept {summary['kept']} of {summary['prompts']} pairs (dropped {dropped}); "
           f"mean length chosen {summary['chosen_chars_mean']:.0f} / rejected {summary['rejected_chars_mean']:.0f} characters")
+    cut = summary["dropped"].get("cut_at_max_tokens", 0)
+    if cut:
+        print(f"{cut} pairs were dropped because an answer reached --max-new-tokens {args.max_new_tokens} (cut, not "
+              f"finished): raise --max-new-tokens to keep them")
     return 0
 
 
