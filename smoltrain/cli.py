@@ -431,10 +431,10 @@ def cmd_merge(args) -> int:
         header, rows = side_by_side_rows(result)
         table = Table()
         for name in header:
-            table.add_column(name)
+            table.add_column(name, no_wrap=True)  # task and metric names whole, also in a pipe or a log
         for row in rows:
             table.add_row(*row)
-        Console().print(table)
+        Console(width=None if sys.stdout.isatty() else 250).print(table)
         print(f"wrote {write_side_by_side(result, out)}")
     return 0
 
