@@ -76,6 +76,15 @@ def test_an_explicit_max_steps_wins_over_sfts_epochs_in_the_run_and_in_smoltrain
     assert json.loads((run / "summary.json").read_text())["step"] == 3
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 3
 
+    # tokens/s of every position the model ran and of the label tokens (assistant replies), named so
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    label_tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}] + steps, steps)]
+    for record, labels in zip(steps, label_tokens):
+        all_tokens = 2 * SEQ  # global_batch_tokens: 2 packed rows of SEQ a step
+        assert record["label_tokens_per_s"] / record["tokens_per_s"] == pytest.approx(labels / all_tokens)
+        assert labels < all_tokens
+    assert "label tok/s" in out
+
 
 def format_reward_func(completions, **kwargs):
     """TRL's documented reward function (GRPOTrainer docs, "Example 2"), unchanged."""
