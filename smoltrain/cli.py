@@ -387,7 +387,9 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     from rich.console import Console
 
+    from smoltrain.files import write_json
     from smoltrain.model.hf import import_gguf, import_hf
+    from smoltrain.report.model_card import ORIGIN, import_origin
 
     source = Path(args.hf_dir)
     if source.is_file() and source.suffix != ".gguf":
@@ -396,7 +398,11 @@ def cmd_import(args) -> int:
     with Console(stderr=True).status(f"importing {args.hf_dir}"), output_folder(args.out, args.overwrite, [args.hf_dir]) as tmp:
         reader = import_gguf if args.hf_dir.endswith(".gguf") else import_hf
         reader(args.hf_dir, tmp)
+        origin = import_origin(args.hf_dir)
+        write_json(tmp / ORIGIN, origin)  # the model card of what is trained from it names it
     out = Path(args.out)
+    print(f"origin: {origin['file']} ({origin['format']}, {origin['architecture']}); licence "
+          f"{origin['license'] or 'not stated in the file'}")
     tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
     print(f"wrote {out} (model folder, {tokenizer})")
     return 0

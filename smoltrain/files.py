@@ -95,9 +95,11 @@ def output_folder(path: str | os.PathLike, overwrite: bool, inputs=()) -> Iterat
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} exists and is not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = staging / path.name  # the folder's own name from the start: a model card titles itself by it
     old = path.with_name(f".{path.name}.{os.getpid()}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     try:
         yield tmp
         for config in tmp.glob("*.yaml"):
@@ -108,7 +110,7 @@ def output_folder(path: str | os.PathLike, overwrite: bool, inputs=()) -> Iterat
             path.rename(old)
         tmp.rename(path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 
 

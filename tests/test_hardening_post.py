@@ -347,3 +347,22 @@ def test_grpos_eval_line_names_the_sampling_temperature_and_a_small_heldout_set_
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 4, "eval": {"preference": held_out}}) + "\n")
     report = write_report(tmp_path).read_text()
     assert "| 8 | 4 | 1.000 (n 8: a standard error is not meaningful below 30) |" in report and "± 0.000" not in report
+
+
+def test_an_imported_models_card_names_its_origin_and_licence(root, tmp_path):
+    from smoltrain.report.model_card import ORIGIN
+
+    hf, model, back = tmp_path / "hf", tmp_path / "model", tmp_path / "back"
+    assert cli.main(["export", str(root / "init"), "--out", str(hf)]) == 0
+    card = (hf / "README.md").read_text()
+    (hf / "README.md").write_text(card.replace("library_name: transformers", "license: mit\nlibrary_name: transformers"))
+    assert cli.main(["import", str(hf), "--out", str(model)]) == 0
+    origin = json.loads((model / ORIGIN).read_text())
+    hf_config = json.loads((hf / "config.json").read_text())
+    assert origin == {"file": str(hf.resolve()), "format": "Hugging Face folder",
+                      "architecture": hf_config["architectures"][0], "name": None, "source": None, "license": "mit"}
+    assert cli.main(["export", str(model), "--out", str(back)]) == 0
+    card = (back / "README.md").read_text()
+    assert "\nlicense: mit\n" in card.split("---")[1] and "# back\n" in card
+    assert f"Starts from weights imported from `{hf.resolve()}` (format Hugging Face folder, architecture " \
+           f"{hf_config['architectures'][0]}); licence: mit." in card
