@@ -366,3 +366,36 @@ def test_an_imported_models_card_names_its_origin_and_licence(root, tmp_path):
     assert "\nlicense: mit\n" in card.split("---")[1] and "# back\n" in card
     assert f"Starts from weights imported from `{hf.resolve()}` (format Hugging Face folder, architecture " \
            f"{hf_config['architectures'][0]}); licence: mit." in card
+
+
+def test_a_no_think_answer_with_think_text_never_puts_template_text_into_the_pairs(root, tmp_path):
+    """The APO reply to a no_think prompt carried "</think>": a rejected no_think reply that opened a
+    <think> block made the template drop the empty think block, the shared prompt was cut there and the
+    chosen answer trained on "\\n\\n</think>\\n". Such a pair is now a named bad row, and `data
+    preferences` drops it at the source."""
+    from smoltrain.errors import DataError
+    from smoltrain.post.chat_template import load_chat_tokenizer, render
+    from smoltrain.post.preference_data import chat_render, load_preferences
+    from smoltrain.post.preference_gen import verdict
+
+    tok = load_chat_tokenizer(root / "smollm3")
+    prompt = [{"role": "system", "content": "Answer in capital letters."}, {"role": "user", "content": "What is json?"}]
+    no_think = {"enable_thinking": False}
+    clean = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "A FORMAT."}],
+             "rejected": [{"role": "assistant", "content": "a format."}], "chat_template_kwargs": no_think}
+    leaky = {**clean, "rejected": [{"role": "assistant", "content": "<think>hm</think>a format."}]}
+    write_rows = lambda path, rows: path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
+    write_rows(tmp_path / "pairs.jsonl", [clean, leaky, clean])
+    with pytest.raises(DataError, match=r"pairs\.jsonl:2: an answer changes how the template renders the prompt"):
+        load_preferences(tmp_path / "pairs.jsonl", tok, render=chat_render(root / "smollm3"))
+    data = load_preferences(tmp_path / "pairs.jsonl", tok, render=chat_render(root / "smollm3"), skip_bad=True)
+    assert data.skipped == {"template_mismatch": 1} and len(data) == 2
+    generation_prompt = render(tok, prompt, add_generation_prompt=True, **no_think)  # what the model answers after
+    for pair in data.pairs:
+        assert tok.decode(pair.prompt_ids) == generation_prompt
+        assert "think>" not in tok.decode(pair.chosen_ids) + tok.decode(pair.rejected_ids)
+
+    persona = {"messages": prompt, "chat_template_kwargs": no_think}
+    reply = {"text": "A FORMAT.", "stopped": True}
+    assert verdict(persona, reply, {"text": "<think>hm</think>a format.", "stopped": True}, None) == "think_text_in_no_think"
+    assert verdict(persona, reply, {"text": "a format.", "stopped": True}, None) is None

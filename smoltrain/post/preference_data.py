@@ -97,6 +97,10 @@ class Pair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    # tokens of the generation prompt an answer's rendering does not continue: a no_think answer that
+    # opens a <think> block makes the template drop the empty think block, the shared prompt is cut
+    # there and both answers would train on template text ("\n\n</think>\n": think text in no_think replies)
+    prompt_cut: int = field(default=0, compare=False)
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -129,7 +133,7 @@ def tokenize_pair(row: dict, tokenizer: TextTokenizer, render: Render | None = N
         chosen_full = tokenizer.encode(row["prompt"] + chosen)
         rejected_full = tokenizer.encode(row["prompt"] + rejected)
     prompt_len = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
-    return Pair(prompt_ids[:prompt_len], chosen_full[prompt_len:], rejected_full[prompt_len:])
+    return Pair(prompt_ids[:prompt_len], chosen_full[prompt_len:], rejected_full[prompt_len:], len(prompt_ids) - prompt_len)
 
 
 def _answer_text(value) -> str | None:
@@ -221,6 +225,10 @@ def load_preferences(
                            f"max_length {max_length}", "prompt_too_long")
                 elif not pair.chosen_ids or not pair.rejected_ids:
                     bad = ("an answer has no tokens of its own after the prompt", "empty_answer")
+                elif is_conversational(row) and pair.prompt_cut > 1:  # one token: a merge across the seam
+                    bad = (f"an answer changes how the template renders the prompt (its last {pair.prompt_cut} tokens): "
+                           "both answers would train on template text; a no_think answer must not open a "
+                           "<think> block", "template_mismatch")
             if bad is not None:
                 if not skip_bad:
                     raise DataError(f"{where}: {bad[0]}")
