@@ -217,6 +217,8 @@ def _add_run_verbs(verbs) -> None:
                    help="an earlier demo folder whose finished stages are reused (default: --out itself with --stages)")
     p.add_argument("--ablation-steps", type=int, help="fixed steps per ablation run instead of a share of --minutes")
     p.add_argument("--pretrain-steps", type=int, help="fixed pretraining steps instead of the time that is left")
+    p.add_argument("--started", type=float, metavar="EPOCH_S", help="when the command that runs the demo started "
+                   "(`make demo` passes its own start): the budget counts the install and cold caches too")
     p.set_defaults(func=cmd_demo)
 
     p = verbs.add_parser("report", help="markdown + PNG + HTML report of a training run folder")
@@ -511,7 +513,7 @@ def cmd_demo(args) -> int:
     from smoltrain.demo import demo
 
     demo(args.out, args.minutes, args.recipe, ablation_steps=args.ablation_steps, pretrain_steps=args.pretrain_steps,
-         stages=args.stages, from_run=args.from_run)
+         stages=args.stages, from_run=args.from_run, started=args.started)
     return 0
 
 

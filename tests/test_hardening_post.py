@@ -399,3 +399,32 @@ def test_a_no_think_answer_with_think_text_never_puts_template_text_into_the_pai
     reply = {"text": "A FORMAT.", "stopped": True}
     assert verdict(persona, reply, {"text": "<think>hm</think>a format.", "stopped": True}, None) == "think_text_in_no_think"
     assert verdict(persona, reply, {"text": "a format.", "stopped": True}, None) is None
+
+
+def test_the_demo_budget_counts_from_the_command_and_pretraining_gives_back_the_time_lost_before(capsys):
+    """`make demo` passes its start: the install and cold caches are in the 15 minutes, and the post-training
+    stages keep their nominal time (a fresh clone's SFT got 666 steps instead of 999 when all shrank alike)."""
+    import time
+
+    from rich.console import Console as RichConsole
+
+    from smoltrain.demo import Stages, nominal_seconds, pretraining_left, stage_seconds
+
+    stages = ["pretrain", "sft", "apo", "grpo", "merge"]
+    nominal = nominal_seconds(600.0, stages)  # the plan of a fresh machine
+    lost = 120.0  # seconds gone before the demo started: a pip install, a cold compile cache
+    left, pending = pretraining_left(600.0 - lost, stages, nominal)
+    pretrain = stage_seconds("pretrain", left, pending, nominal["pretrain"])
+    assert pretrain == pytest.approx(nominal["pretrain"] - lost)
+    after = 600.0 - lost - pretrain  # pretraining used its box: each post stage then finds its nominal time
+    for i, stage in enumerate(["sft", "apo", "grpo"]):
+        seconds = stage_seconds(stage, after, stages[1 + i:], nominal[stage])
+        assert seconds == pytest.approx(nominal[stage])
+        after -= seconds
+
+    bar = Stages(RichConsole(file=io.StringIO()), 1, before_s=90.0)
+    assert 90.0 <= bar.elapsed() < 95.0
+    assert cli.main(["demo", "--started", str(time.time() + 3600)]) == 2
+    assert "--started must be a time (seconds since the epoch) in the last day" in capsys.readouterr().err
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert "demo: DEMO_STARTED := $(shell date +%s)" in makefile and "smoltrain demo --started $(DEMO_STARTED)" in makefile
