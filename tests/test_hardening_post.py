@@ -428,3 +428,35 @@ def test_the_demo_budget_counts_from_the_command_and_pretraining_gives_back_the_
     assert "--started must be a time (seconds since the epoch) in the last day" in capsys.readouterr().err
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     assert "demo: DEMO_STARTED := $(shell date +%s)" in makefile and "smoltrain demo --started $(DEMO_STARTED)" in makefile
+
+
+def test_the_report_of_a_dpo_or_grpo_run_draws_its_own_curves(tmp_path, monkeypatch):
+    from smoltrain.report import run as report_run
+    from smoltrain.report.document import Report
+
+    drawn = {}
+
+    def capture(path, series, **kwargs):
+        drawn[Path(path).stem] = {k: (list(x), list(y)) for k, (x, y) in series.items()}
+        return Path(path)
+
+    monkeypatch.setattr(report_run.plots, "line_plot", capture)
+    dpo = [{"step": s, "loss": 0.7, "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s, "rewards/margins": 0.2 * s,
+            "rewards/accuracies": 0.5 + 0.1 * s} for s in (1, 2, 3)]
+    evals = [{"step": 3, "eval": {"preference": {"accuracy": 0.75, "accuracy_stderr": 0.1, "pairs": 8}}}]
+    report_run.add_objective_curves(Report("dpo"), dpo, evals, tmp_path)
+    assert drawn["dpo_rewards"]["rewards/margins"] == ([1, 2, 3], [0.2, 0.4, pytest.approx(0.6)])
+    assert drawn["dpo_accuracy"]["rewards/accuracies"] == ([1, 2, 3], [0.6, 0.7, pytest.approx(0.8)])
+    assert drawn["preference_accuracy"] == {"preference/accuracy": ([3], [0.75])}
+    assert not any(name.startswith("grpo") for name in drawn)
+
+    drawn.clear()
+    grpo = [{"step": s, "loss": 0.1, "reward": 0.2 * s, "reward_std": 0.1, "accuracy": 0.1 * s, "kl": 0.01 * s,
+             "completions/mean_length": 10.0 + s, "clip_ratio/region_mean": 0.0, "rewards/math_answer/mean": 0.2 * s}
+            for s in (1, 2)]
+    evals = [{"step": 2, "eval": {"grpo": {"pass@1": 0.5, "pass@1_stderr": 0.1, "n": 8, "sampled_at_temperature": 1.0}}}]
+    report_run.add_objective_curves(Report("grpo"), grpo, evals, tmp_path)
+    assert set(drawn) == {"grpo_reward", "grpo_lengths", "grpo_clipping", "grpo_kl", "grpo_reward_functions",
+                          "grpo_pass_at_1"}
+    assert drawn["grpo_kl"] == {"kl": ([1, 2], [0.01, 0.02])}
+    assert drawn["grpo_reward_functions"] == {"rewards/math_answer/mean": ([1, 2], [0.2, 0.4])}
