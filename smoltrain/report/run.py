@@ -206,7 +206,8 @@ def add_objective_curves(report: Report, train: list[dict], evals: list[dict], f
     for key, caption in EVAL_CURVES:
         series = _series(flat, (key,), lambda r, k: r.get(k))
         if series:
-            report.image(plots.line_plot(figures_dir / f"{prefix}{key.replace('/', '_').replace('@', '_at_')}.png", series, title=caption), caption)
+            name = key.replace("/", "_").replace("@", "_at_")
+            report.image(plots.line_plot(figures_dir / f"{prefix}{name}.png", series, title=caption), caption)
 
 
 def stage_rows(config) -> list[tuple[str, int, int, int, float, str]]:
