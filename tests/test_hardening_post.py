@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from chat_helpers import VOCAB, chat_tokenizers, conversations
+from chat_helpers import BOILERPLATE, VOCAB, chat_tokenizers, conversations
 from rich.console import Console
 
 from smoltrain import cli
@@ -460,3 +460,42 @@ def test_the_report_of_a_dpo_or_grpo_run_draws_its_own_curves(tmp_path, monkeypa
                           "grpo_pass_at_1"}
     assert drawn["grpo_kl"] == {"kl": ([1, 2], [0.01, 0.02])}
     assert drawn["grpo_reward_functions"] == {"rewards/math_answer/mean": ([1, 2], [0.2, 0.4])}
+
+
+def test_add_special_tokens_grows_a_smollm2_like_model_with_new_rows_at_the_mean(root, tmp_path, capsys, one_thread):
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from smoltrain.model.hf import load_any
+
+    # a tokenizer with ChatML's tokens but no <think> / </think>, as SmolLM2's
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([BOILERPLATE] * 50 + [m["content"] for c in conversations(300) for m in c.messages], trainer)
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    shape = {**MODEL, "vocab_size": tok.get_vocab_size(), "tie_embeddings": True}
+    save_model_folder(build_model(ModelConfig(**shape), seed=5), Config(model=ModelConfig(**shape),
+                      data=DataConfig(seq_len=SEQ)), tmp_path / "init", tokenizer=tmp_path / "tok")
+    raw = sft_recipe(root, tmp_path / "run", max_steps=2)
+    raw["train"]["init"] = str(tmp_path / "init")
+    assert cli.main(["sft", str(write_recipe(tmp_path / "r.yaml", raw))]) == 2
+    assert "set sft.add_special_tokens: true to add them" in capsys.readouterr().err
+
+    raw["sft"]["add_special_tokens"] = True
+    assert cli.main(["sft", str(write_recipe(tmp_path / "r.yaml", raw))]) == 0
+    assert "sft: added <think>, </think> to the tokenizer" in capsys.readouterr().out
+    before, _, _ = load_any(tmp_path / "init")
+    grown, grown_config, _ = load_any(tmp_path / "run" / "init_with_chat_tokens")
+    old = before.embed_tokens.weight.detach()
+    new = grown.embed_tokens.weight.detach()
+    assert grown_config.model.vocab_size == shape["vocab_size"] + 2 and torch.equal(new[: len(old)], old)
+    assert torch.allclose(new[len(old):], old.mean(dim=0).expand(2, -1))
+    ids = torch.randint(3, shape["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the old tokens' logits are unchanged
+        assert torch.allclose(grown(ids)[..., : len(old)], before(ids), atol=1e-5)
+    assert Tokenizer.from_file(str(tmp_path / "run" / "tokenizer" / "tokenizer.json")).token_to_id("</think>") == \
+        shape["vocab_size"] + 1  # the run's tokenizer, which export and chat use
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["vocab_size"] == shape["vocab_size"] + 2

@@ -34,6 +34,7 @@ from smoltrain.post.chat_template import (
     END_OF_TURN,
     has_generation_markers,
     load_chat_tokenizer,
+    missing_chat_tokens,
     write_chat_tokenizer,
 )
 from smoltrain.post.sft_data import (
@@ -173,6 +174,61 @@ def _write_atomic(path: Path, text: str) -> None:
     write_atomic(path, text)
 
 
+def with_chat_tokens(config: Config, tokenizer: str, out: Path) -> tuple[Config, str]:
+    """sft.add_special_tokens: the init model and tokenizer with the template's missing special tokens
+    added, in `out` (made once, reused on resume), and the config pointing at it. The embedding (and an
+    untied head) grow by one row per token, each new row the mean of the old ones, as TRL's chat-format
+    setup starts them: the model's outputs on the old tokens do not change."""
+    missing = missing_chat_tokens(tokenizer, config.sft.chat_template)
+    if not missing or not config.train.init:
+        return config, tokenizer
+    if not (out / "config.yaml").is_file():
+        _grow_init(config.train.init, tokenizer, missing, out)
+    from smoltrain.model.hf import load_any
+
+    _, grown, grown_tokenizer = load_any(out)
+    model = dataclasses.replace(config.model, vocab_size=grown.model.vocab_size)
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(f"sft: added {', '.join(missing)} to the tokenizer; embedding and head grown to {model.vocab_size} "
+                      f"rows (new rows at the mean embedding) in {out}")
+    return replace_sections(config, model=model, train=dataclasses.replace(config.train, init=str(out))), str(grown_tokenizer)
+
+
+def _grow_init(init: str, tokenizer: str, tokens: list[str], out: Path) -> None:
+    """Write the grown model folder; built aside and renamed, so ranks that race here agree on one."""
+    import shutil
+
+    import torch
+    from tokenizers import AddedToken, Tokenizer
+
+    from smoltrain.model.hf import load_any, save_model_folder
+    from smoltrain.model.transformer import build_model
+
+    model, init_config, _ = load_any(init)
+    grown = Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else tokenizer))
+    grown.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+    shape = dataclasses.replace(init_config.model, vocab_size=max(init_config.model.vocab_size, grown.get_vocab_size()))
+    state = model.state_dict()
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        if name in state and state[name].shape[0] < shape.vocab_size:
+            old = state[name]
+            state[name] = torch.cat([old, old.mean(dim=0, keepdim=True).expand(shape.vocab_size - old.shape[0], -1)])
+    resized = build_model(shape)
+    resized.load_state_dict(state)
+    staging = out.with_name(f".{out.name}.{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grown.save(str(Path(f"{staging}.tokenizer.json")))
+    try:
+        save_model_folder(resized, replace_sections(init_config, model=shape), staging, tokenizer=f"{staging}.tokenizer.json")
+        staging.rename(out)
+    except OSError:
+        if not (out / "config.yaml").is_file():  # not another rank's finished folder: a real failure
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        Path(f"{staging}.tokenizer.json").unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------- the objective
 
 
@@ -245,7 +301,10 @@ def sft(config: Config, resume: str | None = None, should_stop=None) -> dict:
 
     run_dir = Path(config.train.out_dir)
     tokenizer_dir = run_dir / "tokenizer"
-    write_chat_tokenizer(_tokenizer_path(config), tokenizer_dir, config.sft.chat_template)
+    source = _tokenizer_path(config)
+    if config.sft.add_special_tokens:
+        config, source = with_chat_tokens(config, source, run_dir / "init_with_chat_tokens")
+    write_chat_tokenizer(source, tokenizer_dir, config.sft.chat_template)
     prepared = prepare_sft_data(config, tokenizer_dir)
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
