@@ -499,3 +499,37 @@ def test_add_special_tokens_grows_a_smollm2_like_model_with_new_rows_at_the_mean
     assert Tokenizer.from_file(str(tmp_path / "run" / "tokenizer" / "tokenizer.json")).token_to_id("</think>") == \
         shape["vocab_size"] + 1  # the run's tokenizer, which export and chat use
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["vocab_size"] == shape["vocab_size"] + 2
+
+
+def test_precision_auto_takes_bf16_on_a_cpu_where_it_is_faster_for_the_model_and_says_why(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from smoltrain.train import distributed
+    from smoltrain.train.distributed import BF16_WIN, resolve_precision
+
+    cpu = torch.device("cpu")
+    smollm2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                          num_kv_heads=3)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu, ModelConfig(**MODEL)) == "fp32"  # a tiny model: not matmul-bound, no probe
+    assert not (tmp_path / "smoltrain").exists()
+    key = (f"{distributed._cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+           f"2048x576x1536")
+    for speedup, expected in ((1.8, "bf16"), (BF16_WIN - 0.15, "fp32")):
+        distributed._cpu_auto_precision.cache_clear()
+        (tmp_path / "smoltrain").mkdir(exist_ok=True)
+        (tmp_path / "smoltrain" / "precision.json").write_text(json.dumps({key: speedup}))  # the cached measurement
+        with caplog.at_level(logging.INFO, logger=distributed.__name__):
+            assert resolve_precision("auto", cpu, smollm2, tokens=2048) == expected
+        assert f"train.precision auto: {expected} on this CPU (bf16 matmuls {speedup:.2f}x fp32" in caplog.text
+    assert resolve_precision("fp32", cpu, smollm2) == "fp32"  # asked for: no probe decides
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", cpu, smollm2) == "fp32"  # bf16 would be emulated
+
+    distributed._cpu_auto_precision.cache_clear()  # a real measurement, cached for the next process
+    distributed._cpu_auto_precision(64, 128, 32)
+    cached = json.loads((tmp_path / "smoltrain" / "precision.json").read_text())
+    assert any(k.endswith("32x64x128") and v > 0 for k, v in cached.items())

@@ -158,7 +158,7 @@ def _run(config, data_dirs, checkpoint_dir, device, rank, world, hosts, budget, 
     local_world = hosts.count(hosts[rank])
     nodes = collectives.node_groups(hosts)
     leader = min(r for r in range(world) if hosts[r] == hosts[rank]) == rank  # one storage probe per node
-    precision = compute.trainer_precision(config.train, device) if config else ("bf16" if cuda else "fp32")
+    precision = compute.trainer_precision(config, device) if config else ("bf16" if cuda else "fp32")
     shapes = (compute.recipe_shapes(config.model, config.train.micro_batch_size * config.data.seq_len)
               if config else None)
 

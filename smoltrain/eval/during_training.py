@@ -71,7 +71,8 @@ def evaluate_during_training(model, config, device, data_parallel: tuple[int, in
     data_parallel = (dp_rank, dp_world, group) splits the validation batches and the
     multiple-choice requests over the data-parallel ranks."""
     device = torch.device(device)
-    autocast_dtype = torch.bfloat16 if resolve_precision(config.train.precision, device) == "bf16" else None
+    precision = resolve_precision(config.train.precision, device, config.model, config.train.micro_batch_size * config.data.seq_len)
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     e = config.eval
     config = resolve_data_config(config)
     val = (validation_per_source(model, config, e.val_batches, e.batch_size, device, autocast_dtype, data_parallel)

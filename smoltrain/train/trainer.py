@@ -279,7 +279,8 @@ class Trainer:
         self.owns_group = ctx is None and not (dist.is_available() and dist.is_initialized())
         t = config.train
         self.ctx = ctx or setup_distributed(config.parallel, config.model, seed=t.seed, device=t.device,
-                                            precision=t.precision, compile=t.compile)
+                                            precision=t.precision, compile=t.compile,
+                                            tokens=t.micro_batch_size * config.data.seq_len)
         try:
             for note in notes:
                 self.say(note)
