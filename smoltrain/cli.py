@@ -18,7 +18,7 @@ from smoltrain.errors import ConfigError, SmoltrainError, StoppedBySignal
 from smoltrain.files import output_folder, refuse_to_overwrite
 
 # `data preferences`: at 256 new tokens a new user's SmolLM2-135M-Instruct pairs were dropped as cut
-# (issue 24); 512 leaves room for a typical chat answer at twice the generation time of the longest.
+# (issue 24); 512 leaves room for a typical chat answer (a cut pair is dropped, and now counted).
 PREFERENCE_NEW_TOKENS = 512
 
 
