@@ -292,9 +292,14 @@ def cmd_config(args) -> int:
 
     config = load_config(args.config, args.overrides)
     if any(key.startswith("sft.") for key in config.explicit):  # an SFT recipe: the config its run will use (SFT's defaults, steps)
+        from smoltrain.errors import CheckpointError
         from smoltrain.post.sft import describe_step_plan, load_sft_config
 
-        config = load_sft_config(args.config, args.overrides)
+        try:
+            config = load_sft_config(args.config, args.overrides)
+        except CheckpointError as e:  # train.init not made yet (SFT after a pretraining still to run)
+            print(f"# {e}: the model section below is the recipe's, not train.init's")
+            config = load_sft_config(args.config, args.overrides, init_model=False)
         print(f"# sft: {describe_step_plan(config)}")
     check_eval_config(config)
     print(config.to_yaml(), end="")

@@ -66,9 +66,11 @@ def _init_source(path: str):
     return config, tokenizer
 
 
-def load_sft_config(path: str | os.PathLike | None, overrides: list[str] | None = None, init: str | None = None) -> Config:
+def load_sft_config(path: str | os.PathLike | None, overrides: list[str] | None = None, init: str | None = None,
+                    init_model: bool = True) -> Config:
     """The recipe with SmolLM3's SFT optimizer defaults for keys it leaves out, and the model section
-    taken from train.init (the recipe may still set non-shape keys such as attention_kernel)."""
+    taken from train.init (the recipe may still set non-shape keys such as attention_kernel; with
+    init_model false, the recipe's own: `smoltrain config` before the init model exists)."""
     raw: dict = {}
     if path is not None:
         load_config(path, overrides)  # YAML and key errors, with the file named
@@ -82,7 +84,7 @@ def load_sft_config(path: str | os.PathLike | None, overrides: list[str] | None 
         optim.setdefault(key, value)
     optim.setdefault("min_lr", MIN_LR_SHARE * float(optim["lr"]))
     _explicit_steps_win(raw, train, optim)
-    if train.get("init"):
+    if train.get("init") and init_model:
         init_config, _ = _init_source(train["init"])
         raw["model"] = {**dataclasses.asdict(init_config.model), **(raw.get("model") or {})}
     return config_from_dict(raw)
