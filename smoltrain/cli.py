@@ -5,14 +5,21 @@ library function of the same name. User mistakes (SmoltrainError) become one lin
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from smoltrain import __version__
-from smoltrain.errors import SmoltrainError, StoppedBySignal
+from smoltrain.errors import ConfigError, SmoltrainError, StoppedBySignal
+from smoltrain.files import output_folder, refuse_to_overwrite
+
+# `data preferences`: at 256 new tokens a new user's SmolLM2-135M-Instruct pairs were dropped as cut
+# (issue 24); 512 leaves room for a typical chat answer (a cut pair is dropped, and now counted).
+PREFERENCE_NEW_TOKENS = 512
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -118,11 +125,13 @@ def _add_model_file_verbs(verbs) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json or tokenizer folder (default: the one the model knows)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "q8_0"], default="auto",
                    help="weight dtype (auto: as stored; q8_0: GGUF only)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder or an existing --gguf file")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("import", help="read a Hugging Face Llama / SmolLM3 / Qwen3 folder (or a GGUF file) into a model folder")
     p.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json + safetensors (+ tokenizer), or a .gguf file")
     p.add_argument("--out", required=True, help="output model folder (config.yaml + model.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_import)
 
     p = verbs.add_parser("merge", help="linear merge (model soup) or slerp of models into a model folder")
@@ -138,6 +147,7 @@ def _add_model_file_verbs(verbs) -> None:
     p.add_argument("--tasks", help="tasks for --eval (as `smoltrain eval --tasks`; default: the model's eval.tasks or embedded)")
     p.add_argument("--limit", type=int, help="items per task for --eval")
     p.add_argument("--device", default="auto", help="device for --eval")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_merge)
 
 
@@ -224,6 +234,8 @@ def _add_run_verbs(verbs) -> None:
                    help="an earlier demo folder whose finished stages are reused (default: --out itself with --stages)")
     p.add_argument("--ablation-steps", type=int, help="fixed steps per ablation run instead of a share of --minutes")
     p.add_argument("--pretrain-steps", type=int, help="fixed pretraining steps instead of the time that is left")
+    p.add_argument("--started", type=float, metavar="EPOCH_S", help="when the command that runs the demo started "
+                   "(`make demo` passes its own start): the budget counts the install and cold caches too")
     p.set_defaults(func=cmd_demo)
 
     p = verbs.add_parser("report", help="markdown + PNG + HTML report of a training run folder")
@@ -282,13 +294,15 @@ def _add_data_verbs(verbs) -> None:
     q.add_argument("--verify", choices=["math", "rule"], help="math: keep pairs whose chosen answer is right and rejected "
                    "wrong; rule: whose chosen reply keeps the system prompt's rule and rejected breaks it")
     q.add_argument("--count", type=int, help="use the first COUNT prompts")
-    q.add_argument("--max-new-tokens", type=int, default=256)
+    q.add_argument("--max-new-tokens", type=int, default=PREFERENCE_NEW_TOKENS,
+                   help=f"longest answer, in tokens (default {PREFERENCE_NEW_TOKENS}); a pair whose answer reaches it is dropped")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     q.add_argument("--chat-template", choices=["smollm3", "chatml", "model"], help="default: each model's own")
     q.add_argument("--plain", action="store_true", help="plain-text prompts and answers, no chat template "
                    "(a pretrained model; answers end at the first blank line)")
     q.add_argument("--device", default="auto")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out file")
     q.set_defaults(func=cmd_data_preferences)
 
 
@@ -297,6 +311,16 @@ def cmd_config(args) -> int:
     from smoltrain.eval.during_training import check_eval_config
 
     config = load_config(args.config, args.overrides)
+    if any(key.startswith("sft.") for key in config.explicit):  # an SFT recipe: the config its run will use (SFT's defaults, steps)
+        from smoltrain.errors import CheckpointError
+        from smoltrain.post.sft import describe_step_plan, load_sft_config
+
+        try:
+            config = load_sft_config(args.config, args.overrides)
+        except CheckpointError as e:  # train.init not made yet (SFT after a pretraining still to run)
+            print(f"# {e}: the model section below is the recipe's, not train.init's")
+            config = load_sft_config(args.config, args.overrides, init_model=False)
+        print(f"# sft: {describe_step_plan(config)}")
     check_eval_config(config)
     print(config.to_yaml(), end="")
     return 0
@@ -305,17 +329,11 @@ def cmd_config(args) -> int:
 def cmd_train(args) -> int:
     from smoltrain.config import load_config
     from smoltrain.eval.during_training import check_eval_config
-    from smoltrain.train.checkpoint import finished_at
     from smoltrain.train.trainer import run
 
     config = load_config(args.config, _with_init(args))
     check_eval_config(config)
-    step = finished_at(args.resume or config.train.out_dir, config.train.max_steps)
-    if step is not None:
-        if _is_main_rank():
-            print(f"{args.resume or config.train.out_dir} is finished (step {step} of train.max_steps "
-                  f"{config.train.max_steps}): nothing to train; raise train.max_steps to train on, "
-                  f"or choose another train.out_dir")
+    if _finished(args, config):
         return 0
     return _exit_status(run(config, resume=args.resume, allow_data_change=args.allow_data_change))
 
@@ -323,14 +341,20 @@ def cmd_train(args) -> int:
 def cmd_dpo(args) -> int:
     from smoltrain.post.dpo import load_dpo_config, run
 
-    return _exit_status(run(load_dpo_config(args.config, args.overrides, init=args.init), resume=args.resume))
+    config = load_dpo_config(args.config, args.overrides, init=args.init)
+    if _finished(args, config):
+        return 0
+    return _exit_status(run(config, resume=args.resume))
 
 
 def cmd_grpo(args) -> int:
     from smoltrain.config import load_config
     from smoltrain.post.grpo_train import run
 
-    return _exit_status(run(load_config(args.config, _with_init(args)), resume=args.resume))
+    config = load_config(args.config, _with_init(args))
+    if _finished(args, config):
+        return 0
+    return _exit_status(run(config, resume=args.resume))
 
 
 def cmd_sft(args) -> int:
@@ -345,7 +369,6 @@ def cmd_plan(args) -> int:
     from rich.console import Console
 
     from smoltrain.config import load_config
-    from smoltrain.errors import ConfigError
     from smoltrain.train.plan import plan, plan_table
 
     for name in ("gpus", "days", "mfu", "peak_tflops"):
@@ -415,8 +438,9 @@ def cmd_export(args) -> int:
         if not args.out:
             return 0
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    with Console(stderr=True).status(f"exporting {args.model}"):
-        out = export_hf(args.model, args.out, tokenizer=args.tokenizer, dtype=dtype)
+    with Console(stderr=True).status(f"exporting {args.model}"), output_folder(args.out, args.overwrite, [args.model]) as tmp:
+        export_hf(args.model, tmp, tokenizer=args.tokenizer, dtype=dtype)
+    out = Path(args.out)
     architecture = json.loads((out / "config.json").read_text())["architectures"][0]
     tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
     print(f"wrote {out} ({architecture}, {tokenizer})")
@@ -428,6 +452,8 @@ def _export_gguf(args) -> int:
 
     from smoltrain.report.gguf_export import export_gguf
 
+    if Path(args.gguf).exists() and not args.overwrite:
+        raise ConfigError(f"{args.gguf}: exists; pass --overwrite to replace it")
     dtype = None if args.dtype == "auto" else args.dtype
     with Console(stderr=True).status(f"exporting {args.model} to GGUF"):
         architecture = export_gguf(args.model, args.gguf, tokenizer=args.tokenizer, dtype=dtype)
@@ -438,11 +464,22 @@ def _export_gguf(args) -> int:
 def cmd_import(args) -> int:
     from rich.console import Console
 
+    from smoltrain.files import write_json
+    from smoltrain.report.model_card import ORIGIN, import_origin
     from smoltrain.train.load_model import import_gguf, import_hf
 
-    with Console(stderr=True).status(f"importing {args.hf_dir}"):
+    source = Path(args.hf_dir)
+    if source.is_file() and source.suffix != ".gguf":
+        raise ConfigError(f"{source}: import reads a Hugging Face folder (config.json + safetensors, + tokenizer) or a "
+                          f".gguf file, not a {source.suffix or 'plain'} file")
+    with Console(stderr=True).status(f"importing {args.hf_dir}"), output_folder(args.out, args.overwrite, [args.hf_dir]) as tmp:
         reader = import_gguf if args.hf_dir.endswith(".gguf") else import_hf
-        out = reader(args.hf_dir, args.out)
+        reader(args.hf_dir, tmp)
+        origin = import_origin(args.hf_dir)
+        write_json(tmp / ORIGIN, origin)  # the model card of what is trained from it names it
+    out = Path(args.out)
+    print(f"origin: {origin['file']} ({origin['format']}, {origin['architecture']}); licence "
+          f"{origin['license'] or 'not stated in the file'}")
     tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
     print(f"wrote {out} (model folder, {tokenizer})")
     return 0
@@ -453,7 +490,6 @@ def cmd_merge(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from smoltrain.errors import ConfigError
     from smoltrain.post.merge import evaluate_side_by_side, last_checkpoints, merge, side_by_side_rows, write_side_by_side
 
     models = list(args.models)
@@ -468,8 +504,9 @@ def cmd_merge(args) -> int:
     if args.limit is not None and args.limit <= 0:
         raise ConfigError(f"--limit must be positive, got {args.limit}")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    with Console(stderr=True).status(f"merging {len(models)} models"):
-        out = merge(models, args.out, weights=args.weights, method=args.method, t=args.t, dtype=dtype)
+    with Console(stderr=True).status(f"merging {len(models)} models"), output_folder(args.out, args.overwrite, models) as tmp:
+        merge(models, tmp, weights=args.weights, method=args.method, t=args.t, dtype=dtype)
+    out = Path(args.out)
     print(f"wrote {out} ({args.method} of {len(models)} models)")
     if args.eval:
         tasks = [t for t in (args.tasks or "").split(",") if t.strip()]
@@ -477,16 +514,15 @@ def cmd_merge(args) -> int:
         header, rows = side_by_side_rows(result)
         table = Table()
         for name in header:
-            table.add_column(name)
+            table.add_column(name, no_wrap=True)  # task and metric names whole, also in a pipe or a log
         for row in rows:
             table.add_row(*row)
-        Console().print(table)
+        Console(width=None if sys.stdout.isatty() else 250).print(table)
         print(f"wrote {write_side_by_side(result, out)}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from smoltrain.errors import ConfigError
     from smoltrain.eval.run import evaluate, print_table
 
     if args.chat:
@@ -564,7 +600,7 @@ def cmd_demo(args) -> int:
     from smoltrain.demo import demo
 
     demo(args.out, args.minutes, args.recipe, ablation_steps=args.ablation_steps, pretrain_steps=args.pretrain_steps,
-         stages=args.stages, from_run=args.from_run)
+         stages=args.stages, from_run=args.from_run, started=args.started)
     return 0
 
 
@@ -626,12 +662,12 @@ def cmd_data_tokenize(args) -> int:
 
 
 def cmd_data_preferences(args) -> int:
-    from smoltrain.errors import ConfigError
     from smoltrain.post.preference_gen import build_preferences
 
     for name in ("count", "max_new_tokens", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    refuse_to_overwrite(args.out, args.overwrite)  # the file itself is written atomically
     summary = build_preferences(args.prompts, args.chosen_model, args.rejected_model, args.out, mode=args.mode,
                                 verify=args.verify, count=args.count, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size, device=args.device,
@@ -640,6 +676,10 @@ def cmd_data_preferences(args) -> int:
     dropped = ", ".join(f"{k}: {v}" for k, v in summary["dropped"].items()) or "none"
     print(f"{args.out}: kept {summary['kept']} of {summary['prompts']} pairs (dropped {dropped}); "
           f"mean length chosen {summary['chosen_chars_mean']:.0f} / rejected {summary['rejected_chars_mean']:.0f} characters")
+    cut = summary["dropped"].get("cut_at_max_tokens", 0)
+    if cut:
+        print(f"{cut} pairs were dropped because an answer reached --max-new-tokens {args.max_new_tokens} (cut, not "
+              f"finished): raise --max-new-tokens to keep them")
     return 0
 
 
@@ -650,6 +690,17 @@ def _with_init(args) -> list[str]:
     """--set overrides, then --init as train.init: the init model is the base a partial model section
     overrides before the config is validated (config_from_dict)."""
     return [*args.overrides, f"train.init={json.dumps(args.init)}"] if args.init else list(args.overrides)
+
+
+def _finished(args, config) -> bool:
+    """A finished run (its checkpoint at train.max_steps) is said so, and trains nothing (exit 0).
+    SFT asks after its data fixed the steps (post/sft.py)."""
+    from smoltrain.train.checkpoint import finished_note
+
+    note = finished_note(args.resume or config.train.out_dir, config.train.max_steps)
+    if note and _is_main_rank():
+        print(note)
+    return note is not None
 
 
 def _exit_status(summary: dict) -> int:
@@ -670,7 +721,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
     )
     try:
-        return args.func(args) or 0
+        status = args.func(args) or 0
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            # Under torchrun: what still holds a process group (the model's FSDP state, in reference
+            # cycles) is freed now, its gloo threads joined, rather than at interpreter finalization,
+            # where they aborted finished runs (exit 134: requeued by SLURM, red in CI).
+            gc.collect()
+        return status
     except SmoltrainError as e:
         if _is_main_rank():
             print(f"smoltrain {args.verb}: error: {e}", file=sys.stderr)

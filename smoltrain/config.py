@@ -300,6 +300,9 @@ class SFTConfig:
     # Move chat_template_kwargs.custom_instructions into a system message (when there is none), for
     # templates that do not read the keyword (SmolLM2's, chatml); the data check still verifies it.
     instructions_as_system: bool = False
+    # Add the template's special tokens the init tokenizer lacks (<think> / </think> for SmolLM2), growing the
+    # embedding and head: new rows at the mean embedding (TRL's chat-format setup); the init stays untouched.
+    add_special_tokens: bool = False
     epochs: Optional[float] = 2.0  # sets train.max_steps from the packed rows; null: train.max_steps as given
     warmup_fraction: Optional[float] = 0.03  # sets optim.warmup_steps to this share of the steps (SmolLM3: ~3%); null: as given
     chat_eval_items: int = 50  # held-out items per chat eval set at every evaluation (0: none)

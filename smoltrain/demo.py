@@ -56,6 +56,7 @@ from smoltrain.train.speed import probe_speed
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 MARKER = "demo.json"  # marks a folder as the demo's own output, which a re-run may replace
 STAGES = ("ablation", "pretrain", *POST_STAGES)  # what --stages names
+PRETRAINING_STAGES = ("ablation", "pretrain")
 # Where each stage starts from: the newest earlier stage of this chain that has a model.
 CHAIN = ("pretrain", "sft", "apo", "grpo")
 MERGE_FROM = ("pretrain", "sft", "apo")  # the soup is of APO checkpoints, mixed with the base
@@ -81,10 +82,13 @@ VAL_BATCHES = 8  # per source, during training and at the end (the same windows,
 class Stages:
     """Prints a numbered header per stage and records its wall time."""
 
-    def __init__(self, console: Console, total: int):
+    def __init__(self, console: Console, total: int, before_s: float = 0.0):
+        """before_s: seconds the user's command ran before the demo (`make demo`: the install, cold caches);
+        the budget and the total count them."""
         self.console, self.total, self.index = console, total, 0
         self.wall: dict[str, float] = {}
-        self.started = time.perf_counter()
+        self.before_s = before_s
+        self.started = time.perf_counter() - before_s
 
     @contextmanager
     def __call__(self, name: str, title: str):
@@ -194,6 +198,16 @@ def nominal_seconds(training_s: float, stages: list[str]) -> dict[str, float]:
     trained = [s for s in stages if s in TRAIN_SHARES]
     total = sum(TRAIN_SHARES[s] for s in trained)
     return {s: training_s * TRAIN_SHARES[s] / total for s in trained}
+
+
+def pretraining_left(left_s: float, pending: list[str], nominal: dict[str, float]) -> tuple[float, list[str]]:
+    """What the pretraining stages (ablation, pretrain) may share of `left_s`, and which of them are
+    pending: the post-training stages still to come keep their nominal time, so time lost before them
+    (an install, a cold compile, a slow machine) comes out of pretraining. A fresh clone's SFT got 666
+    steps instead of 999 when every stage shrank alike (issue 24), and a shorter pretraining costs the
+    report card least: its loss curve is still falling either way."""
+    held = sum(nominal[s] for s in pending if s in nominal and s not in PRETRAINING_STAGES)
+    return left_s - held, [s for s in pending if s in PRETRAINING_STAGES]
 
 
 def stage_seconds(stage: str, left_s: float, pending: list[str], nominal_s: float) -> float:
@@ -330,13 +344,17 @@ class DemoRun:
     time budget, the speed settings) and a method per stage, which `demo()` calls in playbook order."""
 
     def __init__(self, out: Path, run: list[str], keep: dict[str, dict], source: Path | None, recipe_path: Path,
-                 base: Config, minutes: float, sizes: PostSizes, steps: dict[str, int], console: Console):
+                 base: Config, minutes: float, sizes: PostSizes, steps: dict[str, int], console: Console,
+                 before_s: float = 0.0):
         self.out, self.run, self.keep, self.recipe_path, self.base = out, run, keep, recipe_path, base
         self.minutes, self.budget_s, self.sizes, self.steps, self.console = minutes, minutes * 60, sizes, steps, console
         self.records: dict[str, dict] = dict(keep)
         self.marker = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": self.records}
         write_json(out / MARKER, self.marker)
-        self.bar = Stages(console, 4 + sum(1 if s == "ablation" else 2 for s in run) + ("apo" in run))
+        self.bar = Stages(console, 4 + sum(1 if s == "ablation" else 2 for s in run) + ("apo" in run), before_s)
+        if before_s:
+            console.print(f"the command started {before_s:.0f} s before the demo (install, cold caches): "
+                          f"the {minutes:g}-minute budget counts them")
         self.facts: dict = {"recipe": str(recipe_path), "minutes": minutes, "device": _device_name(), "run": run,
                             "reused_from": str(source) if keep else None, "records": self.records, "sizes": sizes}
         self.rows: dict[str, dict] = {ROW_OF.get(stage, stage): _read_row(record) for stage, record in keep.items()
@@ -358,6 +376,8 @@ class DemoRun:
         pending = pending[pending.index(stage):]
         rows_left = len([s for s in pending if s in ("pretrain", *POST_STAGES)])
         left = self.budget_s - self.bar.elapsed() - reserve_seconds(pending, rows_left, self.row_s)
+        if stage in PRETRAINING_STAGES:
+            left, pending = pretraining_left(left, pending, self.nominal)
         seconds = stage_seconds(stage, left, pending, self.nominal[stage])
         late = seconds > left * TRAIN_SHARES[stage] / sum(TRAIN_SHARES[s] for s in pending if s in TRAIN_SHARES) + 1e-9
         self.console.print(f"  time box: {seconds:.0f} s" + (" (the floor: earlier stages overran, so the demo ends "
@@ -404,7 +424,10 @@ class DemoRun:
             trained = [s for s in run if s in TRAIN_SHARES]
             pending_rows = (len([s for s in run if s in ("pretrain", *POST_STAGES)])
                             + ("pretrain" in self.keep and "base" not in self.rows))
-            left = self.budget_s - self.bar.elapsed() - reserve_seconds(run, pending_rows, RESERVE_S["row"])
+            # the demo's own time so far, not the command's: the nominal plan is a fresh machine's, and
+            # pretraining's box gives back what the install and cold caches took (pretraining_left)
+            own = self.bar.elapsed() - self.bar.before_s
+            left = self.budget_s - own - reserve_seconds(run, pending_rows, RESERVE_S["row"])
             self.nominal = nominal_seconds(max(left, 0.0), trained)
             self.probe, self.choice = _probe_and_choose(base, trained, self.nominal, speed, on_cpu, console)
             self.settings = {"fixed": stage_settings(self.probe, self.choice, True),
@@ -603,7 +626,8 @@ class DemoRun:
 def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: str | None = None,
          console: Console | None = None, suite_items: int | None = None, ablation_steps: int | None = None,
          pretrain_steps: int | None = None, stages: str | list[str] | None = None, from_run: str | None = None,
-         steps: dict[str, int] | None = None, sizes: PostSizes | None = None, speed: str | None = None) -> Path:
+         steps: dict[str, int] | None = None, sizes: PostSizes | None = None, speed: str | None = None,
+         started: float | None = None) -> Path:
     """Run the playbook; returns the path of the HTML report (markdown beside it).
 
     stages: a subset of STAGES (a list or "sft,apo"); the others are reused from `from_run` (default:
@@ -611,7 +635,8 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     ({"sft": 20, "apo": 4, "grpo": 3}): fixed steps (reproducible across machines) instead of the ones
     derived from `minutes` and the measured throughput. sizes: how much each post-training stage and
     each row's evaluation does. speed: a configuration of SPEED_CONFIGS ("fp32 eager", "bf16 compile",
-    ...) to use without probing."""
+    ...) to use without probing. started: when the user's command started (seconds since the epoch;
+    `make demo` passes its own start), from which the budget counts."""
     console = console or Console(highlight=False)
     sizes = sizes or PostSizes()
     if suite_items is not None:
@@ -619,6 +644,9 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     steps = _fixed_steps(steps, ablation_steps, pretrain_steps)
     if minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {minutes}")
+    before_s = 0.0 if started is None else time.time() - started
+    if not 0 <= before_s < 86400:
+        raise ConfigError(f"--started must be a time (seconds since the epoch) in the last day, got {started}")
     run = parse_stages(",".join(stages) if isinstance(stages, list) else stages)
     recipe_path = Path(recipe) if recipe else RECIPE
     base = load_config(recipe_path)
@@ -627,7 +655,7 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     out = Path(out_dir)
     source, keep, same_folder = _reused_stages(out, run, from_run)
     _prepare_out_dir(out, run, keep, same_folder)
-    demo_run = DemoRun(out, run, keep, source, recipe_path, base, minutes, sizes, steps, console)
+    demo_run = DemoRun(out, run, keep, source, recipe_path, base, minutes, sizes, steps, console, before_s)
     demo_run.prepare_data()
     demo_run.plan(speed)
     if "ablation" in run:

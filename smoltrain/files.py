@@ -10,7 +10,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
@@ -71,7 +73,48 @@ def parse_yaml(text: str, where: str, error: type[Exception] = ConfigError) -> A
         raise error(f"{where}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
-__all__ = ["fsync_dir", "load_yaml", "parse_yaml", "write_atomic", "write_json"]
+def refuse_to_overwrite(path: str | os.PathLike, overwrite: bool, what: str = "--out") -> None:
+    """A user's folder or file with something in it is replaced only when they said so (a new user once
+    overwrote the train.init of a live SFT run with `import`)."""
+    path = Path(path)
+    full = path.is_file() and path.stat().st_size > 0 or path.is_dir() and any(path.iterdir())
+    if full and not overwrite:
+        raise ConfigError(f"{what} {path} is not empty: pass --overwrite to replace it, or choose another {what}")
+
+
+@contextmanager
+def output_folder(path: str | os.PathLike, overwrite: bool, inputs=()) -> Iterator[Path]:
+    """A temporary sibling folder to write into, moved onto `path` only when the writer finished (a
+    failed write leaves the old folder as it was). A non-empty `path` needs overwrite. The folder's
+    .yaml files that name the temporary folder (a model folder's config names its own tokenizer) are
+    rewritten to name `path`. An input folder is never the output (the swap would delete it)."""
+    path = Path(path)
+    if any(Path(i).exists() and Path(i).resolve() == path.resolve() for i in inputs):
+        raise ConfigError(f"--out {path}: the output folder must differ from the inputs")
+    refuse_to_overwrite(path, overwrite)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path} exists and is not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = staging / path.name  # the folder's own name from the start: a model card titles itself by it
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield tmp
+        for config in tmp.glob("*.yaml"):
+            text = config.read_text()
+            if str(tmp.resolve()) in text:
+                config.write_text(text.replace(str(tmp.resolve()), str(path.resolve())))
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["fsync_dir", "load_yaml", "output_folder", "parse_yaml", "refuse_to_overwrite", "write_atomic", "write_json"]
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def _fake_replies(answers):
     return replies
 
 
-def test_pairs_are_kept_or_dropped_for_the_stated_reasons(models, tmp_path, monkeypatch):
+def test_pairs_are_kept_or_dropped_for_the_stated_reasons(models, tmp_path, monkeypatch, capsys):
     import smoltrain.model.hf as hf
     import smoltrain.post.chat_eval as chat_eval
 
@@ -63,6 +63,8 @@ def test_pairs_are_kept_or_dropped_for_the_stated_reasons(models, tmp_path, monk
     code = cli.main(["data", "preferences", "--prompts", str(prompts), "--chosen-model", str(models / "strong"),
                      "--rejected-model", str(models / "weak"), "--out", str(out), "--no-think", "--verify", "math"])
     assert code == 0
+    assert ("1 pairs were dropped because an answer reached --max-new-tokens 512 (cut, not finished): raise "
+            "--max-new-tokens to keep them") in capsys.readouterr().out
     summary = json.loads((tmp_path / "pairs.jsonl.summary.json").read_text())
     # 0 kept; 1 rejected is right; 2 identical; 3 chosen cut; 4 chosen empty; 5 chosen wrong
     assert summary["kept"] == 1 and summary["prompts"] == 6

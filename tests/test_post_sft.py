@@ -190,6 +190,7 @@ def test_a_template_that_drops_custom_instructions_stops_sft_naming_the_example(
     assert cli.main(["sft", str(write_recipe(tmp_path / "r.yaml", raw))]) == 2
     err = capsys.readouterr().err
     assert "persona.jsonl:1: its system prompt 'Answer in capital letters only.' is not in the rendered chat" in err
+    assert err.rstrip().endswith("or set sft.instructions_as_system: true to move custom_instructions into a system message")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -232,6 +232,14 @@ def build_train_loader(config: Config, dp_rank: int = 0, dp_world: int = 1) -> T
     )
 
 
+def check_validation_data(config: Config) -> None:
+    """Open every data.validation source with the checks its first evaluation makes (tokenizer, the
+    model's vocabulary) and close it: a run stops before step 1, not at its first evaluation."""
+    data = _prepare(config)
+    for tokens in _open_sources(data, data.validation, config.model.vocab_size, "validation").values():
+        tokens.close()
+
+
 def validation_batches(config: Config, source: str, num_batches: int, batch_size: int) -> Iterator[dict]:
     """The first num_batches x batch_size windows (data.seq_len) of one source's validation shards,
     in order. Stops early, with a last smaller batch, when the split holds fewer windows."""

@@ -109,6 +109,24 @@ def dataset_rows(folder: str | os.PathLike, split: str | None = None) -> Iterato
     yield from splits[split]
 
 
+def json_list_rows(path: str | os.PathLike) -> list[tuple[str, object]]:
+    """("record N", row) of a .json file holding a list of rows (or one row), for the chat, preference
+    and prompt readers (sft, dpo, generate), which read what `data tokenize` reads."""
+    data = Path(path).read_bytes()
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        if data.lstrip()[:1] == b"{" and e.msg == "Extra data":
+            raise DataError(f"{path}:{e.lineno}: one JSON object per line; name the file .jsonl") from None
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(parsed, (list, dict)):
+        raise DataError(f"{path}: expected a JSON list of rows (or one row), got {type(parsed).__name__}")
+    return [(f"record {n}", row) for n, row in enumerate(parsed if isinstance(parsed, list) else [parsed], start=1)]
+
+
 class DocumentReader:
     """Iterate the texts of one file. `bytes_read` follows the position on disk (for progress bars)."""
 

@@ -31,9 +31,16 @@ from smoltrain.doctor import (
 )
 from smoltrain.doctor.report import FAIL, Check, merge_ranks, print_report, verdict
 from smoltrain.doctor.timing import Budget, budget_for
-from smoltrain.errors import ConfigError, DataError
+from smoltrain.errors import ConfigError, DataError, SmoltrainError
 
 CHECKPOINT_BYTES_PER_PARAMETER = 12  # fp32 weights + AdamW's two fp32 moments, as train/checkpoint.py saves them
+POST_STAGES = ("sft", "dpo", "grpo")
+
+
+def post_stage(config) -> str | None:
+    """The post-training stage a recipe is for (it sets keys of that section), or None for pretraining."""
+    given = {key.partition(".")[0] for key in getattr(config, "explicit", ())}
+    return next((stage for stage in POST_STAGES if stage in given), None)
 
 
 def _shard_files(folder: str) -> tuple[list[Path], int]:
@@ -57,7 +64,7 @@ def resolve_arguments(recipe, overrides, data, checkpoints, json_out):
     elif overrides:
         raise ConfigError("--set overrides a recipe's values: give --recipe too")
     folders = list(data)
-    if config is not None:  # the recipe's sources first: its loader reads them
+    if config is not None and post_stage(config) is None:  # the recipe's sources first: its loader reads them
         data_cfg = config.data
         if data_cfg.embedded:
             from smoltrain.data.embedded import ensure_embedded_data
@@ -151,7 +158,7 @@ def _run(config, data_dirs, checkpoint_dir, device, rank, world, hosts, budget, 
     local_world = hosts.count(hosts[rank])
     nodes = collectives.node_groups(hosts)
     leader = min(r for r in range(world) if hosts[r] == hosts[rank]) == rank  # one storage probe per node
-    precision = compute.trainer_precision(config.train, device) if config else ("bf16" if cuda else "fp32")
+    precision = compute.trainer_precision(config, device) if config else ("bf16" if cuda else "fp32")
     shapes = (compute.recipe_shapes(config.model, config.train.micro_batch_size * config.data.seq_len)
               if config else None)
 
@@ -171,9 +178,12 @@ def _run(config, data_dirs, checkpoint_dir, device, rank, world, hosts, budget, 
         with _step(console, "storage (page cache dropped)"):
             seq_len = config.data.seq_len if config else 2048
             mine["storage"] = storage.measure(data_dirs, checkpoint_dir, budget, seq_len, mounts_text)
-    if config is not None:
+    if config is not None and post_stage(config) is None:
         with _step(console, "the recipe's loader"):
-            mine["loader"] = loader.measure(config, rank, world, budget)
+            try:
+                mine["loader"] = loader.measure(config, rank, world, budget)
+            except SmoltrainError as e:  # the recipe's mistake: said in the report, the measurements kept
+                mine["loader"] = {"error": str(e)}
     everyone = _gather(mine, world)
     if rank != 0:
         return {}
@@ -200,26 +210,21 @@ def _judge(config, everyone: list[dict], hosts: list[str], nodes: list[list[int]
                                            hosts, device_name)
     checks += coll_checks
 
-    planned = need = None
-    if config is not None:
-        square = everyone[0]["compute"]["square"].get(precision, {})
-        measured = compute.recipe_rate(everyone[0]["compute"], precision) or square.get("tflops", 0) * 1e12
-        if spec:
-            peak, peak_source = spec["bf16"], f"spec {spec['bf16']:g} TFLOP/s"
-        else:
-            peak, peak_source = measured / 1e12, f"the measured {precision} matmul rate"
-        planned = loader.sizing(config, len(everyone), peak)
+    need = None
+    recipe_checks, planned, measured, peak_source = _recipe_checks(config, everyone, spec, precision)
+    if planned is not None:
         need = planned["tokens_per_s_per_gpu"] * max(map(len, nodes))
     leaders = [m for m in everyone if "storage" in m]
     if leaders:
         checkpoint_bytes = None
         keep = 0
-        if config is not None:
+        if planned is not None:
             checkpoint_bytes = planned["parameters"]["total"] * CHECKPOINT_BYTES_PER_PARAMETER
             keep = config.train.keep_checkpoints
         checks += merge_ranks([storage.judge(m["storage"], need, checkpoint_bytes, keep) for m in leaders],
                               [f"node {m['host']}" for m in leaders])
-    if config is not None:
+    checks += recipe_checks
+    if planned is not None:
         free = [m["memory"]["device_free_bytes"] if cuda else
                 m["memory"]["host_available_bytes"] / hosts.count(m["host"]) for m in everyone]
         checks += loader.judge(config, planned, [m["loader"] for m in everyone], nodes, min(free), measured,
@@ -228,6 +233,32 @@ def _judge(config, everyone: list[dict], hosts: list[str], nodes: list[list[int]
     result.update(world_size=len(everyone), hosts=hosts, device=device_name, budget=asdict(budget),
                   checks=[c.to_dict() for c in checks], collective_sweep=sweep, measurements=everyone)
     return result
+
+
+def _recipe_checks(config, everyone: list[dict], spec, precision: str):
+    """(checks, plan, measured rate, peak source) of a pretraining recipe; a note for a post-training one,
+    and a FAIL naming the recipe's mistake (the machine's figures are still judged and written)."""
+    if config is None:
+        return [], None, None, None
+    stage = post_stage(config)
+    if stage is not None:
+        note = (f"a {stage} recipe: the machine checks ran; its data and steps are checked by `smoltrain {stage}` "
+                f"before step 1 (the loader and plan checks are for pretraining recipes)")
+        return [Check("loader", "recipe", note)], None, None, None
+    errors = [m["loader"]["error"] for m in everyone if "error" in m["loader"]]
+    if errors:
+        return [Check("loader", "recipe", "the recipe's loader could not start", status=FAIL, advice=errors[0])], None, None, None
+    try:
+        square = everyone[0]["compute"]["square"].get(precision, {})
+        measured = compute.recipe_rate(everyone[0]["compute"], precision) or square.get("tflops", 0) * 1e12
+        if spec:
+            peak, peak_source = spec["bf16"], f"spec {spec['bf16']:g} TFLOP/s"
+        else:
+            peak, peak_source = measured / 1e12, f"the measured {precision} matmul rate"
+        planned = loader.sizing(config, len(everyone), peak)
+    except SmoltrainError as e:
+        return [Check("loader", "plan", "the recipe's plan could not be made", status=FAIL, advice=str(e))], None, None, None
+    return [], planned, measured, peak_source
 
 
 def exit_code(result: dict, strict: bool) -> int:

@@ -90,11 +90,13 @@ def recipe_shapes(model, tokens: int) -> list[dict]:
     return [{"name": name, "m": tokens, "k": k, "n": n, "count": count} for name, k, n, count in shapes]
 
 
-def trainer_precision(train_cfg, device: torch.device) -> str:
-    """The matmul precision the trainer will use (train.precision auto: bf16 on CUDA, fp32 on CPU)."""
-    if train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda"):
-        return "bf16"
-    return "fp32"
+def trainer_precision(config, device: torch.device) -> str:
+    """The matmul precision the trainer will use: the trainer's own resolution (train.precision auto:
+    bf16 on CUDA; on a CPU what is faster there for the model)."""
+    from smoltrain.train.distributed import resolve_precision
+
+    return resolve_precision(config.train.precision, device, config.model,
+                             config.train.micro_batch_size * config.data.seq_len)
 
 
 def _error(e: Exception) -> str:

@@ -71,7 +71,8 @@ def evaluate_during_training(model, config, device, data_parallel: tuple[int, in
     data_parallel = (dp_rank, dp_world, group) splits the validation batches and the
     multiple-choice requests over the data-parallel ranks."""
     device = torch.device(device)
-    autocast_dtype = torch.bfloat16 if resolve_precision(config.train.precision, device) == "bf16" else None
+    precision = resolve_precision(config.train.precision, device, config.model, config.train.micro_batch_size * config.data.seq_len)
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     e = config.eval
     config = resolve_data_config(config)
     val = (validation_per_source(model, config, e.val_batches, e.batch_size, device, autocast_dtype, data_parallel)
@@ -102,9 +103,12 @@ def eval_console_line(step: int, result: dict) -> str | None:
     for section, values in result.items():  # an objective's own evaluations (chat, preference, pass@k)
         if section in ("val", "tasks", "aggregate") or not isinstance(values, dict):
             continue
-        numbers = [f"{k} {v:.3f}" for k, v in _numeric_leaves(values) if not k.endswith(("_stderr", "/n")) and k != "n"]
+        numbers = [f"{k} {v:.3f}" for k, v in _numeric_leaves(values)
+                   if not k.endswith(("_stderr", "/n")) and k not in ("n", "sampled_at_temperature")]
         if numbers:
-            parts.append(f"{section} " + " ".join(numbers[:8]))
+            sampled = values.get("sampled_at_temperature")  # pass@k's samples (GRPO): at what temperature
+            parts.append(f"{section} " + " ".join(numbers[:8])
+                         + (f" (pass@k sampled at temperature {sampled:g})" if sampled is not None else ""))
     return f"eval step {step} | " + " | ".join(parts) if parts else None
 
 

@@ -228,6 +228,16 @@ def standard_error(values: Sequence[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
+MIN_ITEMS_FOR_STDERR = 30  # fewer items: the normal approximation says little (at 8 of 8 right it says ± 0.000)
+
+
+def rate_with_error(value: float, stderr: float, n: int) -> str:
+    """'0.750 ± 0.043', or under 30 items '0.750 (n 8: a standard error is not meaningful below 30)'."""
+    if n < MIN_ITEMS_FOR_STDERR:
+        return f"{value:.3f} (n {n}: a standard error is not meaningful below {MIN_ITEMS_FOR_STDERR})"
+    return f"{value:.3f} ± {stderr:.3f}"
+
+
 def score_multiple_choice(
     model,
     tokenizer,

@@ -18,11 +18,12 @@ from typing import TextIO
 import torch
 
 from smoltrain.errors import CheckpointError, ConfigError, DataError
-from smoltrain.files import write_atomic
+from smoltrain.files import BadLine, jsonl_rows, write_atomic
 from smoltrain.post.chat_data import BadRow, prompt_from_row
 from smoltrain.post.chat_template import (
     encode_prompt,
     end_of_turn_id,
+    has_reasoning_modes,
     load_chat_tokenizer,
 )
 
@@ -48,6 +49,7 @@ def load_chat_model(path: str | os.PathLike, device: str = "auto", tokenizer: st
 # ----------------------------------------------------------------------------- the REPL
 
 HELP = "commands: /think, /no_think, /system TEXT (empty: none), /reset, /quit"
+NO_MODES = "the chat template has no reasoning modes (think / no_think): messages are sent as typed"
 
 
 def chat_repl(model, tokenizer, system: str | None = None, think: bool = True, max_new_tokens: int = 512,
@@ -60,9 +62,10 @@ def chat_repl(model, tokenizer, system: str | None = None, think: bool = True, m
     interactive = stdin.isatty()
     eot = end_of_turn_id(tokenizer)
     messages: list[dict] = []
-    kwargs = {"enable_thinking": think}
+    modes = has_reasoning_modes(tokenizer)
+    kwargs = {"enable_thinking": think} if modes else {}
     mode, pending_flag = think, None
-    print(f"mode: {'think' if think else 'no_think'}. {HELP}", file=stdout, flush=True)
+    print(f"mode: {'think' if think else 'no_think'}. {HELP}" if modes else f"{NO_MODES}. {HELP}", file=stdout, flush=True)
     turn = 0
     while True:
         if interactive:
@@ -75,6 +78,9 @@ def chat_repl(model, tokenizer, system: str | None = None, think: bool = True, m
             continue
         if text.strip() in ("/quit", "/exit"):
             break
+        if text.strip() in ("/think", "/no_think") and not modes:
+            print(NO_MODES, file=stdout, flush=True)
+            continue
         if text.strip() in ("/think", "/no_think"):
             mode = text.strip() == "/think"
             pending_flag = text.strip() if messages else None
@@ -85,12 +91,12 @@ def chat_repl(model, tokenizer, system: str | None = None, think: bool = True, m
         if text.startswith("/system"):
             system = text[len("/system"):].strip() or None
             messages, pending_flag = [], None
-            kwargs["enable_thinking"] = mode
+            kwargs.update({"enable_thinking": mode} if modes else {})
             print(f"system prompt {'set' if system else 'cleared'}; conversation reset", file=stdout, flush=True)
             continue
         if text.strip() == "/reset":
             messages, pending_flag = [], None
-            kwargs["enable_thinking"] = mode
+            kwargs.update({"enable_thinking": mode} if modes else {})
             print("conversation reset", file=stdout, flush=True)
             continue
         if text.startswith("/"):
@@ -133,19 +139,19 @@ class _Stream:
 
 
 def read_prompts(path: str | os.PathLike) -> list[tuple[dict, object]]:
-    """(row, Conversation) per line of a jsonl file of prompts; a bad row is a file:line DataError."""
+    """(row, Conversation) per line of a jsonl file of prompts (per record of a .json list); a bad row
+    is a file:line DataError."""
+    from smoltrain.data.readers import input_kind, json_list_rows
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append((row, prompt_from_row(row, f"{path}:{line_no}")))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-            except BadRow as bad:
-                raise DataError(f"{path}:{line_no}: {bad}") from None
+    listed = json_list_rows(path) if input_kind(Path(path)) == "json" else jsonl_rows(path)
+    for where, row in listed:
+        if isinstance(row, BadLine):
+            raise DataError(f"{path}:{where}: {row.reason}")
+        try:
+            rows.append((row, prompt_from_row(row, f"{path}:{where}")))
+        except BadRow as bad:
+            raise DataError(f"{path}:{where}: {bad}") from None
     if not rows:
         raise DataError(f"{path}: no prompts")
     return rows
@@ -213,6 +219,8 @@ def chat_markdown(results: dict, before: dict | None = None) -> str:
     """A table of the chat evals (with a `before` column when given), each value ± its standard error."""
     def cell(r: dict, key: str, rate: bool) -> str:
         value, se = r.get(key), r.get(f"{key}_stderr", 0.0)
+        if key.startswith("think") and r.get("reasoning_modes") is False:
+            return "n/a (no reasoning modes)"
         if value is None or math.isnan(value):
             return "-"
         return f"{100 * value:.1f}% ± {100 * se:.1f}" if rate else f"{value:.1f} ± {se:.1f}"

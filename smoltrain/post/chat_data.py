@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smoltrain.data.readers import dataset_rows, expand_inputs, input_kind
+from smoltrain.data.readers import dataset_rows, expand_inputs, input_kind, json_list_rows
 from smoltrain.errors import DataError
 from smoltrain.files import BadLine, jsonl_rows, write_atomic
 from smoltrain.post.chat_template import TEMPLATE_KWARGS
@@ -203,7 +203,7 @@ class ConversationReader:
         self.split = split  # of a dataset folder
         self.kind = input_kind(self.path)
         if self.kind == "text":
-            raise DataError(f"{self.path}: chat data must be .jsonl, .jsonl.gz, .parquet or a dataset folder")
+            raise DataError(f"{self.path}: chat data must be .jsonl, .jsonl.gz, .json (a list of rows), .parquet or a dataset folder")
         self.source = source_of(self.path)
         self.skipped: Counter[str] = Counter()
         self.read = 0
@@ -218,14 +218,16 @@ class ConversationReader:
             return None
 
     def __iter__(self) -> Iterator[Conversation]:
-        rows = {"jsonl": self._jsonl, "dataset": self._dataset}.get(self.kind, self._parquet)()
+        rows = {"jsonl": self._jsonl, "json": self._json, "parquet": self._parquet, "dataset": self._dataset}[self.kind]()
         for conv in rows:
             if conv is not None:
                 self.read += 1
                 yield conv
         if self.read == 0:
             skipped = f" ({sum(self.skipped.values())} bad rows skipped)" if self.skipped else ""
-            raise DataError(f"{self.path}: no conversations{skipped}")
+            if not self.skip_bad:
+                raise DataError(f"{self.path}: no conversations{skipped}")
+            self.skipped["empty_file"] += 1  # a counted skip, as `data tokenize --skip-bad` counts it
 
     def _jsonl(self) -> Iterator[Conversation | None]:
         for line_no, row in jsonl_rows(self.path):
@@ -233,6 +235,10 @@ class ConversationReader:
                 yield self._bad_line(line_no, row.reason, row.kind)
             else:
                 yield self._row(row, str(line_no))
+
+    def _json(self) -> Iterator[Conversation | None]:
+        for where, row in json_list_rows(self.path):
+            yield self._row(row, where)
 
     def _bad_line(self, line_no: int, reason: str, kind: str) -> None:
         if not self.skip_bad:
@@ -279,6 +285,9 @@ def read_conversations(inputs: list[str], skip_bad: bool = False, split: str | N
         reader = ConversationReader(path, skip_bad, split)
         conversations.extend(reader)
         skipped.update(reader.skipped)
+    if not conversations:
+        counts = ", ".join(f"{kind}: {n}" for kind, n in sorted(skipped.items()))
+        raise DataError(f"no conversations in {', '.join(map(str, files))} (skipped {counts})")
     return ChatData(conversations, skipped, [str(f) for f in files])
 
 

@@ -17,7 +17,7 @@ import torch
 
 from smoltrain.eval.scoring import standard_error
 from smoltrain.model.generate import generate
-from smoltrain.post.chat_template import END_THINK, THINK, encode_prompt, end_of_turn_id
+from smoltrain.post.chat_template import END_THINK, THINK, encode_prompt, end_of_turn_id, has_reasoning_modes
 from smoltrain.post.embedded_chat import (
     answer_is_correct,
     arithmetic_prompts,
@@ -79,8 +79,10 @@ def chat_evals(model, tokenizer, count: int = 50, persona_count: int = 48, seed:
     think_count: items of the think set (default `count`; its replies are the long ones). `per_item`
     adds "items": each metric's per-item values in a fixed order (the sets are a function of the
     counts and the seed), so two models evaluated alike can be compared item by item (paired).
-    `details` (a list) receives every prompt, reply and verdict, for the vibe test in reports."""
-    think_count = count if think_count is None else think_count
+    `details` (a list) receives every prompt, reply and verdict, for the vibe test in reports.
+    A template without reasoning modes (SmolLM2's) has no think set: its think metrics are NaN (n/a)."""
+    modes = has_reasoning_modes(tokenizer)
+    think_count = 0 if not modes else count if think_count is None else think_count
     sets = {
         "no_think": (arithmetic_prompts("heldout", count, seed, "no_think"), max_new_tokens),
         "think": (arithmetic_prompts("heldout", think_count, seed, "think"), think_max_new_tokens),
@@ -123,6 +125,7 @@ def chat_evals(model, tokenizer, count: int = 50, persona_count: int = 48, seed:
     _rate("no_think_length", lengths["no_think"], results, items)
     _rate("think_length", lengths["think"], results, items)
     results["n"] = {name: len(prompts) for name, (prompts, _) in sets.items()}
+    results["reasoning_modes"] = modes
     if items is not None:
         results["items"] = items
     return results

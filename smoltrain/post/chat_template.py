@@ -216,6 +216,16 @@ def has_generation_markers(template: str) -> bool:
     return "generation" in template and "endgeneration" in template
 
 
+def missing_chat_tokens(tokenizer: str | os.PathLike, template: str) -> list[str]:
+    """The special tokens `template` renders that the tokenizer does not have."""
+    from tokenizers import Tokenizer
+
+    source_json, _ = _tokenizer_folder(tokenizer)
+    vocab = Tokenizer.from_file(str(source_json)).get_vocab(with_added_tokens=True)
+    needed = CHAT_TOKENS if template == "smollm3" else CHAT_TOKENS[:2] if template == "chatml" else ()
+    return [t for t in needed if t not in vocab]
+
+
 def write_chat_tokenizer(tokenizer: str | os.PathLike, out_dir: str | os.PathLike, template: str = "smollm3") -> Path:
     """Copy a tokenizer into out_dir with `chat_template.jinja` beside tokenizer.json; returns out_dir.
 
@@ -224,13 +234,11 @@ def write_chat_tokenizer(tokenizer: str | os.PathLike, out_dir: str | os.PathLik
     """
     source_json, source_folder = _tokenizer_folder(tokenizer)
     text = template_text(template, tokenizer)
-    from tokenizers import Tokenizer
-
-    vocab = Tokenizer.from_file(str(source_json)).get_vocab(with_added_tokens=True)
-    needed = TEMPLATE_TOKENS.get(template, ())
-    missing = [t for t in needed if t not in vocab]
+    missing = missing_chat_tokens(tokenizer, template)
     if missing:
-        raise DataError(f"{source_json}: the {template} chat template needs the special tokens {', '.join(missing)}")
+        raise DataError(f"{source_json}: the {template} chat template needs the special tokens {', '.join(missing)}; "
+                        f"set sft.add_special_tokens: true to add them (the embedding and head grow), or use "
+                        f"sft.chat_template model or chatml (no reasoning modes)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
@@ -325,6 +333,13 @@ def encode_prompt(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def has_reasoning_modes(tokenizer) -> bool:
+    """Whether the template renders think and no_think differently (smollm3 does; SmolLM2's own and
+    chatml do not): asked of the template itself, so any template answers for itself."""
+    messages = [{"role": "user", "content": "1 + 1?"}]
+    return render(tokenizer, messages, True, enable_thinking=True) != render(tokenizer, messages, True, enable_thinking=False)
+
+
 def end_of_turn_id(tokenizer) -> int:
     """ChatML's <|im_end|>, else Gemma's <end_of_turn>."""
     for token in END_OF_TURN_TOKENS:
@@ -352,7 +367,9 @@ __all__ = [
     "encode_prompt",
     "end_of_turn_id",
     "has_generation_markers",
+    "has_reasoning_modes",
     "load_chat_tokenizer",
+    "missing_chat_tokens",
     "model_template",
     "render",
     "template_text",

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from smoltrain.config import Config, DPOConfig, ModelConfig
 from smoltrain.errors import ConfigError, DataError
+from smoltrain.eval.scoring import rate_with_error
 from smoltrain.files import write_atomic
 from smoltrain.model.transformer import token_logprobs
 from smoltrain.post.preference import pair_losses, reward_metrics
@@ -569,7 +570,8 @@ def write_report(run_dir: Path) -> Path | None:
     if preference:
         lines += ["| held-out pairs | step | accuracy | margin | loss |", "|---|---|---|---|---|"]
         for step, v in [preference[0], preference[-1]] if len(preference) > 1 else preference:
-            lines.append(f"| {v['pairs']} | {step} | {_cell(v, 'accuracy')} | {v['margin']:+.3f} | {v['loss']:.4f} |")
+            accuracy = rate_with_error(v["accuracy"], v["accuracy_stderr"], v["pairs"])
+            lines.append(f"| {v['pairs']} | {step} | {accuracy} | {v['margin']:+.3f} | {v['loss']:.4f} |")
     before, after = run_dir / CHAT_BEFORE, run_dir / CHAT_AFTER
     if before.is_file() and after.is_file():
         b, a = json.loads(before.read_text())["chat"], json.loads(after.read_text())["chat"]

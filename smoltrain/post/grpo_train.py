@@ -23,11 +23,12 @@ from torch import nn
 from smoltrain.config import Config
 from smoltrain.data.readers import is_dataset_folder
 from smoltrain.errors import CheckpointError, ConfigError
+from smoltrain.eval.scoring import rate_with_error
 from smoltrain.model.generate import sample
 from smoltrain.post.chat_template import END_OF_TURN_TOKENS
 from smoltrain.post.grpo import aggregate, group_advantages, per_token_loss
 from smoltrain.post.prompts import encode, load_prompts, reward_columns
-from smoltrain.post.rewards import answers_match, build_rewards, extract_answer, score
+from smoltrain.post.rewards import RewardState, answers_match, build_rewards, extract_answer, score
 from smoltrain.post.rollout import completion_logprobs, generate_rollouts, max_over_ranks, micro_batches
 
 
@@ -234,7 +235,8 @@ class GRPOObjective:
         texts = [self._decode(ids, truncated) for ids, truncated in zip(rollouts.completion_ids, rollouts.truncated)]
         prompts = [item.get("messages", item.get("prompt")) for item in items for _ in range(g.num_generations)]
         columns = reward_columns(items, g.num_generations)
-        scores = score(self.rewards, prompts, texts, rollouts.completion_ids, columns)
+        state = RewardState(global_step=k * g.num_iterations, max_steps=self.config.train.max_steps)
+        scores = score(self.rewards, prompts, texts, rollouts.completion_ids, columns, state)
         correct = [float(answers_match(extract_answer(t), a)) for t, a in zip(texts, columns["answer"])]
 
         # Everything the advantages and the metrics need, gathered in rank order (= one process's order).
@@ -335,7 +337,7 @@ class GRPOObjective:
         return {**chat, "grpo": {"pass@1": round(p1, 4), "pass@1_stderr": round(math.sqrt(p1 * (1 - p1) / n), 4),
                 **sampled, f"mean@{g.pass_k}": round(sums[2] / (n * g.pass_k), 4),
                 "greedy_mean_length": round(sums[3] / n, 2), "greedy_truncated": round(sums[4] / n, 4),
-                "n": int(n)}}
+                "n": int(n), "sampled_at_temperature": g.temperature}}
 
 
 def _stop_tokens(tokenizer) -> list[int]:
@@ -417,8 +419,9 @@ def build_grpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -
 
             write_json(before, start)
             k = config.grpo.pass_k
-            print(f"start model, held-out: pass@1 {start['pass@1']:.3f} +- {start['pass@1_stderr']:.3f} (greedy), "
-                  + (f"pass@{k} {start[f'pass@{k}']:.3f}, " if k > 1 else "")
+            print(f"start model, held-out: pass@1 {rate_with_error(start['pass@1'], start['pass@1_stderr'], start['n'])} "
+                  f"(greedy), " + (f"pass@{k} {start[f'pass@{k}']:.3f}, " if k > 1 else "")
+                  + f"{k} samples at temperature {config.grpo.temperature:g}, "
                   + f"mean@{k} {start[f'mean@{k}']:.3f}, greedy length {start['greedy_mean_length']:.1f} tokens (n {start['n']})",
                   flush=True)
     return objective

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from smoltrain.data.readers import dataset_rows, is_dataset_folder
+from smoltrain.data.readers import dataset_rows, input_kind, is_dataset_folder, json_list_rows
 from smoltrain.errors import DataError
 from smoltrain.files import BadLine, jsonl_rows
 
@@ -97,6 +97,10 @@ class Pair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    # tokens of the generation prompt an answer's rendering does not continue: a no_think answer that
+    # opens a <think> block makes the template drop the empty think block, the shared prompt is cut
+    # there and both answers would train on template text ("\n\n</think>\n": think text in no_think replies)
+    prompt_cut: int = field(default=0, compare=False)
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -129,7 +133,7 @@ def tokenize_pair(row: dict, tokenizer: TextTokenizer, render: Render | None = N
         chosen_full = tokenizer.encode(row["prompt"] + chosen)
         rejected_full = tokenizer.encode(row["prompt"] + rejected)
     prompt_len = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
-    return Pair(prompt_ids[:prompt_len], chosen_full[prompt_len:], rejected_full[prompt_len:])
+    return Pair(prompt_ids[:prompt_len], chosen_full[prompt_len:], rejected_full[prompt_len:], len(prompt_ids) - prompt_len)
 
 
 def _answer_text(value) -> str | None:
@@ -172,13 +176,15 @@ def check_row(row, conversational_allowed: bool = True) -> tuple[str, str] | Non
 # ----------------------------------------------------------------------------- files
 
 
-def read_rows(path: str | os.PathLike, split: str | None = None) -> Iterator[tuple[int, object]]:
-    """(line number, parsed JSON or a BadLine) of a .jsonl / .jsonl.gz preference file, or (row number, row)
-    of one split of a dataset folder."""
+def read_rows(path: str | os.PathLike, split: str | None = None) -> Iterator[tuple[int | str, object]]:
+    """(line number, parsed JSON or a BadLine) of a .jsonl / .jsonl.gz preference file; ("record N", row)
+    of a .json list; (row number, row) of one split of a dataset folder."""
     if is_dataset_folder(Path(path)):
         return enumerate(dataset_rows(path, split), start=1)
     if not Path(path).is_file():
         raise DataError(f"{path}: no such preference file")
+    if input_kind(Path(path)) == "json":
+        return iter(json_list_rows(path))
     return jsonl_rows(path)
 
 
@@ -211,6 +217,10 @@ def iter_pairs(path: str | os.PathLike, tokenizer: TextTokenizer, max_length: in
                        f"max_length {max_length}", "prompt_too_long")
             elif not pair.chosen_ids or not pair.rejected_ids:
                 bad = ("an answer has no tokens of its own after the prompt", "empty_answer")
+            elif is_conversational(row) and pair.prompt_cut > 1:  # one token: a merge across the seam
+                bad = (f"an answer changes how the template renders the prompt (its last {pair.prompt_cut} tokens): "
+                       "both answers would train on template text; a no_think answer must not open a "
+                       "<think> block", "template_mismatch")
         if bad is not None:
             if not skip_bad:
                 raise DataError(f"{where}: {bad[0]}")

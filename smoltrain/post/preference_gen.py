@@ -21,6 +21,7 @@ from pathlib import Path
 
 from smoltrain.errors import ConfigError, DataError
 from smoltrain.files import write_atomic
+from smoltrain.post.chat_template import END_THINK, THINK
 from smoltrain.post.preference_data import read_rows
 
 REFERENCE = "reference"  # --chosen-model reference: the prompt row's own reference reply
@@ -146,6 +147,11 @@ def verdict(prompt: dict, chosen: dict, rejected: dict, verify: str | None) -> s
         return "empty_answer"
     if not chosen["stopped"] or not rejected["stopped"]:
         return "cut_at_max_tokens"
+    if prompt.get("chat_template_kwargs", {}).get("enable_thinking") is False and any(
+            tag in side["text"] for side in (chosen, rejected) for tag in (THINK, END_THINK)):
+        # a no_think reply with think text: the template renders its turn without the empty think
+        # block, so the pair's shared prompt is cut and APO taught "</think>" inside no_think replies
+        return "think_text_in_no_think"
     if chosen["text"].strip() == rejected["text"].strip():
         return "identical"
     if verify is not None:

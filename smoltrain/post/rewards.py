@@ -1,7 +1,9 @@
 """Verifiable rewards as plug-ins: `grpo.rewards: {name: weight}` sums named functions, each logged
 on its own. Every function, built-in or the user's `module:function`, has TRL's signature
 `f(prompts, completions, completion_ids, **columns) -> list[float | None]` (columns: the prompt
-source's fields, e.g. `answer`, `mode`), so a TRL reward function plugs in unchanged.
+source's fields, e.g. `answer`, `mode`, and `trainer_state`), so a TRL reward function plugs in unchanged:
+with conversational prompts (`messages` rows) the user's functions get TRL's shapes, each completion
+`[{"role": "assistant", "content": text}]`; the built-ins read the text.
 
 None means "cannot score this one" (TRL: the function does not apply): it is left out of the sum;
 a completion no function could score gets advantage 0 and is counted. A function that raises or
@@ -149,6 +151,15 @@ class Reward:
     name: str
     weight: float
     function: Callable
+    builtin: bool = False  # reads completions as text whatever the prompts' shape
+
+
+@dataclass(frozen=True)
+class RewardState:
+    """TRL's `trainer_state` as reward functions read it (shaping by training progress)."""
+
+    global_step: int  # optimizer steps done before this rollout batch
+    max_steps: int
 
 
 def load_user_function(spec: str) -> Callable:
@@ -187,7 +198,7 @@ def build_rewards(weights: Mapping[str, float], group_size: int, mode: str = "no
             function = load_user_function(name)
         if not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ConfigError(f"grpo.rewards.{name}: the weight must be a finite number, got {weight!r}")
-        rewards.append(Reward(name, float(weight), function))
+        rewards.append(Reward(name, float(weight), function, builtin=name in BUILTIN))
     return rewards
 
 
@@ -199,15 +210,19 @@ class Scores:
 
 
 def score(rewards: Sequence[Reward], prompts: list, completions: list[str], completion_ids: list[list[int]],
-          columns: Mapping[str, list]) -> Scores:
+          columns: Mapping[str, list], state: RewardState | None = None) -> Scores:
     """Call every reward function on the whole batch and sum the weighted values (None left out)."""
     n = len(completions)
     total = torch.zeros(n, dtype=torch.float64)
     scorable = torch.zeros(n, dtype=torch.bool)
     per_function = {}
+    conversational = bool(prompts) and isinstance(prompts[0], list)  # TRL's is_conversational: a list of messages
+    as_messages = [[{"role": "assistant", "content": text}] for text in completions] if conversational else completions
+    extra = {"trainer_state": state} if state is not None else {}
     for reward in rewards:
+        given = completions if reward.builtin else as_messages
         try:
-            values = reward.function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+            values = reward.function(prompts=prompts, completions=given, completion_ids=completion_ids, **columns, **extra)
         except SmoltrainError:
             raise
         except Exception as e:  # noqa: BLE001 - the user's code: any failure stops the run with its name
@@ -235,6 +250,7 @@ __all__ = [
     "BUILTIN",
     "Reward",
     "RewardError",
+    "RewardState",
     "Scores",
     "answers_match",
     "build_rewards",

@@ -33,10 +33,12 @@ from smoltrain.post.chat_template import (
     end_of_turn_id,
     has_generation_markers,
     load_chat_tokenizer,
+    missing_chat_tokens,
     write_chat_tokenizer,
 )
 from smoltrain.post.sft_data import PackedChatBatches, report_markdown
 from smoltrain.post.sft_prepare import Settings, load_prepared, named_files, prepare
+from smoltrain.train.checkpoint import finished_note
 from smoltrain.train.pretrain import PretrainObjective
 
 console = Console(highlight=False, markup=False, soft_wrap=True)
@@ -57,9 +59,11 @@ def _init_source(path: str):
     return config, tokenizer
 
 
-def load_sft_config(path: str | os.PathLike | None, overrides: list[str] | None = None, init: str | None = None) -> Config:
+def load_sft_config(path: str | os.PathLike | None, overrides: list[str] | None = None, init: str | None = None,
+                    init_model: bool = True) -> Config:
     """The recipe with SmolLM3's SFT optimizer defaults for keys it leaves out, and the model section
-    taken from train.init (the recipe may still set non-shape keys such as attention_kernel)."""
+    taken from train.init (the recipe may still set non-shape keys such as attention_kernel; with
+    init_model false, the recipe's own: `smoltrain config` before the init model exists)."""
     raw: dict = {}
     if path is not None:
         load_config(path, overrides)  # YAML and key errors, with the file named
@@ -72,10 +76,31 @@ def load_sft_config(path: str | os.PathLike | None, overrides: list[str] | None 
     for key, value in SFT_OPTIM.items():
         optim.setdefault(key, value)
     optim.setdefault("min_lr", MIN_LR_SHARE * float(optim["lr"]))
-    if train.get("init"):
+    _explicit_steps_win(raw, train, optim)
+    if train.get("init") and init_model:
         init_config, _ = _init_source(train["init"])
         raw["model"] = {**dataclasses.asdict(init_config.model), **(raw.get("model") or {})}
     return config_from_dict(raw)
+
+
+def _explicit_steps_win(raw: dict, train: dict, optim: dict) -> None:
+    """A train.max_steps / optim.warmup_steps the recipe or --set gives wins over the steps sft.epochs /
+    sft.warmup_fraction would derive (both default on): the run, its config.yaml and `smoltrain config` agree."""
+    section = raw["sft"] = raw.get("sft") if isinstance(raw.get("sft"), dict) else {}
+    if "max_steps" in train:
+        section["epochs"] = None
+    if "warmup_steps" in optim:
+        section["warmup_fraction"] = None
+
+
+def describe_step_plan(config: Config) -> str:
+    """Where train.max_steps and optim.warmup_steps come from, for `smoltrain config` and the start line."""
+    s = config.sft
+    steps = (f"sft.epochs {s.epochs:g} x the packed rows" if s.epochs is not None
+             else f"train.max_steps {config.train.max_steps} as given (sft.epochs not used)")
+    warmup = (f"sft.warmup_fraction {s.warmup_fraction:g} of the steps" if s.warmup_fraction is not None
+              else f"optim.warmup_steps {config.optim.warmup_steps} as given (sft.warmup_fraction not used)")
+    return f"steps from {steps}; warmup from {warmup}"
 
 
 # ----------------------------------------------------------------------------- data
@@ -141,6 +166,61 @@ def prepare_sft_data(config: Config, tokenizer_dir: Path) -> PreparedData:
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text)
+
+
+def with_chat_tokens(config: Config, tokenizer: str, out: Path) -> tuple[Config, str]:
+    """sft.add_special_tokens: the init model and tokenizer with the template's missing special tokens
+    added, in `out` (made once, reused on resume), and the config pointing at it. The embedding (and an
+    untied head) grow by one row per token, each new row the mean of the old ones, as TRL's chat-format
+    setup starts them: the model's outputs on the old tokens do not change."""
+    missing = missing_chat_tokens(tokenizer, config.sft.chat_template)
+    if not missing or not config.train.init:
+        return config, tokenizer
+    if not (out / "config.yaml").is_file():
+        _grow_init(config.train.init, tokenizer, missing, out)
+    from smoltrain.model.hf import load_any
+
+    _, grown, grown_tokenizer = load_any(out)
+    model = dataclasses.replace(config.model, vocab_size=grown.model.vocab_size)
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(f"sft: added {', '.join(missing)} to the tokenizer; embedding and head grown to {model.vocab_size} "
+                      f"rows (new rows at the mean embedding) in {out}")
+    return replace_sections(config, model=model, train=dataclasses.replace(config.train, init=str(out))), str(grown_tokenizer)
+
+
+def _grow_init(init: str, tokenizer: str, tokens: list[str], out: Path) -> None:
+    """Write the grown model folder; built aside and renamed, so ranks that race here agree on one."""
+    import shutil
+
+    import torch
+    from tokenizers import AddedToken, Tokenizer
+
+    from smoltrain.model.hf import load_any, save_model_folder
+    from smoltrain.model.transformer import build_model
+
+    model, init_config, _ = load_any(init)
+    grown = Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else tokenizer))
+    grown.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+    shape = dataclasses.replace(init_config.model, vocab_size=max(init_config.model.vocab_size, grown.get_vocab_size()))
+    state = model.state_dict()
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        if name in state and state[name].shape[0] < shape.vocab_size:
+            old = state[name]
+            state[name] = torch.cat([old, old.mean(dim=0, keepdim=True).expand(shape.vocab_size - old.shape[0], -1)])
+    resized = build_model(shape)
+    resized.load_state_dict(state)
+    staging = out.with_name(f".{out.name}.{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grown.save(str(Path(f"{staging}.tokenizer.json")))
+    try:
+        save_model_folder(resized, replace_sections(init_config, model=shape), staging, tokenizer=f"{staging}.tokenizer.json")
+        staging.rename(out)
+    except OSError:
+        if not (out / "config.yaml").is_file():  # not another rank's finished folder: a real failure
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        Path(f"{staging}.tokenizer.json").unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -215,7 +295,10 @@ def sft(config: Config, resume: str | None = None, should_stop=None) -> dict:
 
     run_dir = Path(config.train.out_dir)
     tokenizer_dir = run_dir / "tokenizer"
-    write_chat_tokenizer(_tokenizer_path(config), tokenizer_dir, config.sft.chat_template)
+    source = _tokenizer_path(config)
+    if config.sft.add_special_tokens:
+        config, source = with_chat_tokens(config, source, run_dir / "init_with_chat_tokens")
+    write_chat_tokenizer(source, tokenizer_dir, config.sft.chat_template)
     prepared = prepare_sft_data(config, tokenizer_dir)
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
@@ -230,10 +313,16 @@ def sft(config: Config, resume: str | None = None, should_stop=None) -> dict:
         optim = dataclasses.replace(optim, warmup_steps=round(config.sft.warmup_fraction * train.max_steps))
     data = dataclasses.replace(config.data, tokenizer=str((tokenizer_dir / "tokenizer.json").resolve()))
     config = replace_sections(config, train=train, optim=optim, data=data)
+    finished = finished_note(resume or run_dir, train.max_steps)
+    if finished:  # as `smoltrain train` does: nothing to train, and the report stays as it was
+        if main:
+            console.print(finished)
+        last = run_dir / "summary.json"
+        return {**(json.loads(last.read_text()) if last.is_file() else {}), "finished": True, "stopped_by": None}
     if main:
         console.print(f"sft: {len(prepared.rows)} rows of {config.data.seq_len} per epoch, {rows_per_step} rows per step, "
                       f"{train.max_steps} steps (warmup {optim.warmup_steps}, lr {optim.lr:g} -> {optim.min_lr:g} "
-                      f"{optim.schedule})")
+                      f"{optim.schedule}); {describe_step_plan(config)}")
     trainer = Trainer(config, build_objective=build_sft_objective_factory(prepared), resume=resume, should_stop=should_stop)
     summary = trainer.train()
     if main:
@@ -266,6 +355,7 @@ __all__ = [
     "SFT_OPTIM",
     "SFTObjective",
     "build_sft_objective_factory",
+    "describe_step_plan",
     "load_sft_config",
     "prepare_sft_data",
     "sft",

@@ -171,7 +171,8 @@ class ChatCounts:
                 short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
                 raise DataError(f"{conv.where or 'conversation ' + str(conv)}: its system prompt {short!r} is not in the "
                                 "rendered chat (the template dropped it: the SmolLM3 SFT bug); choose a template that "
-                                "renders system prompts (smollm3)")
+                                "renders system prompts (smollm3)" + (", or set sft.instructions_as_system: true to move "
+                                "custom_instructions into a system message" if "custom_instructions" in conv.kwargs else ""))
             self.rendered_examples.setdefault("system_prompt", text)
         elif mode in ("think", "no_think"):
             self.rendered_examples.setdefault(mode, text)

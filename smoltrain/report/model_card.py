@@ -18,6 +18,7 @@ from smoltrain.report.run import flatten_eval, read_metrics
 
 MAX_STAGES = 12  # a lineage longer than this is a loop in train.init (or not worth a card)
 CHAT_EVALS = "chat_after.json"  # {"chat": chat_evals(...), "vibe": [...]} of a stage's final model
+ORIGIN = "origin.json"  # what `smoltrain import` read: file, format, architecture, name, source, licence
 
 
 @dataclass
@@ -52,6 +53,43 @@ def _read_json(path: Path) -> dict:
     except (OSError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _gguf_origin(file: Path) -> dict:
+    import gguf
+
+    fields = gguf.GGUFReader(file).fields
+
+    def value(key: str):
+        field = fields.get(key)
+        return field.contents() if field is not None else None
+
+    name = " / ".join(str(v) for v in (value("general.organization"), value("general.name")) if v)
+    source = value("general.source.url") or value("general.source.huggingface.repository")
+    return {"format": "gguf", "architecture": value("general.architecture"), "name": name or None, "source": source,
+            "license": value("general.license")}
+
+
+def _hf_origin(folder: Path) -> dict:
+    config = _read_json(folder / "config.json")
+    readme = folder / "README.md"  # a Hugging Face card's YAML front matter names the licence
+    text = readme.read_text(errors="replace") if readme.is_file() else ""
+    try:
+        meta = yaml.safe_load(text.split("---")[1]) if text.startswith("---") else {}
+    except yaml.YAMLError:
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    return {"format": "Hugging Face folder", "architecture": (config.get("architectures") or [None])[0],
+            "name": config.get("_name_or_path") or None, "source": meta.get("base_model"), "license": meta.get("license")}
+
+
+def import_origin(source: str | Path) -> dict:
+    """What an imported model's card says of where it came from: the file or folder, its format,
+    architecture, name and source where the file names them, and its licence field (None when the
+    file has none: the card then says the licence is unknown, never a guess)."""
+    path = Path(source)
+    origin = _gguf_origin(path) if path.is_file() else _hf_origin(path)
+    return {"file": str(path.resolve()), **origin}
 
 
 def _objective(raw: dict, summary: dict) -> str:
@@ -92,8 +130,9 @@ def _stage(path: Path) -> tuple[Stage, str | None]:
     if run is None:
         config = _read_yaml(path / "config.yaml")
         init = (config.get("train") or {}).get("init")
-        kind = "import" if (path / "config.json").is_file() or not init else "model folder"
-        return Stage(str(path), kind), init
+        kind = "import" if (path / "config.json").is_file() or (path / ORIGIN).is_file() or not init else "model folder"
+        origin = {k: v for k, v in _read_json(path / ORIGIN).items() if v is not None}
+        return Stage(str(path), kind, recipe=origin), init
     raw = _read_yaml(run / "config.yaml")
     summary = _read_json(run / "summary.json")
     train, evals = read_metrics(run) if (run / "metrics.jsonl").is_file() else ([], [])
@@ -146,7 +185,11 @@ def model_card(source: str | Path | None, out_dir: str | Path, model_config, arc
     counts = parameter_counts(model_config)
     chat = _template_modes(Path(out_dir))
     tags = ["smoltrain", "text-generation"] + (["conversational"] if chat else [])
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:"]
+    imported = [s for s in stages if s.objective == "import" and s.recipe.get("file")]
+    licences = sorted({str(s.recipe["license"]) for s in imported if s.recipe.get("license")})
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    lines += [f"license: {licences[0]}"] if len(licences) == 1 else []  # the weights' terms carry over
+    lines += ["tags:"]
     lines += [f"- {tag}" for tag in tags] + ["---", "", f"# {Path(out_dir).name}", ""]
     lines += [f"A {counts['total'] / 1e6:.1f}M-parameter {architecture} decoder trained with smoltrain "
               f"({len(stages)} stage{'s' if len(stages) != 1 else ''}).", "", "## Model", ""]
@@ -159,6 +202,11 @@ def model_card(source: str | Path | None, out_dir: str | Path, model_config, arc
               if m.position_encoding == "rope" else "none"),
              ("context length", f"{m.max_seq_len:,}")]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in shape]
+    for s in imported:
+        r = s.recipe
+        described = ", ".join(f"{k} {r[k]}" for k in ("format", "architecture", "name", "source") if r.get(k))
+        lines += ["", f"Starts from weights imported from `{r['file']}` ({described}); licence: "
+                  f"{r.get('license') or 'not stated in the file: check the source before you share this model'}."]
     tokens = sum(s.tokens or 0 for s in stages if s.objective == "pretrain")
     lines += ["", "## Training", ""]
     if tokens:

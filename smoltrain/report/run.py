@@ -20,6 +20,20 @@ from smoltrain.report import plots
 from smoltrain.report.document import Report, format_value
 
 LOWER_IS_BETTER = ("loss", "bpb", "perplexity", "ppl", "length", "truncated")  # length: GRPO's penalty aims there
+# The curves of an objective's own training metrics (TRL's names), one figure per group, drawn when the run
+# logged them: DPO's rewards and accuracy, GRPO's rewards, lengths, clipping and KL.
+OBJECTIVE_CURVES = (
+    ("dpo_rewards", "rewards of the chosen and rejected answers, and their margin",
+     ("rewards/chosen", "rewards/rejected", "rewards/margins")),
+    ("dpo_accuracy", "preference accuracy (chosen reward above rejected)", ("rewards/accuracies",)),
+    ("grpo_reward", "reward, its spread and answer accuracy", ("reward", "reward_std", "accuracy")),
+    ("grpo_lengths", "completion lengths (tokens)", ("completions/mean_length", "completions/median_length",
+                                                     "completions/p90_length", "completions/max_length")),
+    ("grpo_clipping", "clip ratios (the share of tokens the ratio clip held) and truncated completions",
+     ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/clipped_ratio")),
+    ("grpo_kl", "KL to the reference model", ("kl",)),
+)
+EVAL_CURVES = (("preference/accuracy", "held-out preference accuracy"), ("grpo/pass@1", "held-out pass@1 (greedy)"))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -86,7 +100,7 @@ def flatten_eval(result: dict) -> dict[str, float]:
     for group, values in result.items():  # an objective's own evaluation, e.g. grpo: {pass@1, ...}
         if group not in ("val", "tasks", "aggregate") and isinstance(values, dict):
             for key, value in values.items():
-                if key != "n" and not key.endswith("_stderr") and _is_number(value):
+                if key not in ("n", "sampled_at_temperature") and not key.endswith("_stderr") and _is_number(value):
                     flat[f"{group}/{key}"] = float(value)
     return flat
 
@@ -169,6 +183,7 @@ def add_run_sections(report: Report, config, train: list[dict], evals: list[dict
             report.image(plots.line_plot(figures_dir / f"{prefix}{key}.png", {label: ([p[0] for p in points], [p[1] for p in points])},
                                          title=label, ylabel=label, logy=key == "grad_norm"), label)
         add_time_breakdown(report, train, figures_dir / f"{prefix}time.png")
+        add_objective_curves(report, train, evals, figures_dir, prefix)
 
     add_router_section(report, train, figures_dir, prefix)
     if evals:
@@ -238,6 +253,32 @@ def add_diagnosis(report: Report, records: list[dict]) -> None:
         return
     report.table(["kind", "steps", "evidence", "likely cause", "check"],
                  [(f.kind, f"{f.steps[0]}-{f.steps[1]}", f.summary, f.cause, f.check) for f in findings])
+
+
+def _series(rows: list[dict], keys, value) -> dict[str, tuple[list, list]]:
+    out = {}
+    for key in keys:
+        points = [(r["step"], value(r, key)) for r in rows if _is_number(value(r, key))]
+        if points:
+            out[key] = ([p[0] for p in points], [p[1] for p in points])
+    return out
+
+
+def add_objective_curves(report: Report, train: list[dict], evals: list[dict], figures_dir: Path, prefix: str = "") -> None:
+    """DPO's and GRPO's own curves (OBJECTIVE_CURVES, each reward function's mean, the held-out
+    evaluations), for the metrics the run logged."""
+    functions = sorted({k for r in train for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    groups = [*OBJECTIVE_CURVES, ("grpo_reward_functions", "each reward function's mean", tuple(functions))]
+    for name, caption, keys in groups:
+        series = _series(train, keys, lambda r, k: r.get(k))
+        if series:
+            report.image(plots.line_plot(figures_dir / f"{prefix}{name}.png", series, title=caption), caption)
+    flat = [{"step": e["step"], **flatten_eval(e["eval"])} for e in evals]
+    for key, caption in EVAL_CURVES:
+        series = _series(flat, (key,), lambda r, k: r.get(k))
+        if series:
+            name = key.replace("/", "_").replace("@", "_at_")
+            report.image(plots.line_plot(figures_dir / f"{prefix}{name}.png", series, title=caption), caption)
 
 
 def stage_rows(config) -> list[tuple[str, int, int, int, float, str]]:

@@ -322,6 +322,16 @@ def finished_at(path: str | os.PathLike, max_steps: int) -> int | None:
     return step if step >= max_steps else None
 
 
+def finished_note(path: str | os.PathLike, max_steps: int) -> str | None:
+    """What a re-run of a finished run (train, sft, dpo, grpo) says instead of training; None when there
+    is training to do."""
+    step = finished_at(path, max_steps)
+    if step is None:
+        return None
+    return (f"{path} is finished (step {step} of train.max_steps {max_steps}): nothing to train; raise "
+            f"train.max_steps to train on, or choose another train.out_dir")
+
+
 def read_parts(checkpoint: Path, same_layout: bool) -> dict:
     """This rank's stateful extras ({name: state_dict}), {} when none were saved. After a layout
     change rank r's file belonged to another position: every rank then reads rank 0's."""

@@ -124,6 +124,12 @@ class ParallelContext:
             # (seen with gloo: "terminate called without an active exception" ~1 run in 10).
             dist.barrier()
             dist.destroy_process_group()
+        # destroy_process_group forgets the groups, but the device meshes still hold them (their group
+        # registry): a group left alive is destroyed at interpreter finalization, where gloo's threads
+        # aborted finished runs (exit 134). Dropping the meshes' references frees the groups now.
+        for mesh in (self.mesh, self.flat_dp_mesh):
+            getattr(mesh, "_pg_registry", {}).clear()
+        self.mesh = self.flat_dp_mesh = None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -168,16 +174,82 @@ def _warn_emulated_bf16() -> None:
                 "train.precision=fp32 is the fast choice there")
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """train.precision: "auto" is bf16 autocast on CUDA and fp32 on a CPU. bf16 pays on a CPU only
-    with native bf16, and not even there at small shapes (1.02x fp32 at the demo shape on an
-    AVX-512 BF16 EPYC) while it moves every number, so "auto" keeps CPUs at fp32; an explicit bf16
-    on a CPU that would emulate it is said once, with its cost."""
+BF16_WIN = 1.2  # "auto" takes bf16 on a CPU when its matmuls at the model's shape are this much faster
+# ... and only for models this wide: below, a step is not matmul-bound (the demo's 128-wide model: bf16
+# 1.02x fp32 for the whole step; SmolLM2-135M, 576 wide: 1.8x for SFT, equal losses to 2 decimals).
+BF16_MIN_HIDDEN = 512
+PROBE_TOKENS = 4096  # rows of the probe's matmul at most: ~0.1 s a precision at SmolLM2-135M's shape
+
+
+def resolve_precision(requested: str, device: torch.device, model: ModelConfig | None = None,
+                      tokens: int = 2048) -> str:
+    """train.precision: "auto" is bf16 autocast on CUDA; on a CPU it is what is faster there for this
+    model: bf16 pays only with native bf16, and not even there at small shapes (1.02x fp32 at the
+    demo shape on an AVX-512 BF16 EPYC, 1.8x for SmolLM2-135M's SFT), so the CPU's bf16 matmuls are
+    timed once at the model's MLP shape (`tokens` rows) and cached. Without a model: fp32. An
+    explicit bf16 on a CPU that would emulate it is said once, with its cost."""
     if requested == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            return "bf16"
+        if model is None or model.hidden_size < BF16_MIN_HIDDEN or not cpu_has_native_bf16():
+            return "fp32"
+        return _cpu_auto_precision(model.hidden_size, model.intermediate_size, min(tokens, PROBE_TOKENS))
     if requested == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         _warn_emulated_bf16()
     return requested
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        return "cpu"
+
+
+def _bf16_speedup(rows: int, hidden: int, intermediate: int) -> float:
+    """fp32 time / bf16 time of the model's MLP matmul on this CPU (the best of a few, ~0.1 s each)."""
+    import time
+
+    a, b = torch.randn(rows, hidden), torch.randn(hidden, intermediate)
+    times = {}
+    for name, (x, y) in {"fp32": (a, b), "bf16": (a.bfloat16(), b.bfloat16())}.items():
+        x @ y  # warm-up: oneDNN picks its kernel
+        best, start = float("inf"), time.perf_counter()
+        while time.perf_counter() - start < 0.1:
+            t = time.perf_counter()
+            x @ y
+            best = min(best, time.perf_counter() - t)
+        times[name] = best
+    return times["fp32"] / times["bf16"]
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_auto_precision(hidden: int, intermediate: int, rows: int) -> str:
+    """bf16 when the model's matmuls run BF16_WIN x faster in it on this CPU, else fp32; measured once per
+    CPU, torch version, thread count and shape (cached in ~/.cache/smoltrain/precision.json), said once."""
+    import json
+    from pathlib import Path
+
+    from smoltrain.files import write_json
+
+    path = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "smoltrain" / "precision.json"
+    key = f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows}x{hidden}x{intermediate}"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = round(_bf16_speedup(rows, hidden, intermediate), 3)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, cache)
+        except OSError:  # a read-only home: measured again next time
+            pass
+    choice = "bf16" if cache[key] >= BF16_WIN else "fp32"
+    log.info(f"train.precision auto: {choice} on this CPU (bf16 matmuls {cache[key]:.2f}x fp32 at this model's shape, "
+             f"bf16 from {BF16_WIN}x; measured once, cached in {path}; set train.precision to choose)")
+    return choice
 
 
 def resolve_compile(requested: str, device: torch.device) -> bool:
@@ -233,7 +305,7 @@ def check_layout(config: Config, ctx: ParallelContext) -> None:
 
 def setup_distributed(
     parallel_cfg: ParallelConfig, model_cfg: ModelConfig, seed: int = 0, device: str = "auto",
-    precision: str = "auto", compile: str = "auto",
+    precision: str = "auto", compile: str = "auto", tokens: int = 2048,
 ) -> ParallelContext:
     """Read the torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK; absent means one process),
     validate the layout, resolve device / precision / compile, start the process group (NCCL on
@@ -260,7 +332,7 @@ def setup_distributed(
         flat_dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
         mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
     ctx = ParallelContext(rank, local_rank, world_size, replicate, shard, tp, parallel_cfg.ddp, dev, mesh, 0, flat_dp_mesh,
-                          precision=resolve_precision(precision, dev), compile=resolve_compile(compile, dev))
+                          precision=resolve_precision(precision, dev, model_cfg, tokens), compile=resolve_compile(compile, dev))
     ctx.seed = runtime_seed(seed, ctx.dp_rank)
     torch.manual_seed(ctx.seed)  # CPU and every CUDA device
     if ctx.is_main and world_size > 1:

@@ -169,7 +169,8 @@ def _duration(seconds: float) -> str:
 
 def console_line(record: dict, max_steps: int, eta_s: float | None) -> str:
     parts = [f"step {record['step']:>{len(str(max_steps))}}/{max_steps}", f"loss {record['loss']:.4f}",
-             f"lr {record['lr']:.2e}", f"gnorm {record['grad_norm']:.3f}", f"{_human(record['tokens_per_s'])} tok/s"]
+             f"lr {record['lr']:.2e}", f"gnorm {record['grad_norm']:.3f}", f"{_human(record['tokens_per_s'])} tok/s"
+             + (f" ({_human(record['label_tokens_per_s'])} label tok/s)" if record.get("label_tokens_per_s") else "")]
     if record.get("mfu") is not None:
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
     if record.get("peak_memory_gb") is not None:

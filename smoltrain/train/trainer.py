@@ -33,6 +33,7 @@ import torch.nn as nn
 from rich.console import Console
 
 from smoltrain.config import Config, differences, save_config
+from smoltrain.data.loader import check_validation_data
 from smoltrain.data.stages import resolve_stage, stage_at
 from smoltrain.errors import ConfigError, DataError
 from smoltrain.eval.during_training import check_eval_config, eval_console_line
@@ -116,8 +117,9 @@ def build_training_model(config: Config, device: torch.device, init_from: str | 
 class StepResult(NamedTuple):
     loss: float  # global: the objective's "loss" metric when it reports one, else loss sum / count
     grad_norm: float  # after normalisation by the step's count, before clipping
-    tokens: int  # label tokens of the step over all ranks (labels != -100): tokens/s and MFU count these
+    tokens: int  # label tokens of the step over all ranks (labels != -100): label_tokens_per_s
     metrics: dict  # the objective's other metrics, global sum / global count
+    all_tokens: int = 0  # every position the model ran (prompts and padding too): tokens_per_s and MFU
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -139,7 +141,7 @@ def forward_backward(model: nn.Module, objective: Objective, micro_batches: list
                 else contextlib.nullcontext())
     # name -> (sum, count), float64 (counts beyond 2^24 stay exact); "" is the loss itself.
     sums = {"": torch.zeros(2, device=device, dtype=torch.float64)}
-    tokens = torch.zeros((), device=device, dtype=torch.float64)
+    tokens = torch.zeros(2, device=device, dtype=torch.float64)  # label tokens, all tokens
     if timer is not None:
         timer.begin("forward_backward")
     for i, batch in enumerate(micro_batches):
@@ -149,7 +151,8 @@ def forward_backward(model: nn.Module, objective: Objective, micro_batches: list
         with autocast:
             loss_sum, count, metrics = objective.loss(model, batch)
         loss_sum.backward()
-        tokens += (batch["labels"] != -100).sum()
+        tokens[0] += (batch["labels"] != -100).sum()
+        tokens[1] += batch["input_ids"].numel()
         for name, (value, n) in {"": (loss_sum, count), **metrics}.items():
             pair = sums.setdefault(name, torch.zeros(2, device=device, dtype=torch.float64))
             pair += torch.stack([torch.as_tensor(value, device=device).detach().double().reshape(()),
@@ -159,15 +162,15 @@ def forward_backward(model: nn.Module, objective: Objective, micro_batches: list
     # One collective for everything: every rank must see the same loss, or the spike guard would
     # skip the update on some ranks only.
     names = list(sums)
-    totals = ctx.all_reduce_dp(torch.cat([torch.stack([sums[n] for n in names]).flatten(), tokens[None]]), op="sum")
-    tokens_total = int(totals[-1].item())
-    pairs = totals[:-1].view(-1, 2).tolist()
+    totals = ctx.all_reduce_dp(torch.cat([torch.stack([sums[n] for n in names]).flatten(), tokens]), op="sum")
+    label_tokens, all_tokens = (int(x) for x in totals[-2:].tolist())
+    pairs = totals[:-2].view(-1, 2).tolist()
     values = {n: (s / c if c else float("nan")) for n, (s, c) in zip(names, pairs)}
     count = pairs[0][1]
     norm = clip_grad_norm_(model.parameters(), grad_clip, scale=ctx.dp_world / count if count else 1.0)
     loss = values.pop("loss", values[""])
     values.pop("")
-    return StepResult(loss, norm.item(), tokens_total, values)
+    return StepResult(loss, norm.item(), label_tokens, values, all_tokens)
 
 
 class Verdict(NamedTuple):
@@ -206,20 +209,23 @@ class TrainState:
 class Interval:
     """Throughput bookkeeping between two log lines (not checkpointed: wall time is not state)."""
 
-    tokens: int = 0
+    tokens: int = 0  # label tokens
     steps: int = 0
     start: float = field(default_factory=time.perf_counter)
     session_tokens: int = 0
     session_s: float = 0.0
+    all_tokens: int = 0
+    session_all_tokens: int = 0
 
     def close(self) -> float:
         elapsed = time.perf_counter() - self.start
         self.session_tokens += self.tokens
+        self.session_all_tokens += self.all_tokens
         self.session_s += elapsed
         return elapsed
 
     def restart(self) -> None:
-        self.tokens, self.steps, self.start = 0, 0, time.perf_counter()
+        self.tokens, self.all_tokens, self.steps, self.start = 0, 0, 0, time.perf_counter()
 
 
 class StopSignal:
@@ -282,7 +288,8 @@ class Trainer:
         self.owns_group = ctx is None and not (dist.is_available() and dist.is_initialized())
         t = config.train
         self.ctx = ctx or setup_distributed(config.parallel, config.model, seed=t.seed, device=t.device,
-                                            precision=t.precision, compile=t.compile)
+                                            precision=t.precision, compile=t.compile,
+                                            tokens=t.micro_batch_size * config.data.seq_len)
         try:
             for note in notes:
                 self.say(note)
@@ -296,6 +303,8 @@ class Trainer:
         check_layout(config, ctx)
         if getattr(build_objective, "preflight", None):  # the objective's own checks, before any allocation
             build_objective.preflight(config, ctx)
+        if config.eval.val_batches and (config.data.validation or config.data.embedded):
+            check_validation_data(config)  # every input the run reads, checked before step 1
         self.device = ctx.device
         self.run_dir = Path(t.out_dir)
         if self.device.type == "cuda":
@@ -456,6 +465,7 @@ class Trainer:
         state.loss = result.loss
         self.last = (result, lr)
         self.interval.tokens += result.tokens
+        self.interval.all_tokens += result.all_tokens
         self.interval.steps += 1
         self.timer.end_step()
         crash_point(f"after_step_{state.step}")
@@ -516,10 +526,13 @@ class Trainer:
         result, lr = self.last
         elapsed = interval.close()
         state.elapsed_s += elapsed
-        tokens_per_s = interval.tokens / elapsed
+        # tokens_per_s: every position the model ran (what MFU counts); label_tokens_per_s: those with a
+        # loss (SFT's assistant tokens, DPO's answers: a fraction of the rows)
+        tokens_per_s = interval.all_tokens / elapsed
         record = {
             "step": state.step, "tokens": state.tokens, "loss": _finite(result.loss), "lr": lr,
             "grad_norm": _finite(result.grad_norm), "tokens_per_s": tokens_per_s,
+            "label_tokens_per_s": interval.tokens / elapsed,
             "mfu": mfu(tokens_per_s / self.ctx.world_size, flops_per_token(self.config.model, self.batches.seq_len),
                        self.peak),
             "elapsed_s": state.elapsed_s, "stage": self.stage, "skipped_steps": state.skipped_steps,
@@ -670,12 +683,14 @@ class Trainer:
         self.metrics.close()
         self.batches.close()
         session = self.interval
-        tokens_per_s = session.session_tokens / session.session_s if session.session_s else None
+        tokens_per_s = session.session_all_tokens / session.session_s if session.session_s else None
+        label_tokens_per_s = session.session_tokens / session.session_s if session.session_s else None
         per_token = flops_per_token(self.config.model, self.batches.seq_len)
         summary = {
             "run_dir": str(self.run_dir), "objective": self.objective.name, "step": state.step,
             "max_steps": t.max_steps, "finished": state.step >= t.max_steps, "stopped_by": self.stopped_by,
             "tokens": state.tokens, "loss": _finite(state.loss), "tokens_per_s": tokens_per_s,
+            "label_tokens_per_s": label_tokens_per_s,
             "mfu": mfu(tokens_per_s / self.ctx.world_size, per_token, self.peak) if tokens_per_s else None,
             "elapsed_s": state.elapsed_s, "skipped_steps": state.skipped_steps, "spikes": state.spikes,
             "rewinds": state.rewinds, "parameters": count_parameters(self.model),
