@@ -49,8 +49,8 @@ def make_rows(n: int, prompt_words: int, answer_words: int, seed: int) -> list[d
 def build(tmp: Path, args) -> tuple[Path, Path]:
     from smoltrain.config import config_from_dict
     from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
-    from smoltrain.model.hf import save_model_folder
     from smoltrain.model.transformer import build_model
+    from smoltrain.train.load_model import save_model_folder
 
     rng = random.Random(0)
     corpus = [" ".join(rng.choice(WORDS) for _ in range(200)) for _ in range(200)]
@@ -104,7 +104,7 @@ def trl(model_dir: Path, data: Path, args) -> list[float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from smoltrain.model.hf import export_hf
+    from smoltrain.report.hf_export import export_hf
 
     hf_dir = model_dir.parent / "hf"
     export_hf(model_dir, hf_dir)

@@ -28,10 +28,10 @@ import torch
 def build(tmp: Path, args) -> Path:
     from smoltrain.config import config_from_dict
     from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
-    from smoltrain.model.hf import save_model_folder
     from smoltrain.model.transformer import build_model
     from smoltrain.post.chat_template import write_chat_tokenizer
     from smoltrain.post.embedded_chat import arithmetic_items
+    from smoltrain.train.load_model import save_model_folder
 
     texts = [item["question"] + " " + " ".join(item["steps"]) for item in arithmetic_items("train", 400)]
     save_tokenizer(train_tokenizer(texts * 2, args.vocab, False), tmp / "base")
@@ -84,9 +84,9 @@ def trl(model_dir: Path, args) -> list[float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from smoltrain.model.hf import export_hf
     from smoltrain.post.embedded_chat import arithmetic_prompts
     from smoltrain.post.rewards import math_answer
+    from smoltrain.report.hf_export import export_hf
 
     hf_dir = model_dir.parent / "hf"
     export_hf(model_dir, hf_dir)

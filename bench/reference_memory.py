@@ -32,10 +32,10 @@ def _worker(rank: int, mode: str, root: str, port: int, pairs: int, out: str) ->
     from torch.distributed.tensor import DTensor
 
     from smoltrain.config import load_config
-    from smoltrain.model.hf import CONFIG_FILE, load_any
     from smoltrain.post import dpo
     from smoltrain.post.preference_data import Pair
     from smoltrain.train.distributed import setup_distributed
+    from smoltrain.train.load_model import CONFIG_FILE, load_any
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
@@ -77,8 +77,8 @@ def main() -> None:
     import torch.multiprocessing as mp
 
     from smoltrain.config import Config, DataConfig, ModelConfig
-    from smoltrain.model.hf import save_model_folder
     from smoltrain.model.transformer import build_model
+    from smoltrain.train.load_model import save_model_folder
 
     print(f"# bench/reference_memory.py  {datetime.date.today()}  {platform.machine()}  {os.cpu_count()} cores  "
           f"torch {torch.__version__}  2 gloo ranks")

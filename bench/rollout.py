@@ -60,9 +60,9 @@ def main() -> None:
 
     from smoltrain.config import ModelConfig
     from smoltrain.model.flops import parameter_counts
-    from smoltrain.model.hf import export_hf
     from smoltrain.model.transformer import build_model
     from smoltrain.post.rollout import generate_rollouts
+    from smoltrain.report.hf_export import export_hf
 
     device = torch.device(args.device)
     heads = max(1, args.hidden // 64)

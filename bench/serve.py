@@ -41,9 +41,9 @@ def tiny_model(root: Path) -> Path:
     """A model folder with a chat tokenizer trained on the embedded chat data (2048 tokens)."""
     from smoltrain.config import Config, DataConfig, ModelConfig
     from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
-    from smoltrain.model.hf import save_model_folder
     from smoltrain.model.transformer import build_model
     from smoltrain.post.chat_template import write_chat_tokenizer
+    from smoltrain.train.load_model import save_model_folder
 
     texts = [m["content"] for source in chat_conversations("train", 400).values() for c in source for m in c.messages]
     save_tokenizer(train_tokenizer(texts, 2048, show_progress=False), root / "base")
@@ -140,8 +140,8 @@ def transformers_one_at_a_time(model_path: Path, conversations: list[list[dict]]
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
-    from smoltrain.model.hf import export_hf
     from smoltrain.post.chat import load_chat_model
+    from smoltrain.report.hf_export import export_hf
 
     _, tokenizer = load_chat_model(model_path, device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(export_hf(model_path, work / "hf"), dtype=torch.float32).eval()

@@ -116,9 +116,9 @@ def same_window_ratio(files: list[str], tokenizer_dir: Path, template: str, seq_
 def make_init(root: Path, tokenizer: str, template: str, seq_len: int) -> tuple[Path, Path]:
     from smoltrain.config import Config, DataConfig, ModelConfig
     from smoltrain.data.tokenizer import load_tokenizer
-    from smoltrain.model.hf import save_model_folder
     from smoltrain.model.transformer import build_model
     from smoltrain.post.chat_template import write_chat_tokenizer
+    from smoltrain.train.load_model import save_model_folder
 
     tokenizer_dir = write_chat_tokenizer(tokenizer, root / "tokenizer", template)
     vocab = load_tokenizer(tokenizer_dir / "tokenizer.json").get_vocab_size()

@@ -712,7 +712,8 @@ def export_and_reload(model_path: str, data: DataConfig, config: Config, hf_dir:
 
     from smoltrain.data.loader import validation_batches
     from smoltrain.model.generate import generate
-    from smoltrain.model.hf import export_hf, load_any
+    from smoltrain.report.hf_export import export_hf
+    from smoltrain.train.load_model import load_any
 
     model, _, known = load_any(model_path)
     model = model.float().eval()

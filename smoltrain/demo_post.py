@@ -294,8 +294,8 @@ def evaluate_row(model_path: str, tokenizer, data_tokenizer: str, eval_config: C
     side-by-side chats of one stage's model; written to `out` (JSON), the pretraining evals also to
     `pre_out` (JSON + markdown, as `smoltrain eval` writes them)."""
     from smoltrain.eval.run import evaluate
-    from smoltrain.model.hf import load_any
     from smoltrain.post.chat_eval import VIBE_PROMPTS, chat_evals, vibe_test
+    from smoltrain.train.load_model import load_any
 
     start = time.perf_counter()
     model, _, _ = load_any(model_path)

@@ -8,8 +8,8 @@ import torch
 
 from smoltrain.config import config_from_dict
 from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
-from smoltrain.model.hf import save_model_folder
 from smoltrain.model.transformer import build_model
+from smoltrain.train.load_model import save_model_folder
 
 SHAPE = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, max_seq_len=64)
 WORDS = ["red", "green", "blue", "cat", "dog", "bird", "one", "two", "three"]

@@ -12,8 +12,8 @@ import uvicorn
 from chat_helpers import VOCAB, chat_tokenizers
 
 from smoltrain.config import Config, DataConfig, ModelConfig
-from smoltrain.model.hf import save_model_folder
 from smoltrain.model.transformer import build_model
+from smoltrain.train.load_model import save_model_folder
 
 CONTEXT = 256
 

@@ -19,7 +19,7 @@ TASK = [{"query": "Question: Compute 12 + 7.\nAnswer: 12 + 7 =", "choices": [" 1
 
 
 def _model_folder(tmp_path):
-    from smoltrain.model.hf import save_model_folder
+    from smoltrain.train.load_model import save_model_folder
 
     model = tiny_model()
     tiny_tokenizer().save(str(tmp_path / "tokenizer.json"))
@@ -29,7 +29,7 @@ def _model_folder(tmp_path):
 
 @pytest.mark.slow
 def test_cli_eval_writes_results_and_a_hugging_face_export_scores_the_same(tmp_path, capsys):
-    from smoltrain.model.hf import export_hf
+    from smoltrain.report.hf_export import export_hf
 
     folder, model = _model_folder(tmp_path)
     task_file = tmp_path / "mine.jsonl"

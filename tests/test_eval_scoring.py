@@ -58,7 +58,7 @@ def _brute_force_sum(model, context_ids, continuation_ids):
 def test_choice_loglikelihoods_match_transformers_on_the_exported_folder(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from smoltrain.model.hf import export_hf
+    from smoltrain.report.hf_export import export_hf
 
     tok = tiny_tokenizer()
     tok.save(str(tmp_path / "tokenizer.json"))

@@ -50,7 +50,7 @@ def test_empty_task_file_is_an_error(tmp_path):
 def test_cli_eval_with_bad_task_file_exits_2_with_one_line(tmp_path, capsys):
     from test_eval_scoring import tiny_model, tiny_tokenizer
 
-    from smoltrain.model.hf import save_model_folder
+    from smoltrain.train.load_model import save_model_folder
 
     model = tiny_model()
     tiny_tokenizer().save(str(tmp_path / "tokenizer.json"))

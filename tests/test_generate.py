@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 from smoltrain.config import ModelConfig
 from smoltrain.model import generate as generation
 from smoltrain.model.generate import generate, sample_next
-from smoltrain.model.hf import export_hf
 from smoltrain.model.transformer import build_model
+from smoltrain.report.hf_export import export_hf
 
 VOCAB = 256
 CONFIGS = {

@@ -164,8 +164,9 @@ def test_corpus_fraction_outside_zero_one_is_refused(tmp_path, capsys):
 
 def test_exported_weights_are_readable_like_the_other_files(tmp_path):
     from smoltrain.config import Config, ModelConfig
-    from smoltrain.model.hf import export_hf, save_model_folder
     from smoltrain.model.transformer import build_model
+    from smoltrain.report.hf_export import export_hf
+    from smoltrain.train.load_model import save_model_folder
 
     config = Config(model=ModelConfig(vocab_size=256, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
                                       intermediate_size=64, max_seq_len=32))
@@ -246,7 +247,7 @@ def test_log_samples_writes_every_item_with_its_log_likelihoods(trained_run, tmp
 
 def test_a_hugging_face_folder_takes_validation_shards(trained_run, shards, tmp_path, capsys):
     from smoltrain.eval.run import evaluate
-    from smoltrain.model.hf import export_hf
+    from smoltrain.report.hf_export import export_hf
 
     hf = export_hf(trained_run / "run", tmp_path / "hf", tokenizer=trained_run / "tokenizer.json")
     out = tmp_path / "results.json"

@@ -18,10 +18,10 @@ from rich.console import Console
 
 from smoltrain import cli
 from smoltrain.config import Config, DataConfig, ModelConfig
-from smoltrain.model.hf import save_model_folder
 from smoltrain.model.transformer import build_model
 from smoltrain.post.chat_data import write_conversations
 from smoltrain.post.sft import load_sft_config
+from smoltrain.train.load_model import save_model_folder
 
 SEQ = 128
 MODEL = {"vocab_size": VOCAB, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
@@ -230,10 +230,10 @@ def test_a_json_list_reads_as_its_jsonl_twin_for_sft_dpo_and_generate(tmp_path):
 def test_a_template_without_reasoning_modes_leaves_messages_alone_and_its_think_evals_are_na(root, one_thread):
     import math
 
-    from smoltrain.model.hf import load_any
     from smoltrain.post.chat import NO_MODES, chat_markdown, chat_repl
     from smoltrain.post.chat_eval import chat_evals
     from smoltrain.post.chat_template import SMOLLM2, has_reasoning_modes, load_chat_tokenizer
+    from smoltrain.train.load_model import load_any
 
     smollm2 = load_chat_tokenizer(root / "smollm3")
     smollm2.chat_template = SMOLLM2  # SmolLM2-135M-Instruct's own template, as its GGUF carries it
@@ -466,7 +466,7 @@ def test_add_special_tokens_grows_a_smollm2_like_model_with_new_rows_at_the_mean
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     # a tokenizer with ChatML's tokens but no <think> / </think>, as SmolLM2's
     tok = Tokenizer(models.BPE())

@@ -22,8 +22,9 @@ from transformers import (
 from smoltrain import cli
 from smoltrain.config import Config, ModelConfig
 from smoltrain.errors import CheckpointError
-from smoltrain.model.hf import export_hf, import_hf, load_any, load_model_folder, save_model_folder
 from smoltrain.model.transformer import build_model
+from smoltrain.report.hf_export import export_hf
+from smoltrain.train.load_model import import_hf, load_any, load_model_folder, save_model_folder
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, max_seq_len=64, rope_theta=5000.0)
 

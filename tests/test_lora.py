@@ -22,12 +22,13 @@ from spawn_helpers import leaves_without_teardown
 from smoltrain import cli
 from smoltrain.config import Config, DataConfig, ModelConfig, config_from_dict
 from smoltrain.errors import CheckpointError, ConfigError
-from smoltrain.model.hf import export_hf, load_any, save_model_folder
 from smoltrain.model.transformer import Transformer, build_model, token_logprobs
 from smoltrain.post import dpo
 from smoltrain.post.chat_data import write_conversations
 from smoltrain.post.sft import load_sft_config, sft
+from smoltrain.report.hf_export import export_hf
 from smoltrain.train.checkpoint import check_compatible, find_checkpoint, read_config
+from smoltrain.train.load_model import load_any, save_model_folder
 from smoltrain.train.lora import is_adapter_name, load_lora_model
 from smoltrain.train.optim import build_optimizer
 from smoltrain.train.trainer import build_training_model

@@ -6,8 +6,9 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from smoltrain.config import Config, ModelConfig
-from smoltrain.model.hf import export_hf, save_model_folder
 from smoltrain.model.transformer import build_model
+from smoltrain.report.hf_export import export_hf
+from smoltrain.train.load_model import save_model_folder
 
 SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, max_seq_len=64, num_layers=2, num_heads=4, num_kv_heads=2)
 

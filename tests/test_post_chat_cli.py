@@ -9,10 +9,10 @@ from chat_helpers import VOCAB, chat_tokenizers
 from smoltrain import cli
 from smoltrain.config import Config, DataConfig, ModelConfig
 from smoltrain.model.generate import generate
-from smoltrain.model.hf import save_model_folder
 from smoltrain.model.transformer import build_model
 from smoltrain.post.chat import chat_repl, load_chat_model
 from smoltrain.post.chat_template import encode_prompt, end_of_turn_id
+from smoltrain.train.load_model import save_model_folder
 
 
 @pytest.fixture(scope="module")

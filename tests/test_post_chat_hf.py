@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from smoltrain.config import ModelConfig
 from smoltrain.model.generate import generate
-from smoltrain.model.hf import export_hf
 from smoltrain.model.transformer import build_model
 from smoltrain.post.chat_template import (
     encode_chat,
@@ -18,6 +17,7 @@ from smoltrain.post.chat_template import (
     load_chat_tokenizer,
     render,
 )
+from smoltrain.report.hf_export import export_hf
 
 TOOL = {"name": "add", "description": "Add two numbers", "parameters": {"a": "int", "b": "int"}}
 CASES = {

@@ -11,12 +11,12 @@ from preference_helpers import SHAPE, preference_rows, save_init_model, write_ro
 
 from smoltrain.config import config_from_dict
 from smoltrain.errors import DataError
-from smoltrain.model.hf import save_model_folder
 from smoltrain.model.transformer import build_model
 from smoltrain.post import dpo as dpo_module
 from smoltrain.post.dpo import DPOObjective, PreferenceBatches, build_dpo_objective, reference_logps
 from smoltrain.post.preference import pair_losses
 from smoltrain.post.preference_data import Pair, TextTokenizer, load_preferences
+from smoltrain.train.load_model import save_model_folder
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def reference_setup(init_folder):
     """A one-process context and the config of a run whose train.init is the reference."""
     import dataclasses
 
-    from smoltrain.model.hf import load_any
     from smoltrain.train.distributed import single_process_context
+    from smoltrain.train.load_model import load_any
 
     _, config, _ = load_any(init_folder)
     train = dataclasses.replace(config.train, init=str(init_folder), compile="off")
@@ -83,7 +83,7 @@ def _by_hand_logp(model, prompt, answer):
 
 @pytest.mark.parametrize("loss", ["apo_zero", "dpo", "ipo"])
 def test_objective_loss_is_the_formula_on_log_probs_summed_by_hand(init_folder, tmp_path, loss, one_thread):
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     tok = TextTokenizer.load(init_folder)
     data = load_preferences(write_rows(tmp_path / "p.jsonl", preference_rows(4)), tok)
@@ -114,7 +114,7 @@ def test_objective_loss_is_the_formula_on_log_probs_summed_by_hand(init_folder, 
 
 
 def test_reference_pass_is_stored_then_reused_without_loading_the_model(init_folder, tmp_path, monkeypatch, one_thread):
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     tok = TextTokenizer.load(init_folder)
     pairs = load_preferences(write_rows(tmp_path / "p.jsonl", preference_rows(6)), tok).pairs
@@ -130,7 +130,7 @@ def test_reference_pass_is_stored_then_reused_without_loading_the_model(init_fol
     def no_loading(*args, **kwargs):
         raise AssertionError("the stored reference pass should be reused")
 
-    monkeypatch.setattr("smoltrain.model.hf.load_any", no_loading)
+    monkeypatch.setattr("smoltrain.post.dpo.build_reference_model", no_loading)
     again = reference_logps(str(init_folder), splits, tmp_path, 3, 1024, tok.eos_id, ctx, "fp32", config)
     for name in splits:
         assert all(torch.equal(a, b) for a, b in zip(first[name], again[name]))

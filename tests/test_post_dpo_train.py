@@ -83,7 +83,7 @@ def test_dpo_run_learns_and_logs_trl_metrics(precomputed):
     held_out = [m["eval"]["preference"] for m in evals(precomputed)]
     assert held_out[-1]["pairs"] == 16 and held_out[-1]["accuracy"] > 0.75
     assert (precomputed / REFERENCE_FILE).is_file()
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     assert load_any(precomputed)[2] is not None  # export, eval and merge find the tokenizer
 
@@ -187,9 +187,9 @@ def _reference_worker(rank, world, root, port, out):
     to the same pass by a full copy of the model."""
     from torch.distributed.tensor import DTensor
 
-    from smoltrain.model.hf import load_any
     from smoltrain.post.preference_data import TextTokenizer, load_preferences
     from smoltrain.train.distributed import setup_distributed
+    from smoltrain.train.load_model import load_any
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -207,7 +207,7 @@ def _reference_worker(rank, world, root, port, out):
 
 @pytest.mark.slow
 def test_the_reference_is_sharded_like_the_policy_under_fsdp(root, tmp_path):
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     mp.spawn(_reference_worker, args=(2, str(root), _free_port(), str(tmp_path)), nprocs=2, join=True)
     total = sum(p.numel() for p in load_any(root / "init")[0].parameters())

@@ -13,10 +13,11 @@ from smoltrain import cli
 from smoltrain.config import config_from_dict
 from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
 from smoltrain.errors import CheckpointError, ConfigError
-from smoltrain.model.hf import export_hf, load_any, save_model_folder
 from smoltrain.model.transformer import build_model
 from smoltrain.post.merge import last_checkpoints, merge, slerp
+from smoltrain.report.hf_export import export_hf
 from smoltrain.train.checkpoint import save_checkpoint
+from smoltrain.train.load_model import load_any, save_model_folder
 
 SHAPE = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
              max_seq_len=64, tie_embeddings=True)

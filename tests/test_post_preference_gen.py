@@ -10,10 +10,10 @@ import pytest
 from smoltrain import cli
 from smoltrain.config import config_from_dict
 from smoltrain.errors import DataError
-from smoltrain.model.hf import save_model_folder
 from smoltrain.model.transformer import build_model
 from smoltrain.post import preference_gen
 from smoltrain.post.preference_data import TextTokenizer, chat_render, load_preferences
+from smoltrain.train.load_model import save_model_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from chat_helpers import VOCAB, chat_tokenizers  # noqa: E402

@@ -23,7 +23,6 @@ from transformers import AutoTokenizer
 
 from smoltrain import cli
 from smoltrain.config import Config, DataConfig, ModelConfig
-from smoltrain.model.hf import export_hf, load_any, save_model_folder
 from smoltrain.model.transformer import build_model
 from smoltrain.post.chat_data import write_conversations
 from smoltrain.post.chat_template import load_chat_tokenizer, render
@@ -33,6 +32,8 @@ from smoltrain.post.sft_data import (
     pack_best_fit,
     tokenize_conversations,
 )
+from smoltrain.report.hf_export import export_hf
+from smoltrain.train.load_model import load_any, save_model_folder
 
 SEQ = 128
 MODEL = {"vocab_size": VOCAB, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,

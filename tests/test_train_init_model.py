@@ -9,10 +9,11 @@ from synthetic_shards import write_random_documents
 
 from smoltrain.config import ModelConfig, config_from_dict
 from smoltrain.errors import ConfigError
-from smoltrain.model.hf import export_hf, save_model_folder
 from smoltrain.model.transformer import build_model
+from smoltrain.report.hf_export import export_hf
 from smoltrain.train import trainer
 from smoltrain.train.init_model import resolve_init_model
+from smoltrain.train.load_model import save_model_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -162,8 +162,8 @@ def test_sigterm_saves_and_stops_then_rerun_continues_identically(two_sources, t
 
 
 def test_init_starts_from_a_model_folder(two_sources, tmp_path, monkeypatch):
-    from smoltrain.model.hf import save_model_folder
     from smoltrain.model.transformer import build_model
+    from smoltrain.train.load_model import save_model_folder
 
     config = make_config(two_sources, tmp_path / "run", max_steps=1)
     source = build_model(config.model, seed=42)

@@ -164,25 +164,4 @@ def from_hf_names(tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, tor
     return stack_experts(state)
 
 
-# What moved to train/load_model.py (loading any model folder) and report/hf_export.py (export with
-# its model card) stays importable from here for callers written against the old module; new code
-# imports from the new homes (model/ itself never does: the lookup happens only when asked).
-_MOVED = {
-    "export_hf": "smoltrain.report.hf_export",
-    **{name: "smoltrain.train.load_model" for name in (
-        "CONFIG_FILE", "WEIGHTS_FILE", "TOKENIZER_FILES", "save_model_folder", "load_model_folder", "load_any",
-        "model_config_of", "import_hf", "import_gguf", "copy_tokenizer", "_read_hf_config", "_stored_dtype",
-        "_config_for_model", "_full_state_dict", "_read_safetensors",
-    )},
-}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["SUPPORTED", "family_of", "hf_architecture", "to_hf_config", "from_hf_config", "to_hf_names", "from_hf_names"]

@@ -37,7 +37,7 @@ def resolve_device(device: str) -> torch.device:
 def load_chat_model(path: str | os.PathLike, device: str = "auto", tokenizer: str | None = None,
                     template: str | None = None):
     """(model in eval mode, transformers tokenizer with its chat template) from any model path."""
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     model, _, known = load_any(path, device=resolve_device(device))
     tokenizer = tokenizer or known

@@ -45,7 +45,8 @@ def _init_source(path: str):
     """(model section, tokenizer path or None) of a model, run, checkpoint or Hugging Face folder,
     read without its weights where the folder says both in files."""
     from smoltrain.config import load_config
-    from smoltrain.model.hf import CONFIG_FILE, WEIGHTS_FILE, _read_hf_config, from_hf_config
+    from smoltrain.model.hf import from_hf_config
+    from smoltrain.train.load_model import CONFIG_FILE, WEIGHTS_FILE, _read_hf_config
 
     folder = Path(path)
     tokenizer = str(folder) if (folder / "tokenizer.json").is_file() else None
@@ -54,7 +55,7 @@ def _init_source(path: str):
         return config.model, tokenizer or config.data.tokenizer
     if (folder / "config.json").is_file() and not (folder / CONFIG_FILE).is_file():
         return from_hf_config(_read_hf_config(folder), str(folder / "config.json")), tokenizer
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     _, config, tokenizer = load_any(path)
     return config.model, tokenizer
@@ -232,7 +233,7 @@ def build_reference_model(reference: str, config: Config, ctx) -> nn.Module:
 
     from safetensors import safe_open
 
-    from smoltrain.model.hf import CONFIG_FILE, WEIGHTS_FILE
+    from smoltrain.train.load_model import CONFIG_FILE, WEIGHTS_FILE
     from smoltrain.train.parallelize import load_full_state_dict
     from smoltrain.train.trainer import build_training_model, load_init_weights
 
@@ -453,7 +454,7 @@ def tokenizer_path(config: Config, reference: str) -> str:
     folder = Path(reference)
     if (folder / "tokenizer.json").is_file():
         return str(folder)
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     _, _, tokenizer = load_any(reference)
     if tokenizer is None:

@@ -60,15 +60,15 @@ def last_checkpoints(run_dir: str | os.PathLike, k: int) -> list[Path]:
 
 
 def _stored_dtype(folder: Path) -> torch.dtype:
-    from smoltrain.model.hf import WEIGHTS_FILE
-    from smoltrain.model.hf import _stored_dtype as stored
+    from smoltrain.train.load_model import WEIGHTS_FILE
+    from smoltrain.train.load_model import _stored_dtype as stored
 
     path = folder / WEIGHTS_FILE
     return (stored(path) if path.is_file() else None) or torch.float32
 
 
 def _load(path: str | os.PathLike) -> Loaded:
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     model, config, tokenizer = load_any(path)
     return Loaded(str(path), model, config, tokenizer, _stored_dtype(Path(path)))
@@ -159,8 +159,8 @@ def merge(
     slerp: two models, t in [0, 1] (0 gives the first). dtype: of the saved weights (default: the
     first input's stored dtype). Writes merge.json (method, inputs, weights) beside the weights.
     """
-    from smoltrain.model.hf import save_model_folder
     from smoltrain.model.transformer import Transformer
+    from smoltrain.train.load_model import save_model_folder
 
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")

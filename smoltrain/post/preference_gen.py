@@ -85,9 +85,9 @@ def _replies(model_path: str, prompts: list[dict], max_new_tokens: int, batch_si
             raise DataError(f"{missing[0]}: --chosen-model reference needs a 'reference' reply in every prompt row")
         return [{"text": p["reference"], "tokens": None, "stopped": True} for p in prompts]
     from smoltrain.eval.run import resolve_device
-    from smoltrain.model.hf import load_any
     from smoltrain.post.chat_eval import generate_replies
     from smoltrain.post.chat_template import load_chat_tokenizer
+    from smoltrain.train.load_model import load_any
 
     device = resolve_device(device)
     model, _, tokenizer_path = load_any(model_path, device=device)
@@ -108,7 +108,7 @@ def _plain_replies(model_path: str, prompts: list[dict], max_new_tokens: int, ba
     from smoltrain.eval.run import resolve_device
     from smoltrain.eval.scoring import end_of_text_id
     from smoltrain.model.generate import generate
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     model, _, tokenizer_path = load_any(model_path, device=resolve_device(device))
     if tokenizer_path is None:

@@ -53,7 +53,7 @@ MIN_LR_SHARE = 0.1  # cosine to 10% of the peak
 
 def _init_source(path: str):
     """(config, tokenizer path) of the model SFT starts from."""
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     _, config, tokenizer = load_any(path)
     return config, tokenizer
@@ -178,7 +178,7 @@ def with_chat_tokens(config: Config, tokenizer: str, out: Path) -> tuple[Config,
         return config, tokenizer
     if not (out / "config.yaml").is_file():
         _grow_init(config.train.init, tokenizer, missing, out)
-    from smoltrain.model.hf import load_any
+    from smoltrain.train.load_model import load_any
 
     _, grown, grown_tokenizer = load_any(out)
     model = dataclasses.replace(config.model, vocab_size=grown.model.vocab_size)
@@ -195,8 +195,8 @@ def _grow_init(init: str, tokenizer: str, tokens: list[str], out: Path) -> None:
     import torch
     from tokenizers import AddedToken, Tokenizer
 
-    from smoltrain.model.hf import load_any, save_model_folder
     from smoltrain.model.transformer import build_model
+    from smoltrain.train.load_model import load_any, save_model_folder
 
     model, init_config, _ = load_any(init)
     grown = Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else tokenizer))

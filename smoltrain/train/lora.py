@@ -172,7 +172,7 @@ def load_lora_model(checkpoint: Path, config: Config, device="cpu", merge: bool 
     model.init_weights(config.train.seed)
     init_adapter_weights(model, config.train.lora)
     if config.train.init:
-        from smoltrain.model.hf import load_any
+        from smoltrain.train.load_model import load_any
 
         if not Path(config.train.init).exists():
             raise CheckpointError(f"{checkpoint}: a LoRA checkpoint holds the adapters alone; its base model "
