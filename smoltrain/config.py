@@ -25,6 +25,24 @@ from smoltrain.files import load_yaml, write_atomic
 
 
 @dataclass
+class RopeScaling:
+    """Stretching RoPE past the length a model was trained at, as transformers' `rope_parameters`
+    defines it: `linear` divides every frequency by `factor`; `yarn` divides only the slow ones
+    (fewer than `beta_slow` turns in the original window), keeps the fast ones (more than `beta_fast`
+    turns), ramps between, and scales cos/sin by attention_factor (default 0.1 ln(factor) + 1)."""
+
+    rope_type: Literal["default", "linear", "yarn"] = "yarn"  # default: no scaling (a stage switching it off)
+    factor: float = 1.0
+    original_max_seq_len: Optional[int] = None  # yarn: the window the model was trained at (HF original_max_position_embeddings)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: Optional[float] = None  # None: derived from factor (and mscale / mscale_all_dim, DeepSeek's form)
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    truncate: bool = True  # round the ramp's ends to whole frequency pairs (transformers' default)
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 49152
     hidden_size: int = 576
@@ -36,6 +54,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     position_encoding: Literal["rope", "none"] = "rope"
     rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None  # YaRN or linear RoPE scaling (long context without or with training)
     nope_every: int = 0  # k > 0: every k-th layer (1-based) has no positions, as HF SmolLM3's no_rope_layers
     document_masking: bool = True  # attend only within a document; positions restart per document
     qk_norm: bool = False  # RMSNorm on queries and keys per head (Qwen3)
@@ -85,6 +104,7 @@ class StageConfig:
     mixture: dict[str, float] = field(default_factory=dict)
     seq_len: Optional[int] = None  # long-context stage: a new sequence length
     rope_theta: Optional[float] = None  # ABF: a larger RoPE base for long context
+    rope_scaling: Optional[RopeScaling] = None  # YaRN / linear scaling from this stage on (rope_type default: off)
     reset_schedule: bool = False  # fresh warmup/decay starting at start_step
     lr: Optional[float] = None  # peak lr of the fresh schedule
 
@@ -461,12 +481,25 @@ def validate_model(m: ModelConfig) -> None:
             f"model.head_dim ({m.resolved_head_dim}) must be even with model.position_encoding=rope",
         )
         _require(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
+    if m.rope_scaling is not None:
+        validate_rope_scaling(m.rope_scaling, "model.rope_scaling")
     _require(m.nope_every >= 0, f"model.nope_every must be >= 0, got {m.nope_every}")
     _require(m.z_loss >= 0, f"model.z_loss must be >= 0, got {m.z_loss}")
     _require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
     _require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
     if m.num_experts > 0:
         _validate_moe(m)
+
+
+def validate_rope_scaling(r: RopeScaling, key: str) -> None:
+    if r.rope_type == "default":
+        return
+    _require(r.factor >= 1, f"{key}.factor must be >= 1, got {r.factor}")
+    if r.rope_type == "yarn":
+        _require(r.original_max_seq_len is not None and r.original_max_seq_len > 0,
+                 f"{key}.original_max_seq_len must be a positive length with rope_type yarn, got {r.original_max_seq_len}")
+        _require(r.beta_fast > r.beta_slow > 0, f"{key}: beta_fast ({r.beta_fast}) must exceed beta_slow ({r.beta_slow}) > 0")
+        _require(r.attention_factor is None or r.attention_factor > 0, f"{key}.attention_factor must be positive, got {r.attention_factor}")
 
 
 def _validate_moe(m: ModelConfig) -> None:
@@ -552,6 +585,8 @@ def validate(c: Config) -> None:
             f"data.stages[{i}].seq_len ({seq_len}) exceeds model.max_seq_len ({c.model.max_seq_len})",
         )
         _check_mixture(stage.mixture, f"data.stages[{i}].mixture", sources)
+        if stage.rope_scaling is not None:
+            validate_rope_scaling(stage.rope_scaling, f"data.stages[{i}].rope_scaling")
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must lie in [0, optim.lr ({o.lr})]")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)")
