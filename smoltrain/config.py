@@ -188,6 +188,8 @@ class EvalConfig:
     val_batches: int = 20  # validation batches per source
     num_fewshot: int = 0
     seed: int = 0  # the embedded suite and few-shot draws; not train.seed, so every run sees the same items
+    haystack_files: list[str] = field(default_factory=list)  # long-context tasks' essay haystack (default: embedded prose)
+    position_buckets: int = 0  # > 0: validation loss by position in this many log-spaced buckets (long-context curve)
 
 
 @dataclass

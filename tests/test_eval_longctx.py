@@ -144,3 +144,27 @@ def test_a_random_model_finds_no_passkey(tokenizer):
     model = tiny_model(vocab_size=tokenizer.get_vocab_size(), max_seq_len=512)
     result = score_long_context(model, tokenizer, _task("passkey", length=1024, items=2))
     assert result["ruler_match"] == 0.0
+
+
+def test_in_training_eval_scores_long_context_tasks_and_the_position_curve_and_the_report_draws_them(tmp_path):
+    from test_eval_run import _validation_setup
+
+    from smoltrain.eval.during_training import evaluate_during_training
+    from smoltrain.eval.run import write_results
+    from smoltrain.report.document import Report
+    from smoltrain.report.run import add_long_context_section
+
+    haystack = tmp_path / "essay.txt"
+    haystack.write_text(ESSAY)
+    model, config, _ = _validation_setup(tmp_path, tasks=["passkey@1024", "niah_single_2@1024"], limit=2, val_batches=2,
+                                         batch_size=3, position_buckets=3, haystack_files=[str(haystack)])
+    result = evaluate_during_training(model, config, torch.device("cpu"))
+    assert {name: r["n"] for name, r in result["tasks"].items()} == {"passkey@1024": 2, "niah_single_2@1024": 2}
+    assert all(r["ruler_match"] == 0.0 for r in result["tasks"].values())  # an untrained model
+    assert set(result["loss_by_position"]) == {"code", "prose"}
+    assert sum(c["tokens"] for c in result["loss_by_position"]["code"]) == result["val"]["code"]["tokens"]  # every token once
+    write_results({"tasks": result["tasks"], "aggregate": {}, "val": {}}, tmp_path / "results.json")
+    assert "| passkey | 0 |" in (tmp_path / "results.md").read_text()
+    report = Report("t")
+    add_long_context_section(report, result, tmp_path / "figures")
+    assert (tmp_path / "figures" / "long_context.png").is_file() and (tmp_path / "figures" / "loss_by_position.png").is_file()

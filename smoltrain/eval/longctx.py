@@ -358,6 +358,28 @@ def score_long_context(model, tokenizer, task: LongContextTask, stop_token_ids: 
             "by_depth": {depth: sum(v) / len(v) for depth, v in sorted(by_depth.items(), key=lambda kv: float(kv[0]))}}
 
 
+def long_context_grid(results: dict[str, dict]) -> tuple[list[str], list[int], list[list[float | None]]]:
+    """(tasks, lengths, score[task][length] or None) of the `task@length` entries of eval results."""
+    cells = {}
+    for name, values in results.items():
+        parsed = "@" in name and re.fullmatch(r"([a-z0-9_]+)@(\d+)", name)
+        if parsed and parsed[1] in LONG_CONTEXT_TASKS and "ruler_match" in values:
+            cells[(parsed[1], int(parsed[2]))] = values["ruler_match"]
+    tasks = sorted({t for t, _ in cells}, key=LONG_CONTEXT_TASKS.index)
+    lengths = sorted({n for _, n in cells})
+    return tasks, lengths, [[cells.get((t, n)) for n in lengths] for t in tasks]
+
+
+def long_context_markdown(results: dict[str, dict]) -> str:
+    """The task x length accuracy grid as a markdown table ("" without long-context tasks)."""
+    tasks, lengths, grid = long_context_grid(results)
+    if not tasks:
+        return ""
+    lines = ["| task | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    lines += [f"| {t} | " + " | ".join("" if v is None else f"{100 * v:.0f}" for v in row) + " |" for t, row in zip(tasks, grid)]
+    return "\n## Long context (RULER string match, %, by length in tokens)\n\n" + "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- loss by position
 
 
@@ -394,3 +416,20 @@ def loss_by_position(model, batches: Sequence[dict], buckets: int, device=None) 
         if tokens:
             curve.append({"start": start, "end": end, "loss": nats[start:end].sum().item() / tokens, "tokens": int(tokens)})
     return curve
+
+
+def loss_by_position_per_source(model, config, num_batches: int, batch_size: int, buckets: int, device=None) -> dict:
+    """{source: loss_by_position curve} over the first `num_batches` validation batches of each source."""
+    from smoltrain.data.loader import validation_batches
+    from smoltrain.eval.validation import resolve_data_config
+
+    config = resolve_data_config(config)
+    if buckets <= 0 or num_batches <= 0 or not config.data.validation:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        return {source: loss_by_position(model, list(validation_batches(config, source, num_batches, batch_size)), buckets, device)
+                for source in config.data.validation}
+    finally:
+        model.train(was_training)

@@ -169,6 +169,25 @@ def add_run_sections(report: Report, config, train: list[dict], evals: list[dict
         final = evals[-1]
         report.heading(f"Evaluation at step {final['step']:,}", 3)
         add_eval_tables(report, final["eval"])
+        add_long_context_section(report, final["eval"], figures_dir, prefix)
+
+
+def add_long_context_section(report: Report, result: dict, figures_dir: Path, prefix: str = "") -> None:
+    """RULER-style accuracy by task and length (a heat map) and the validation loss by position curve."""
+    from smoltrain.eval.longctx import long_context_grid
+
+    tasks, lengths, grid = long_context_grid(result.get("tasks") or {})
+    if tasks:
+        report.image(plots.score_grid(figures_dir / f"{prefix}long_context.png", grid, row_labels=tasks,
+                                      column_labels=[f"{n:,}" for n in lengths], title="long-context retrieval",
+                                      xlabel="length (tokens)", colorbar="string match"),
+                     "RULER string match (%) by task and length in tokens")
+    curves = {source: ([(c["start"] + c["end"] - 1) / 2 for c in curve], [c["loss"] for c in curve])
+              for source, curve in (result.get("loss_by_position") or {}).items() if curve}
+    if curves:
+        report.image(plots.line_plot(figures_dir / f"{prefix}loss_by_position.png", curves, title="validation loss by position",
+                                     xlabel="position in the document (bucket middle)", ylabel="cross-entropy (nats/token)"),
+                     "validation loss by position: falling with position means the model uses its context")
 
 
 def add_router_section(report: Report, train: list[dict], figures_dir: Path, prefix: str = "") -> None:
@@ -268,4 +287,4 @@ def report_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
 
 
 __all__ = ["read_metrics", "flatten_eval", "lower_is_better", "report_run",
-           "add_run_sections", "add_eval_tables", "final_loss", "median_of", "format_value"]
+           "add_run_sections", "add_eval_tables", "add_long_context_section", "final_loss", "median_of", "format_value"]
