@@ -173,6 +173,7 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: whatever the world size leaves after dp_replicate and tp
     tp: int = 1
+    cp: int = 1  # context parallel: the sequence split over this many ranks (train/context_parallel.py)
     ddp: bool = False  # plain DistributedDataParallel instead of FSDP2
     sequence_parallel: bool = True
     loss_parallel: bool = False  # tp > 1: head and logits split by vocabulary, never gathered in training
@@ -605,7 +606,7 @@ def validate(c: Config) -> None:
     # One process and data.seq_len here; every stage's length over the data-parallel degree is
     # checked at launch (the pretraining objective's preflight), before the model is built.
     grad_accumulation(t, d.seq_len, 1)
-    for key in ("dp_replicate", "tp"):
+    for key in ("dp_replicate", "tp", "cp"):
         _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be -1 (auto) or >= 1, got {p.dp_shard}")
     check_tensor_parallel(c.model, p)

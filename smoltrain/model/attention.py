@@ -192,12 +192,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     """q: [batch, heads, seq_q, dim]; k, v: [batch, kv_heads, seq_kv, dim] (GQA when fewer heads).
 
     mask: None (causal, seq_q == seq_kv), a boolean tensor broadcastable to [batch, 1, seq_q, seq_kv]
-    (True = attend), a flex_attention BlockMask, or a SharedPromptMask.
+    (True = attend), a flex_attention BlockMask, or an object with its own `attend(q, k, v)` (SharedPromptMask).
     """
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if isinstance(mask, SharedPromptMask):
+    if hasattr(mask, "attend"):  # a mask that attends itself: SharedPromptMask, or context parallelism's (train/)
         return mask.attend(q, k, v)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
