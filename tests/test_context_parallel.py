@@ -86,7 +86,7 @@ def test_chunks_are_load_balanced_and_cover_the_sequence_once():
 @pytest.mark.parametrize("layout,world,message", [
     (dict(cp=2, tp=2, dp_shard=-1), 8, None),
     (dict(cp=2, dp_shard=-1), 4, None),
-    (dict(cp=3, dp_shard=-1), 4, "dp_replicate x cp x tp"),
+    (dict(cp=3, dp_shard=-1), 4, r"parallel.dp_replicate x parallel.cp x parallel.tp \(1 x 3 x 1\)"),
     (dict(cp=2, dp_shard=3), 4, "dp_replicate x dp_shard x cp x tp = 1 x 3 x 2 x 1 = 6"),
     (dict(cp=0), 2, "parallel.cp"),
 ])
@@ -99,3 +99,23 @@ def test_the_mesh_with_cp_is_validated_once_with_one_line_errors(layout, world, 
     with pytest.raises(ConfigError, match=message) as error:
         resolve_layout(ParallelConfig(**layout), model, world)
     assert "\n" not in str(error.value)
+
+
+def test_plan_shows_memory_per_device_with_cp_by_the_formula():
+    from smoltrain.config import config_from_dict
+    from smoltrain.model.flops import training_memory_bytes
+    from smoltrain.train.plan import plan
+
+    def layout(cp):
+        return config_from_dict({"model": {"max_seq_len": 65536}, "data": {"seq_len": 65536},
+                                 "train": {"global_batch_tokens": 65536 * 4, "micro_batch_size": 1},
+                                 "parallel": {"cp": cp}})
+
+    one, two = plan(layout(1), gpus=4), plan(layout(2), gpus=4)
+    assert two["layout"]["cp"] == 2 and two["layout"]["dp_shard"] == 2
+    m = layout(2).model
+    expected = training_memory_bytes(m, 1, 32768, num_shards=4)
+    gathered = m.num_layers * 2 * 32768 * m.num_kv_heads * m.resolved_head_dim * 2  # the other rank's keys and values
+    assert two["memory_per_device_gb"]["activations"] == pytest.approx((expected["activations"] + gathered) / 2**30)
+    assert two["memory_per_device_gb"]["weights"] == one["memory_per_device_gb"]["weights"]  # still sharded over 4
+    assert two["memory_per_device_gb"]["activations"] < 0.6 * one["memory_per_device_gb"]["activations"]

@@ -40,14 +40,18 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int
         )
     if shard == -1:
         if world_size % (replicate * cp * tp) != 0:
+            names, sizes = ("dp_replicate", "tp"), (replicate, tp)
+            if cp > 1:
+                names, sizes = ("dp_replicate", "cp", "tp"), (replicate, cp, tp)
             raise ConfigError(
-                f"parallel: world size {world_size} is not divisible by parallel.dp_replicate x cp x tp "
-                f"({replicate} x {cp} x {tp}), so parallel.dp_shard=-1 cannot fill it"
+                f"parallel: world size {world_size} is not divisible by {' x '.join('parallel.' + n for n in names)} "
+                f"({' x '.join(map(str, sizes))}), so parallel.dp_shard=-1 cannot fill it"
             )
         shard = world_size // (replicate * cp * tp)
     if replicate * shard * cp * tp != world_size:
+        dims = {"dp_replicate": replicate, "dp_shard": shard, **({"cp": cp} if cp > 1 else {}), "tp": tp}
         raise ConfigError(
-            f"parallel: dp_replicate x dp_shard x cp x tp = {replicate} x {shard} x {cp} x {tp} = {replicate * shard * cp * tp} "
+            f"parallel: {' x '.join(dims)} = {' x '.join(map(str, dims.values()))} = {replicate * shard * cp * tp} "
             f"but the world size is {world_size} (torchrun --nnodes x --nproc_per_node)"
         )
     check_tensor_parallel(model, parallel)
