@@ -148,6 +148,8 @@ def _add_eval_and_chat_verbs(verbs) -> None:
                    help="long-context tasks: text for the essay haystacks (repeatable; default: the embedded prose)")
     p.add_argument("--position-buckets", type=int,
                    help="validation loss by position in this many log-spaced buckets (the long-context curve)")
+    p.add_argument("--yarn", type=float, metavar="FACTOR",
+                   help="score with YaRN stretching the model's trained length FACTOR times (no training)")
     p.add_argument("--task-file", action="append", default=[], metavar="F.jsonl", help="a task file (repeatable)")
     p.add_argument("--limit", type=int, help="items per task")
     p.add_argument("--num-fewshot", type=int, help="solved examples before each item")
@@ -447,7 +449,7 @@ def cmd_eval(args) -> int:
                       num_samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
                       val_batches=args.val_batches, device=args.device, tokenizer=args.tokenizer, seed=args.seed,
                       out=args.out, validation=args.validation, log_samples=args.log_samples,
-                      haystack_files=args.haystack, position_buckets=args.position_buckets)
+                      haystack_files=args.haystack, position_buckets=args.position_buckets, yarn_factor=args.yarn)
     print_table(report)
     print(f"wrote {args.out}" + (f" and {report['samples']}" if report.get("samples") else ""))
     return 0

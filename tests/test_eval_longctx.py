@@ -168,3 +168,22 @@ def test_in_training_eval_scores_long_context_tasks_and_the_position_curve_and_t
     report = Report("t")
     add_long_context_section(report, result, tmp_path / "figures")
     assert (tmp_path / "figures" / "long_context.png").is_file() and (tmp_path / "figures" / "loss_by_position.png").is_file()
+
+
+def test_eval_with_yarn_stretches_the_trained_length_without_training(tmp_path):
+    from test_eval_run import _model_folder
+
+    from smoltrain.config import RopeScaling
+    from smoltrain.eval.run import evaluate
+    from smoltrain.model.attention import rotary_tables
+
+    _, model = _model_folder(tmp_path)
+    report = evaluate(model, ["passkey@1024"], limit=1, device="cpu", progress=False, yarn_factor=8.0,
+                      tokenizer=tmp_path / "tokenizer.json")
+    assert report["provenance"]["yarn_factor"] == 8.0 and report["tasks"]["passkey@1024"]["n"] == 1
+    # The model scored with the YaRN tables over its trained window (128 tokens x 8), built independently here.
+    assert model.rope_scaling == RopeScaling(factor=8.0, original_max_seq_len=128)
+    length = model.rope_cos.shape[0]  # extended by generation to the prompt + answer (about 1000)
+    expected, _ = rotary_tables(model.config.resolved_head_dim, length, model.config.rope_theta,
+                                scaling=RopeScaling(factor=8.0, original_max_seq_len=128))
+    assert length > 900 and torch.equal(model.rope_cos, expected)

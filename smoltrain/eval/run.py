@@ -216,6 +216,7 @@ def evaluate(
     log_samples: bool = False,
     haystack_files: Sequence[str] = (),
     position_buckets: int | None = None,
+    yarn_factor: float | None = None,
 ) -> dict:
     """Evaluate a model (or a path `load_any` reads) -> {"tasks", "aggregate", "val"}; writes `out`
     (JSON, plus a markdown table beside it) when given.
@@ -228,6 +229,7 @@ def evaluate(
     log-likelihoods or generations and metrics go to `<out>.samples.jsonl` (as lighteval's details).
     haystack_files: text for long-context tasks' essay haystacks. position_buckets > 0: validation loss by
     position in that many log-spaced buckets (`loss_by_position`, the long-context perplexity curve).
+    yarn_factor: score with YaRN stretching the model's trained length by this factor (no training; SmolLM3's 128k).
 
     The report records where its numbers come from (`provenance`): the model path, its step and
     tokens when a checkpoint tells them, the task settings, the validation folders, smoltrain's version.
@@ -235,6 +237,12 @@ def evaluate(
     device = resolve_device(device)
     model, config, tokenizer_path = _load_for_eval(path_or_model, config, tokenizer, device,
                                                    parse_validation(validation))
+    if yarn_factor:
+        from smoltrain.config import RopeScaling, validate_rope_scaling
+
+        scaling = RopeScaling(factor=yarn_factor, original_max_seq_len=model.config.max_seq_len)
+        validate_rope_scaling(scaling, "--yarn")
+        model.set_rope(scaling=scaling)
     e = config.eval
     limit = limit if limit is not None else e.limit
     seed = e.seed if seed is None else seed
@@ -268,6 +276,7 @@ def evaluate(
         "validation": dict(config.data.validation) if val else {},
         "val_batches": num_val if val else 0,
         "device": str(device),
+        "yarn_factor": yarn_factor,
         "smoltrain_version": __version__,
         "torch_version": torch.__version__,
     }
