@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from smoltrain.config import RopeScaling
 from smoltrain.eval.longctx import long_context_task, score_long_context
 from smoltrain.eval.scoring import end_of_text_id, load_tokenizer
 from smoltrain.train.load_model import load_any
@@ -22,19 +23,22 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 12288])
     parser.add_argument("--items", type=int, default=2)
     parser.add_argument("--answer-tokens", type=int, default=None, help="generation budget (default RULER's)")
+    parser.add_argument("--yarn", type=float, default=None, help="YaRN factor over the trained length (no training)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="append one JSON line per task and length")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, _, tokenizer_path = load_any(args.model)
     tokenizer = load_tokenizer(tokenizer_path)
+    if args.yarn:
+        model.set_rope(scaling=RopeScaling(factor=args.yarn, original_max_seq_len=model.config.max_seq_len))
     print(f"{args.model}: trained at {model.config.max_seq_len} tokens, torch {torch.__version__}, {args.threads} thread(s)")
     for length in args.lengths:
         for name in args.tasks:
             started = time.perf_counter()
             task = long_context_task(f"{name}@{length}", args.items, answer_tokens=args.answer_tokens)
             result = score_long_context(model, tokenizer, task, stop_token_ids=[end_of_text_id(tokenizer)])
-            row = {"task": name, "length": length, "score": result["ruler_match"], "n": result["n"],
+            row = {"task": name, "length": length, "yarn": args.yarn, "score": result["ruler_match"], "n": result["n"],
                    "by_depth": result["by_depth"], "seconds": round(time.perf_counter() - started, 1)}
             print(json.dumps(row), flush=True)
             if args.out:

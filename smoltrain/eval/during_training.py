@@ -51,7 +51,7 @@ def check_eval_config(config) -> None:
         for source, folder in d.validation.items():
             if not Path(folder).is_dir():
                 raise ConfigError(f"data.validation.{source}: folder {folder} not found")
-    generative = [task.name for task in tasks if task.kind == "generative"]
+    generative = [task.name for task in tasks if task.kind in ("generative", "long_context")]
     if generative and p.tp > 1 and p.sequence_parallel:
         raise ConfigError(f"eval.tasks: generative tasks ({', '.join(generative)}) decode one token at a time, "
                           f"which sequence parallel cannot split over parallel.tp ({p.tp}) ranks; set "

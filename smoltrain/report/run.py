@@ -123,7 +123,8 @@ def add_run_sections(report: Report, config, train: list[dict], evals: list[dict
     stages = stage_rows(config)
     last = train[-1] if train else {}
     positions = "none" if m.position_encoding == "none" else (
-        f"RoPE (theta {m.rope_theta:g})" + (f", NoPE every {m.nope_every}" if m.nope_every else ""))
+        f"RoPE (theta {m.rope_theta:g})" + (f", NoPE every {m.nope_every}" if m.nope_every else "")
+        + (f", {m.rope_scaling.rope_type} x{m.rope_scaling.factor:g}" if m.rope_scaling else ""))
     rows = [
         ("shape", f"{m.num_layers} layers x {m.hidden_size} hidden, {m.num_heads} heads / {m.num_kv_heads} KV heads, "
                   f"SwiGLU {m.intermediate_size}, vocab {m.vocab_size}"),
