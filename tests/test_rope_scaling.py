@@ -19,12 +19,14 @@ from transformers import (
 from transformers.modeling_rope_utils import _compute_linear_scaling_rope_parameters, _compute_yarn_parameters
 
 import smoltrain.train.trainer as trainer
-from smoltrain.config import ModelConfig, RopeScaling, StageConfig
+from smoltrain.config import Config, DataConfig, ModelConfig, RopeScaling, StageConfig, config_from_dict, validate_model
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.attention import rotary_tables, scaled_inverse_frequencies
-from smoltrain.model.hf import export_hf, from_hf_config, import_hf, load_any
+from smoltrain.model.hf import export_hf, from_hf_config, import_hf, load_any, to_hf_config
 from smoltrain.model.transformer import build_model
 from smoltrain.train.checkpoint import load_model_from_checkpoint
+from smoltrain.train.init_model import resolve_init_model
+from smoltrain.train.load_model import save_model_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,16 +158,12 @@ def test_continued_pretraining_with_yarn_gives_transformers_losses(tmp_path, fam
 def test_rope_parameters_round_trip_and_other_scalings_are_refused():
     m = ModelConfig(**BASE, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128,
                     rope_scaling=RopeScaling(factor=4.0, original_max_seq_len=32, beta_fast=16.0, attention_factor=1.1))
-    from smoltrain.model.hf import to_hf_config
-
     assert from_hf_config(to_hf_config(m)) == m
     hf = to_hf_config(m)
     for rope_type in ("llama3", "longrope", "dynamic"):
         with pytest.raises(CheckpointError, match=rope_type):
             from_hf_config({**hf, "rope_parameters": {"rope_type": rope_type, "rope_theta": 1e4, "factor": 2.0}})
     with pytest.raises(ConfigError, match="original_max_seq_len"):
-        from smoltrain.config import validate_model
-
         validate_model(ModelConfig(rope_scaling=RopeScaling(factor=2.0)))
 
 
@@ -180,3 +178,14 @@ def test_a_stage_switches_yarn_on_and_the_checkpoint_keeps_it(two_sources, tmp_p
     assert saved.model.rope_scaling == RopeScaling(factor=2.0, original_max_seq_len=16)
     expected_cos, _ = rotary_tables(8, 64, 10000.0, scaling=saved.model.rope_scaling)
     assert torch.equal(model.rope_cos[:64], expected_cos)
+
+
+def test_continued_pretraining_from_an_init_model_may_switch_yarn_on(tmp_path):
+    shape = ModelConfig(**BASE, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
+    init = save_model_folder(build_model(shape, seed=0), Config(model=shape, data=DataConfig(seq_len=64)), tmp_path / "init")
+    config = config_from_dict({"model": {"max_seq_len": 256, "rope_scaling": {"factor": 4, "original_max_seq_len": 64}},
+                               "data": {"seq_len": 256}, "train": {"init": str(init)}})
+    said = []
+    resolved = resolve_init_model(config, said.append)
+    assert resolved.model.rope_scaling == RopeScaling(factor=4.0, original_max_seq_len=64)
+    assert resolved.model.hidden_size == shape.hidden_size and "model.rope_scaling" in said[0]
