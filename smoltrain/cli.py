@@ -157,7 +157,14 @@ def _add_eval_and_chat_verbs(verbs) -> None:
     p.add_argument("model", metavar="MODEL", help="model folder, checkpoint, run folder or Hugging Face folder")
     p.add_argument("--tasks", help="comma-separated: embedded, arithmetic, code_tokens, prose_cloze, F.jsonl, "
                    "ADAPTER=PATH (hellaswag, arc_easy, piqa, winogrande, openbookqa, commonsense_qa, mmlu, gsm8k); "
-                   "@mcf for lettered choices (default: the config's eval.tasks, else embedded)")
+                   "@mcf for lettered choices; long context: TASK@LENGTH with TASK passkey, niah_single_1..3, "
+                   "niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe (default: the config's eval.tasks, else embedded)")
+    p.add_argument("--haystack", action="append", default=[], metavar="F.txt",
+                   help="long-context tasks: text for the essay haystacks (repeatable; default: the embedded prose)")
+    p.add_argument("--position-buckets", type=int,
+                   help="validation loss by position in this many log-spaced buckets (the long-context curve)")
+    p.add_argument("--yarn", type=float, metavar="FACTOR",
+                   help="score with YaRN stretching the model's trained length FACTOR times (no training)")
     p.add_argument("--task-file", action="append", default=[], metavar="F.jsonl", help="a task file (repeatable)")
     p.add_argument("--limit", type=int, help="items per task")
     p.add_argument("--num-fewshot", type=int, help="solved examples before each item")
@@ -545,7 +552,8 @@ def cmd_eval(args) -> int:
     report = evaluate(args.model, tasks, task_files=args.task_file, limit=args.limit, num_fewshot=args.num_fewshot,
                       num_samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
                       val_batches=args.val_batches, device=args.device, tokenizer=args.tokenizer, seed=args.seed,
-                      out=args.out, validation=args.validation, log_samples=args.log_samples)
+                      out=args.out, validation=args.validation, log_samples=args.log_samples,
+                      haystack_files=args.haystack, position_buckets=args.position_buckets, yarn_factor=args.yarn)
     print_table(report)
     print(f"wrote {args.out}" + (f" and {report['samples']}" if report.get("samples") else ""))
     return 0

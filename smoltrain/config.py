@@ -25,6 +25,24 @@ from smoltrain.files import load_yaml, write_atomic
 
 
 @dataclass
+class RopeScaling:
+    """Stretching RoPE past the length a model was trained at, as transformers' `rope_parameters`
+    defines it: `linear` divides every frequency by `factor`; `yarn` divides only the slow ones
+    (fewer than `beta_slow` turns in the original window), keeps the fast ones (more than `beta_fast`
+    turns), ramps between, and scales cos/sin by attention_factor (default 0.1 ln(factor) + 1)."""
+
+    rope_type: Literal["default", "linear", "yarn"] = "yarn"  # default: no scaling (a stage switching it off)
+    factor: float = 1.0
+    original_max_seq_len: Optional[int] = None  # yarn: the window the model was trained at (HF original_max_position_embeddings)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: Optional[float] = None  # None: derived from factor (and mscale / mscale_all_dim, DeepSeek's form)
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    truncate: bool = True  # round the ramp's ends to whole frequency pairs (transformers' default)
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 49152
     hidden_size: int = 576
@@ -36,6 +54,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     position_encoding: Literal["rope", "none"] = "rope"
     rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None  # YaRN or linear RoPE scaling (long context without or with training)
     nope_every: int = 0  # k > 0: every k-th layer (1-based) has no positions, as HF SmolLM3's no_rope_layers
     document_masking: bool = True  # attend only within a document; positions restart per document
     qk_norm: bool = False  # RMSNorm on queries and keys per head (Qwen3)
@@ -119,6 +138,7 @@ class StageConfig:
     mixture: dict[str, float] = field(default_factory=dict)
     seq_len: Optional[int] = None  # long-context stage: a new sequence length
     rope_theta: Optional[float] = None  # ABF: a larger RoPE base for long context
+    rope_scaling: Optional[RopeScaling] = None  # YaRN / linear scaling from this stage on (rope_type default: off)
     reset_schedule: bool = False  # fresh warmup/decay starting at start_step
     lr: Optional[float] = None  # peak lr of the fresh schedule
 
@@ -203,6 +223,7 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: whatever the world size leaves after dp_replicate and tp
     tp: int = 1
+    cp: int = 1  # context parallel: the sequence split over this many ranks (train/context_parallel.py)
     ddp: bool = False  # plain DistributedDataParallel instead of FSDP2
     sequence_parallel: bool = True
     loss_parallel: bool = False  # tp > 1: head and logits split by vocabulary, never gathered in training
@@ -218,6 +239,8 @@ class EvalConfig:
     val_batches: int = 20  # validation batches per source
     num_fewshot: int = 0
     seed: int = 0  # the embedded suite and few-shot draws; not train.seed, so every run sees the same items
+    haystack_files: list[str] = field(default_factory=list)  # long-context tasks' essay haystack (default: embedded prose)
+    position_buckets: int = 0  # > 0: validation loss by position in this many log-spaced buckets (long-context curve)
 
 
 @dataclass
@@ -530,6 +553,8 @@ def validate_model(m: ModelConfig) -> None:
             f"model.head_dim ({m.resolved_head_dim}) must be even with model.position_encoding=rope",
         )
         _require(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
+    if m.rope_scaling is not None:
+        validate_rope_scaling(m.rope_scaling, "model.rope_scaling")
     _require(m.nope_every >= 0, f"model.nope_every must be >= 0, got {m.nope_every}")
     _require(m.z_loss >= 0, f"model.z_loss must be >= 0, got {m.z_loss}")
     _require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
@@ -550,6 +575,17 @@ def validate_model(m: ModelConfig) -> None:
     if m.num_experts > 0:
         _validate_moe(m)
         _require(m.mlp_activation == "silu", f"model.mlp_activation={m.mlp_activation!r}: experts compute SwiGLU (silu) only")
+
+
+def validate_rope_scaling(r: RopeScaling, key: str) -> None:
+    if r.rope_type == "default":
+        return
+    _require(r.factor >= 1, f"{key}.factor must be >= 1, got {r.factor}")
+    if r.rope_type == "yarn":
+        _require(r.original_max_seq_len is not None and r.original_max_seq_len > 0,
+                 f"{key}.original_max_seq_len must be a positive length with rope_type yarn, got {r.original_max_seq_len}")
+        _require(r.beta_fast > r.beta_slow > 0, f"{key}: beta_fast ({r.beta_fast}) must exceed beta_slow ({r.beta_slow}) > 0")
+        _require(r.attention_factor is None or r.attention_factor > 0, f"{key}.attention_factor must be positive, got {r.attention_factor}")
 
 
 def _validate_moe(m: ModelConfig) -> None:
@@ -653,6 +689,8 @@ def validate(c: Config) -> None:
             f"data.stages[{i}].seq_len ({seq_len}) exceeds model.max_seq_len ({c.model.max_seq_len})",
         )
         _check_mixture(stage.mixture, f"data.stages[{i}].mixture", sources)
+        if stage.rope_scaling is not None:
+            validate_rope_scaling(stage.rope_scaling, f"data.stages[{i}].rope_scaling")
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must lie in [0, optim.lr ({o.lr})]")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)")
@@ -669,7 +707,7 @@ def validate(c: Config) -> None:
     # One process and data.seq_len here; every stage's length over the data-parallel degree is
     # checked at launch (the pretraining objective's preflight), before the model is built.
     grad_accumulation(t, d.seq_len, 1)
-    for key in ("dp_replicate", "tp"):
+    for key in ("dp_replicate", "tp", "cp"):
         _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be -1 (auto) or >= 1, got {p.dp_shard}")
     validate_lora(t, p)

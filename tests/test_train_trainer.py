@@ -134,7 +134,7 @@ def test_stages_switch_mixture_sequence_length_rope_and_schedule(two_sources, tm
     assert all(b.shape == (2, 16) and int(b[b > 0].max()) < 100 for b in before)
     assert all(b.shape == (2, 32) and int(b[b > 0].min()) >= 100 for b in after)
     lines = metrics(tmp_path / "run")
-    assert {"step": 3, "event": "stage", "stage": 0, "seq_len": 32, "rope_theta": 50000.0} in lines
+    assert {"step": 3, "event": "stage", "stage": 0, "seq_len": 32, "rope_theta": 50000.0, "rope_scaling": None} in lines
     lr = {m["step"]: m["lr"] for m in lines if "lr" in m}
     assert lr[4] == pytest.approx(5e-3 / 2)  # a fresh warmup (2 steps) at the stage's peak
     assert lr[5] == pytest.approx(5e-3)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smoltrain.config import DataConfig
+from smoltrain.config import DataConfig, RopeScaling
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class ResolvedStage:
     lr: float | None  # peak lr of the schedule in force, None: optim.lr
     schedule_start: int  # step its warmup/decay began: 0, or the start of the last stage that reset it
     schedule_end: int | None  # start of the next stage that resets the schedule, None: train.max_steps
+    rope_scaling: RopeScaling | None = None  # the RoPE scaling a stage set (rope_type default: off), None: the model's own
 
 
 def stage_at(data: DataConfig, step: int) -> int:
@@ -38,18 +39,19 @@ def resolve_stage(data: DataConfig, index: int) -> ResolvedStage:
     if not -1 <= index < len(data.stages):
         raise IndexError(f"stage {index} of {len(data.stages)}")
     mixture = dict(data.mixture) or {name: 1.0 for name in data.sources}
-    seq_len, name, rope_theta, lr, start = data.seq_len, "base", None, None, 0
+    seq_len, name, rope_theta, rope_scaling, lr, start = data.seq_len, "base", None, None, None, 0
     for stage in data.stages[: index + 1]:
         if stage.mixture:
             mixture = dict(stage.mixture)
         seq_len = stage.seq_len or seq_len
         rope_theta = stage.rope_theta or rope_theta
+        rope_scaling = stage.rope_scaling or rope_scaling
         if stage.reset_schedule:  # a fresh schedule at the stage's own peak (optim.lr unless it sets one)
             lr, start = stage.lr, stage.start_step
         name = stage.name
     end = next((s.start_step for s in data.stages[index + 1 :] if s.reset_schedule), None)
     return ResolvedStage(index, name, {s: float(mixture.get(s, 0.0)) for s in data.sources}, seq_len, rope_theta,
-                         lr, start, end)
+                         lr, start, end, rope_scaling)
 
 
 def resolved_stages(data: DataConfig) -> list[ResolvedStage]:

@@ -19,8 +19,8 @@ from smoltrain.train.distributed import resolve_precision
 
 
 @functools.lru_cache(maxsize=8)
-def _tasks(specs: tuple[str, ...], limit: int | None, num_fewshot: int, seed: int):
-    return resolve_tasks(specs, limit, num_fewshot or None, seed)
+def _tasks(specs: tuple[str, ...], limit: int | None, num_fewshot: int, seed: int, haystack_files: tuple[str, ...] = ()):
+    return resolve_tasks(specs, limit, num_fewshot or None, seed, haystack_files=haystack_files)
 
 
 @functools.lru_cache(maxsize=4)
@@ -39,7 +39,7 @@ def check_eval_config(config) -> None:
     from smoltrain.errors import ConfigError
 
     e, d, p = config.eval, config.data, config.parallel
-    tasks = _tasks(tuple(e.tasks), e.limit, e.num_fewshot, e.seed) if e.tasks else []
+    tasks = _tasks(tuple(e.tasks), e.limit, e.num_fewshot, e.seed, tuple(e.haystack_files)) if e.tasks else []
     if tasks and not (d.tokenizer or d.embedded):
         raise ConfigError("eval.tasks needs data.tokenizer (or data.embedded) to turn prompts into tokens")
     if tasks and d.tokenizer and not d.embedded and not Path(d.tokenizer).exists():
@@ -51,7 +51,7 @@ def check_eval_config(config) -> None:
         for source, folder in d.validation.items():
             if not Path(folder).is_dir():
                 raise ConfigError(f"data.validation.{source}: folder {folder} not found")
-    generative = [task.name for task in tasks if task.kind == "generative"]
+    generative = [task.name for task in tasks if task.kind in ("generative", "long_context")]
     if generative and p.tp > 1 and p.sequence_parallel:
         raise ConfigError(f"eval.tasks: generative tasks ({', '.join(generative)}) decode one token at a time, "
                           f"which sequence parallel cannot split over parallel.tp ({p.tp}) ranks; set "
@@ -83,10 +83,16 @@ def evaluate_during_training(model, config, device, data_parallel: tuple[int, in
             from smoltrain.errors import ConfigError
 
             raise ConfigError("eval.tasks needs data.tokenizer (or data.embedded) to turn prompts into tokens")
-        tasks = _tasks(tuple(e.tasks), e.limit, e.num_fewshot, e.seed)
+        tasks = _tasks(tuple(e.tasks), e.limit, e.num_fewshot, e.seed, tuple(e.haystack_files))
         results = score_tasks(model, _tokenizer(config.data.tokenizer), tasks, e.batch_size, e.seed, device, progress=False,
                               data_parallel=data_parallel, pad_multiple=sequence_multiple(config))
-    return {"val": val, "tasks": results, "aggregate": aggregate(results)}
+    out = {"val": val, "tasks": results, "aggregate": aggregate(results)}
+    if e.position_buckets and e.val_batches:  # the long-context perplexity curve (every rank scores it whole)
+        from smoltrain.eval.longctx import loss_by_position_per_source
+
+        out["loss_by_position"] = loss_by_position_per_source(model, config, e.val_batches, e.batch_size,
+                                                              e.position_buckets, device)
+    return out
 
 
 def eval_console_line(step: int, result: dict) -> str | None:

@@ -20,6 +20,7 @@ from smoltrain import __version__
 from smoltrain.errors import ConfigError
 from smoltrain.eval.adapters import adapter_for, load_adapter_task
 from smoltrain.eval.generative import count_generations, score_generative
+from smoltrain.eval.longctx import long_context_markdown, long_context_task, parse_long_context_spec, score_long_context
 from smoltrain.eval.scoring import count_requests, end_of_text_id, load_tokenizer, score_multiple_choice
 from smoltrain.eval.suite import BUILDERS, DEFAULT_ITEMS, SUITE, aggregate, centred, embedded_task
 from smoltrain.eval.tasks import Task, read_task_file
@@ -34,20 +35,26 @@ GROUPS = {
     "prose": ("prose_cloze",),
 }
 TASK_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
+LONG_CONTEXT_ITEMS = 20  # items per long-context task and length without a limit: +-10 points at 50%
 
 
 # ----------------------------------------------------------------------------- task specs
 
 
 def resolve_tasks(specs: Sequence[str], limit: int | None = None, num_fewshot: int | None = None, seed: int = 0,
-                  num_samples: int | None = None, temperature: float | None = None) -> list[Task]:
+                  num_samples: int | None = None, temperature: float | None = None,
+                  haystack_files: Sequence[str] = ()) -> list[Task]:
     """Task objects for specs: an embedded task or group (`embedded`, `arithmetic`, `code_tokens`, ...),
     a task file (`F.jsonl`), or a published dataset (`ADAPTER=PATH`, e.g. `arc_easy=data/ARC-Easy`);
-    any of them may end in `@mcf` (lettered choices) or `@cloze`."""
+    any of them may end in `@mcf` (lettered choices) or `@cloze`; or a long-context task at a length in tokens
+    (`passkey@8192`, `niah_single_1@8k`, ...) whose essay haystacks come from `haystack_files` or the embedded prose."""
     tasks: list[Task] = []
     for spec in specs:
         spec = spec.strip()
         if not spec:
+            continue
+        if parse_long_context_spec(spec) is not None:
+            tasks.append(long_context_task(spec, limit or LONG_CONTEXT_ITEMS, seed, haystack_files))
             continue
         formulation = None
         for suffix in ("@mcf", "@cloze"):
@@ -125,10 +132,13 @@ def score_tasks(model, tokenizer, tasks: Sequence[Task], batch_size: int = 16, s
     bar = _progress(progress)
     with bar:
         for task in tasks:
-            total = count_requests(task) if task.kind == "multiple_choice" else count_generations(task)
+            total = {"multiple_choice": count_requests, "long_context": lambda t: len(t.items)}.get(task.kind, count_generations)(task)
             handle = bar.add_task(task.name, total=total)
             advance = lambda n, h=handle: bar.advance(h, n)  # noqa: E731
-            if task.kind == "multiple_choice":
+            if task.kind == "long_context":
+                metrics = score_long_context(model, tokenizer, task, stop_token_ids=empty_context, on_batch=advance,
+                                             details=details)
+            elif task.kind == "multiple_choice":
                 metrics = score_multiple_choice(model, tokenizer, task, batch_size, seed, empty_context_ids=empty_context,
                                                 autocast_dtype=autocast_dtype, on_batch=advance, details=details,
                                                 data_parallel=data_parallel, pad_multiple=pad_multiple)
@@ -204,6 +214,9 @@ def evaluate(
     progress: bool = True,
     validation: Sequence[str] | dict[str, str] = (),
     log_samples: bool = False,
+    haystack_files: Sequence[str] = (),
+    position_buckets: int | None = None,
+    yarn_factor: float | None = None,
 ) -> dict:
     """Evaluate a model (or a path `load_any` reads) -> {"tasks", "aggregate", "val"}; writes `out`
     (JSON, plus a markdown table beside it) when given.
@@ -214,6 +227,9 @@ def evaluate(
     the config names validation data, 0 otherwise). validation: shard folders (`DIR` or `SOURCE=DIR`) to use
     instead of the config's, e.g. for a Hugging Face folder. log_samples: every item's prompt, answers,
     log-likelihoods or generations and metrics go to `<out>.samples.jsonl` (as lighteval's details).
+    haystack_files: text for long-context tasks' essay haystacks. position_buckets > 0: validation loss by
+    position in that many log-spaced buckets (`loss_by_position`, the long-context perplexity curve).
+    yarn_factor: score with YaRN stretching the model's trained length by this factor (no training; SmolLM3's 128k).
 
     The report records where its numbers come from (`provenance`): the model path, its step and
     tokens when a checkpoint tells them, the task settings, the validation folders, smoltrain's version.
@@ -221,6 +237,12 @@ def evaluate(
     device = resolve_device(device)
     model, config, tokenizer_path = _load_for_eval(path_or_model, config, tokenizer, device,
                                                    parse_validation(validation))
+    if yarn_factor:
+        from smoltrain.config import RopeScaling, validate_rope_scaling
+
+        scaling = RopeScaling(factor=yarn_factor, original_max_seq_len=model.config.max_seq_len)
+        validate_rope_scaling(scaling, "--yarn")
+        model.set_rope(scaling=scaling)
     e = config.eval
     limit = limit if limit is not None else e.limit
     seed = e.seed if seed is None else seed
@@ -228,7 +250,7 @@ def evaluate(
     specs = list(tasks) if tasks else ([] if task_files else list(e.tasks) or ["embedded"])
     specs += list(task_files)
     task_list = resolve_tasks(specs, limit, num_fewshot if num_fewshot is not None else (e.num_fewshot or None), seed,
-                              num_samples, temperature)
+                              num_samples, temperature, list(haystack_files) or e.haystack_files)
     if task_list and tokenizer_path is None and config.data.embedded:
         from smoltrain.eval.validation import resolve_data_config
 
@@ -239,6 +261,11 @@ def evaluate(
     num_val = val_batches if val_batches is not None else e.val_batches
     results, val = _score(model, config, tokenizer_path, task_list, batch_size, seed, num_val, device, progress, details)
     report = {"tasks": results, "aggregate": aggregate(results), "val": val, "main_metric": main_metrics(task_list)}
+    buckets = position_buckets if position_buckets is not None else e.position_buckets
+    if buckets and val:
+        from smoltrain.eval.longctx import loss_by_position_per_source
+
+        report["loss_by_position"] = loss_by_position_per_source(model, config, num_val, batch_size, buckets, device)
     report["provenance"] = {
         "model": model_provenance(path_or_model),
         "tokenizer": str(tokenizer_path) if tokenizer_path is not None else None,
@@ -249,6 +276,7 @@ def evaluate(
         "validation": dict(config.data.validation) if val else {},
         "val_batches": num_val if val else 0,
         "device": str(device),
+        "yarn_factor": yarn_factor,
         "smoltrain_version": __version__,
         "torch_version": torch.__version__,
     }
@@ -385,5 +413,6 @@ def write_samples(details: list[dict], path: Path) -> Path:
 def write_results(report: dict, out: str | os.PathLike) -> Path:
     path = Path(out)
     _atomic_write(path, json.dumps(report, indent=2) + "\n")
-    _atomic_write(path.with_suffix(".md"), "# Evaluation\n\n" + provenance_line(report) + markdown_table(report))
+    _atomic_write(path.with_suffix(".md"), "# Evaluation\n\n" + provenance_line(report) + markdown_table(report)
+                  + long_context_markdown(report["tasks"]))
     return path

@@ -6,16 +6,20 @@ document mask is a dense boolean block-diagonal matrix for sdpa (flex_attention 
 backward in torch 2.13); on CUDA it is a flex_attention BlockMask (about 2x faster than causal
 flash attention at 4096 tokens with 512-token documents). Rows that share a prompt (GRPO's
 groups) attend to one copy of it, in training (SharedPromptMask) and in decoding (attend_shared_prompt).
+RoPE scaling (linear, YaRN) follows transformers' `modeling_rope_utils` step for step.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from smoltrain.config import RopeScaling
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +32,57 @@ def rotary_inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
 
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape [max_seq_len, head_dim] in the rotate-half layout (first half, second half)."""
-    inv_freq = rotary_inverse_frequencies(head_dim, theta).to(device)
+def _yarn_attention_factor(scaling: RopeScaling) -> float:
+    """YaRN's softmax temperature on cos/sin: 0.1 ln(factor) + 1 (1 at factor <= 1), or DeepSeek's ratio."""
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    if scaling.mscale and scaling.mscale_all_dim:
+        return get_mscale(scaling.factor, scaling.mscale) / get_mscale(scaling.factor, scaling.mscale_all_dim)
+    return get_mscale(scaling.factor)
+
+
+def _yarn_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """transformers' `_compute_yarn_parameters`, step for step (python floats for the ramp's ends,
+    float32 tensors for the rest), so exported YaRN models match it bit for bit."""
+    original = scaling.original_max_seq_len
+
+    def correction_dim(rotations: float) -> float:  # the pair index that turns `rotations` times in the window
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (fast pairs keep their frequency), 0: interpolate (divide by factor)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    return (1.0 / (scaling.factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
+def scaled_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, factor on cos and sin) for default RoPE or one of its scalings."""
+    if scaling is None or scaling.rope_type == "default":
+        return rotary_inverse_frequencies(head_dim, theta), 1.0
+    if scaling.rope_type == "linear":
+        return rotary_inverse_frequencies(head_dim, theta) / scaling.factor, 1.0
+    return _yarn_inverse_frequencies(head_dim, theta, scaling), _yarn_attention_factor(scaling)
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None,
+                  scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [max_seq_len, head_dim] in the rotate-half layout (first half, second half).
+    YaRN multiplies both by its attention factor, so q.k scores grow by its square (the paper's temperature)."""
+    inv_freq, attention_factor = scaled_inverse_frequencies(head_dim, theta, scaling)
     positions = torch.arange(max_seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(positions, inv_freq)
+    freqs = torch.outer(positions, inv_freq.to(device))
     angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -163,12 +211,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     """q: [batch, heads, seq_q, dim]; k, v: [batch, kv_heads, seq_kv, dim] (GQA when fewer heads).
 
     mask: None (causal, seq_q == seq_kv), a boolean tensor broadcastable to [batch, 1, seq_q, seq_kv]
-    (True = attend), a flex_attention BlockMask, or a SharedPromptMask.
+    (True = attend), a flex_attention BlockMask, or an object with its own `attend(q, k, v)` (SharedPromptMask).
     """
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if isinstance(mask, SharedPromptMask):
+    if hasattr(mask, "attend"):  # a mask that attends itself: SharedPromptMask, or context parallelism's (train/)
         return mask.attend(q, k, v)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from smoltrain.config import ModelConfig, validate_model
+from smoltrain.config import ModelConfig, RopeScaling, validate_model
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.families import FAMILIES
 from smoltrain.model.family import Family, stack_experts, standard_layers, unstack_experts
@@ -68,7 +68,7 @@ def to_hf_config(m: ModelConfig, special_ids: dict[str, int] | None = None, dtyp
         initializer_range=m.init_std,
         rms_norm_eps=m.norm_eps,
         tie_word_embeddings=m.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
+        rope_parameters=to_rope_parameters(m),
         attention_bias=False,
         bos_token_id=special.get("bos"),
         eos_token_id=special.get("eos"),
@@ -83,6 +83,42 @@ def to_hf_config(m: ModelConfig, special_ids: dict[str, int] | None = None, dtyp
     hf.architectures = [family.architecture]
     return hf.to_dict()
 
+
+
+_YARN_KEYS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
+
+
+def to_rope_parameters(m: ModelConfig) -> dict:
+    """transformers' v5 `rope_parameters`: the base, and the scaling's own keys under HF's names."""
+    r = m.rope_scaling
+    if r is None or r.rope_type == "default":
+        return {"rope_type": "default", "rope_theta": float(m.rope_theta)}
+    params = {"rope_type": r.rope_type, "rope_theta": float(m.rope_theta), "factor": float(r.factor)}
+    if r.rope_type == "yarn":
+        params["original_max_position_embeddings"] = r.original_max_seq_len
+        params.update({key: getattr(r, key) for key in _YARN_KEYS if getattr(r, key) is not None})
+    return params
+
+
+def from_rope_parameters(rope: dict, hf: dict, where: str) -> RopeScaling | None:
+    """Our RopeScaling from `rope_parameters` / legacy `rope_scaling` (legacy `type` read as `rope_type`);
+    the other scalings (llama3, longrope, dynamic) are refused with their name."""
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type == "default":
+        return None
+    if rope_type not in ("linear", "yarn"):
+        raise CheckpointError(f"{where}: RoPE scaling {rope_type!r} is not supported (default, linear and yarn are)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError(f"{where}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported")
+    if rope.get("factor") is None:
+        raise CheckpointError(f"{where}: RoPE scaling {rope_type!r} without a factor")
+    if rope_type == "linear":
+        return RopeScaling(rope_type="linear", factor=float(rope["factor"]))
+    # transformers' standardize_rope_params: a top-level original length wins, else the scaling's, else max_position_embeddings.
+    original = (hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+                or hf.get("max_position_embeddings"))
+    extra = {key: rope[key] for key in _YARN_KEYS if rope.get(key) is not None}
+    return RopeScaling(rope_type="yarn", factor=float(rope["factor"]), original_max_seq_len=int(original), **extra)
 
 
 def from_hf_config(hf: dict, where: str = "config.json") -> ModelConfig:
@@ -108,11 +144,7 @@ def from_hf_config(hf: dict, where: str = "config.json") -> ModelConfig:
     activation = hf.get("hidden_activation") or get("hidden_act", "silu")  # Gemma names it hidden_activation
     if activation not in ACTIVATIONS:
         raise CheckpointError(f"{where}: hidden_act={activation!r} is not supported (smoltrain's gated MLP: {', '.join(ACTIVATIONS)})")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    rope_type = rope.get("rope_type") or rope.get("type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type")
-    if rope_type not in (None, "default"):
-        raise CheckpointError(f"{where}: RoPE scaling {rope_type!r} is not supported (only default RoPE)")
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}  # legacy key, then v5's
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(hf.get(key), int):
             raise CheckpointError(f"{where}: missing or non-integer {key}")
@@ -130,6 +162,7 @@ def from_hf_config(hf: dict, where: str = "config.json") -> ModelConfig:
         intermediate_size=hf["intermediate_size"],
         tie_embeddings=bool(get("tie_word_embeddings")),
         rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0),
+        rope_scaling=from_rope_parameters(rope, hf, where),
         init_std=float(get("initializer_range", 0.02)),
         norm_eps=float(get("rms_norm_eps", 1e-6)),
         max_seq_len=int(get("max_position_embeddings")),

@@ -203,6 +203,9 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+KEEP_SCALING = object()  # set_rope's "leave the RoPE scaling as it is"
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -214,13 +217,15 @@ class Transformer(nn.Module):
         # meta-device builds, FSDP and checkpoints).
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope_theta = config.rope_theta
+        self.rope_scaling = config.rope_scaling
         self._register_rope(config.max_seq_len, device=None)
         # Set by apply_tensor_parallel(loss_parallel=True): the head's logits stay vocabulary-sharded
         # DTensors into a vocabulary-parallel loss.
         self.loss_parallel = False
 
     def _register_rope(self, max_seq_len: int, device) -> None:
-        cos, sin = rotary_tables(self.config.rotary_dim, max_seq_len, self.rope_theta, device=device)
+        cos, sin = rotary_tables(self.config.rotary_dim, max_seq_len, self.rope_theta, device=device,
+                                 scaling=self.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if self.config.rope_local_theta is not None:  # Gemma 3: sliding-window layers have their own base
@@ -228,10 +233,13 @@ class Transformer(nn.Module):
             self.register_buffer("rope_local_cos", cos, persistent=False)
             self.register_buffer("rope_local_sin", sin, persistent=False)
 
-    def set_rope(self, theta: float | None = None, max_seq_len: int | None = None) -> None:
-        """Long-context extension: a larger RoPE base (ABF) and/or longer tables."""
+    def set_rope(self, theta: float | None = None, max_seq_len: int | None = None, scaling=KEEP_SCALING) -> None:
+        """Long-context extension: a larger RoPE base (ABF), longer tables, and/or RoPE scaling
+        (a RopeScaling; None or rope_type default: none; left out: keep the current one)."""
         if theta is not None:
             self.rope_theta = theta
+        if scaling is not KEEP_SCALING:
+            self.rope_scaling = None if scaling is None or scaling.rope_type == "default" else scaling
         length = max(max_seq_len or 0, self.rope_cos.shape[0])
         device = self.rope_cos.device if self.rope_cos.device.type != "meta" else None
         self._register_rope(length, device)

@@ -42,7 +42,8 @@ def export_hf(
     if isinstance(path_or_model, nn.Module):
         model = getattr(path_or_model, "_orig_mod", path_or_model)
         model_config = dataclasses.replace(
-            model.config, rope_theta=float(model.rope_theta), max_seq_len=max(model.config.max_seq_len, model.rope_cos.shape[0])
+            model.config, rope_theta=float(model.rope_theta), rope_scaling=model.rope_scaling,
+            max_seq_len=max(model.config.max_seq_len, model.rope_cos.shape[0])
         )
     else:
         source = Path(path_or_model)

@@ -199,6 +199,7 @@ def model_card(source: str | Path | None, out_dir: str | Path, model_config, arc
              ("attention heads / KV heads", f"{m.num_heads} / {m.num_kv_heads}"),
              ("vocabulary", f"{m.vocab_size:,}"), ("tied embeddings", str(m.tie_embeddings)),
              ("positions", f"RoPE (base {m.rope_theta:g})" + (f", none in every {m.nope_every}th layer" if m.nope_every else "")
+              + (f", {m.rope_scaling.rope_type} scaling x{m.rope_scaling.factor:g}" if m.rope_scaling else "")
               if m.position_encoding == "rope" else "none"),
              ("context length", f"{m.max_seq_len:,}")]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in shape]

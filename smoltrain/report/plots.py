@@ -199,3 +199,22 @@ def heat_map(
     ax.set_xlabel(xlabel)
     fig.colorbar(image, ax=ax, label=colorbar)
     return save_figure(fig, path)
+
+
+def score_grid(path: str | os.PathLike, values: Sequence[Sequence[float | None]], *, row_labels: Sequence[str],
+               column_labels: Sequence[str], title: str = "", xlabel: str = "", colorbar: str = "") -> Path:
+    """Scores in [0, 1] as a red (0) to green (1) grid with the value written in each cell (blank: not measured)."""
+    fig = Figure(figsize=(max(4.0, 0.9 * len(column_labels) + 2.5), max(2.0, 0.4 * len(row_labels) + 1.2)))
+    ax = fig.subplots()
+    grid = [[math.nan if v is None else v for v in row] for row in values]
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="RdYlGn", vmin=0.0, vmax=1.0)
+    for r, row in enumerate(values):
+        for c, value in enumerate(row):
+            if value is not None:
+                ax.text(c, r, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(column_labels)), column_labels, fontsize=8)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    fig.colorbar(image, ax=ax, label=colorbar)
+    return save_figure(fig, path)

@@ -142,7 +142,8 @@ def add_run_sections(report: Report, config, train: list[dict], evals: list[dict
     stages = stage_rows(config)
     last = train[-1] if train else {}
     positions = "none" if m.position_encoding == "none" else (
-        f"RoPE (theta {m.rope_theta:g})" + (f", NoPE every {m.nope_every}" if m.nope_every else ""))
+        f"RoPE (theta {m.rope_theta:g})" + (f", NoPE every {m.nope_every}" if m.nope_every else "")
+        + (f", {m.rope_scaling.rope_type} x{m.rope_scaling.factor:g}" if m.rope_scaling else ""))
     rows = [
         ("shape", f"{m.num_layers} layers x {m.hidden_size} hidden, {m.num_heads} heads / {m.num_kv_heads} KV heads, "
                   f"SwiGLU {m.intermediate_size}, vocab {m.vocab_size}"),
@@ -190,6 +191,25 @@ def add_run_sections(report: Report, config, train: list[dict], evals: list[dict
         final = evals[-1]
         report.heading(f"Evaluation at step {final['step']:,}", 3)
         add_eval_tables(report, final["eval"])
+        add_long_context_section(report, final["eval"], figures_dir, prefix)
+
+
+def add_long_context_section(report: Report, result: dict, figures_dir: Path, prefix: str = "") -> None:
+    """RULER-style accuracy by task and length (a heat map) and the validation loss by position curve."""
+    from smoltrain.eval.longctx import long_context_grid
+
+    tasks, lengths, grid = long_context_grid(result.get("tasks") or {})
+    if tasks:
+        report.image(plots.score_grid(figures_dir / f"{prefix}long_context.png", grid, row_labels=tasks,
+                                      column_labels=[f"{n:,}" for n in lengths], title="long-context retrieval",
+                                      xlabel="length (tokens)", colorbar="string match"),
+                     "RULER string match (%) by task and length in tokens")
+    curves = {source: ([(c["start"] + c["end"] - 1) / 2 for c in curve], [c["loss"] for c in curve])
+              for source, curve in (result.get("loss_by_position") or {}).items() if curve}
+    if curves:
+        report.image(plots.line_plot(figures_dir / f"{prefix}loss_by_position.png", curves, title="validation loss by position",
+                                     xlabel="position in the document (bucket middle)", ylabel="cross-entropy (nats/token)"),
+                     "validation loss by position: falling with position means the model uses its context")
 
 
 def add_router_section(report: Report, train: list[dict], figures_dir: Path, prefix: str = "") -> None:
@@ -357,4 +377,4 @@ def report_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
 
 
 __all__ = ["read_metrics", "read_records", "add_time_breakdown", "add_diagnosis", "flatten_eval", "lower_is_better", "report_run",
-           "add_run_sections", "add_eval_tables", "final_loss", "median_of", "format_value"]
+           "add_run_sections", "add_eval_tables", "add_long_context_section", "final_loss", "median_of", "format_value"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from smoltrain.config import Config, load_config, save_config
+from smoltrain.config import Config, ModelConfig, RopeScaling, load_config, save_config
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.files import fsync_dir, write_atomic
 from smoltrain.train.distributed import all_ranks_agree, barrier, is_distributed, rank_world
@@ -312,6 +313,19 @@ def read_train_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / TRAIN_STATE).read_text())
 
 
+def rope_scaling_dict(scaling: RopeScaling | None) -> dict | None:
+    """The RoPE scaling in force, as the train state and metrics store it."""
+    return None if scaling is None else dataclasses.asdict(scaling)
+
+
+def with_saved_rope(model: ModelConfig, train_state: dict) -> ModelConfig:
+    """The model section with the RoPE base and scaling of the stage a checkpoint was saved in
+    (long-context stages change both; checkpoints older than RoPE scaling keep the config's)."""
+    scaling = train_state.get("rope_scaling", rope_scaling_dict(model.rope_scaling))
+    return dataclasses.replace(model, rope_theta=train_state.get("rope_theta", model.rope_theta),
+                               rope_scaling=None if scaling is None else RopeScaling(**scaling))
+
+
 def finished_at(path: str | os.PathLike, max_steps: int) -> int | None:
     """The step of the newest usable checkpoint of a run (or checkpoint) folder when it already
     reached `max_steps`, else None: re-running a finished run has nothing to train."""
@@ -409,7 +423,7 @@ def load_model_from_checkpoint(path: str | os.PathLike, device="cpu"):
 
     checkpoint = find_checkpoint(path, required=True)
     config = read_config(checkpoint)
-    config.model.rope_theta = read_train_state(checkpoint).get("rope_theta", config.model.rope_theta)
+    config.model = with_saved_rope(config.model, read_train_state(checkpoint))
     if config.train.lora is not None:  # adapters alone: the base from train.init, merged (train/lora.py)
         from smoltrain.train.lora import load_lora_model
 
@@ -417,6 +431,6 @@ def load_model_from_checkpoint(path: str | os.PathLike, device="cpu"):
     with torch.device("meta"):
         model = Transformer(config.model)
     model.to_empty(device=device)
-    model.set_rope(theta=config.model.rope_theta)  # buffers are not in the checkpoint
+    model.set_rope(theta=config.model.rope_theta, scaling=config.model.rope_scaling)  # buffers are not in the checkpoint
     load_checkpoint(checkpoint, model, None)
     return model, config

@@ -30,23 +30,28 @@ MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
 
 def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int) -> tuple[int, int, int]:
-    """(dp_replicate, dp_shard, tp) for this world size, or a one-line ConfigError. Pure: no process
-    group, no allocation, so a wrong launch fails in the first second rather than after the build."""
-    replicate, shard, tp = parallel.dp_replicate, parallel.dp_shard, parallel.tp
-    if replicate < 1 or tp < 1 or not (shard == -1 or shard >= 1):
+    """(dp_replicate, dp_shard, tp) for this world size (the mesh is dp_replicate x dp_shard x cp x tp),
+    or a one-line ConfigError. Pure: no process group, no allocation, so a wrong launch fails in the
+    first second rather than after the build."""
+    replicate, shard, tp, cp = parallel.dp_replicate, parallel.dp_shard, parallel.tp, parallel.cp
+    if replicate < 1 or tp < 1 or cp < 1 or not (shard == -1 or shard >= 1):
         raise ConfigError(
-            f"parallel: dp_replicate ({replicate}) and tp ({tp}) must be >= 1, dp_shard ({shard}) >= 1 or -1 (auto)"
+            f"parallel: dp_replicate ({replicate}), parallel.cp ({cp}) and tp ({tp}) must be >= 1, dp_shard ({shard}) >= 1 or -1 (auto)"
         )
     if shard == -1:
-        if world_size % (replicate * tp) != 0:
+        if world_size % (replicate * cp * tp) != 0:
+            names, sizes = ("dp_replicate", "tp"), (replicate, tp)
+            if cp > 1:
+                names, sizes = ("dp_replicate", "cp", "tp"), (replicate, cp, tp)
             raise ConfigError(
-                f"parallel: world size {world_size} is not divisible by parallel.dp_replicate x parallel.tp "
-                f"({replicate} x {tp}), so parallel.dp_shard=-1 cannot fill it"
+                f"parallel: world size {world_size} is not divisible by {' x '.join('parallel.' + n for n in names)} "
+                f"({' x '.join(map(str, sizes))}), so parallel.dp_shard=-1 cannot fill it"
             )
-        shard = world_size // (replicate * tp)
-    if replicate * shard * tp != world_size:
+        shard = world_size // (replicate * cp * tp)
+    if replicate * shard * cp * tp != world_size:
+        dims = {"dp_replicate": replicate, "dp_shard": shard, **({"cp": cp} if cp > 1 else {}), "tp": tp}
         raise ConfigError(
-            f"parallel: dp_replicate x dp_shard x tp = {replicate} x {shard} x {tp} = {replicate * shard * tp} "
+            f"parallel: {' x '.join(dims)} = {' x '.join(map(str, dims.values()))} = {replicate * shard * cp * tp} "
             f"but the world size is {world_size} (torchrun --nnodes x --nproc_per_node)"
         )
     check_tensor_parallel(model, parallel)
@@ -316,6 +321,9 @@ def setup_distributed(
     if dist.is_initialized():
         world_size, rank = dist.get_world_size(), dist.get_rank()
     replicate, shard, tp = resolve_layout(parallel_cfg, model_cfg, world_size)
+    if parallel_cfg.cp > 1:  # the layout is valid; the Trainer's objective does not split sequences yet
+        raise ConfigError(f"parallel.cp={parallel_cfg.cp}: the Trainer does not run context parallelism yet "
+                          "(train/context_parallel.py shards a sequence and attends across ranks; see its test)")
     dev = resolve_device(device, local_rank)
     mesh = flat_dp_mesh = None
     if world_size > 1:

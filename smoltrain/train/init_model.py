@@ -17,7 +17,7 @@ from smoltrain.errors import ConfigError
 
 # Model keys a stage may set differently from the model it starts from (the first two are the
 # playbook's long-context recipe: a larger RoPE base at a longer sequence length).
-MAY_CHANGE = ("rope_theta", "max_seq_len", "z_loss", "attention_kernel", "document_masking", "init_std")
+MAY_CHANGE = ("rope_theta", "rope_scaling", "max_seq_len", "z_loss", "attention_kernel", "document_masking", "init_std")
 
 
 def with_init_model_section(raw: dict) -> dict:

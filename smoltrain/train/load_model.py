@@ -249,7 +249,8 @@ def save_model_folder(model: nn.Module, config: Config, out_dir: str | os.PathLi
     model_config = config.model
     if isinstance(base, Transformer):
         model_config = dataclasses.replace(
-            model_config, rope_theta=float(base.rope_theta), max_seq_len=max(model_config.max_seq_len, base.rope_cos.shape[0])
+            model_config, rope_theta=float(base.rope_theta), rope_scaling=base.rope_scaling,
+            max_seq_len=max(model_config.max_seq_len, base.rope_cos.shape[0])
         )
     config = dataclasses.replace(config, model=model_config)
     _save_tensors(out / WEIGHTS_FILE, _full_state_dict(model))
@@ -355,12 +356,11 @@ def model_config_of(path: str | os.PathLike) -> ModelConfig:
     if (folder / CONFIG_FILE).is_file() and ((folder / WEIGHTS_FILE).is_file() or not _is_checkpoint(folder)):
         return load_config(folder / CONFIG_FILE).model
     if _is_checkpoint(folder):
-        from smoltrain.train.checkpoint import find_checkpoint, read_config, read_train_state
+        from smoltrain.train.checkpoint import find_checkpoint, read_config, read_train_state, with_saved_rope
 
         checkpoint = find_checkpoint(folder, required=True)
         model = read_config(checkpoint).model
-        model.rope_theta = read_train_state(checkpoint).get("rope_theta", model.rope_theta)
-        return model
+        return with_saved_rope(model, read_train_state(checkpoint))
     if (folder / "config.json").is_file():
         return from_hf_config(_read_hf_config(folder), str(folder / "config.json"))
     raise CheckpointError(f"{folder}: not a model folder, Hugging Face folder, run folder or checkpoint")

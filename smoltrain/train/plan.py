@@ -54,7 +54,7 @@ def launchable_gpus(config: Config) -> list[int]:
     rounds = micro_batches_per_step(config)
     degrees = [d for d in range(1, rounds + 1) if rounds % d == 0 and d % p.dp_replicate == 0
                and (p.dp_shard < 0 or d == p.dp_replicate * p.dp_shard)]
-    return [d * p.tp for d in degrees]
+    return [d * p.tp * p.cp for d in degrees]
 
 
 def _why(config: Config) -> str:
@@ -119,14 +119,20 @@ def plan(config: Config, gpus: int | None = None, mfu: float = DEFAULT_MFU, peak
     gpu_seconds = total_flops / achieved
     needed = max(1, math.ceil(gpu_seconds / (days * 86400))) if days is not None else None
     gpus, note = resolve_gpus(config, gpus, needed)
-    dp_world = gpus // p.tp
-    # FSDP shards weights, gradients and optimizer state over dp_shard ranks and TP over tp more.
+    dp_world = gpus // (p.tp * p.cp)
+    # FSDP shards weights, gradients and optimizer state over dp_shard ranks and TP over tp more;
+    # context-parallel ranks join the shard group (torchtitan's dp_shard x cp).
     dp_shard = 1 if p.ddp else dp_world // p.dp_replicate
     longest = max((s["seq_len"] for s in segments), default=config.data.seq_len)
-    memory = training_memory_bytes(m, t.micro_batch_size, longest, t.activation_checkpointing,
-                                   num_shards=dp_shard * p.tp, tensor_parallel=p.tp,
+    memory = training_memory_bytes(m, t.micro_batch_size, longest // p.cp, t.activation_checkpointing,
+                                   num_shards=dp_shard * p.cp * p.tp, tensor_parallel=p.tp,
                                    checkpoint_every=t.activation_checkpointing_every,
                                    loss_parallel=p.loss_parallel)
+    if p.cp > 1:  # every layer keeps the other ranks' gathered keys and values for its backward (bf16)
+        kv_width = m.num_kv_heads * m.resolved_head_dim // p.tp
+        gathered = m.num_layers * 2 * t.micro_batch_size * (longest - longest // p.cp) * kv_width * 2
+        memory["activations"] += gathered
+        memory["total"] += gathered
     mean_flops_per_token = total_flops / total_tokens if total_tokens else flops_per_token(m, config.data.seq_len)
     return {
         "parameters": counts,
@@ -139,7 +145,7 @@ def plan(config: Config, gpus: int | None = None, mfu: float = DEFAULT_MFU, peak
         "tokens_per_s_per_gpu": achieved / mean_flops_per_token,
         "gpu_hours": gpu_seconds / 3600,
         "gpus": gpus,
-        "layout": {"dp_replicate": 1 if p.ddp else p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp,
+        "layout": {"dp_replicate": 1 if p.ddp else p.dp_replicate, "dp_shard": dp_shard, "cp": p.cp, "tp": p.tp,
                    "ddp": dp_world if p.ddp else 1},
         "gpus_needed": needed,
         "note": note,
@@ -148,7 +154,7 @@ def plan(config: Config, gpus: int | None = None, mfu: float = DEFAULT_MFU, peak
         "memory_assumes": {"micro_batch_size": t.micro_batch_size, "seq_len": longest,
                            "activation_checkpointing": t.activation_checkpointing,
                            "activation_checkpointing_every": t.activation_checkpointing_every,
-                           "num_shards": dp_shard * p.tp},
+                           "num_shards": dp_shard * p.cp * p.tp, "cp": p.cp},
     }
 
 
@@ -165,6 +171,7 @@ def _layout(layout: dict) -> str:
     else:
         parts = [f"dp_replicate {layout['dp_replicate']}"] if layout["dp_replicate"] > 1 else []
         parts += [f"dp_shard {layout['dp_shard']}"]
+    parts += [f"cp {layout['cp']}"] if layout.get("cp", 1) > 1 else []
     return " x ".join(parts + [f"tp {layout['tp']}"])
 
 
@@ -196,7 +203,9 @@ def plan_table(result: dict):
     rows += [
         ("memory per device", f"{mem['total']:.1f} GiB (weights {mem['weights']:.1f}, grads {mem['gradients']:.1f}, "
                               f"AdamW {mem['optimizer']:.1f}, activations {mem['activations']:.1f})"),
-        ("  assuming", f"micro-batch {a['micro_batch_size']} x seq {a['seq_len']}, activation checkpointing "
+        ("  assuming", f"micro-batch {a['micro_batch_size']} x seq {a['seq_len']}"
+                       + (f" split over cp {a['cp']} (+ gathered keys/values)" if a.get("cp", 1) > 1 else "")
+                       + ", activation checkpointing "
                        f"{_checkpointing(a)}, sharded over {a['num_shards']}"),
         ("throughput", f"{_si(result['tokens_per_s_per_gpu'])} tokens/s/GPU at {100 * result['mfu']:.0f}% MFU "
                        f"of {result['peak_tflops']:g} TFLOP/s"),

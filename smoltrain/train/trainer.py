@@ -49,6 +49,7 @@ from smoltrain.train.checkpoint import (
     read_config,
     read_parts,
     read_train_state,
+    rope_scaling_dict,
     save_checkpoint,
 )
 from smoltrain.train.distributed import (
@@ -81,6 +82,11 @@ ObjectiveFactory = Callable[[Config, nn.Module, ParallelContext, Path], Objectiv
 def stage_rope_theta(config: Config, index: int) -> float:
     """The RoPE base in force at stage `index` (-1: before any stage): the last one a stage set."""
     return resolve_stage(config.data, index).rope_theta or config.model.rope_theta
+
+
+def stage_rope_scaling(config: Config, index: int):
+    """The RoPE scaling in force at stage `index`: the last one a stage set, else the model's own."""
+    return resolve_stage(config.data, index).rope_scaling or config.model.rope_scaling
 
 
 # ----------------------------------------------------------------------------- the model
@@ -342,7 +348,8 @@ class Trainer:
             self.say(f"resumed from {checkpoint} (step {self.state.step}, {self.state.tokens:,} tokens)")
             self.check_schedule()
         else:
-            self.model.set_rope(theta=stage_rope_theta(config, self.stage), max_seq_len=self.batches.seq_len)
+            self.model.set_rope(theta=stage_rope_theta(config, self.stage), max_seq_len=self.batches.seq_len,
+                                scaling=stage_rope_scaling(config, self.stage))
             if t.init:
                 self.say(f"initialised from {t.init}")
         self.peak = peak_tflops(self.device, t.peak_tflops)
@@ -498,11 +505,13 @@ class Trainer:
             return
         self.stage = index
         self.batches.set_stage(index)
-        self.model.set_rope(theta=stage_rope_theta(self.config, index), max_seq_len=self.batches.seq_len)
+        self.model.set_rope(theta=stage_rope_theta(self.config, index), max_seq_len=self.batches.seq_len,
+                            scaling=stage_rope_scaling(self.config, index))
         self.metrics.write({"step": self.state.step, "event": "stage", "stage": index, "seq_len": self.batches.seq_len,
-                            "rope_theta": self.model.rope_theta})
+                            "rope_theta": self.model.rope_theta, "rope_scaling": rope_scaling_dict(self.model.rope_scaling)})
         self.say(f"stage {index} ({self.config.data.stages[index].name}) from step {self.state.step}: "
-                 f"seq_len {self.batches.seq_len}, rope_theta {self.model.rope_theta:g}")
+                 f"seq_len {self.batches.seq_len}, rope_theta {self.model.rope_theta:g}"
+                 + (f", {scaling.rope_type} x{scaling.factor:g}" if (scaling := self.model.rope_scaling) else ""))
 
     def stop_requested(self) -> bool:
         """A signal or should_stop(); every rank must stop at the same step, so they agree (MAX)."""
@@ -575,7 +584,8 @@ class Trainer:
     def save(self) -> None:
         started = time.perf_counter()
         extra = {"loader": self.batches.state_dict(), "spike_window": self.spikes.state_dict(), "stage": self.stage,
-                 "rope_theta": self.model.rope_theta, "dp_world": self.ctx.dp_world, "layout": self.layout,
+                 "rope_theta": self.model.rope_theta, "rope_scaling": rope_scaling_dict(self.model.rope_scaling),
+                 "dp_world": self.ctx.dp_world, "layout": self.layout,
                  "objective": self.objective.name}
         if hasattr(self.batches, "fingerprint"):
             extra["data_fingerprint"] = self.batches.fingerprint()
@@ -610,7 +620,8 @@ class Trainer:
             else:
                 log.warning("checkpoint %s has no state for %r: it starts fresh", path, name)
         self.stage = saved["stage"]
-        self.model.set_rope(theta=stage_rope_theta(self.config, self.stage), max_seq_len=self.batches.seq_len)
+        self.model.set_rope(theta=stage_rope_theta(self.config, self.stage), max_seq_len=self.batches.seq_len,
+                            scaling=stage_rope_scaling(self.config, self.stage))
 
     def check_data(self, saved: dict | None) -> None:
         """The batch source's position refers to the data it was saved with: a source whose shards
