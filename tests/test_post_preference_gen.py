@@ -39,17 +39,17 @@ def _fake_replies(answers):
 
 
 def test_pairs_are_kept_or_dropped_for_the_stated_reasons(models, tmp_path, monkeypatch, capsys):
-    import smoltrain.model.hf as hf
+    import smoltrain.train.load_model as load_model
     import smoltrain.post.chat_eval as chat_eval
 
-    real_load_any = hf.load_any
+    real_load_any = load_model.load_any
 
     def load_any(path, device="cpu"):
         model, config, tok = real_load_any(path, device)
         model.source = str(path)
         return model, config, tok
 
-    monkeypatch.setattr(hf, "load_any", load_any)
+    monkeypatch.setattr(load_model, "load_any", load_any)
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(6)]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
