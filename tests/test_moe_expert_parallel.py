@@ -18,14 +18,34 @@ from test_moe_parallel import WORLD, _worker, reference
 from test_parallel_trainer import SAVE_AT, assert_same_curve, steps, write_byte_tokenizer
 from test_parallel_trainer import make_config as dense_config
 
-from smoltrain.config import config_from_dict
+from smoltrain.config import ModelConfig, ParallelConfig, config_from_dict
+from smoltrain.errors import ConfigError
 from smoltrain.train import trainer
+from smoltrain.train.distributed import resolve_layout
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("parallel", "experts", "world", "message"),
+    [
+        ({"ep": 2}, 0, 2, r"parallel.ep \(2\) needs an MoE model"),
+        ({"ep": 3}, 4, 3, r"parallel.ep \(3\) must divide model.num_experts \(4\)"),
+        ({"ep": 2, "tp": 2}, 4, 4, r"parallel.ep \(2\) combines with FSDP2 or DDP, not with parallel.tp \(2\)"),
+        ({"ep": 2}, 4, 4, r"parallel.ep \(2\) must equal the data-parallel world \(4\)"),
+        ({"ep": 0}, 4, 2, r"parallel.ep must be >= 1"),
+    ],
+)
+def test_impossible_expert_parallel_layout_is_a_one_line_config_error(parallel, experts, world, message):
+    model = ModelConfig(num_heads=4, num_kv_heads=2, hidden_size=32, num_experts=experts)
+    with pytest.raises(ConfigError, match=message) as error:
+        resolve_layout(ParallelConfig(**parallel), model, world)
+    assert "\n" not in str(error.value)
+    assert resolve_layout(ParallelConfig(ep=2), ModelConfig(num_heads=4, num_kv_heads=2, hidden_size=32, num_experts=4), 2) == (1, 2, 1)
 
 
 @pytest.mark.slow
