@@ -705,17 +705,15 @@ def grad_accumulation(t: TrainConfig, seq_len: int, dp_world: int) -> int:
 
 def check_expert_parallel(m: ModelConfig, p: ParallelConfig, dp_world: int | None = None) -> None:
     """What parallel.ep asks of the model and layout (dp_world once the world size is known): whole
-    experts per rank, over all data-parallel ranks (FSDP2 or DDP for the rest), no TP."""
+    experts per rank, ep ranks dividing the data-parallel ones (FSDP2 or DDP for the rest), no TP."""
     _require(p.ep >= 1, f"parallel.ep must be >= 1, got {p.ep}")
     if p.ep == 1:
         return
     _require(m.num_experts > 0, f"parallel.ep ({p.ep}) needs an MoE model (model.num_experts > 0)")
     _require(m.num_experts % p.ep == 0, f"parallel.ep ({p.ep}) must divide model.num_experts ({m.num_experts})")
     _require(p.tp == 1, f"parallel.ep ({p.ep}) combines with FSDP2 or DDP, not with parallel.tp ({p.tp})")
-    # Expert-data-parallel groups (ep < dp world: experts replicated over dp / ep ranks) are not built.
-    _require(dp_world is None or dp_world == p.ep,
-             f"parallel.ep ({p.ep}) must equal the data-parallel world ({dp_world}): every data-parallel rank holds "
-             "a share of the experts")
+    _require(dp_world is None or dp_world % p.ep == 0,
+             f"parallel.ep ({p.ep}) must divide the data-parallel world ({dp_world})")
 
 
 def check_tensor_parallel(m: ModelConfig, p: ParallelConfig) -> None:

@@ -1,7 +1,7 @@
 """Expert parallelism on 2 gloo ranks: each rank holds half the experts and exchanges tokens by
 all_to_all, yet takes the same steps as one process (per-step loss and gradient norm, under FSDP2
-and DDP for the other parameters; the reference and worker are test_moe_parallel's), through the
-real trainer too (test_parallel_trainer's data), and a checkpoint saved at ep 2 resumes in one process."""
+and DDP for the other parameters; the reference and worker are test_moe_parallel's), also at ep 2 of
+4 ranks and through the real trainer (test_parallel_trainer's data); an ep 2 checkpoint resumes in one process."""
 
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ import torch
 import torch.multiprocessing as mp
 from spawn_helpers import leaves_without_teardown
 from synthetic_shards import write_random_documents
-from test_moe_parallel import WORLD, _worker, reference
+from test_moe_parallel import ACCUMULATION, LR, MAX_NORM, STEPS, WORLD, _worker, make_config, micro_batches, reference
 from test_parallel_trainer import SAVE_AT, assert_same_curve, steps, write_byte_tokenizer
 from test_parallel_trainer import make_config as dense_config
 
 from smoltrain.config import ModelConfig, ParallelConfig, config_from_dict
 from smoltrain.errors import ConfigError
 from smoltrain.train import trainer
-from smoltrain.train.distributed import resolve_layout
+from smoltrain.train.distributed import resolve_layout, setup_distributed
+from smoltrain.train.optim import clip_grad_norm_
+from smoltrain.train.parallelize import build_parallel_model, set_gradient_sync
 
 
 def free_port() -> int:
@@ -36,7 +38,7 @@ def free_port() -> int:
         ({"ep": 2}, 0, 2, r"parallel.ep \(2\) needs an MoE model"),
         ({"ep": 3}, 4, 3, r"parallel.ep \(3\) must divide model.num_experts \(4\)"),
         ({"ep": 2, "tp": 2}, 4, 4, r"parallel.ep \(2\) combines with FSDP2 or DDP, not with parallel.tp \(2\)"),
-        ({"ep": 2}, 4, 4, r"parallel.ep \(2\) must equal the data-parallel world \(4\)"),
+        ({"ep": 2}, 4, 3, r"parallel.ep \(2\) must divide the data-parallel world \(3\)"),
         ({"ep": 0}, 4, 2, r"parallel.ep must be >= 1"),
     ],
 )
@@ -60,6 +62,43 @@ def test_expert_parallel_equals_one_process(tmp_path):
         for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got, want)):
             assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), f"{name} step {step}: loss {loss} vs {ref_loss}"
             assert abs(norm - ref_norm) <= 1e-4 * abs(ref_norm), f"{name} step {step}: grad norm {norm} vs {ref_norm}"
+
+
+@leaves_without_teardown
+def _four_rank_worker(rank: int, port: int, out_dir: str) -> None:
+    """test_moe_parallel's loop at 4 ranks, ep 2: two ep rows of 2 ranks, each row holding all experts."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    config = make_config({"ep": 2})
+    ctx = setup_distributed(config.parallel, config.model, seed=config.train.seed, device="cpu", precision="fp32", compile="off")
+    model = build_parallel_model(config, ctx)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    curve = []
+    for step in range(STEPS):
+        total = torch.zeros(())
+        for i, (ids, labels) in enumerate(micro_batches(step, ctx.dp_rank, ctx.dp_world)):
+            set_gradient_sync(model, i == ACCUMULATION - 1)
+            loss = model(ids, labels=labels).loss / ACCUMULATION
+            loss.backward()
+            total += loss.detach()
+        norm = clip_grad_norm_(model.parameters(), MAX_NORM)
+        optimizer.step()
+        optimizer.zero_grad()
+        curve.append((ctx.all_reduce_dp(total).item(), norm.item()))
+    if rank == 0:
+        torch.save(curve, Path(out_dir) / "ep2_of_4.pt")
+    ctx.close()
+
+
+@pytest.mark.slow
+def test_expert_parallel_below_the_data_parallel_world_equals_one_process(tmp_path):
+    """ep 2 of 4 data-parallel ranks: expert gradients are summed over the two rows holding the same experts."""
+    torch.set_num_threads(1)
+    mp.spawn(_four_rank_worker, args=(free_port(), str(tmp_path)), nprocs=4, join=True)
+    want = reference(4)
+    for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(torch.load(tmp_path / "ep2_of_4.pt"), want)):
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), f"step {step}: loss {loss} vs {ref_loss}"
+        assert abs(norm - ref_norm) <= 1e-4 * abs(ref_norm), f"step {step}: grad norm {norm} vs {ref_norm}"
 
 
 # ----------------------------------------------------------------------------- through the trainer

@@ -79,7 +79,7 @@ class ParallelContext:
     flat_dp_mesh: object | None = None  # 1-D view of (dp_replicate, dp_shard): DDP and dp reductions
     precision: str = "fp32"  # resolved train.precision: "bf16" (autocast over float32 weights) or "fp32"
     compile: bool = False  # resolved train.compile: per-block torch.compile
-    ep: int = 1  # expert-parallel degree: equals dp_world when > 1 (config.check_expert_parallel)
+    ep: int = 1  # expert-parallel degree: divides dp_world (config.check_expert_parallel)
 
     @property
     def dp_world(self) -> int:

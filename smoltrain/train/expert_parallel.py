@@ -15,26 +15,46 @@ import torch.nn as nn
 from smoltrain.model.moe import Experts
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
-    """Shard every MoE layer's stacked experts over `ep_mesh` (dim 0, on the meta device before FSDP
-    / DDP, which must leave them alone) and route their calls through all_to_all."""
-    from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+def expert_mesh(device_type: str, dp_world: int, ep: int):
+    """The experts' mesh over the data-parallel ranks (tp is 1 under EP): ("edp", "ep"), where the ep
+    ranks of one row split the experts and the dp_world / ep rows hold the same experts."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (dp_world // ep, ep), mesh_dim_names=("edp", "ep"))
+
+
+def apply_expert_parallel(model: nn.Module, mesh) -> None:
+    """Shard every MoE layer's stacked experts over the mesh's "ep" dimension (dim 0) and replicate
+    them over "edp", on the meta device before FSDP / DDP (which must leave them alone), and route
+    their calls through all_to_all within an ep row."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
 
     def shard_experts(name, module, mesh):
         for key, param in list(module.named_parameters(recurse=False)):
-            module.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Shard(0)], src_data_rank=None)))
+            sharded = distribute_tensor(param, mesh, [Replicate(), Shard(0)], src_data_rank=None)
+            module.register_parameter(key, nn.Parameter(sharded))
 
     for module in expert_modules(model):
-        distribute_module(module, ep_mesh, shard_experts, input_fn=_dispatch, output_fn=_combine)
+        distribute_module(module, mesh, shard_experts, input_fn=_dispatch, output_fn=_combine)
 
 
-def divide_expert_gradients(model: nn.Module, dp_world: int) -> None:
-    """After materialisation: an expert's gradient already sums the tokens of every ep rank (the
-    exchange's backward brings them home), so it is divided by dp_world, the average FSDP / DDP take
-    over the other parameters, and never averaged again over the ep ranks (megablocks#86: ep x too large)."""
+def divide_expert_gradients(model: nn.Module, mesh, dp_world: int) -> None:
+    """After materialisation: an expert's gradient already sums the tokens of its ep row (the
+    exchange's backward brings them home); it is summed over the edp rows holding the same experts
+    and divided by dp_world, the average FSDP / DDP take over the other parameters, and never
+    averaged again over the ep ranks (megablocks#86: ep x too large). The edp sum runs on every
+    micro-batch (no accumulation-aware sync: one all-reduce of the local experts per backward)."""
+    edp = mesh.get_group("edp") if mesh.size(0) > 1 else None
+
+    def reduce(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad / dp_world
+        if edp is not None:
+            dist.all_reduce(grad.to_local(), group=edp)
+        return grad
+
     for module in expert_modules(model):
         for param in module.parameters(recurse=False):
-            param.register_hook(lambda grad: grad / dp_world)
+            param.register_hook(reduce)
 
 
 def expert_modules(model: nn.Module) -> list[nn.Module]:
@@ -55,7 +75,7 @@ def _dispatch(module: Experts, inputs: tuple, mesh) -> tuple[torch.Tensor, torch
     local expert, their counts [E / ep]). Counts go first (one small all_to_all) so that every rank
     knows its split sizes; the tokens follow with autograd."""
     x, counts = inputs
-    group, ranks = mesh.get_group(), mesh.size()
+    group, ranks = mesh.get_group("ep"), mesh.size(1)
     per_rank = counts.view(ranks, -1)  # row r: tokens for rank r's experts, which are contiguous
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts, group=group)
@@ -74,7 +94,7 @@ def _combine(module: Experts, output: torch.Tensor, mesh) -> torch.Tensor:
     route: _Route = module._route
     module._route = None
     rank_major = torch.empty_like(output).index_copy_(0, route.order, output)
-    return funcol.all_to_all_single_autograd(rank_major, route.send, route.receive, mesh.get_group())
+    return funcol.all_to_all_single_autograd(rank_major, route.send, route.receive, mesh.get_group("ep"))
 
 
-__all__ = ["apply_expert_parallel", "divide_expert_gradients", "expert_modules"]
+__all__ = ["apply_expert_parallel", "divide_expert_gradients", "expert_mesh", "expert_modules"]

@@ -16,7 +16,7 @@ from smoltrain.errors import CheckpointError
 from smoltrain.model.moe import MoE
 from smoltrain.model.transformer import Transformer
 from smoltrain.train.distributed import ParallelContext
-from smoltrain.train.expert_parallel import apply_expert_parallel, divide_expert_gradients, expert_modules
+from smoltrain.train.expert_parallel import apply_expert_parallel, divide_expert_gradients, expert_mesh, expert_modules
 from smoltrain.train.lora import apply_lora, base_parameter_name, init_adapter_weights, is_adapter_name
 
 # ----------------------------------------------------------------------------- the recipe, one function each
@@ -171,9 +171,10 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
         apply_lora(model, lora)
     if ctx.tp > 1:
         apply_tensor_parallel(model, ctx.tp_mesh, config.parallel.sequence_parallel, config.parallel.loss_parallel)
-    if ctx.ep > 1:  # over every data-parallel rank (config.check_expert_parallel), outside FSDP / DDP
-        apply_expert_parallel(model, ctx.flat_dp_mesh)
-    experts = expert_modules(model) if ctx.ep > 1 else []
+    ep_mesh = expert_mesh(device.type, ctx.dp_world, ctx.ep) if ctx.ep > 1 else None
+    if ep_mesh is not None:  # over the data-parallel ranks (tp is 1: config.check_expert_parallel), outside FSDP / DDP
+        apply_expert_parallel(model, ep_mesh)
+    experts = expert_modules(model) if ep_mesh is not None else []
     checkpointing, compiling = config.train.activation_checkpointing, ctx.compile
     # Dynamo cannot trace a checkpointed block holding DTensors (torch 2.13: the checkpoint saves the
     # DeviceMesh as a tensor), so under TP the compiled block is checkpointed instead of the reverse.
@@ -190,7 +191,7 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
     model.to_empty(device=device)
     model.init_weights(config.train.seed)
     if experts:
-        divide_expert_gradients(model, ctx.dp_world)
+        divide_expert_gradients(model, ep_mesh, ctx.dp_world)
     if lora is not None:
         init_adapter_weights(model, lora)
     if ctx.dp_world > 1 and ctx.ddp:
