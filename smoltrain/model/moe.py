@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from smoltrain.config import ModelConfig
 from smoltrain.model.layers import MLP
@@ -29,7 +30,7 @@ class Experts(nn.Module):
         """This rank's experts: all of them, or under expert parallelism (train/expert_parallel.py)
         the local shard of the DTensors, to which x has already been dispatched."""
         weights = (self.gate_proj, self.up_proj, self.down_proj)
-        return tuple(w.to_local() if hasattr(w, "to_local") else w for w in weights)
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in weights)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and hasattr(F, "grouped_mm"):

@@ -70,6 +70,7 @@ class _Route:
         self.send, self.receive, self.order = send, receive, order
 
 
+@torch.compiler.disable  # data-dependent split sizes (a host sync): run eagerly between compiled parts of the block
 def _dispatch(module: Experts, inputs: tuple, mesh) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens sorted by global expert, counts [E]) -> (the tokens of this rank's experts sorted by
     local expert, their counts [E / ep]). Counts go first (one small all_to_all) so that every rank
@@ -89,6 +90,7 @@ def _dispatch(module: Experts, inputs: tuple, mesh) -> tuple[torch.Tensor, torch
     return tokens[order], received.sum(dim=0)
 
 
+@torch.compiler.disable
 def _combine(module: Experts, output: torch.Tensor, mesh) -> torch.Tensor:
     """The inverse of _dispatch: unsort to rank-major and send every row back to the rank it came from."""
     route: _Route = module._route
