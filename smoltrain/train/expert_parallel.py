@@ -1,5 +1,5 @@
-"""Expert parallelism applied from outside the model: each rank holds num_experts / ep experts (DTensor
-Shard(0) on the ep mesh), and the tokens the router sent to another rank's experts travel there and back by all_to_all.
+"""Expert parallelism applied from outside the model: each rank holds num_experts / ep experts (DTensors
+Shard(0) over "ep", replicated over "edp"); tokens routed to another rank's experts travel there and back by all_to_all.
 
 The MoE block reads as on one device: it sorts its tokens by (global) expert and calls `experts(x, counts)`;
 the hooks installed here turn that call into dispatch -> local experts -> combine (torchtitan's AllToAllTokenDispatcher).
