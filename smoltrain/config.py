@@ -227,6 +227,7 @@ class ParallelConfig:
     ddp: bool = False  # plain DistributedDataParallel instead of FSDP2
     sequence_parallel: bool = True
     loss_parallel: bool = False  # tp > 1: head and logits split by vocabulary, never gathered in training
+    ep: int = 1  # expert parallel: each data-parallel rank holds num_experts / ep experts; tokens travel by all_to_all
 
 
 @dataclass
@@ -712,6 +713,7 @@ def validate(c: Config) -> None:
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be -1 (auto) or >= 1, got {p.dp_shard}")
     validate_lora(t, p)
     check_tensor_parallel(c.model, p)
+    check_expert_parallel(c.model, p)
     validate_eval(c.eval)
     validate_dpo(c.dpo)
     validate_grpo(c.grpo)
@@ -740,6 +742,19 @@ def grad_accumulation(t: TrainConfig, seq_len: int, dp_world: int) -> int:
             f"({t.micro_batch_size} x {seq_len} x {dp_world} = {per_step})"
         )
     return t.global_batch_tokens // per_step
+
+
+def check_expert_parallel(m: ModelConfig, p: ParallelConfig, dp_world: int | None = None) -> None:
+    """What parallel.ep asks of the model and layout (dp_world once the world size is known): whole
+    experts per rank, ep ranks dividing the data-parallel ones (FSDP2 or DDP for the rest), no TP."""
+    _require(p.ep >= 1, f"parallel.ep must be >= 1, got {p.ep}")
+    if p.ep == 1:
+        return
+    _require(m.num_experts > 0, f"parallel.ep ({p.ep}) needs an MoE model (model.num_experts > 0)")
+    _require(m.num_experts % p.ep == 0, f"parallel.ep ({p.ep}) must divide model.num_experts ({m.num_experts})")
+    _require(p.tp == 1, f"parallel.ep ({p.ep}) combines with FSDP2 or DDP, not with parallel.tp ({p.tp})")
+    _require(dp_world is None or dp_world % p.ep == 0,
+             f"parallel.ep ({p.ep}) must divide the data-parallel world ({dp_world})")
 
 
 def check_tensor_parallel(m: ModelConfig, p: ParallelConfig) -> None:

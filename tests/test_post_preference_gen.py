@@ -39,8 +39,8 @@ def _fake_replies(answers):
 
 
 def test_pairs_are_kept_or_dropped_for_the_stated_reasons(models, tmp_path, monkeypatch, capsys):
-    import smoltrain.train.load_model as load_model
     import smoltrain.post.chat_eval as chat_eval
+    import smoltrain.train.load_model as load_model
 
     real_load_any = load_model.load_any
 

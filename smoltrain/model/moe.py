@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from smoltrain.config import ModelConfig
 from smoltrain.model.layers import MLP
@@ -25,6 +26,12 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, expert_hidden, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, expert_hidden))
 
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's experts: all of them, or under expert parallelism (train/expert_parallel.py)
+        the local shard of the DTensors, to which x has already been dispatched."""
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in weights)
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and hasattr(F, "grouped_mm"):
             return self._grouped(x, counts)
@@ -36,16 +43,17 @@ class Experts(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         offs = torch.cumsum(counts, 0).to(torch.int32)
         x = x.to(dtype)
-        gate = F.grouped_mm(x, self.gate_proj.to(dtype).transpose(-2, -1), offs=offs)
-        up = F.grouped_mm(x, self.up_proj.to(dtype).transpose(-2, -1), offs=offs)
-        return F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(-2, -1), offs=offs)
+        gate_proj, up_proj, down_proj = self.local_weights()
+        gate = F.grouped_mm(x, gate_proj.to(dtype).transpose(-2, -1), offs=offs)
+        up = F.grouped_mm(x, up_proj.to(dtype).transpose(-2, -1), offs=offs)
+        return F.grouped_mm(F.silu(gate) * up, down_proj.to(dtype).transpose(-2, -1), offs=offs)
 
     def _sliced(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # CPU: one matmul per expert on its contiguous slice (no masks, no per-token gathers). split and
         # unbind, not indexing: their backward writes each gradient once (one cat / stack), where
         # x[a:b] and w[j] would each allocate and add a zero tensor the size of the whole input.
         parts = x.split(counts.tolist())
-        gates, ups, downs = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+        gates, ups, downs = (weight.unbind(0) for weight in self.local_weights())
         outputs = [F.linear(F.silu(F.linear(part, gates[j])) * F.linear(part, ups[j]), downs[j])
                    for j, part in enumerate(parts) if part.shape[0]]
         return torch.cat(outputs) if outputs else x.new_zeros((0, x.shape[-1]))

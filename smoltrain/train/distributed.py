@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from smoltrain.config import Config, ModelConfig, ParallelConfig, TrainConfig, check_tensor_parallel
+from smoltrain.config import Config, ModelConfig, ParallelConfig, TrainConfig, check_expert_parallel, check_tensor_parallel
 from smoltrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int
             f"but the world size is {world_size} (torchrun --nnodes x --nproc_per_node)"
         )
     check_tensor_parallel(model, parallel)
+    check_expert_parallel(model, parallel, replicate * shard)
     return replicate, shard, tp
 
 
@@ -83,6 +84,7 @@ class ParallelContext:
     flat_dp_mesh: object | None = None  # 1-D view of (dp_replicate, dp_shard): DDP and dp reductions
     precision: str = "fp32"  # resolved train.precision: "bf16" (autocast over float32 weights) or "fp32"
     compile: bool = False  # resolved train.compile: per-block torch.compile
+    ep: int = 1  # expert-parallel degree: divides dp_world (config.check_expert_parallel)
 
     @property
     def dp_world(self) -> int:
@@ -340,7 +342,8 @@ def setup_distributed(
         flat_dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
         mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
     ctx = ParallelContext(rank, local_rank, world_size, replicate, shard, tp, parallel_cfg.ddp, dev, mesh, 0, flat_dp_mesh,
-                          precision=resolve_precision(precision, dev, model_cfg, tokens), compile=resolve_compile(compile, dev))
+                          precision=resolve_precision(precision, dev, model_cfg, tokens), compile=resolve_compile(compile, dev),
+                          ep=parallel_cfg.ep)
     ctx.seed = runtime_seed(seed, ctx.dp_rank)
     torch.manual_seed(ctx.seed)  # CPU and every CUDA device
     if ctx.is_main and world_size > 1:

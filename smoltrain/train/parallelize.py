@@ -16,6 +16,7 @@ from smoltrain.errors import CheckpointError
 from smoltrain.model.moe import MoE
 from smoltrain.model.transformer import Transformer
 from smoltrain.train.distributed import ParallelContext
+from smoltrain.train.expert_parallel import apply_expert_parallel, divide_expert_gradients, expert_mesh, expert_modules
 from smoltrain.train.lora import apply_lora, base_parameter_name, init_adapter_weights, is_adapter_name
 
 # ----------------------------------------------------------------------------- the recipe, one function each
@@ -125,24 +126,31 @@ def apply_compile(model: Transformer, **compile_kwargs) -> None:
         model.loss_chunk = torch.compile(model.loss_chunk, **compile_kwargs)
 
 
-def apply_fsdp(model: Transformer, dp_mesh, param_dtype: torch.dtype | None = None) -> None:
+def apply_fsdp(model: Transformer, dp_mesh, param_dtype: torch.dtype | None = None, ignored: set | None = None) -> None:
     """FSDP2 per block, then the root (embedding, final norm, head). A 2-D mesh gives HSDP.
-    With param_dtype bf16, gradients are still reduced in float32 (precision of the average)."""
+    With param_dtype bf16, gradients are still reduced in float32 (precision of the average).
+    `ignored` parameters (expert-parallel experts) are neither sharded nor reduced."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     last = len(model.layers) - 1
     for index, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=index < last)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=index < last, ignored_params=ignored)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, ignored_params=ignored)
 
 
-def apply_ddp(model: Transformer, dp_mesh) -> None:
+def apply_ddp(model: Transformer, dp_mesh, ignored: list[nn.Module] | None = None) -> None:
     """Plain data parallel (composable DDP: the module keeps its type, names and methods)."""
     from torch.distributed._composable.replicate import replicate
 
-    replicate(model, device_mesh=dp_mesh)
+    if not ignored:
+        replicate(model, device_mesh=dp_mesh)
+        return
+    # Given a sliced mesh, replicate() adds torch's DDP x TP hooks, which turn every DTensor parameter,
+    # ignored ones included, into a new local Parameter after each forward (torch 2.13): the
+    # optimizer would lose the experts. The mesh's process group has no such hooks.
+    replicate(model, ignored_modules=ignored, process_group=dp_mesh.get_group())
 
 
 # ----------------------------------------------------------------------------- build
@@ -163,6 +171,10 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
         apply_lora(model, lora)
     if ctx.tp > 1:
         apply_tensor_parallel(model, ctx.tp_mesh, config.parallel.sequence_parallel, config.parallel.loss_parallel)
+    ep_mesh = expert_mesh(device.type, ctx.dp_world, ctx.ep) if ctx.ep > 1 else None
+    if ep_mesh is not None:  # over the data-parallel ranks (tp is 1: config.check_expert_parallel), outside FSDP / DDP
+        apply_expert_parallel(model, ep_mesh)
+    experts = expert_modules(model) if ep_mesh is not None else []
     checkpointing, compiling = config.train.activation_checkpointing, ctx.compile
     # Dynamo cannot trace a checkpointed block holding DTensors (torch 2.13: the checkpoint saves the
     # DeviceMesh as a tensor), so under TP the compiled block is checkpointed instead of the reverse.
@@ -174,13 +186,16 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
     if compiling and not compile_first:
         apply_compile(model)
     if ctx.dp_world > 1 and not ctx.ddp:
-        apply_fsdp(model, ctx.dp_mesh, torch.bfloat16 if ctx.precision == "bf16" else None)
+        apply_fsdp(model, ctx.dp_mesh, torch.bfloat16 if ctx.precision == "bf16" else None,
+                   {p for module in experts for p in module.parameters()})
     model.to_empty(device=device)
     model.init_weights(config.train.seed)
+    if experts:
+        divide_expert_gradients(model, ep_mesh, ctx.dp_world)
     if lora is not None:
         init_adapter_weights(model, lora)
     if ctx.dp_world > 1 and ctx.ddp:
-        apply_ddp(model, ctx.flat_dp_mesh)
+        apply_ddp(model, ctx.flat_dp_mesh, experts)
     return model
 
 
