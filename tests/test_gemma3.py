@@ -9,6 +9,7 @@ import torch
 import yaml
 from chat_helpers import VOCAB as VOCAB_SFT
 from chat_helpers import chat_tokenizers, conversations
+from hf_training_parity import assert_training_matches_transformers
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
 
@@ -114,20 +115,7 @@ def test_ten_training_steps_give_transformers_losses(tmp_path):
     hf = _hf_gemma(seed=3, pad_token_id=None).train()
     hf.save_pretrained(tmp_path / "hf")
     ours, _, _ = load_any(import_hf(tmp_path / "hf", tmp_path / "ours"))
-    ours.train()
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-2)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(1)
-    for step in range(10):
-        ids = torch.randint(0, 128, (2, 20), generator=g)
-        labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)  # transformers shifts inside
-        theirs = hf(ids, labels=ids).loss
-        mine = ours(ids, labels=labels).loss
-        assert abs(mine.item() - theirs.item()) < 1e-4 * max(1.0, theirs.item()), (step, mine.item(), theirs.item())
-        for loss, opt in ((theirs, opt_hf), (mine, opt_ours)):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    assert_training_matches_transformers(hf, ours, steps=10, seq_len=20, rel=1e-4)
 
 
 def test_greedy_generation_past_the_window_equals_transformers(pair):

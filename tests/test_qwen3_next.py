@@ -3,6 +3,7 @@ logits, export round trip, 10 training steps; and a packed row of the hybrid aga
 
 import pytest
 import torch
+from hf_training_parity import assert_training_matches_transformers
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
 from smoltrain.model.generate import generate
@@ -68,20 +69,7 @@ def test_ten_training_steps_give_transformers_losses(tmp_path):
     hf = _hf_next(seed=3).train()
     hf.save_pretrained(tmp_path / "hf")
     ours, _, _ = load_any(import_hf(tmp_path / "hf", tmp_path / "ours"))
-    ours.train()
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-2)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(1)
-    for step in range(10):
-        ids = torch.randint(0, 128, (2, 24), generator=g)
-        labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)  # transformers shifts inside
-        theirs = hf(ids, labels=ids).loss
-        mine = ours(ids, labels=labels).loss
-        assert abs(mine.item() - theirs.item()) < 1e-4 * max(1.0, theirs.item()), (step, mine.item(), theirs.item())
-        for loss, opt in ((theirs, opt_hf), (mine, opt_ours)):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    assert_training_matches_transformers(hf, ours, steps=10, seq_len=24, rel=1e-4)
 
 
 def test_greedy_generation_from_the_recurrent_state_equals_transformers(pair):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from hf_training_parity import assert_training_matches_transformers
 from pretrain_helpers import tiny_pretrain_config
 from transformers import (
     AutoModelForCausalLM,
@@ -139,21 +140,8 @@ def test_continued_pretraining_with_yarn_gives_transformers_losses(tmp_path, fam
     hf = _hf_yarn_model(family).train()
     hf.save_pretrained(tmp_path / "hf")
     ours, config, _ = load_any(import_hf(tmp_path / "hf", tmp_path / "ours"))
-    ours.train()
     assert config.model.rope_scaling.rope_type == "yarn" and config.model.rope_scaling.original_max_seq_len == 32
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-2)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(1)
-    for step in range(4):
-        ids = torch.randint(0, 128, (2, 100), generator=g)
-        labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)  # transformers shifts inside
-        theirs = hf(ids, labels=ids).loss
-        mine = ours(ids, labels=labels).loss
-        assert abs(mine.item() - theirs.item()) < 1e-5 * max(1.0, theirs.item()), (step, mine.item(), theirs.item())
-        for loss, opt in ((theirs, opt_hf), (mine, opt_ours)):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    assert_training_matches_transformers(hf, ours, steps=4, seq_len=100, rel=1e-5)
 
 
 def test_rope_parameters_round_trip_and_other_scalings_are_refused():
