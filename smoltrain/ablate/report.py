@@ -119,17 +119,7 @@ def write_report(results: dict, curves: dict[str, list[dict[int, float]]], out_d
         report.text(f"Every variant is within {results['param_tolerance']:.0%} of the baseline's parameter count.")
 
     report.heading("Loss curves")
-    series, bands = {}, {}
-    for arm in names:
-        per_seed = curves.get(arm, [])
-        if not per_seed:
-            continue
-        steps = sorted(set.intersection(*(set(c) for c in per_seed)))
-        if not steps:
-            continue
-        values = [[c[s] for c in per_seed] for s in steps]
-        series[arm] = (steps, [mean(v) for v in values])
-        bands[arm] = (steps, [min(v) for v in values], [max(v) for v in values])
+    series, bands = _seed_mean_curves(curves, names)
     if series:
         report.image(plots.line_plot(fig_dir / "loss_curves.png", series, bands=bands, colors=colors,
                                      title="training loss (mean over seeds, band: min-max)", ylabel="loss"),
@@ -166,6 +156,20 @@ def write_report(results: dict, curves: dict[str, list[dict[int, float]]], out_d
                  [(a, r["seed"], r["final_loss"], r["tokens"], r["tokens_per_s"], r["mfu"], r["wall_s"], f"`{r['run_dir']}`")
                   for a in names for r in arms[a]["runs"]])
     return report.write(out_dir)
+
+
+def _seed_mean_curves(curves: dict[str, list[dict[int, float]]], names: list[str]) -> tuple[dict, dict]:
+    """Per arm, the mean loss over seeds at the steps every seed logged, and the min-max band."""
+    series, bands = {}, {}
+    for arm in names:
+        per_seed = curves.get(arm, [])
+        steps = sorted(set.intersection(*(set(c) for c in per_seed))) if per_seed else []
+        if not steps:
+            continue
+        values = [[c[s] for c in per_seed] for s in steps]
+        series[arm] = (steps, [mean(v) for v in values])
+        bands[arm] = (steps, [min(v) for v in values], [max(v) for v in values])
+    return series, bands
 
 
 def _mean_std(stat: dict | None) -> str:

@@ -238,11 +238,7 @@ def evaluate(
     model, config, tokenizer_path = _load_for_eval(path_or_model, config, tokenizer, device,
                                                    parse_validation(validation))
     if yarn_factor:
-        from smoltrain.config import RopeScaling, validate_rope_scaling
-
-        scaling = RopeScaling(factor=yarn_factor, original_max_seq_len=model.config.max_seq_len)
-        validate_rope_scaling(scaling, "--yarn")
-        model.set_rope(scaling=scaling)
+        _stretch_with_yarn(model, yarn_factor)
     e = config.eval
     limit = limit if limit is not None else e.limit
     seed = e.seed if seed is None else seed
@@ -270,21 +266,25 @@ def evaluate(
         "model": model_provenance(path_or_model),
         "tokenizer": str(tokenizer_path) if tokenizer_path is not None else None,
         "tasks": {t.name: task_provenance(t) for t in task_list},
-        "limit": limit,
-        "seed": seed,
-        "batch_size": batch_size,
-        "validation": dict(config.data.validation) if val else {},
-        "val_batches": num_val if val else 0,
-        "device": str(device),
-        "yarn_factor": yarn_factor,
-        "smoltrain_version": __version__,
-        "torch_version": torch.__version__,
+        "limit": limit, "seed": seed, "batch_size": batch_size,
+        "validation": dict(config.data.validation) if val else {}, "val_batches": num_val if val else 0,
+        "device": str(device), "yarn_factor": yarn_factor,
+        "smoltrain_version": __version__, "torch_version": torch.__version__,
     }
     if out is not None:
         if details is not None:
             report["samples"] = str(write_samples(details, Path(out).with_suffix(".samples.jsonl")))
         write_results(report, out)
     return report
+
+
+def _stretch_with_yarn(model, factor: float) -> None:
+    """Score past the trained length with YaRN and no training (SmolLM3's 128k from 64k)."""
+    from smoltrain.config import RopeScaling, validate_rope_scaling
+
+    scaling = RopeScaling(factor=factor, original_max_seq_len=model.config.max_seq_len)
+    validate_rope_scaling(scaling, "--yarn")
+    model.set_rope(scaling=scaling)
 
 
 def _score(model, config, tokenizer_path, task_list: list, batch_size: int, seed: int, num_val: int,
