@@ -1,9 +1,20 @@
-"""One check shared by every family's Hugging Face parity tests: our model and transformers' trained
-side by side on the same random batches give the same loss at every step."""
+"""What every family's Hugging Face parity tests share: our model imported from transformers' own
+save_pretrained folder, and both trained side by side on the same random batches."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from smoltrain.train.load_model import import_hf, load_any
+
+
+def imported_pair(hf, root: Path):
+    """(transformers' model, ours imported from its save_pretrained folder in eval mode, our config)."""
+    hf.save_pretrained(root / "hf")
+    ours, config, _ = load_any(import_hf(root / "hf", root / "ours"))
+    return hf, ours.eval(), config
 
 
 def assert_training_matches_transformers(hf, ours, steps: int = 10, seq_len: int = 16, rel: float = 1e-4,

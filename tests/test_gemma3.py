@@ -9,7 +9,7 @@ import torch
 import yaml
 from chat_helpers import VOCAB as VOCAB_SFT
 from chat_helpers import chat_tokenizers, conversations
-from hf_training_parity import assert_training_matches_transformers
+from hf_training_parity import assert_training_matches_transformers, imported_pair
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
 
@@ -55,10 +55,7 @@ def _hf_gemma(seed: int = 0, **changes) -> Gemma3ForCausalLM:
 def pair(tmp_path_factory):
     """(transformers' model, ours imported from its save_pretrained folder, folder root)."""
     root = tmp_path_factory.mktemp("gemma3")
-    hf = _hf_gemma()
-    hf.save_pretrained(root / "hf")
-    ours, config, _ = load_any(import_hf(root / "hf", root / "ours"))
-    return hf, ours.eval(), config, root
+    return (*imported_pair(_hf_gemma(), root), root)
 
 
 def test_imported_gemma3_logits_match_transformers_and_export_round_trips(pair):

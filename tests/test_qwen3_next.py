@@ -3,7 +3,7 @@ logits, export round trip, 10 training steps; and a packed row of the hybrid aga
 
 import pytest
 import torch
-from hf_training_parity import assert_training_matches_transformers
+from hf_training_parity import assert_training_matches_transformers, imported_pair
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
 from smoltrain.model.generate import generate
@@ -31,10 +31,7 @@ def _hf_next(seed: int = 0) -> Qwen3NextForCausalLM:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen3_next")
-    hf = _hf_next()
-    hf.save_pretrained(root / "hf")
-    ours, config, _ = load_any(import_hf(root / "hf", root / "ours"))
-    return hf, ours.eval(), config, root
+    return (*imported_pair(_hf_next(), root), root)
 
 
 def test_imported_qwen3_next_logits_match_transformers_and_export_round_trips(pair):

@@ -253,8 +253,7 @@ def evaluate(
         tokenizer_path = resolve_data_config(config).data.tokenizer  # built once, then cached
     if task_list and tokenizer_path is None:
         raise ConfigError("no tokenizer is known for this model: pass --tokenizer PATH (tokenizer.json or a folder)")
-    details: list | None = [] if log_samples else None
-    num_val = val_batches if val_batches is not None else e.val_batches
+    details, num_val = ([] if log_samples else None), (val_batches if val_batches is not None else e.val_batches)
     results, val = _score(model, config, tokenizer_path, task_list, batch_size, seed, num_val, device, progress, details)
     report = {"tasks": results, "aggregate": aggregate(results), "val": val, "main_metric": main_metrics(task_list)}
     buckets = position_buckets if position_buckets is not None else e.position_buckets
