@@ -7,6 +7,10 @@ so RoPE layers rotate by document-relative positions and NoPE layers stay unrota
 The exchange is the simplest correct one (torchtitan's "allgather" rotation, run eagerly): every layer
 all-gathers keys and values over the cp group and masks causally and by document on global positions;
 the backward sums every rank's key/value gradients with one all-reduce (gloo has no reduce-scatter).
+
+In the Trainer (`parallel.cp`), the cp ranks of a group read the same rows (they share a data-parallel
+rank), each trains on its two chunks (`split_batch`), and FSDP shards over dp_shard x cp flattened, so
+gradients and the step's loss and label-token sums run over dp x cp: one process's normalisation.
 """
 
 from __future__ import annotations
@@ -17,8 +21,36 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from smoltrain.config import Config
+from smoltrain.data.stages import stage_seq_lens
 from smoltrain.errors import ConfigError
 from smoltrain.model.attention import positions_from_documents
+
+
+def check_context_parallel(config: Config, splits_sequences: bool) -> None:
+    """What parallel.cp > 1 needs, as one-line ConfigErrors before any process group or allocation:
+    an objective that trains on packed rows (`splits_sequences`: pretraining), sequence lengths of
+    2 x cp equal chunks, and a model whose every layer attends through the gathered keys and values."""
+    cp, m, p = config.parallel.cp, config.model, config.parallel
+    if cp == 1:
+        return
+    if not splits_sequences:
+        raise ConfigError(f"parallel.cp ({cp}): only pretraining splits sequences over context-parallel ranks "
+                          "(SFT, DPO and GRPO rows are padded per batch); set parallel.cp=1")
+    refused = {
+        "parallel.tp": p.tp > 1,  # TP's sequence parallel shards the same dimension; not combined yet
+        "parallel.ep / model.num_experts": p.ep > 1 or m.num_experts > 0,  # routing statistics are per dp rank
+        "model.sliding_window": m.sliding_window > 0,  # the gathered-keys mask has no window band
+        "model.full_attention_every": m.full_attention_every > 0,  # linear attention's state crosses chunks
+    }
+    for key, hit in refused.items():
+        if hit:
+            raise ConfigError(f"parallel.cp ({cp}) with {key}: context parallelism runs dense attention models "
+                              "without tensor or expert parallelism; set parallel.cp=1")
+    for seq_len in sorted(set(stage_seq_lens(config.data))):
+        if seq_len % (2 * cp):
+            raise ConfigError(f"parallel.cp ({cp}): sequence length {seq_len} must be a multiple of 2 x cp = {2 * cp} "
+                              "(each rank holds an early and a late chunk)")
 
 
 def chunk_indices(seq_len: int, cp: int, rank: int) -> torch.Tensor:
@@ -79,3 +111,12 @@ def shard_sequence(input_ids: torch.Tensor, labels: torch.Tensor, document_ids: 
         mask = mask & (document_ids[:, mine][:, :, None] == document_ids[:, None, :])[:, None]
     return {"input_ids": input_ids[:, mine], "labels": labels[:, mine], "position_ids": positions[:, mine],
             "attention_mask": ContextParallelAttention(group, rank, world, order, mask)}
+
+
+def split_batch(batch: dict, ctx, document_masking: bool) -> dict:
+    """This cp rank's part of a loader batch (input_ids, labels, document_ids [batch, seq]): its two
+    chunks with whole-sequence positions and the cross-rank attention mask; document_ids is consumed
+    (the mask and positions carry it), so the objective's forward needs no other change."""
+    part = shard_sequence(batch["input_ids"], batch["labels"], batch.get("document_ids"), document_masking,
+                          ctx.cp_group, ctx.cp_rank, ctx.cp)
+    return {**batch, **part, "document_ids": None}

@@ -23,7 +23,7 @@ from smoltrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")  # with parallel.cp > 1, "cp" sits between dp_shard and tp
 
 
 # ----------------------------------------------------------------------------- layout
@@ -85,6 +85,18 @@ class ParallelContext:
     precision: str = "fp32"  # resolved train.precision: "bf16" (autocast over float32 weights) or "fp32"
     compile: bool = False  # resolved train.compile: per-block torch.compile
     ep: int = 1  # expert-parallel degree: divides dp_world (config.check_expert_parallel)
+    cp: int = 1  # context-parallel degree: ranks that read the same rows and split their sequence
+    flat_dp_cp_mesh: object | None = None  # with cp > 1: 1-D view of (dp_replicate, dp_shard, cp)
+
+    @property
+    def grad_world(self) -> int:
+        """Ranks that hold a different part of a step's tokens, over which FSDP / DDP average gradients."""
+        return self.dp_replicate * self.dp_shard * self.cp
+
+    @property
+    def grad_mesh(self):
+        """The 1-D mesh of those grad_world ranks: DDP's, and the step's loss sums'."""
+        return self.flat_dp_cp_mesh if self.cp > 1 else self.flat_dp_mesh
 
     @property
     def dp_world(self) -> int:
@@ -92,7 +104,15 @@ class ParallelContext:
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp  # mesh order is (dp_replicate, dp_shard, tp), tp fastest
+        return self.rank // (self.cp * self.tp)  # mesh order is (dp_replicate, dp_shard, cp, tp), tp fastest
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank // self.tp % self.cp
+
+    @property
+    def cp_group(self):
+        return self.mesh["cp"].get_group() if self.cp > 1 else None
 
     @property
     def tp_rank(self) -> int:
@@ -112,10 +132,13 @@ class ParallelContext:
 
     @property
     def dp_mesh(self):
-        """The mesh FSDP shards over: 1-D (dp_shard), or 2-D (dp_replicate, dp_shard) for HSDP."""
+        """The mesh FSDP shards over: 1-D (dp_shard), or 2-D (dp_replicate, dp_shard) for HSDP; with
+        context parallelism dp_shard x cp flattened (torchtitan's dp_shard_cp): cp ranks train on other
+        tokens of the same rows, so their gradients are summed like data-parallel ones."""
         if self.mesh is None:
             return None
-        return self.mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else self.mesh["dp_shard"]
+        shard = "dp_shard_cp" if self.cp > 1 else "dp_shard"
+        return self.mesh["dp_replicate", shard] if self.dp_replicate > 1 else self.mesh[shard]
 
     def all_reduce_dp(self, value: torch.Tensor, op: str = "mean") -> torch.Tensor:
         """Sum or mean of a tensor over data-parallel ranks (loss and token counts for logging)."""
@@ -124,6 +147,15 @@ class ParallelContext:
         out = value.detach().clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.flat_dp_mesh.get_group())  # gloo has no AVG
         return out / self.dp_world if op == "mean" else out
+
+    def all_reduce_batch(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of a tensor over every rank holding other tokens of the step: data-parallel and context-
+        parallel ranks (loss sums and label-token counts; equal to all_reduce_dp without cp)."""
+        if self.cp == 1:
+            return self.all_reduce_dp(value, op="sum")
+        out = value.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.grad_mesh.get_group())
+        return out
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -134,9 +166,9 @@ class ParallelContext:
         # destroy_process_group forgets the groups, but the device meshes still hold them (their group
         # registry): a group left alive is destroyed at interpreter finalization, where gloo's threads
         # aborted finished runs (exit 134). Dropping the meshes' references frees the groups now.
-        for mesh in (self.mesh, self.flat_dp_mesh):
+        for mesh in (self.mesh, self.flat_dp_mesh, self.flat_dp_cp_mesh):
             getattr(mesh, "_pg_registry", {}).clear()
-        self.mesh = self.flat_dp_mesh = None
+        self.mesh = self.flat_dp_mesh = self.flat_dp_cp_mesh = None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -288,8 +320,9 @@ def describe_layout(ctx: ParallelContext) -> str:
         return "1 process"
     parts = [f"dp_replicate {ctx.dp_replicate}"] if ctx.dp_replicate > 1 else []
     parts += [f"dp_shard {ctx.dp_shard}"] if ctx.dp_shard > 1 else []
+    parts += [f"cp {ctx.cp}"] if ctx.cp > 1 else []
     parts += [f"tp {ctx.tp}"] if ctx.tp > 1 else []
-    kind = data_parallel_kind(ctx.dp_replicate, ctx.dp_shard, ctx.ddp)
+    kind = data_parallel_kind(ctx.dp_replicate, ctx.dp_shard * ctx.cp, ctx.ddp)
     return f"{ctx.world_size} ranks = {' x '.join(parts)} ({'TP' if kind == 'no data parallel' else kind})"
 
 
@@ -323,11 +356,9 @@ def setup_distributed(
     if dist.is_initialized():
         world_size, rank = dist.get_world_size(), dist.get_rank()
     replicate, shard, tp = resolve_layout(parallel_cfg, model_cfg, world_size)
-    if parallel_cfg.cp > 1:  # the layout is valid; the Trainer's objective does not split sequences yet
-        raise ConfigError(f"parallel.cp={parallel_cfg.cp}: the Trainer does not run context parallelism yet "
-                          "(train/context_parallel.py shards a sequence and attends across ranks; see its test)")
+    cp = parallel_cfg.cp
     dev = resolve_device(device, local_rank)
-    mesh = flat_dp_mesh = None
+    mesh = flat_dp_mesh = flat_dp_cp_mesh = None
     if world_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -336,20 +367,32 @@ def setup_distributed(
         if not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
             dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
-        mesh = init_device_mesh(dev.type, (replicate, shard, tp), mesh_dim_names=MESH_DIMS)
+        # A cp dimension only when it splits something (as torchtitan's ParallelDims leaves out size-1 dims):
+        # layouts without context parallelism keep the mesh, groups and checkpoints they always had.
+        if cp > 1:
+            mesh = init_device_mesh(dev.type, (replicate, shard, cp, tp), mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"))
+        else:
+            mesh = init_device_mesh(dev.type, (replicate, shard, tp), mesh_dim_names=MESH_DIMS)
         # Flattened views: "dp" is the data-parallel group (DDP, loss averaging); "dp_shard_tp" lets
-        # DTensor reduce a norm that is partial over FSDP x TP in one collective instead of two.
+        # DTensor reduce a norm that is partial over FSDP x TP in one collective instead of two (cp
+        # refuses tp: train/context_parallel.check_context_parallel); "dp_shard_cp" is what FSDP shards
+        # over with cp, "dp_cp" what DDP and the loss sums reduce over.
         flat_dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
+        if cp > 1:
+            mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+            flat_dp_cp_mesh = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        else:
+            mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
     ctx = ParallelContext(rank, local_rank, world_size, replicate, shard, tp, parallel_cfg.ddp, dev, mesh, 0, flat_dp_mesh,
                           precision=resolve_precision(precision, dev, model_cfg, tokens), compile=resolve_compile(compile, dev),
-                          ep=parallel_cfg.ep)
+                          ep=parallel_cfg.ep, cp=cp, flat_dp_cp_mesh=flat_dp_cp_mesh)
     ctx.seed = runtime_seed(seed, ctx.dp_rank)
     torch.manual_seed(ctx.seed)  # CPU and every CUDA device
     if ctx.is_main and world_size > 1:
         log.info(
-            f"distributed: world {world_size} = dp_replicate {replicate} x dp_shard {shard} x tp {tp} "
-            f"({data_parallel_kind(replicate, shard, parallel_cfg.ddp)}, {'nccl' if dev.type == 'cuda' else 'gloo'})"
+            f"distributed: world {world_size} = dp_replicate {replicate} x dp_shard {shard} x "
+            f"{f'cp {cp} x ' if cp > 1 else ''}tp {tp} "
+            f"({data_parallel_kind(replicate, shard * cp, parallel_cfg.ddp)}, {'nccl' if dev.type == 'cuda' else 'gloo'})"
         )
     return ctx
 

@@ -185,7 +185,7 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
         apply_activation_checkpointing(model, config.train.activation_checkpointing_every)
     if compiling and not compile_first:
         apply_compile(model)
-    if ctx.dp_world > 1 and not ctx.ddp:
+    if ctx.grad_world > 1 and not ctx.ddp:  # data-parallel and context-parallel ranks (dp_shard x cp)
         apply_fsdp(model, ctx.dp_mesh, torch.bfloat16 if ctx.precision == "bf16" else None,
                    {p for module in experts for p in module.parameters()})
     model.to_empty(device=device)
@@ -194,8 +194,8 @@ def build_parallel_model(config: Config, ctx: ParallelContext, device: torch.dev
         divide_expert_gradients(model, ep_mesh, ctx.dp_world)
     if lora is not None:
         init_adapter_weights(model, lora)
-    if ctx.dp_world > 1 and ctx.ddp:
-        apply_ddp(model, ctx.flat_dp_mesh, experts)
+    if ctx.grad_world > 1 and ctx.ddp:
+        apply_ddp(model, ctx.grad_mesh, experts)
     return model
 
 

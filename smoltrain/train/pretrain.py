@@ -18,8 +18,10 @@ from smoltrain.data.stages import stage_seq_lens
 def next_token_loss(model: nn.Module, batch: dict):
     """Summed cross-entropy (+ z-loss) of the labelled positions of packed, document-masked rows,
     their count, and cross-entropy alone as the logged "loss" (SFT's loss too: its labels mask
-    everything but the assistant's tokens)."""
-    out = model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"], reduction="sum")
+    everything but the assistant's tokens). A context-parallel rank's part (train/context_parallel.py
+    split_batch) brings its positions and cross-rank attention mask instead of document_ids."""
+    out = model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"], reduction="sum",
+                position_ids=batch.get("position_ids"), attention_mask=batch.get("attention_mask"))
     return out.loss, out.num_tokens, {"loss": (out.ce_loss, out.num_tokens)}
 
 
@@ -73,6 +75,7 @@ def build_pretrain_objective(config: Config, model: nn.Module, ctx, run_dir: Pat
 
 
 build_pretrain_objective.preflight = check_pretrain_batches  # Trainer: checks that run before the model exists
+build_pretrain_objective.splits_sequences = True  # packed rows of seq_len: parallel.cp may split them
 
 
 __all__ = ["PretrainObjective", "build_pretrain_objective", "check_pretrain_batches", "next_token_loss"]

@@ -52,6 +52,7 @@ from smoltrain.train.checkpoint import (
     rope_scaling_dict,
     save_checkpoint,
 )
+from smoltrain.train.context_parallel import check_context_parallel, split_batch
 from smoltrain.train.distributed import (
     ParallelContext,
     check_layout,
@@ -137,11 +138,12 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def forward_backward(model: nn.Module, objective: Objective, micro_batches: list[dict], ctx: ParallelContext,
                      grad_clip: float, timer: StepTimer | None = None) -> StepResult:
     """Accumulate the gradients of the objective's loss sums over this rank's micro-batches, then
-    divide them by the step's count summed over data-parallel ranks (times dp_world: FSDP and DDP
-    average gradients over ranks) and clip. Every returned number is global, identical on every rank.
-    bf16 autocast is entered per forward, over float32 master weights. `timer` times the micro-batch
-    loop as the step's forward-backward; the all-reduce, clipping and the sync that reads the loss
-    are the step's rest."""
+    divide them by the step's count summed over data- and context-parallel ranks (times grad_world:
+    FSDP and DDP average gradients over those ranks) and clip. A context-parallel rank trains on its
+    chunks of each row (split_batch), so its sums and counts are its share of the row's. Every returned
+    number is global, identical on every rank. bf16 autocast is entered per forward, over float32
+    master weights. `timer` times the micro-batch loop as the step's forward-backward; the all-reduce,
+    clipping and the sync that reads the loss are the step's rest."""
     device = ctx.device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if ctx.precision == "bf16"
                 else contextlib.nullcontext())
@@ -154,6 +156,8 @@ def forward_backward(model: nn.Module, objective: Objective, micro_batches: list
         # Data-parallel gradients are reduced once, after the last micro-batch, not after each.
         set_gradient_sync(model, i == len(micro_batches) - 1)
         batch = _to_device(batch, device)
+        if ctx.cp > 1:
+            batch = split_batch(batch, ctx, model.config.document_masking)
         with autocast:
             loss_sum, count, metrics = objective.loss(model, batch)
         loss_sum.backward()
@@ -168,12 +172,12 @@ def forward_backward(model: nn.Module, objective: Objective, micro_batches: list
     # One collective for everything: every rank must see the same loss, or the spike guard would
     # skip the update on some ranks only.
     names = list(sums)
-    totals = ctx.all_reduce_dp(torch.cat([torch.stack([sums[n] for n in names]).flatten(), tokens]), op="sum")
+    totals = ctx.all_reduce_batch(torch.cat([torch.stack([sums[n] for n in names]).flatten(), tokens]))
     label_tokens, all_tokens = (int(x) for x in totals[-2:].tolist())
     pairs = totals[:-2].view(-1, 2).tolist()
     values = {n: (s / c if c else float("nan")) for n, (s, c) in zip(names, pairs)}
     count = pairs[0][1]
-    norm = clip_grad_norm_(model.parameters(), grad_clip, scale=ctx.dp_world / count if count else 1.0)
+    norm = clip_grad_norm_(model.parameters(), grad_clip, scale=ctx.grad_world / count if count else 1.0)
     loss = values.pop("loss", values[""])
     values.pop("")
     return StepResult(loss, norm.item(), label_tokens, values, all_tokens)
@@ -288,6 +292,7 @@ class Trainer:
         notes: list[str] = []
         config = resolve_init_model(config, say=notes.append)  # train.init defines the model section
         check_eval_config(config)
+        check_context_parallel(config, getattr(build_objective or build_pretrain_objective, "splits_sequences", False))
         self.config = config
         self.should_stop = should_stop
         self.allow_data_change = allow_data_change
@@ -336,7 +341,7 @@ class Trainer:
         self.spikes = SpikeDetector(t.spike_std, t.spike_window)
         self.state = TrainState()
         self.stage = self.batches.stage
-        self.layout = [ctx.dp_replicate, ctx.dp_shard, ctx.tp]
+        self.layout = [ctx.dp_replicate, ctx.dp_shard, ctx.tp] + ([ctx.cp] if ctx.cp > 1 else [])
         self.interval = Interval()
         self.stopped_by: str | None = None
         self.metrics = None
