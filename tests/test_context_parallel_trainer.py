@@ -36,8 +36,8 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-def _config(root: Path, name: str, parallel: dict | None = None):
-    config = make_config(root, root / name, parallel, max_steps=STEPS, save_every=SAVE_AT)
+def _config(root: Path, name: str, parallel: dict | None = None, **train):
+    config = make_config(root, root / name, parallel, max_steps=STEPS, save_every=SAVE_AT, **train)
     assert config.model.document_masking and config.model.nope_every == 2  # what the CP mask must respect
     return config
 
@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, root: str, cases: list[dict], ports: list[int
     for case, port in zip(cases, ports):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
-        trainer.run(_config(Path(root), case["name"], case["parallel"]), resume=case.get("resume"))
+        trainer.run(_config(Path(root), case["name"], case["parallel"], **case.get("train", {})), resume=case.get("resume"))
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,8 @@ def cp_runs(root, reference) -> Path:
     cases = [
         {"name": "cp", "parallel": {"cp": 2}},  # FSDP2 over the flattened dp_shard x cp mesh (1 x 2)
         {"name": "cp_ddp", "parallel": {"cp": 2, "ddp": True}},  # DDP over dp x cp instead
+        # Recomputed blocks gather keys and values again in backward: the same collectives in the same order.
+        {"name": "cp_checkpointing", "parallel": {"cp": 2}, "train": {"activation_checkpointing": True}},
         {"name": "cp_resumed", "parallel": {"cp": 2}, "resume": str(root / "cp" / "checkpoints" / f"step_{SAVE_AT:08d}")},
     ]
     mp.spawn(_worker, args=(2, str(root), cases, _free_ports(len(cases))), nprocs=2, join=True)
@@ -72,7 +74,7 @@ def cp_runs(root, reference) -> Path:
 def test_cp2_trains_like_one_process_with_document_masking_and_nope(reference, cp_runs):
     want = steps(reference)
     assert want[-1][1] < 0.97 * want[0][1], "the reference must learn (5.55 -> 5.30), or equal curves prove little"
-    for name in ("cp", "cp_ddp"):
+    for name in ("cp", "cp_ddp", "cp_checkpointing"):
         assert_same_curve(steps(cp_runs / name), want, name)
         # Validation runs whole sequences on every cp rank: the one-process numbers.
         assert final_val(cp_runs / name) == pytest.approx(final_val(reference), rel=1e-5), name

@@ -13,6 +13,7 @@ from smoltrain.config import Config
 from smoltrain.data.stages import resolved_stages
 from smoltrain.errors import ConfigError
 from smoltrain.model.flops import flops_per_token, parameter_counts, training_memory_bytes
+from smoltrain.train.context_parallel import check_context_parallel
 
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16
 DEFAULT_MFU = 0.30  # SmolLM3 on 384 H100s
@@ -106,6 +107,7 @@ def plan(config: Config, gpus: int | None = None, mfu: float = DEFAULT_MFU, peak
     if gpus is not None and days is not None:
         raise ConfigError("give --gpus (time the run on them) or --days (the GPUs a deadline needs), not both")
     m, t, p = config.model, config.train, config.parallel
+    check_context_parallel(config, splits_sequences=True)  # a cp layout the Trainer refuses is not planned
     peak = peak_tflops or t.peak_tflops or DEFAULT_PEAK_TFLOPS
     counts = parameter_counts(m)
     segments = stage_segments(config)
