@@ -71,6 +71,7 @@ def cp_runs(root, reference) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_cp2_trains_like_one_process_with_document_masking_and_nope(reference, cp_runs):
     want = steps(reference)
     assert want[-1][1] < 0.97 * want[0][1], "the reference must learn (5.55 -> 5.30), or equal curves prove little"
@@ -82,6 +83,7 @@ def test_cp2_trains_like_one_process_with_document_masking_and_nope(reference, c
     assert state["layout"] == [1, 1, 1, 2] and state["loader"]["sequence"] == STEPS * 8  # cp ranks read the same rows
 
 
+@pytest.mark.slow
 def test_cp2_checkpoint_resumes_at_cp2_and_in_one_process(root, reference, cp_runs):
     want = steps(reference)[SAVE_AT:]
     assert_same_curve(steps(cp_runs / "cp_resumed"), want, "cp 2 -> cp 2")
