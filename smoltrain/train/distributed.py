@@ -343,6 +343,26 @@ def check_layout(config: Config, ctx: ParallelContext) -> None:
 # ----------------------------------------------------------------------------- setup
 
 
+def _build_meshes(device_type: str, replicate: int, shard: int, cp: int, tp: int) -> tuple:
+    """The device mesh and its flattened views: "dp" is the data-parallel group (DDP, loss averaging);
+    "dp_shard_tp" lets DTensor reduce a norm that is partial over FSDP x TP in one collective instead
+    of two; with cp, "dp_shard_cp" is what FSDP shards over and "dp_cp" what DDP and the loss sums
+    reduce over (cp refuses tp: context_parallel.check_context_parallel). A cp dimension exists only
+    when it splits something (torchtitan's ParallelDims leaves out size-1 dims), so layouts without
+    context parallelism keep the mesh, groups and checkpoints they always had."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if cp == 1:
+        mesh = init_device_mesh(device_type, (replicate, shard, tp), mesh_dim_names=MESH_DIMS)
+        flat_dp = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
+        return mesh, flat_dp, None
+    mesh = init_device_mesh(device_type, (replicate, shard, cp, tp), mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"))
+    flat_dp = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    return mesh, flat_dp, mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+
+
 def setup_distributed(
     parallel_cfg: ParallelConfig, model_cfg: ModelConfig, seed: int = 0, device: str = "auto",
     precision: str = "auto", compile: str = "auto", tokens: int = 2048,
@@ -360,29 +380,12 @@ def setup_distributed(
     dev = resolve_device(device, local_rank)
     mesh = flat_dp_mesh = flat_dp_cp_mesh = None
     if world_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
             dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
-        # A cp dimension only when it splits something (as torchtitan's ParallelDims leaves out size-1 dims):
-        # layouts without context parallelism keep the mesh, groups and checkpoints they always had.
-        if cp > 1:
-            mesh = init_device_mesh(dev.type, (replicate, shard, cp, tp), mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"))
-        else:
-            mesh = init_device_mesh(dev.type, (replicate, shard, tp), mesh_dim_names=MESH_DIMS)
-        # Flattened views: "dp" is the data-parallel group (DDP, loss averaging); "dp_shard_tp" lets
-        # DTensor reduce a norm that is partial over FSDP x TP in one collective instead of two (cp
-        # refuses tp: train/context_parallel.check_context_parallel); "dp_shard_cp" is what FSDP shards
-        # over with cp, "dp_cp" what DDP and the loss sums reduce over.
-        flat_dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        if cp > 1:
-            mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-            flat_dp_cp_mesh = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-        else:
-            mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
+        mesh, flat_dp_mesh, flat_dp_cp_mesh = _build_meshes(dev.type, replicate, shard, cp, tp)
     ctx = ParallelContext(rank, local_rank, world_size, replicate, shard, tp, parallel_cfg.ddp, dev, mesh, 0, flat_dp_mesh,
                           precision=resolve_precision(precision, dev, model_cfg, tokens), compile=resolve_compile(compile, dev),
                           ep=parallel_cfg.ep, cp=cp, flat_dp_cp_mesh=flat_dp_cp_mesh)
