@@ -15,16 +15,11 @@ from collections.abc import Callable
 
 import torch
 
+from smoltrain.eval.answers import final_answer, is_correct
 from smoltrain.eval.scoring import standard_error
 from smoltrain.model.generate import generate
 from smoltrain.post.chat_template import END_THINK, THINK, encode_prompt, end_of_turn_id, has_reasoning_modes
-from smoltrain.post.embedded_chat import (
-    answer_is_correct,
-    arithmetic_prompts,
-    final_answer,
-    follows_rule,
-    persona_prompts,
-)
+from smoltrain.post.embedded_chat import arithmetic_prompts, follows_rule, persona_prompts
 
 
 def think_format_ok(response: str, mode: str) -> bool:
@@ -108,7 +103,7 @@ def chat_evals(model, tokenizer, count: int = 50, persona_count: int = 48, seed:
                 verdict["follows_rule"] = reply["stopped"] and follows_rule(prompt["rule"], text)
                 adherence.append(float(verdict["follows_rule"]))
             else:
-                verdict["correct"] = answer_is_correct(text, prompt["answer"])
+                verdict["correct"] = is_correct(text, prompt["answer"])
                 correct[name].append(float(verdict["correct"]))
                 lengths[name].append(float(reply["tokens"]))
             if details is not None:

@@ -23,12 +23,13 @@ from torch import nn
 from smoltrain.config import Config
 from smoltrain.data.readers import is_dataset_folder
 from smoltrain.errors import CheckpointError, ConfigError
+from smoltrain.eval.answers import is_correct
 from smoltrain.eval.scoring import rate_with_error
 from smoltrain.model.generate import sample
 from smoltrain.post.chat_template import END_OF_TURN_TOKENS
 from smoltrain.post.grpo import aggregate, group_advantages, per_token_loss
 from smoltrain.post.prompts import encode, load_prompts, reward_columns
-from smoltrain.post.rewards import RewardState, answers_match, build_rewards, extract_answer, score
+from smoltrain.post.rewards import RewardState, build_rewards, score
 from smoltrain.post.rollout import completion_logprobs, generate_rollouts, max_over_ranks, micro_batches
 
 
@@ -237,7 +238,7 @@ class GRPOObjective:
         columns = reward_columns(items, g.num_generations)
         state = RewardState(global_step=k * g.num_iterations, max_steps=self.config.train.max_steps)
         scores = score(self.rewards, prompts, texts, rollouts.completion_ids, columns, state)
-        correct = [float(answers_match(extract_answer(t), a)) for t, a in zip(texts, columns["answer"])]
+        correct = [float(is_correct(t, a)) for t, a in zip(texts, columns["answer"])]
 
         # Everything the advantages and the metrics need, gathered in rank order (= one process's order).
         per_function = torch.tensor([[math.nan if v is None else v for v in values] for values in scores.per_function.values()],
@@ -316,9 +317,9 @@ class GRPOObjective:
                       for i in mine for j in range(g.pass_k)]
         sampled = generate_rollouts(model, ids, g.pass_k, g.max_completion_length, g.temperature, g.top_k or None,
                                     g.top_p, self.stop_tokens, generators, self.lockstep)
-        pass1 = [answers_match(extract_answer(self._decode(t, not f)), item["answer"])
+        pass1 = [is_correct(self._decode(t, not f), item["answer"])
                  for t, f, item in zip(greedy.tokens, greedy.finished, items)]
-        draws = [answers_match(extract_answer(self._decode(t, trunc)), items[n // g.pass_k]["answer"])
+        draws = [is_correct(self._decode(t, trunc), items[n // g.pass_k]["answer"])
                  for n, (t, trunc) in enumerate(zip(sampled.completion_ids, sampled.truncated))]
         passk = [any(draws[i * g.pass_k : (i + 1) * g.pass_k]) for i in range(len(items))]
         sums = torch.tensor([sum(pass1), sum(passk), sum(draws), sum(len(t) for t in greedy.tokens),

@@ -130,9 +130,10 @@ def _plain_replies(model_path: str, prompts: list[dict], max_new_tokens: int, ba
 
 def _passes(verify: str, prompt: dict, text: str) -> bool:
     """--verify's check of one reply: math, the answer is right; rule, the system prompt's rule is kept."""
-    from smoltrain.post.embedded_chat import answer_is_correct, follows_rule
+    from smoltrain.eval.answers import is_correct
+    from smoltrain.post.embedded_chat import follows_rule
 
-    return answer_is_correct(text, prompt["answer"]) if verify == "math" else follows_rule(prompt["rule"], text)
+    return is_correct(text, prompt["answer"]) if verify == "math" else follows_rule(prompt["rule"], text)
 
 
 # --verify: (the summary's rate name, why a pair is dropped when the chosen fails, when the rejected passes)
