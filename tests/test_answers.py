@@ -21,6 +21,7 @@ CASES = [
     ("<think>6 * 7 = 42</think>", "42", False),  # the answer inside the think block only
     ("<think>6 * 7 = 41</think>no, wait</think>The answer is 42.", "42", True),  # two closes: after the last
     ("<think>6 * 7</think>42</think>so 41", "42", False),
+    ("<think>6 * 7</think>The answer is 42</think>let me check", "42", False),  # nothing after the last close
     ("<think>6 * 7 = 42", "42", True),  # no close: the whole reply is the answer
     ("0.5", "1/2", True),
     ("1/2", "0.5", True),

@@ -26,8 +26,8 @@ import uuid
 from pathlib import Path
 
 from smoltrain.data.corpus import ITEMS, NAMES, code_documents, in_validation_split, math_solution
-from smoltrain.data.shards import write_json_atomic
 from smoltrain.eval.answers import final_answer
+from smoltrain.files import write_json
 from smoltrain.post.chat_data import Conversation, write_conversations
 
 CHAT_DATA_VERSION = 2
@@ -392,7 +392,7 @@ def ensure_embedded_chat(cache_dir: str | os.PathLike, seed: int = 0, count: int
             by_source = chat_conversations("train", count, seed)
             for source, conversations in by_source.items():
                 write_conversations(tmp / f"{source}.train.jsonl.gz", conversations)
-            write_json_atomic(tmp / "chat.json", {"version": CHAT_DATA_VERSION, "seed": seed, "count": count,
+            write_json(tmp / "chat.json", {"version": CHAT_DATA_VERSION, "seed": seed, "count": count,
                                                   "conversations": {s: len(c) for s, c in by_source.items()}})
             try:
                 os.rename(tmp, root)

@@ -24,8 +24,10 @@ from smoltrain.config import Config
 from smoltrain.data.readers import is_dataset_folder
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.eval.answers import is_correct
+from smoltrain.eval.during_training import DuringTraining
 from smoltrain.eval.scoring import rate_with_error
 from smoltrain.model.generate import sample
+from smoltrain.model.modes import evaluating
 from smoltrain.post.chat_template import END_OF_TURN_TOKENS
 from smoltrain.post.grpo import aggregate, group_advantages, per_token_loss
 from smoltrain.post.prompts import encode, load_prompts, reward_columns
@@ -119,7 +121,6 @@ class GRPOObjective:
         self.rewards = build_rewards(g.rewards, g.num_generations, g.mode, g.overlong_max_len, g.overlong_cache)
         self.stop_tokens = _stop_tokens(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.autocast_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and ctx.device.type == "cuda")
         self.lockstep = max_over_ranks(device=ctx.device) if ctx.world_size > 1 else None
         self.buffer = RolloutBuffer()
         self.batches = RolloutSource(self)
@@ -207,8 +208,7 @@ class GRPOObjective:
 
     @torch.no_grad()
     def _logprobs(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        autocast = torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
-        with autocast:
+        with self.ctx.autocast():  # the precision the Trainer's forwards use: ratios start at exactly 1
             on_device = {key: value.to(self.ctx.device) for key, value in batch.items()}
             return completion_logprobs(model, on_device, self.config.grpo.temperature).float().cpu()
 
@@ -307,12 +307,8 @@ class GRPOObjective:
         mine = list(range(ctx.dp_rank, len(self.eval_prompts), ctx.dp_world))
         items = [self.eval_prompts[i] for i in mine]
         ids = [encode(self.tokenizer, item)[-g.max_prompt_length :] for item in items]
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             greedy = sample(model, ids, g.max_completion_length, 0.0, None, None, self.stop_tokens, lockstep=self.lockstep)
-        finally:
-            model.train(was_training)
         generators = [torch.Generator().manual_seed(_row_seed(self.config.train.seed, "eval", i, j))
                       for i in mine for j in range(g.pass_k)]
         sampled = generate_rollouts(model, ids, g.pass_k, g.max_completion_length, g.temperature, g.top_k or None,
@@ -439,7 +435,7 @@ def run(config: Config, resume: str | None = None, should_stop=None) -> dict:
     load_grpo_prompts(config)
     from smoltrain.train.trainer import Trainer
 
-    return Trainer(config, build_grpo_objective, resume=resume, should_stop=should_stop).train()
+    return Trainer(config, build_grpo_objective, resume=resume, should_stop=should_stop, evaluation=DuringTraining()).train()
 
 
 __all__ = ["GRPOObjective", "RolloutBuffer", "RolloutSource", "build_grpo_objective", "load_grpo_prompts", "run"]
