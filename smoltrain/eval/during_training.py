@@ -89,7 +89,7 @@ def evaluate_during_training(model, config, device, data_parallel: tuple[int, in
             raise ConfigError("eval.tasks needs data.tokenizer (or data.embedded) to turn prompts into tokens")
         tasks = _tasks(tuple(e.tasks), e.limit, e.num_fewshot, e.seed, tuple(e.haystack_files))
         results = score_tasks(model, _tokenizer(config.data.tokenizer), tasks, e.batch_size, e.seed, device, progress=False,
-                              data_parallel=data_parallel, pad_multiple=sequence_multiple(config))
+                              data_parallel=data_parallel, pad_multiple=sequence_multiple(config), precision=precision)
     out = {"val": val, "tasks": results, "aggregate": aggregate(results)}
     if e.position_buckets and e.val_batches:  # the long-context perplexity curve (every rank scores it whole)
         from smoltrain.eval.longctx import loss_by_position_per_source

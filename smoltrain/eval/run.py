@@ -26,7 +26,7 @@ from smoltrain.eval.suite import BUILDERS, DEFAULT_ITEMS, SUITE, aggregate, cent
 from smoltrain.eval.tasks import Task, read_task_file
 from smoltrain.files import write_atomic
 from smoltrain.model.modes import evaluating
-from smoltrain.train.distributed import resolve_device
+from smoltrain.train.distributed import resolve_device, resolve_precision
 
 # Names that stand for several embedded tasks.
 GROUPS = {
@@ -101,15 +101,17 @@ def resolve_tasks(specs: Sequence[str], limit: int | None = None, num_fewshot: i
 
 def score_tasks(model, tokenizer, tasks: Sequence[Task], batch_size: int = 16, seed: int = 0, device=None,
                 progress: bool = True, details: list | None = None,
-                data_parallel: tuple[int, int, object] | None = None, pad_multiple: int = 1) -> dict[str, dict]:
+                data_parallel: tuple[int, int, object] | None = None, pad_multiple: int = 1,
+                precision: str | None = None) -> dict[str, dict]:
     """{task: {metric: value, ..., "n", "score", "random_baseline", "centred"}} for each task.
 
     data_parallel = (dp_rank, dp_world, group) splits multiple-choice scoring over the ranks;
     generative tasks run whole on every rank (items stop at different lengths, and FSDP needs
     every rank to decode in step). pad_multiple: scoring batches are padded to a width that is a
-    multiple of it (the TP degree under sequence parallel)."""
+    multiple of it (the TP degree under sequence parallel). precision: the run's resolved one during
+    training, else resolve_precision's "auto" for the device (bf16 autocast on CUDA)."""
     device = resolve_device(device, what="--device") if device is not None else next(model.parameters()).device
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    autocast_dtype = torch.bfloat16 if (precision or resolve_precision("auto", device)) == "bf16" else None
     eot = end_of_text_id(tokenizer)
     empty_context = [eot] if eot is not None else []
     results: dict[str, dict] = {}
@@ -281,8 +283,8 @@ def _score(model, config, tokenizer_path, task_list: list, batch_size: int, seed
         if num_val > 0 and (config.data.validation or config.data.embedded):
             from smoltrain.eval.validation import validation_per_source
 
-            val = validation_per_source(model, config, num_val, batch_size, device,
-                                        torch.bfloat16 if device.type == "cuda" else None)
+            bf16 = resolve_precision("auto", device) == "bf16"
+            val = validation_per_source(model, config, num_val, batch_size, device, torch.bfloat16 if bf16 else None)
     return results, val
 
 

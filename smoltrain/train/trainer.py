@@ -277,8 +277,10 @@ class Trainer:
     build_objective(config, model, ctx, run_dir) -> Objective: pretraining by default; SFT, DPO and
     GRPO hand their own. should_stop() -> bool: asked after every step (all ranks agree); True
     saves and stops, as SIGTERM does. resume: a run or checkpoint folder (default: the run folder's
-    own latest checkpoint). Under torchrun the process group is started here unless one exists,
-    and then ended by train() (also on errors)."""
+    own latest checkpoint). evaluation: what runs every train.eval_every steps besides the objective's
+    own evaluations (train/objective.py's InTrainingEvaluation; None: the objective's alone). Under
+    torchrun the process group is started here unless one exists, and then ended by train() (also
+    on errors)."""
 
     def __init__(self, config: Config, build_objective: ObjectiveFactory | None = None, resume: str | None = None,
                  should_stop: Callable[[], bool] | None = None, ctx: ParallelContext | None = None,
@@ -665,9 +667,9 @@ class Trainer:
     # ------------------------------------------------------------------------- evaluation and the end
 
     def evaluate(self) -> dict:
-        """Validation loss and bits per byte per source and eval.tasks (the eval package), plus the
-        objective's own evaluations; batches and multiple-choice requests are split over the
-        data-parallel ranks. Written to metrics.jsonl when there was anything to evaluate."""
+        """The evaluation the stage handed in (validation loss and bits per byte per source and
+        eval.tasks: eval.during_training), plus the objective's own evaluations; batches and
+        multiple-choice requests are split over the data-parallel ranks. Written to metrics.jsonl when there was anything to evaluate."""
         started = time.perf_counter()
         model = self.model
         with evaluating(model), torch.no_grad():
