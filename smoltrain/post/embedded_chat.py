@@ -393,7 +393,7 @@ def ensure_embedded_chat(cache_dir: str | os.PathLike, seed: int = 0, count: int
             for source, conversations in by_source.items():
                 write_conversations(tmp / f"{source}.train.jsonl.gz", conversations)
             write_json(tmp / "chat.json", {"version": CHAT_DATA_VERSION, "seed": seed, "count": count,
-                                                  "conversations": {s: len(c) for s, c in by_source.items()}})
+                                           "conversations": {s: len(c) for s, c in by_source.items()}})
             try:
                 os.rename(tmp, root)
             except OSError:
