@@ -335,14 +335,14 @@ def cmd_config(args) -> int:
 
 def cmd_train(args) -> int:
     from smoltrain.config import load_config
-    from smoltrain.eval.during_training import check_eval_config
+    from smoltrain.eval.during_training import DuringTraining, check_eval_config
     from smoltrain.train.trainer import run
 
     config = load_config(args.config, _with_init(args))
     check_eval_config(config)
     if _finished(args, config):
         return 0
-    return _exit_status(run(config, resume=args.resume, allow_data_change=args.allow_data_change))
+    return _exit_status(run(config, resume=args.resume, allow_data_change=args.allow_data_change, evaluation=DuringTraining()))
 
 
 def cmd_dpo(args) -> int:
@@ -645,9 +645,9 @@ def cmd_data_tokenizer_report(args) -> int:
     report = tokenizer_report(args.tokenizer, args.input, args.text_key, args.max_mb)
     print(report_markdown(report), end="")
     if args.json_out:
-        from smoltrain.data.shards import write_json_atomic
+        from smoltrain.files import write_json
 
-        write_json_atomic(args.json_out, report)
+        write_json(args.json_out, report)
         print(f"wrote {args.json_out}")
     else:
         print(json.dumps(report))

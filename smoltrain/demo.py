@@ -480,7 +480,10 @@ class DemoRun:
 
     def pretrain(self) -> None:
         """4. Pretraining in its time box, then the base row of the report card."""
-        from smoltrain.train.trainer import run as train
+        from smoltrain.eval.during_training import DuringTraining
+        from smoltrain.train.trainer import run
+
+        train = functools.partial(run, evaluation=DuringTraining())
 
         out, gbt, rate = self.out, self.gbt, self.rate
         with self.bar("pretrain", "pretrain the demo model"):

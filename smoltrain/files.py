@@ -23,8 +23,10 @@ from smoltrain.errors import ConfigError, DataError
 
 
 def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[Path], None], durable: bool = False) -> Path:
-    """Write text, bytes, or whatever `content(tmp_path)` writes, to `path` atomically."""
+    """Write text (UTF-8), bytes, or whatever `content(tmp_path)` writes, to `path` atomically, making
+    its folder when needed."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         if callable(content):

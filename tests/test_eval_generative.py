@@ -10,7 +10,6 @@ from test_eval_scoring import tiny_model, tiny_tokenizer
 from smoltrain.eval.generative import (
     cut_at_stop,
     exact_match,
-    last_number,
     normalize_answer,
     pass_at_k,
     quasi_exact_match,
@@ -37,8 +36,8 @@ def test_exact_and_quasi_exact_match(prediction, gold, exact, quasi):
     assert quasi_exact_match(prediction, gold) is quasi
 
 
-def test_last_number_extraction_reads_worked_solutions():
-    assert last_number("She has 3 + 4 = 7 apples, so $1,250.00 in all.") == "1250"
+def test_gsm8k_style_extraction_reads_worked_solutions():
+    assert quasi_exact_match("She has 3 + 4 = 7 apples, so $1,250.00 in all.", "1250", extract="last_number")
     assert quasi_exact_match("48 / 2 = 24 clips. Total 48 + 24 = 72", "72", extract="last_number")
     assert not quasi_exact_match("no numbers here", "72", extract="last_number")
     assert normalize_answer("  The  QUICK, brown fox!") == "quick brown fox"

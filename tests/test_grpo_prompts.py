@@ -67,7 +67,7 @@ def test_embedded_arithmetic_has_a_disjoint_held_out_split_with_answers():
     assert not questions & {p["messages"][-1]["content"] for p in heldout}
     assert {p["mode"] for p in train} == {"no_think"} and {p["mode"] for p in heldout} == {"think"}
     # the reference is the problem's own answer: check one worked example by its question text
-    from smoltrain.post.rewards import answers_match
+    from smoltrain.eval.answers import answers_match
 
     item = next(p for p in train if p["question"].startswith("Compute "))
     a, b, c, d = map(int, item["question"].removeprefix("Compute ").rstrip(".").replace("+", " ").replace("*", " ")

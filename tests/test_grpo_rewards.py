@@ -7,10 +7,10 @@ import types
 import pytest
 
 from smoltrain.errors import ConfigError
+from smoltrain.eval.answers import extract_answer
 from smoltrain.post.rewards import (
     RewardError,
     build_rewards,
-    extract_answer,
     format_reward,
     length_group_reward,
     math_answer,

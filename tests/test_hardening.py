@@ -277,7 +277,7 @@ def test_eval_device_mistakes_are_one_line(trained_run, device, message, capsys)
 
 
 def test_in_training_evaluation_prints_one_console_line():
-    from smoltrain.eval.during_training import eval_console_line
+    from smoltrain.train.metrics import eval_console_line
 
     result = {"val": {"prose": {"loss": 3.41234, "bpb": 1.2, "tokens": 10}, "code": {"loss": 2.5, "bpb": 1.0, "tokens": 10}},
               "tasks": {"arithmetic_choice": {"score": 0.41, "centred": 0.1}, "prose_cloze": {"score": 0.297, "centred": 0.0}},

@@ -339,9 +339,9 @@ def test_skip_bad_counts_an_empty_chat_file_as_data_tokenize_does(root, tmp_path
 
 
 def test_grpos_eval_line_names_the_sampling_temperature_and_a_small_heldout_set_has_no_stderr(tmp_path):
-    from smoltrain.eval.during_training import eval_console_line
     from smoltrain.eval.scoring import rate_with_error
     from smoltrain.post.dpo import write_report
+    from smoltrain.train.metrics import eval_console_line
 
     line = eval_console_line(5, {"grpo": {"pass@1": 0.25, "pass@1_stderr": 0.1, "pass@4": 0.5, "n": 16,
                                           "sampled_at_temperature": 0.7}})

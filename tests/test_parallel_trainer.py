@@ -28,6 +28,7 @@ from synthetic_shards import write_random_documents
 
 from smoltrain.cli import main as cli_main
 from smoltrain.config import config_from_dict
+from smoltrain.eval.during_training import DuringTraining
 from smoltrain.train import trainer
 from smoltrain.train.checkpoint import load_model_from_checkpoint
 
@@ -122,7 +123,7 @@ def root(tmp_path_factory) -> Path:
 def reference(root) -> Path:
     """The 1-process trainer run: 20 steps, checkpoints at 10 and 20."""
     out = root / "single"
-    trainer.run(make_config(root, out))
+    trainer.run(make_config(root, out), evaluation=DuringTraining())
     curve = steps(out)
     assert curve[-1][1] < 0.9 * curve[0][1], "the reference run must learn, or equal curves prove little"
     return out
@@ -147,7 +148,7 @@ def _worker(rank: int, world: int, root: str, cases: list[dict], ports: list[int
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
         config = make_config(Path(root), Path(root) / case["name"], case["parallel"])
-        trainer.run(config, resume=case.get("resume"))
+        trainer.run(config, resume=case.get("resume"), evaluation=DuringTraining())
         assert not dist.is_initialized(), "the trainer ends the process group it started"
 
 
@@ -217,7 +218,7 @@ def test_fsdp2_checkpoint_resumes_under_tp2_and_one_checkpoint_under_fsdp2(refer
 @pytest.mark.slow
 def test_fsdp2_checkpoint_resumes_in_one_process(root, reference, two_process):
     out = root / "single_from_fsdp"
-    trainer.run(make_config(root, out), resume=str(two_process / "fsdp" / "checkpoints" / "step_00000010"))
+    trainer.run(make_config(root, out), resume=str(two_process / "fsdp" / "checkpoints" / "step_00000010"), evaluation=DuringTraining())
     assert_same_curve(steps(out), steps(reference)[SAVE_AT:], "FSDP 2 -> 1 process")
 
 

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from smoltrain.config import ModelConfig
 from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
 from smoltrain.errors import ConfigError, DataError
+from smoltrain.eval.answers import is_correct
 from smoltrain.model.transformer import build_model
 from smoltrain.post import chat_eval
 from smoltrain.post.chat_data import (
@@ -32,7 +33,6 @@ from smoltrain.post.chat_template import (
 )
 from smoltrain.post.embedded_chat import (
     MIXTURE,
-    answer_is_correct,
     apply_rule,
     arithmetic_items,
     arithmetic_prompts,
@@ -259,7 +259,7 @@ def test_embedded_chat_is_seeded_and_held_out_questions_never_train():
 def test_embedded_answers_are_right_and_modes_match_the_reply_format(tok):
     for item in arithmetic_prompts("heldout", 30, mode="think"):
         last = item["steps"][-1]  # the last step computes the answer
-        assert answer_is_correct(f"<think>{last}</think>The answer is {item['answer']}.", item["answer"])
+        assert is_correct(f"<think>{last}</think>The answer is {item['answer']}.", item["answer"])
     data = chat_conversations("train", 400, seed=1)
     modes = {conversation_mode(c) for s in data.values() for c in s}
     assert modes == {"think", "no_think", "mixed"}

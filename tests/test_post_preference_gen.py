@@ -136,15 +136,16 @@ def test_rule_pairs_keep_a_chosen_reply_that_keeps_the_rule_and_a_rejected_one_t
     """--prompts embedded:persona --verify rule: SmolLM3's instruction-following pairs in small. On an
     arithmetic question both replies must also be right, so the pair differs in the rule alone."""
     import smoltrain.post.chat_eval as chat_eval
-    from smoltrain.post.embedded_chat import answer_is_correct, apply_rule, follows_rule
+    from smoltrain.eval.answers import is_correct
+    from smoltrain.post.embedded_chat import apply_rule, follows_rule
 
     prompts = preference_gen.read_prompts("embedded:persona", 6, "no_think")
     assert [p["kind"] for p in prompts] == ["arithmetic", "stdlib"] * 3
     assert all(follows_rule(p["rule"], p["reference"]) for p in prompts)  # the references keep their rules
-    assert all(answer_is_correct(p["reference"], p["answer"]) for p in prompts if p["kind"] == "arithmetic")
+    assert all(is_correct(p["reference"], p["answer"]) for p in prompts if p["kind"] == "arithmetic")
     # each row's counterfactual: the same answer under another rule, which breaks this one
     assert all(p["rule_breaking"] and not follows_rule(p["rule"], p["rule_breaking"]) for p in prompts)
-    assert all(answer_is_correct(p["rule_breaking"], p["answer"]) for p in prompts if p["kind"] == "arithmetic")
+    assert all(is_correct(p["rule_breaking"], p["answer"]) for p in prompts if p["kind"] == "arithmetic")
 
     def breaks(answer):  # mixed case, no rule's first or last word, 9 words: breaks every rule there is
         return f"THE ANSWER IS {answer}, said plainly and at length today, friend"

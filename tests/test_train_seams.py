@@ -293,7 +293,7 @@ def test_the_save_of_a_step_comes_before_its_evaluation(two_sources, tmp_path, m
     monkeypatch.setattr(during_training, "evaluate_during_training", crash)
     config = tiny_pretrain_config(two_sources, tmp_path / "run", save_every=4, eval_every=4)
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        trainer.run(config)
+        trainer.run(config, evaluation=during_training.DuringTraining())
     checkpoint = find_checkpoint(tmp_path / "run")
     assert checkpoint is not None and checkpoint.name == "step_00000004"
 

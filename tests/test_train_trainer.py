@@ -16,6 +16,7 @@ from smoltrain.cli import main as cli_main
 from smoltrain.config import StageConfig, config_from_dict, load_config
 from smoltrain.data.loader import build_train_loader
 from smoltrain.errors import ConfigError
+from smoltrain.eval.during_training import DuringTraining
 from smoltrain.train.checkpoint import load_model_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -224,7 +225,7 @@ def test_periodic_evaluation_writes_validation_loss_and_bpb_per_source(tmp_path)
                   "eval_every": 2, "global_batch_tokens": 128, "micro_batch_size": 4, "tensorboard": False},
         "eval": {"val_batches": 1, "batch_size": 4},
     })
-    trainer.run(config)
+    trainer.run(config, evaluation=DuringTraining())
     evals = [m for m in metrics(tmp_path / "run") if "eval" in m]
     assert [m["step"] for m in evals] == [2, 4]
     for m in evals:

@@ -50,12 +50,15 @@ def _first_difference(a, b, prefix: str = "") -> str | None:
 
 
 def train_with_trainer(config: Config, stage: str = "pretrain") -> object:
+    from smoltrain.eval.during_training import DuringTraining
+
     if stage == "grpo":
         from smoltrain.post.grpo_train import run
-    else:
-        from smoltrain.train.trainer import run
 
-    return run(config)
+        return run(config)
+    from smoltrain.train.trainer import run
+
+    return run(config, evaluation=DuringTraining())
 
 
 def evaluate_checkpoint(config: Config, run_dir: Path) -> dict:

@@ -21,9 +21,8 @@ import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from smoltrain.data.shards import write_json_atomic
 from smoltrain.errors import DataError
-from smoltrain.files import write_atomic
+from smoltrain.files import write_atomic, write_json
 
 SOURCES = ("prose", "code", "math")
 SPLITS = ("train", "validation")
@@ -340,5 +339,5 @@ def build_corpus(out_dir: str | os.PathLike, seed: int = 0, fraction: float = 1.
             _write_jsonl_gz(path, texts)
             manifest["files"][path.name] = {"source": source, "split": split, "documents": len(texts),
                                             "characters": sum(len(t) for t in texts)}
-    write_json_atomic(out / "corpus.json", manifest)
+    write_json(out / "corpus.json", manifest)
     return manifest

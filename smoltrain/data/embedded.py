@@ -20,8 +20,8 @@ from pathlib import Path
 
 from smoltrain.config import DataConfig
 from smoltrain.data.corpus import CORPUS_VERSION, SOURCES, build_corpus
-from smoltrain.data.shards import write_json_atomic
 from smoltrain.errors import ConfigError
+from smoltrain.files import write_json
 
 log = logging.getLogger(__name__)
 TOKENIZER_TRAIN_MB = 8.0  # BPE on ~8 MB (shared by the sources) gives the same 4k vocabulary 3x faster than on all 20 MB
@@ -71,7 +71,7 @@ def build_embedded(root: Path, data: DataConfig, show_progress: bool = False) ->
     timings["tokenize_s"] = time.perf_counter() - started
     manifest = {"key": embedded_key(data), "fraction": data.embedded_fraction, "vocab_size": data.embedded_vocab_size,
                 "python": corpus["python"], "tokens": tokens, "timings": timings}
-    write_json_atomic(root / "manifest.json", manifest)
+    write_json(root / "manifest.json", manifest)
     return manifest
 
 

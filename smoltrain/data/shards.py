@@ -43,10 +43,6 @@ def file_sha256(path: str | os.PathLike, prefix: int = 16) -> str:
     return h.hexdigest()[:prefix]
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    write_json(path, obj)
-
-
 # ----------------------------------------------------------------------------- writing
 
 
@@ -131,7 +127,7 @@ def write_meta(out_dir: str | os.PathLike, *, shards: list[dict], dtype: np.dtyp
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **extra,
     }
-    write_json_atomic(Path(out_dir) / META, meta)
+    write_json(Path(out_dir) / META, meta)
     return meta
 
 

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from smoltrain.data.readers import DocumentReader, expand_inputs, input_size
-from smoltrain.data.shards import META, ShardWriter, shard_name, token_dtype, write_json_atomic, write_meta
+from smoltrain.data.shards import META, ShardWriter, shard_name, token_dtype, write_meta
 from smoltrain.errors import DataError
+from smoltrain.files import write_json
 
 _BATCH_CHARS = 1 << 20  # characters per encode_batch call: large enough to keep Rust busy, small for memory
 MAX_PIECE_CHARS = 1 << 18  # longer documents are encoded in pieces of at most this many characters
@@ -134,7 +135,7 @@ def _tokenize_file(task: dict) -> dict:
     if report is not None:
         report.put((reader.size - reported, 0))
     entry.update(num_bytes=num_bytes, skipped=dict(reader.skipped), **task["fingerprint"])
-    write_json_atomic(_done_marker(staging, task["shard"]), entry)
+    write_json(_done_marker(staging, task["shard"]), entry)
     return entry
 
 

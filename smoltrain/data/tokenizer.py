@@ -15,9 +15,9 @@ from typing import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from smoltrain.data.readers import DocumentReader, expand_inputs
-from smoltrain.data.shards import file_sha256, write_json_atomic
+from smoltrain.data.shards import file_sha256
 from smoltrain.errors import DataError
-from smoltrain.files import write_atomic
+from smoltrain.files import write_atomic, write_json
 
 END_OF_TEXT = "<|endoftext|>"
 SPECIAL_TOKENS = [END_OF_TEXT, "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -73,7 +73,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "tokenizer.json", lambda tmp: tok.save(str(tmp)))
     specials = {"eos_token": END_OF_TEXT, "bos_token": None, "pad_token": END_OF_TEXT, "unk_token": None}
-    write_json_atomic(out / "tokenizer_config.json", {
+    write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": 1_000_000,
         "clean_up_tokenization_spaces": False,
@@ -82,7 +82,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
         "extra_special_tokens": SPECIAL_TOKENS[1:],
         **specials,
     })
-    write_json_atomic(out / "special_tokens_map.json", {k: v for k, v in specials.items() if v is not None})
+    write_json(out / "special_tokens_map.json", {k: v for k, v in specials.items() if v is not None})
     return out / "tokenizer.json"
 
 

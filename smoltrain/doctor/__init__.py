@@ -32,6 +32,7 @@ from smoltrain.doctor import (
 from smoltrain.doctor.report import FAIL, Check, merge_ranks, print_report, verdict
 from smoltrain.doctor.timing import Budget, budget_for
 from smoltrain.errors import ConfigError, DataError, SmoltrainError
+from smoltrain.train.distributed import resolve_device
 
 CHECKPOINT_BYTES_PER_PARAMETER = 12  # fp32 weights + AdamW's two fp32 moments, as train/checkpoint.py saves them
 POST_STAGES = ("sft", "dpo", "grpo")
@@ -86,12 +87,6 @@ def resolve_arguments(recipe, overrides, data, checkpoints, json_out):
     return config, data_dirs, checkpoint_dir
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def _gather(obj, world: int) -> list:
     if world == 1:
         return [obj]
@@ -109,7 +104,7 @@ def run(recipe: str | None = None, overrides=(), data=(), checkpoints: str | Non
     started = time.perf_counter()
     config, data_dirs, checkpoint_dir = resolve_arguments(recipe, overrides, data, checkpoints, json_out)
 
-    device = _device()
+    device = resolve_device("auto", int(os.environ.get("LOCAL_RANK", "0")))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     created = False
     if world > 1 and not dist.is_initialized():
@@ -131,9 +126,9 @@ def run(recipe: str | None = None, overrides=(), data=(), checkpoints: str | Non
         if rank == 0:
             print_report(result, console)
             if json_out:
-                from smoltrain.data.shards import write_json_atomic
+                from smoltrain.files import write_json
 
-                write_json_atomic(json_out, result)
+                write_json(json_out, result)
         if world > 1:  # every rank returns the verdict, so `--strict` exits alike everywhere
             box = [result if rank == 0 else None]
             dist.broadcast_object_list(box, src=0)

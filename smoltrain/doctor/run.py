@@ -16,15 +16,15 @@ from smoltrain.doctor.compute import time_matmul
 from smoltrain.errors import ConfigError, DataError
 from smoltrain.report.diagnosis import diagnose
 from smoltrain.report.run import read_records
+from smoltrain.train.distributed import resolve_device
 
 MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}  # large enough to reach the device's rate (doctor/timing.py's sizes)
 MATMUL_S = 0.5
 
 
 def this_device() -> tuple[torch.device, str]:
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.cuda.get_device_name()
-    return torch.device("cpu"), "cpu"
+    device = resolve_device("auto")
+    return device, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def measured_matmul_tflops(records: list[dict]) -> tuple[float | None, str]:

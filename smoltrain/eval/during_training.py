@@ -1,5 +1,6 @@
 """What the trainer runs every `train.eval_every` steps and on the final checkpoint: validation
-loss and bits per byte per source, then the tasks of `config.eval` (none by default).
+loss and bits per byte per source, then the tasks of `config.eval` (none by default). The stage's
+entry function hands it to the Trainer as `DuringTraining()` (train never imports eval).
 
 Tasks are built once per process and reused, so every evaluation of a run scores the same items
 with the same few-shot prompts; no progress bar, the trainer owns the console.
@@ -65,13 +66,16 @@ def sequence_multiple(config) -> int:
     return p.tp if p.tp > 1 and p.sequence_parallel else 1
 
 
-def evaluate_during_training(model, config, device, data_parallel: tuple[int, int, object] | None = None) -> dict:
+def evaluate_during_training(model, config, device, data_parallel: tuple[int, int, object] | None = None,
+                             precision: str | None = None) -> dict:
     """{"val": {source: {"loss", "bpb", "tokens"}}, "tasks": {name: {metric: value, "n"}}, "aggregate": {...}}.
 
     data_parallel = (dp_rank, dp_world, group) splits the validation batches and the
-    multiple-choice requests over the data-parallel ranks."""
+    multiple-choice requests over the data-parallel ranks. precision: the run's resolved one (the
+    Trainer's ParallelContext holds it); None resolves train.precision here (a checkpoint scored alone)."""
     device = torch.device(device)
-    precision = resolve_precision(config.train.precision, device, config.model, config.train.micro_batch_size * config.data.seq_len)
+    if precision is None:
+        precision = resolve_precision(config.train.precision, device, config.model, config.train.micro_batch_size * config.data.seq_len)
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     e = config.eval
     config = resolve_data_config(config)
@@ -85,7 +89,7 @@ def evaluate_during_training(model, config, device, data_parallel: tuple[int, in
             raise ConfigError("eval.tasks needs data.tokenizer (or data.embedded) to turn prompts into tokens")
         tasks = _tasks(tuple(e.tasks), e.limit, e.num_fewshot, e.seed, tuple(e.haystack_files))
         results = score_tasks(model, _tokenizer(config.data.tokenizer), tasks, e.batch_size, e.seed, device, progress=False,
-                              data_parallel=data_parallel, pad_multiple=sequence_multiple(config))
+                              data_parallel=data_parallel, pad_multiple=sequence_multiple(config), precision=precision)
     out = {"val": val, "tasks": results, "aggregate": aggregate(results)}
     if e.position_buckets and e.val_batches:  # the long-context perplexity curve (every rank scores it whole)
         from smoltrain.eval.longctx import loss_by_position_per_source
@@ -95,35 +99,16 @@ def evaluate_during_training(model, config, device, data_parallel: tuple[int, in
     return out
 
 
-def eval_console_line(step: int, result: dict) -> str | None:
-    """One console line for an in-training evaluation: validation loss per source, the centred
-    aggregate and each task's main score (None when nothing was evaluated), e.g.
-    `eval step 100 | val prose 3.412 code 2.981 | aggregate +0.052 | arithmetic_choice 0.410 prose_cloze 0.297`."""
-    parts = []
-    if result.get("val"):
-        parts.append("val " + " ".join(f"{source} {v['loss']:.3f}" for source, v in result["val"].items()))
-    if result.get("tasks"):
-        if result.get("aggregate"):
-            parts.append(f"aggregate {result['aggregate']['centred']:+.3f}")
-        parts.append(" ".join(f"{name} {r['score']:.3f}" for name, r in result["tasks"].items()))
-    for section, values in result.items():  # an objective's own evaluations (chat, preference, pass@k)
-        if section in ("val", "tasks", "aggregate") or not isinstance(values, dict):
-            continue
-        numbers = [f"{k} {v:.3f}" for k, v in _numeric_leaves(values)
-                   if not k.endswith(("_stderr", "/n")) and k not in ("n", "sampled_at_temperature")]
-        if numbers:
-            sampled = values.get("sampled_at_temperature")  # pass@k's samples (GRPO): at what temperature
-            parts.append(f"{section} " + " ".join(numbers[:8])
-                         + (f" (pass@k sampled at temperature {sampled:g})" if sampled is not None else ""))
-    return f"eval step {step} | " + " | ".join(parts) if parts else None
+class DuringTraining:
+    """The in-training evaluation a stage hands the Trainer (train/objective.py's InTrainingEvaluation):
+    checked before step 1, run with the run's device, precision and data-parallel group."""
+
+    def check(self, config) -> None:
+        check_eval_config(config)
+
+    def evaluate(self, model, config, ctx) -> dict:
+        data_parallel = (ctx.dp_rank, ctx.dp_world, ctx.flat_dp_mesh.get_group()) if ctx.dp_world > 1 else None
+        return evaluate_during_training(model, config, ctx.device, data_parallel, precision=ctx.precision)
 
 
-def _numeric_leaves(values: dict, prefix: str = "") -> list[tuple[str, float]]:
-    leaves = []
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            leaves += _numeric_leaves(value, f"{name}/")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            leaves.append((name, float(value)))
-    return leaves
+__all__ = ["DuringTraining", "check_eval_config", "evaluate_during_training", "sequence_multiple"]

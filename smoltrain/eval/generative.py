@@ -1,7 +1,8 @@
 """Generative tasks: decode an answer with the KV cache, compare it with the gold answer.
 
-Exact match compares stripped strings; quasi-exact match compares normalised ones (lower case,
-articles and punctuation dropped, numbers canonical so "1,000.50" equals "1000.5"). With k > 1
+Exact match compares stripped strings; quasi-exact match compares normalised final answers (lower
+case, articles and punctuation dropped, numbers canonical so "1,000.50" equals "1000.5"), or, for a
+task that extracts its answer (GSM8K), asks the one answer checker (eval.answers). With k > 1
 samples per item we report avg@k (mean correctness) and the unbiased pass@k estimator.
 """
 
@@ -13,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from smoltrain.eval.answers import final_answer, is_correct
 from smoltrain.eval.scoring import encode, standard_error
 from smoltrain.eval.tasks import Task, build_prompt
 
@@ -34,22 +36,17 @@ def normalize_answer(text: str) -> str:
     return " ".join(w for w in _WORD_OR_NUMBER.findall(text) if w not in _ARTICLES)
 
 
-def last_number(text: str) -> str | None:
-    numbers = _NUMBER.findall(text)
-    return _canonical_number(numbers[-1]) if numbers else None
-
-
 def exact_match(prediction: str, gold: str) -> bool:
     return prediction.strip() == gold.strip()
 
 
 def quasi_exact_match(prediction: str, gold: str, extract: str | None = None) -> bool:
-    """Normalised equality; `extract="last_number"` first reduces the prediction to its last
-    number (a worked solution ending in the answer, as GSM8K's)."""
+    """Normalised equality of the final answer (after the last `</think>`); `extract="last_number"`
+    (a worked solution ending in its answer, as GSM8K's) asks eval.answers.is_correct, the judge of
+    GRPO's rewards and the chat evals."""
     if extract == "last_number":
-        number = last_number(prediction)
-        prediction = number if number is not None else prediction
-    return normalize_answer(prediction) == normalize_answer(gold)
+        return is_correct(prediction, gold)
+    return normalize_answer(final_answer(prediction)) == normalize_answer(gold)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

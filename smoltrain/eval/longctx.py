@@ -23,6 +23,7 @@ import torch
 
 from smoltrain.errors import ConfigError, DataError
 from smoltrain.eval.scoring import encode, standard_error
+from smoltrain.model.modes import evaluating
 
 # RULER's noise haystack (also the passkey test's garbage).
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -426,10 +427,6 @@ def loss_by_position_per_source(model, config, num_batches: int, batch_size: int
     config = resolve_data_config(config)
     if buckets <= 0 or num_batches <= 0 or not config.data.validation:
         return {}
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return {source: loss_by_position(model, list(validation_batches(config, source, num_batches, batch_size)), buckets, device)
                 for source in config.data.validation}
-    finally:
-        model.train(was_training)

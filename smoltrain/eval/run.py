@@ -25,6 +25,8 @@ from smoltrain.eval.scoring import count_requests, end_of_text_id, load_tokenize
 from smoltrain.eval.suite import BUILDERS, DEFAULT_ITEMS, SUITE, aggregate, centred, embedded_task
 from smoltrain.eval.tasks import Task, read_task_file
 from smoltrain.files import write_atomic
+from smoltrain.model.modes import evaluating
+from smoltrain.train.distributed import resolve_device, resolve_precision
 
 # Names that stand for several embedded tasks.
 GROUPS = {
@@ -97,35 +99,19 @@ def resolve_tasks(specs: Sequence[str], limit: int | None = None, num_fewshot: i
 # ----------------------------------------------------------------------------- scoring
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """auto: CUDA when visible, else CPU; anything else must name a device this machine has."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {device}: not a device (expected auto, cpu, cuda or cuda:N)") from None
-    if resolved.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device}: smoltrain runs on cpu or cuda")
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: no CUDA device is visible (use --device cpu or auto)")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices are visible")
-    return resolved
-
-
 def score_tasks(model, tokenizer, tasks: Sequence[Task], batch_size: int = 16, seed: int = 0, device=None,
                 progress: bool = True, details: list | None = None,
-                data_parallel: tuple[int, int, object] | None = None, pad_multiple: int = 1) -> dict[str, dict]:
+                data_parallel: tuple[int, int, object] | None = None, pad_multiple: int = 1,
+                precision: str | None = None) -> dict[str, dict]:
     """{task: {metric: value, ..., "n", "score", "random_baseline", "centred"}} for each task.
 
     data_parallel = (dp_rank, dp_world, group) splits multiple-choice scoring over the ranks;
     generative tasks run whole on every rank (items stop at different lengths, and FSDP needs
     every rank to decode in step). pad_multiple: scoring batches are padded to a width that is a
-    multiple of it (the TP degree under sequence parallel)."""
-    device = resolve_device(device) if device is not None else next(model.parameters()).device
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    multiple of it (the TP degree under sequence parallel). precision: the run's resolved one during
+    training, else resolve_precision's "auto" for the device (bf16 autocast on CUDA)."""
+    device = resolve_device(device, what="--device") if device is not None else next(model.parameters()).device
+    autocast_dtype = torch.bfloat16 if (precision or resolve_precision("auto", device)) == "bf16" else None
     eot = end_of_text_id(tokenizer)
     empty_context = [eot] if eot is not None else []
     results: dict[str, dict] = {}
@@ -234,7 +220,7 @@ def evaluate(
     The report records where its numbers come from (`provenance`): the model path, its step and
     tokens when a checkpoint tells them, the task settings, the validation folders, smoltrain's version.
     """
-    device = resolve_device(device)
+    device = resolve_device(device, what="--device")
     model, config, tokenizer_path = _load_for_eval(path_or_model, config, tokenizer, device,
                                                    parse_validation(validation))
     if yarn_factor:
@@ -290,19 +276,15 @@ def _score(model, config, tokenizer_path, task_list: list, batch_size: int, seed
            device: torch.device, progress: bool, details: list | None) -> tuple[dict, dict]:
     """The tasks' results and the validation loss per source (when the config names validation data),
     scored with the model in eval mode; it is put back in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         results = score_tasks(model, load_tokenizer(tokenizer_path), task_list, batch_size, seed, device, progress,
                               details=details) if task_list else {}
         val = {}
         if num_val > 0 and (config.data.validation or config.data.embedded):
             from smoltrain.eval.validation import validation_per_source
 
-            val = validation_per_source(model, config, num_val, batch_size, device,
-                                        torch.bfloat16 if device.type == "cuda" else None)
-    finally:
-        model.train(was_training)
+            bf16 = resolve_precision("auto", device) == "bf16"
+            val = validation_per_source(model, config, num_val, batch_size, device, torch.bfloat16 if bf16 else None)
     return results, val
 
 

@@ -15,8 +15,6 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
 from smoltrain.errors import CheckpointError, ConfigError, DataError
 from smoltrain.files import BadLine, jsonl_rows, write_atomic
 from smoltrain.post.chat_data import BadRow, prompt_from_row
@@ -26,12 +24,7 @@ from smoltrain.post.chat_template import (
     has_reasoning_modes,
     load_chat_tokenizer,
 )
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+from smoltrain.train.distributed import resolve_device
 
 
 def load_chat_model(path: str | os.PathLike, device: str = "auto", tokenizer: str | None = None,
@@ -39,7 +32,7 @@ def load_chat_model(path: str | os.PathLike, device: str = "auto", tokenizer: st
     """(model in eval mode, transformers tokenizer with its chat template) from any model path."""
     from smoltrain.train.load_model import load_any
 
-    model, _, known = load_any(path, device=resolve_device(device))
+    model, _, known = load_any(path, device=resolve_device(device, what="--device"))
     tokenizer = tokenizer or known
     if tokenizer is None:
         raise CheckpointError(f"{path}: no tokenizer is known for this model (pass --tokenizer)")

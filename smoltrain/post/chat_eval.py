@@ -15,16 +15,12 @@ from collections.abc import Callable
 
 import torch
 
+from smoltrain.eval.answers import final_answer, is_correct
 from smoltrain.eval.scoring import standard_error
 from smoltrain.model.generate import generate
+from smoltrain.model.modes import evaluating
 from smoltrain.post.chat_template import END_THINK, THINK, encode_prompt, end_of_turn_id, has_reasoning_modes
-from smoltrain.post.embedded_chat import (
-    answer_is_correct,
-    arithmetic_prompts,
-    final_answer,
-    follows_rule,
-    persona_prompts,
-)
+from smoltrain.post.embedded_chat import arithmetic_prompts, follows_rule, persona_prompts
 
 
 def think_format_ok(response: str, mode: str) -> bool:
@@ -45,9 +41,7 @@ def generate_replies(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     encoded = [encode_prompt(tokenizer, p["messages"], **p.get("chat_template_kwargs", {})) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths together: less padding
     replies: list[dict | None] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             outputs = generate(model, [encoded[i] for i in rows], max_new_tokens, temperature=temperature, top_p=top_p,
@@ -58,8 +52,6 @@ def generate_replies(model, tokenizer, prompts: list[dict], max_new_tokens: int,
                               "stopped": len(ids) < max_new_tokens}
             if on_batch is not None:
                 on_batch(len(rows))
-    finally:
-        model.train(was_training)
     return replies
 
 
@@ -108,7 +100,7 @@ def chat_evals(model, tokenizer, count: int = 50, persona_count: int = 48, seed:
                 verdict["follows_rule"] = reply["stopped"] and follows_rule(prompt["rule"], text)
                 adherence.append(float(verdict["follows_rule"]))
             else:
-                verdict["correct"] = answer_is_correct(text, prompt["answer"])
+                verdict["correct"] = is_correct(text, prompt["answer"])
                 correct[name].append(float(verdict["correct"]))
                 lengths[name].append(float(reply["tokens"]))
             if details is not None:

@@ -24,11 +24,14 @@ import torch.nn as nn
 
 from smoltrain.config import Config, DPOConfig, ModelConfig
 from smoltrain.errors import ConfigError, DataError
+from smoltrain.eval.during_training import DuringTraining
 from smoltrain.eval.scoring import rate_with_error
 from smoltrain.files import write_atomic
+from smoltrain.model.modes import evaluating
 from smoltrain.model.transformer import token_logprobs
 from smoltrain.post.preference import pair_losses, reward_metrics
 from smoltrain.post.preference_data import Pair, TextTokenizer, collate, summed_logprobs
+from smoltrain.train.distributed import autocast
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +181,6 @@ class PreferenceBatches:
 # ----------------------------------------------------------------------------- reference log-probs
 
 
-def _autocast(device: torch.device, precision: str):
-    import contextlib
-
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def sequence_logprobs(model: nn.Module, pairs: list[Pair], batch_pairs: int, max_length: int, pad_id: int,
                       device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +189,7 @@ def sequence_logprobs(model: nn.Module, pairs: list[Pair], batch_pairs: int, max
     for start in range(0, len(pairs), batch_pairs):
         batch = collate(pairs[start : start + batch_pairs], max_length, pad_id)
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             c, r = summed_logprobs(token_logprobs(model, ids, labels), labels)
         chosen.append(c.float().cpu())
         rejected.append(r.float().cpu())
@@ -432,13 +429,9 @@ def run_chat_evals(model: nn.Module, tokenizer, items: int, out: Path | None) ->
     from smoltrain.post.chat_eval import chat_evals, vibe_test
 
     base = getattr(model, "_orig_mod", model)
-    was_training = base.training
-    base.eval()
-    try:
+    with evaluating(base):
         results = chat_evals(base, tokenizer, count=items, persona_count=items)
         vibe = vibe_test(base, tokenizer) if out is not None else None
-    finally:
-        base.train(was_training)
     if out is not None:
         write_atomic(out, json.dumps({"chat": results, "vibe": vibe}, indent=2, ensure_ascii=False) + "\n")
     return results
@@ -542,7 +535,7 @@ def run(config: Config, resume: str | None = None, should_stop=None) -> dict:
     reference_of(config)  # one-line errors before anything is allocated
     if not config.dpo.train_data:
         raise ConfigError("dpo.train_data is empty: name one or more jsonl files of prompt / chosen / rejected rows")
-    summary = Trainer(config, build_dpo_objective, resume=resume, should_stop=should_stop).train()
+    summary = Trainer(config, build_dpo_objective, resume=resume, should_stop=should_stop, evaluation=DuringTraining()).train()
     if int(os.environ.get("RANK", "0")) == 0:  # train() has ended the process group: ask torchrun's variable
         report = write_report(Path(config.train.out_dir))
         if report is not None:

@@ -26,9 +26,9 @@ import uuid
 from pathlib import Path
 
 from smoltrain.data.corpus import ITEMS, NAMES, code_documents, in_validation_split, math_solution
-from smoltrain.data.shards import write_json_atomic
+from smoltrain.eval.answers import final_answer
+from smoltrain.files import write_json
 from smoltrain.post.chat_data import Conversation, write_conversations
-from smoltrain.post.chat_template import END_THINK
 
 CHAT_DATA_VERSION = 2
 HELDOUT_FRACTION = 0.1
@@ -99,30 +99,6 @@ def arithmetic_prompts(split: str = "heldout", count: int = 100, seed: int = 0, 
     return [{"messages": [{"role": "user", "content": item["question"]}],
              "chat_template_kwargs": {"enable_thinking": mode == "think"}, **item}
             for item in arithmetic_items(split, count, seed)]
-
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def final_answer(response: str) -> str:
-    """The part after the think block (all of it when there is none)."""
-    return response.split(END_THINK, 1)[1].strip() if END_THINK in response else response.strip()
-
-
-def _number(text: str) -> float | None:
-    numbers = _NUMBER.findall(text)
-    if not numbers:
-        return None
-    try:
-        return float(numbers[-1].replace(",", ""))
-    except ValueError:
-        return None
-
-
-def answer_is_correct(response: str, answer: str) -> bool:
-    """The last number of the final answer equals the reference ("$3.50" and "3.5" are equal)."""
-    got, want = _number(final_answer(response)), _number(answer)
-    return got is not None and want is not None and abs(got - want) < 1e-9
 
 
 # ----------------------------------------------------------------------------- rules a program can check
@@ -416,8 +392,8 @@ def ensure_embedded_chat(cache_dir: str | os.PathLike, seed: int = 0, count: int
             by_source = chat_conversations("train", count, seed)
             for source, conversations in by_source.items():
                 write_conversations(tmp / f"{source}.train.jsonl.gz", conversations)
-            write_json_atomic(tmp / "chat.json", {"version": CHAT_DATA_VERSION, "seed": seed, "count": count,
-                                                  "conversations": {s: len(c) for s, c in by_source.items()}})
+            write_json(tmp / "chat.json", {"version": CHAT_DATA_VERSION, "seed": seed, "count": count,
+                                           "conversations": {s: len(c) for s, c in by_source.items()}})
             try:
                 os.rename(tmp, root)
             except OSError:
@@ -431,14 +407,12 @@ def ensure_embedded_chat(cache_dir: str | os.PathLike, seed: int = 0, count: int
 __all__ = [
     "MIXTURE",
     "SOURCES",
-    "answer_is_correct",
     "apply_rule",
     "arithmetic_items",
     "arithmetic_prompts",
     "chat_conversations",
     "direct_response",
     "ensure_embedded_chat",
-    "final_answer",
     "follows_rule",
     "persona_prompts",
     "rules",

@@ -23,12 +23,15 @@ from torch import nn
 from smoltrain.config import Config
 from smoltrain.data.readers import is_dataset_folder
 from smoltrain.errors import CheckpointError, ConfigError
+from smoltrain.eval.answers import is_correct
+from smoltrain.eval.during_training import DuringTraining
 from smoltrain.eval.scoring import rate_with_error
 from smoltrain.model.generate import sample
+from smoltrain.model.modes import evaluating
 from smoltrain.post.chat_template import END_OF_TURN_TOKENS
 from smoltrain.post.grpo import aggregate, group_advantages, per_token_loss
 from smoltrain.post.prompts import encode, load_prompts, reward_columns
-from smoltrain.post.rewards import RewardState, answers_match, build_rewards, extract_answer, score
+from smoltrain.post.rewards import RewardState, build_rewards, score
 from smoltrain.post.rollout import completion_logprobs, generate_rollouts, max_over_ranks, micro_batches
 
 
@@ -118,7 +121,6 @@ class GRPOObjective:
         self.rewards = build_rewards(g.rewards, g.num_generations, g.mode, g.overlong_max_len, g.overlong_cache)
         self.stop_tokens = _stop_tokens(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.autocast_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and ctx.device.type == "cuda")
         self.lockstep = max_over_ranks(device=ctx.device) if ctx.world_size > 1 else None
         self.buffer = RolloutBuffer()
         self.batches = RolloutSource(self)
@@ -206,8 +208,7 @@ class GRPOObjective:
 
     @torch.no_grad()
     def _logprobs(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        autocast = torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
-        with autocast:
+        with self.ctx.autocast():  # the precision the Trainer's forwards use: ratios start at exactly 1
             on_device = {key: value.to(self.ctx.device) for key, value in batch.items()}
             return completion_logprobs(model, on_device, self.config.grpo.temperature).float().cpu()
 
@@ -237,7 +238,7 @@ class GRPOObjective:
         columns = reward_columns(items, g.num_generations)
         state = RewardState(global_step=k * g.num_iterations, max_steps=self.config.train.max_steps)
         scores = score(self.rewards, prompts, texts, rollouts.completion_ids, columns, state)
-        correct = [float(answers_match(extract_answer(t), a)) for t, a in zip(texts, columns["answer"])]
+        correct = [float(is_correct(t, a)) for t, a in zip(texts, columns["answer"])]
 
         # Everything the advantages and the metrics need, gathered in rank order (= one process's order).
         per_function = torch.tensor([[math.nan if v is None else v for v in values] for values in scores.per_function.values()],
@@ -306,19 +307,15 @@ class GRPOObjective:
         mine = list(range(ctx.dp_rank, len(self.eval_prompts), ctx.dp_world))
         items = [self.eval_prompts[i] for i in mine]
         ids = [encode(self.tokenizer, item)[-g.max_prompt_length :] for item in items]
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             greedy = sample(model, ids, g.max_completion_length, 0.0, None, None, self.stop_tokens, lockstep=self.lockstep)
-        finally:
-            model.train(was_training)
         generators = [torch.Generator().manual_seed(_row_seed(self.config.train.seed, "eval", i, j))
                       for i in mine for j in range(g.pass_k)]
         sampled = generate_rollouts(model, ids, g.pass_k, g.max_completion_length, g.temperature, g.top_k or None,
                                     g.top_p, self.stop_tokens, generators, self.lockstep)
-        pass1 = [answers_match(extract_answer(self._decode(t, not f)), item["answer"])
+        pass1 = [is_correct(self._decode(t, not f), item["answer"])
                  for t, f, item in zip(greedy.tokens, greedy.finished, items)]
-        draws = [answers_match(extract_answer(self._decode(t, trunc)), items[n // g.pass_k]["answer"])
+        draws = [is_correct(self._decode(t, trunc), items[n // g.pass_k]["answer"])
                  for n, (t, trunc) in enumerate(zip(sampled.completion_ids, sampled.truncated))]
         passk = [any(draws[i * g.pass_k : (i + 1) * g.pass_k]) for i in range(len(items))]
         sums = torch.tensor([sum(pass1), sum(passk), sum(draws), sum(len(t) for t in greedy.tokens),
@@ -438,7 +435,7 @@ def run(config: Config, resume: str | None = None, should_stop=None) -> dict:
     load_grpo_prompts(config)
     from smoltrain.train.trainer import Trainer
 
-    return Trainer(config, build_grpo_objective, resume=resume, should_stop=should_stop).train()
+    return Trainer(config, build_grpo_objective, resume=resume, should_stop=should_stop, evaluation=DuringTraining()).train()
 
 
 __all__ = ["GRPOObjective", "RolloutBuffer", "RolloutSource", "build_grpo_objective", "load_grpo_prompts", "run"]

@@ -84,12 +84,12 @@ def _replies(model_path: str, prompts: list[dict], max_new_tokens: int, batch_si
         if missing:
             raise DataError(f"{missing[0]}: --chosen-model reference needs a 'reference' reply in every prompt row")
         return [{"text": p["reference"], "tokens": None, "stopped": True} for p in prompts]
-    from smoltrain.eval.run import resolve_device
     from smoltrain.post.chat_eval import generate_replies
     from smoltrain.post.chat_template import load_chat_tokenizer
+    from smoltrain.train.distributed import resolve_device
     from smoltrain.train.load_model import load_any
 
-    device = resolve_device(device)
+    device = resolve_device(device, what="--device")
     model, _, tokenizer_path = load_any(model_path, device=device)
     if tokenizer_path is None:
         raise ConfigError(f"{model_path}: no tokenizer is known for this model")
@@ -105,12 +105,12 @@ def _plain_replies(model_path: str, prompts: list[dict], max_new_tokens: int, ba
     if model_path == REFERENCE:
         return [{"text": p["text_reference"], "tokens": None, "stopped": True} for p in prompts]
     from smoltrain.data.tokenizer import load_tokenizer
-    from smoltrain.eval.run import resolve_device
     from smoltrain.eval.scoring import end_of_text_id
     from smoltrain.model.generate import generate
+    from smoltrain.train.distributed import resolve_device
     from smoltrain.train.load_model import load_any
 
-    model, _, tokenizer_path = load_any(model_path, device=resolve_device(device))
+    model, _, tokenizer_path = load_any(model_path, device=resolve_device(device, what="--device"))
     if tokenizer_path is None:
         raise ConfigError(f"{model_path}: no tokenizer is known for this model")
     tok = load_tokenizer(tokenizer_path)
@@ -130,9 +130,10 @@ def _plain_replies(model_path: str, prompts: list[dict], max_new_tokens: int, ba
 
 def _passes(verify: str, prompt: dict, text: str) -> bool:
     """--verify's check of one reply: math, the answer is right; rule, the system prompt's rule is kept."""
-    from smoltrain.post.embedded_chat import answer_is_correct, follows_rule
+    from smoltrain.eval.answers import is_correct
+    from smoltrain.post.embedded_chat import follows_rule
 
-    return answer_is_correct(text, prompt["answer"]) if verify == "math" else follows_rule(prompt["rule"], text)
+    return is_correct(text, prompt["answer"]) if verify == "math" else follows_rule(prompt["rule"], text)
 
 
 # --verify: (the summary's rate name, why a pair is dropped when the chosen fails, when the rejected passes)

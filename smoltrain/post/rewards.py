@@ -14,86 +14,30 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 
 from smoltrain.errors import ConfigError, SmoltrainError
+from smoltrain.eval.answers import is_correct
 from smoltrain.post.grpo import soft_overlong_penalty
 
 BUILTIN = ("math_answer", "format", "overlong", "length_group")
-THINK_CLOSE = "</think>"
 
 
 class RewardError(SmoltrainError):
     """A reward function failed or broke the contract; the message names it."""
 
 
-# ----------------------------------------------------------------------------- answers
-
-
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
-def answer_text(completion: str) -> str:
-    """The part of a completion after its think block (the whole of it when there is none)."""
-    return completion.rsplit(THINK_CLOSE, 1)[-1] if THINK_CLOSE in completion else completion
-
-
-def extract_answer(completion: str) -> str | None:
-    """The final answer a completion gives: after its last '####', else its last \\boxed{}, else its
-    last number (GSM8K's and the embedded problems' conventions)."""
-    text = answer_text(completion)
-    if "####" in text:
-        tail = text.rsplit("####", 1)[-1].strip()
-        if not tail:
-            return None
-        line = tail.splitlines()[0].strip()
-        number = _NUMBER.match(line)  # '#### 42 dollars' -> '42'
-        return number.group(0) if number else line
-    boxed = _BOXED.findall(text)
-    if boxed:
-        return boxed[-1].strip()
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
-
-
-def _as_number(text: str) -> Fraction | None:
-    cleaned = text.strip().rstrip(".").replace(",", "").replace("$", "").replace(" ", "")
-    try:
-        return Fraction(cleaned)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def answers_match(given: str | None, reference) -> bool:
-    """Numeric equality after removing '$', ',' and a trailing '.' (so '$3.50' == '3.5'); otherwise
-    math-verify's symbolic equality when it is installed, else equal normalised strings."""
-    if given is None or reference is None:
-        return False
-    reference = str(reference)
-    a, b = _as_number(given), _as_number(reference)
-    if a is not None and b is not None:
-        return a == b
-    try:
-        import math_verify  # optional: symbolic answers (fractions in LaTeX, sets, intervals)
-    except ImportError:
-        return given.strip().lower().rstrip(".") == reference.strip().lower().rstrip(".")
-    return bool(math_verify.verify(math_verify.parse(reference), math_verify.parse(given)))
-
-
 # ----------------------------------------------------------------------------- built-in rewards
 
 
 def math_answer(prompts, completions, completion_ids, answer=None, **columns) -> list[float | None]:
-    """1 when the completion's final answer equals the reference `answer` column, else 0 (None where
-    a row has no reference)."""
+    """1 when the completion's answer equals the reference `answer` column (eval.answers.is_correct, the
+    chat evals' and pass@k's judge too), else 0 (None where a row has no reference)."""
     answers = answer if answer is not None else [None] * len(completions)
-    return [None if ref is None else float(answers_match(extract_answer(c), ref)) for c, ref in zip(completions, answers)]
+    return [None if ref is None else float(is_correct(c, ref)) for c, ref in zip(completions, answers)]
 
 
 def format_reward(mode: str = "no_think"):
@@ -252,9 +196,7 @@ __all__ = [
     "RewardError",
     "RewardState",
     "Scores",
-    "answers_match",
     "build_rewards",
-    "extract_answer",
     "format_reward",
     "length_group_reward",
     "load_user_function",

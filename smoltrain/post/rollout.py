@@ -14,6 +14,7 @@ import torch
 
 from smoltrain.model.attention import SharedPromptMask, left_pad, left_padded_mask, left_padded_positions
 from smoltrain.model.generate import sample
+from smoltrain.model.modes import evaluating
 from smoltrain.model.transformer import token_logprobs
 
 
@@ -56,13 +57,9 @@ def generate_rollouts(model: torch.nn.Module, prompts: list[list[int]], num_gene
 
     repeated = [p for p in prompts for _ in range(num_generations)]
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         samples = sample(model, prompts, max_completion_length, temperature, top_k, top_p, stop_tokens, generator,
                          lockstep=lockstep, repeats=num_generations)
-    finally:
-        model.train(was_training)
     return Rollouts(repeated, samples.tokens, samples.logprobs, samples.entropies,
                     [not done for done in samples.finished], time.perf_counter() - start)
 

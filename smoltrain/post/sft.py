@@ -28,7 +28,9 @@ from smoltrain.config import (
     replace_sections,
 )
 from smoltrain.errors import ConfigError
+from smoltrain.eval.during_training import DuringTraining
 from smoltrain.files import write_atomic
+from smoltrain.model.modes import evaluating
 from smoltrain.post.chat_template import (
     end_of_turn_id,
     has_generation_markers,
@@ -163,11 +165,6 @@ def prepare_sft_data(config: Config, tokenizer_dir: Path) -> PreparedData:
     return PreparedData(examples, rows, report, tokenizer, pad_id, folder)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, text)
-
-
 def with_chat_tokens(config: Config, tokenizer: str, out: Path) -> tuple[Config, str]:
     """sft.add_special_tokens: the init model and tokenizer with the template's missing special tokens
     added, in `out` (made once, reused on resume), and the config pointing at it. The embedding (and an
@@ -248,7 +245,7 @@ class SFTObjective(PretrainObjective):
         results, vibe = run_chat_evals(model, self.tokenizer, items)
         self.last_chat = {"chat": results, "vibe": vibe}
         if self.is_main:
-            _write_atomic(self.run_dir / "chat_after.json", json.dumps(self.last_chat, indent=2, ensure_ascii=False) + "\n")
+            write_atomic(self.run_dir / "chat_after.json", json.dumps(self.last_chat, indent=2, ensure_ascii=False) + "\n")
         return {"chat": results}
 
 
@@ -274,12 +271,10 @@ def build_sft_objective_factory(prepared: PreparedData):
         fresh = not (run_dir / "checkpoints" / "latest").is_file()
         if config.sft.chat_eval_items and fresh and not before.is_file() and config.train.init:
             # the init model, before any step: the "before" column of the report
-            was_training = model.training
-            model.eval()
-            results, vibe = run_chat_evals(model, prepared.tokenizer, config.sft.chat_eval_items)
-            model.train(was_training)
+            with evaluating(model):
+                results, vibe = run_chat_evals(model, prepared.tokenizer, config.sft.chat_eval_items)
             if ctx.is_main:
-                _write_atomic(before, json.dumps({"chat": results, "vibe": vibe}, indent=2, ensure_ascii=False) + "\n")
+                write_atomic(before, json.dumps({"chat": results, "vibe": vibe}, indent=2, ensure_ascii=False) + "\n")
         return objective
 
     return build
@@ -302,8 +297,8 @@ def sft(config: Config, resume: str | None = None, should_stop=None) -> dict:
     prepared = prepare_sft_data(config, tokenizer_dir)
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
-        _write_atomic(run_dir / "data_report.json", json.dumps(prepared.report, indent=2, ensure_ascii=False) + "\n")
-        _write_atomic(run_dir / "data_report.md", report_markdown(prepared.report))
+        write_atomic(run_dir / "data_report.json", json.dumps(prepared.report, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(run_dir / "data_report.md", report_markdown(prepared.report))
         console.print(report_markdown({**prepared.report, "rendered_examples": {}}).rstrip())
     rows_per_step = config.train.global_batch_tokens // config.data.seq_len
     train, optim = config.train, config.optim
@@ -323,7 +318,8 @@ def sft(config: Config, resume: str | None = None, should_stop=None) -> dict:
         console.print(f"sft: {len(prepared.rows)} rows of {config.data.seq_len} per epoch, {rows_per_step} rows per step, "
                       f"{train.max_steps} steps (warmup {optim.warmup_steps}, lr {optim.lr:g} -> {optim.min_lr:g} "
                       f"{optim.schedule}); {describe_step_plan(config)}")
-    trainer = Trainer(config, build_objective=build_sft_objective_factory(prepared), resume=resume, should_stop=should_stop)
+    trainer = Trainer(config, build_objective=build_sft_objective_factory(prepared), resume=resume, should_stop=should_stop,
+                      evaluation=DuringTraining())
     summary = trainer.train()
     if main:
         write_sft_report(run_dir, prepared.report)
@@ -347,7 +343,7 @@ def write_sft_report(run_dir: Path, report: dict) -> Path:
     if before:
         parts += ["## Vibe test (before: the init model)", "", vibe_markdown(before["vibe"]), ""]
     path = run_dir / "sft_report.md"
-    _write_atomic(path, "\n".join(parts))
+    write_atomic(path, "\n".join(parts))
     return path
 
 

@@ -25,10 +25,6 @@ class Block:
     caption: str = ""
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    write_atomic(path, text)
-
-
 def format_value(value: Any, digits: int = 4) -> str:
     """Numbers for tables: ints with thousands separators, floats with `digits` significant digits."""
     if value is None:
@@ -131,8 +127,8 @@ class Report:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         md_path, html_path = out_dir / f"{stem}.md", out_dir / f"{stem}.html"
-        _write_atomic(md_path, self.to_markdown(out_dir))
-        _write_atomic(html_path, self.to_html())
+        write_atomic(md_path, self.to_markdown(out_dir))
+        write_atomic(html_path, self.to_html())
         return md_path, html_path
 
 

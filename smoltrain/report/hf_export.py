@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from smoltrain.files import write_atomic
 from smoltrain.model.hf import hf_architecture, to_hf_config, to_hf_names
 from smoltrain.report.model_card import model_card
 from smoltrain.train.load_model import (
@@ -21,7 +22,6 @@ from smoltrain.train.load_model import (
     _save_tensors,
     _stored_dtype,
     _tokenizer_source,
-    _write_text,
     copy_tokenizer,
     load_any,
 )
@@ -64,8 +64,8 @@ def export_hf(
     assert hf["architectures"] == [architecture]
     if (out / "chat_template.jinja").is_file():
         _write_chat_generation_config(out, special_ids)
-    _write_text(out / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    _write_text(out / "README.md", model_card(source, out, model_config, architecture))
+    write_atomic(out / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    write_atomic(out / "README.md", model_card(source, out, model_config, architecture))
     return out
 
 
@@ -79,5 +79,5 @@ def _write_chat_generation_config(out: Path, special_ids: dict[str, int]) -> Non
     for role in ("bos", "pad"):
         if role in special_ids:
             config[f"{role}_token_id"] = special_ids[role]
-    _write_text(out / "generation_config.json", json.dumps(config, indent=2) + "\n")
+    write_atomic(out / "generation_config.json", json.dumps(config, indent=2) + "\n")
 

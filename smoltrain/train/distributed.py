@@ -9,6 +9,7 @@ layout to the model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -98,6 +99,10 @@ class ParallelContext:
         """The 1-D mesh of those grad_world ranks: DDP's, and the step's loss sums'."""
         return self.flat_dp_cp_mesh if self.cp > 1 else self.flat_dp_mesh
 
+    def autocast(self):
+        """The forward's context for this run's precision (see autocast)."""
+        return autocast(self.device, self.precision)
+
     @property
     def dp_world(self) -> int:
         return self.dp_replicate * self.dp_shard
@@ -184,17 +189,31 @@ def _env_int(name: str, default: int) -> int:
 # ----------------------------------------------------------------------------- device, precision, compile
 
 
-def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
-    """train.device (or an eval --device): auto is this rank's GPU when there is one, else the CPU."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if requested not in ("auto", "cuda"):
-        raise ConfigError(f"device {requested!r} is not one of auto, cpu, cuda")
+def resolve_device(requested: str | torch.device | None = "auto", local_rank: int = 0, what: str = "train.device") -> torch.device:
+    """train.device, `--device` of eval, chat, serve: auto (or None) is this rank's GPU when there is one,
+    else the CPU; cuda is this rank's GPU, cuda:N that GPU. `what` names the setting in errors."""
+    if requested is None or str(requested) == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{what} {requested}: not a device (expected auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"{what} {requested}: smoltrain runs on cpu or cuda")
     if not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda but no CUDA device is visible")
-    if local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
-    return torch.device("cuda", local_rank)
+        raise ConfigError(f"{what} {requested}: no CUDA device is visible (use cpu or auto)")
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"{what} {requested}: device {index} (LOCAL_RANK {local_rank}) but only "
+                          f"{torch.cuda.device_count()} CUDA devices are visible")
+    return torch.device("cuda", index)
+
+
+def autocast(device: torch.device, precision: str):
+    """A resolved precision as a forward's context: bf16 autocast over float32 weights, or nothing (fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)

@@ -118,15 +118,7 @@ def _stored_dtype(path: Path) -> torch.dtype | None:
     return None
 
 
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def _write_atomic(path: Path, write) -> None:
-    write_atomic(path, write)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(text))
+# ----------------------------------------------------------------------------- weights files
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -137,7 +129,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def _prepare_out_dir(out_dir: str | os.PathLike, source: Path | None = None) -> Path:
@@ -210,9 +202,9 @@ def copy_tokenizer(tokenizer: str | os.PathLike | None, out_dir: Path, model_max
     if source.is_dir():
         for name in TOKENIZER_FILES:
             if (source / name).is_file() and (source / name).resolve() != (out_dir / name).resolve():
-                _write_atomic(out_dir / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+                write_atomic(out_dir / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
     elif source.resolve() != (out_dir / "tokenizer.json").resolve():
-        _write_atomic(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(source, tmp))
+        write_atomic(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(source, tmp))
     config_path = out_dir / "tokenizer_config.json"
     tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     ids = _special_token_ids(out_dir / "tokenizer.json", tokenizer_config)
@@ -226,7 +218,7 @@ def copy_tokenizer(tokenizer: str | os.PathLike | None, out_dir: Path, model_max
             "model_max_length": model_max_length,
             "clean_up_tokenization_spaces": False,
         }
-        _write_text(config_path, json.dumps(tokenizer_config, indent=2) + "\n")
+        write_atomic(config_path, json.dumps(tokenizer_config, indent=2) + "\n")
     return ids
 
 

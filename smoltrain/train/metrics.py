@@ -180,6 +180,40 @@ def console_line(record: dict, max_steps: int, eta_s: float | None) -> str:
     return " | ".join(parts)
 
 
+def eval_console_line(step: int, result: dict) -> str | None:
+    """One console line for an in-training evaluation: validation loss per source, the centred
+    aggregate and each task's main score (None when nothing was evaluated), e.g.
+    `eval step 100 | val prose 3.412 code 2.981 | aggregate +0.052 | arithmetic_choice 0.410 prose_cloze 0.297`."""
+    parts = []
+    if result.get("val"):
+        parts.append("val " + " ".join(f"{source} {v['loss']:.3f}" for source, v in result["val"].items()))
+    if result.get("tasks"):
+        if result.get("aggregate"):
+            parts.append(f"aggregate {result['aggregate']['centred']:+.3f}")
+        parts.append(" ".join(f"{name} {r['score']:.3f}" for name, r in result["tasks"].items()))
+    for section, values in result.items():  # an objective's own evaluations (chat, preference, pass@k)
+        if section in ("val", "tasks", "aggregate") or not isinstance(values, dict):
+            continue
+        numbers = [f"{k} {v:.3f}" for k, v in _numeric_leaves(values)
+                   if not k.endswith(("_stderr", "/n")) and k not in ("n", "sampled_at_temperature")]
+        if numbers:
+            sampled = values.get("sampled_at_temperature")  # pass@k's samples (GRPO): at what temperature
+            parts.append(f"{section} " + " ".join(numbers[:8])
+                         + (f" (pass@k sampled at temperature {sampled:g})" if sampled is not None else ""))
+    return f"eval step {step} | " + " | ".join(parts) if parts else None
+
+
+def _numeric_leaves(values: dict, prefix: str = "") -> list[tuple[str, float]]:
+    leaves = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            leaves += _numeric_leaves(value, f"{name}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            leaves.append((name, float(value)))
+    return leaves
+
+
 class MetricsLogger:
     """Appends one JSON object per line to metrics.jsonl (flushed per line, so a kill loses at most
     the line being written), mirrors numbers to TensorBoard and prints the console line.

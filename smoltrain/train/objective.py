@@ -42,6 +42,11 @@ The contract, in words (the Protocols below say the same in types):
 - `objective.evaluate(model)` -> a dict of extra eval results (chat evals, preference accuracy,
   pass@k) merged into the periodic evaluation, or {}.
 
+The in-training evaluation beyond the objective's own (validation loss, eval.tasks) lives above
+train/ (eval/during_training.py): the stage's entry function hands it to the Trainer as an
+`InTrainingEvaluation` (`check(config)` before anything is allocated, `evaluate(model, config, ctx)`
+-> a dict, in eval mode without gradients); without one the Trainer evaluates the objective alone.
+
 An objective is built after the model, by a factory the stage's entry function hands to the
 Trainer: `build(config, model, ctx, run_dir) -> Objective` (GRPO samples from `model`; DPO runs its
 reference pass before step 1 and keeps the result in `run_dir`, which exists by then). A factory
@@ -104,4 +109,10 @@ class Objective(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, Any]: ...
 
 
-__all__ = ["Objective", "BatchSource", "Stateful", "Metric"]
+class InTrainingEvaluation(Protocol):
+    def check(self, config) -> None: ...
+
+    def evaluate(self, model: nn.Module, config, ctx) -> dict[str, Any]: ...
+
+
+__all__ = ["InTrainingEvaluation", "Objective", "BatchSource", "Stateful", "Metric"]

@@ -16,7 +16,6 @@ layout-independent gradient norm and data-parallel sums of the loss and counts. 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -36,9 +35,9 @@ from smoltrain.config import Config, differences, save_config
 from smoltrain.data.loader import check_validation_data
 from smoltrain.data.stages import resolve_stage, stage_at
 from smoltrain.errors import ConfigError, DataError
-from smoltrain.eval.during_training import check_eval_config, eval_console_line
 from smoltrain.files import write_json
 from smoltrain.model.flops import flops_per_token
+from smoltrain.model.modes import evaluating
 from smoltrain.model.transformer import count_parameters
 from smoltrain.train.checkpoint import (
     SHAPE_KEYS,
@@ -62,8 +61,8 @@ from smoltrain.train.distributed import (
     single_process_context,
 )
 from smoltrain.train.init_model import resolve_init_model
-from smoltrain.train.metrics import MetricsLogger, SpikeDetector, console_line, mfu, peak_tflops
-from smoltrain.train.objective import Objective
+from smoltrain.train.metrics import MetricsLogger, SpikeDetector, console_line, eval_console_line, mfu, peak_tflops
+from smoltrain.train.objective import InTrainingEvaluation, Objective
 from smoltrain.train.optim import apply_hyperparameters, build_optimizer, clip_grad_norm_, lr_for_step, set_lr
 from smoltrain.train.parallelize import build_parallel_model, load_full_state_dict, set_gradient_sync
 from smoltrain.train.pretrain import build_pretrain_objective
@@ -145,8 +144,7 @@ def forward_backward(model: nn.Module, objective: Objective, micro_batches: list
     master weights. `timer` times the micro-batch loop as the step's forward-backward; the all-reduce,
     clipping and the sync that reads the loss are the step's rest."""
     device = ctx.device
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if ctx.precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = ctx.autocast()
     # name -> (sum, count), float64 (counts beyond 2^24 stay exact); "" is the loss itself.
     sums = {"": torch.zeros(2, device=device, dtype=torch.float64)}
     tokens = torch.zeros(2, device=device, dtype=torch.float64)  # label tokens, all tokens
@@ -283,17 +281,20 @@ class Trainer:
     build_objective(config, model, ctx, run_dir) -> Objective: pretraining by default; SFT, DPO and
     GRPO hand their own. should_stop() -> bool: asked after every step (all ranks agree); True
     saves and stops, as SIGTERM does. resume: a run or checkpoint folder (default: the run folder's
-    own latest checkpoint). Under torchrun the process group is started here unless one exists,
-    and then ended by train() (also on errors)."""
+    own latest checkpoint). evaluation: what runs every train.eval_every steps besides the objective's
+    own evaluations (train/objective.py's InTrainingEvaluation; None: the objective's alone). Under
+    torchrun the process group is started here unless one exists, and then ended by train() (also
+    on errors)."""
 
     def __init__(self, config: Config, build_objective: ObjectiveFactory | None = None, resume: str | None = None,
                  should_stop: Callable[[], bool] | None = None, ctx: ParallelContext | None = None,
-                 allow_data_change: bool = False):
+                 allow_data_change: bool = False, evaluation: InTrainingEvaluation | None = None):
         notes: list[str] = []
         config = resolve_init_model(config, say=notes.append)  # train.init defines the model section
-        check_eval_config(config)
+        if evaluation is not None:
+            evaluation.check(config)
         check_context_parallel(config, getattr(build_objective or build_pretrain_objective, "splits_sequences", False))
-        self.config = config
+        self.config, self.evaluation = config, evaluation
         self.should_stop = should_stop
         self.allow_data_change = allow_data_change
         self.owns_group = ctx is None and not (dist.is_available() and dist.is_initialized())
@@ -671,20 +672,14 @@ class Trainer:
     # ------------------------------------------------------------------------- evaluation and the end
 
     def evaluate(self) -> dict:
-        """Validation loss and bits per byte per source and eval.tasks (the eval package), plus the
-        objective's own evaluations; batches and multiple-choice requests are split over the
-        data-parallel ranks. Written to metrics.jsonl when there was anything to evaluate."""
-        from smoltrain.eval.during_training import evaluate_during_training
-
+        """The evaluation the stage handed in (validation loss and bits per byte per source and
+        eval.tasks: eval.during_training), plus the objective's own evaluations; batches and
+        multiple-choice requests are split over the data-parallel ranks. Written to metrics.jsonl when there was anything to evaluate."""
         started = time.perf_counter()
-        ctx, model = self.ctx, self.model
-        data_parallel = (ctx.dp_rank, ctx.dp_world, ctx.flat_dp_mesh.get_group()) if ctx.dp_world > 1 else None
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            result = evaluate_during_training(model, self.config, self.device, data_parallel)
+        model = self.model
+        with evaluating(model), torch.no_grad():
+            result = self.evaluation.evaluate(model, self.config, self.ctx) if self.evaluation is not None else {}
             result.update(self.objective.evaluate(model))
-        model.train(was_training)
         if any(result.get(key) for key in result if key != "aggregate"):  # nothing configured: no line
             self.metrics.write({"step": self.state.step, "eval": result})
             line = eval_console_line(self.state.step, result)
@@ -717,11 +712,14 @@ class Trainer:
 
 
 def run(config: Config, resume: str | None = None, should_stop: Callable[[], bool] | None = None,
-        allow_data_change: bool = False) -> dict:
+        allow_data_change: bool = False, evaluation: InTrainingEvaluation | None = None) -> dict:
     """Pretrain `config` to train.max_steps, resuming from `resume` (a run or checkpoint folder) or
     from the run folder's own `latest` checkpoint. Returns a summary (also written to summary.json).
-    A layout that cannot fit the world size fails before anything is allocated or any rank waits."""
-    return Trainer(config, resume=resume, should_stop=should_stop, allow_data_change=allow_data_change).train()
+    A layout that cannot fit the world size fails before anything is allocated or any rank waits.
+    evaluation: what runs every train.eval_every steps besides the objective's own (the callers
+    above train/ pass eval.during_training.DuringTraining())."""
+    return Trainer(config, resume=resume, should_stop=should_stop, allow_data_change=allow_data_change,
+                   evaluation=evaluation).train()
 
 
 __all__ = ["Trainer", "StepResult", "Verdict", "guard", "forward_backward", "run", "build_training_model", "TrainState"]
