@@ -72,19 +72,19 @@ def _add_training_verbs(verbs) -> None:
     _add_training_args(p, "start from these weights (model, HF, run or checkpoint folder)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="resume although a data source changed since the checkpoint (its position restarts)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_stage)
 
     p = verbs.add_parser("dpo", help="preference training (APO-zero, APO-down, DPO, IPO) from train.init")
     _add_training_args(p, "the model to start from, also the reference (train.init)")
-    p.set_defaults(func=cmd_dpo)
+    p.set_defaults(func=cmd_stage)
 
     p = verbs.add_parser("grpo", help="RL with verifiable rewards (GRPO, DAPO length penalty) in the training loop")
     _add_training_args(p, "start from these weights (an SFT or APO model folder)")
-    p.set_defaults(func=cmd_grpo)
+    p.set_defaults(func=cmd_stage)
 
     p = verbs.add_parser("sft", help="supervised fine-tuning on chat data (data check, packing, chat evals)")
     _add_training_args(p, "start from these weights (model, HF, run or checkpoint folder)", init_metavar="MODEL")
-    p.set_defaults(func=cmd_sft)
+    p.set_defaults(func=cmd_stage)
 
 
 def _add_planning_verbs(verbs) -> None:
@@ -314,60 +314,34 @@ def _add_data_verbs(verbs) -> None:
 
 
 def cmd_config(args) -> int:
-    from smoltrain.config import load_config
     from smoltrain.eval.during_training import check_eval_config
+    from smoltrain.stages import stage_of_recipe
+    from smoltrain.train.stage_config import read_recipe
 
-    config = load_config(args.config, args.overrides)
-    if any(key.startswith("sft.") for key in config.explicit):  # an SFT recipe: the config its run will use (SFT's defaults, steps)
-        from smoltrain.errors import CheckpointError
-        from smoltrain.post.sft import describe_step_plan, load_sft_config
-
-        try:
-            config = load_sft_config(args.config, args.overrides)
-        except CheckpointError as e:  # train.init not made yet (SFT after a pretraining still to run)
-            print(f"# {e}: the model section below is the recipe's, not train.init's")
-            config = load_sft_config(args.config, args.overrides, init_model=False)
-        print(f"# sft: {describe_step_plan(config)}")
+    stage = stage_of_recipe(read_recipe(args.config))  # the config its run will use (the stage's defaults, steps)
+    config = stage.load(args.config, args.overrides)
+    if config.train.init and not Path(config.train.init).exists():  # a stage after one still to run
+        print(f"# train.init {config.train.init}: not made yet; the model section below is the recipe's")
+    if stage.plan_note is not None:
+        print(f"# {stage.name}: {stage.plan_note(config)}")
     check_eval_config(config)
     print(config.to_yaml(), end="")
     return 0
 
 
-def cmd_train(args) -> int:
-    from smoltrain.config import load_config
-    from smoltrain.eval.during_training import DuringTraining, check_eval_config
-    from smoltrain.train.trainer import run
+def cmd_stage(args) -> int:
+    """train, sft, dpo, grpo (smoltrain/stages.py): the stage's config from the recipe, --set and
+    --init; a finished run is said so and trains nothing (exit 0); else the run and its exit status."""
+    from smoltrain.eval.during_training import check_eval_config
+    from smoltrain.stages import stage_of_verb
 
-    config = load_config(args.config, _with_init(args))
+    stage = stage_of_verb(args.verb)
+    config = stage.load(args.config, args.overrides, args.init)
     check_eval_config(config)
-    if _finished(args, config):
+    if not stage.steps_from_data and _finished(args, config):
         return 0
-    return _exit_status(run(config, resume=args.resume, allow_data_change=args.allow_data_change, evaluation=DuringTraining()))
-
-
-def cmd_dpo(args) -> int:
-    from smoltrain.post.dpo import load_dpo_config, run
-
-    config = load_dpo_config(args.config, args.overrides, init=args.init)
-    if _finished(args, config):
-        return 0
-    return _exit_status(run(config, resume=args.resume))
-
-
-def cmd_grpo(args) -> int:
-    from smoltrain.config import load_config
-    from smoltrain.post.grpo_train import run
-
-    config = load_config(args.config, _with_init(args))
-    if _finished(args, config):
-        return 0
-    return _exit_status(run(config, resume=args.resume))
-
-
-def cmd_sft(args) -> int:
-    from smoltrain.post.sft import load_sft_config, sft
-
-    return _exit_status(sft(load_sft_config(args.config, args.overrides, init=args.init), resume=args.resume))
+    options = {"allow_data_change": True} if getattr(args, "allow_data_change", False) else {}
+    return _exit_status(stage.run(config, resume=args.resume, **options))
 
 
 def cmd_plan(args) -> int:
@@ -694,15 +668,9 @@ def cmd_data_preferences(args) -> int:
 # ----------------------------------------------------------------------------- entry
 
 
-def _with_init(args) -> list[str]:
-    """--set overrides, then --init as train.init: the init model is the base a partial model section
-    overrides before the config is validated (config_from_dict)."""
-    return [*args.overrides, f"train.init={json.dumps(args.init)}"] if args.init else list(args.overrides)
-
-
 def _finished(args, config) -> bool:
     """A finished run (its checkpoint at train.max_steps) is said so, and trains nothing (exit 0).
-    SFT asks after its data fixed the steps (post/sft.py)."""
+    A stage whose data fixes the steps (SFT) asks itself, after reading it."""
     from smoltrain.train.checkpoint import finished_note
 
     note = finished_note(args.resume or config.train.out_dir, config.train.max_steps)

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
@@ -143,6 +143,10 @@ class StageConfig:
     lr: Optional[float] = None  # peak lr of the fresh schedule
 
 
+# The embedded demo corpus's sources (data/corpus.py builds them): what data.mixture may name with data.embedded.
+EMBEDDED_SOURCES = ("prose", "code", "math")
+
+
 @dataclass
 class DataConfig:
     # Where tokenized shards live: source name -> folder of `<name>_<5 digits>.bin/.idx` + meta.json.
@@ -245,107 +249,30 @@ class EvalConfig:
 
 
 @dataclass
-class DPOConfig:
-    """Preference training (`smoltrain dpo`): losses in post/preference.py, data in post/preference_data.py."""
-
-    loss: Literal["apo_zero", "apo_down", "dpo", "ipo"] = "apo_zero"  # SmolLM3: APO-zero kept AIME25, DPO lost it
-    beta: float = 0.1  # 0.05-0.1 in the playbook
-    sft_weight: float = 0.0  # RPO: + weight x the chosen answer's NLL per token
-    train_data: list[str] = field(default_factory=list)  # jsonl(.gz) or dataset folders of prompt / chosen / rejected rows
-    eval_data: list[str] = field(default_factory=list)  # held-out pairs for preference accuracy
-    split: Optional[str] = None  # of dataset folders in train_data (default: their only split, else train)
-    eval_split: Optional[str] = None  # of dataset folders in eval_data (same default)
-    holdout_pairs: int = 0  # without eval_data: hold out this many training pairs (a seeded draw)
-    reference: Optional[str] = None  # reference model (default: train.init, the model training starts from)
-    precompute: bool = True  # reference log-probs once before training, stored in the run folder
-    max_length: int = 1024  # prompt + answer tokens (TRL's default); longer rows keep their start
-    pairs_per_step: int = 64  # global batch in pairs (chosen + rejected rows: twice as many sequences)
-    skip_bad: bool = False  # count and skip bad rows instead of stopping at the first
-    chat_template: Optional[str] = None  # conversational rows: smollm3, chatml or model (default: the tokenizer's own)
-    chat_eval_items: int = 0  # > 0: the chat evals (post/chat_eval.py) before training and at every evaluation
-
-
-@dataclass
-class GRPOConfig:
-    """RL with verifiable rewards (`smoltrain grpo`); defaults are TRL 1.16's where it has one."""
-
-    prompts: str = "embedded"  # "embedded" (arithmetic problems), "gsm8k:PATH", a jsonl/json/parquet file or a dataset folder
-    eval_prompts: Optional[str] = None  # held-out prompts: default the held-out split of `prompts` (a file needs one)
-    split: Optional[str] = None  # of a dataset folder in prompts (default: its only split, else train)
-    eval_split: Optional[str] = None  # of eval_prompts' dataset folder, or of prompts' when eval_prompts is unset
-    num_prompts: int = 2000  # training prompts drawn from the source (the embedded source generates this many)
-    eval_count: int = 64  # held-out prompts scored every train.eval_every steps
-    mode: Literal["think", "no_think"] = "no_think"  # unless a prompt row sets its own
-    chat_template: Optional[str] = None  # smollm3 / chatml; None: the tokenizer's own template
-    num_generations: int = 8  # G: completions per prompt
-    prompts_per_step: int = 8  # prompts per rollout batch (split over data-parallel ranks)
-    max_prompt_length: int = 512  # longer prompts keep their end (TRL)
-    max_completion_length: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    num_iterations: int = 1  # mu: optimizer steps on each rollout batch (> 1 stores old log-probs)
-    epsilon: float = 0.2
-    epsilon_high: Optional[float] = None  # None: epsilon (DAPO: 0.28)
-    beta: float = 0.0  # k3 KL to the frozen starting model; 0 keeps no reference (TRL, DAPO)
-    kl_bias_correction: bool = True  # TRL: the KL term weighted by the probability ratio
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
-    mask_truncated: bool = False  # DAPO overlong filtering: no loss on completions without an end token
-    rewards: dict[str, float] = field(default_factory=lambda: {"math_answer": 1.0})  # name or module:function -> weight
-    overlong_max_len: int = 0  # DAPO soft overlong penalty (reward "overlong"): -1 at this many tokens
-    overlong_cache: int = 0  # ... and 0 up to overlong_max_len - overlong_cache
-    pass_k: int = 4  # held-out pass@k samples per prompt (pass@1 is greedy)
-    chat_evals: bool = False  # also the SFT chat evals (accuracy in both modes, adherence, format) at each eval
-
-
-@dataclass
-class SFTSourceWeight:
-    """One source of an SFT mixture: set weight or epochs (SmolLM3 weighs each dataset of its mixture)."""
-
-    weight: Optional[float] = None  # conversations per sft epoch, a multiple of the source's (0.5: a seeded half; 2: each twice)
-    epochs: Optional[float] = None  # or passes over the source in the whole run (needs sft.epochs): weight = epochs / sft.epochs
-
-
-@dataclass
-class SFTConfig:
-    # Conversation files (jsonl, jsonl.gz, parquet, json lists; globs allowed), Hugging Face dataset folders (save_to_disk
-    # or a parquet snapshot), or "embedded", the embedded chat data. "NAME=PATTERN" names the source of all the files a
-    # pattern matches (else: each file's first dotted part).
-    data: list[str] = field(default_factory=lambda: ["embedded"])
-    split: Optional[str] = None  # of dataset folders in data (default: their only split, else train)
-    mixture: dict[str, SFTSourceWeight] = field(default_factory=dict)  # source name -> weight or epochs; absent: weight 1
-    embedded_conversations: int = 8000
-    chat_template: Literal["smollm3", "chatml", "gemma", "model"] = "smollm3"  # model: the init model's own
-    loss: Literal["assistant", "all"] = "assistant"  # assistant: content + <|im_end|> of assistant turns only
-    packing: bool = True  # best-fit decreasing into rows of data.seq_len; false: one conversation per row
-    overflow: Literal["truncate", "drop"] = "truncate"  # a conversation longer than a row: keep its start, or skip it
-    skip_bad: bool = False  # count and skip bad rows instead of stopping at the first
-    # Move chat_template_kwargs.custom_instructions into a system message (when there is none), for
-    # templates that do not read the keyword (SmolLM2's, chatml); the data check still verifies it.
-    instructions_as_system: bool = False
-    # Add the template's special tokens the init tokenizer lacks (<think> / </think> for SmolLM2), growing the
-    # embedding and head: new rows at the mean embedding (TRL's chat-format setup); the init stays untouched.
-    add_special_tokens: bool = False
-    epochs: Optional[float] = 2.0  # sets train.max_steps from the packed rows; null: train.max_steps as given
-    warmup_fraction: Optional[float] = 0.03  # sets optim.warmup_steps to this share of the steps (SmolLM3: ~3%); null: as given
-    chat_eval_items: int = 50  # held-out items per chat eval set at every evaluation (0: none)
-
-
-@dataclass
 class Config:
+    """The shared sections. A stage's own section (sft, dpo, grpo) lives in its module, which composes
+    it in as a subclass with one more field and registers it (`register_stage_config`); a stage section
+    read into a plain Config (a model folder an SFT run saved, read by `smoltrain eval`) is kept as read."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
+    other_sections: dict = field(default_factory=dict, repr=False, compare=False)  # stage sections kept as read
+
+    # Batches of data.seq_len tokens, train.global_batch_tokens a step (pretraining, SFT); a stage that
+    # batches pairs or rollouts sets False, and neither key is its to set or to check.
+    token_batches: ClassVar[bool] = True
+
+    def validate_stage(self) -> None:
+        """The stage section's own checks (a stage's subclass); the shared sections have none here."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        kept = out.pop("other_sections")
+        return {**out, **kept}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -464,14 +391,51 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 # ----------------------------------------------------------------------------- loading
 
 
-def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
-    from smoltrain.train.init_model import with_init_model_section
+# The sections the stage modules own, and the Config subclass each composes its own in with.
+STAGE_SECTIONS = ("sft", "dpo", "grpo")
+_STAGE_CONFIGS: dict[str, type[Config]] = {}
 
+
+def register_stage_config(section: str, cls: type[Config]) -> type[Config]:
+    """A stage module's Config with its section (`sft`) composed in: what a mapping holding that
+    section is read as, so `load_config(recipe).sft.epochs` works wherever the stage is imported."""
+    if section not in STAGE_SECTIONS:
+        raise ValueError(f"{section}: add it to STAGE_SECTIONS, the sections a plain Config keeps as read")
+    _STAGE_CONFIGS[section] = cls
+    return cls
+
+
+def _config_class(raw: dict) -> type[Config]:
+    """The registered stage Config of the one stage section in raw; a plain Config for none or several
+    (a run folder saved before each stage owned its section carries all three)."""
+    named = [name for name in STAGE_SECTIONS if name in raw]
+    return _STAGE_CONFIGS.get(named[0], Config) if len(named) == 1 else Config
+
+
+def _build_config(cls: type[Config], raw: dict) -> Config:
+    fields = {f.name for f in dataclasses.fields(cls)} - {"other_sections"}
+    kept = {name: raw[name] for name in STAGE_SECTIONS if name in raw and name not in fields}
+    for key in raw:
+        if key not in fields and key not in kept:
+            raise ConfigError(f"unknown key '{key}'{_did_you_mean(str(key), sorted(fields | set(STAGE_SECTIONS)))}")
+    config = _build(cls, {k: v for k, v in raw.items() if k in fields}, "")
+    config.other_sections = kept
+    return config
+
+
+def config_from_dict(raw: dict, overrides: list[str] | None = None, base_model: dict | None = None,
+                     cls: type[Config] | None = None) -> Config:
+    """Sections -> a validated Config (cls: a stage's, else the one the stage section in raw names).
+    base_model: the model section of the model training starts from (train.init, read by
+    train/stage_config.py), under the model keys the mapping gives."""
     raw = apply_overrides(dict(raw or {}), overrides or [])
     # Keys the recipe or --set gave (not defaults): a model to start from fills in the others.
     explicit = frozenset(f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict)
                          for key in values)
-    config = _build(Config, with_init_model_section(raw), "")
+    given = raw.get("model")
+    if base_model is not None and (given is None or isinstance(given, dict)):
+        raw = {**raw, "model": {**base_model, **(given or {})}}  # (a section that is not a mapping: the builder's error)
+    config = _build_config(cls or _config_class(raw), raw)
     validate(config)
     config.explicit = explicit
     return config
@@ -529,101 +493,97 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------- validation
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
 def validate_model(m: ModelConfig) -> None:
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_seq_len"):
-        _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+        require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     if m.head_dim is None:
-        _require(
+        require(
             m.hidden_size % m.num_heads == 0,
             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})",
         )
     else:
-        _require(m.head_dim > 0, f"model.head_dim must be positive, got {m.head_dim}")
-    _require(
+        require(m.head_dim > 0, f"model.head_dim must be positive, got {m.head_dim}")
+    require(
         m.num_heads % m.num_kv_heads == 0,
         f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({m.num_kv_heads})",
     )
     if m.position_encoding == "rope":
-        _require(
+        require(
             m.resolved_head_dim % 2 == 0,
             f"model.head_dim ({m.resolved_head_dim}) must be even with model.position_encoding=rope",
         )
-        _require(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
+        require(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
     if m.rope_scaling is not None:
         validate_rope_scaling(m.rope_scaling, "model.rope_scaling")
-    _require(m.nope_every >= 0, f"model.nope_every must be >= 0, got {m.nope_every}")
-    _require(m.z_loss >= 0, f"model.z_loss must be >= 0, got {m.z_loss}")
-    _require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
-    _require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
+    require(m.nope_every >= 0, f"model.nope_every must be >= 0, got {m.nope_every}")
+    require(m.z_loss >= 0, f"model.z_loss must be >= 0, got {m.z_loss}")
+    require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
+    require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
     if m.full_attention_every > 0:
         for key in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
                     "linear_conv_kernel"):
-            _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
-        _require(m.linear_num_value_heads % m.linear_num_key_heads == 0,
+            require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+        require(m.linear_num_value_heads % m.linear_num_key_heads == 0,
                  f"model.linear_num_value_heads ({m.linear_num_value_heads}) must be a multiple of "
                  f"model.linear_num_key_heads ({m.linear_num_key_heads})")
-    _require(0 < m.partial_rotary_factor <= 1 and m.rotary_dim % 2 == 0,
+    require(0 < m.partial_rotary_factor <= 1 and m.rotary_dim % 2 == 0,
              f"model.partial_rotary_factor must be in (0, 1] and turn an even number of dimensions, got {m.partial_rotary_factor}")
     for key in ("sliding_window", "global_every", "full_attention_every"):
-        _require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
+        require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
     for key in ("rope_local_theta", "query_pre_attn_scalar"):
-        _require(getattr(m, key) is None or getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+        require(getattr(m, key) is None or getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     if m.num_experts > 0:
         _validate_moe(m)
-        _require(m.mlp_activation == "silu", f"model.mlp_activation={m.mlp_activation!r}: experts compute SwiGLU (silu) only")
+        require(m.mlp_activation == "silu", f"model.mlp_activation={m.mlp_activation!r}: experts compute SwiGLU (silu) only")
 
 
 def validate_rope_scaling(r: RopeScaling, key: str) -> None:
     if r.rope_type == "default":
         return
-    _require(r.factor >= 1, f"{key}.factor must be >= 1, got {r.factor}")
+    require(r.factor >= 1, f"{key}.factor must be >= 1, got {r.factor}")
     if r.rope_type == "yarn":
-        _require(r.original_max_seq_len is not None and r.original_max_seq_len > 0,
+        require(r.original_max_seq_len is not None and r.original_max_seq_len > 0,
                  f"{key}.original_max_seq_len must be a positive length with rope_type yarn, got {r.original_max_seq_len}")
-        _require(r.beta_fast > r.beta_slow > 0, f"{key}: beta_fast ({r.beta_fast}) must exceed beta_slow ({r.beta_slow}) > 0")
-        _require(r.attention_factor is None or r.attention_factor > 0, f"{key}.attention_factor must be positive, got {r.attention_factor}")
+        require(r.beta_fast > r.beta_slow > 0, f"{key}: beta_fast ({r.beta_fast}) must exceed beta_slow ({r.beta_slow}) > 0")
+        require(r.attention_factor is None or r.attention_factor > 0, f"{key}.attention_factor must be positive, got {r.attention_factor}")
 
 
 def _validate_moe(m: ModelConfig) -> None:
-    _require(0 < m.experts_per_token <= m.num_experts,
+    require(0 < m.experts_per_token <= m.num_experts,
              f"model.experts_per_token must be in 1..model.num_experts ({m.num_experts}), got {m.experts_per_token}")
-    _require(m.expert_hidden is None or m.expert_hidden > 0, f"model.expert_hidden must be positive, got {m.expert_hidden}")
-    _require(m.shared_expert_hidden >= 0, f"model.shared_expert_hidden must be >= 0, got {m.shared_expert_hidden}")
-    _require(m.moe_every > 0, f"model.moe_every must be positive, got {m.moe_every}")
+    require(m.expert_hidden is None or m.expert_hidden > 0, f"model.expert_hidden must be positive, got {m.expert_hidden}")
+    require(m.shared_expert_hidden >= 0, f"model.shared_expert_hidden must be >= 0, got {m.shared_expert_hidden}")
+    require(m.moe_every > 0, f"model.moe_every must be positive, got {m.moe_every}")
     bad = [i for i in m.moe_dense_layers if not 0 <= i < m.num_layers]
-    _require(not bad, f"model.moe_dense_layers: layer {bad[0] if bad else 0} outside 0..{m.num_layers - 1}")
+    require(not bad, f"model.moe_dense_layers: layer {bad[0] if bad else 0} outside 0..{m.num_layers - 1}")
     for key in ("aux_loss_coef", "router_z_loss", "bias_update_rate"):
-        _require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
+        require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
 
 
 def validate_eval(e: EvalConfig) -> None:
-    _require(e.batch_size > 0, f"eval.batch_size must be positive, got {e.batch_size}")
-    _require(e.val_batches >= 0, f"eval.val_batches must be >= 0, got {e.val_batches}")
-    _require(e.num_fewshot >= 0, f"eval.num_fewshot must be >= 0, got {e.num_fewshot}")
-    _require(e.limit is None or e.limit > 0, f"eval.limit must be positive (or null for all items), got {e.limit}")
+    require(e.batch_size > 0, f"eval.batch_size must be positive, got {e.batch_size}")
+    require(e.val_batches >= 0, f"eval.val_batches must be >= 0, got {e.val_batches}")
+    require(e.num_fewshot >= 0, f"eval.num_fewshot must be >= 0, got {e.num_fewshot}")
+    require(e.limit is None or e.limit > 0, f"eval.limit must be positive (or null for all items), got {e.limit}")
 
 
 def source_names(d: DataConfig) -> list[str]:
     """The training sources a mixture may name: the embedded corpus's own with data.embedded (its
     paths are filled in on first use), else data.sources' keys."""
-    if d.embedded:
-        from smoltrain.data.corpus import SOURCES
-
-        return list(SOURCES)
-    return list(d.sources)
+    return list(EMBEDDED_SOURCES) if d.embedded else list(d.sources)
 
 
 def _check_mixture(mixture: dict[str, float], key: str, sources: list[str]) -> None:
     for name, weight in mixture.items():
         if sources:
-            _require(name in sources, f"{key}.{name}: no such source{_did_you_mean(name, sources)}")
-        _require(weight >= 0, f"{key}.{name} must be >= 0, got {weight}")
-    _require(not mixture or any(w > 0 for w in mixture.values()),
+            require(name in sources, f"{key}.{name}: no such source{_did_you_mean(name, sources)}")
+        require(weight >= 0, f"{key}.{name} must be >= 0, got {weight}")
+    require(not mixture or any(w > 0 for w in mixture.values()),
              f"{key}: no positive weight ({', '.join(f'{n}: {w:g}' for n, w in mixture.items())})")
 
 
@@ -631,104 +591,67 @@ def validate_lora(t: TrainConfig, p: ParallelConfig) -> None:
     lora = t.lora
     if lora is None:
         return
-    _require(lora.r > 0, f"train.lora.r must be positive, got {lora.r}")
-    _require(lora.alpha > 0, f"train.lora.alpha must be positive, got {lora.alpha}")
-    _require(0 <= lora.dropout < 1, f"train.lora.dropout must lie in [0, 1), got {lora.dropout}")
-    _require(bool(lora.target_modules), f"train.lora.target_modules must name at least one of: {', '.join(LORA_TARGETS)}")
+    require(lora.r > 0, f"train.lora.r must be positive, got {lora.r}")
+    require(lora.alpha > 0, f"train.lora.alpha must be positive, got {lora.alpha}")
+    require(0 <= lora.dropout < 1, f"train.lora.dropout must lie in [0, 1), got {lora.dropout}")
+    require(bool(lora.target_modules), f"train.lora.target_modules must name at least one of: {', '.join(LORA_TARGETS)}")
     for name in lora.target_modules:
-        _require(name in LORA_TARGETS, f"train.lora.target_modules: no module '{name}'{_did_you_mean(name, list(LORA_TARGETS))}")
+        require(name in LORA_TARGETS, f"train.lora.target_modules: no module '{name}'{_did_you_mean(name, list(LORA_TARGETS))}")
     # peft's layers replace the nn.Linear that the tensor-parallel plan shards column- and row-wise.
-    _require(p.tp == 1, f"train.lora needs parallel.tp 1 (got {p.tp}): tensor parallelism does not shard peft's layers")
+    require(p.tp == 1, f"train.lora needs parallel.tp 1 (got {p.tp}): tensor parallelism does not shard peft's layers")
     # Activation checkpointing recomputes blocks without the RNG state (parallelize.py): dropout
     # masks would differ between forward and recomputation.
-    _require(lora.dropout == 0 or not t.activation_checkpointing,
+    require(lora.dropout == 0 or not t.activation_checkpointing,
              "train.lora.dropout > 0 needs train.activation_checkpointing false (the recomputed forward would draw other masks)")
-
-
-def validate_dpo(p: DPOConfig) -> None:
-    _require(p.beta > 0, f"dpo.beta must be positive, got {p.beta}")
-    _require(p.sft_weight >= 0, f"dpo.sft_weight must be >= 0, got {p.sft_weight}")
-    _require(p.max_length >= 2, f"dpo.max_length must be at least 2, got {p.max_length}")
-    _require(p.pairs_per_step > 0, f"dpo.pairs_per_step must be positive, got {p.pairs_per_step}")
-    _require(p.holdout_pairs >= 0, f"dpo.holdout_pairs must be >= 0, got {p.holdout_pairs}")
-    _require(p.chat_eval_items >= 0, f"dpo.chat_eval_items must be >= 0, got {p.chat_eval_items}")
-
-
-def validate_grpo(g: GRPOConfig) -> None:
-    for key in ("num_prompts", "eval_count", "prompts_per_step", "max_prompt_length", "max_completion_length",
-                "num_iterations", "pass_k"):
-        _require(getattr(g, key) > 0, f"grpo.{key} must be positive, got {getattr(g, key)}")
-    _require(g.num_generations >= 2, f"grpo.num_generations must be >= 2 (a group needs a spread), got {g.num_generations}")
-    _require(g.temperature > 0, f"grpo.temperature must be positive (GRPO samples), got {g.temperature}")
-    _require(0 < g.top_p <= 1, f"grpo.top_p must lie in (0, 1], got {g.top_p}")
-    _require(g.top_k >= 0, f"grpo.top_k must be >= 0, got {g.top_k}")
-    _require(0 <= g.epsilon < 1, f"grpo.epsilon must lie in [0, 1), got {g.epsilon}")
-    _require(g.epsilon_high is None or g.epsilon_high >= 0, f"grpo.epsilon_high must be >= 0, got {g.epsilon_high}")
-    _require(g.beta >= 0, f"grpo.beta must be >= 0, got {g.beta}")
-    if "overlong" in g.rewards:
-        _require(0 < g.overlong_cache <= g.overlong_max_len,
-                 f"grpo.overlong_cache ({g.overlong_cache}) must lie in (0, grpo.overlong_max_len ({g.overlong_max_len})]")
 
 
 def validate(c: Config) -> None:
     validate_model(c.model)
     d, o, t, p = c.data, c.optim, c.train, c.parallel
-    _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
-    _require(
-        d.seq_len <= c.model.max_seq_len,
-        f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({c.model.max_seq_len})",
-    )
+    # data.seq_len is a stage's row length only with token batches; else the validation rows' when there are any
+    rows = c.token_batches or (c.eval.val_batches > 0 and bool(d.validation or d.embedded))
+    require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
+    require(not rows or d.seq_len <= c.model.max_seq_len,
+             f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({c.model.max_seq_len})")
     sources = source_names(d)
     _check_mixture(d.mixture, "data.mixture", sources)
     previous = -1
     for i, stage in enumerate(d.stages):
-        _require(stage.start_step > previous, f"data.stages[{i}].start_step must increase, got {stage.start_step}")
+        require(stage.start_step > previous, f"data.stages[{i}].start_step must increase, got {stage.start_step}")
         previous = stage.start_step
         seq_len = stage.seq_len or d.seq_len
-        _require(
+        require(
             seq_len <= c.model.max_seq_len,
             f"data.stages[{i}].seq_len ({seq_len}) exceeds model.max_seq_len ({c.model.max_seq_len})",
         )
         _check_mixture(stage.mixture, f"data.stages[{i}].mixture", sources)
         if stage.rope_scaling is not None:
             validate_rope_scaling(stage.rope_scaling, f"data.stages[{i}].rope_scaling")
-    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
-    _require(0 <= o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must lie in [0, optim.lr ({o.lr})]")
-    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)")
-    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    _require(0 <= o.decay_fraction <= 1, f"optim.decay_fraction must lie in [0, 1], got {o.decay_fraction}")
-    _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
-    _require(t.out_dir.strip() != "", "train.out_dir must name a folder, got an empty string "
+    require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    require(0 <= o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must lie in [0, optim.lr ({o.lr})]")
+    require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)")
+    require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    require(0 <= o.decay_fraction <= 1, f"optim.decay_fraction must lie in [0, 1], got {o.decay_fraction}")
+    require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+    require(t.out_dir.strip() != "", "train.out_dir must name a folder, got an empty string "
              "(the run would write its checkpoints and metrics into the current directory)")
     for key in ("max_steps", "log_every", "save_every", "eval_every", "global_batch_tokens", "micro_batch_size", "keep_checkpoints",
                 "spike_std", "spike_window", "activation_checkpointing_every"):
-        _require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
-    _require(t.spike_skip_batches >= 0, f"train.spike_skip_batches must be >= 0, got {t.spike_skip_batches}")
-    _require(t.peak_tflops is None or t.peak_tflops > 0, f"train.peak_tflops must be positive, got {t.peak_tflops}")
+        require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
+    require(t.spike_skip_batches >= 0, f"train.spike_skip_batches must be >= 0, got {t.spike_skip_batches}")
+    require(t.peak_tflops is None or t.peak_tflops > 0, f"train.peak_tflops must be positive, got {t.peak_tflops}")
     # One process and data.seq_len here; every stage's length over the data-parallel degree is
     # checked at launch (the pretraining objective's preflight), before the model is built.
-    grad_accumulation(t, d.seq_len, 1)
+    if c.token_batches:
+        grad_accumulation(t, d.seq_len, 1)
     for key in ("dp_replicate", "tp", "cp"):
-        _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
-    _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be -1 (auto) or >= 1, got {p.dp_shard}")
+        require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be -1 (auto) or >= 1, got {p.dp_shard}")
     validate_lora(t, p)
     check_tensor_parallel(c.model, p)
     check_expert_parallel(c.model, p)
     validate_eval(c.eval)
-    validate_dpo(c.dpo)
-    validate_grpo(c.grpo)
-    s = c.sft
-    _require(s.epochs is None or s.epochs > 0, f"sft.epochs must be positive (or null), got {s.epochs}")
-    _require(s.warmup_fraction is None or 0 <= s.warmup_fraction < 1,
-             f"sft.warmup_fraction must lie in [0, 1) (or null), got {s.warmup_fraction}")
-    _require(s.chat_eval_items >= 0, f"sft.chat_eval_items must be >= 0, got {s.chat_eval_items}")
-    _require(s.embedded_conversations > 0, f"sft.embedded_conversations must be positive, got {s.embedded_conversations}")
-    _require(bool(s.data), "sft.data must name at least one file (or embedded)")
-    for name, source in s.mixture.items():
-        _require((source.weight is None) != (source.epochs is None), f"sft.mixture.{name}: set weight or epochs (one of them)")
-        _require((source.weight or source.epochs or 0) > 0, f"sft.mixture.{name}: weight and epochs must be positive")
-        _require(source.epochs is None or s.epochs is not None,
-                 f"sft.mixture.{name}.epochs needs sft.epochs (the run's passes); with train.max_steps set weight instead")
+    c.validate_stage()
 
 
 def grad_accumulation(t: TrainConfig, seq_len: int, dp_world: int) -> int:
@@ -747,20 +670,20 @@ def grad_accumulation(t: TrainConfig, seq_len: int, dp_world: int) -> int:
 def check_expert_parallel(m: ModelConfig, p: ParallelConfig, dp_world: int | None = None) -> None:
     """What parallel.ep asks of the model and layout (dp_world once the world size is known): whole
     experts per rank, ep ranks dividing the data-parallel ones (FSDP2 or DDP for the rest), no TP."""
-    _require(p.ep >= 1, f"parallel.ep must be >= 1, got {p.ep}")
+    require(p.ep >= 1, f"parallel.ep must be >= 1, got {p.ep}")
     if p.ep == 1:
         return
-    _require(m.num_experts > 0, f"parallel.ep ({p.ep}) needs an MoE model (model.num_experts > 0)")
-    _require(m.num_experts % p.ep == 0, f"parallel.ep ({p.ep}) must divide model.num_experts ({m.num_experts})")
-    _require(p.tp == 1, f"parallel.ep ({p.ep}) combines with FSDP2 or DDP, not with parallel.tp ({p.tp})")
-    _require(dp_world is None or dp_world % p.ep == 0,
+    require(m.num_experts > 0, f"parallel.ep ({p.ep}) needs an MoE model (model.num_experts > 0)")
+    require(m.num_experts % p.ep == 0, f"parallel.ep ({p.ep}) must divide model.num_experts ({m.num_experts})")
+    require(p.tp == 1, f"parallel.ep ({p.ep}) combines with FSDP2 or DDP, not with parallel.tp ({p.tp})")
+    require(dp_world is None or dp_world % p.ep == 0,
              f"parallel.ep ({p.ep}) must divide the data-parallel world ({dp_world})")
 
 
 def check_tensor_parallel(m: ModelConfig, p: ParallelConfig) -> None:
     """What parallel.tp asks of the model: whole KV heads and SwiGLU columns per rank, no DDP."""
-    _require(m.num_kv_heads % p.tp == 0, f"parallel.tp ({p.tp}) must divide model.num_kv_heads ({m.num_kv_heads})")
-    _require(m.intermediate_size % p.tp == 0,
+    require(m.num_kv_heads % p.tp == 0, f"parallel.tp ({p.tp}) must divide model.num_kv_heads ({m.num_kv_heads})")
+    require(m.intermediate_size % p.tp == 0,
              f"parallel.tp ({p.tp}) must divide model.intermediate_size ({m.intermediate_size})")
-    _require(not (p.ddp and p.tp > 1),
+    require(not (p.ddp and p.tp > 1),
              "parallel.ddp replicates whole models and cannot combine with parallel.tp > 1; use FSDP (ddp: false)")

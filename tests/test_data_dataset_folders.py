@@ -12,13 +12,15 @@ from chat_helpers import chat_tokenizers, conversations
 from preference_helpers import WORDS, preference_rows, write_rows
 
 from smoltrain import cli
-from smoltrain.config import Config, DataConfig, DPOConfig, GRPOConfig, SFTConfig
+from smoltrain.config import DataConfig
 from smoltrain.data.shards import TokenSource
 from smoltrain.errors import ConfigError, DataError
 from smoltrain.post.chat_data import write_conversations
-from smoltrain.post.grpo_train import load_grpo_prompts
+from smoltrain.post.dpo import DPOConfig, DPORunConfig
+from smoltrain.post.grpo_train import GRPOConfig, GRPORunConfig, load_grpo_prompts
 from smoltrain.post.preference_data import TextTokenizer, load_preferences
 from smoltrain.post.prompts import load_prompts
+from smoltrain.post.sft import SFTConfig, SFTRunConfig
 
 datasets = pytest.importorskip("datasets")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -97,7 +99,7 @@ def test_sft_data_takes_a_dataset_folder_split(tmp_path):
     write_conversations(tmp_path / "test.jsonl", rows[8:])
 
     def prepared(data: str, split: str | None):
-        config = Config(data=DataConfig(seq_len=128), sft=SFTConfig(data=[data], split=split))
+        config = SFTRunConfig(data=DataConfig(seq_len=128), sft=SFTConfig(data=[data], split=split))
         return prepare_sft_data(config, root / "smollm3")
 
     from_folder, from_jsonl = prepared(str(tmp_path / "chat"), "test"), prepared(str(tmp_path / "test.jsonl"), None)
@@ -120,21 +122,21 @@ def test_dpo_train_and_eval_data_take_dataset_folder_splits(tmp_path):
     folder = str(save_dict(tmp_path / "pairs", {"train": rows[:7], "test": rows[7:]}))
     tokenizer_path = str(tmp_path / "tok" / "tokenizer.json")
     data = DataConfig(cache_dir=str(tmp_path / "cache"))  # dpo prepares its pairs on disk, cached
-    train, held_out = split_data(Config(data=data, dpo=DPOConfig(train_data=[folder], eval_data=[folder], eval_split="test")),
+    train, held_out = split_data(DPORunConfig(data=data, dpo=DPOConfig(train_data=[folder], eval_data=[folder], eval_split="test")),
                                  tokenizer_path)
     assert list(train) == load_preferences([write_rows(tmp_path / "train.jsonl", rows[:7])], tok).pairs and len(train) == 7
     assert list(held_out) == load_preferences([write_rows(tmp_path / "test.jsonl", rows[7:])], tok).pairs and len(held_out) == 3
     assert load_preferences([folder], tok, split="train").sources[0] == f"{folder}:1"
     with pytest.raises(DataError, match="no split 'validation'"):
-        split_data(Config(data=data, dpo=DPOConfig(train_data=[folder], split="validation")), tokenizer_path)
+        split_data(DPORunConfig(data=data, dpo=DPOConfig(train_data=[folder], split="validation")), tokenizer_path)
 
 
 def test_grpo_prompts_take_a_dataset_folder_with_its_held_out_split(tmp_path):
     rows = [{"prompt": f"{i} + {i} =", "answer": str(2 * i), "topic": "sum"} for i in range(6)]
     folder = save_snapshot(tmp_path / "prompts", {"train": rows[:4], "test": rows[4:]})
-    config = Config(grpo=GRPOConfig(prompts=str(folder), split="train", eval_split="test", num_prompts=0, eval_count=0))
+    config = GRPORunConfig(grpo=GRPOConfig(prompts=str(folder), split="train", eval_split="test", num_prompts=0, eval_count=0))
     train, heldout = load_grpo_prompts(config)
     assert train == load_prompts(str(jsonl(tmp_path / "train.jsonl", rows[:4])))
     assert heldout == load_prompts(str(jsonl(tmp_path / "test.jsonl", rows[4:])))
     with pytest.raises(ConfigError, match="grpo.eval_split"):
-        load_grpo_prompts(Config(grpo=GRPOConfig(prompts=str(folder))))
+        load_grpo_prompts(GRPORunConfig(grpo=GRPOConfig(prompts=str(folder))))

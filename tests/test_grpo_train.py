@@ -171,9 +171,10 @@ def test_bad_grpo_inputs_are_one_line_errors(tmp_path, tokenizer, change, messag
 
 def test_demo_recipe_validates_and_takes_the_demo_models_shape():
     from smoltrain.config import load_config
+    from smoltrain.post.grpo_train import load_grpo_config
 
     recipes = TESTS.parent / "recipes"
-    grpo_demo, demo = load_config(recipes / "grpo" / "demo.yaml"), load_config(recipes / "demo.yaml")
+    grpo_demo, demo = load_grpo_config(recipes / "grpo" / "demo.yaml"), load_config(recipes / "demo.yaml")
     assert grpo_demo.model == demo.model  # the demo's SFT / APO weights load into it
     assert grpo_demo.grpo.mode == "no_think" and "overlong" in grpo_demo.grpo.rewards
     assert 0 < grpo_demo.grpo.overlong_cache <= grpo_demo.grpo.overlong_max_len <= grpo_demo.grpo.max_completion_length
@@ -193,7 +194,7 @@ def test_ablation_files_take_a_grpo_stage_and_score_its_evaluation(tmp_path):
     baseline = yaml.safe_load((TESTS.parent / "recipes" / "grpo" / "demo.yaml").read_text())
     raw = {"baseline": baseline, "variants": {"a": {"grpo.epsilon": 0.1}}, "seeds": [0], "budget": {"steps": 1},
            "stage": "rlhf"}
-    with pytest.raises(ConfigError, match="stage: expected one of pretrain, grpo"):
+    with pytest.raises(ConfigError, match="stage: expected one of pretrain, sft, dpo, grpo"):
         load_ablation(raw=raw, out_dir=str(tmp_path))
     flat = flatten_eval({"val": {}, "tasks": {}, "grpo": {"pass@1": 0.25, "pass@1_stderr": 0.03, "n": 200,
                                                          "greedy_mean_length": 9.5}})

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from preference_helpers import SHAPE, preference_rows, save_init_model, write_rows
 from spawn_helpers import leaves_without_teardown
 
+from smoltrain.config import DataConfig, TrainConfig
 from smoltrain.post import dpo
 from smoltrain.post.dpo import REFERENCE_FILE, load_dpo_config
 
@@ -46,11 +47,12 @@ def config_for(root, out, overrides=()):
     return load_dpo_config(root / "recipe.yaml", [f"train.out_dir={out}", *overrides])
 
 
-def test_recipe_takes_the_model_from_init_and_derives_the_batch_keys(root):
+def test_recipe_takes_the_model_from_init_and_sets_no_token_batch_keys(root):
     config = config_for(root, root / "x", ["optim.lr=0.01"])
     assert {k: getattr(config.model, k) for k in SHAPE} == SHAPE
     assert config.data.tokenizer == str((root / "init").resolve())  # the run folder will know its tokenizer
-    assert config.data.seq_len == 64 and config.train.global_batch_tokens == 8 * 64
+    # a step is dpo.pairs_per_step pairs: data.seq_len and global_batch_tokens stay as the recipe left them
+    assert (config.data.seq_len, config.train.global_batch_tokens) == (DataConfig.seq_len, TrainConfig.global_batch_tokens)
     assert config.optim.lr == 0.01 and config.optim.weight_decay == 0.0  # DPO's default where the recipe is silent
     assert load_dpo_config(None, ["dpo.beta=0.2"]).optim.lr == 1e-6
 
@@ -171,7 +173,7 @@ def test_the_demo_recipe_reads_with_any_init_model(root):
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "dpo" / "demo.yaml"
     config = load_dpo_config(recipe, [f"train.init={root / 'init'}"])
     assert config.dpo.loss == "apo_zero" and config.dpo.beta == 0.1 and config.model.hidden_size == SHAPE["hidden_size"]
-    assert config.train.global_batch_tokens == config.dpo.pairs_per_step * config.data.seq_len
+    assert config.train.global_batch_tokens == TrainConfig.global_batch_tokens  # not DPO's key: left alone
 
 
 def test_the_start_line_counts_a_step_in_pairs(root, capsys):

@@ -12,7 +12,7 @@ from smoltrain.errors import ConfigError
 from smoltrain.model.transformer import build_model
 from smoltrain.report.hf_export import export_hf
 from smoltrain.train import trainer
-from smoltrain.train.init_model import resolve_init_model
+from smoltrain.train.init_model import init_model_section, resolve_init_model
 from smoltrain.train.load_model import save_model_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,8 +31,8 @@ def hf_folder(tmp_path_factory):
 
 
 def config_with(init, **model):
-    return config_from_dict({"model": model, "data": {"seq_len": 16},
-                             "train": {"init": str(init), "global_batch_tokens": 64, "micro_batch_size": 2}})
+    raw = {"model": model, "data": {"seq_len": 16}, "train": {"init": str(init), "global_batch_tokens": 64, "micro_batch_size": 2}}
+    return config_from_dict(raw, base_model=init_model_section(raw))
 
 
 def test_without_a_model_section_the_model_comes_from_the_hugging_face_config(hf_folder):
@@ -86,9 +86,10 @@ def test_a_model_folder_defines_the_model_too(tmp_path):
 def test_a_partial_model_section_overrides_the_init_model_not_the_defaults(hf_folder):
     # 2 KV heads and tensor parallel 2 fit the init model (4 heads, 2 KV heads); the defaults' 9 heads
     # and 3 KV heads would refuse both before the init model was read.
-    config = config_from_dict({"model": {"num_kv_heads": 2, "max_seq_len": 128}, "data": {"seq_len": 16},
-                               "parallel": {"tp": 2},
-                               "train": {"init": str(hf_folder), "global_batch_tokens": 64, "micro_batch_size": 2}})
+    # (the loader's way: config.py reads no files, train/init_model.py hands it the init model's section)
+    raw = {"model": {"num_kv_heads": 2, "max_seq_len": 128}, "data": {"seq_len": 16}, "parallel": {"tp": 2},
+           "train": {"init": str(hf_folder), "global_batch_tokens": 64, "micro_batch_size": 2}}
+    config = config_from_dict(raw, base_model=init_model_section(raw))
     assert config.model == ModelConfig(**{**SOURCE, "max_seq_len": 128})
     assert {k for k in config.explicit if k.startswith("model.")} == {"model.num_kv_heads", "model.max_seq_len"}
     said = []

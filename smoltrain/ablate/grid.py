@@ -23,6 +23,7 @@ from smoltrain.errors import ConfigError, StoppedBySignal
 from smoltrain.files import write_atomic
 from smoltrain.model.flops import parameter_counts
 from smoltrain.report.run import final_loss, flatten_eval, median_of, read_metrics
+from smoltrain.stages import STAGES
 
 RECORD = "ablation_run.json"
 
@@ -50,15 +51,7 @@ def _first_difference(a, b, prefix: str = "") -> str | None:
 
 
 def train_with_trainer(config: Config, stage: str = "pretrain") -> object:
-    from smoltrain.eval.during_training import DuringTraining
-
-    if stage == "grpo":
-        from smoltrain.post.grpo_train import run
-
-        return run(config)
-    from smoltrain.train.trainer import run
-
-    return run(config, evaluation=DuringTraining())
+    return STAGES[stage].run(config)
 
 
 def evaluate_checkpoint(config: Config, run_dir: Path) -> dict:

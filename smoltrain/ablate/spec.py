@@ -9,7 +9,7 @@ variants:
   mqa: {model.num_kv_heads: 1, model.num_layers: 7}       # ... or a key: value mapping
 seeds: [0, 1]
 budget: {steps: 200}              # or {tokens: 2_000_000}: steps = ceil(tokens / global batch)
-stage: pretrain                   # or grpo: which training each run is (its own eval rides along)
+stage: pretrain                   # or sft, dpo, grpo (smoltrain/stages.py): which training each run is (its own eval rides along)
 eval: {tasks: [arithmetic], val_batches: 8}   # the one suite every run is scored on
 noise_sigma: 2.0                  # verdict threshold, in standard errors of the difference
 param_tolerance: 0.05             # warn when a variant's parameters differ more than this
@@ -23,7 +23,6 @@ evaluation suite); the grid sets those itself, so a comparison is fair by constr
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import functools
 import json
@@ -34,14 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smoltrain.config import Config, apply_overrides, config_from_dict, replace_sections
+from smoltrain.config import Config, apply_overrides
 from smoltrain.errors import ConfigError
 from smoltrain.files import load_yaml, parse_yaml
+from smoltrain.stages import STAGES
 
 BASELINE = "baseline"
 _TOP_KEYS = ("name", "baseline", "set", "variants", "seeds", "budget", "eval", "noise_sigma", "param_tolerance", "out_dir",
              "stage")
-STAGES = ("pretrain", "grpo")
 # Keys the grid owns: a variant changing them would not be a like-for-like comparison.
 _FIXED_PREFIXES = ("train.seed", "train.out_dir", "train.max_steps", "eval.")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -60,7 +59,7 @@ class AblationSpec:
     param_tolerance: float = 0.05
     out_dir: str = ""
     source: str = "<inline>"  # the file it came from, for error messages
-    stage: str = "pretrain"  # the training each run is: pretrain (smoltrain train) or grpo
+    stage: str = "pretrain"  # the training each run is: a stage of smoltrain/stages.py (its recipe defaults, its run)
 
     def run_dir(self, variant: str, seed: int) -> Path:
         return Path(self.out_dir) / "runs" / variant / f"seed{seed}"
@@ -78,14 +77,13 @@ class AblationSpec:
             if self.eval:
                 raw["eval"] = {**(raw.get("eval") or {}), **copy.deepcopy(self.eval)}
             apply_overrides(raw, [f"train.seed={seed}", f"train.out_dir={json.dumps(str(self.run_dir(variant, seed)))}"])
-            config = config_from_dict(raw)
+            steps = self.budget_steps
+            if steps is None:
+                steps = math.ceil(self.budget_tokens / STAGES[self.stage].load(raw).train.global_batch_tokens)
+            # the budget as a recipe key: a stage that derives its steps (sft.epochs) lets a given one win
+            return STAGES[self.stage].load(apply_overrides(raw, [f"train.max_steps={steps}"]))
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
-        if self.budget_steps is not None:
-            steps = self.budget_steps
-        else:
-            steps = math.ceil(self.budget_tokens / config.train.global_batch_tokens)
-        return replace_sections(config, train=dataclasses.replace(config.train, max_steps=steps))
 
 
 def _fail(source: str, message: str) -> None:

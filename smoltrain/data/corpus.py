@@ -21,10 +21,11 @@ import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from smoltrain.config import EMBEDDED_SOURCES
 from smoltrain.errors import DataError
 from smoltrain.files import write_atomic, write_json
 
-SOURCES = ("prose", "code", "math")
+SOURCES = EMBEDDED_SOURCES  # the names a mixture may give are the config's to check
 SPLITS = ("train", "validation")
 CORPUS_VERSION = 1
 _EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "turtledemo"}

@@ -15,23 +15,26 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from smoltrain.config import Config, DPOConfig, ModelConfig
+from smoltrain.config import Config, register_stage_config, require
 from smoltrain.errors import ConfigError, DataError
 from smoltrain.eval.during_training import DuringTraining
 from smoltrain.eval.scoring import rate_with_error
 from smoltrain.files import write_atomic
-from smoltrain.model.modes import evaluating
 from smoltrain.model.transformer import token_logprobs
 from smoltrain.post.preference import pair_losses, reward_metrics
 from smoltrain.post.preference_data import Pair, TextTokenizer, collate, summed_logprobs
+from smoltrain.post.stage_eval import CHAT_AFTER, CHAT_BEFORE, evaluate_start, run_chat_evals, write_record
 from smoltrain.train.distributed import autocast
+from smoltrain.train.stage_config import load_stage_config, resolve_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,75 +47,57 @@ MIN_LR_SHARE = 0.1
 # ----------------------------------------------------------------------------- config
 
 
-def _init_source(path: str):
-    """(model section, tokenizer path or None) of a model, run, checkpoint or Hugging Face folder,
-    read without its weights where the folder says both in files."""
-    from smoltrain.config import load_config
-    from smoltrain.model.hf import from_hf_config
-    from smoltrain.train.load_model import CONFIG_FILE, WEIGHTS_FILE, _read_hf_config
+@dataclass
+class DPOConfig:
+    """Preference training (`smoltrain dpo`): losses in post/preference.py, data in post/preference_data.py."""
 
-    folder = Path(path)
-    tokenizer = str(folder) if (folder / "tokenizer.json").is_file() else None
-    if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
-        config = load_config(folder / CONFIG_FILE)
-        return config.model, tokenizer or config.data.tokenizer
-    if (folder / "config.json").is_file() and not (folder / CONFIG_FILE).is_file():
-        return from_hf_config(_read_hf_config(folder), str(folder / "config.json")), tokenizer
-    from smoltrain.train.load_model import load_any
+    loss: Literal["apo_zero", "apo_down", "dpo", "ipo"] = "apo_zero"  # SmolLM3: APO-zero kept AIME25, DPO lost it
+    beta: float = 0.1  # 0.05-0.1 in the playbook
+    sft_weight: float = 0.0  # RPO: + weight x the chosen answer's NLL per token
+    train_data: list[str] = field(default_factory=list)  # jsonl(.gz) or dataset folders of prompt / chosen / rejected rows
+    eval_data: list[str] = field(default_factory=list)  # held-out pairs for preference accuracy
+    split: Optional[str] = None  # of dataset folders in train_data (default: their only split, else train)
+    eval_split: Optional[str] = None  # of dataset folders in eval_data (same default)
+    holdout_pairs: int = 0  # without eval_data: hold out this many training pairs (a seeded draw)
+    reference: Optional[str] = None  # reference model (default: train.init, the model training starts from)
+    precompute: bool = True  # reference log-probs once before training, stored in the run folder
+    max_length: int = 1024  # prompt + answer tokens (TRL's default); longer rows keep their start
+    pairs_per_step: int = 64  # global batch in pairs (chosen + rejected rows: twice as many sequences)
+    skip_bad: bool = False  # count and skip bad rows instead of stopping at the first
+    chat_template: Optional[str] = None  # conversational rows: smollm3, chatml or model (default: the tokenizer's own)
+    chat_eval_items: int = 0  # > 0: the chat evals (post/chat_eval.py) before training and at every evaluation
 
-    _, config, tokenizer = load_any(path)
-    return config.model, tokenizer
+
+def validate_dpo(p: DPOConfig) -> None:
+    require(p.beta > 0, f"dpo.beta must be positive, got {p.beta}")
+    require(p.sft_weight >= 0, f"dpo.sft_weight must be >= 0, got {p.sft_weight}")
+    require(p.max_length >= 2, f"dpo.max_length must be at least 2, got {p.max_length}")
+    require(p.pairs_per_step > 0, f"dpo.pairs_per_step must be positive, got {p.pairs_per_step}")
+    require(p.holdout_pairs >= 0, f"dpo.holdout_pairs must be >= 0, got {p.holdout_pairs}")
+    require(p.chat_eval_items >= 0, f"dpo.chat_eval_items must be >= 0, got {p.chat_eval_items}")
 
 
-def load_dpo_config(path: str | os.PathLike | None, overrides: list[str] | None = None, init: str | None = None) -> Config:
-    """The recipe, with the model section and tokenizer taken from train.init (the recipe may still
-    set keys such as attention_kernel), DPO's optimizer defaults for keys it leaves out, and the pretraining batch
-    keys derived from the pairs: data.seq_len = the longest row the model takes, global_batch_tokens
-    = pairs_per_step rows of it (DPO counts pairs, not tokens)."""
-    import dataclasses
 
-    import yaml
+@dataclass
+class DPORunConfig(Config):
+    """A run's config with the DPO section composed in; its batches are pairs, not tokens."""
 
-    from smoltrain.config import apply_overrides, config_from_dict
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise ConfigError(f"{p}{f':{mark.line + 1}' if mark else ''}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections (model, data, optim, train, dpo, ...)")
-    raw = apply_overrides(raw, list(overrides or []))
+    token_batches = False  # a step is pairs_per_step pairs: data.seq_len and train.global_batch_tokens are not DPO's
 
-    def section(name: str) -> dict:
-        if not isinstance(raw.get(name), dict):
-            raw[name] = {}
-        return raw[name]
+    def validate_stage(self) -> None:
+        validate_dpo(self.dpo)
 
-    train, optim, data = section("train"), section("optim"), section("data")
-    if init:
-        train["init"] = init
-    for key, value in DPO_OPTIM.items():
-        optim.setdefault(key, value)
-    optim.setdefault("min_lr", MIN_LR_SHARE * float(optim["lr"]))
-    if train.get("init"):
-        model_config, tokenizer = _init_source(train["init"])
-        raw["model"] = {**dataclasses.asdict(model_config), **(raw.get("model") or {})}
-        if tokenizer and not data.get("tokenizer"):
-            data["tokenizer"] = str(Path(tokenizer).resolve())  # the run folder (and what export reads) knows it
-    dpo, model = raw.get("dpo") or {}, raw.get("model") or {}
-    data.setdefault("seq_len", min(int(dpo.get("max_length", DPOConfig.max_length)),
-                                   int(model.get("max_seq_len", ModelConfig.max_seq_len))))
-    train.setdefault("global_batch_tokens", int(dpo.get("pairs_per_step", DPOConfig.pairs_per_step)) * int(data["seq_len"]))
-    try:
-        return config_from_dict(raw)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+register_stage_config("dpo", DPORunConfig)
+
+
+def load_dpo_config(path: str | os.PathLike | dict | None, overrides: list[str] | None = None, init: str | None = None) -> Config:
+    """The recipe through the one stage loader (train/stage_config.py), with DPO's optimizer defaults
+    for the keys it leaves out (a step is dpo.pairs_per_step pairs: no token batch keys to derive)."""
+    return load_stage_config(path, overrides or [], init, cls=DPORunConfig, optim_defaults=DPO_OPTIM,
+                             min_lr_share=MIN_LR_SHARE)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -230,11 +215,11 @@ def build_reference_model(reference: str, config: Config, ctx) -> nn.Module:
 
     from safetensors import safe_open
 
-    from smoltrain.train.load_model import CONFIG_FILE, WEIGHTS_FILE
+    from smoltrain.train.load_model import CONFIG_FILE, WEIGHTS_FILE, model_config_of
     from smoltrain.train.parallelize import load_full_state_dict
     from smoltrain.train.trainer import build_training_model, load_init_weights
 
-    model_section = config.model if reference == config.train.init else _init_source(reference)[0]
+    model_section = config.model if reference == config.train.init else model_config_of(reference)
     # No backward through it, and no adapters on it (a LoRA policy's own reference is its base: reference_logps).
     train = dataclasses.replace(config.train, activation_checkpointing=False, lora=None)
     config = dataclasses.replace(config, model=model_section, train=train)
@@ -385,10 +370,7 @@ class DPOObjective:
         accuracy's standard error, and the chat evals when dpo.chat_eval_items > 0. Every rank scores
         every held-out pair (the forward may have collectives)."""
         if not self.eval_pairs:
-            if self.chat is None:
-                return {}
-            return {"chat": run_chat_evals(model, self.chat, self.config.dpo.chat_eval_items,
-                                           self.run_dir / CHAT_AFTER if self.is_main and self.run_dir else None)}
+            return self._chat_evals(model) if self.chat is not None else {}
         p = self.config.dpo
         micro = self.config.train.micro_batch_size
         chosen, rejected = sequence_logprobs(model, self.eval_pairs, micro, p.max_length, self.pad_id, self.device, self.precision)
@@ -411,48 +393,18 @@ class DPOObjective:
             "rejected_reward": metrics["rewards/rejected"], "loss": float(losses.mean()), "pairs": n,
         }}
         if self.chat is not None:
-            result["chat"] = run_chat_evals(model, self.chat, self.config.dpo.chat_eval_items,
-                                            self.run_dir / CHAT_AFTER if self.is_main and self.run_dir else None)
+            result.update(self._chat_evals(model))
         return result
 
-
-# ----------------------------------------------------------------------------- chat evals
-
-CHAT_BEFORE, CHAT_AFTER = "chat_before.json", "chat_after.json"
-
-
-def run_chat_evals(model: nn.Module, tokenizer, items: int, out: Path | None) -> dict:
-    """The SFT issue's chat evals (accuracy in both modes, rule adherence, think format, stop rate,
-    each with its standard error); written to `out` with the vibe-test replies when given."""
-    import json
-
-    from smoltrain.post.chat_eval import chat_evals, vibe_test
-
-    base = getattr(model, "_orig_mod", model)
-    with evaluating(base):
-        results = chat_evals(base, tokenizer, count=items, persona_count=items)
-        vibe = vibe_test(base, tokenizer) if out is not None else None
-    if out is not None:
-        write_atomic(out, json.dumps({"chat": results, "vibe": vibe}, indent=2, ensure_ascii=False) + "\n")
-    return results
+    def _chat_evals(self, model: nn.Module) -> dict:
+        """The chat evals when dpo.chat_eval_items > 0, with the vibe test in chat_after.json."""
+        record = run_chat_evals(model, self.chat, self.config.dpo.chat_eval_items, vibe=True)
+        if self.is_main and self.run_dir:
+            write_record(self.run_dir / CHAT_AFTER, record)
+        return {"chat": record["chat"]}
 
 
 # ----------------------------------------------------------------------------- building it
-
-
-def tokenizer_path(config: Config, reference: str) -> str:
-    """data.tokenizer, else the tokenizer of the reference / init model folder."""
-    if config.data.tokenizer:
-        return config.data.tokenizer
-    folder = Path(reference)
-    if (folder / "tokenizer.json").is_file():
-        return str(folder)
-    from smoltrain.train.load_model import load_any
-
-    _, _, tokenizer = load_any(reference)
-    if tokenizer is None:
-        raise ConfigError(f"no tokenizer known for {reference}: set data.tokenizer")
-    return tokenizer
 
 
 def split_data(config: Config, tokenizer_path: str) -> tuple:
@@ -492,7 +444,7 @@ def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) ->
     model itself, loaded once and frozen."""
     p = config.dpo
     reference = reference_of(config)
-    path = tokenizer_path(config, reference)
+    path = resolve_tokenizer(config, reference)
     tokenizer = TextTokenizer.load(path)
     train_pairs, eval_pairs = split_data(config, path)
     pad_id = tokenizer.eos_id
@@ -519,11 +471,9 @@ def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) ->
     objective = DPOObjective(config, batches, eval_pairs, eval_ref, reference_model, pad_id, ctx.device, precision,
                              chat, Path(run_dir), ctx.is_main, base_reference=base_reference and not p.precompute)
     objective.accumulation(p.max_length, ctx.dp_world)  # a bad batch split fails now, not at step 1
-    before = Path(run_dir) / CHAT_BEFORE
-    fresh = not (Path(run_dir) / "checkpoints" / "latest").is_file()
-    if chat is not None and fresh and not before.is_file():
-        # the init model, before any step (the Trainer built it from train.init): the "before" column
-        run_chat_evals(model, chat, p.chat_eval_items, before if ctx.is_main else None)
+    if chat is not None:  # the init model, before any step (the Trainer built it from train.init): the "before" column
+        evaluate_start(Path(run_dir), CHAT_BEFORE, lambda: run_chat_evals(model, chat, p.chat_eval_items, vibe=True),
+                       config.train.init, ctx.is_main)
     return objective
 
 

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 from torch import nn
 
-from smoltrain.config import Config
+from smoltrain.config import Config, register_stage_config, require
 from smoltrain.data.readers import is_dataset_folder
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.eval.answers import is_correct
@@ -33,6 +36,77 @@ from smoltrain.post.grpo import aggregate, group_advantages, per_token_loss
 from smoltrain.post.prompts import encode, load_prompts, reward_columns
 from smoltrain.post.rewards import RewardState, build_rewards, score
 from smoltrain.post.rollout import completion_logprobs, generate_rollouts, max_over_ranks, micro_batches
+from smoltrain.post.stage_eval import evaluate_start, run_chat_evals
+from smoltrain.train.stage_config import load_stage_config, resolve_tokenizer
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class GRPOConfig:
+    """RL with verifiable rewards (`smoltrain grpo`); defaults are TRL 1.16's where it has one."""
+
+    prompts: str = "embedded"  # "embedded" (arithmetic problems), "gsm8k:PATH", a jsonl/json/parquet file or a dataset folder
+    eval_prompts: Optional[str] = None  # held-out prompts: default the held-out split of `prompts` (a file needs one)
+    split: Optional[str] = None  # of a dataset folder in prompts (default: its only split, else train)
+    eval_split: Optional[str] = None  # of eval_prompts' dataset folder, or of prompts' when eval_prompts is unset
+    num_prompts: int = 2000  # training prompts drawn from the source (the embedded source generates this many)
+    eval_count: int = 64  # held-out prompts scored every train.eval_every steps
+    mode: Literal["think", "no_think"] = "no_think"  # unless a prompt row sets its own
+    chat_template: Optional[str] = None  # smollm3 / chatml; None: the tokenizer's own template
+    num_generations: int = 8  # G: completions per prompt
+    prompts_per_step: int = 8  # prompts per rollout batch (split over data-parallel ranks)
+    max_prompt_length: int = 512  # longer prompts keep their end (TRL)
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    num_iterations: int = 1  # mu: optimizer steps on each rollout batch (> 1 stores old log-probs)
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None  # None: epsilon (DAPO: 0.28)
+    beta: float = 0.0  # k3 KL to the frozen starting model; 0 keeps no reference (TRL, DAPO)
+    kl_bias_correction: bool = True  # TRL: the KL term weighted by the probability ratio
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
+    mask_truncated: bool = False  # DAPO overlong filtering: no loss on completions without an end token
+    rewards: dict[str, float] = field(default_factory=lambda: {"math_answer": 1.0})  # name or module:function -> weight
+    overlong_max_len: int = 0  # DAPO soft overlong penalty (reward "overlong"): -1 at this many tokens
+    overlong_cache: int = 0  # ... and 0 up to overlong_max_len - overlong_cache
+    pass_k: int = 4  # held-out pass@k samples per prompt (pass@1 is greedy)
+    chat_evals: bool = False  # also the SFT chat evals (accuracy in both modes, adherence, format) at each eval
+
+
+def validate_grpo(g: GRPOConfig) -> None:
+    for key in ("num_prompts", "eval_count", "prompts_per_step", "max_prompt_length", "max_completion_length",
+                "num_iterations", "pass_k"):
+        require(getattr(g, key) > 0, f"grpo.{key} must be positive, got {getattr(g, key)}")
+    require(g.num_generations >= 2, f"grpo.num_generations must be >= 2 (a group needs a spread), got {g.num_generations}")
+    require(g.temperature > 0, f"grpo.temperature must be positive (GRPO samples), got {g.temperature}")
+    require(0 < g.top_p <= 1, f"grpo.top_p must lie in (0, 1], got {g.top_p}")
+    require(g.top_k >= 0, f"grpo.top_k must be >= 0, got {g.top_k}")
+    require(0 <= g.epsilon < 1, f"grpo.epsilon must lie in [0, 1), got {g.epsilon}")
+    require(g.epsilon_high is None or g.epsilon_high >= 0, f"grpo.epsilon_high must be >= 0, got {g.epsilon_high}")
+    require(g.beta >= 0, f"grpo.beta must be >= 0, got {g.beta}")
+    if "overlong" in g.rewards:
+        require(0 < g.overlong_cache <= g.overlong_max_len,
+                 f"grpo.overlong_cache ({g.overlong_cache}) must lie in (0, grpo.overlong_max_len ({g.overlong_max_len})]")
+
+
+
+@dataclass
+class GRPORunConfig(Config):
+    """A run's config with the GRPO section composed in; its batches are rollouts, not tokens."""
+
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+    token_batches = False  # a step is prompts_per_step x num_generations rollouts: no token batch keys
+
+    def validate_stage(self) -> None:
+        validate_grpo(self.grpo)
+
+
+register_stage_config("grpo", GRPORunConfig)
+
 
 
 def _row_seed(*parts) -> int:
@@ -323,11 +397,8 @@ class GRPOObjective:
         sums = ctx.all_reduce_dp(sums, op="sum").cpu().tolist() if ctx.dp_world > 1 else sums.cpu().tolist()
         n = sums[5]
         p1, pk = sums[0] / n, sums[1] / n
-        chat = {}
-        if g.chat_evals:  # every rank runs the same greedy chats: FSDP ranks must run the same forwards
-            from smoltrain.post.chat_eval import chat_evals
-
-            chat = {"chat": chat_evals(model, self.tokenizer, seed=self.config.train.seed)}
+        # every rank runs the same greedy chats: FSDP ranks must run the same forwards
+        chat = run_chat_evals(model, self.tokenizer, seed=self.config.train.seed) if g.chat_evals else {}
         # pass@1 is greedy; with pass_k 1 the one sample's rate is mean@1 (a pass@1 key for it would
         # overwrite the greedy one, as it once did)
         sampled = {f"pass@{g.pass_k}": round(pk, 4)} if g.pass_k > 1 else {}
@@ -351,25 +422,9 @@ def _stop_tokens(tokenizer) -> list[int]:
     return sorted(stops)
 
 
-def tokenizer_path(config: Config) -> str:
-    """data.tokenizer, else the tokenizer beside train.init's weights (a model or HF folder), else the
-    one its run's resolved config names (a run or checkpoint folder)."""
-    if config.data.tokenizer:
-        return config.data.tokenizer
-    init = Path(config.train.init) if config.train.init else None
-    if init is not None:
-        if not init.exists():
-            raise ConfigError(f"train.init: {init}: no such model, run or checkpoint folder")
-        if (init / "tokenizer.json").is_file():
-            return str(init)
-        from smoltrain.config import load_config
-
-        for folder in (init, init.parent, init.parent.parent):  # run folder, checkpoints/, step_x/
-            if (folder / "config.yaml").is_file() and (folder / "metrics.jsonl").exists():
-                named = load_config(folder / "config.yaml").data.tokenizer
-                if named:
-                    return named
-    raise ConfigError("grpo needs a tokenizer: set data.tokenizer, or train.init to a model folder with one")
+def load_grpo_config(path: str | os.PathLike | dict | None, overrides: list[str] | None = None, init: str | None = None) -> Config:
+    """The recipe through the one stage loader (train/stage_config.py); GRPO keeps the recipe's optimizer keys."""
+    return load_stage_config(path, overrides or [], init, cls=GRPORunConfig)
 
 
 def load_grpo_prompts(config: Config) -> tuple[list[dict], list[dict]]:
@@ -396,7 +451,7 @@ def build_grpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -
     from train.init first scores the starting model on the held-out prompts (eval_before.json)."""
     from smoltrain.post.chat_template import load_chat_tokenizer
 
-    tokenizer = load_chat_tokenizer(tokenizer_path(config), config.grpo.chat_template)
+    tokenizer = load_chat_tokenizer(resolve_tokenizer(config), config.grpo.chat_template)
     train, heldout = load_grpo_prompts(config)
     reference = None
     # The frozen starting policy, also on resume (built from train.init, not the checkpoint); with LoRA
@@ -407,20 +462,15 @@ def build_grpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -
         reference = build_training_model(config, ctx.device, init_from=config.train.init, ctx=ctx).eval()
         reference.requires_grad_(False)
     objective = GRPOObjective(config, model, ctx, tokenizer, train, heldout, reference)
-    before = run_dir / BEFORE
-    if config.train.init and not (run_dir / "checkpoints" / "latest").is_file() and not before.is_file():
-        # the starting model on the held-out prompts: what "GRPO raised pass@1" is measured against
-        start = objective.evaluate(model)["grpo"]
-        if ctx.is_main:
-            from smoltrain.files import write_json
-
-            write_json(before, start)
-            k = config.grpo.pass_k
-            print(f"start model, held-out: pass@1 {rate_with_error(start['pass@1'], start['pass@1_stderr'], start['n'])} "
-                  f"(greedy), " + (f"pass@{k} {start[f'pass@{k}']:.3f}, " if k > 1 else "")
-                  + f"{k} samples at temperature {config.grpo.temperature:g}, "
-                  + f"mean@{k} {start[f'mean@{k}']:.3f}, greedy length {start['greedy_mean_length']:.1f} tokens (n {start['n']})",
-                  flush=True)
+    # the starting model on the held-out prompts: what "GRPO raised pass@1" is measured against
+    start = evaluate_start(run_dir, BEFORE, lambda: objective.evaluate(model)["grpo"], config.train.init, ctx.is_main)
+    if start is not None and ctx.is_main:
+        k = config.grpo.pass_k
+        print(f"start model, held-out: pass@1 {rate_with_error(start['pass@1'], start['pass@1_stderr'], start['n'])} "
+              f"(greedy), " + (f"pass@{k} {start[f'pass@{k}']:.3f}, " if k > 1 else "")
+              + f"{k} samples at temperature {config.grpo.temperature:g}, "
+              + f"mean@{k} {start[f'mean@{k}']:.3f}, greedy length {start['greedy_mean_length']:.1f} tokens (n {start['n']})",
+              flush=True)
     return objective
 
 
@@ -431,11 +481,11 @@ def run(config: Config, resume: str | None = None, should_stop=None) -> dict:
     if config.data.stages:
         raise ConfigError("data.stages: grpo has one stage (its prompts); remove the stages")
     build_rewards(g.rewards, g.num_generations, g.mode, g.overlong_max_len, g.overlong_cache)
-    tokenizer_path(config)
+    resolve_tokenizer(config)
     load_grpo_prompts(config)
     from smoltrain.train.trainer import Trainer
 
     return Trainer(config, build_grpo_objective, resume=resume, should_stop=should_stop, evaluation=DuringTraining()).train()
 
 
-__all__ = ["GRPOObjective", "RolloutBuffer", "RolloutSource", "build_grpo_objective", "load_grpo_prompts", "run"]
+__all__ = ["GRPOObjective", "RolloutBuffer", "RolloutSource", "build_grpo_objective", "load_grpo_config", "load_grpo_prompts", "run"]

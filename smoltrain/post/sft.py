@@ -14,23 +14,17 @@ import dataclasses
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
-import yaml
 from rich.console import Console
 from torch import nn
 
-from smoltrain.config import (
-    Config,
-    apply_overrides,
-    config_from_dict,
-    load_config,
-    replace_sections,
-)
+from smoltrain.config import Config, register_stage_config, replace_sections, require
 from smoltrain.errors import ConfigError
 from smoltrain.eval.during_training import DuringTraining
 from smoltrain.files import write_atomic
-from smoltrain.model.modes import evaluating
 from smoltrain.post.chat_template import (
     end_of_turn_id,
     has_generation_markers,
@@ -40,8 +34,10 @@ from smoltrain.post.chat_template import (
 )
 from smoltrain.post.sft_data import PackedChatBatches, report_markdown
 from smoltrain.post.sft_prepare import Settings, load_prepared, named_files, prepare
+from smoltrain.post.stage_eval import CHAT_AFTER, CHAT_BEFORE, evaluate_start, run_chat_evals, write_record
 from smoltrain.train.checkpoint import finished_note
 from smoltrain.train.pretrain import PretrainObjective
+from smoltrain.train.stage_config import load_stage_config, resolve_tokenizer
 
 console = Console(highlight=False, markup=False, soft_wrap=True)
 
@@ -53,45 +49,81 @@ MIN_LR_SHARE = 0.1  # cosine to 10% of the peak
 # ----------------------------------------------------------------------------- config
 
 
-def _init_source(path: str):
-    """(config, tokenizer path) of the model SFT starts from."""
-    from smoltrain.train.load_model import load_any
+@dataclass
+class SFTSourceWeight:
+    """One source of an SFT mixture: set weight or epochs (SmolLM3 weighs each dataset of its mixture)."""
 
-    _, config, tokenizer = load_any(path)
-    return config, tokenizer
-
-
-def load_sft_config(path: str | os.PathLike | None, overrides: list[str] | None = None, init: str | None = None,
-                    init_model: bool = True) -> Config:
-    """The recipe with SmolLM3's SFT optimizer defaults for keys it leaves out, and the model section
-    taken from train.init (the recipe may still set non-shape keys such as attention_kernel; with
-    init_model false, the recipe's own: `smoltrain config` before the init model exists)."""
-    raw: dict = {}
-    if path is not None:
-        load_config(path, overrides)  # YAML and key errors, with the file named
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    raw = apply_overrides(raw, list(overrides or []))
-    train = raw["train"] = raw.get("train") or {}
-    if init:
-        train["init"] = init
-    optim = raw["optim"] = raw.get("optim") or {}
-    for key, value in SFT_OPTIM.items():
-        optim.setdefault(key, value)
-    optim.setdefault("min_lr", MIN_LR_SHARE * float(optim["lr"]))
-    _explicit_steps_win(raw, train, optim)
-    if train.get("init") and init_model:
-        init_config, _ = _init_source(train["init"])
-        raw["model"] = {**dataclasses.asdict(init_config.model), **(raw.get("model") or {})}
-    return config_from_dict(raw)
+    weight: Optional[float] = None  # conversations per sft epoch, a multiple of the source's (0.5: a seeded half; 2: each twice)
+    epochs: Optional[float] = None  # or passes over the source in the whole run (needs sft.epochs): weight = epochs / sft.epochs
 
 
-def _explicit_steps_win(raw: dict, train: dict, optim: dict) -> None:
+@dataclass
+class SFTConfig:
+    # Conversation files (jsonl, jsonl.gz, parquet, json lists; globs allowed), Hugging Face dataset folders (save_to_disk
+    # or a parquet snapshot), or "embedded", the embedded chat data. "NAME=PATTERN" names the source of all the files a
+    # pattern matches (else: each file's first dotted part).
+    data: list[str] = field(default_factory=lambda: ["embedded"])
+    split: Optional[str] = None  # of dataset folders in data (default: their only split, else train)
+    mixture: dict[str, SFTSourceWeight] = field(default_factory=dict)  # source name -> weight or epochs; absent: weight 1
+    embedded_conversations: int = 8000
+    chat_template: Literal["smollm3", "chatml", "gemma", "model"] = "smollm3"  # model: the init model's own
+    loss: Literal["assistant", "all"] = "assistant"  # assistant: content + <|im_end|> of assistant turns only
+    packing: bool = True  # best-fit decreasing into rows of data.seq_len; false: one conversation per row
+    overflow: Literal["truncate", "drop"] = "truncate"  # a conversation longer than a row: keep its start, or skip it
+    skip_bad: bool = False  # count and skip bad rows instead of stopping at the first
+    # Move chat_template_kwargs.custom_instructions into a system message (when there is none), for
+    # templates that do not read the keyword (SmolLM2's, chatml); the data check still verifies it.
+    instructions_as_system: bool = False
+    # Add the template's special tokens the init tokenizer lacks (<think> / </think> for SmolLM2), growing the
+    # embedding and head: new rows at the mean embedding (TRL's chat-format setup); the init stays untouched.
+    add_special_tokens: bool = False
+    epochs: Optional[float] = 2.0  # sets train.max_steps from the packed rows; null: train.max_steps as given
+    warmup_fraction: Optional[float] = 0.03  # sets optim.warmup_steps to this share of the steps (SmolLM3: ~3%); null: as given
+    chat_eval_items: int = 50  # held-out items per chat eval set at every evaluation (0: none)
+
+
+def validate_sft(s: SFTConfig) -> None:
+    require(s.epochs is None or s.epochs > 0, f"sft.epochs must be positive (or null), got {s.epochs}")
+    require(s.warmup_fraction is None or 0 <= s.warmup_fraction < 1,
+            f"sft.warmup_fraction must lie in [0, 1) (or null), got {s.warmup_fraction}")
+    require(s.chat_eval_items >= 0, f"sft.chat_eval_items must be >= 0, got {s.chat_eval_items}")
+    require(s.embedded_conversations > 0, f"sft.embedded_conversations must be positive, got {s.embedded_conversations}")
+    require(bool(s.data), "sft.data must name at least one file (or embedded)")
+    for name, source in s.mixture.items():
+        require((source.weight is None) != (source.epochs is None), f"sft.mixture.{name}: set weight or epochs (one of them)")
+        require((source.weight or source.epochs or 0) > 0, f"sft.mixture.{name}: weight and epochs must be positive")
+        require(source.epochs is None or s.epochs is not None,
+                f"sft.mixture.{name}.epochs needs sft.epochs (the run's passes); with train.max_steps set weight instead")
+
+
+@dataclass
+class SFTRunConfig(Config):
+    """A run's config with the SFT section composed in."""
+
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    def validate_stage(self) -> None:
+        validate_sft(self.sft)
+
+
+register_stage_config("sft", SFTRunConfig)
+
+
+def load_sft_config(path: str | os.PathLike | dict | None, overrides: list[str] | None = None, init: str | None = None) -> Config:
+    """The recipe through the one stage loader (train/stage_config.py), with SmolLM3's SFT optimizer
+    defaults for the keys it leaves out and the model section taken from train.init (the recipe may
+    still set non-shape keys such as attention_kernel)."""
+    return load_stage_config(path, overrides or [], init, cls=SFTRunConfig, optim_defaults=SFT_OPTIM,
+                             min_lr_share=MIN_LR_SHARE, prepare=_explicit_steps_win)
+
+
+def _explicit_steps_win(raw: dict, init_model: dict | None) -> None:
     """A train.max_steps / optim.warmup_steps the recipe or --set gives wins over the steps sft.epochs /
     sft.warmup_fraction would derive (both default on): the run, its config.yaml and `smoltrain config` agree."""
     section = raw["sft"] = raw.get("sft") if isinstance(raw.get("sft"), dict) else {}
-    if "max_steps" in train:
+    if "max_steps" in (raw.get("train") or {}):
         section["epochs"] = None
-    if "warmup_steps" in optim:
+    if "warmup_steps" in raw["optim"]:
         section["warmup_fraction"] = None
 
 
@@ -106,20 +138,6 @@ def describe_step_plan(config: Config) -> str:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def _tokenizer_path(config: Config) -> str:
-    if config.train.init:
-        _, tokenizer = _init_source(config.train.init)
-        if tokenizer:
-            return str(tokenizer)
-    if config.data.tokenizer:
-        return config.data.tokenizer
-    if config.data.embedded:
-        from smoltrain.data.embedded import ensure_embedded_data
-
-        return ensure_embedded_data(config.data).tokenizer
-    raise ConfigError("sft: no tokenizer is known (set train.init to a model with one, or data.tokenizer)")
 
 
 def _data_files(config: Config) -> list[str]:
@@ -242,19 +260,10 @@ class SFTObjective(PretrainObjective):
         items = self.config.sft.chat_eval_items
         if not items:
             return {}
-        results, vibe = run_chat_evals(model, self.tokenizer, items)
-        self.last_chat = {"chat": results, "vibe": vibe}
+        self.last_chat = run_chat_evals(model, self.tokenizer, items, vibe=True)
         if self.is_main:
-            write_atomic(self.run_dir / "chat_after.json", json.dumps(self.last_chat, indent=2, ensure_ascii=False) + "\n")
-        return {"chat": results}
-
-
-def run_chat_evals(model: nn.Module, tokenizer, items: int) -> tuple[dict, list]:
-    from smoltrain.post.chat_eval import chat_evals, vibe_test
-
-    base = getattr(model, "_orig_mod", model)
-    results = chat_evals(base, tokenizer, count=items, persona_count=items)
-    return results, vibe_test(base, tokenizer)
+            write_record(self.run_dir / CHAT_AFTER, self.last_chat)
+        return {"chat": self.last_chat["chat"]}
 
 
 def build_sft_objective_factory(prepared: PreparedData):
@@ -267,14 +276,9 @@ def build_sft_objective_factory(prepared: PreparedData):
                                     prepared.pad_id, seed=config.train.seed, dp_rank=ctx.dp_rank, dp_world=ctx.dp_world)
         objective = SFTObjective(config, batches, prepared.tokenizer, run_dir, ctx.is_main)
         objective.accumulation(config.data.seq_len, ctx.dp_world)  # a bad batch split fails now
-        before = run_dir / "chat_before.json"
-        fresh = not (run_dir / "checkpoints" / "latest").is_file()
-        if config.sft.chat_eval_items and fresh and not before.is_file() and config.train.init:
-            # the init model, before any step: the "before" column of the report
-            with evaluating(model):
-                results, vibe = run_chat_evals(model, prepared.tokenizer, config.sft.chat_eval_items)
-            if ctx.is_main:
-                write_atomic(before, json.dumps({"chat": results, "vibe": vibe}, indent=2, ensure_ascii=False) + "\n")
+        if config.sft.chat_eval_items:  # the init model, before any step: the "before" column of the report
+            evaluate_start(run_dir, CHAT_BEFORE, lambda: run_chat_evals(model, prepared.tokenizer, config.sft.chat_eval_items,
+                                                                        vibe=True), config.train.init, ctx.is_main)
         return objective
 
     return build
@@ -290,7 +294,7 @@ def sft(config: Config, resume: str | None = None, should_stop=None) -> dict:
 
     run_dir = Path(config.train.out_dir)
     tokenizer_dir = run_dir / "tokenizer"
-    source = _tokenizer_path(config)
+    source = resolve_tokenizer(config)
     if config.sft.add_special_tokens:
         config, source = with_chat_tokens(config, source, run_dir / "init_with_chat_tokens")
     write_chat_tokenizer(source, tokenizer_dir, config.sft.chat_template)
@@ -335,7 +339,7 @@ def write_sft_report(run_dir: Path, report: dict) -> Path:
         path = run_dir / name
         return json.loads(path.read_text()) if path.is_file() else None
 
-    before, after = read("chat_before.json"), read("chat_after.json")
+    before, after = read(CHAT_BEFORE), read(CHAT_AFTER)
     parts = [f"# SFT report: {run_dir}", "", report_markdown(report)]
     if after:
         parts += ["## Chat evals", "", chat_markdown(after["chat"], before["chat"] if before else None), ""]

@@ -15,6 +15,7 @@ import yaml
 
 from smoltrain.model.flops import parameter_counts
 from smoltrain.report.run import flatten_eval, read_metrics
+from smoltrain.stages import STAGES
 
 MAX_STAGES = 12  # a lineage longer than this is a loop in train.init (or not worth a card)
 CHAT_EVALS = "chat_after.json"  # {"chat": chat_evals(...), "vibe": [...]} of a stage's final model
@@ -95,9 +96,10 @@ def import_origin(source: str | Path) -> dict:
 def _objective(raw: dict, summary: dict) -> str:
     if summary.get("objective"):
         return str(summary["objective"])
-    for name in ("grpo", "dpo", "sft"):  # a post-training run's config carries its own section
-        if isinstance(raw.get(name), dict) and raw.get(name):
-            return name
+    owning = [stage for stage in STAGES.values() if stage.section]
+    for stage in reversed(owning):  # the latest first: a config saved before each stage owned its section carries all
+        if isinstance(raw.get(stage.section), dict) and raw.get(stage.section):
+            return stage.name
     return "pretrain"
 
 
@@ -105,9 +107,10 @@ def _recipe(raw: dict, objective: str) -> dict:
     optim, data, train = raw.get("optim") or {}, raw.get("data") or {}, raw.get("train") or {}
     recipe = {"lr": optim.get("lr"), "schedule": optim.get("schedule"), "seq_len": data.get("seq_len"),
               "global_batch_tokens": train.get("global_batch_tokens")}
-    section = raw.get(objective) if objective in ("sft", "dpo", "grpo") else None
-    for key in ("loss", "beta", "num_generations", "rewards", "template", "packing"):
-        if isinstance(section, dict) and key in section:
+    stage = STAGES.get(objective)
+    section = raw.get(stage.section) if stage is not None and stage.section else None
+    for key in stage.card_keys if isinstance(section, dict) else ():
+        if key in section:
             recipe[key] = section[key]
     return {k: v for k, v in recipe.items() if v is not None}
 

@@ -20,23 +20,17 @@ from smoltrain.errors import ConfigError
 MAY_CHANGE = ("rope_theta", "rope_scaling", "max_seq_len", "z_loss", "attention_kernel", "document_masking", "init_std")
 
 
-def with_init_model_section(raw: dict) -> dict:
-    """A raw config mapping whose model section is the init model's, overridden by the keys the
-    section gives: with train.init, a partial model section (`max_seq_len: 512`) is validated as
-    the model that will train, not merged into the defaults first (a default of 9 heads would
-    refuse `num_kv_heads: 2` that the init model's 4 heads take). Unchanged without train.init,
-    with a complete model section, or while train.init names nothing yet (a recipe read before its
-    init run exists: the Trainer says so in one line when it starts)."""
-    train, given = raw.get("train"), raw.get("model")
-    given = {} if given is None else given
+def init_model_section(raw: dict) -> dict | None:
+    """train.init's model section, for config_from_dict to put under the recipe's model keys (a partial
+    section such as `max_seq_len: 512` then reads as the model that will train). None without train.init,
+    or while it names nothing yet (a recipe read before its init run exists: the Trainer says so when it starts)."""
+    train = raw.get("train")
     init = train.get("init") if isinstance(train, dict) else None
-    if not init or not isinstance(given, dict) or not Path(str(init)).exists():
-        return raw  # (a model section that is not a mapping is the config builder's one-line error)
-    if all(f.name in given for f in dataclasses.fields(ModelConfig)):
-        return raw
+    if not init or not Path(str(init)).exists():
+        return None
     from smoltrain.train.load_model import model_config_of
 
-    return {**raw, "model": {**dataclasses.asdict(model_config_of(str(init))), **given}}
+    return dataclasses.asdict(model_config_of(str(init)))
 
 
 def resolve_init_model(config: Config, say: Callable[[str], None] | None = None) -> Config:
@@ -73,4 +67,4 @@ def resolve_init_model(config: Config, say: Callable[[str], None] | None = None)
     return out
 
 
-__all__ = ["MAY_CHANGE", "resolve_init_model", "with_init_model_section"]
+__all__ = ["MAY_CHANGE", "init_model_section", "resolve_init_model"]

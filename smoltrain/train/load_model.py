@@ -360,6 +360,24 @@ def model_config_of(path: str | os.PathLike) -> ModelConfig:
 
 
 
+def tokenizer_of(path: str | os.PathLike) -> str | None:
+    """The tokenizer `load_any` would return, without reading weights: the one beside a model or
+    Hugging Face folder's weights, else the one its (run's) config names; None when none is known."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder (model folder, Hugging Face folder, run or checkpoint)")
+    if (folder / CONFIG_FILE).is_file() and ((folder / WEIGHTS_FILE).is_file() or not _is_checkpoint(folder)):
+        found = _folder_tokenizer(folder) or _existing(load_config(folder / CONFIG_FILE).data.tokenizer)
+        return str(found) if found else None
+    if _is_checkpoint(folder):
+        from smoltrain.train.checkpoint import find_checkpoint, read_config
+
+        config = read_config(find_checkpoint(folder, required=True))
+        return _existing(config.data.tokenizer) or _embedded_tokenizer(config)
+    found = _folder_tokenizer(folder)
+    return str(found) if found else None
+
+
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """A Hugging Face Llama / SmolLM3 / Qwen3 / Qwen3-MoE / OLMoE folder -> our model folder, weights kept in their dtype
     (renamed only), tokenizer files copied. Training can start from the result (train.init)."""
