@@ -293,6 +293,9 @@ class Trainer:
         config = resolve_init_model(config, say=notes.append)  # train.init defines the model section
         if evaluation is not None:
             evaluation.check(config)
+        elif config.eval.tasks or (config.eval.val_batches and (config.data.validation or config.data.embedded)):
+            notes.append("in-training evaluation: none was handed to the Trainer, so eval.* (validation loss, "
+                         "eval.tasks) is not run; the objective's own evaluation is")
         check_context_parallel(config, getattr(build_objective or build_pretrain_objective, "splits_sequences", False))
         self.config, self.evaluation = config, evaluation
         self.should_stop = should_stop
