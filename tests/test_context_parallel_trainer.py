@@ -21,7 +21,7 @@ from synthetic_shards import write_random_documents
 from test_parallel_trainer import _free_ports, assert_same_curve, final_val, make_config, steps, write_byte_tokenizer
 
 from smoltrain.cli import main as cli_main
-from smoltrain.train import trainer
+from smoltrain.stages import pretrain
 
 STEPS, SAVE_AT = 8, 4  # 4 micro-batches a step (128 tokens / (2 rows x 16)): 32 cp forwards per run
 
@@ -45,7 +45,7 @@ def _config(root: Path, name: str, parallel: dict | None = None, **train):
 @pytest.fixture(scope="module")
 def reference(root) -> Path:
     torch.set_num_threads(1)
-    trainer.run(_config(root, "single"))
+    pretrain(_config(root, "single"))
     return root / "single"
 
 
@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, root: str, cases: list[dict], ports: list[int
     for case, port in zip(cases, ports):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
-        trainer.run(_config(Path(root), case["name"], case["parallel"], **case.get("train", {})), resume=case.get("resume"))
+        pretrain(_config(Path(root), case["name"], case["parallel"], **case.get("train", {})), resume=case.get("resume"))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_cp2_checkpoint_resumes_at_cp2_and_in_one_process(root, reference, cp_ru
     want = steps(reference)[SAVE_AT:]
     assert_same_curve(steps(cp_runs / "cp_resumed"), want, "cp 2 -> cp 2")
     torch.set_num_threads(1)
-    trainer.run(_config(root, "single_from_cp"), resume=str(cp_runs / "cp" / "checkpoints" / f"step_{SAVE_AT:08d}"))
+    pretrain(_config(root, "single_from_cp"), resume=str(cp_runs / "cp" / "checkpoints" / f"step_{SAVE_AT:08d}"))
     assert_same_curve(steps(root / "single_from_cp"), want, "cp 2 -> 1 process")
 
 
