@@ -62,7 +62,7 @@ class GatedDeltaNet(nn.Module):
         b, a = (t.reshape(batch, seq, self.num_v_heads) for t in (b, a))
         return q.reshape(batch, seq, -1), k.reshape(batch, seq, -1), v, z, b, a
 
-    def forward(self, x: torch.Tensor, segments=None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: torch.Tensor | SharedPromptMask | None = None, cache=None) -> torch.Tensor:
         """x [batch, seq, hidden]; segments [batch, seq] (document index per token), None, or GRPO's
         SharedPromptMask; cache: a KVCache whose `linear_state(layer)` holds (conv state, recurrent state)
         and is replaced here."""
