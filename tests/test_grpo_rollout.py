@@ -12,9 +12,15 @@ from smoltrain.post.rollout import completion_logprobs, generate_rollouts, micro
 VOCAB = 200
 
 
-def _model():
-    config = ModelConfig(vocab_size=VOCAB, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=96, max_seq_len=64)
+# A Qwen3-Next-style hybrid: gated DeltaNet layers (2 key heads -> 4 value heads, conv 4) around a gated
+# full-attention layer with partial RoPE.
+HYBRID = dict(num_layers=3, full_attention_every=2, attention_output_gate=True, partial_rotary_factor=0.5,
+              linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+
+
+def _model(**hybrid):
+    config = ModelConfig(**{**dict(vocab_size=VOCAB, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   intermediate_size=96, max_seq_len=64), **hybrid})
     model = build_model(config, seed=3)
     with torch.no_grad():
         model.embed_tokens.weight.mul_(4)  # peakier than the init, far from uniform
@@ -26,40 +32,43 @@ def _prompts(lengths, seed=0):
     return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_rollout_logprobs_equal_a_teacher_forced_recompute(temperature):
-    model = _model()
+@pytest.mark.parametrize("temperature, hybrid", [(1.0, False), (0.7, False), (0.7, True)], ids=["t1", "t0.7", "hybrid"])
+def test_rollout_logprobs_equal_a_teacher_forced_recompute(temperature, hybrid):
+    """On the hybrid, prompts of 1 and 2 tokens left-padded beside 11: a linear layer's convolution state
+    must not carry the padding's inputs into the first decoded token."""
+    model = _model(**(HYBRID if hybrid else {}))
     stops = set(range(1, VOCAB, 8))  # end tokens: ~1 draw in 8 stops a row, so both kinds occur
-    rollouts = generate_rollouts(model, _prompts([5, 11, 2]), num_generations=3, max_completion_length=12,
-                                 temperature=temperature, top_p=0.9, stop_tokens=stops,
+    rollouts = generate_rollouts(model, _prompts([5, 11, 2] + ([1] if hybrid else [])), num_generations=3,
+                                 max_completion_length=12, temperature=temperature, top_p=0.9, stop_tokens=stops,
                                  generator=torch.Generator().manual_seed(0))
-    assert len(rollouts) == 9 and rollouts.prompt_ids[0] == rollouts.prompt_ids[2] != rollouts.prompt_ids[3]
+    assert len(rollouts) == (12 if hybrid else 9) and rollouts.prompt_ids[0] == rollouts.prompt_ids[2] != rollouts.prompt_ids[3]
     for ids, truncated in zip(rollouts.completion_ids, rollouts.truncated):
         # kept up to and including the first stop token; truncated exactly when there is none
         ends = [t in stops for t in ids]
         assert (not any(ends)) == truncated and sum(ends) <= 1 and (truncated or ends[-1])
         assert truncated or len(ids) <= 12
     assert any(rollouts.truncated) and not all(rollouts.truncated)  # the test sees both kinds
-    for batch in micro_batches(rollouts, torch.zeros(9), size=4):
+    for batch in micro_batches(rollouts, torch.zeros(len(rollouts)), size=4):
         with torch.no_grad():
             recomputed = token_logprobs(model, batch["input_ids"], batch["labels"], temperature=temperature)
         mask = batch["labels"] != -100
         torch.testing.assert_close(recomputed[mask], batch["sampling_logprobs"][mask], atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("size", [4, 9])
-def test_prompts_run_once_per_micro_batch_give_the_full_rows_logprobs_and_gradients(size):
-    """completion_logprobs (each distinct prompt once, its G completions attending to it) against the
-    plain forward over every prompt + completion row: the same values and parameter gradients, with
-    prompts of 1 token (nothing before the last), groups split over micro-batches and stop tokens."""
-    model = _model()
-    rollouts = generate_rollouts(model, _prompts([5, 11, 1]), num_generations=3, max_completion_length=12,
+@pytest.mark.parametrize("size, hybrid", [(4, False), (9, False), (4, True)], ids=["4", "9", "hybrid-4"])
+def test_prompts_run_once_per_micro_batch_give_the_full_rows_logprobs_and_gradients(size, hybrid):
+    """completion_logprobs (each distinct prompt once, its G completions attending to it, or on a hybrid's
+    linear layers continuing from its state) against the plain forward over every prompt + completion
+    row: the same values and parameter gradients, with prompts of 1 token (nothing before the last) and
+    of 3 (fewer than the convolution's kernel), groups split over micro-batches and stop tokens."""
+    model = _model(**(HYBRID if hybrid else {}))
+    rollouts = generate_rollouts(model, _prompts([5, 11, 1, 3]), num_generations=3, max_completion_length=12,
                                  temperature=0.7, stop_tokens=set(range(1, VOCAB, 8)),
                                  generator=torch.Generator().manual_seed(0))
     assert any(rollouts.truncated) and not all(rollouts.truncated)  # rows of different lengths
-    batches = micro_batches(rollouts, torch.zeros(9), size=size)
-    # rows 0-2, 3-5, 6-8 answer prompts of 5, 11 and 1 tokens: each distinct prompt once, but its last token
-    assert [b["prompt_ids"].shape for b in batches] == ([(2, 10), (2, 10), (1, 1)] if size == 4 else [(3, 10)])
+    batches = micro_batches(rollouts, torch.zeros(12), size=size)
+    # rows 0-2, 3-5, 6-8, 9-11 answer prompts of 5, 11, 1 and 3 tokens: each distinct prompt once, but its last token
+    assert [b["prompt_ids"].shape for b in batches] == ([(2, 10), (2, 10), (2, 2)] if size == 4 else [(3, 10), (1, 2)])
     for batch in batches:
         weights = torch.randn(batch["labels"].shape, generator=torch.Generator().manual_seed(1))
         full, full_grads = _with_gradients(model, weights, token_logprobs, batch["input_ids"], batch["labels"], 0.7)

@@ -111,7 +111,7 @@ def test_flatten_eval_keeps_main_scores_and_drops_counts_errors_and_baselines():
         "aggregate/centred": 0.0433, "aggregate/score": 0.16,
     }
     assert flatten_eval({"tasks": {"custom": {"acc": 0.5, "acc_stderr": 0.1, "n": 4}}}) == {"tasks/custom/acc": 0.5}
-    assert lower_is_better("val/code/loss") and lower_is_better("val/code/bpb")
+    assert lower_is_better("val/code/loss") and lower_is_better("val/code/bpb") and lower_is_better("val/position/192-255")
     assert not lower_is_better("tasks/arithmetic_choice/score") and not lower_is_better("aggregate/centred")
 
 

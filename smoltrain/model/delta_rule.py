@@ -36,7 +36,7 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, segments: torch.Tensor | 
     """Depthwise causal convolution then SiLU. x [batch, channels, seq]; weight [channels, kernel];
     state [batch, channels, kernel - 1]: the inputs before x (zeros if None), of the first token's
     document. A token sees only inputs of its own document (segments [batch, seq]). Returns (output,
-    the new state)."""
+    the new state: the last kernel - 1 inputs, zero where another document than the last token's)."""
     kernel = weight.shape[1]
     batch, channels, seq = x.shape
     past = state.to(x.dtype) if state is not None else x.new_zeros(batch, channels, kernel - 1)
@@ -50,6 +50,10 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, segments: torch.Tensor | 
             start = kernel - 1 - shift
             same = full_segments[:, start : start + seq] == segments
             out = out + full[:, :, start : start + seq] * weight[:, start, None] * same[:, None]
+        # The state carries the last token's document only: a left-padded prompt shorter than the kernel
+        # would otherwise hand its padding's inputs to the first decoded token.
+        last = full_segments[:, -(kernel - 1):] == segments[:, -1:]
+        return F.silu(out), full[:, :, -(kernel - 1):] * last[:, None]
     return F.silu(out), full[:, :, -(kernel - 1):]
 
 

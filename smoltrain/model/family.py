@@ -1,5 +1,6 @@
 """What a model family is: the transformers class that computes exactly what our model computes for
-some configs, and its Hugging Face adapter both ways (config fields and weight names).
+some configs, its Hugging Face adapter both ways (config fields and weight names), and its
+tensor-parallel plan (model/tp_plan.py's standard one unless the family's folder has its own tp.py).
 
 Each family lives in its own folder (smoltrain/model/<family>/) and is one line of model/families.py.
 """
@@ -7,13 +8,14 @@ Each family lives in its own folder (smoltrain/model/<family>/) and is one line 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from smoltrain.config import ModelConfig
 from smoltrain.errors import CheckpointError
+from smoltrain.model import tp_plan
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,10 @@ class Family:
     computes: Callable[[ModelConfig], bool]  # does the HF class compute exactly this config?
     to_hf: Callable[[ModelConfig], dict]  # config.json fields beyond the shared ones
     from_hf: Callable[[dict, Callable, str], dict]  # ModelConfig fields beyond the shared ones
+    # Tensor parallelism: the configs whose every block the plan splits correctly, and the plan of one
+    # block, (block, config, layer index, sequence_parallel) -> {submodule name: ParallelStyle}.
+    tp_covers: Callable[[ModelConfig], bool] = field(default=lambda m: standard_tp_covers(m))  # defined below
+    tp_plan: Callable = tp_plan.standard_block
 
 
 # ----------------------------------------------------------------------------- MoE weight names
@@ -120,5 +126,10 @@ def standard_layers(m: ModelConfig) -> bool:
             and m.full_attention_every == 0 and not m.attention_output_gate and m.partial_rotary_factor == 1.0)
 
 
+def standard_tp_covers(m: ModelConfig) -> bool:
+    """Dense, Llama's layer style (Llama, SmolLM3 with NoPE layers, Qwen3 with per-head QK-norm)."""
+    return m.num_experts == 0 and standard_layers(m) and tp_plan.whole_heads_qk_norm(m)
+
+
 __all__ = ["Family", "stack_experts", "unstack_experts", "moe_fields", "moe_hf_fields", "plain_moe", "refuse_unsupported_moe_keys",
-           "standard_layers"]
+           "standard_layers", "standard_tp_covers"]

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smoltrain.config import ModelConfig
+from smoltrain.model.attention import SharedPromptMask
 from smoltrain.model.delta_rule import causal_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
 
 
@@ -61,12 +62,23 @@ class GatedDeltaNet(nn.Module):
         b, a = (t.reshape(batch, seq, self.num_v_heads) for t in (b, a))
         return q.reshape(batch, seq, -1), k.reshape(batch, seq, -1), v, z, b, a
 
-    def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """x [batch, seq, hidden]; segments [batch, seq] (document index per token) or None; cache: a
-        KVCache whose `linear_state(layer)` holds (conv state, recurrent state) and is replaced here."""
+    def forward(self, x: torch.Tensor, segments: torch.Tensor | SharedPromptMask | None = None, cache=None) -> torch.Tensor:
+        """x [batch, seq, hidden]; segments [batch, seq] (document index per token), None, or GRPO's
+        SharedPromptMask; cache: a KVCache whose `linear_state(layer)` holds (conv state, recurrent state)
+        and is replaced here."""
+        if isinstance(segments, SharedPromptMask):
+            return self._shared_prompt(x, segments)
+        conv_state, state = cache.linear_state(self.layer) if cache is not None else (None, None)
+        out, new_conv_state, new_state = self._mix(x, segments, conv_state, state)
+        if cache is not None:
+            cache.set_linear_state(self.layer, new_conv_state, new_state)
+        return out
+
+    def _mix(self, x: torch.Tensor, segments: torch.Tensor | None, conv_state: torch.Tensor | None,
+             state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's output from an entry (conv, recurrent) state (zeros if None), and the exit states."""
         batch, seq, _ = x.shape
         q, k, v, z, b, a = self._split(x)
-        conv_state, state = cache.linear_state(self.layer) if cache is not None else (None, None)
         mixed = torch.cat([q, k, v.flatten(2)], dim=-1).transpose(1, 2)
         mixed, new_conv_state = causal_conv(mixed, self.conv1d.weight[:, 0], segments, conv_state)
         q, k, v = torch.split(mixed.transpose(1, 2), [self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -80,10 +92,27 @@ class GatedDeltaNet(nn.Module):
             out, new_state = recurrent_gated_delta_rule(q, k, v, decay, beta, state)
         else:
             out, new_state = chunk_gated_delta_rule(q, k, v, decay, beta, state, segments)
-        if cache is not None:
-            cache.set_linear_state(self.layer, new_conv_state, new_state)
         out = self.norm(out, z)
-        return self.out_proj(out.reshape(batch, seq, -1))
+        return self.out_proj(out.reshape(batch, seq, -1)), new_conv_state, new_state
+
+    def _shared_prompt(self, x: torch.Tensor, mask: SharedPromptMask) -> torch.Tensor:
+        """GRPO's packed sequence [1, prompts x P + tails x T, hidden]: each left-padded prompt runs once
+        (padding and prompt as two documents), then each tail continues from a copy of its prompt's exit
+        (conv, recurrent) state, so a prompt's gradient is the sum over its tails, as in attention."""
+        split = mask.prompts * mask.prompt_len
+        prompts = x[0, :split].view(mask.prompts, mask.prompt_len, -1)
+        tails = x[0, split:].view(len(mask.rows), mask.tail_len, -1)
+        rows = mask.rows.to(x.device)
+        # A tail's first query sees exactly its prompt's real columns (the prompt mask cannot tell: a padding
+        # query sees itself, so an all-padding row looks like a 1-token one).
+        real = torch.zeros(mask.prompts, mask.prompt_len, dtype=torch.bool, device=x.device)
+        real[rows] = mask.tail_mask[:, 0, 0, : mask.prompt_len]
+        prompt_out, conv_state, state = self._mix(prompts, real.long(), None, None)
+        # An empty prompt (a 1-token prompt's last token is its tail's first) hands on zeros, not its padding's.
+        keep = real[:, -1]
+        conv_state, state = conv_state * keep[:, None, None], state * keep[:, None, None, None]
+        tail_out, _, _ = self._mix(tails, None, conv_state[rows], state[rows])
+        return torch.cat([prompt_out.flatten(0, 1), tail_out.flatten(0, 1)])[None]
 
 
 __all__ = ["GatedDeltaNet", "GatedRMSNorm"]

@@ -312,14 +312,15 @@ class Transformer(nn.Module):
         return self._loss(x, labels, reduction)
 
     @staticmethod
-    def _linear_segments(document_ids: torch.Tensor | None, attention_mask) -> torch.Tensor | None:
-        """Document index per token for the linear layers (their state and convolution restart per document).
+    def _linear_segments(document_ids: torch.Tensor | None, attention_mask):
+        """Document index per token for the linear layers (their state and convolution restart per document),
+        or the SharedPromptMask itself (the layer runs each prompt once and continues its tails).
         A caller's mask is generation's left-padded prefill: the last query of each row sees exactly its
         real keys, so padding (0) and prompt (1) are two documents and the state starts at the prompt."""
         if attention_mask is None:
             return segments_from_documents(document_ids) if document_ids is not None else None
-        if not isinstance(attention_mask, torch.Tensor):
-            raise ValueError("linear-attention layers take no shared-prompt mask (GRPO's shared-prompt training)")
+        if isinstance(attention_mask, SharedPromptMask):  # GRPO's prompts once, tails from their state
+            return attention_mask
         seq = attention_mask.shape[-2]
         return attention_mask[:, 0, -1, -seq:].long()
 

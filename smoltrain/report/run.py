@@ -107,7 +107,8 @@ def flatten_eval(result: dict) -> dict[str, float]:
 
 def lower_is_better(metric: str) -> bool:
     leaf = metric.rsplit("/", 1)[-1]
-    return any(word in leaf for word in LOWER_IS_BETTER)
+    # val/position/0-63 ...: validation loss by position bucket, named by its token range
+    return any(word in leaf for word in LOWER_IS_BETTER) or metric.startswith("val/position/")
 
 
 def _is_number(value: Any) -> bool:

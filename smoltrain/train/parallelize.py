@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from smoltrain.config import Config
-from smoltrain.errors import CheckpointError
-from smoltrain.model.moe import MoE
+from smoltrain.config import Config, ModelConfig
+from smoltrain.errors import CheckpointError, ConfigError
+from smoltrain.model.families import FAMILIES
+from smoltrain.model.tp_plan import outer_plan
 from smoltrain.model.transformer import Transformer
 from smoltrain.train.distributed import ParallelContext
 from smoltrain.train.expert_parallel import apply_expert_parallel, divide_expert_gradients, expert_mesh, expert_modules
@@ -23,83 +24,30 @@ from smoltrain.train.lora import apply_lora, base_parameter_name, init_adapter_w
 
 
 def apply_tensor_parallel(model: Transformer, tp_mesh, sequence_parallel: bool, loss_parallel: bool = False) -> None:
-    """Megatron layout: q/k/v/gate/up column-wise and o/down row-wise, so each block needs one
-    all-reduce (or all-gather + reduce-scatter with sequence parallel) per attention and per MLP.
+    """The model family's plan (model/tp_plan.py, model/<family>/tp.py), applied: Megatron's layout
+    splits each block's attention and MLP with one all-reduce (or all-gather + reduce-scatter under
+    sequence parallel) each; embedding, head and final norm as model/tp_plan.outer_plan says."""
+    from torch.distributed.tensor.parallel import parallelize_module
 
-    Local head counts fall out of the sharding (the model views with -1). With sequence parallel the
-    norms and residual stream hold a slice of the sequence; the final norm gathers it back, because
-    the model's loss (chunked, with z-loss) needs full, replicated hidden states. An untied embedding
-    and head are split row-wise and column-wise as in torchtitan. A tied one is replicated over TP
-    unless `loss_parallel`: then it is split by vocabulary, for the embedding and the head alike, and
-    the logits stay vocabulary-sharded into the loss (each TP rank computes 1/tp of the head, the
-    largest single matmul of a small model, and holds 1/tp of the float32 logits).
-    """
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        PrepareModuleOutput,
-        RowwiseParallel,
-        SequenceParallel,
-        parallelize_module,
-    )
-
-    residual = Shard(1) if sequence_parallel else Replicate()
-    plan = {}
-    row_wise_embedding = model.lm_head is not None or loss_parallel
-    if row_wise_embedding:
-        plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
-    if model.lm_head is not None:
-        plan["lm_head"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                                          use_local_output=not loss_parallel)
-    elif sequence_parallel and not loss_parallel:
-        plan["embed_tokens"] = PrepareModuleOutput(
-            output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True
-        )
-    if sequence_parallel:
-        plan["norm"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
-    parallelize_module(model, tp_mesh, plan)
-    if row_wise_embedding:
+    block_plan = family_tp_plan(model.config)
+    untied_head = model.lm_head is not None
+    parallelize_module(model, tp_mesh, outer_plan(untied_head, sequence_parallel, loss_parallel))
+    if untied_head or loss_parallel:
         # The row-wise embedding returns a view of a DTensor's local shard; a compiled block fed
         # that view sends its input gradient around the DTensor's backward (torch 2.13). A copy.
         model.embed_tokens.register_forward_hook(lambda module, args, output: output.clone())
     model.loss_parallel = loss_parallel
-
-    for block in model.layers:
-        # Attention.forward(x, cos, sin, mask, cache): only x is distributed.
-        layer_plan = {
-            "self_attn": PrepareModuleInput(
-                input_layouts=(residual, None, None, None, None), desired_input_layouts=(Replicate(), None, None, None, None)
-            ),
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
-        }
-        layer_plan.update(_moe_plan(residual) if isinstance(block.mlp, MoE) else {
-            "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=residual),
-        })
-        if sequence_parallel:
-            layer_plan["input_layernorm"] = SequenceParallel()
-            layer_plan["post_attention_layernorm"] = SequenceParallel()
-        parallelize_module(block, tp_mesh, layer_plan)
+    for layer, block in enumerate(model.layers):
+        parallelize_module(block, tp_mesh, block_plan(block, model.config, layer, sequence_parallel))
 
 
-def _moe_plan(residual) -> dict:
-    """A mixture-of-experts MLP under TP without expert parallelism: router and experts replicated on
-    every TP rank, which all route the full (gathered) sequence and keep their slice of the output.
-    The simplest correct layout (MOE_SHARDING.md shards experts on F instead): no expert compute is
-    saved, but nothing is communicated beyond the residual stream's gather."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import PrepareModuleInputOutput
-
-    return {"mlp": PrepareModuleInputOutput(
-        input_layouts=(residual,), desired_input_layouts=(Replicate(),), use_local_input=True,
-        output_layouts=(Replicate(),), desired_output_layouts=(residual,), use_local_output=True,
-    )}
+def family_tp_plan(config: ModelConfig):
+    """The block plan of the first family (model/families.py order) whose plan covers every block of this config."""
+    for family in FAMILIES:
+        if family.tp_covers(config):
+            return family.tp_plan
+    raise ConfigError("parallel.tp > 1: no model family's tensor-parallel plan covers this mix of layers (e.g. MoE with "
+                      "linear attention or sliding windows, or a full-width QK-norm in a dense model); use parallel.tp 1")
 
 
 def apply_activation_checkpointing(model: Transformer, every: int = 1) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from smoltrain.config import ModelConfig
 from smoltrain.errors import CheckpointError
 from smoltrain.model.family import Family
+from smoltrain.model.gemma3 import tp
 
 # Gemma 3's fixed style: what Gemma3ForCausalLM computes whatever its config says.
 STYLE = dict(qk_norm=True, qk_norm_per_head=True, norm_plus_one=True, sandwich_norm=True, embed_scale=True,
@@ -85,4 +86,5 @@ FAMILY = Family(
     defaults={"tie_word_embeddings": True, "max_position_embeddings": 131072, "head_dim": 256,
               "hidden_act": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6},
     summary="Gemma3ForCausalLM (sliding-window layers)", computes=computes, to_hf=to_hf, from_hf=from_hf,
+    tp_covers=tp.covers, tp_plan=tp.block_plan,
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from smoltrain.config import ModelConfig
 from smoltrain.model.family import Family, moe_fields, moe_hf_fields, plain_moe
+from smoltrain.model.olmoe import tp
 
 
 def computes(m: ModelConfig) -> bool:
@@ -26,4 +27,5 @@ FAMILY = Family(
     defaults={"tie_word_embeddings": False, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "num_experts_per_tok": 8,
               "router_aux_loss_coef": 0.01},
     summary="OlmoeForCausalLM (MoE + full-width QK-norm)", computes=computes, to_hf=to_hf, from_hf=from_hf,
+    tp_covers=tp.covers, tp_plan=tp.block_plan,
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from smoltrain.config import ModelConfig
 from smoltrain.model.family import Family, moe_fields, moe_hf_fields, plain_moe
+from smoltrain.model.qwen3_moe import tp
 
 
 def computes(m: ModelConfig) -> bool:
@@ -37,4 +38,5 @@ FAMILY = Family(
     defaults={"tie_word_embeddings": False, "max_position_embeddings": 32768, "head_dim": 128, "num_experts_per_tok": 8,
               "moe_intermediate_size": 768, "router_aux_loss_coef": 0.001},
     summary="Qwen3MoeForCausalLM (MoE + per-head QK-norm)", computes=computes, to_hf=to_hf, from_hf=from_hf,
+    tp_covers=tp.covers, tp_plan=tp.block_plan,
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from smoltrain.config import ModelConfig
 from smoltrain.errors import CheckpointError
 from smoltrain.model.family import Family
+from smoltrain.model.qwen3_next import tp
 
 # Qwen3-Next's fixed style: (1 + w) norms, per-head QK-norm, gated attention output.
 STYLE = dict(qk_norm=True, qk_norm_per_head=True, norm_plus_one=True, attention_output_gate=True)
@@ -54,4 +55,5 @@ FAMILY = Family(
               "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
               "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4},
     summary="Qwen3NextForCausalLM (gated DeltaNet hybrid, dense)", computes=computes, to_hf=to_hf, from_hf=from_hf,
+    tp_covers=tp.covers, tp_plan=tp.block_plan,
 )
