@@ -124,22 +124,21 @@ class _StateScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, carry: torch.Tensor, written: torch.Tensor, offset: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
-        states = offset.new_empty(offset.shape[0] + 1, *offset.shape[1:])
-        states[0] = s0
+        states = [s0]
         for i in range(offset.shape[0]):
-            kept = torch.addcmul(offset[i], carry[i, ..., None, None], states[i])
-            torch.baddbmm(kept.flatten(0, 1), written[i].flatten(0, 1), states[i].flatten(0, 1), alpha=-1,
-                          out=states[i + 1].flatten(0, 1))
+            states.append(torch.addcmul(offset[i], carry[i, ..., None, None], states[i]) - written[i] @ states[i])
+        states = torch.stack(states)
         ctx.save_for_backward(carry, written, states)
         return states
 
     @staticmethod
     def backward(ctx, grad_states: torch.Tensor):
         carry, written, states = ctx.saved_tensors
-        grads = grad_states.contiguous().clone()  # grads[i] becomes the whole gradient of states[i]
+        grads = [grad_states[-1]]  # the whole gradient of each state, from the last one back
         for i in range(written.shape[0] - 1, -1, -1):
-            grads[i].add_(grads[i + 1] * carry[i, ..., None, None])
-            grads[i].flatten(0, 1).baddbmm_(written[i].flatten(0, 1).transpose(-1, -2), grads[i + 1].flatten(0, 1), alpha=-1)
+            later = grads[-1]
+            grads.append(torch.addcmul(grad_states[i], carry[i, ..., None, None], later) - written[i].transpose(-1, -2) @ later)
+        grads = torch.stack(grads[::-1])
         grad_carry = (grads[1:] * states[:-1]).sum(dim=(-1, -2))
         grad_written = -(grads[1:] @ states[:-1].transpose(-1, -2))
         return grad_carry, grad_written, grads[1:], grads[0]
