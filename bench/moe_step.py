@@ -11,6 +11,7 @@ transformers' TrainingArguments: adamw_torch_fused on torch >= 2.8).
     python bench/moe_step.py                 # CPU fp32 (+ CUDA bf16 if present)
     python bench/moe_step.py --threads 1 --eager --json out.json
     python bench/moe_step.py --threads 1 --eager --precision bf16     # CPU bf16 autocast, both
+    python bench/moe_step.py --threads 1 --eager --shape olmoe        # OLMoE's 64 experts top-8
 """
 
 from __future__ import annotations
@@ -31,9 +32,14 @@ from smoltrain.model.flops import parameter_counts
 from smoltrain.model.hf import to_hf_config, to_hf_names
 from smoltrain.model.transformer import build_model
 
-# A Qwen3-MoE in miniature: 16 experts top-2 (sparsity 8, as OLMoE), granularity 2 x 256 / 128 = 4.
-SHAPE = dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=512,
-             qk_norm=True, num_experts=16, experts_per_token=2, expert_hidden=128, norm_topk_prob=True, aux_loss_coef=0.01)
+# Two MoEs in miniature, both run as Qwen3MoeForCausalLM on transformers' side. "small": 16 experts
+# top-2 (sparsity 8), granularity 2 x 256 / 128 = 4; the vocabulary head is ~half the step's FLOPs.
+# "olmoe": OLMoE-1B-7B's routing (64 experts, top-8, expert width = hidden / 2) at width 256, where
+# the MoE blocks are most of the step, as in the real model (there the head is ~4% of active FLOPs).
+_COMMON = dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=512,
+               qk_norm=True, norm_topk_prob=True, aux_loss_coef=0.01)
+SHAPES = {"small": dict(_COMMON, num_experts=16, experts_per_token=2, expert_hidden=128),
+          "olmoe": dict(_COMMON, num_experts=64, experts_per_token=8, expert_hidden=128, norm_topk_prob=False)}
 
 
 def build_pair(model_config: ModelConfig, device: str, experts: str | None):
@@ -125,18 +131,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--eager", action="store_true", help="transformers' eager experts (a masked loop) instead of its default")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="CPU: fp32, or bf16 autocast for both")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small", help="small (16 experts top-2) or olmoe (64 top-8)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
-    model_config = ModelConfig(**SHAPE, max_seq_len=max(args.cpu_seq, args.cuda_seq))
+    model_config = ModelConfig(**SHAPES[args.shape], max_seq_len=max(args.cpu_seq, args.cuda_seq))
     counts = parameter_counts(model_config)
     cases = [("cpu", args.cpu_batch, args.cpu_seq)] if args.device in ("auto", "cpu") else []
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         cases.append(("cuda", args.cuda_batch, args.cuda_seq))
-    header = {"date": datetime.date.today().isoformat(), "parameters": counts["total"], "active": counts["active"],
+    header = {"date": datetime.date.today().isoformat(), "shape": args.shape, "parameters": counts["total"], "active": counts["active"],
               "torch": torch.__version__, "transformers": transformers.__version__,
               "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
               "load_average": os.getloadavg()[0],
