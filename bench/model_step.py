@@ -60,10 +60,11 @@ def loss_theirs(model, input_ids, labels):
     return model(input_ids=input_ids, labels=labels, shift_labels=labels).loss
 
 
-def make_step(model, loss_fn, batch, device: str, precision: str):
-    fused = device == "cuda"
+def make_step(model, loss_fn, batch, device: str, precision: str, fused: bool | None = None):
+    """fused: AdamW's fused kernel (default: on CUDA only); precision "bf16" is autocast on either device."""
+    fused = device == "cuda" if fused is None else fused
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
     def step():
         with autocast():

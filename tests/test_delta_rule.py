@@ -76,3 +76,18 @@ def test_causal_conv_resets_at_documents_and_carries_its_state_when_decoding():
         step, state = causal_conv(x[..., t : t + 1], weight, state=state)
         pieces = torch.cat([pieces, step], dim=-1)
     torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_gradients_equal_the_recurrent_form_of_transformers():
+    # The scan over chunks has a hand-written backward: every input's gradient, the entry state's included,
+    # against autograd through transformers' token-by-token form (3 chunks of 16, the last one padded).
+    inputs = [x.requires_grad_(True) for x in _inputs(2, 40, 3, 16, seed=3)]
+    q, k, v, decay, beta, state = inputs
+    out, final = chunk_gated_delta_rule(q, k, v, decay, beta, state, chunk_size=16)
+    ref, ref_final = torch_recurrent_gated_delta_rule(q, k, v, decay, beta, initial_state=state, output_final_state=True,
+                                                      use_qk_l2norm_in_kernel=True)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    grads = torch.autograd.grad((out * weights).sum() + final.square().sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * weights).sum() + ref_final.square().sum(), inputs)
+    for name, grad, ref_grad in zip("q k v decay beta state".split(), grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -4,11 +4,13 @@ document boundaries, so a packed row gives each document the outputs it gets alo
 
 Per token: S <- exp(g) S + beta k (v - exp(g) S^T k)^T, out = S^T q / sqrt(d_k), with q and k
 L2-normalised (as transformers' torch fallback and the FLA kernels). The chunked form follows
-transformers' (UT transform per chunk, a scan over chunks) with one triangular solve for both
-right-hand sides and the chunk's reads of its entry state folded into one matrix, so the scan does 2
-small matmuls per chunk instead of 4; on the shared 2-core CPU that measured 1.0x its speed forward
-and 1.0-1.5x forward + backward (bench/linear_attention.py), not the 2x hoped for: small elementwise
-passes, not the matmuls, dominate at these sizes.
+transformers' (UT transform per chunk, a scan over chunks) laid out chunk-major once, with one
+triangular solve for both right-hand sides and the scan as one autograd node with a hand backward.
+Chunks of 32 by default, not 64: with a strong decay (log decay ~ -1 a token) a chunk of 64 spans
+exp(-64) and its products fall into subnormal floats, which this x86 CPU handles ~100x slower. On the
+shared 2-core CPU, 1 thread, 1 x 1024 tokens, 8 heads x 64 (bench/linear_attention.py, docs/LOG-speed.md):
+forward + backward ~1.6-2x transformers' fallback at its chunk of 64, forward ~1x; both torch.compiled,
+1.4x and 0.86x.
 """
 
 from __future__ import annotations
@@ -77,54 +79,81 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                            state: torch.Tensor | None = None, segments: torch.Tensor | None = None,
-                           chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                           chunk_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """The same computation a chunk at a time (training, prefill); shapes as recurrent_gated_delta_rule,
     segments [batch, seq] as causal_conv's (the state restarts at every document)."""
     dtype = v.dtype
     batch, seq, heads, d_k = k.shape
     d_v = v.shape[-1]
-    q, k, v, g, beta = (x.transpose(1, 2).float() for x in (q, k, v, g, beta))
-    q, k = l2norm(q) * d_k**-0.5, l2norm(k)
     pad = (chunk_size - seq % chunk_size) % chunk_size
-    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
     n = (seq + pad) // chunk_size
-    q, k, v = (x.reshape(batch, heads, n, chunk_size, -1) for x in (q, k, v))
-    g, beta = g.reshape(batch, heads, n, chunk_size), beta.reshape(batch, heads, n, chunk_size)
+    q, k = l2norm(q.float()) * d_k**-0.5, l2norm(k.float())
+    q, k, v, g, beta = (_chunk_major(x, pad, n, chunk_size) for x in (q, k, v, g, beta))  # [n, batch, heads, chunk, ...]
 
     cum = g.cumsum(dim=-1)  # log decay from the chunk's start to each position
     lower = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
     pair_mask = lower if segments is None else lower & _same_segment_in_chunk(segments, pad, n, chunk_size)
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~pair_mask, float("-inf")).exp()
-    entry, exit_, carry = _boundary_masks(segments, pad, n, chunk_size, batch)
+    entry, exit_, carry = _boundary_masks(segments, pad, n, chunk_size)
     k_beta = k * beta[..., None]
     # UT transform: (I + strictly-lower(beta k k^T * decay)) [u | w] = [beta v | beta k exp(cum)], one solve.
     system = (k_beta @ k.transpose(-1, -2)) * decay
     rhs = torch.cat([v * beta[..., None], k_beta * (cum.exp() * entry)[..., None]], dim=-1)
-    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    u, w = solved[..., :d_v], solved[..., d_v:]
-    attn = (q @ k.transpose(-1, -2)) * decay
-    # out_i = (q_i exp(cum_i) - attn_i w) S + attn_i u: the chunk's reads of S in one matrix, with w's.
-    reads = torch.cat([q * (cum.exp() * entry)[..., None] - attn @ w, w], dim=-2)
-    local = attn @ u
-    k_exit = k * ((cum[..., -1:] - cum).exp() * exit_)[..., None]
-    chunk_decay = (cum[..., -1].exp() * carry)[..., None, None]
+    uw = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    # Chunk i maps its entry state S to a(i) S + K^T (u - w S): [K^T u | K^T w] for all chunks in one matmul,
+    # then a scan over chunks with one matmul each (_StateScan, hand backward, no autograd graph per chunk).
+    k_exit = (k * ((cum[..., -1:] - cum).exp() * exit_)[..., None]).transpose(-1, -2)
+    offset, written = (k_exit @ uw).split([d_v, d_k], dim=-1)
+    s0 = state.float() if state is not None else q.new_zeros(batch, heads, d_k, d_v)
+    states = _StateScan.apply(cum[..., -1].exp() * carry, written, offset, s0)  # [n + 1, batch, heads, d_k, d_v]
+    # out_i = (q_i exp(cum_i) - attn_i w) S + attn_i u, every chunk reading the state it starts with.
+    attn_u, attn_w = ((q @ k.transpose(-1, -2)) * decay @ uw).split([d_v, d_k], dim=-1)
+    out = (q * (cum.exp() * entry)[..., None] - attn_w) @ states[:-1] + attn_u
+    out = out.permute(1, 0, 3, 2, 4).reshape(batch, n * chunk_size, heads, d_v)[:, :seq]
+    return out.to(dtype), states[-1]
 
-    s = state.float() if state is not None else q.new_zeros(batch, heads, d_k, d_v)
-    outs = []
-    for i in range(n):
-        read = reads[:, :, i] @ s  # [q_eff; w] S
-        outs.append(read[..., :chunk_size, :] + local[:, :, i])
-        s = s * chunk_decay[:, :, i] + k_exit[:, :, i].transpose(-1, -2) @ (u[:, :, i] - read[..., chunk_size:, :])
-    out = torch.stack(outs, dim=2).reshape(batch, heads, -1, d_v)[:, :, :seq]
-    return out.transpose(1, 2).to(dtype), s
+
+def _chunk_major(x: torch.Tensor, pad: int, n: int, chunk_size: int) -> torch.Tensor:
+    """[batch, seq, heads(, dim)] -> [chunks, batch, heads, chunk_size(, dim)], contiguous, zero-padded: each
+    chunk's slice is one block, as the scan over chunks reads it."""
+    x = F.pad(x.float(), (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x.float()
+    x = x.reshape(x.shape[0], n, chunk_size, *x.shape[2:]).transpose(0, 1).transpose(2, 3)
+    return x.contiguous()
+
+
+class _StateScan(torch.autograd.Function):
+    """states[i + 1] = carry[i] states[i] - written[i] @ states[i] + offset[i] over the chunk axis (0),
+    states[0] = s0; the backward runs the same recurrence in reverse with transposed matrices, so autograd
+    records one node for the whole scan instead of several per chunk (whose select backwards each
+    zero-filled a full-size gradient: 40% of a forward + backward step at 1 x 1024 tokens, 16 chunks)."""
+
+    @staticmethod
+    def forward(ctx, carry: torch.Tensor, written: torch.Tensor, offset: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
+        states = [s0]
+        for i in range(offset.shape[0]):
+            states.append(torch.addcmul(offset[i], carry[i, ..., None, None], states[i]) - written[i] @ states[i])
+        states = torch.stack(states)
+        ctx.save_for_backward(carry, written, states)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states: torch.Tensor):
+        carry, written, states = ctx.saved_tensors
+        grads = [grad_states[-1]]  # the whole gradient of each state, from the last one back
+        for i in range(written.shape[0] - 1, -1, -1):
+            later = grads[-1]
+            grads.append(torch.addcmul(grad_states[i], carry[i, ..., None, None], later) - written[i].transpose(-1, -2) @ later)
+        grads = torch.stack(grads[::-1])
+        grad_carry = (grads[1:] * states[:-1]).sum(dim=(-1, -2))
+        grad_written = -(grads[1:] @ states[:-1].transpose(-1, -2))
+        return grad_carry, grad_written, grads[1:], grads[0]
 
 
 def _chunked_segments(segments: torch.Tensor, pad: int, n: int, chunk_size: int) -> torch.Tensor:
-    """[batch, seq] -> [batch, 1, chunks, chunk_size]; the padding continues the last document."""
+    """[batch, seq] -> [chunks, batch, 1, chunk_size]; the padding continues the last document."""
     if pad:
         segments = torch.cat([segments, segments[:, -1:].expand(-1, pad)], dim=1)
-    return segments.reshape(segments.shape[0], 1, n, chunk_size)
+    return segments.reshape(segments.shape[0], n, 1, chunk_size).transpose(0, 1)
 
 
 def _same_segment_in_chunk(segments: torch.Tensor, pad: int, n: int, chunk_size: int) -> torch.Tensor:
@@ -132,14 +161,14 @@ def _same_segment_in_chunk(segments: torch.Tensor, pad: int, n: int, chunk_size:
     return chunked[..., :, None] == chunked[..., None, :]
 
 
-def _boundary_masks(segments: torch.Tensor | None, pad: int, n: int, chunk_size: int, batch: int):
+def _boundary_masks(segments: torch.Tensor | None, pad: int, n: int, chunk_size: int):
     """(entry [.., chunk]: the position sees the state the chunk starts with; exit [.., chunk]: the position
     writes into the state the chunk ends with; carry [..]: that state survives the chunk), all 1.0 without
     documents."""
     if segments is None:
         return 1.0, 1.0, 1.0
     chunked = _chunked_segments(segments, pad, n, chunk_size).float()
-    before = torch.cat([chunked[:, :, :1, :1], chunked[:, :, :-1, -1:]], dim=2)  # the token before each chunk
+    before = torch.cat([chunked[:1, ..., :1], chunked[:-1, ..., -1:]], dim=0)  # the token before each chunk
     entry = (chunked == before).float()
     exit_ = (chunked == chunked[..., -1:]).float()
     carry = (chunked[..., -1] == before[..., 0]).float()
