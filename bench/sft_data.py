@@ -38,27 +38,28 @@ WORDS = ("the of and to in is that it for on with as was at by an be this which 
          "long get through back much before go good same right take three world still own last never under while").split()
 
 
-def synthetic_row(r: random.Random, sentences: list[str]) -> dict:
-    """One smoltalk2-shaped row, ~300 tokens: a fifth with custom instructions, half in think mode with a
-    reasoning block, a third multi-turn. Text is drawn from a pool of sentences (fast to write 1M rows)."""
+def synthetic_row(r: random.Random, sentences: list[str], short: bool = False) -> dict:
+    """One smoltalk2-shaped row, ~260 tokens: a fifth with custom instructions, half in think mode with a
+    reasoning block, a third multi-turn. Text is drawn from a pool of sentences (fast to write 1M rows).
+    `short`: the same shape in one turn of a sentence or two a message (~60 tokens), for 1M rows on a busy box."""
     def text(lo: int, hi: int) -> str:
-        return " ".join(r.choice(sentences) for _ in range(r.randint(lo, hi)))
+        return " ".join(r.choice(sentences) for _ in range(r.randint(lo, 1 if short else hi)))
 
     messages, kwargs = [], {"enable_thinking": r.random() < 0.5}
     if r.random() < 0.2:
         kwargs["custom_instructions"] = text(1, 2)
-    for _ in range(r.choice((1, 1, 2, 3))):
+    for _ in range(1 if short else r.choice((1, 1, 2, 3))):
         messages.append({"role": "user", "content": text(1, 4)})
-        answer = text(2, 10)
+        answer = text(1 if short else 2, 10)
         messages.append({"role": "assistant", "content": f"<think>\n{text(1, 5)}\n</think>\n{answer}"
                          if kwargs["enable_thinking"] else answer})
     return {"messages": messages, "chat_template_kwargs": kwargs}
 
 
-def write_data(folder: Path, count: int, files: int) -> list[str]:
+def write_data(folder: Path, count: int, files: int, short: bool = False) -> list[str]:
     done = folder / "done.json"
     paths = [folder / f"smoltalk{i:02d}.train.jsonl.gz" for i in range(files)]
-    if done.is_file() and json.loads(done.read_text()) == {"count": count, "files": files}:
+    if done.is_file() and json.loads(done.read_text()) == {"count": count, "files": files, "short": short}:
         return [str(p) for p in paths]
     folder.mkdir(parents=True, exist_ok=True)
     r = random.Random(0)
@@ -66,8 +67,8 @@ def write_data(folder: Path, count: int, files: int) -> list[str]:
     for i, path in enumerate(paths):
         with gzip.open(path, "wt", compresslevel=1) as f:
             for _ in range(count // files + (i < count % files)):
-                f.write(json.dumps(synthetic_row(r, sentences)) + "\n")
-    done.write_text(json.dumps({"count": count, "files": files}))
+                f.write(json.dumps(synthetic_row(r, sentences, short)) + "\n")
+    done.write_text(json.dumps({"count": count, "files": files, "short": short}))
     return [str(p) for p in paths]
 
 
@@ -174,7 +175,8 @@ def main() -> None:
     p.add_argument("--tokenizer", help="tokenizer.json or folder (default: the embedded tokenizer)")
     p.add_argument("--template", default="smollm3", help="chat template: smollm3 (needs <think> tokens) or chatml")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--ratio-conversations", type=int, default=20000, help="conversations of the same-window ratio")
+    p.add_argument("--ratio-conversations", type=int, default=20000, help="conversations of the same-window ratio (0: none)")
+    p.add_argument("--short", action="store_true", help="the memory runs on one-turn ~60-token conversations")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workdir", default=".cache/bench-sft-data")
     args = p.parse_args()
@@ -192,16 +194,17 @@ def main() -> None:
     print(f"# bench/sft_data.py  {datetime.date.today()}  {platform.processor() or platform.machine()}  "
           f"{os.cpu_count()} cores  torch {torch.__version__}  python {platform.python_version()}")
     print(f"tokenizer {tokenizer}, template {args.template}, seq_len {args.seq_len}, {args.files} files")
-    small = write_data(root / f"data-{args.ratio_conversations}", args.ratio_conversations, args.files)
-    ours, peer = same_window_ratio(small, tokenizer_dir, args.template, args.seq_len, root / f"ratio-{time.time_ns()}",
-                                   args.repeats)
-    print(f"preparation of {args.ratio_conversations:,} conversations: {ours / 1e3:.0f}k tokens/s, encode_batch on their "
-          f"rendered text {peer / 1e3:.0f}k tokens/s: {ours / peer:.2f}x (same window, best of {args.repeats} each)")
+    if args.ratio_conversations:
+        small = write_data(root / f"data-{args.ratio_conversations}", args.ratio_conversations, args.files)
+        ours, peer = same_window_ratio(small, tokenizer_dir, args.template, args.seq_len, root / f"ratio-{time.time_ns()}",
+                                       args.repeats)
+        print(f"preparation of {args.ratio_conversations:,} conversations: {ours / 1e3:.0f}k tokens/s, encode_batch on "
+              f"their rendered text {peer / 1e3:.0f}k tokens/s: {ours / peer:.2f}x (same window, best of {args.repeats} each)")
     print("| conversations | tokens | prep tokens/s (run 1) | peak GB run 1 | run 1 s | peak GB run 2 | run 2 s | "
-          "step 1 at (run 2) s | cached data set-up s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "step 1 at (run 2) s | cached data set-up s | load average (1 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for count in args.conversations:
-        files = write_data(root / f"data-{count}", count, args.files)
+        files = write_data(root / f"data-{count}{'-short' if args.short else ''}", count, args.files, args.short)
         cache = root / f"cache-{count}-{time.time_ns()}"
         first = run_sft(root, init, files, args.template, args.seq_len, cache, root / f"run1-{count}")
         second = run_sft(root, init, files, args.template, args.seq_len, cache, root / f"run2-{count}")
@@ -209,7 +212,7 @@ def main() -> None:
         report = first["report"]
         print(f"| {count:,} | {report['tokens'] / 1e6:.1f}M | {report['tokens'] / report['preparation_s'] / 1e3:.0f}k | "
               f"{first['peak_gb']:.2f} | {first['wall_s']:.0f} | {second['peak_gb']:.2f} | {second['wall_s']:.1f} | "
-              f"{second['step1_s']:.1f} | {setup:.2f} |", flush=True)
+              f"{second['step1_s']:.1f} | {setup:.2f} | {os.getloadavg()[0]:.1f} |", flush=True)
         for leftover in (cache, root / f"run1-{count}", root / f"run2-{count}"):
             shutil.rmtree(leftover, ignore_errors=True)
 
