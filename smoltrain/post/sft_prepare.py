@@ -111,6 +111,10 @@ def report_progress(worker: dict, done: int) -> None:
         worker["queue"].put(done)
 
 
+def _given(state: dict) -> dict:
+    return state
+
+
 def _sft_worker(tokenizer_dir: str) -> dict:
     from smoltrain.post.chat_template import load_chat_tokenizer
 
@@ -217,6 +221,8 @@ def run_file_tasks(tasks: list[dict], job: Callable[[dict, dict], dict], setup: 
         # workers with several threads start from a fresh fork server (data/tokenize_shards.py's rule).
         methods = mp.get_all_start_methods()
         method = "fork" if threads == 1 and "fork" in methods else "forkserver" if "forkserver" in methods else "spawn"
+        if method == "fork":  # set up once here and inherited: each worker importing transformers and loading the
+            setup, setup_args = _given, (setup(*setup_args),)  # tokenizer was ~1.5 CPU-s, ~half of 5k conversations' work
         ctx = mp.get_context(method)
         progress_queue = ctx.Queue()
         with ctx.Pool(workers, initializer=_start_worker, initargs=(progress_queue, threads, setup, setup_args, job)) as pool:
