@@ -38,27 +38,28 @@ WORDS = ("the of and to in is that it for on with as was at by an be this which 
          "long get through back much before go good same right take three world still own last never under while").split()
 
 
-def synthetic_row(r: random.Random, sentences: list[str]) -> dict:
-    """One smoltalk2-shaped row, ~300 tokens: a fifth with custom instructions, half in think mode with a
-    reasoning block, a third multi-turn. Text is drawn from a pool of sentences (fast to write 1M rows)."""
+def synthetic_row(r: random.Random, sentences: list[str], short: bool = False) -> dict:
+    """One smoltalk2-shaped row, ~260 tokens: a fifth with custom instructions, half in think mode with a
+    reasoning block, a third multi-turn. Text is drawn from a pool of sentences (fast to write 1M rows).
+    `short`: the same shape in one turn of a sentence or two a message (~60 tokens), for 1M rows on a busy box."""
     def text(lo: int, hi: int) -> str:
-        return " ".join(r.choice(sentences) for _ in range(r.randint(lo, hi)))
+        return " ".join(r.choice(sentences) for _ in range(r.randint(lo, 1 if short else hi)))
 
     messages, kwargs = [], {"enable_thinking": r.random() < 0.5}
     if r.random() < 0.2:
         kwargs["custom_instructions"] = text(1, 2)
-    for _ in range(r.choice((1, 1, 2, 3))):
+    for _ in range(1 if short else r.choice((1, 1, 2, 3))):
         messages.append({"role": "user", "content": text(1, 4)})
-        answer = text(2, 10)
+        answer = text(1 if short else 2, 10)
         messages.append({"role": "assistant", "content": f"<think>\n{text(1, 5)}\n</think>\n{answer}"
                          if kwargs["enable_thinking"] else answer})
     return {"messages": messages, "chat_template_kwargs": kwargs}
 
 
-def write_data(folder: Path, count: int, files: int) -> list[str]:
+def write_data(folder: Path, count: int, files: int, short: bool = False) -> list[str]:
     done = folder / "done.json"
     paths = [folder / f"smoltalk{i:02d}.train.jsonl.gz" for i in range(files)]
-    if done.is_file() and json.loads(done.read_text()) == {"count": count, "files": files}:
+    if done.is_file() and json.loads(done.read_text()) == {"count": count, "files": files, "short": short}:
         return [str(p) for p in paths]
     folder.mkdir(parents=True, exist_ok=True)
     r = random.Random(0)
@@ -66,12 +67,13 @@ def write_data(folder: Path, count: int, files: int) -> list[str]:
     for i, path in enumerate(paths):
         with gzip.open(path, "wt", compresslevel=1) as f:
             for _ in range(count // files + (i < count % files)):
-                f.write(json.dumps(synthetic_row(r, sentences)) + "\n")
-    done.write_text(json.dumps({"count": count, "files": files}))
+                f.write(json.dumps(synthetic_row(r, sentences, short)) + "\n")
+    done.write_text(json.dumps({"count": count, "files": files, "short": short}))
     return [str(p) for p in paths]
 
 
-def rendered_texts(files: list[str], tokenizer_dir: Path, sample: int) -> list[str]:
+def rendered_texts(files: list[str], tokenizer_dir: Path, sample: int, instructions_as_system: bool) -> list[str]:
+    """The text the preparation tokenizes: custom instructions moved into a system message as it moves them."""
     from smoltrain.post.chat_data import ConversationReader
     from smoltrain.post.chat_template import load_chat_tokenizer, render
 
@@ -79,6 +81,9 @@ def rendered_texts(files: list[str], tokenizer_dir: Path, sample: int) -> list[s
     texts = []
     for path in files:
         for conv in ConversationReader(path):
+            instructions = conv.kwargs.pop("custom_instructions", None) if instructions_as_system else None
+            if instructions and conv.messages[0]["role"] != "system":
+                conv.messages.insert(0, {"role": "system", "content": instructions})
             texts.append(render(chat, conv.messages, **conv.kwargs))
             if len(texts) == sample:
                 return texts
@@ -91,25 +96,36 @@ def settings_of(template: str, seq_len: int):
     return Settings(seq_len, template, instructions_as_system=template != "smollm3")  # what run_sft's recipe sets
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (its threads) and of its children that have been waited for."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def same_window_ratio(files: list[str], tokenizer_dir: Path, template: str, seq_len: int, cache: Path, repeats: int) -> tuple:
-    """(ours, encode_batch) tokens/s on the same conversations, alternating, best of `repeats` each: ours
-    prepares them from the files with all cores, encode_batch (all cores) encodes their rendered text."""
+    """(ours, encode_batch) tokens per wall second and per CPU second on the same conversations,
+    alternating, best of `repeats` each: ours prepares them from the files with all cores (worker
+    processes, waited for), encode_batch (all cores) encodes their rendered text. On a shared box the
+    CPU seconds are the steadier figure (other jobs' load moves the wall clock between minutes)."""
     from tokenizers import Tokenizer
 
     from smoltrain.post.sft_prepare import load_prepared, named_files, prepare
 
-    texts = rendered_texts(files, tokenizer_dir, 10**9)
+    texts = rendered_texts(files, tokenizer_dir, 10**9, settings_of(template, seq_len).instructions_as_system)
     fast = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    ours = peer = 0.0
+    ours, peer = [0.0, 0.0], [0.0, 0.0]  # tokens per wall second, per CPU second
     for attempt in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         tokens = sum(len(e.ids) for e in fast.encode_batch(texts, add_special_tokens=False))
-        peer = max(peer, tokens / (time.perf_counter() - start))
-        start = time.perf_counter()
+        peer = [max(peer[0], tokens / (time.perf_counter() - start)), max(peer[1], tokens / (cpu_seconds() - cpu))]
+        start, cpu = time.perf_counter(), cpu_seconds()
         folder = prepare(named_files(files), tokenizer_dir, settings_of(template, seq_len), cache / str(attempt),
                          show_progress=False)
-        elapsed = time.perf_counter() - start
-        ours = max(ours, int(load_prepared(folder)[0].lengths.sum()) / elapsed)
+        wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        tokens = int(load_prepared(folder)[0].lengths.sum())
+        ours = [max(ours[0], tokens / wall), max(ours[1], tokens / cpu)]
     return ours, peer
 
 
@@ -130,7 +146,8 @@ def make_init(root: Path, tokenizer: str, template: str, seq_len: int) -> tuple[
 
 
 def run_sft(root: Path, init: Path, files: list[str], template: str, seq_len: int, cache: Path, out: Path) -> dict:
-    """One `smoltrain sft` of 2 steps in a fresh process: wall time, time to step 1, peak memory of its tree."""
+    """One `smoltrain sft` of 2 steps in a fresh process: wall time, time to step 1, peak memory of its tree,
+    CPU seconds of its tree (the steadier figure on a shared box)."""
     import psutil
 
     recipe = {"data": {"seq_len": seq_len, "cache_dir": str(cache)},
@@ -143,7 +160,7 @@ def run_sft(root: Path, init: Path, files: list[str], template: str, seq_len: in
     path = root / "recipe.json"  # JSON is YAML
     path.write_text(json.dumps(recipe))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     proc = subprocess.Popen([sys.executable, "-m", "smoltrain", "sft", str(path)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     peak, first_step = 0, None
@@ -164,7 +181,8 @@ def run_sft(root: Path, init: Path, files: list[str], template: str, seq_len: in
     if proc.returncode:
         raise SystemExit(f"smoltrain sft failed ({proc.returncode}):\n{''.join(stderr)[-3000:]}")
     report = json.loads((out / "data_report.json").read_text())
-    return {"wall_s": time.perf_counter() - start, "step1_s": first_step, "peak_gb": peak / 1e9, "report": report}
+    return {"wall_s": time.perf_counter() - start, "step1_s": first_step, "peak_gb": peak / 1e9, "report": report,
+            "cpu_s": cpu_seconds() - cpu}
 
 
 def main() -> None:
@@ -174,9 +192,11 @@ def main() -> None:
     p.add_argument("--tokenizer", help="tokenizer.json or folder (default: the embedded tokenizer)")
     p.add_argument("--template", default="smollm3", help="chat template: smollm3 (needs <think> tokens) or chatml")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--ratio-conversations", type=int, default=20000, help="conversations of the same-window ratio")
+    p.add_argument("--ratio-conversations", type=int, default=20000, help="conversations of the same-window ratio (0: none)")
+    p.add_argument("--short", action="store_true", help="the memory runs on one-turn ~60-token conversations")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workdir", default=".cache/bench-sft-data")
+    p.add_argument("--keep", action="store_true", help="keep each prepared cache (for a later look) instead of deleting it")
     args = p.parse_args()
 
     import torch
@@ -192,16 +212,19 @@ def main() -> None:
     print(f"# bench/sft_data.py  {datetime.date.today()}  {platform.processor() or platform.machine()}  "
           f"{os.cpu_count()} cores  torch {torch.__version__}  python {platform.python_version()}")
     print(f"tokenizer {tokenizer}, template {args.template}, seq_len {args.seq_len}, {args.files} files")
-    small = write_data(root / f"data-{args.ratio_conversations}", args.ratio_conversations, args.files)
-    ours, peer = same_window_ratio(small, tokenizer_dir, args.template, args.seq_len, root / f"ratio-{time.time_ns()}",
-                                   args.repeats)
-    print(f"preparation of {args.ratio_conversations:,} conversations: {ours / 1e3:.0f}k tokens/s, encode_batch on their "
-          f"rendered text {peer / 1e3:.0f}k tokens/s: {ours / peer:.2f}x (same window, best of {args.repeats} each)")
+    if args.ratio_conversations:
+        small = write_data(root / f"data-{args.ratio_conversations}", args.ratio_conversations, args.files)
+        ours, peer = same_window_ratio(small, tokenizer_dir, args.template, args.seq_len, root / f"ratio-{time.time_ns()}",
+                                       args.repeats)
+        print(f"preparation of {args.ratio_conversations:,} conversations: {ours[0] / 1e3:.0f}k tokens/s, encode_batch on "
+              f"their rendered text {peer[0] / 1e3:.0f}k tokens/s: {ours[0] / peer[0]:.2f}x (same window, best of {args.repeats} "
+              f"each; load average {os.getloadavg()[0]:.1f}); per CPU second {ours[1] / 1e3:.0f}k vs {peer[1] / 1e3:.0f}k "
+              f"tokens: {ours[1] / peer[1]:.2f}x")
     print("| conversations | tokens | prep tokens/s (run 1) | peak GB run 1 | run 1 s | peak GB run 2 | run 2 s | "
-          "step 1 at (run 2) s | cached data set-up s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "step 1 at (run 2) s | CPU s run 1 / run 2 | cached data set-up s | load average (1 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for count in args.conversations:
-        files = write_data(root / f"data-{count}", count, args.files)
+        files = write_data(root / f"data-{count}{'-short' if args.short else ''}", count, args.files, args.short)
         cache = root / f"cache-{count}-{time.time_ns()}"
         first = run_sft(root, init, files, args.template, args.seq_len, cache, root / f"run1-{count}")
         second = run_sft(root, init, files, args.template, args.seq_len, cache, root / f"run2-{count}")
@@ -209,8 +232,9 @@ def main() -> None:
         report = first["report"]
         print(f"| {count:,} | {report['tokens'] / 1e6:.1f}M | {report['tokens'] / report['preparation_s'] / 1e3:.0f}k | "
               f"{first['peak_gb']:.2f} | {first['wall_s']:.0f} | {second['peak_gb']:.2f} | {second['wall_s']:.1f} | "
-              f"{second['step1_s']:.1f} | {setup:.2f} |", flush=True)
-        for leftover in (cache, root / f"run1-{count}", root / f"run2-{count}"):
+              f"{second['step1_s']:.1f} | {first['cpu_s']:.0f} / {second['cpu_s']:.1f} | {setup:.2f} | {os.getloadavg()[0]:.1f} |",
+              flush=True)
+        for leftover in ([] if args.keep else [cache]) + [root / f"run1-{count}", root / f"run2-{count}"]:
             shutil.rmtree(leftover, ignore_errors=True)
 
 

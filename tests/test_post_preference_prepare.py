@@ -45,6 +45,21 @@ def test_prepared_pairs_equal_the_in_memory_tokenization(root, tmp_path):
         load_pairs([root / "a.jsonl"], tok, None, 64, False, tmp_path)
 
 
+def test_two_worker_processes_write_the_folder_one_process_writes_byte_for_byte(root, tmp_path):
+    tok, files = root / "init", [root / "a.jsonl", root / "chat.jsonl", root / "b.jsonl"]
+    one, two = (prepare_pairs(files, tok, "chatml", 64, True, tmp_path / str(n), workers=n) for n in (1, 2))
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for path in one.iterdir():
+        if path.name == "meta.json":  # equal but for the time it was written
+            assert {**json.loads(path.read_text()), "created": 0} == {**json.loads((two / path.name).read_text()), "created": 0}
+        else:
+            assert path.read_bytes() == (two / path.name).read_bytes(), path.name
+    assert PairShards(two).skipped == {"identical": 1, "missing_key": 1}
+    with pytest.raises(DataError, match=r"a.jsonl:6: chosen and rejected are identical"):  # raised in a worker, re-raised here
+        prepare_pairs(files, tok, "chatml", 64, False, tmp_path / "bad", workers=2)
+    assert not any((tmp_path / "bad" / "preference").iterdir())  # nothing that looks finished, no temporary folder
+
+
 def test_the_cache_is_reused_until_an_input_or_setting_changes(root, tmp_path, monkeypatch):
     tok, files = root / "init", [root / "b.jsonl"]
     first = prepare_pairs(files, tok, None, 64, False, tmp_path)

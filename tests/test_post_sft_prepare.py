@@ -79,7 +79,7 @@ def test_batched_encoding_equals_apply_chat_template_chat_by_chat(data, one_thre
     ]
     got = encode_chats(chat, [(c.messages, c.kwargs) for c in convs])
     for conv, (ids, mask, _) in zip(convs, got):
-        assert (ids, mask) == tuple(map(list, encode_chat(chat, conv.messages, **conv.kwargs)))
+        assert (ids.tolist(), mask.astype(int).tolist()) == tuple(map(list, encode_chat(chat, conv.messages, **conv.kwargs)))
 
 
 def test_prepared_rows_masks_and_losses_equal_the_in_memory_path_bit_for_bit(data, one_thread):
@@ -115,7 +115,7 @@ def test_the_cache_is_reused_and_a_changed_file_or_setting_is_prepared_again(dat
     root, tok, files = data
     folder, *_ = prepared(root, tok, files, cache=tmp_path, workers=1)
     with monkeypatch.context() as m:
-        m.setattr(sft_prepare, "_run_tasks", lambda *a, **k: pytest.fail("prepared again"))
+        m.setattr(sft_prepare, "run_file_tasks", lambda *a, **k: pytest.fail("prepared again"))
         assert prepared(root, tok, files, cache=tmp_path)[0] == folder
     assert prepared(root, tok, files, cache=tmp_path, workers=1, loss="all")[0] != folder
     copy = tmp_path / "arithmetic.train.jsonl.gz"

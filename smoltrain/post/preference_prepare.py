@@ -1,10 +1,11 @@
 """Preference pairs prepared once, on disk: rows -> one token shard per input file holding each pair's
 prompt, chosen and rejected ids back to back, cached by a hash of the inputs and settings, read with pread.
 
-Tokenization is TRL's (post/preference_data.py's iter_pairs, streamed: no list of rows or pairs); the
-cache folder is made the way SFT data's is (sft_prepare.build_once: a temporary name renamed when
-complete, the other ranks of the node waiting). A pair costs 16 bytes of memory (its start and two
-lengths); its tokens stay on disk until a batch needs them.
+Tokenization is TRL's (post/preference_data.py's iter_pairs, streamed: no list of rows or pairs), one
+file per worker process as for SFT data (sft_prepare.run_file_tasks); the cache folder is made the same
+way (sft_prepare.build_once: a temporary name renamed when complete, the other ranks of the node
+waiting). A pair costs 16 bytes of memory (its start and two lengths); its tokens stay on disk until a
+batch needs them.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from smoltrain.data.readers import input_fingerprint, is_dataset_folder
 from smoltrain.data.shards import ShardWriter, TokenSource, file_sha256, shard_name, token_dtype, write_meta
 from smoltrain.errors import DataError
 from smoltrain.post.preference_data import Pair, TextTokenizer, chat_render, iter_pairs
-from smoltrain.post.sft_prepare import build_once
+from smoltrain.post.sft_prepare import build_once, report_progress, run_file_tasks
 
 FORMAT_VERSION = 1
 INDEX = "pairs.npz"
+_PROGRESS_EVERY = 256  # pairs between a worker's progress reports
 
 
 def _tokenizer_files(path: Path) -> list[Path]:
@@ -49,45 +51,64 @@ def cache_key(paths: list[Path], tokenizer: Path, template: str | None, max_leng
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _write(folder: Path, paths: list[Path], tokenizer_path: Path, template: str | None, max_length: int,
-           skip_bad: bool, split: str | None) -> None:
-    tokenizer = TextTokenizer.load(tokenizer_path)
-    render = chat_render(tokenizer_path, template)
-    vocab_size = tokenizer.tokenizer.get_vocab_size()
-    dtype = token_dtype(vocab_size)
+def _pair_worker(tokenizer_path: str, template: str | None) -> dict:
+    return {"tokenizer": TextTokenizer.load(tokenizer_path), "render": chat_render(tokenizer_path, template)}
+
+
+def _pairs_file(task: dict, worker: dict) -> dict:
+    """One preference file -> one shard of its pairs (prompt, chosen and rejected ids back to back), the
+    pairs' prompt and chosen lengths, and the file's skipped rows by kind."""
     skipped: Counter = Counter()
-    shards, prompts, chosens = [], array.array("i"), array.array("i")
-    for i, path in enumerate(paths):
-        with ShardWriter(folder, shard_name("pairs", i), dtype) as writer:
-            for _, pair in iter_pairs(path, tokenizer, max_length, skip_bad, render, skipped, split):
-                writer.add_document(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)  # never empty: answers are not
-                prompts.append(len(pair.prompt_ids))
-                chosens.append(len(pair.chosen_ids))
-            if writer.num_documents:
-                shards.append(writer.close())
-            else:
-                writer.abort()
+    prompts, chosens = array.array("i"), array.array("i")  # 8 bytes a pair
+    pairs = iter_pairs(Path(task["path"]), worker["tokenizer"], task["max_length"], task["skip_bad"], worker["render"], skipped,
+                       task["split"])
+    with ShardWriter(Path(task["folder"]), task["shard"], np.dtype(task["dtype"])) as writer:
+        for n, (_, pair) in enumerate(pairs, start=1):
+            writer.add_document(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)  # never empty: answers are not
+            prompts.append(len(pair.prompt_ids))
+            chosens.append(len(pair.chosen_ids))
+            if n % _PROGRESS_EVERY == 0:
+                report_progress(worker, _PROGRESS_EVERY)
+        shard = writer.close() if writer.num_documents else writer.abort()
+    return {"shard": shard, "prompt": np.frombuffer(prompts, dtype=np.int32), "chosen": np.frombuffer(chosens, dtype=np.int32),
+            "skipped": dict(skipped)}
+
+
+def _write(folder: Path, paths: list[Path], tokenizer_path: Path, template: str | None, max_length: int,
+           skip_bad: bool, split: str | None, workers: int | None = None) -> None:
+    """The files over worker processes (sft_prepare's scheme: one shard per file, so the folder does not
+    depend on the number of workers), then meta.json and the pair index in file order."""
+    from smoltrain.data.tokenizer import load_tokenizer, tokenizer_file_hash
+
+    vocab_size = load_tokenizer(tokenizer_path).get_vocab_size()
+    dtype = token_dtype(vocab_size)
+    tasks = [{"path": str(path), "folder": str(folder), "shard": shard_name("pairs", i), "dtype": dtype.name,
+              "max_length": max_length, "skip_bad": skip_bad, "split": split} for i, path in enumerate(paths)]
+    results = run_file_tasks(tasks, _pairs_file, _pair_worker, (str(tokenizer_path), template), workers, True, "preference pairs")
+    skipped: Counter = Counter()
+    for result in results:
+        skipped.update(result["skipped"])
+    shards = [r["shard"] for r in results if r["shard"]]
     if not shards:
         detail = f" ({sum(skipped.values())} bad rows skipped)" if skipped else ""
         raise DataError(f"{', '.join(str(p) for p in paths)}: no preference pairs{detail}")
-    from smoltrain.data.tokenizer import tokenizer_file_hash
-
     write_meta(folder, shards=shards, dtype=dtype, vocab_size=vocab_size, tokenizer_hash=tokenizer_file_hash(tokenizer_path),
                skipped_records=dict(skipped), max_length=max_length, template=template)
     ends = np.concatenate([np.fromfile(folder / f"{s['name']}.idx", dtype=np.int64) + offset
                            for s, offset in zip(shards, np.cumsum([0] + [s["num_tokens"] for s in shards[:-1]]))])
-    np.savez(folder / INDEX, ends=ends, prompt=np.frombuffer(prompts, dtype=np.int32),
-             chosen=np.frombuffer(chosens, dtype=np.int32))
+    np.savez(folder / INDEX, ends=ends, prompt=np.concatenate([r["prompt"] for r in results]),
+             chosen=np.concatenate([r["chosen"] for r in results]))
 
 
 def prepare_pairs(paths: list[str | os.PathLike], tokenizer: str | os.PathLike, template: str | None, max_length: int,
-                  skip_bad: bool, cache_dir: str | os.PathLike, split: str | None = None) -> Path:
-    """The prepared folder of these preference files and settings: found in the cache, else built."""
+                  skip_bad: bool, cache_dir: str | os.PathLike, split: str | None = None, workers: int | None = None) -> Path:
+    """The prepared folder of these preference files and settings: found in the cache, else built
+    (workers: processes over the files, default one a core)."""
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
     files, tokenizer = [Path(p) for p in paths], Path(tokenizer)
     final = Path(cache_dir).expanduser() / "preference" / cache_key(files, tokenizer, template, max_length, skip_bad, split)
-    return build_once(final, lambda tmp: _write(tmp, files, tokenizer, template, max_length, skip_bad, split), INDEX)
+    return build_once(final, lambda tmp: _write(tmp, files, tokenizer, template, max_length, skip_bad, split, workers), INDEX)
 
 
 class PairShards:
