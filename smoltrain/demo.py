@@ -45,6 +45,7 @@ class Step:
 
     name: str  # what --stages names
     title: str
+    kind: str | None  # the RUNNERS entry that trains it (None: trains nothing, or a grid of runs)
     share: float  # of the training time (what is left after the reserves), before floors; 0: trains nothing
     row: str | None  # the report card's row of its model
     needs: tuple[str, ...]  # stages that must have finished (run now or reused)
@@ -53,17 +54,17 @@ class Step:
 
 
 STEPS = (
-    Step("ablation", "ablation: document masking on/off x 2 seeds", 0.08, None, (), (), ("ablation",)),
-    Step("pretrain", "pretrain the demo model", 0.42, "base", (), (), ("pretrain", "eval.json", "rows")),
-    Step("sft", "SFT on the embedded chat data", 0.24, "sft", ("pretrain",), ("pretrain",), ("sft",)),
-    Step("apo", "APO-zero on generated instruction-following pairs", 0.08, "apo", ("sft",), ("pretrain", "sft"),
+    Step("ablation", "ablation: document masking on/off x 2 seeds", None, 0.08, None, (), (), ("ablation",)),
+    Step("pretrain", "pretrain the demo model", "pretrain", 0.42, "base", (), (), ("pretrain", "eval.json", "rows")),
+    Step("sft", "SFT on the embedded chat data", "sft", 0.24, "sft", ("pretrain",), ("pretrain",), ("sft",)),
+    Step("apo", "APO-zero on generated instruction-following pairs", "dpo", 0.08, "apo", ("sft",), ("pretrain", "sft"),
          ("preferences", "apo")),
-    Step("grpo", "GRPO in no_think mode with the overlong penalty", 0.18, "grpo", ("sft",), ("pretrain", "sft", "apo"),
-         ("grpo",)),  # from APO's model when it has one, else SFT's
-    Step("merge", "merge: soup of the last APO checkpoints, then 0.9 soup + 0.1 base", 0.0, "merged",
+    Step("grpo", "GRPO in no_think mode with the overlong penalty", "grpo", 0.18, "grpo", ("sft",),
+         ("pretrain", "sft", "apo"), ("grpo",)),  # from APO's model when it has one, else SFT's
+    Step("merge", "merge: soup of the last APO checkpoints, then 0.9 soup + 0.1 base", None, 0.0, "merged",
          ("apo", "pretrain"), ("pretrain", "sft", "apo"), ("merge",)),
     # opt-in (not in the default run): 8x the training length with ABF, YaRN without training beside it
-    Step("long-context", "long context: ABF to 8x the training length, YaRN for comparison", 0.3, None,
+    Step("long-context", "long context: ABF to 8x the training length, YaRN for comparison", "pretrain", 0.3, None,
          ("pretrain",), ("pretrain",), ("long-context",)),
 )
 STEP = {s.name: s for s in STEPS}
@@ -284,7 +285,8 @@ def reused_records(source: Path, run: list[str]) -> dict[str, dict]:
 def _reused_stages(out: Path, run: list[str], from_run: str | None) -> tuple[Path | None, dict[str, dict], bool]:
     """(the demo folder stages are reused from, their records, whether it is `out` itself); every stage
     that runs must find the ones it starts from, run now or reused."""
-    source = Path(from_run) if from_run else (out if set(DEFAULT_STAGES) - set(run) else None)
+    # by default a subset reuses the output folder's earlier stages, when it has any
+    source = Path(from_run) if from_run else (out if set(DEFAULT_STAGES) - set(run) and (out / MARKER).is_file() else None)
     if source is not None and not (source / MARKER).is_file():
         raise ConfigError(f"--from {source}: not a demo folder (no {MARKER})")
     keep = reused_records(source, run) if source is not None else {}
@@ -379,14 +381,14 @@ class DemoRun:
                                                             "late)" if late else ""))
         return seconds
 
-    def train(self, stage: str, kind: str, raw: dict, seconds: float) -> dict:
-        """Write a training stage's recipe, run it in its time box; the stage's record."""
-        path = post.write_recipe(self.out / "recipes" / f"{stage}.yaml", raw)
+    def train(self, step: Step, raw: dict, seconds: float) -> dict:
+        """Write a training stage's recipe, run it with its kind's run function in its time box; its record."""
+        path = post.write_recipe(self.out / "recipes" / f"{step.name}.yaml", raw)
         self.console.print(f"  from {raw['train'].get('init') or 'scratch'}; recipe {path}; up to "
                            f"{raw['train']['max_steps']} steps, {raw['train'].get('precision')} precision")
-        summary, stopped = run_recipe(kind, path, seconds, self.console)
+        summary, stopped = run_recipe(step.kind, path, seconds, self.console)
         if stopped:
-            self.console.print(f"  time budget reached: {stage} stopped at step {summary['step']}")
+            self.console.print(f"  time budget reached: {step.name} stopped at step {summary['step']}")
         return {"summary": summary, "stopped_by_budget": stopped, "model": raw["train"]["out_dir"], "recipe": str(path),
                 "planned_s": seconds if seconds != float("inf") else None, "init": raw["train"].get("init")}
 
@@ -501,7 +503,7 @@ class DemoRun:
                 f"train.eval_every={max(1, n // 4)}", f"train.save_every={n}", f"train.log_every={max(1, n // 50)}",
                 "eval.tasks=[]", f"eval.val_batches={VAL_BATCHES}", f"optim.warmup_steps={_warmup(self.base, n)}",
             ]).to_dict()
-            record = self.train("pretrain", "pretrain", raw, seconds)
+            record = self.train(step, raw, seconds)
         return {**record, "config": str(out / "pretrain" / "config.yaml"), "steps": n}
 
     def sft(self, step: Step) -> dict:
@@ -515,7 +517,7 @@ class DemoRun:
             rows_rate = tokens_per_s / (sizes.sft_rows_per_step * config.data.seq_len)
             n = self.steps.get("sft") or int(np.clip(0.9 * seconds * rows_rate, 3, 100_000))
             raw = post.sft_recipe(config, self.start_model("sft"), self.out / "sft", n, self.settings["fixed"], sizes)
-            record = self.train("sft", "sft", raw, seconds)
+            record = self.train(step, raw, seconds)
         return {**record, "tokenizer": str(Path(record["model"]) / "tokenizer" / "tokenizer.json")}
 
     def apo(self, step: Step) -> dict | None:
@@ -530,14 +532,14 @@ class DemoRun:
             raw = post.apo_recipe(self.pretrain_config, self.start_model("apo"), Path(self.records["sft"]["tokenizer"]),
                              pairs["files"], self.out / "apo", pairs["kept"], self.settings["variable"], self.sizes)
             raw["train"]["max_steps"] = self.steps.get("apo", raw["train"]["max_steps"])
-            return {**self.train("apo", "dpo", raw, self.seconds_for("apo")), "pairs": pairs}
+            return {**self.train(step, raw, self.seconds_for("apo")), "pairs": pairs}
 
     def grpo(self, step: Step) -> dict:
         """GRPO: the deadline decides (rollouts' speed is not probed; constant lr): a cap it comes before."""
         with self.bar(step.name, step.title):
             raw = post.grpo_recipe(self.pretrain_config, self.start_model("grpo"), Path(self.records["sft"]["tokenizer"]),
                               self.out / "grpo", self.steps.get("grpo") or 200, self.settings["variable"], self.sizes)
-            return self.train("grpo", "grpo", raw, self.seconds_for("grpo"))
+            return self.train(step, raw, self.seconds_for("grpo"))
 
     def merge(self, step: Step) -> dict:
         with self.bar(step.name, step.title):
@@ -559,7 +561,7 @@ class DemoRun:
             n = self.steps.get("long-context") or int(np.clip(0.9 * seconds * rate / raw["train"]["global_batch_tokens"], 3, 5000))
             raw["train"].update(max_steps=n, eval_every=n, save_every=n, log_every=max(1, n // 20))
             raw["optim"]["warmup_steps"] = max(1, min(raw["optim"]["warmup_steps"], n // 10))
-            record = self.train("long-context", "pretrain", raw, seconds)
+            record = self.train(step, raw, seconds)
         with self.bar("long-context evals", "long context: needle accuracy and loss by position, before and after"):
             record["evals"] = post.long_context_evals(base_model, record["model"], self.data.tokenizer, config,
                                                  raw["data"]["seq_len"], self.sizes, self.console)
