@@ -350,8 +350,9 @@ class DemoRun:
         """One stage: skipped with the reason when its library or its starting stage is missing, else run,
         recorded and evaluated into its row of the report card."""
         missing = post.stage_available(step.name)
-        if not missing and any(not self.records.get(n, {}).get("model") for n in step.needs):
-            missing = f"stage not available: it starts from the {step.needs[0]} stage, which did not run"
+        absent = [n for n in step.needs if not self.records.get(n, {}).get("model")]
+        if not missing and absent:
+            missing = f"stage not available: it starts from the {absent[0]} stage, which did not run"
         if missing:
             self.console.print(f"[yellow]{step.name}: {missing}[/yellow]")
             self.records[step.name] = {"done": False, "skipped": missing}
@@ -397,7 +398,7 @@ class DemoRun:
         out = self.out
         with self.bar(f"{name} evals", f"evaluate {name}: chat evals, pretraining evals, sample chats"):
             self.rows[name] = post.evaluate_row(model_path, self.chat_tok, self.data.tokenizer, self.eval_config, self.sizes,
-                                           out / "rows" / f"{name}.json", out / "eval.json" if name == "base" else None)
+                                                out / "rows" / f"{name}.json", out / "eval.json" if name == "base" else None)
             _print_row(self.console, name, self.rows[name])
         self.row_s = self.bar.wall[f"{name} evals"]
         if Path(model_path).resolve().is_relative_to(out.resolve()):  # never into a reused folder elsewhere
@@ -530,7 +531,7 @@ class DemoRun:
             return None
         with self.bar(step.name, step.title):
             raw = post.apo_recipe(self.pretrain_config, self.start_model("apo"), Path(self.records["sft"]["tokenizer"]),
-                             pairs["files"], self.out / "apo", pairs["kept"], self.settings["variable"], self.sizes)
+                                  pairs["files"], self.out / "apo", pairs["kept"], self.settings["variable"], self.sizes)
             raw["train"]["max_steps"] = self.steps.get("apo", raw["train"]["max_steps"])
             return {**self.train(step, raw, self.seconds_for("apo")), "pairs": pairs}
 
@@ -538,13 +539,13 @@ class DemoRun:
         """GRPO: the deadline decides (rollouts' speed is not probed; constant lr): a cap it comes before."""
         with self.bar(step.name, step.title):
             raw = post.grpo_recipe(self.pretrain_config, self.start_model("grpo"), Path(self.records["sft"]["tokenizer"]),
-                              self.out / "grpo", self.steps.get("grpo") or 200, self.settings["variable"], self.sizes)
+                                   self.out / "grpo", self.steps.get("grpo") or 200, self.settings["variable"], self.sizes)
             return self.train(step, raw, self.seconds_for("grpo"))
 
     def merge(self, step: Step) -> dict:
         with self.bar(step.name, step.title):
             record = post.run_merge(Path(self.records["apo"]["model"]), Path(self.records["pretrain"]["model"]),
-                               self.out / "merge", self.sizes)
+                                    self.out / "merge", self.sizes)
             self.console.print(f"  soup of {len(record['soup_of'])} checkpoints -> {record['soup']}; "
                                f"0.9 soup + 0.1 base -> {record['model']}")
         return record
@@ -564,7 +565,7 @@ class DemoRun:
             record = self.train(step, raw, seconds)
         with self.bar("long-context evals", "long context: needle accuracy and loss by position, before and after"):
             record["evals"] = post.long_context_evals(base_model, record["model"], self.data.tokenizer, config,
-                                                 raw["data"]["seq_len"], self.sizes, self.console)
+                                                      raw["data"]["seq_len"], self.sizes, self.console)
         self.facts["long_context"] = record["evals"]
         return record
 

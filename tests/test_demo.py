@@ -125,19 +125,25 @@ TINY_SIZES = PostSizes(conversations=64, sft_rows_per_step=8, chat_items=2, thin
 ROW_TITLES = ["base (pretrained)", "SFT", "APO-zero", "GRPO", "merged"]
 
 
-def _tiny_demo_recipe(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory) -> Path:
+    """One embedded corpus, tokenizer and shards for the demo runs of this file (built by the first)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _tiny_demo_recipe(tmp_path: Path, cache: Path) -> Path:
     recipe = tmp_path / "tiny.yaml"
     # Rows of 256: a chat with the smollm3 system block does not fit 64 tokens of a 512-token vocabulary.
     recipe.write_text(yaml.safe_dump({
         **TINY_RECIPE, "model": {**TINY_RECIPE["model"], "max_seq_len": 256},
-        "data": {**TINY_RECIPE["data"], "seq_len": 256, "cache_dir": str(tmp_path / "cache")},
+        "data": {**TINY_RECIPE["data"], "seq_len": 256, "cache_dir": str(cache)},
         "train": {**TINY_RECIPE["train"], "global_batch_tokens": 2048}}))
     return recipe
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, capsys, monkeypatch):
-    recipe = _tiny_demo_recipe(tmp_path)
+def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, data_cache, capsys, monkeypatch):
+    recipe = _tiny_demo_recipe(tmp_path, data_cache)
     out = tmp_path / "demo"
     from smoltrain.demo import demo
 
@@ -213,7 +219,7 @@ def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_long_context_stage_extends_the_base_model_8x_and_scores_it_before_and_after(tmp_path, capsys):
+def test_long_context_stage_extends_the_base_model_8x_and_scores_it_before_and_after(tmp_path, data_cache, capsys):
     """`--stages pretrain,long-context`: the extended model's length and RoPE base are 8x the recipe's (ABF),
     the base, base + YaRN and ABF models are scored up to 8x, and the ABF row's loss by position is what
     `smoltrain eval` reports for that model."""
@@ -222,7 +228,7 @@ def test_long_context_stage_extends_the_base_model_8x_and_scores_it_before_and_a
     from smoltrain.eval.run import evaluate
 
     out, sizes = tmp_path / "demo", PostSizes(**{**asdict(TINY_SIZES), "needles": 2, "long_val_batches": 2})
-    demo(str(out), minutes=1, recipe=str(_tiny_demo_recipe(tmp_path)), stages="pretrain,long-context", pretrain_steps=4,
+    demo(str(out), minutes=1, recipe=str(_tiny_demo_recipe(tmp_path, data_cache)), stages="pretrain,long-context", pretrain_steps=4,
          steps={"long-context": 2}, sizes=sizes, speed="fp32 eager")
     record = json.loads((out / "demo.json").read_text())["stages"]["long-context"]
     base, extended = load_config(out / "pretrain" / "config.yaml"), load_config(Path(record["model"]) / "config.yaml")
