@@ -235,8 +235,8 @@ def _add_run_verbs(verbs) -> None:
     p.add_argument("--out", default="runs/smoltrain-demo", help="output folder (default: runs/smoltrain-demo)")
     p.add_argument("--minutes", type=float, default=15.0, help="time budget; training budgets adapt to it (default: 15)")
     p.add_argument("--recipe", help="demo recipe (default: recipes/demo.yaml)")
-    p.add_argument("--stages", help="a subset of ablation,pretrain,sft,apo,grpo,merge to run (default: all); "
-                                    "the others are reused from --from")
+    p.add_argument("--stages", help="some of ablation,pretrain,sft,apo,grpo,merge,long-context to run (default: all "
+                                    "but long-context); the others are reused from --from")
     p.add_argument("--from", dest="from_run", metavar="RUN",
                    help="an earlier demo folder whose finished stages are reused (default: --out itself with --stages)")
     p.add_argument("--ablation-steps", type=int, help="fixed steps per ablation run instead of a share of --minutes")

@@ -1,13 +1,11 @@
-"""The demo's post-training: SFT -> preference pairs -> APO-zero -> GRPO -> merge, and each stage's report-card row.
+"""The demo's stage recipes (SFT, APO-zero, GRPO, long context), its preference pairs and merge, and
+the evaluations behind the report card's rows and the long-context table.
 
-Every stage is the library call behind its verb (`smoltrain sft|dpo|grpo|merge`, `data preferences`),
-run on a recipe the demo writes into `<out>/recipes/` (so any stage can be re-run by hand) and
-time-boxed by the Trainer's should_stop hook: steps are planned from the seconds the budget gives the
-stage and the throughput measured for the chosen precision, and a slower-than-planned machine stops
-after the step in flight instead of blowing the budget. APO's pairs are SmolLM3's strong-vs-weak recipe
-in small with the policy as the weak side: chosen = the embedded reply that keeps the system prompt's
-rule, rejected = the SFT model's own greedy reply where it breaks the rule (on-policy rejected replies
-moved adherence +13 points where an early checkpoint's moved it +7, at the same learning rate; LOG.md).
+Each recipe is what the stage's verb (`smoltrain sft|dpo|grpo|train`) would run, written by the demo
+into `<out>/recipes/` so any stage can be re-run by hand. APO's pairs are SmolLM3's strong-vs-weak
+recipe in small with the policy as the weak side: chosen = the embedded reply that keeps the system
+prompt's rule, rejected = the SFT model's own reply where it breaks it (on-policy rejected replies moved
+adherence +13 points where an early checkpoint's moved it +7, at the same learning rate; LOG.md).
 """
 
 from __future__ import annotations
@@ -25,12 +23,13 @@ from smoltrain.config import Config
 from smoltrain.errors import DataError, StoppedBySignal
 from smoltrain.files import write_atomic
 
-POST_STAGES = ("sft", "apo", "grpo", "merge")
-ROWS = ("base", "sft", "apo", "grpo", "merged")  # the report card's rows, in playbook order
 # The library module each post-training stage needs; a stage whose module is missing is skipped
 # with "stage not available" in the report card instead of failing the whole demo.
 STAGE_MODULES = {"sft": ("smoltrain.post.sft",), "apo": ("smoltrain.post.dpo", "smoltrain.post.preference_gen"),
-                 "grpo": ("smoltrain.post.grpo_train",), "merge": ("smoltrain.post.merge",)}
+                 "grpo": ("smoltrain.post.grpo_train",), "merge": ("smoltrain.post.merge",),
+                 "long-context": ("smoltrain.eval.longctx",)}
+LONG_CONTEXT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "long-context.yaml"
+LONG_CONTEXT_FACTOR = 8  # the extension's length and RoPE base, times pretraining's (recipes/long-context.yaml)
 CHAT_TOKENIZER = "chat-tokenizer"  # <out>/chat-tokenizer: the data tokenizer with the smollm3 template
 
 
@@ -63,6 +62,9 @@ class PostSizes:
     grpo_eval_count: int = 32
     soup_checkpoints: int = 3  # the last APO checkpoints averaged into the soup
     merge_weights: tuple[float, float] = (0.9, 0.1)  # soup, pretrained (SmolLM3: soup 0.9 + mid-training 0.1)
+    needles: int = 20  # single-needle items per length and model (+-11 points at 50%)
+    needle_tokens: int = 12  # the needle's 7-digit value is ~5 tokens: RULER's 128 would triple the cost
+    long_val_batches: int = 4  # validation rows per source for the loss by position
 
 
 # Settings of the demo's model size (1.6M parameters): learning rates far above SmolLM3's 3B ones,
@@ -87,30 +89,22 @@ def stage_available(stage: str) -> str | None:
     return None
 
 
-class Deadline:
-    """The Trainer's should_stop hook for a stage's time box: True once `seconds` (at least `minimum`)
-    have passed since it was made; the Trainer then finishes its step, saves and returns."""
-
-    def __init__(self, seconds: float, console: Console, minimum: float = 10.0):
-        self.at = time.monotonic() + max(seconds, minimum)
-        self.console = console
-        self.fired = False
-
-    def __call__(self) -> bool:
-        if not self.fired and time.monotonic() >= self.at:
-            self.fired = True
-            self.console.print("  time budget reached: asking the trainer to stop after this step")
-        return self.fired
-
-
 def time_boxed(run, config: Config, seconds: float, console: Console, minimum: float = 10.0) -> tuple[dict, bool]:
-    """`run(config, should_stop=...)` within `seconds`; (summary, stopped by the deadline). A stop
-    that the deadline did not ask for (Ctrl-C, an outside SIGTERM) stops the demo too."""
-    deadline = Deadline(seconds, console, minimum)
+    """`run(config, should_stop=...)` within `seconds` (at least `minimum`): the Trainer's should_stop hook
+    fires at the deadline and the Trainer finishes its step, saves and returns; (summary, stopped by the
+    deadline). A stop that the deadline did not ask for (Ctrl-C, an outside SIGTERM) stops the demo too."""
+    at, fired = time.monotonic() + max(seconds, minimum), []
+
+    def deadline() -> bool:
+        if not fired and time.monotonic() >= at:
+            fired.append(True)
+            console.print("  time budget reached: asking the trainer to stop after this step")
+        return bool(fired)
+
     summary = run(config, should_stop=deadline)
-    if summary.get("stopped_by") and not deadline.fired:
+    if summary.get("stopped_by") and not fired:
         raise StoppedBySignal(summary["stopped_by"])
-    return summary, deadline.fired
+    return summary, bool(fired)
 
 
 def write_recipe(path: Path, raw: dict) -> Path:
@@ -157,14 +151,6 @@ def sft_recipe(pretrain: Config, pretrain_dir: Path, out_dir: Path, steps: int, 
                   "global_batch_tokens": sizes.sft_rows_per_step * seq_len, "micro_batch_size": pretrain.train.micro_batch_size},
         "eval": {"val_batches": 0},
     }
-
-
-def run_sft(recipe: Path, seconds: float, console: Console) -> dict:
-    from smoltrain.post.sft import load_sft_config, sft
-
-    config = load_sft_config(recipe)
-    summary, stopped = time_boxed(sft, config, seconds, console)
-    return {"summary": summary, "stopped_by_budget": stopped, "model": config.train.out_dir}
 
 
 # ----------------------------------------------------------------------------- preference pairs and APO
@@ -219,14 +205,6 @@ def apo_recipe(pretrain: Config, sft_dir: Path, tokenizer: Path, pairs: list[str
     }
 
 
-def run_apo(recipe: Path, seconds: float, console: Console) -> dict:
-    from smoltrain.post.dpo import load_dpo_config, run
-
-    config = load_dpo_config(recipe)
-    summary, stopped = time_boxed(run, config, seconds, console)
-    return {"summary": summary, "stopped_by_budget": stopped, "model": config.train.out_dir}
-
-
 # ----------------------------------------------------------------------------- GRPO
 
 
@@ -236,7 +214,7 @@ def grpo_recipe(pretrain: Config, init_dir: Path, tokenizer: Path, out_dir: Path
     micro = max(1, min(32, rows))
     return {
         "model": asdict(pretrain.model),
-        "data": {"tokenizer": str(tokenizer), "seq_len": pretrain.data.seq_len},
+        "data": {"tokenizer": str(tokenizer)},
         "grpo": {"prompts": "embedded", "mode": "no_think", "num_generations": sizes.grpo_generations,
                  "prompts_per_step": sizes.grpo_prompts_per_step, "max_prompt_length": sizes.grpo_max_prompt,
                  "max_completion_length": sizes.grpo_max_completion,
@@ -244,20 +222,10 @@ def grpo_recipe(pretrain: Config, init_dir: Path, tokenizer: Path, out_dir: Path
                  "overlong_cache": sizes.grpo_overlong_cache, "eval_count": sizes.grpo_eval_count, "pass_k": 1,
                  "loss_type": "dapo", "epsilon_high": 0.28, "beta": 0.0},
         "optim": dict(GRPO_SETTINGS),
-        # global_batch_tokens: the pretraining batch rule, checked for every run (GRPO's batch is its rollouts)
         "train": {**_train_keys(pretrain, out_dir, str(init_dir), steps, speed, save_every=steps, keep=2, log_every=1),
-                  "micro_batch_size": micro, "global_batch_tokens": micro * pretrain.data.seq_len},
+                  "micro_batch_size": micro},
         "eval": {"val_batches": 0},
     }
-
-
-def run_grpo(recipe: Path, seconds: float, console: Console) -> dict:
-    from smoltrain.config import load_config
-    from smoltrain.post.grpo_train import run
-
-    config = load_config(recipe)
-    summary, stopped = time_boxed(run, config, seconds, console)
-    return {"summary": summary, "stopped_by_budget": stopped, "model": config.train.out_dir}
 
 
 # ----------------------------------------------------------------------------- merge
@@ -273,6 +241,54 @@ def run_merge(apo_dir: Path, pretrain_dir: Path, out: Path, sizes: PostSizes) ->
     soup = merge(checkpoints, out / "soup")
     merged = merge([str(soup), str(pretrain_dir)], out / "merged", weights=list(sizes.merge_weights))
     return {"soup_of": checkpoints, "soup": str(soup), "model": str(merged), "weights": list(sizes.merge_weights)}
+
+
+# ----------------------------------------------------------------------------- long context
+
+
+def long_context_recipe(pretrain: Config, init: str, out_dir: Path, speed: dict) -> dict:
+    """recipes/long-context.yaml on the demo model: its length and RoPE base both LONG_CONTEXT_FACTOR x
+    pretraining's (ABF: 256 -> 2048 tokens, 10k -> 80k), on pretraining's embedded data (steps set by the demo)."""
+    raw = files.load_yaml(LONG_CONTEXT_RECIPE)
+    length = LONG_CONTEXT_FACTOR * pretrain.data.seq_len
+    raw["model"].update(max_seq_len=length, rope_theta=LONG_CONTEXT_FACTOR * pretrain.model.rope_theta)
+    raw["data"].update({**_data_keys(pretrain), "seq_len": length})
+    micro = raw["train"]["micro_batch_size"]
+    raw["train"] = {**_train_keys(pretrain, out_dir, init, raw["train"]["max_steps"], speed, save_every=1, keep=1,
+                                  log_every=1), "micro_batch_size": micro, "global_batch_tokens": 2 * micro * length}
+    raw["eval"] = {"tasks": [], "val_batches": 0}  # the demo scores it, and the model it started from, afterwards
+    return raw
+
+
+def long_context_evals(base: str, extended: str, data_tokenizer: str, pretrain: Config, length: int, sizes: PostSizes,
+                       console: Console) -> dict:
+    """Single-needle accuracy (RULER's niah_single_1) at 1x to 8x the training length and validation loss by
+    position at 8x of the base model, the base stretched with YaRN (no training) and the ABF-extended model."""
+    import dataclasses
+
+    from smoltrain.config import RopeScaling
+    from smoltrain.eval.longctx import LongContextTask, loss_by_position_per_source, score_long_context
+    from smoltrain.eval.scoring import load_tokenizer
+    from smoltrain.train.load_model import load_any
+
+    trained, tokenizer = pretrain.data.seq_len, load_tokenizer(data_tokenizer)
+    lengths = [trained * f for f in (1, 2, 4, 8) if trained * f <= length]
+    long_data = dataclasses.replace(pretrain, data=dataclasses.replace(pretrain.data, seq_len=length))
+    yarn = RopeScaling(factor=length / trained, original_max_seq_len=trained)
+    models = {}
+    for name, path, scaling in (("base", base, None), (f"base + YaRN x{length // trained}", base, yarn),
+                                (f"ABF x{length // trained}", extended, None)):
+        model = load_any(path)[0].float().eval()
+        model.set_rope(max_seq_len=length, **({"scaling": scaling} if scaling else {}))
+        with torch.no_grad():
+            needle = {n: score_long_context(model, tokenizer, LongContextTask(
+                f"niah_single_1@{n}", "niah_single_1", n, sizes.needles, answer_tokens=sizes.needle_tokens)) for n in lengths}
+        curves = loss_by_position_per_source(model, long_data, sizes.long_val_batches, 2, 8)
+        models[name] = {"needle": {str(n): r["ruler_match"] for n, r in needle.items()},  # str: as JSON keeps them
+                        "needle_stderr": {str(n): r["ruler_match_stderr"] for n, r in needle.items()}, "loss_by_position": curves}
+        console.print(f"  {name}: needle " + ", ".join(f"{n}: {r['ruler_match']:.0%}" for n, r in needle.items())
+                      + "; loss by position " + ", ".join(f"{c['end']}: {c['loss']:.2f}" for c in curves["prose"]))
+    return {"trained_length": trained, "length": length, "lengths": lengths, "models": models}
 
 
 # ----------------------------------------------------------------------------- one row of the report card
@@ -313,6 +329,6 @@ def evaluate_row(model_path: str, tokenizer, data_tokenizer: str, eval_config: C
     return row
 
 
-__all__ = ["PostSizes", "POST_STAGES", "ROWS", "stage_available", "Deadline", "time_boxed", "sft_recipe", "run_sft",
-           "build_pairs", "apo_recipe", "run_apo", "grpo_recipe", "run_grpo", "run_merge", "chat_tokenizer",
-           "evaluate_row", "write_recipe", "write_json"]
+__all__ = ["PostSizes", "stage_available", "time_boxed", "sft_recipe", "build_pairs", "apo_recipe",
+           "grpo_recipe", "run_merge", "long_context_recipe", "long_context_evals", "chat_tokenizer", "evaluate_row",
+           "write_recipe", "write_json"]

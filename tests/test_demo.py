@@ -9,6 +9,7 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -124,14 +125,25 @@ TINY_SIZES = PostSizes(conversations=64, sft_rows_per_step=8, chat_items=2, thin
 ROW_TITLES = ["base (pretrained)", "SFT", "APO-zero", "GRPO", "merged"]
 
 
-@pytest.mark.slow
-def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, capsys, monkeypatch):
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory) -> Path:
+    """One embedded corpus, tokenizer and shards for the demo runs of this file (built by the first)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _tiny_demo_recipe(tmp_path: Path, cache: Path) -> Path:
     recipe = tmp_path / "tiny.yaml"
     # Rows of 256: a chat with the smollm3 system block does not fit 64 tokens of a 512-token vocabulary.
     recipe.write_text(yaml.safe_dump({
         **TINY_RECIPE, "model": {**TINY_RECIPE["model"], "max_seq_len": 256},
-        "data": {**TINY_RECIPE["data"], "seq_len": 256, "cache_dir": str(tmp_path / "cache")},
+        "data": {**TINY_RECIPE["data"], "seq_len": 256, "cache_dir": str(cache)},
         "train": {**TINY_RECIPE["train"], "global_batch_tokens": 2048}}))
+    return recipe
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, data_cache, capsys, monkeypatch):
+    recipe = _tiny_demo_recipe(tmp_path, data_cache)
     out = tmp_path / "demo"
     from smoltrain.demo import demo
 
@@ -204,6 +216,42 @@ def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, capsys, monkeypatch):
         marker = json.loads((out / "demo.json").read_text())
         assert marker["stages"]["merge"]["done"] and marker["stages"]["pretrain"]["steps"] == 4
         assert (out / "pretrain" / "metrics.jsonl").is_file() and (out / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_long_context_stage_extends_the_base_model_8x_and_scores_it_before_and_after(tmp_path, data_cache, capsys):
+    """`--stages pretrain,long-context`: the extended model's length and RoPE base are 8x the recipe's (ABF),
+    the base, base + YaRN and ABF models are scored up to 8x, and the ABF row's loss by position is what
+    `smoltrain eval` reports for that model."""
+    from smoltrain.config import load_config
+    from smoltrain.demo import demo
+    from smoltrain.eval.run import evaluate
+
+    out, sizes = tmp_path / "demo", PostSizes(**{**asdict(TINY_SIZES), "needles": 2, "long_val_batches": 2})
+    demo(str(out), minutes=1, recipe=str(_tiny_demo_recipe(tmp_path, data_cache)), stages="pretrain,long-context", pretrain_steps=4,
+         steps={"long-context": 2}, sizes=sizes, speed="fp32 eager")
+    record = json.loads((out / "demo.json").read_text())["stages"]["long-context"]
+    base, extended = load_config(out / "pretrain" / "config.yaml"), load_config(Path(record["model"]) / "config.yaml")
+    assert extended.model.max_seq_len == extended.data.seq_len == 8 * base.data.seq_len == 2048
+    assert extended.model.rope_theta == 8 * base.model.rope_theta
+    assert extended.model.hidden_size == base.model.hidden_size and record["summary"]["step"] == 2
+    evals = record["evals"]
+    assert evals["lengths"] == [256, 512, 1024, 2048] and list(evals["models"]) == ["base", "base + YaRN x8", "ABF x8"]
+    for model in evals["models"].values():
+        assert all(0 <= model["needle"][str(n)] <= 1 for n in evals["lengths"])
+        assert [b["end"] for b in model["loss_by_position"]["prose"]][-1] == 2048
+    theirs = evaluate(record["model"], ["passkey@256"], limit=1, val_batches=2, batch_size=2, position_buckets=8,
+                      device="cpu", progress=False)["loss_by_position"]
+    for source, curve in theirs.items():
+        ours = evals["models"]["ABF x8"]["loss_by_position"][source]
+        assert [b["loss"] for b in ours] == pytest.approx([b["loss"] for b in curve], rel=1e-4)
+    # YaRN changes the rotary frequencies: the stretched base scores differently from the base
+    assert evals["models"]["base + YaRN x8"]["loss_by_position"] != evals["models"]["base"]["loss_by_position"]
+    markdown, printed = (out / "report.md").read_text(), capsys.readouterr().out
+    assert "## Long context" in markdown and "needle @2,048" in printed
+    assert all(f"| {name} |" in markdown for name in evals["models"])
+    card = markdown[markdown.index("## Report card"):markdown.index("## 1. Data")]
+    assert "| SFT | - |" in card  # the default card is unchanged: a stage that did not run says so
 
 
 def _stages_that_can_run() -> set[str]:
