@@ -69,7 +69,7 @@ def build(tmp: Path, args) -> tuple[Path, Path]:
 
 def ours(model_dir: Path, data: Path, args) -> list[float]:
     from smoltrain.config import config_from_dict
-    from smoltrain.post.dpo import build_dpo_objective
+    from smoltrain.post.preference.stage import build_dpo_objective
     from smoltrain.train.distributed import single_process_context
     from smoltrain.train.optim import build_optimizer
     from smoltrain.train.trainer import build_training_model, forward_backward

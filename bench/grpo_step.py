@@ -29,8 +29,8 @@ def build(tmp: Path, args) -> Path:
     from smoltrain.config import config_from_dict
     from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
     from smoltrain.model.transformer import build_model
-    from smoltrain.post.chat_template import write_chat_tokenizer
-    from smoltrain.post.embedded_chat import arithmetic_items
+    from smoltrain.post.chat.template import write_chat_tokenizer
+    from smoltrain.post.embedded import arithmetic_items
     from smoltrain.train.load_model import save_model_folder
 
     texts = [item["question"] + " " + " ".join(item["steps"]) for item in arithmetic_items("train", 400)]
@@ -48,7 +48,7 @@ def ours(model_dir: Path, args) -> list[float]:
     import yaml
 
     from smoltrain.config import config_from_dict
-    from smoltrain.post.grpo_train import build_grpo_objective
+    from smoltrain.post.rl.stage import build_grpo_objective
     from smoltrain.train.distributed import single_process_context
     from smoltrain.train.optim import build_optimizer
     from smoltrain.train.trainer import build_training_model, forward_backward
@@ -84,8 +84,8 @@ def trl(model_dir: Path, args) -> list[float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from smoltrain.post.embedded_chat import arithmetic_prompts
-    from smoltrain.post.rewards import math_answer
+    from smoltrain.post.embedded import arithmetic_prompts
+    from smoltrain.post.rl.rewards import math_answer
     from smoltrain.report.hf_export import export_hf
 
     hf_dir = model_dir.parent / "hf"

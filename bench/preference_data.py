@@ -51,7 +51,7 @@ def write_pairs(folder: Path, count: int, files: int) -> list[Path]:
 
 
 def timed_prepare(files: list[Path], tokenizer_dir: Path, cache: Path, workers: int | None) -> tuple[Path, float, float]:
-    from smoltrain.post.preference_prepare import prepare_pairs
+    from smoltrain.post.preference.prepare import prepare_pairs
 
     start, cpu = time.perf_counter(), cpu_seconds()
     folder = prepare_pairs(files, tokenizer_dir, "chatml", 1024, False, cache, workers=workers)
@@ -67,8 +67,8 @@ def main() -> None:
     p.add_argument("--workdir", default=".cache/bench-preference-data")
     args = p.parse_args()
 
-    from smoltrain.post.chat_template import write_chat_tokenizer
-    from smoltrain.post.preference_prepare import PairShards
+    from smoltrain.post.chat.template import write_chat_tokenizer
+    from smoltrain.post.preference.prepare import PairShards
 
     root = Path(args.workdir).resolve()
     tokenizer_dir = write_chat_tokenizer(args.tokenizer, root / "tokenizer", "chatml")

@@ -32,8 +32,8 @@ def _worker(rank: int, mode: str, root: str, port: int, pairs: int, out: str) ->
     from torch.distributed.tensor import DTensor
 
     from smoltrain.config import load_config
-    from smoltrain.post import dpo
-    from smoltrain.post.preference_data import Pair
+    from smoltrain.post.preference import stage as dpo
+    from smoltrain.post.preference.data import Pair
     from smoltrain.train.distributed import setup_distributed
     from smoltrain.train.load_model import CONFIG_FILE, load_any
 

@@ -61,7 +61,7 @@ def main() -> None:
     from smoltrain.config import ModelConfig
     from smoltrain.model.flops import parameter_counts
     from smoltrain.model.transformer import build_model
-    from smoltrain.post.rollout import generate_rollouts
+    from smoltrain.post.rl.rollout import generate_rollouts
     from smoltrain.report.hf_export import export_hf
 
     device = torch.device(args.device)

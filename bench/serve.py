@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 import openai  # noqa: E402
 import torch  # noqa: E402
 
-from smoltrain.post.chat_template import encode_prompt, end_of_turn_id  # noqa: E402
-from smoltrain.post.embedded_chat import chat_conversations  # noqa: E402
+from smoltrain.post.chat.template import encode_prompt, end_of_turn_id  # noqa: E402
+from smoltrain.post.embedded import chat_conversations  # noqa: E402
 
 
 def tiny_model(root: Path) -> Path:
@@ -42,7 +42,7 @@ def tiny_model(root: Path) -> Path:
     from smoltrain.config import Config, DataConfig, ModelConfig
     from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
     from smoltrain.model.transformer import build_model
-    from smoltrain.post.chat_template import write_chat_tokenizer
+    from smoltrain.post.chat.template import write_chat_tokenizer
     from smoltrain.train.load_model import save_model_folder
 
     texts = [m["content"] for source in chat_conversations("train", 400).values() for c in source for m in c.messages]
@@ -140,7 +140,7 @@ def transformers_one_at_a_time(model_path: Path, conversations: list[list[dict]]
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
-    from smoltrain.post.chat import load_chat_model
+    from smoltrain.post.chat.repl import load_chat_model
     from smoltrain.report.hf_export import export_hf
 
     _, tokenizer = load_chat_model(model_path, device="cpu")

@@ -74,8 +74,8 @@ def write_data(folder: Path, count: int, files: int, short: bool = False) -> lis
 
 def rendered_texts(files: list[str], tokenizer_dir: Path, sample: int, instructions_as_system: bool) -> list[str]:
     """The text the preparation tokenizes: custom instructions moved into a system message as it moves them."""
-    from smoltrain.post.chat_data import ConversationReader
-    from smoltrain.post.chat_template import load_chat_tokenizer, render
+    from smoltrain.post.chat.data import ConversationReader
+    from smoltrain.post.chat.template import load_chat_tokenizer, render
 
     chat = load_chat_tokenizer(tokenizer_dir)
     texts = []
@@ -91,7 +91,7 @@ def rendered_texts(files: list[str], tokenizer_dir: Path, sample: int, instructi
 
 
 def settings_of(template: str, seq_len: int):
-    from smoltrain.post.sft_prepare import Settings
+    from smoltrain.post.sft.prepare import Settings
 
     return Settings(seq_len, template, instructions_as_system=template != "smollm3")  # what run_sft's recipe sets
 
@@ -111,7 +111,7 @@ def same_window_ratio(files: list[str], tokenizer_dir: Path, template: str, seq_
     CPU seconds are the steadier figure (other jobs' load moves the wall clock between minutes)."""
     from tokenizers import Tokenizer
 
-    from smoltrain.post.sft_prepare import load_prepared, named_files, prepare
+    from smoltrain.post.sft.prepare import load_prepared, named_files, prepare
 
     texts = rendered_texts(files, tokenizer_dir, 10**9, settings_of(template, seq_len).instructions_as_system)
     fast = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
@@ -133,7 +133,7 @@ def make_init(root: Path, tokenizer: str, template: str, seq_len: int) -> tuple[
     from smoltrain.config import Config, DataConfig, ModelConfig
     from smoltrain.data.tokenizer import load_tokenizer
     from smoltrain.model.transformer import build_model
-    from smoltrain.post.chat_template import write_chat_tokenizer
+    from smoltrain.post.chat.template import write_chat_tokenizer
     from smoltrain.train.load_model import save_model_folder
 
     tokenizer_dir = write_chat_tokenizer(tokenizer, root / "tokenizer", template)
@@ -241,7 +241,7 @@ def main() -> None:
 def cached_setup_s(files: list[str], tokenizer_dir: Path, template: str, seq_len: int, cache: Path) -> float:
     """What the data costs a cached run before step 1: the cache key (file stats, tokenizer hashes) and
     opening the prepared folder (plan, report, shard checks)."""
-    from smoltrain.post.sft_prepare import load_prepared, named_files, prepare
+    from smoltrain.post.sft.prepare import load_prepared, named_files, prepare
 
     start = time.perf_counter()
     load_prepared(prepare(named_files(files), tokenizer_dir, settings_of(template, seq_len), cache, show_progress=False))

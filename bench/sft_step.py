@@ -30,9 +30,9 @@ SHAPE = {"vocab_size": 4096, "hidden_size": 128, "num_layers": 6, "num_heads": 4
 def prepare(root: Path, args) -> tuple[Path, list]:
     from smoltrain.config import DataConfig
     from smoltrain.data.embedded import ensure_embedded_data
-    from smoltrain.post.chat_data import read_conversations, write_conversations
-    from smoltrain.post.chat_template import write_chat_tokenizer
-    from smoltrain.post.embedded_chat import ensure_embedded_chat
+    from smoltrain.post.chat.data import read_conversations, write_conversations
+    from smoltrain.post.chat.template import write_chat_tokenizer
+    from smoltrain.post.embedded import ensure_embedded_chat
 
     data = ensure_embedded_data(DataConfig(embedded=True, embedded_vocab_size=SHAPE["vocab_size"]))
     write_chat_tokenizer(data.tokenizer, root / "tokenizer", "smollm3")
@@ -44,7 +44,7 @@ def prepare(root: Path, args) -> tuple[Path, list]:
 
 def ours(root: Path, tokenizer: Path, args) -> dict:
     from smoltrain.config import config_from_dict
-    from smoltrain.post.sft import sft
+    from smoltrain.post.sft.stage import sft
 
     steps = args.warmup + args.steps
     config = config_from_dict({
@@ -73,7 +73,7 @@ def trl_peer(root: Path, tokenizer_dir: Path, conversations: list, args) -> dict
 
     from smoltrain.config import ModelConfig
     from smoltrain.model.hf import to_hf_config
-    from smoltrain.post.chat_template import load_chat_tokenizer
+    from smoltrain.post.chat.template import load_chat_tokenizer
 
     tokenizer = load_chat_tokenizer(tokenizer_dir)
     hf = to_hf_config(ModelConfig(**SHAPE, max_seq_len=args.seq))

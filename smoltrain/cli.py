@@ -507,7 +507,7 @@ def cmd_eval(args) -> int:
     from smoltrain.eval.run import evaluate, print_table
 
     if args.chat:
-        from smoltrain.post.chat import chat_markdown, evaluate_chat
+        from smoltrain.post.chat.repl import chat_markdown, evaluate_chat
 
         report = evaluate_chat(args.model, args.out, device=args.device, count=args.limit or 50,
                                persona_count=args.limit or 48, seed=args.seed or 0, tokenizer=args.tokenizer,
@@ -534,7 +534,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from smoltrain.post.chat import chat_repl, load_chat_model
+    from smoltrain.post.chat.repl import chat_repl, load_chat_model
 
     model, tokenizer = load_chat_model(args.model, args.device, args.tokenizer, args.template)
     chat_repl(model, tokenizer, system=args.system, think=args.think, max_new_tokens=args.max_new_tokens,
@@ -543,7 +543,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from smoltrain.post.chat import generate_file, load_chat_model
+    from smoltrain.post.chat.repl import generate_file, load_chat_model
 
     model, tokenizer = load_chat_model(args.model, args.device, args.tokenizer, args.template)
     summary = generate_file(model, tokenizer, args.input, args.out, n=args.n, temperature=args.temperature,
@@ -644,7 +644,7 @@ def cmd_data_tokenize(args) -> int:
 
 
 def cmd_data_preferences(args) -> int:
-    from smoltrain.post.preference_gen import build_preferences
+    from smoltrain.post.preference.generate import build_preferences
 
     for name in ("count", "max_new_tokens", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:

@@ -25,8 +25,8 @@ from smoltrain.files import write_atomic
 
 # The library module each post-training stage needs; a stage whose module is missing is skipped
 # with "stage not available" in the report card instead of failing the whole demo.
-STAGE_MODULES = {"sft": ("smoltrain.post.sft",), "apo": ("smoltrain.post.dpo", "smoltrain.post.preference_gen"),
-                 "grpo": ("smoltrain.post.grpo_train",), "merge": ("smoltrain.post.merge",),
+STAGE_MODULES = {"sft": ("smoltrain.post.sft.stage",), "apo": ("smoltrain.post.preference.stage", "smoltrain.post.preference.generate"),
+                 "grpo": ("smoltrain.post.rl.stage",), "merge": ("smoltrain.post.merge",),
                  "long-context": ("smoltrain.eval.longctx",)}
 LONG_CONTEXT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "long-context.yaml"
 LONG_CONTEXT_FACTOR = 8  # the extension's length and RoPE base, times pretraining's (recipes/long-context.yaml)
@@ -165,7 +165,7 @@ def build_pairs(sft_dir: Path, out: Path, sizes: PostSizes, console: Console) ->
     right answer under another rule is the rejected side (without those pairs adherence on arithmetic
     questions fell, 82% -> 67%, while it rose on the others). The policy's own mistakes are the ones
     worth pushing down: they moved adherence about twice as far as an early checkpoint's."""
-    from smoltrain.post.preference_gen import PERSONA, REFERENCE, build_preferences
+    from smoltrain.post.preference.generate import PERSONA, REFERENCE, build_preferences
 
     files, summaries = [], {}
     for mode, new_tokens in (("no_think", sizes.chat_new_tokens), ("think", sizes.think_new_tokens)):
@@ -296,7 +296,7 @@ def long_context_evals(base: str, extended: str, data_tokenizer: str, pretrain: 
 
 def chat_tokenizer(data_tokenizer: str, out: Path):
     """The data tokenizer with the smollm3 chat template (what SFT writes into its run), written once."""
-    from smoltrain.post.chat_template import load_chat_tokenizer, write_chat_tokenizer
+    from smoltrain.post.chat.template import load_chat_tokenizer, write_chat_tokenizer
 
     folder = out / CHAT_TOKENIZER
     if not (folder / "chat_template.jinja").is_file():
@@ -310,7 +310,7 @@ def evaluate_row(model_path: str, tokenizer, data_tokenizer: str, eval_config: C
     side-by-side chats of one stage's model; written to `out` (JSON), the pretraining evals also to
     `pre_out` (JSON + markdown, as `smoltrain eval` writes them)."""
     from smoltrain.eval.run import evaluate
-    from smoltrain.post.chat_eval import VIBE_PROMPTS, chat_evals, vibe_test
+    from smoltrain.post.chat.evals import VIBE_PROMPTS, chat_evals, vibe_test
     from smoltrain.train.load_model import load_any
 
     start = time.perf_counter()

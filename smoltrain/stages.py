@@ -13,7 +13,9 @@ from typing import Callable
 
 from smoltrain.config import Config
 from smoltrain.eval.during_training import DuringTraining
-from smoltrain.post import dpo, grpo_train, sft
+from smoltrain.post.preference import stage as dpo
+from smoltrain.post.rl import stage as grpo_train
+from smoltrain.post.sft import stage as sft
 from smoltrain.train import trainer
 from smoltrain.train.stage_config import load_stage_config
 

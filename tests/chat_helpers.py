@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
-from smoltrain.post.chat_template import write_chat_tokenizer
-from smoltrain.post.embedded_chat import chat_conversations
+from smoltrain.post.chat.template import write_chat_tokenizer
+from smoltrain.post.embedded import chat_conversations
 
 VOCAB = 512
 BOILERPLATE = ("system\n## Metadata\n\nReasoning Mode: /think /no_think\n\n## Custom Instructions\n\n"

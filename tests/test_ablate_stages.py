@@ -14,8 +14,8 @@ from chat_helpers import VOCAB, chat_tokenizers, conversations
 from smoltrain import cli
 from smoltrain.config import Config, DataConfig, ModelConfig
 from smoltrain.model.transformer import build_model
-from smoltrain.post.chat_data import write_conversations
-from smoltrain.post.sft import load_sft_config, sft
+from smoltrain.post.chat.data import write_conversations
+from smoltrain.post.sft.stage import load_sft_config, sft
 from smoltrain.report.run import final_loss, read_metrics
 from smoltrain.train.load_model import save_model_folder
 

@@ -9,8 +9,10 @@ import torch
 
 from smoltrain.eval.answers import as_number, extract_answer, is_correct
 from smoltrain.eval.generative import quasi_exact_match
-from smoltrain.post import chat_eval, grpo_train, preference_gen
-from smoltrain.post.rewards import math_answer
+from smoltrain.post.chat import evals as chat_eval
+from smoltrain.post.preference import generate as preference_gen
+from smoltrain.post.rl import stage as grpo_train
+from smoltrain.post.rl.rewards import math_answer
 
 # (completion, reference, verdict), each verdict decided by hand from the rule in eval/answers.py
 CASES = [

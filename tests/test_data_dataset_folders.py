@@ -15,12 +15,12 @@ from smoltrain import cli
 from smoltrain.config import DataConfig
 from smoltrain.data.shards import TokenSource
 from smoltrain.errors import ConfigError, DataError
-from smoltrain.post.chat_data import write_conversations
-from smoltrain.post.dpo import DPOConfig, DPORunConfig
-from smoltrain.post.grpo_train import GRPOConfig, GRPORunConfig, load_grpo_prompts
-from smoltrain.post.preference_data import TextTokenizer, load_preferences
-from smoltrain.post.prompts import load_prompts
-from smoltrain.post.sft import SFTConfig, SFTRunConfig
+from smoltrain.post.chat.data import write_conversations
+from smoltrain.post.preference.data import TextTokenizer, load_preferences
+from smoltrain.post.preference.stage import DPOConfig, DPORunConfig
+from smoltrain.post.rl.prompts import load_prompts
+from smoltrain.post.rl.stage import GRPOConfig, GRPORunConfig, load_grpo_prompts
+from smoltrain.post.sft.stage import SFTConfig, SFTRunConfig
 
 datasets = pytest.importorskip("datasets")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -91,7 +91,7 @@ def test_one_saved_dataset_is_its_only_split_and_a_missing_split_lists_the_ones_
 
 
 def test_sft_data_takes_a_dataset_folder_split(tmp_path):
-    from smoltrain.post.sft import prepare_sft_data
+    from smoltrain.post.sft.stage import prepare_sft_data
 
     root = chat_tokenizers(tmp_path)
     rows = [c.to_row() for c in conversations(12)]
@@ -114,7 +114,7 @@ def test_dpo_train_and_eval_data_take_dataset_folder_splits(tmp_path):
     from tokenizers import Tokenizer
 
     from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
-    from smoltrain.post.dpo import split_data
+    from smoltrain.post.preference.stage import split_data
 
     save_tokenizer(train_tokenizer([" ".join(WORDS) + " say:"] * 40, 300, False), tmp_path / "tok")
     tok = TextTokenizer(Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")), "<|endoftext|>")

@@ -152,7 +152,7 @@ def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, data_cache, capsys, monkeypa
         # blank: the replies are sampled here) nor to end its turn, and a pair whose rejected reply was
         # cut at the token limit is dropped: accept cut rejected replies here (still verified wrong),
         # so the APO and merge stages run.
-        from smoltrain.post import preference_gen
+        from smoltrain.post.preference import generate as preference_gen
 
         real = preference_gen.verdict
         monkeypatch.setattr(preference_gen, "verdict", lambda prompt, chosen, rejected, verify: real(

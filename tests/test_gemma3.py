@@ -19,8 +19,8 @@ from smoltrain.model.attention import build_mask
 from smoltrain.model.gemma3.hf import STYLE
 from smoltrain.model.generate import generate
 from smoltrain.model.transformer import build_model
-from smoltrain.post.chat_data import write_conversations
-from smoltrain.post.chat_template import (
+from smoltrain.post.chat.data import write_conversations
+from smoltrain.post.chat.template import (
     GEMMA_TOKENS,
     encode_chat,
     encode_prompt,
@@ -28,7 +28,7 @@ from smoltrain.post.chat_template import (
     load_chat_tokenizer,
     write_chat_tokenizer,
 )
-from smoltrain.post.sft import load_sft_config, sft
+from smoltrain.post.sft.stage import load_sft_config, sft
 from smoltrain.report.hf_export import export_hf
 from smoltrain.train.load_model import import_hf, load_any, save_model_folder
 
@@ -185,7 +185,7 @@ def test_grpo_shared_prompt_logprobs_of_gemma_equal_the_full_rows(pair):
     """completion_logprobs (each prompt once, its completions attending to it) keeps the sliding window:
     prompts and completions longer than the window give the full rows' log-probabilities."""
     from smoltrain.model.transformer import token_logprobs
-    from smoltrain.post.rollout import completion_logprobs, generate_rollouts, micro_batches
+    from smoltrain.post.rl.rollout import completion_logprobs, generate_rollouts, micro_batches
 
     _, ours, _, _ = pair
     g = torch.Generator().manual_seed(5)

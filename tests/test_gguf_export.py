@@ -14,7 +14,7 @@ from smoltrain import cli
 from smoltrain.config import ModelConfig
 from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
 from smoltrain.model.transformer import build_model
-from smoltrain.post.chat_template import SMOLLM3
+from smoltrain.post.chat.template import SMOLLM3
 from smoltrain.train.load_model import _config_for_model, load_any, save_model_folder
 
 gguf = pytest.importorskip("gguf")

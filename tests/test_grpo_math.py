@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from smoltrain.post.grpo import (
+from smoltrain.post.rl.grpo import (
     aggregate,
     group_advantages,
     k3_kl,

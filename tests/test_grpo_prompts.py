@@ -6,7 +6,7 @@ import json
 import pytest
 
 from smoltrain.errors import DataError
-from smoltrain.post.prompts import load_prompts, reward_columns
+from smoltrain.post.rl.prompts import load_prompts, reward_columns
 
 
 def _jsonl(path, rows):

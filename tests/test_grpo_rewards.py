@@ -8,7 +8,7 @@ import pytest
 
 from smoltrain.errors import ConfigError
 from smoltrain.eval.answers import extract_answer
-from smoltrain.post.rewards import (
+from smoltrain.post.rl.rewards import (
     RewardError,
     build_rewards,
     format_reward,

@@ -7,7 +7,7 @@ import torch
 from smoltrain.config import ModelConfig
 from smoltrain.model.generate import sample
 from smoltrain.model.transformer import build_model, token_logprobs
-from smoltrain.post.rollout import completion_logprobs, generate_rollouts, micro_batches
+from smoltrain.post.rl.rollout import completion_logprobs, generate_rollouts, micro_batches
 
 VOCAB = 200
 
@@ -87,7 +87,7 @@ def _with_gradients(model, weights, logprobs, *args):
 
 
 def test_micro_batches_put_labels_on_completion_tokens_and_mask_truncated_rows():
-    from smoltrain.post.rollout import Rollouts
+    from smoltrain.post.rl.rollout import Rollouts
 
     rollouts = Rollouts(prompt_ids=[[5, 6, 7], [5, 6, 7], [9], [9]], completion_ids=[[1, 2], [3], [4, 4, 4], [8]],
                         logprobs=[[-0.1, -0.2], [-0.3], [-1.0, -1.0, -1.0], [-0.5]], entropies=[[0] * 2, [0], [0] * 3, [0]],

@@ -116,7 +116,7 @@ def _free_port() -> int:
 @leaves_without_teardown
 def _worker(rank: int, world: int, recipe: str, out_dir: str, port: int) -> None:
     from smoltrain.config import load_config
-    from smoltrain.post.grpo_train import run
+    from smoltrain.post.rl.stage import run
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -171,7 +171,7 @@ def test_bad_grpo_inputs_are_one_line_errors(tmp_path, tokenizer, change, messag
 
 def test_demo_recipe_validates_and_takes_the_demo_models_shape():
     from smoltrain.config import load_config
-    from smoltrain.post.grpo_train import load_grpo_config
+    from smoltrain.post.rl.stage import load_grpo_config
 
     recipes = TESTS.parent / "recipes"
     grpo_demo, demo = load_grpo_config(recipes / "grpo" / "demo.yaml"), load_config(recipes / "demo.yaml")

@@ -19,8 +19,8 @@ from rich.console import Console
 from smoltrain import cli
 from smoltrain.config import Config, DataConfig, ModelConfig
 from smoltrain.model.transformer import build_model
-from smoltrain.post.chat_data import write_conversations
-from smoltrain.post.sft import load_sft_config
+from smoltrain.post.chat.data import write_conversations
+from smoltrain.post.sft.stage import load_sft_config
 from smoltrain.train.load_model import save_model_folder
 
 SEQ = 128
@@ -95,7 +95,7 @@ def format_reward_func(completions, **kwargs):
 
 
 def test_a_trl_reward_function_gets_trls_shapes_for_conversational_prompts(monkeypatch):
-    from smoltrain.post.rewards import RewardState, build_rewards, score
+    from smoltrain.post.rl.rewards import RewardState, build_rewards, score
 
     seen = {}
 
@@ -206,9 +206,9 @@ def test_import_export_merge_and_preferences_refuse_a_non_empty_out_unless_overw
 
 def test_a_json_list_reads_as_its_jsonl_twin_for_sft_dpo_and_generate(tmp_path):
     from smoltrain.errors import DataError
-    from smoltrain.post.chat import read_prompts
-    from smoltrain.post.chat_data import read_conversations
-    from smoltrain.post.preference_data import read_rows
+    from smoltrain.post.chat.data import read_conversations
+    from smoltrain.post.chat.repl import read_prompts
+    from smoltrain.post.preference.data import read_rows
 
     def twins(name: str, rows: list) -> tuple[Path, Path]:
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -234,9 +234,9 @@ def test_a_json_list_reads_as_its_jsonl_twin_for_sft_dpo_and_generate(tmp_path):
 def test_a_template_without_reasoning_modes_leaves_messages_alone_and_its_think_evals_are_na(root, one_thread):
     import math
 
-    from smoltrain.post.chat import NO_MODES, chat_markdown, chat_repl
-    from smoltrain.post.chat_eval import chat_evals
-    from smoltrain.post.chat_template import SMOLLM2, has_reasoning_modes, load_chat_tokenizer
+    from smoltrain.post.chat.evals import chat_evals
+    from smoltrain.post.chat.repl import NO_MODES, chat_markdown, chat_repl
+    from smoltrain.post.chat.template import SMOLLM2, has_reasoning_modes, load_chat_tokenizer
     from smoltrain.train.load_model import load_any
 
     smollm2 = load_chat_tokenizer(root / "smollm3")
@@ -325,7 +325,7 @@ def test_a_good_torchrun_run_frees_its_process_groups_before_the_interpreter_end
 def test_skip_bad_counts_an_empty_chat_file_as_data_tokenize_does(root, tmp_path):
     from smoltrain.data.readers import DocumentReader
     from smoltrain.errors import DataError
-    from smoltrain.post.chat_data import read_conversations
+    from smoltrain.post.chat.data import read_conversations
 
     (tmp_path / "empty.jsonl").write_text("")
     tokenize = DocumentReader(tmp_path / "empty.jsonl", skip_bad=True)
@@ -340,7 +340,7 @@ def test_skip_bad_counts_an_empty_chat_file_as_data_tokenize_does(root, tmp_path
 
 def test_grpos_eval_line_names_the_sampling_temperature_and_a_small_heldout_set_has_no_stderr(tmp_path):
     from smoltrain.eval.scoring import rate_with_error
-    from smoltrain.post.dpo import write_report
+    from smoltrain.post.preference.stage import write_report
     from smoltrain.train.metrics import eval_console_line
 
     line = eval_console_line(5, {"grpo": {"pass@1": 0.25, "pass@1_stderr": 0.1, "pass@4": 0.5, "n": 16,
@@ -378,9 +378,9 @@ def test_a_no_think_answer_with_think_text_never_puts_template_text_into_the_pai
     chosen answer trained on "\\n\\n</think>\\n". Such a pair is now a named bad row, and `data
     preferences` drops it at the source."""
     from smoltrain.errors import DataError
-    from smoltrain.post.chat_template import load_chat_tokenizer, render
-    from smoltrain.post.preference_data import chat_render, load_preferences
-    from smoltrain.post.preference_gen import verdict
+    from smoltrain.post.chat.template import load_chat_tokenizer, render
+    from smoltrain.post.preference.data import chat_render, load_preferences
+    from smoltrain.post.preference.generate import verdict
 
     tok = load_chat_tokenizer(root / "smollm3")
     prompt = [{"role": "system", "content": "Answer in capital letters."}, {"role": "user", "content": "What is json?"}]

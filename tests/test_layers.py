@@ -40,7 +40,7 @@ KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _component(module: str) -> str:
-    """smoltrain.post.chat_eval -> "post"; smoltrain -> "" (the root); smoltrain.cli -> "cli"."""
+    """smoltrain.post.chat.evals -> "post"; smoltrain -> "" (the root); smoltrain.cli -> "cli"."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 

@@ -23,9 +23,9 @@ from smoltrain import cli
 from smoltrain.config import Config, DataConfig, ModelConfig, config_from_dict
 from smoltrain.errors import CheckpointError, ConfigError
 from smoltrain.model.transformer import Transformer, build_model, token_logprobs
-from smoltrain.post import dpo
-from smoltrain.post.chat_data import write_conversations
-from smoltrain.post.sft import load_sft_config, sft
+from smoltrain.post.chat.data import write_conversations
+from smoltrain.post.preference import stage as dpo
+from smoltrain.post.sft.stage import load_sft_config, sft
 from smoltrain.report.hf_export import export_hf
 from smoltrain.train.checkpoint import check_compatible, find_checkpoint, read_config
 from smoltrain.train.load_model import load_any, save_model_folder
@@ -212,7 +212,7 @@ def stored(pairs) -> Path:
 def test_dpo_with_lora_scores_the_reference_on_the_base_without_a_second_model(pairs, stored, monkeypatch, one_thread):
     from safetensors.torch import load_file
 
-    from smoltrain.post.preference_data import TextTokenizer, load_preferences
+    from smoltrain.post.preference.data import TextTokenizer, load_preferences
 
     # the stored pass equals the frozen base's log-probs, scored independently
 
@@ -308,7 +308,7 @@ def test_lora_sft_under_fsdp_on_two_gloo_ranks_equals_one_process_and_resumes(ro
 def test_grpo_with_lora_takes_its_kl_to_the_base_without_building_a_reference(tmp_path, monkeypatch, one_thread):
     from test_grpo_train import RECIPE
 
-    from smoltrain.post import grpo_train
+    from smoltrain.post.rl import stage as grpo_train
     from smoltrain.train import trainer
 
     raw = json.loads(json.dumps(RECIPE))

@@ -16,11 +16,11 @@ from transformers import AutoModelForCausalLM
 from smoltrain.config import Config, DataConfig, ModelConfig, config_from_dict
 from smoltrain.model.generate import generate
 from smoltrain.model.transformer import build_model
-from smoltrain.post.chat_data import read_conversations, write_conversations
-from smoltrain.post.chat_template import load_chat_tokenizer
+from smoltrain.post.chat.data import read_conversations, write_conversations
+from smoltrain.post.chat.template import load_chat_tokenizer
 from smoltrain.post.merge import merge
-from smoltrain.post.sft import sft
-from smoltrain.post.sft_data import PackedChatBatches, pack_best_fit, tokenize_conversations
+from smoltrain.post.sft.data import PackedChatBatches, pack_best_fit, tokenize_conversations
+from smoltrain.post.sft.stage import sft
 from smoltrain.report.hf_export import export_hf
 from smoltrain.train.load_model import load_any, save_model_folder
 

@@ -14,8 +14,8 @@ from smoltrain.data.tokenizer import save_tokenizer, train_tokenizer
 from smoltrain.errors import ConfigError, DataError
 from smoltrain.eval.answers import is_correct
 from smoltrain.model.transformer import build_model
-from smoltrain.post import chat_eval
-from smoltrain.post.chat_data import (
+from smoltrain.post.chat import evals as chat_eval
+from smoltrain.post.chat.data import (
     Conversation,
     assistant_modes,
     conversation_mode,
@@ -23,7 +23,7 @@ from smoltrain.post.chat_data import (
     system_prompt,
     write_conversations,
 )
-from smoltrain.post.chat_template import (
+from smoltrain.post.chat.template import (
     DEFAULT_SYSTEM_PROMPT,
     encode_chat,
     encode_prompt,
@@ -31,7 +31,7 @@ from smoltrain.post.chat_template import (
     render,
     write_chat_tokenizer,
 )
-from smoltrain.post.embedded_chat import (
+from smoltrain.post.embedded import (
     MIXTURE,
     apply_rule,
     arithmetic_items,
@@ -382,7 +382,7 @@ def test_trl_accepts_our_templates_for_assistant_only_loss(folders):
 
 
 def test_smollm2s_template_gets_a_training_twin_that_renders_the_same_text(folders, tmp_path):
-    from smoltrain.post.chat_template import SMOLLM2, SMOLLM2_TRAINING
+    from smoltrain.post.chat.template import SMOLLM2, SMOLLM2_TRAINING
 
     original = AutoTokenizer.from_pretrained(folders / "base", local_files_only=True)
     original.chat_template = SMOLLM2

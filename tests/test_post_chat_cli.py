@@ -10,8 +10,8 @@ from smoltrain import cli
 from smoltrain.config import Config, DataConfig, ModelConfig
 from smoltrain.model.generate import generate
 from smoltrain.model.transformer import build_model
-from smoltrain.post.chat import chat_repl, load_chat_model
-from smoltrain.post.chat_template import encode_prompt, end_of_turn_id
+from smoltrain.post.chat.repl import chat_repl, load_chat_model
+from smoltrain.post.chat.template import encode_prompt, end_of_turn_id
 from smoltrain.train.load_model import save_model_folder
 
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from smoltrain.config import ModelConfig
 from smoltrain.model.generate import generate
 from smoltrain.model.transformer import build_model
-from smoltrain.post.chat_template import (
+from smoltrain.post.chat.template import (
     encode_chat,
     encode_prompt,
     end_of_turn_id,

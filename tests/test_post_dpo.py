@@ -12,10 +12,10 @@ from preference_helpers import SHAPE, preference_rows, save_init_model, write_ro
 from smoltrain.config import config_from_dict
 from smoltrain.errors import DataError
 from smoltrain.model.transformer import build_model
-from smoltrain.post import dpo as dpo_module
-from smoltrain.post.dpo import DPOObjective, PreferenceBatches, build_dpo_objective, reference_logps
-from smoltrain.post.preference import pair_losses
-from smoltrain.post.preference_data import Pair, TextTokenizer, load_preferences
+from smoltrain.post.preference import stage as dpo_module
+from smoltrain.post.preference.data import Pair, TextTokenizer, load_preferences
+from smoltrain.post.preference.losses import pair_losses
+from smoltrain.post.preference.stage import DPOObjective, PreferenceBatches, build_dpo_objective, reference_logps
 from smoltrain.train.load_model import save_model_folder
 
 
@@ -130,7 +130,7 @@ def test_reference_pass_is_stored_then_reused_without_loading_the_model(init_fol
     def no_loading(*args, **kwargs):
         raise AssertionError("the stored reference pass should be reused")
 
-    monkeypatch.setattr("smoltrain.post.dpo.build_reference_model", no_loading)
+    monkeypatch.setattr("smoltrain.post.preference.stage.build_reference_model", no_loading)
     again = reference_logps(str(init_folder), splits, tmp_path, 3, 1024, tok.eos_id, ctx, "fp32", config)
     for name in splits:
         assert all(torch.equal(a, b) for a, b in zip(first[name], again[name]))
@@ -161,7 +161,7 @@ def test_chat_evals_before_training_and_at_evaluation(tmp_path, one_thread, monk
     import sys
     from pathlib import Path
 
-    import smoltrain.post.chat_eval as chat_eval
+    import smoltrain.post.chat.evals as chat_eval
 
     # short replies: this checks the wiring, the chat evals have their own tests
     monkeypatch.setattr(chat_eval, "chat_evals", functools.partial(chat_eval.chat_evals, max_new_tokens=6, think_max_new_tokens=6))

@@ -18,8 +18,8 @@ from preference_helpers import SHAPE, preference_rows, save_init_model, write_ro
 from spawn_helpers import leaves_without_teardown
 
 from smoltrain.config import DataConfig, TrainConfig
-from smoltrain.post import dpo
-from smoltrain.post.dpo import REFERENCE_FILE, load_dpo_config
+from smoltrain.post.preference import stage as dpo
+from smoltrain.post.preference.stage import REFERENCE_FILE, load_dpo_config
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_dpo_under_fsdp_two_ranks_equals_one_process(root, precomputed):
 
 
 def test_report_shows_held_out_accuracy_first_and_last(precomputed):
-    from smoltrain.post.dpo import write_report
+    from smoltrain.post.preference.stage import write_report
 
     text = write_report(precomputed).read_text()
     first, last = [m["eval"]["preference"] for m in evals(precomputed)][::len(evals(precomputed)) - 1]
@@ -189,7 +189,7 @@ def _reference_worker(rank, world, root, port, out):
     to the same pass by a full copy of the model."""
     from torch.distributed.tensor import DTensor
 
-    from smoltrain.post.preference_data import TextTokenizer, load_preferences
+    from smoltrain.post.preference.data import TextTokenizer, load_preferences
     from smoltrain.train.distributed import setup_distributed
     from smoltrain.train.load_model import load_any
 

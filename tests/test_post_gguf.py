@@ -10,7 +10,7 @@ from smoltrain import cli
 from smoltrain.config import ModelConfig
 from smoltrain.data.tokenizer import train_tokenizer
 from smoltrain.model.transformer import build_model
-from smoltrain.post.chat_template import CHATML, load_chat_tokenizer
+from smoltrain.post.chat.template import CHATML, load_chat_tokenizer
 from smoltrain.train.load_model import load_any
 
 gguf = pytest.importorskip("gguf")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from smoltrain.errors import ConfigError
-from smoltrain.post.preference import LOSSES, pair_losses, preference_losses, reward_metrics, sft_losses
+from smoltrain.post.preference.losses import LOSSES, pair_losses, preference_losses, reward_metrics, sft_losses
 
 # Summed log-probs of 4 pairs: policy chosen/rejected, reference chosen/rejected, completion lengths.
 PC = torch.tensor([-10.0, -22.5, -7.25, -40.0], dtype=torch.float64)

@@ -10,7 +10,7 @@ from tokenizers import processors
 
 from smoltrain.data.tokenizer import END_OF_TEXT, save_tokenizer, train_tokenizer
 from smoltrain.errors import DataError
-from smoltrain.post.preference_data import Pair, TextTokenizer, collate, load_preferences, summed_logprobs, tokenize_pair
+from smoltrain.post.preference.data import Pair, TextTokenizer, collate, load_preferences, summed_logprobs, tokenize_pair
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "what is two plus two? four. five.", "hello world, hello there"]
 ROWS = [
@@ -157,7 +157,7 @@ def test_conversational_rows_render_and_tokenize_as_trl_does(tmp_path, template)
     sys.path.insert(0, str(Path(__file__).parent))
     from chat_helpers import chat_tokenizers
 
-    from smoltrain.post.preference_data import chat_render
+    from smoltrain.post.preference.data import chat_render
 
     folder = chat_tokenizers(tmp_path) / template
     rows = CHAT_ROWS if template == "smollm3" else [{k: v for k, v in r.items() if k != "chat_template_kwargs"} for r in CHAT_ROWS]

@@ -11,8 +11,8 @@ from smoltrain import cli
 from smoltrain.config import config_from_dict
 from smoltrain.errors import DataError
 from smoltrain.model.transformer import build_model
-from smoltrain.post import preference_gen
-from smoltrain.post.preference_data import TextTokenizer, chat_render, load_preferences
+from smoltrain.post.preference import generate as preference_gen
+from smoltrain.post.preference.data import TextTokenizer, chat_render, load_preferences
 from smoltrain.train.load_model import save_model_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -39,7 +39,7 @@ def _fake_replies(answers):
 
 
 def test_pairs_are_kept_or_dropped_for_the_stated_reasons(models, tmp_path, monkeypatch, capsys):
-    import smoltrain.post.chat_eval as chat_eval
+    import smoltrain.post.chat.evals as chat_eval
     import smoltrain.train.load_model as load_model
 
     real_load_any = load_model.load_any
@@ -135,9 +135,9 @@ def test_plain_text_pairs_for_a_pretrained_model(models, tmp_path, monkeypatch):
 def test_rule_pairs_keep_a_chosen_reply_that_keeps_the_rule_and_a_rejected_one_that_breaks_it(models, tmp_path, monkeypatch):
     """--prompts embedded:persona --verify rule: SmolLM3's instruction-following pairs in small. On an
     arithmetic question both replies must also be right, so the pair differs in the rule alone."""
-    import smoltrain.post.chat_eval as chat_eval
+    import smoltrain.post.chat.evals as chat_eval
     from smoltrain.eval.answers import is_correct
-    from smoltrain.post.embedded_chat import apply_rule, follows_rule
+    from smoltrain.post.embedded import apply_rule, follows_rule
 
     prompts = preference_gen.read_prompts("embedded:persona", 6, "no_think")
     assert [p["kind"] for p in prompts] == ["arithmetic", "stdlib"] * 3

@@ -11,10 +11,10 @@ from preference_helpers import preference_rows, save_init_model, write_rows
 
 from smoltrain.config import config_from_dict
 from smoltrain.errors import DataError
-from smoltrain.post import preference_prepare
-from smoltrain.post.dpo import split_data
-from smoltrain.post.preference_data import TextTokenizer, chat_render, load_preferences
-from smoltrain.post.preference_prepare import PairShards, load_pairs, prepare_pairs
+from smoltrain.post.preference import prepare as preference_prepare
+from smoltrain.post.preference.data import TextTokenizer, chat_render, load_preferences
+from smoltrain.post.preference.prepare import PairShards, load_pairs, prepare_pairs
+from smoltrain.post.preference.stage import split_data
 
 
 @pytest.fixture(scope="module")

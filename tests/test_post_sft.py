@@ -24,14 +24,14 @@ from transformers import AutoTokenizer
 from smoltrain import cli
 from smoltrain.config import Config, DataConfig, ModelConfig
 from smoltrain.model.transformer import build_model
-from smoltrain.post.chat_data import write_conversations
-from smoltrain.post.chat_template import load_chat_tokenizer, render
-from smoltrain.post.sft import load_sft_config, sft
-from smoltrain.post.sft_data import (
+from smoltrain.post.chat.data import write_conversations
+from smoltrain.post.chat.template import load_chat_tokenizer, render
+from smoltrain.post.sft.data import (
     PackedChatBatches,
     pack_best_fit,
     tokenize_conversations,
 )
+from smoltrain.post.sft.stage import load_sft_config, sft
 from smoltrain.report.hf_export import export_hf
 from smoltrain.train.load_model import load_any, save_model_folder
 
@@ -87,7 +87,7 @@ def test_first_step_loss_is_the_token_mean_over_assistant_tokens(root, tmp_path,
     assert summary["finished"] and summary["objective"] == "sft"
     # independent: the init model, the same rows in the same order, F.cross_entropy over all label tokens
     tok = load_chat_tokenizer(out / "tokenizer")
-    from smoltrain.post.chat_data import read_conversations
+    from smoltrain.post.chat.data import read_conversations
 
     convs = read_conversations([str(root / "chat.jsonl")]).conversations
     examples, _ = tokenize_conversations(convs, tok, SEQ)
@@ -196,8 +196,8 @@ def test_a_template_that_drops_custom_instructions_stops_sft_naming_the_example(
 
 
 def test_instructions_as_system_moves_custom_instructions_where_a_plain_template_renders_them(root, tmp_path):
-    from smoltrain.post.chat_template import write_chat_tokenizer
-    from smoltrain.post.sft import prepare_sft_data
+    from smoltrain.post.chat.template import write_chat_tokenizer
+    from smoltrain.post.sft.stage import prepare_sft_data
 
     rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "HELLO"}],
              "chat_template_kwargs": {"custom_instructions": "Answer in capital letters only."}}] * 3

@@ -11,12 +11,12 @@ from chat_helpers import VOCAB, chat_tokenizers, conversations
 from smoltrain.config import ModelConfig
 from smoltrain.errors import DataError
 from smoltrain.model.transformer import build_model
-from smoltrain.post.chat_data import Conversation
-from smoltrain.post.chat_template import (
+from smoltrain.post.chat.data import Conversation
+from smoltrain.post.chat.template import (
     encode_chat,
     load_chat_tokenizer,
 )
-from smoltrain.post.sft_data import (
+from smoltrain.post.sft.data import (
     ChatCounts,
     PackedChatBatches,
     data_report,

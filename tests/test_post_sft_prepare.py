@@ -18,13 +18,13 @@ from chat_helpers import VOCAB, chat_tokenizers, conversations
 from smoltrain.config import ModelConfig, config_from_dict
 from smoltrain.errors import ConfigError, DataError
 from smoltrain.model.transformer import build_model
-from smoltrain.post import sft_prepare
-from smoltrain.post.chat_data import Conversation, read_conversations
-from smoltrain.post.chat_template import encode_chat, encode_chats, load_chat_tokenizer
-from smoltrain.post.embedded_chat import ensure_embedded_chat
-from smoltrain.post.sft import mixture_weights
-from smoltrain.post.sft_data import ChatCounts, PackedChatBatches, data_report, pack_best_fit, tokenize_conversations, trained_shares
-from smoltrain.post.sft_prepare import Settings, load_prepared, named_files, prepare
+from smoltrain.post.chat.data import Conversation, read_conversations
+from smoltrain.post.chat.template import encode_chat, encode_chats, load_chat_tokenizer
+from smoltrain.post.embedded import ensure_embedded_chat
+from smoltrain.post.sft import prepare as sft_prepare
+from smoltrain.post.sft.data import ChatCounts, PackedChatBatches, data_report, pack_best_fit, tokenize_conversations, trained_shares
+from smoltrain.post.sft.prepare import Settings, load_prepared, named_files, prepare
+from smoltrain.post.sft.stage import mixture_weights
 
 SEQ = 96  # short rows: some embedded conversations are truncated, some dropped for lack of a target
 

@@ -16,8 +16,8 @@ from serve_helpers import CONTEXT, running, tiny_chat_model
 
 from smoltrain import cli
 from smoltrain.model.generate import generate
-from smoltrain.post.chat import generate_file, load_chat_model
-from smoltrain.post.chat_template import encode_prompt, end_of_turn_id
+from smoltrain.post.chat.repl import generate_file, load_chat_model
+from smoltrain.post.chat.template import encode_prompt, end_of_turn_id
 from smoltrain.serve import build_app
 from smoltrain.serve.engine import Engine, Sequence
 from smoltrain.serve.streams import TextStream

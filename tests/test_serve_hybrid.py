@@ -8,7 +8,7 @@ import openai
 import pytest
 from serve_helpers import running, tiny_chat_model
 
-from smoltrain.post.chat import generate_file, load_chat_model
+from smoltrain.post.chat.repl import generate_file, load_chat_model
 from smoltrain.serve import build_app
 
 CONVERSATIONS = [

@@ -7,7 +7,7 @@ import json
 import openai
 from serve_helpers import running, tiny_chat_model
 
-from smoltrain.post.chat import generate_file, load_chat_model
+from smoltrain.post.chat.repl import generate_file, load_chat_model
 from smoltrain.serve import build_app
 
 CONVERSATIONS = [

@@ -14,8 +14,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 from serve_helpers import running, tiny_chat_model
 
 from smoltrain.model.generate import generate
-from smoltrain.post.chat import load_chat_model
-from smoltrain.post.chat_template import encode_prompt, end_of_turn_id
+from smoltrain.post.chat.repl import load_chat_model
+from smoltrain.post.chat.template import encode_prompt, end_of_turn_id
 from smoltrain.serve import build_app
 
 BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)

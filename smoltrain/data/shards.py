@@ -146,7 +146,7 @@ def read_meta(folder: str | os.PathLike) -> dict:
             raise DataError(f"{path}: missing key '{key}'")
     if meta["format"] != FORMAT:
         raise DataError(f"{path}: format {meta['format']!r} is not {FORMAT!r}")
-    if meta["dtype"] not in ("uint8", "uint16", "uint32"):  # uint8: SFT's loss targets (post/sft_prepare.py)
+    if meta["dtype"] not in ("uint8", "uint16", "uint32"):  # uint8: SFT's loss targets (post/sft/prepare.py)
         raise DataError(f"{path}: dtype {meta['dtype']!r} (expected uint8, uint16 or uint32)")
     return meta
 

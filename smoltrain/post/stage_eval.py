@@ -23,7 +23,7 @@ def run_chat_evals(model: nn.Module, tokenizer, items: int | None = None, seed: 
     """{"chat": the chat evals (accuracy in both modes, rule adherence, think format, stop rate, each with
     its standard error) of `items` held-out items per set (None: chat_evals' defaults)} plus, with vibe,
     {"vibe": the vibe test's replies}; in eval mode, the model's mode restored after."""
-    from smoltrain.post.chat_eval import chat_evals, vibe_test
+    from smoltrain.post.chat.evals import chat_evals, vibe_test
 
     base = getattr(model, "_orig_mod", model)
     counts = {} if items is None else {"count": items, "persona_count": items}

@@ -197,7 +197,7 @@ def build_demo_report(out: Path, facts: dict, config: Config, total_s: float) ->
 
 def _card_section(report: Report, facts: dict, config: Config, figures: Path) -> None:
     """The report card, its caption and verdicts, its figure, the stage curves, the persona chat."""
-    from smoltrain.post.chat_eval import VIBE_PROMPTS
+    from smoltrain.post.chat.evals import VIBE_PROMPTS
 
     rows, s = facts.get("rows") or {}, facts["sizes"]
     report.heading("Report card").table(*card_rows(facts))
@@ -372,7 +372,7 @@ def _long_context_section(report: Report, facts: dict, config: Config, figures: 
 
 def _samples_section(report: Report, facts: dict, config: Config, figures: Path) -> None:
     """7. Sample chats: the same prompts answered by every stage."""
-    from smoltrain.post.chat_eval import VIBE_PROMPTS
+    from smoltrain.post.chat.evals import VIBE_PROMPTS
 
     if facts.get("rows"):
         report.heading("7. Sample chats: the same prompts, every stage")

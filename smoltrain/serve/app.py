@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from smoltrain.post.chat_template import TEMPLATE_KWARGS, encode_prompt, end_of_turn_id
+from smoltrain.post.chat.template import TEMPLATE_KWARGS, encode_prompt, end_of_turn_id
 from smoltrain.serve.engine import Engine, QueueFull
 from smoltrain.serve.schemas import ChatRequest, CompletionRequest
 from smoltrain.serve.streams import Job
@@ -312,7 +312,7 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
     """Load a model and serve it until interrupted."""
     import uvicorn
 
-    from smoltrain.post.chat import load_chat_model
+    from smoltrain.post.chat.repl import load_chat_model
 
     model, chat_tokenizer = load_chat_model(model_path, device, tokenizer, template)
     name = name or Path(model_path).resolve().name

@@ -32,7 +32,7 @@ from smoltrain.data.readers import expand_inputs, input_fingerprint
 from smoltrain.data.shards import ShardWriter, TokenSource, file_sha256, shard_name, token_dtype, write_meta
 from smoltrain.errors import DataError
 from smoltrain.files import write_json
-from smoltrain.post.sft_data import (
+from smoltrain.post.sft.data import (
     ChatCounts,
     Example,
     PackingPlan,
@@ -69,7 +69,7 @@ class Settings:
 def named_files(entries: list[str]) -> list[tuple[str, Path]]:
     """(source name, file) of every file the entries match: "NAME=PATTERN" names all its files, a bare
     pattern names each file by its first dotted part (arithmetic.train.jsonl.gz -> arithmetic)."""
-    from smoltrain.post.chat_data import source_of
+    from smoltrain.post.chat.data import source_of
 
     files = []
     for entry in entries:
@@ -117,7 +117,7 @@ def _given(state: dict) -> dict:
 
 
 def _sft_worker(tokenizer_dir: str) -> dict:
-    from smoltrain.post.chat_template import load_chat_tokenizer
+    from smoltrain.post.chat.template import load_chat_tokenizer
 
     return {"tokenizer": load_chat_tokenizer(tokenizer_dir)}
 
@@ -136,7 +136,7 @@ def _batches(reader, size: int):
 def _encode_batch(tokenizer, batch: list, settings: Settings, source: str, counts: ChatCounts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, targets, lengths) of the conversations of one batch that fit, concatenated; every
     conversation is counted (and its system prompt checked) in `counts`."""
-    from smoltrain.post.chat_template import encode_chats
+    from smoltrain.post.chat.template import encode_chats
 
     for conv in batch:
         conv.source = source
@@ -158,7 +158,7 @@ def _encode_batch(tokenizer, batch: list, settings: Settings, source: str, count
 def _prepare_file(task: dict, worker: dict) -> dict:
     """One input file -> one token shard, one target shard and its label counts; returns the file's
     entry (shard sizes, the report's counts, skipped rows)."""
-    from smoltrain.post.chat_data import ConversationReader
+    from smoltrain.post.chat.data import ConversationReader
 
     s, folder, name = Settings(**task["settings"]), Path(task["folder"]), task["shard"]
     reader = ConversationReader(task["path"], s.skip_bad, s.split)

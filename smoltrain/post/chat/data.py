@@ -19,7 +19,7 @@ from pathlib import Path
 from smoltrain.data.readers import dataset_rows, expand_inputs, input_kind, json_list_rows
 from smoltrain.errors import DataError
 from smoltrain.files import BadLine, jsonl_rows, write_atomic
-from smoltrain.post.chat_template import TEMPLATE_KWARGS
+from smoltrain.post.chat.template import TEMPLATE_KWARGS
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -19,8 +19,8 @@ from smoltrain.eval.answers import final_answer, is_correct
 from smoltrain.eval.scoring import standard_error
 from smoltrain.model.generate import generate
 from smoltrain.model.modes import evaluating
-from smoltrain.post.chat_template import END_THINK, THINK, encode_prompt, end_of_turn_id, has_reasoning_modes
-from smoltrain.post.embedded_chat import arithmetic_prompts, follows_rule, persona_prompts
+from smoltrain.post.chat.template import END_THINK, THINK, encode_prompt, end_of_turn_id, has_reasoning_modes
+from smoltrain.post.embedded import arithmetic_prompts, follows_rule, persona_prompts
 
 
 def think_format_ok(response: str, mode: str) -> bool:

@@ -25,15 +25,15 @@ from smoltrain.config import Config, register_stage_config, replace_sections, re
 from smoltrain.errors import ConfigError
 from smoltrain.eval.during_training import DuringTraining
 from smoltrain.files import write_atomic
-from smoltrain.post.chat_template import (
+from smoltrain.post.chat.template import (
     end_of_turn_id,
     has_generation_markers,
     load_chat_tokenizer,
     missing_chat_tokens,
     write_chat_tokenizer,
 )
-from smoltrain.post.sft_data import PackedChatBatches, report_markdown
-from smoltrain.post.sft_prepare import Settings, load_prepared, named_files, prepare
+from smoltrain.post.sft.data import PackedChatBatches, report_markdown
+from smoltrain.post.sft.prepare import Settings, load_prepared, named_files, prepare
 from smoltrain.post.stage_eval import CHAT_AFTER, CHAT_BEFORE, evaluate_start, run_chat_evals, write_record
 from smoltrain.train.checkpoint import finished_note
 from smoltrain.train.pretrain import PretrainObjective
@@ -144,7 +144,7 @@ def _data_files(config: Config) -> list[str]:
     files = []
     for item in config.sft.data:
         if item == "embedded":
-            from smoltrain.post.embedded_chat import ensure_embedded_chat
+            from smoltrain.post.embedded import ensure_embedded_chat
 
             files += ensure_embedded_chat(config.data.cache_dir, config.train.seed, config.sft.embedded_conversations)
         else:
@@ -168,7 +168,7 @@ def mixture_weights(s) -> dict[str, float]:
 
 
 def prepare_sft_data(config: Config, tokenizer_dir: Path) -> PreparedData:
-    """Rendered, tokenized, checked and packed once into the cache (post/sft_prepare.py), then opened;
+    """Rendered, tokenized, checked and packed once into the cache (post/sft/prepare.py), then opened;
     the report is the data check's result."""
     s = config.sft
     tokenizer = load_chat_tokenizer(tokenizer_dir)
@@ -332,8 +332,8 @@ def sft(config: Config, resume: str | None = None, should_stop=None) -> dict:
 
 def write_sft_report(run_dir: Path, report: dict) -> Path:
     """sft_report.md: the data check, chat evals before/after and the vibe test samples."""
-    from smoltrain.post.chat import chat_markdown
-    from smoltrain.post.chat_eval import vibe_markdown
+    from smoltrain.post.chat.evals import vibe_markdown
+    from smoltrain.post.chat.repl import chat_markdown
 
     def read(name: str) -> dict | None:
         path = run_dir / name

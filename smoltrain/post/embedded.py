@@ -28,7 +28,7 @@ from pathlib import Path
 from smoltrain.data.corpus import ITEMS, NAMES, code_documents, in_validation_split, math_solution
 from smoltrain.eval.answers import final_answer
 from smoltrain.files import write_json
-from smoltrain.post.chat_data import Conversation, write_conversations
+from smoltrain.post.chat.data import Conversation, write_conversations
 
 CHAT_DATA_VERSION = 2
 HELDOUT_FRACTION = 0.1

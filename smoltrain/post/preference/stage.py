@@ -30,8 +30,8 @@ from smoltrain.eval.during_training import DuringTraining
 from smoltrain.eval.scoring import rate_with_error
 from smoltrain.files import write_atomic
 from smoltrain.model.transformer import token_logprobs
-from smoltrain.post.preference import pair_losses, reward_metrics
-from smoltrain.post.preference_data import Pair, TextTokenizer, collate, summed_logprobs
+from smoltrain.post.preference.data import Pair, TextTokenizer, collate, summed_logprobs
+from smoltrain.post.preference.losses import pair_losses, reward_metrics
 from smoltrain.post.stage_eval import CHAT_AFTER, CHAT_BEFORE, evaluate_start, run_chat_evals, write_record
 from smoltrain.train.distributed import autocast
 from smoltrain.train.stage_config import load_stage_config, resolve_tokenizer
@@ -49,7 +49,7 @@ MIN_LR_SHARE = 0.1
 
 @dataclass
 class DPOConfig:
-    """Preference training (`smoltrain dpo`): losses in post/preference.py, data in post/preference_data.py."""
+    """Preference training (`smoltrain dpo`): losses in post/preference/losses.py, data in post/preference/data.py."""
 
     loss: Literal["apo_zero", "apo_down", "dpo", "ipo"] = "apo_zero"  # SmolLM3: APO-zero kept AIME25, DPO lost it
     beta: float = 0.1  # 0.05-0.1 in the playbook
@@ -65,7 +65,7 @@ class DPOConfig:
     pairs_per_step: int = 64  # global batch in pairs (chosen + rejected rows: twice as many sequences)
     skip_bad: bool = False  # count and skip bad rows instead of stopping at the first
     chat_template: Optional[str] = None  # conversational rows: smollm3, chatml or model (default: the tokenizer's own)
-    chat_eval_items: int = 0  # > 0: the chat evals (post/chat_eval.py) before training and at every evaluation
+    chat_eval_items: int = 0  # > 0: the chat evals (post/chat/evals.py) before training and at every evaluation
 
 
 def validate_dpo(p: DPOConfig) -> None:
@@ -408,9 +408,9 @@ class DPOObjective:
 
 
 def split_data(config: Config, tokenizer_path: str) -> tuple:
-    """(train pairs, held-out pairs), prepared once on disk (post/preference_prepare.py) and read from
+    """(train pairs, held-out pairs), prepared once on disk (post/preference/prepare.py) and read from
     there: the held-out ones are dpo.eval_data, else a seeded draw of dpo.holdout_pairs training pairs."""
-    from smoltrain.post.preference_prepare import PairSubset, load_pairs
+    from smoltrain.post.preference.prepare import PairSubset, load_pairs
 
     p = config.dpo
     if not p.train_data:
@@ -465,7 +465,7 @@ def build_dpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) ->
                                 pad_id, train_ref)
     chat = None
     if p.chat_eval_items:
-        from smoltrain.post.chat_template import load_chat_tokenizer
+        from smoltrain.post.chat.template import load_chat_tokenizer
 
         chat = load_chat_tokenizer(path, p.chat_template)
     objective = DPOObjective(config, batches, eval_pairs, eval_ref, reference_model, pad_id, ctx.device, precision,

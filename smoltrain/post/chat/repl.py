@@ -17,8 +17,8 @@ from typing import TextIO
 
 from smoltrain.errors import CheckpointError, ConfigError, DataError
 from smoltrain.files import BadLine, jsonl_rows, write_atomic
-from smoltrain.post.chat_data import BadRow, prompt_from_row
-from smoltrain.post.chat_template import (
+from smoltrain.post.chat.data import BadRow, prompt_from_row
+from smoltrain.post.chat.template import (
     encode_prompt,
     end_of_turn_id,
     has_reasoning_modes,
@@ -154,7 +154,7 @@ def generate_file(model, tokenizer, input_path: str | os.PathLike, out_path: str
                   temperature: float | None = None, top_p: float | None = None, max_new_tokens: int = 256,
                   batch_size: int = 32, seed: int = 0) -> dict:
     """Every input row plus "completions" (n texts), "completion_tokens" and "stopped"; written atomically."""
-    from smoltrain.post.chat_eval import generate_replies
+    from smoltrain.post.chat.evals import generate_replies
 
     if n < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ConfigError("--n, --max-new-tokens and --batch-size must be positive")
@@ -187,7 +187,7 @@ def evaluate_chat(path: str | os.PathLike, out: str | os.PathLike, device: str =
                   template: str | None = None) -> dict:
     """The chat evals of a model -> {"chat": results, "vibe": samples}; writes out (JSON), a markdown
     table beside it and every graded reply as jsonl."""
-    from smoltrain.post.chat_eval import chat_evals, vibe_markdown, vibe_test
+    from smoltrain.post.chat.evals import chat_evals, vibe_markdown, vibe_test
 
     model, chat_tokenizer = load_chat_model(path, device, tokenizer, template)
     details: list = []

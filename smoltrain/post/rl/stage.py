@@ -31,11 +31,11 @@ from smoltrain.eval.during_training import DuringTraining
 from smoltrain.eval.scoring import rate_with_error
 from smoltrain.model.generate import sample
 from smoltrain.model.modes import evaluating
-from smoltrain.post.chat_template import END_OF_TURN_TOKENS
-from smoltrain.post.grpo import aggregate, group_advantages, per_token_loss
-from smoltrain.post.prompts import encode, load_prompts, reward_columns
-from smoltrain.post.rewards import RewardState, build_rewards, score
-from smoltrain.post.rollout import completion_logprobs, generate_rollouts, max_over_ranks, micro_batches
+from smoltrain.post.chat.template import END_OF_TURN_TOKENS
+from smoltrain.post.rl.grpo import aggregate, group_advantages, per_token_loss
+from smoltrain.post.rl.prompts import encode, load_prompts, reward_columns
+from smoltrain.post.rl.rewards import RewardState, build_rewards, score
+from smoltrain.post.rl.rollout import completion_logprobs, generate_rollouts, max_over_ranks, micro_batches
 from smoltrain.post.stage_eval import evaluate_start, run_chat_evals
 from smoltrain.train.stage_config import load_stage_config, resolve_tokenizer
 
@@ -449,7 +449,7 @@ BEFORE = "eval_before.json"  # the held-out evaluation of the starting model, in
 def build_grpo_objective(config: Config, model: nn.Module, ctx, run_dir: Path) -> GRPOObjective:
     """The factory the Trainer calls after building the model (at its starting weights); a fresh run
     from train.init first scores the starting model on the held-out prompts (eval_before.json)."""
-    from smoltrain.post.chat_template import load_chat_tokenizer
+    from smoltrain.post.chat.template import load_chat_tokenizer
 
     tokenizer = load_chat_tokenizer(resolve_tokenizer(config), config.grpo.chat_template)
     train, heldout = load_grpo_prompts(config)

@@ -77,7 +77,7 @@ def chat_render(tokenizer: str | os.PathLike, template: str | None = None) -> Re
 
     def render(messages: list, add_generation_prompt: bool, kwargs: dict) -> list[int]:
         if not loaded:
-            from smoltrain.post.chat_template import load_chat_tokenizer
+            from smoltrain.post.chat.template import load_chat_tokenizer
 
             loaded.append(load_chat_tokenizer(tokenizer, template))
         out = loaded[0].apply_chat_template(messages, tokenize=True, return_dict=True,
@@ -238,7 +238,7 @@ def load_preferences(
     split: str | None = None,
 ) -> PreferenceData:
     """Read and tokenize every row into memory (`smoltrain dpo` prepares them on disk instead:
-    post/preference_prepare.py); a bad row is a one-line `file:line` DataError, or a counted skip."""
+    post/preference/prepare.py); a bad row is a one-line `file:line` DataError, or a counted skip."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if max_length < 2:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from smoltrain.errors import ConfigError, DataError
 from smoltrain.files import write_atomic
-from smoltrain.post.chat_template import END_THINK, THINK
-from smoltrain.post.preference_data import read_rows
+from smoltrain.post.chat.template import END_THINK, THINK
+from smoltrain.post.preference.data import read_rows
 
 REFERENCE = "reference"  # --chosen-model reference: the prompt row's own reference reply
 PERSONA = "embedded:persona"  # --prompts: the embedded training questions under system-prompt rules
@@ -36,11 +36,11 @@ def read_prompts(path: str, count: int | None = None, mode: str | None = None) -
     `embedded:persona` its training questions under a system-prompt rule, with replies that keep it
     (and the answer of the arithmetic ones)."""
     if path == PERSONA:
-        from smoltrain.post.embedded_chat import persona_prompts
+        from smoltrain.post.embedded import persona_prompts
 
         return persona_prompts("train", count or 200, 0, mode or "no_think")
     if path == "embedded":
-        from smoltrain.post.embedded_chat import arithmetic_prompts, direct_response, think_response
+        from smoltrain.post.embedded import arithmetic_prompts, direct_response, think_response
 
         think = mode == "think"
         rows = arithmetic_prompts("train", count or 200, 0, "think" if think else "no_think")
@@ -84,8 +84,8 @@ def _replies(model_path: str, prompts: list[dict], max_new_tokens: int, batch_si
         if missing:
             raise DataError(f"{missing[0]}: --chosen-model reference needs a 'reference' reply in every prompt row")
         return [{"text": p["reference"], "tokens": None, "stopped": True} for p in prompts]
-    from smoltrain.post.chat_eval import generate_replies
-    from smoltrain.post.chat_template import load_chat_tokenizer
+    from smoltrain.post.chat.evals import generate_replies
+    from smoltrain.post.chat.template import load_chat_tokenizer
     from smoltrain.train.distributed import resolve_device
     from smoltrain.train.load_model import load_any
 
@@ -131,7 +131,7 @@ def _plain_replies(model_path: str, prompts: list[dict], max_new_tokens: int, ba
 def _passes(verify: str, prompt: dict, text: str) -> bool:
     """--verify's check of one reply: math, the answer is right; rule, the system prompt's rule is kept."""
     from smoltrain.eval.answers import is_correct
-    from smoltrain.post.embedded_chat import follows_rule
+    from smoltrain.post.embedded import follows_rule
 
     return is_correct(text, prompt["answer"]) if verify == "math" else follows_rule(prompt["rule"], text)
 
@@ -187,7 +187,7 @@ def _check_prompts(prompts: list[dict], verify: str | None, plain: bool) -> None
         if missing:
             raise DataError(f"{missing[0]}: --verify math needs an 'answer' in every prompt row")
     if verify == "rule":
-        from smoltrain.post.embedded_chat import rules
+        from smoltrain.post.embedded import rules
 
         known = {r["id"] for r in rules()}
         bad = next((p for p in prompts if p.get("rule") not in known), None)

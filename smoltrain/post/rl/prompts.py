@@ -55,7 +55,7 @@ def load_prompts(source: str, split: str = "train", mode: str = "no_think", coun
     if mode not in MODES:
         raise DataError(f"mode must be think or no_think, got {mode!r}")
     if source == "embedded":
-        from smoltrain.post.embedded_chat import arithmetic_prompts
+        from smoltrain.post.embedded import arithmetic_prompts
 
         rows = arithmetic_prompts("heldout" if split == "heldout" else "train", count or 1000, seed, mode)
         items = [check_prompt({k: v for k, v in row.items() if k != "steps"}, f"embedded:{i}", mode)
@@ -106,7 +106,7 @@ def encode(tokenizer, item: dict) -> list[int]:
     """Token ids a model continues: a conversation through the chat template with its mode's
     generation prompt; a text prompt as it is (TRL's "standard" format)."""
     if "messages" in item:
-        from smoltrain.post.chat_template import encode_prompt
+        from smoltrain.post.chat.template import encode_prompt
 
         return encode_prompt(tokenizer, item["messages"], enable_thinking=item["mode"] == "think")
     return list(tokenizer(item["prompt"], add_special_tokens=False)["input_ids"])

@@ -1,7 +1,7 @@
 """Preference pairs prepared once, on disk: rows -> one token shard per input file holding each pair's
 prompt, chosen and rejected ids back to back, cached by a hash of the inputs and settings, read with pread.
 
-Tokenization is TRL's (post/preference_data.py's iter_pairs, streamed: no list of rows or pairs), one
+Tokenization is TRL's (post/preference/data.py's iter_pairs, streamed: no list of rows or pairs), one
 file per worker process as for SFT data (sft_prepare.run_file_tasks); the cache folder is made the same
 way (sft_prepare.build_once: a temporary name renamed when complete, the other ranks of the node
 waiting). A pair costs 16 bytes of memory (its start and two lengths); its tokens stay on disk until a
@@ -22,8 +22,8 @@ import numpy as np
 from smoltrain.data.readers import input_fingerprint, is_dataset_folder
 from smoltrain.data.shards import ShardWriter, TokenSource, file_sha256, shard_name, token_dtype, write_meta
 from smoltrain.errors import DataError
-from smoltrain.post.preference_data import Pair, TextTokenizer, chat_render, iter_pairs
-from smoltrain.post.sft_prepare import build_once, report_progress, run_file_tasks
+from smoltrain.post.preference.data import Pair, TextTokenizer, chat_render, iter_pairs
+from smoltrain.post.sft.prepare import build_once, report_progress, run_file_tasks
 
 FORMAT_VERSION = 1
 INDEX = "pairs.npz"

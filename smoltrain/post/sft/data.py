@@ -1,6 +1,6 @@
 """SFT data: conversations -> token ids and loss targets (from the template's generation mask),
 best-fit-decreasing packing into rows, the data check and report, and the batch source. (Preparing
-them on disk for a run, in parallel and cached, is post/sft_prepare.py's; these are its parts.)
+them on disk for a run, in parallel and cached, is post/sft/prepare.py's; these are its parts.)
 
 A packed row holds whole conversations, each with its own document id, so positions restart and no
 token attends across conversations (the model's document masking): a packed conversation gets the
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from smoltrain.errors import DataError
-from smoltrain.post.chat_data import Conversation, conversation_mode, system_prompt
-from smoltrain.post.chat_template import encode_chat, render
+from smoltrain.post.chat.data import Conversation, conversation_mode, system_prompt
+from smoltrain.post.chat.template import encode_chat, render
 
 STATE_VERSION = 1
 
@@ -63,7 +63,7 @@ def fit_example(ids, mask, seq_len: int, loss: str, overflow: str) -> tuple[np.n
 def tokenize_conversations(conversations: list[Conversation], tokenizer, seq_len: int, loss: str = "assistant",
                            overflow: str = "truncate") -> tuple[list[Example], dict]:
     """In memory, one conversation at a time: the examples that fit a row of seq_len and the counts of
-    each outcome. `smoltrain sft` prepares on disk (post/sft_prepare.py); this is the small-list path."""
+    each outcome. `smoltrain sft` prepares on disk (post/sft/prepare.py); this is the small-list path."""
     check_settings(loss, overflow)
     examples, stats = [], Counter()
     for index, conv in enumerate(conversations):

@@ -21,7 +21,7 @@ import torch
 
 from smoltrain.errors import ConfigError, SmoltrainError
 from smoltrain.eval.answers import is_correct
-from smoltrain.post.grpo import soft_overlong_penalty
+from smoltrain.post.rl.grpo import soft_overlong_penalty
 
 BUILTIN = ("math_answer", "format", "overlong", "length_group")
 
@@ -44,7 +44,7 @@ def format_reward(mode: str = "no_think"):
     """1 when the think block is well formed for the prompt's mode (column `mode`, else the run's), as
     the chat evals check it: think -> one closed block first, then an answer; no_think -> no think
     tags (the template's generation prompt already holds the empty block), an answer."""
-    from smoltrain.post.chat_eval import think_format_ok
+    from smoltrain.post.chat.evals import think_format_ok
 
     def format(prompts, completions, completion_ids, mode=None, **columns):
         modes = mode if mode is not None else [default] * len(completions)

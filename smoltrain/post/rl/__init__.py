@@ -1,0 +1,1 @@
+"""Reinforcement learning with verifiable rewards (GRPO): the stage, its loss, rollouts, rewards and prompts."""

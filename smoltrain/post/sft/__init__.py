@@ -1,0 +1,1 @@
+"""Supervised fine-tuning: the stage, its data (conversations -> tokens and loss targets) and the on-disk preparation."""
