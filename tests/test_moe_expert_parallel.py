@@ -53,7 +53,7 @@ def test_impossible_expert_parallel_layout_is_a_one_line_config_error(parallel, 
 @pytest.mark.slow
 def test_expert_parallel_equals_one_process(tmp_path):
     torch.set_num_threads(1)
-    cases = {"ep_fsdp": {"ep": 2}, "ep_ddp": {"ep": 2, "ddp": True}}
+    cases = {"ep_fsdp": ({"ep": 2}, None), "ep_ddp": ({"ep": 2, "ddp": True}, None)}
     mp.spawn(_worker, args=(free_port(), str(tmp_path), cases), nprocs=WORLD, join=True)
     want = reference(WORLD)
     assert want[-1][0] < want[0][0], "the reference must learn"
