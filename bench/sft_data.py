@@ -41,7 +41,7 @@ WORDS = ("the of and to in is that it for on with as was at by an be this which 
 def synthetic_row(r: random.Random, sentences: list[str], short: bool = False) -> dict:
     """One smoltalk2-shaped row, ~260 tokens: a fifth with custom instructions, half in think mode with a
     reasoning block, a third multi-turn. Text is drawn from a pool of sentences (fast to write 1M rows).
-    `short`: the same shape in one turn of a sentence or two a message (~60 tokens), for 1M rows on a busy box."""
+    `short`: the same shape in one turn of a sentence or two a message (~52 tokens with SmolLM2 and chatml), for 1M rows on a busy box."""
     def text(lo: int, hi: int) -> str:
         return " ".join(r.choice(sentences) for _ in range(r.randint(lo, 1 if short else hi)))
 
@@ -193,7 +193,7 @@ def main() -> None:
     p.add_argument("--template", default="smollm3", help="chat template: smollm3 (needs <think> tokens) or chatml")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--ratio-conversations", type=int, default=20000, help="conversations of the same-window ratio (0: none)")
-    p.add_argument("--short", action="store_true", help="the memory runs on one-turn ~60-token conversations")
+    p.add_argument("--short", action="store_true", help="the memory runs on one-turn ~52-token conversations")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workdir", default=".cache/bench-sft-data")
     p.add_argument("--keep", action="store_true", help="keep each prepared cache (for a later look) instead of deleting it")
