@@ -92,21 +92,23 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~pair_mask, float("-inf")).exp()
     entry, exit_, carry = _boundary_masks(segments, pad, n, chunk_size)
     k_beta = k * beta[..., None]
-    # UT transform: (I + strictly-lower(beta k k^T * decay)) [u | w] = [beta v | beta k exp(cum)], one solve.
+    # UT transform: (I + strictly-lower(beta k k^T * decay)) [u | w] = [beta v | -beta k exp(cum)], one solve.
+    # w is solved negated (the sign folded into a [.., chunk] factor) so the scan adds K^T w S with one
+    # baddbmm a chunk and its backward needs no negation of a full-size gradient.
     system = (k_beta @ k.transpose(-1, -2)) * decay
-    rhs = torch.cat([v * beta[..., None], k_beta * (cum.exp() * entry)[..., None]], dim=-1)
+    rhs = torch.cat([v * beta[..., None], k_beta * (cum.exp() * -entry)[..., None]], dim=-1)
     uw = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    # Chunk i maps its entry state S to a(i) S + K^T (u - w S): [K^T u | K^T w] for all chunks in one matmul,
+    # Chunk i maps its entry state S to a(i) S + K^T (u + w S): [K^T u | K^T w] for all chunks in one matmul,
     # then a scan over chunks with one matmul each (_StateScan, hand backward, no autograd graph per chunk).
     k_exit = (k * ((cum[..., -1:] - cum).exp() * exit_)[..., None]).transpose(-1, -2)
     offset, written = (k_exit @ uw).split([d_v, d_k], dim=-1)
     s0 = state.float() if state is not None else q.new_zeros(batch, heads, d_k, d_v)
-    states = _StateScan.apply(cum[..., -1].exp() * carry, written, offset, s0)  # [n + 1, batch, heads, d_k, d_v]
-    # out_i = (q_i exp(cum_i) - attn_i w) S + attn_i u, every chunk reading the state it starts with.
+    entries, final = _StateScan.apply(cum[..., -1].exp() * carry, written, offset, s0)  # [n, batch, heads, d_k, d_v]
+    # out_i = (q_i exp(cum_i) + attn_i w) S + attn_i u, every chunk reading the state it starts with.
     attn_u, attn_w = ((q @ k.transpose(-1, -2)) * decay @ uw).split([d_v, d_k], dim=-1)
-    out = (q * (cum.exp() * entry)[..., None] - attn_w) @ states[:-1] + attn_u
+    out = (q * (cum.exp() * entry)[..., None] + attn_w) @ entries + attn_u
     out = out.permute(1, 0, 3, 2, 4).reshape(batch, n * chunk_size, heads, d_v)[:, :seq]
-    return out.to(dtype), states[-1]
+    return out.to(dtype), final
 
 
 def _chunk_major(x: torch.Tensor, pad: int, n: int, chunk_size: int) -> torch.Tensor:
@@ -118,31 +120,36 @@ def _chunk_major(x: torch.Tensor, pad: int, n: int, chunk_size: int) -> torch.Te
 
 
 class _StateScan(torch.autograd.Function):
-    """states[i + 1] = carry[i] states[i] - written[i] @ states[i] + offset[i] over the chunk axis (0),
-    states[0] = s0; the backward runs the same recurrence in reverse with transposed matrices, so autograd
-    records one node for the whole scan instead of several per chunk (whose select backwards each
-    zero-filled a full-size gradient: 40% of a forward + backward step at 1 x 1024 tokens, 16 chunks)."""
+    """states[i + 1] = carry[i] states[i] + written[i] @ states[i] + offset[i] over the chunk axis (0),
+    states[0] = s0; returns (the states each chunk starts with [n, ...], the last state). The backward runs
+    the same recurrence in reverse with transposed matrices, so autograd records one node for the whole
+    scan instead of several per chunk (whose select backwards each zero-filled a full-size gradient: 40%
+    of a forward + backward step at 1 x 1024 tokens, 16 chunks). Two outputs, not one stack that the
+    caller slices: slicing's backward zero-fills and copies a gradient of all n + 1 states (~2 ms there)."""
 
     @staticmethod
-    def forward(ctx, carry: torch.Tensor, written: torch.Tensor, offset: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, carry: torch.Tensor, written: torch.Tensor, offset: torch.Tensor, s0: torch.Tensor):
         states = [s0]
         for i in range(offset.shape[0]):
-            states.append(torch.addcmul(offset[i], carry[i, ..., None, None], states[i]) - written[i] @ states[i])
-        states = torch.stack(states)
-        ctx.save_for_backward(carry, written, states)
-        return states
+            step = torch.baddbmm(offset[i].flatten(0, -3), written[i].flatten(0, -3), states[i].flatten(0, -3))
+            states.append(step.view_as(s0).addcmul_(carry[i, ..., None, None], states[i]))
+        entries = torch.stack(states[:-1])
+        ctx.save_for_backward(carry, written, entries)
+        return entries, states[-1]
 
     @staticmethod
-    def backward(ctx, grad_states: torch.Tensor):
-        carry, written, states = ctx.saved_tensors
-        grads = [grad_states[-1]]  # the whole gradient of each state, from the last one back
+    def backward(ctx, grad_entries: torch.Tensor, grad_final: torch.Tensor):
+        carry, written, entries = ctx.saved_tensors
+        grads = [grad_final]  # the whole gradient of each state, from the last one back
         for i in range(written.shape[0] - 1, -1, -1):
             later = grads[-1]
-            grads.append(torch.addcmul(grad_states[i], carry[i, ..., None, None], later) - written[i].transpose(-1, -2) @ later)
-        grads = torch.stack(grads[::-1])
-        grad_carry = (grads[1:] * states[:-1]).sum(dim=(-1, -2))
-        grad_written = -(grads[1:] @ states[:-1].transpose(-1, -2))
-        return grad_carry, grad_written, grads[1:], grads[0]
+            step = torch.baddbmm(grad_entries[i].flatten(0, -3), written[i].flatten(0, -3).transpose(-1, -2),
+                                 later.flatten(0, -3))
+            grads.append(step.view_as(later).addcmul_(carry[i, ..., None, None], later))
+        grad_s0, grads = grads[-1], torch.stack(grads[-2::-1])  # then states 1..n's, in order: offset's gradient
+        grad_carry = (grads * entries).sum(dim=(-1, -2))
+        grad_written = grads @ entries.transpose(-1, -2)
+        return grad_carry, grad_written, grads, grad_s0
 
 
 def _chunked_segments(segments: torch.Tensor, pad: int, n: int, chunk_size: int) -> torch.Tensor:
