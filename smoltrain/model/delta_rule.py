@@ -125,7 +125,8 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     entries, final = _StateScan.apply(cum[..., -1].exp() * carry, written, offset, s0)  # [n, batch, heads, d_k, d_v]
     # out_i = (q_i exp(cum_i) + attn_i w) S + attn_i u, every chunk reading the state it starts with.
     attn_u, attn_w = ((q @ k.transpose(-1, -2)) * decay @ uw).split([d_v, d_k], dim=-1)
-    out = (q * (cum.exp() * entry)[..., None] + attn_w) @ entries + attn_u
+    reads = torch.addcmul(attn_w, q, (cum.exp() * entry)[..., None])
+    out = torch.baddbmm(attn_u.flatten(0, 2), reads.flatten(0, 2), entries.flatten(0, 2)).view_as(attn_u)
     out = out.permute(1, 0, 3, 2, 4).reshape(batch, n * chunk_size, heads, d_v)[:, :seq]
     return out.to(dtype), final
 
