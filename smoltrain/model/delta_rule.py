@@ -111,21 +111,22 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     decay = _PairDecay.apply(cum, ~pair_mask)  # exp(cum_i - cum_j) where j may reach i, else 0
     entry, exit_, carry = _boundary_masks(segments, pad, n, chunk_size)
     k_beta = k * beta[..., None]
-    # UT transform: (I + strictly-lower(beta k k^T * decay)) [u | w] = [beta v | -beta k exp(cum)], one solve.
-    # w is solved negated (the sign folded into a [.., chunk] factor) so the scan adds K^T w S with one
-    # baddbmm a chunk and its backward needs no negation of a full-size gradient.
+    # UT transform: (I + strictly-lower(beta k k^T * decay)) [u | w] = [beta v | -beta k exp(cum)]. w is solved
+    # negated (the sign folded into a [.., chunk] factor) so the scan adds K^T w S with one baddbmm a chunk and
+    # its backward negates no full-size gradient. Two solves and twice the matmuls of half width rather than
+    # one of [u | w]: the cat and the two splits' backward cats (4-8 MB each, ~2 ms) cost more.
     system = (k_beta @ k.transpose(-1, -2)) * decay
-    rhs = torch.cat([v * beta[..., None], k_beta * (cum.exp() * -entry)[..., None]], dim=-1)
-    uw = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    # Chunk i maps its entry state S to a(i) S + K^T (u + w S): [K^T u | K^T w] for all chunks in one matmul,
-    # then a scan over chunks with one matmul each (_StateScan, hand backward, no autograd graph per chunk).
+    u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, k_beta * (cum.exp() * -entry)[..., None], upper=False, unitriangular=True)
+    # Chunk i maps its entry state S to a(i) S + K^T (u + w S), then a scan over chunks with one matmul
+    # each (_StateScan, hand backward, no autograd graph per chunk).
     k_exit = (k * ((cum[..., -1:] - cum).exp() * exit_)[..., None]).transpose(-1, -2)
-    offset, written = (k_exit @ uw).split([d_v, d_k], dim=-1)
     s0 = state.float() if state is not None else q.new_zeros(batch, heads, d_k, d_v)
-    entries, final = _StateScan.apply(cum[..., -1].exp() * carry, written, offset, s0)  # [n, batch, heads, d_k, d_v]
+    entries, final = _StateScan.apply(cum[..., -1].exp() * carry, k_exit @ w, k_exit @ u, s0)  # [n, batch, heads, d_k, d_v]
     # out_i = (q_i exp(cum_i) + attn_i w) S + attn_i u, every chunk reading the state it starts with.
-    attn_u, attn_w = ((q @ k.transpose(-1, -2)) * decay @ uw).split([d_v, d_k], dim=-1)
-    reads = torch.addcmul(attn_w, q, (cum.exp() * entry)[..., None])
+    attn = (q @ k.transpose(-1, -2)) * decay
+    reads = torch.addcmul(attn @ w, q, (cum.exp() * entry)[..., None])
+    attn_u = attn @ u
     out = torch.baddbmm(attn_u.flatten(0, 2), reads.flatten(0, 2), entries.flatten(0, 2)).view_as(attn_u)
     out = out.permute(1, 0, 3, 2, 4).reshape(batch, n * chunk_size, heads, d_v)[:, :seq]
     return out.to(dtype), final
