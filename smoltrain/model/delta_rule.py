@@ -150,24 +150,27 @@ class _StateScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, carry: torch.Tensor, written: torch.Tensor, offset: torch.Tensor, s0: torch.Tensor):
-        states = [s0]
+        # Each step writes into its slot of one buffer (out=) rather than a list that torch.stack copies (4 MB).
+        states = offset.new_empty((offset.shape[0] + 1, *s0.shape))
+        states[0].copy_(s0)
         for i in range(offset.shape[0]):
-            step = torch.baddbmm(offset[i].flatten(0, -3), written[i].flatten(0, -3), states[i].flatten(0, -3))
-            states.append(step.view_as(s0).addcmul_(carry[i, ..., None, None], states[i]))
-        entries = torch.stack(states[:-1])
+            torch.baddbmm(offset[i].flatten(0, -3), written[i].flatten(0, -3), states[i].flatten(0, -3),
+                          out=states[i + 1].flatten(0, -3))
+            states[i + 1].addcmul_(carry[i, ..., None, None], states[i])
+        entries = states[:-1]
         ctx.save_for_backward(carry, written, entries)
-        return entries, states[-1]
+        return entries, states[-1].clone()
 
     @staticmethod
     def backward(ctx, grad_entries: torch.Tensor, grad_final: torch.Tensor):
         carry, written, entries = ctx.saved_tensors
-        grads = [grad_final]  # the whole gradient of each state, from the last one back
+        grads = grad_final.new_empty((entries.shape[0] + 1, *grad_final.shape))
+        grads[-1].copy_(grad_final)  # the whole gradient of each state, from the last one back
         for i in range(written.shape[0] - 1, -1, -1):
-            later = grads[-1]
-            step = torch.baddbmm(grad_entries[i].flatten(0, -3), written[i].flatten(0, -3).transpose(-1, -2),
-                                 later.flatten(0, -3))
-            grads.append(step.view_as(later).addcmul_(carry[i, ..., None, None], later))
-        grad_s0, grads = grads[-1], torch.stack(grads[-2::-1])  # then states 1..n's, in order: offset's gradient
+            torch.baddbmm(grad_entries[i].flatten(0, -3), written[i].flatten(0, -3).transpose(-1, -2),
+                          grads[i + 1].flatten(0, -3), out=grads[i].flatten(0, -3))
+            grads[i].addcmul_(carry[i, ..., None, None], grads[i + 1])
+        grad_s0, grads = grads[0], grads[1:]  # states 1..n's gradient is offset's
         grad_carry = (grads * entries).sum(dim=(-1, -2))
         grad_written = grads @ entries.transpose(-1, -2)
         return grad_carry, grad_written, grads, grad_s0
