@@ -154,9 +154,9 @@ class _StateScan(torch.autograd.Function):
         states = offset.new_empty((offset.shape[0] + 1, *s0.shape))
         states[0].copy_(s0)
         for i in range(offset.shape[0]):
-            torch.baddbmm(offset[i].flatten(0, -3), written[i].flatten(0, -3), states[i].flatten(0, -3),
-                          out=states[i + 1].flatten(0, -3))
-            states[i + 1].addcmul_(carry[i, ..., None, None], states[i])
+            # offset + carry S first, then += written @ S in place: baddbmm with out= would copy its input first.
+            torch.addcmul(offset[i], carry[i, ..., None, None], states[i], out=states[i + 1])
+            states[i + 1].flatten(0, -3).baddbmm_(written[i].flatten(0, -3), states[i].flatten(0, -3))
         entries = states[:-1]
         ctx.save_for_backward(carry, written, entries)
         return entries, states[-1].clone()
@@ -167,9 +167,8 @@ class _StateScan(torch.autograd.Function):
         grads = grad_final.new_empty((entries.shape[0] + 1, *grad_final.shape))
         grads[-1].copy_(grad_final)  # the whole gradient of each state, from the last one back
         for i in range(written.shape[0] - 1, -1, -1):
-            torch.baddbmm(grad_entries[i].flatten(0, -3), written[i].flatten(0, -3).transpose(-1, -2),
-                          grads[i + 1].flatten(0, -3), out=grads[i].flatten(0, -3))
-            grads[i].addcmul_(carry[i, ..., None, None], grads[i + 1])
+            torch.addcmul(grad_entries[i], carry[i, ..., None, None], grads[i + 1], out=grads[i])
+            grads[i].flatten(0, -3).baddbmm_(written[i].flatten(0, -3).transpose(-1, -2), grads[i + 1].flatten(0, -3))
         grad_s0, grads = grads[0], grads[1:]  # states 1..n's gradient is offset's
         grad_carry = (grads * entries).sum(dim=(-1, -2))
         grad_written = grads @ entries.transpose(-1, -2)
