@@ -110,14 +110,14 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     pair_mask = lower if segments is None else lower & _same_segment_in_chunk(segments, pad, n, chunk_size)
     decay = _PairDecay.apply(cum, ~pair_mask)  # exp(cum_i - cum_j) where j may reach i, else 0
     entry, exit_, carry = _boundary_masks(segments, pad, n, chunk_size)
-    k_beta = k * beta[..., None]
     # UT transform: (I + strictly-lower(beta k k^T * decay)) [u | w] = [beta v | -beta k exp(cum)]. w is solved
     # negated (the sign folded into a [.., chunk] factor) so the scan adds K^T w S with one baddbmm a chunk and
     # its backward negates no full-size gradient. Two solves and twice the matmuls of half width rather than
     # one of [u | w]: the cat and the two splits' backward cats (4-8 MB each, ~2 ms) cost more.
-    system = (k_beta @ k.transpose(-1, -2)) * decay
+    # beta (a row scale) goes into the [chunk, chunk] factor, not into k: half the elements of k [chunk, d_k].
+    system = (k @ k.transpose(-1, -2)) * (decay * beta[..., None])
     u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(system, k_beta * (cum.exp() * -entry)[..., None], upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, k * (beta * cum.exp() * -entry)[..., None], upper=False, unitriangular=True)
     # Chunk i maps its entry state S to a(i) S + K^T (u + w S), then a scan over chunks with one matmul
     # each (_StateScan, hand backward, no autograd graph per chunk).
     k_exit = (k * ((cum[..., -1:] - cum).exp() * exit_)[..., None]).transpose(-1, -2)
