@@ -126,8 +126,8 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     # out_i = (q_i exp(cum_i) + attn_i w) S + attn_i u, every chunk reading the state it starts with.
     attn = (q @ k.transpose(-1, -2)) * decay
     reads = torch.addcmul(attn @ w, q, (cum.exp() * entry)[..., None])
-    attn_u = attn @ u
-    out = torch.baddbmm(attn_u.flatten(0, 2), reads.flatten(0, 2), entries.flatten(0, 2)).view_as(attn_u)
+    # attn u, then += reads S in place (baddbmm out of place would copy attn u first; bmm keeps no output for backward).
+    out = torch.bmm(attn.flatten(0, 2), u.flatten(0, 2)).baddbmm_(reads.flatten(0, 2), entries.flatten(0, 2)).view_as(u)
     out = out.permute(1, 0, 3, 2, 4).reshape(batch, n * chunk_size, heads, d_v)[:, :seq]
     return out.to(dtype), final
 
