@@ -31,7 +31,7 @@ class _L2Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
         r = torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps).mul_(scale)
-        y = x * r
+        y = torch.mul(x, r, out=x.new_empty(x.shape))  # contiguous even for a permuted view of x
         ctx.save_for_backward(y, r)
         ctx.inv_scale2 = scale**-2
         return y
@@ -102,8 +102,9 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     d_v = v.shape[-1]
     pad = (chunk_size - seq % chunk_size) % chunk_size
     n = (seq + pad) // chunk_size
-    q, k = l2norm(q.float(), scale=d_k**-0.5), l2norm(k.float())
-    q, k, v, g, beta = (_chunk_major(x, pad, n, chunk_size) for x in (q, k, v, g, beta))  # [n, batch, heads, chunk, ...]
+    # q and k normalised from chunk-major views: l2norm's output is the one contiguous copy (not a second one).
+    q, k = l2norm(_chunk_major(q, pad, n, chunk_size, copy=False), scale=d_k**-0.5), l2norm(_chunk_major(k, pad, n, chunk_size, copy=False))
+    v, g, beta = (_chunk_major(x, pad, n, chunk_size) for x in (v, g, beta))  # [n, batch, heads, chunk, ...]
 
     cum = g.cumsum(dim=-1)  # log decay from the chunk's start to each position
     lower = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
@@ -132,12 +133,12 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     return out.to(dtype), final
 
 
-def _chunk_major(x: torch.Tensor, pad: int, n: int, chunk_size: int) -> torch.Tensor:
-    """[batch, seq, heads(, dim)] -> [chunks, batch, heads, chunk_size(, dim)], contiguous, zero-padded: each
-    chunk's slice is one block, as the scan over chunks reads it."""
+def _chunk_major(x: torch.Tensor, pad: int, n: int, chunk_size: int, copy: bool = True) -> torch.Tensor:
+    """[batch, seq, heads(, dim)] -> [chunks, batch, heads, chunk_size(, dim)], zero-padded and, with copy,
+    contiguous: each chunk's slice is one block, as the scan over chunks reads it."""
     x = F.pad(x.float(), (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x.float()
     x = x.reshape(x.shape[0], n, chunk_size, *x.shape[2:]).transpose(0, 1).transpose(2, 3)
-    return x.contiguous()
+    return x.contiguous() if copy else x
 
 
 class _StateScan(torch.autograd.Function):
