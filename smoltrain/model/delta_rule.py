@@ -4,13 +4,12 @@ document boundaries, so a packed row gives each document the outputs it gets alo
 
 Per token: S <- exp(g) S + beta k (v - exp(g) S^T k)^T, out = S^T q / sqrt(d_k), with q and k
 L2-normalised (as transformers' torch fallback and the FLA kernels). The chunked form follows
-transformers' (UT transform per chunk, a scan over chunks) laid out chunk-major once, with one
-triangular solve for both right-hand sides and the scan as one autograd node with a hand backward.
+transformers' (UT transform per chunk, a scan over chunks) laid out chunk-major once, with the scan,
+the pair decays and l2norm as autograd nodes with hand backwards, and no cat/split/stack copies.
 Chunks of 32 by default, not 64: with a strong decay (log decay ~ -1 a token) a chunk of 64 spans
 exp(-64) and its products fall into subnormal floats, which this x86 CPU handles ~100x slower. On the
 shared 2-core CPU, 1 thread, 1 x 1024 tokens, 8 heads x 64 (bench/linear_attention.py, docs/LOG-speed.md):
-forward + backward ~1.6-2x transformers' fallback at its chunk of 64, forward ~1x; both torch.compiled,
-1.4x and 0.86x.
+forward + backward ~2.3-2.4x transformers' fallback at its chunk of 64, forward ~1.3-1.4x (eager).
 """
 
 from __future__ import annotations
