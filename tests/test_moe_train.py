@@ -77,7 +77,7 @@ def test_the_dense_vs_moe_ablation_runs_at_a_tiny_size(tmp_path):
     assert counts["moe-equal-active"]["active"] == counts["baseline"]["active"] + routers
     assert counts["moe-equal-total"]["total"] == counts["baseline"]["total"] + routers
 
-    tiny = dataclasses.asdict(_config(tmp_path, "unused"))
+    tiny = _config(tmp_path, "unused").to_dict()
     tiny["model"].update(num_experts=0, qk_norm=False, bias_update_rate=0.0, router_z_loss=0.0, intermediate_size=96)
     tiny["train"] = {k: v for k, v in tiny["train"].items() if k not in ("out_dir", "max_steps", "seed")}
     raw = {**yaml.safe_load(path.read_text()), "baseline": tiny, "budget": {"steps": 4}, "eval": {"val_batches": 0}}

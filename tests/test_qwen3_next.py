@@ -97,7 +97,6 @@ def test_parameter_counts_of_the_new_layer_styles_match_the_built_models(kind):
 
 
 def test_the_attention_vs_hybrid_ablation_runs_at_a_tiny_size(tmp_path):
-    import dataclasses
     from pathlib import Path
 
     import yaml
@@ -113,7 +112,7 @@ def test_the_attention_vs_hybrid_ablation_runs_at_a_tiny_size(tmp_path):
     assert abs(counts["hybrid-3to1"] / counts["baseline"] - 1) < 0.01  # equal parameters, as the recipe says
     assert [shipped.config_for("hybrid-3to1", 0).model.layer_kind(i) for i in range(4)] == ["linear"] * 3 + ["global"]
 
-    tiny = dataclasses.asdict(tiny_pretrain_config(write_two_sources(tmp_path / "data"), tmp_path / "unused"))
+    tiny = tiny_pretrain_config(write_two_sources(tmp_path / "data"), tmp_path / "unused").to_dict()
     tiny["train"] = {k: v for k, v in tiny["train"].items() if k not in ("out_dir", "max_steps", "seed")}
     raw = {**yaml.safe_load(path.read_text()), "baseline": tiny, "budget": {"steps": 3}, "eval": {"val_batches": 0},
            "param_tolerance": 1.0}
