@@ -22,3 +22,10 @@ row smollm2-360m 150 --shape smollm2-360m --peer-compile
 row smollm3-3b-ac-every2 120 --shape smollm3-3b --batch 2 --seq 4096 --activation-checkpointing \
     --activation-checkpointing-every 2 --skip-peer
 row smollm3-3b-ac-all 120 --shape smollm3-3b --batch 2 --seq 4096 --activation-checkpointing --skip-peer
+
+# MoE grouped GEMM and linear attention on CUDA: the step ratios, then fla's kernel against the plain form
+# (the test skips where flash-linear-attention is not installed).
+echo "== moe"
+timeout 120 $python bench/moe_step.py --device cuda --json "$out/moe.json" 2>&1 | tail -2
+echo "== delta rule (fla vs plain)"
+timeout 120 $python -m pytest -q -rs tests/test_delta_rule.py -k fla 2>&1 | tail -3

@@ -13,6 +13,8 @@ from transformers.models.qwen3_next.modeling_qwen3_next import (
 from smoltrain.model.delta_rule import (
     causal_conv,
     chunk_gated_delta_rule,
+    fla_gated_delta_rule,
+    fla_installed,
     recurrent_gated_delta_rule,
     segments_from_documents,
 )
@@ -91,3 +93,21 @@ def test_chunked_gradients_equal_the_recurrent_form_of_transformers():
     ref_grads = torch.autograd.grad((ref * weights).sum() + ref_final.square().sum(), inputs)
     for name, grad, ref_grad in zip("q k v decay beta state".split(), grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and fla_installed()), reason="flash-linear-attention's kernels need CUDA and fla")
+def test_fla_kernel_equals_the_plain_chunked_form_on_packed_documents():
+    """The GPU path (GatedDeltaNet uses it for training and prefill when fla is installed) against the plain
+    form: outputs, every input's gradient and each row's exit state, with documents packed in rows."""
+    q, k, v, decay, beta, _ = (x.cuda() for x in _inputs(2, 150, 2, 64, seed=2))
+    segments = segments_from_documents(torch.tensor([[0] * 32 + [1] * 70 + [2] * 48, [5] * 100 + [3] * 50])).cuda()
+    inputs = [x.clone().requires_grad_(True) for x in (q, k, v, decay, beta)]
+    plain, plain_state = chunk_gated_delta_rule(*inputs, segments=segments)
+    plain_grads = torch.autograd.grad(plain.square().sum(), inputs)
+    fla_inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    fast, fast_state = fla_gated_delta_rule(*fla_inputs, segments=segments)
+    fast_grads = torch.autograd.grad(fast.square().sum(), fla_inputs)
+    torch.testing.assert_close(fast, plain, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(fast_state, plain_state, rtol=2e-3, atol=2e-3)
+    for name, a, b in zip("q k v decay beta".split(), fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=5e-3, atol=5e-3, msg=f"gradient of {name}")

@@ -14,6 +14,9 @@ forward + backward ~2.3-2.4x transformers' fallback at its chunk of 64, forward 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -223,4 +226,35 @@ def _boundary_masks(segments: torch.Tensor | None, pad: int, n: int, chunk_size:
     return entry, exit_, carry
 
 
-__all__ = ["chunk_gated_delta_rule", "recurrent_gated_delta_rule", "causal_conv", "segments_from_documents", "l2norm"]
+@functools.cache
+def fla_installed() -> bool:
+    """flash-linear-attention (`fla`, Triton kernels, CUDA only) is importable: training and prefill on a
+    GPU use its chunk kernel, as transformers' Qwen3-Next does; the plain form above is the reference."""
+    return importlib.util.find_spec("fla") is not None
+
+
+def fla_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                         segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunk_gated_delta_rule (from a zero state) through fla's kernel: q and k l2-normalised in the kernel,
+    q scaled by d_k^-0.5 (fla's default), documents as variable-length sequences: the rows, split where
+    their segment changes, packed into one sequence with `cu_seqlens`. Returns the output [batch, seq,
+    heads, d_v] and each row's exit state (that of its last document), as the plain form does."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+    batch, seq = q.shape[:2]
+    starts = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
+    if segments is not None:
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = starts.flatten().nonzero().flatten()
+    cu_seqlens = torch.cat([first, first.new_tensor([batch * seq])])
+
+    def packed(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(1, batch * seq, *x.shape[2:])
+
+    out, final = fla_chunk(packed(q), packed(k.to(q.dtype)), packed(v.to(q.dtype)), packed(g.float()), packed(beta.to(q.dtype)),
+                           output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens)
+    return out.view(batch, seq, *out.shape[2:]).to(v.dtype), final[starts.sum(1).cumsum(0) - 1]
+
+
+__all__ = ["chunk_gated_delta_rule", "recurrent_gated_delta_rule", "causal_conv", "segments_from_documents", "l2norm",
+           "fla_gated_delta_rule", "fla_installed"]

@@ -1,8 +1,9 @@
 """Qwen3-Next's gated DeltaNet layer (transformers' Qwen3NextGatedDeltaNet, same weight names): input
 projections, the short causal convolution, the gated delta rule, a gated RMSNorm and the output projection.
 
-Training and prefill run the chunked form; a decoding step (one token, a state in the cache) the
-recurrent form. Document masking reaches the layer as segments: state and convolution restart per document.
+Training and prefill run the chunked form (flash-linear-attention's kernel on CUDA where it is
+installed); a decoding step (one token, a state in the cache) the recurrent form. Document masking
+reaches the layer as segments: state and convolution restart per document.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import torch.nn.functional as F
 
 from smoltrain.config import ModelConfig
 from smoltrain.model.attention import SharedPromptMask
-from smoltrain.model.delta_rule import causal_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from smoltrain.model.delta_rule import (
+    causal_conv,
+    chunk_gated_delta_rule,
+    fla_gated_delta_rule,
+    fla_installed,
+    recurrent_gated_delta_rule,
+)
 
 
 class GatedRMSNorm(nn.Module):
@@ -90,6 +97,8 @@ class GatedDeltaNet(nn.Module):
         decay = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # log decay per token and head
         if state is not None and seq == 1:
             out, new_state = recurrent_gated_delta_rule(q, k, v, decay, beta, state)
+        elif state is None and q.is_cuda and fla_installed():  # Triton kernels (tests/test_delta_rule.py compares)
+            out, new_state = fla_gated_delta_rule(q, k, v, decay, beta, segments)
         else:
             out, new_state = chunk_gated_delta_rule(q, k, v, decay, beta, state, segments)
         out = self.norm(out, z)
