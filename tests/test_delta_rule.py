@@ -2,6 +2,9 @@
 state and lengths that are not a multiple of the chunk), a packed row against its documents alone,
 and the document-resetting convolution against F.conv1d per document."""
 
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,3 +114,23 @@ def test_fla_kernel_equals_the_plain_chunked_form_on_packed_documents():
     torch.testing.assert_close(fast_state, plain_state, rtol=2e-3, atol=2e-3)
     for name, a, b in zip("q k v decay beta".split(), fast_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=5e-3, atol=5e-3, msg=f"gradient of {name}")
+
+
+def test_fla_wrapper_packs_documents_and_returns_each_rows_exit_state(monkeypatch):
+    """The CPU half of the fla path: fla_gated_delta_rule's cu_seqlens packing and exit-state pick, with
+    fla's kernel stood in for by the plain form run per variable-length sequence (what cu_seqlens means)."""
+    def kernel(q, k, v, g, beta, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens):
+        assert q.shape[0] == 1 and output_final_state and use_qk_l2norm_in_kernel
+        parts = [chunk_gated_delta_rule(*(x[:, a:b] for x in (q, k, v, g, beta))) for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+        return torch.cat([o for o, _ in parts], dim=1), torch.cat([s for _, s in parts])
+
+    module = types.ModuleType("fla.ops.gated_delta_rule")
+    module.chunk_gated_delta_rule = kernel
+    for name, value in {"fla": types.ModuleType("fla"), "fla.ops": types.ModuleType("fla.ops"), module.__name__: module}.items():
+        monkeypatch.setitem(sys.modules, name, value)
+    q, k, v, decay, beta, _ = _inputs(2, 150, 2, 8, seed=3)
+    segments = segments_from_documents(torch.tensor([[0] * 32 + [1] * 70 + [2] * 1 + [0] * 47, [5] * 100 + [3] * 50]))
+    fast, fast_state = fla_gated_delta_rule(q, k, v, decay, beta, segments=segments)
+    plain, plain_state = chunk_gated_delta_rule(q, k, v, decay, beta, segments=segments)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_state, plain_state, rtol=1e-5, atol=1e-5)
