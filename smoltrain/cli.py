@@ -243,6 +243,8 @@ def _add_run_verbs(verbs) -> None:
     p.add_argument("--pretrain-steps", type=int, help="fixed pretraining steps instead of the time that is left")
     p.add_argument("--started", type=float, metavar="EPOCH_S", help="when the command that runs the demo started "
                    "(`make demo` passes its own start): the budget counts the install and cold caches too")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                   help="change a stage's recipe, e.g. --set sft:optim.lr=1e-3 (repeatable)")
     p.set_defaults(func=cmd_demo)
 
     p = verbs.add_parser("report", help="markdown + PNG + HTML report of a training run folder")
@@ -580,9 +582,17 @@ def cmd_ablate(args) -> int:
 
 def cmd_demo(args) -> int:
     from smoltrain.demo import demo
+    from smoltrain.errors import ConfigError
 
-    demo(args.out, args.minutes, args.recipe, ablation_steps=args.ablation_steps, pretrain_steps=args.pretrain_steps,
-         stages=args.stages, from_run=args.from_run, started=args.started)
+    overrides: dict[str, list[str]] = {}
+    for text in args.overrides:
+        stage, colon, override = text.partition(":")
+        if not colon or "=" not in override:
+            raise ConfigError(f"--set {text}: expected STAGE:KEY=VALUE, e.g. sft:optim.lr=1e-3")
+        overrides.setdefault(stage, []).append(override)
+    steps = {k: v for k, v in (("ablation", args.ablation_steps), ("pretrain", args.pretrain_steps)) if v is not None}
+    demo(args.out, args.minutes, args.recipe, stages=args.stages, from_run=args.from_run, started=args.started,
+         steps=steps, overrides=overrides)
     return 0
 
 

@@ -8,10 +8,12 @@ objective. Its layer is post's: it imports the stage modules, and report, ablate
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 from smoltrain.config import Config
+from smoltrain.errors import StoppedBySignal
 from smoltrain.eval.during_training import DuringTraining
 from smoltrain.post.preference import stage as dpo
 from smoltrain.post.rl import stage as grpo_train
@@ -31,6 +33,23 @@ class Stage:
     card_keys: tuple[str, ...] = ()  # the keys of its section the model card shows with the recipe
     steps_from_data: bool = False  # train.max_steps is known once the data is read: the stage says "finished" itself
     plan_note: Callable[[Config], str] | None = None  # what `smoltrain config` adds about the resolved values
+
+    def run_for(self, config: Config, seconds: float, on_deadline: Callable[[], None] = lambda: None) -> tuple[dict, bool]:
+        """Run within `seconds`: the Trainer's should_stop hook fires at the deadline (`on_deadline()` once), and the
+        Trainer finishes its step, saves and returns; (summary, stopped by the deadline). A stop the deadline
+        did not ask for (Ctrl-C, an outside SIGTERM) raises StoppedBySignal: whoever runs the stage stops too."""
+        at, fired = time.monotonic() + seconds, []
+
+        def deadline() -> bool:
+            if not fired and time.monotonic() >= at:
+                fired.append(True)
+                on_deadline()
+            return bool(fired)
+
+        summary = self.run(config, should_stop=deadline)
+        if summary.get("stopped_by") and not fired:
+            raise StoppedBySignal(summary["stopped_by"])
+        return summary, bool(fired)
 
 
 def pretrain(config: Config, resume: str | None = None, should_stop=None, allow_data_change: bool = False) -> dict:

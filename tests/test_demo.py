@@ -19,17 +19,11 @@ import yaml
 from smoltrain.cli import main
 from smoltrain.config import DataConfig
 from smoltrain.data.shards import ShardWriter, shard_name, token_dtype, write_meta
-from smoltrain.demo import (
-    STAGE_FLOOR,
-    TRAIN_SHARES,
-    choose_speed,
-    nominal_seconds,
-    parse_stages,
-    reused_records,
-    stage_seconds,
-    unigram_losses,
-)
-from smoltrain.demo_post import PostSizes, stage_available, write_json
+from smoltrain.demo.chain import STAGE_FLOOR, TRAIN_SHARES, nominal_seconds, parse_stages, reused_records, stage_seconds
+from smoltrain.demo.post import PostSizes
+from smoltrain.eval.validation import unigram_losses
+from smoltrain.files import write_json
+from smoltrain.train.speed import fastest_config
 
 
 def _shard(folder: Path, documents: list[list[int]], vocab: int) -> None:
@@ -73,9 +67,9 @@ def test_speed_choice_pays_each_stages_warm_compile():
     probe = {"configs": {"fp32 eager": {"tokens_per_s": 7000.0, "compile": "off"},
                          "bf16 compile": {"tokens_per_s": 12000.0, "compile": "on", "compile_s": 60.0, "recompile_s": 8.0}}}
     # 300 s: 7000 x 300 = 2.1M tokens eager; 12000 x (300 - 3 x 8) = 3.3M compiled
-    assert choose_speed(probe, 300.0, 3) == "bf16 compile"
+    assert fastest_config(probe, 300.0, 3) == "bf16 compile"
     # 20 s: 140k eager; 12000 x (20 - 3 x 8) < 0 -> nothing
-    assert choose_speed(probe, 20.0, 3) == "fp32 eager"
+    assert fastest_config(probe, 20.0, 3) == "fp32 eager"
 
 
 def test_stages_are_named_in_playbook_order_and_typos_get_a_hint(tmp_path, capsys):
@@ -118,10 +112,13 @@ TINY_RECIPE = {
 }
 
 
-TINY_SIZES = PostSizes(conversations=64, sft_rows_per_step=8, chat_items=2, think_items=2, suite_items=4, val_batches=1, chat_new_tokens=8,
+TINY_SIZES = PostSizes(sft_rows_per_step=8, chat_items=2, think_items=2, suite_items=4, val_batches=1, chat_new_tokens=8,
                        think_new_tokens=12, sample_new_tokens=8, preference_prompts=8, apo_pairs_per_step=4, apo_epochs=1,
-                       grpo_prompts_per_step=2, grpo_generations=2, grpo_max_completion=8, grpo_overlong_max_len=8,
-                       grpo_overlong_cache=4, grpo_eval_count=2, soup_checkpoints=2, rejected_temperature=1.0)
+                       soup_checkpoints=2, rejected_temperature=1.0)
+# the stages' recipes shrunk the way a user changes them: `--set STAGE:KEY=VALUE`
+TINY_OVERRIDES = {"sft": ["sft.embedded_conversations=64"],
+                  "grpo": ["grpo.prompts_per_step=2", "grpo.num_generations=2", "grpo.max_completion_length=8",
+                           "grpo.overlong_max_len=8", "grpo.overlong_cache=4", "grpo.eval_count=2", "train.micro_batch_size=4"]}
 ROW_TITLES = ["base (pretrained)", "SFT", "APO-zero", "GRPO", "merged"]
 
 
@@ -147,24 +144,23 @@ def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, data_cache, capsys, monkeypa
     out = tmp_path / "demo"
     from smoltrain.demo import demo
 
-    if not stage_available("apo"):
-        # Six SFT steps teach a model of a few thousand parameters neither to write (greedy replies are
-        # blank: the replies are sampled here) nor to end its turn, and a pair whose rejected reply was
-        # cut at the token limit is dropped: accept cut rejected replies here (still verified wrong),
-        # so the APO and merge stages run.
-        from smoltrain.post.preference import generate as preference_gen
+    # Six SFT steps teach a model of a few thousand parameters neither to write (greedy replies are
+    # blank: the replies are sampled here) nor to end its turn, and a pair whose rejected reply was
+    # cut at the token limit is dropped: accept cut rejected replies here (still verified wrong),
+    # so the APO and merge stages run.
+    from smoltrain.post.preference import generate as preference_gen
 
-        real = preference_gen.verdict
-        monkeypatch.setattr(preference_gen, "verdict", lambda prompt, chosen, rejected, verify: real(
-            prompt, chosen, {**rejected, "stopped": True}, verify))
+    real = preference_gen.verdict
+    monkeypatch.setattr(preference_gen, "verdict", lambda prompt, chosen, rejected, verify: real(
+        prompt, chosen, {**rejected, "stopped": True}, verify))
 
-    html_path = demo(str(out), minutes=1, recipe=str(recipe), ablation_steps=2, pretrain_steps=4,
-                     steps={"sft": 6, "apo": 3, "grpo": 2}, sizes=TINY_SIZES, speed="fp32 eager")
+    html_path = demo(str(out), minutes=1, recipe=str(recipe), steps={"ablation": 2, "pretrain": 4, "sft": 6, "apo": 3, "grpo": 2},
+                     sizes=TINY_SIZES, speed="fp32 eager", overrides=TINY_OVERRIDES)
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith(f"report: {html_path}")  # the report path comes last
 
     markdown = (out / "report.md").read_text()
-    for section in ("Report card", "1. Data", "2. Speed", "3. Ablation", "4. Pretraining", "5. Pretraining evals",
+    for section in ("Report card", "1. Data", "2. Speed", "3. Ablation", "4. Pretraining", "5. Pretraining evals", "6. Post-training",
                     "7. Sample chats", "8. Hugging Face export", "9. Wall time per stage"):
         assert f"## {section}" in markdown
     page = html_path.read_text()
@@ -175,13 +171,8 @@ def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, data_cache, capsys, monkeypa
     lines = [line for line in card.splitlines() if line.startswith("| ") and not line.startswith("| stage")]
     assert [line.split(" | ")[0].removeprefix("| ") for line in lines[:5]] == ROW_TITLES
     rows = {json.loads(p.read_text())["model"]: json.loads(p.read_text()) for p in (out / "rows").glob("*.json")}
-    runs = _stages_that_can_run()
-    for line, stage in zip(lines, ["pretrain", "sft", "apo", "grpo", "merge"]):
-        if stage not in runs:  # a stage whose library (or whose starting stage) is missing says so
-            assert "stage not available" in line
-            continue
-        cells = line.split(" | ")
-        assert re.fullmatch(r"\d+% ± \d+", cells[2]), line  # no_think accuracy with its standard error
+    for line in lines[:5]:
+        assert re.fullmatch(r"\d+% ± \d+", line.split(" | ")[2]), line  # no_think accuracy with its standard error
     base = json.loads((out / "rows" / "base.json").read_text())
     assert set(base["chat"]) >= {"no_think_accuracy", "think_accuracy", "adherence", "think_format", "stop_rate",
                                  "no_think_length", "think_length", "no_think_accuracy_stderr"}
@@ -192,15 +183,11 @@ def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, data_cache, capsys, monkeypa
 
     # The exported model is the last stage's, and its model card walks the stages back to pretraining.
     card_md = (out / "hf" / "README.md").read_text()
-    expected = [s for s, stage in (("pretrain", "pretrain"), ("sft", "sft"), ("dpo", "apo"), ("merge", "merge"))
-                if stage in runs]
-    if "merge" not in runs and "grpo" in runs:  # the last stage's model is exported: GRPO's
-        expected.append("grpo")
     listed = re.findall(r"^\| \d+ \| (\w+) \|", card_md, re.M)
-    assert [s for s in dict.fromkeys(listed)] == expected
+    assert list(dict.fromkeys(listed)) == ["pretrain", "sft", "dpo", "merge"]
     # ... with each stage's chat evals beside its pretraining evals (the same numbers as the report card)
     accuracy = re.search(r"^\| chat/no_think_accuracy \| (.+) \|$", card_md, re.M).group(1).split(" | ")
-    final = json.loads((out / "rows" / ("merged.json" if "merge" in runs else "grpo.json")).read_text())
+    final = json.loads((out / "rows" / "merged.json").read_text())
     assert float(accuracy[0]) == pytest.approx(base["chat"]["no_think_accuracy"], rel=1e-3)
     assert float(accuracy[-1]) == pytest.approx(final["chat"]["no_think_accuracy"], rel=1e-3)
     assert "LlamaForCausalLM" in markdown and "greedy continuations are identical" in markdown
@@ -211,11 +198,10 @@ def test_demo_end_to_end_on_a_tiny_recipe(tmp_path, data_cache, capsys, monkeypa
     assert ablation["budget"]["steps"] == 2
 
     # --stages: re-run the last stages only, reusing the others from the same folder.
-    if "merge" in runs:
-        demo(str(out), minutes=1, recipe=str(recipe), stages="merge", sizes=TINY_SIZES, speed="fp32 eager")
-        marker = json.loads((out / "demo.json").read_text())
-        assert marker["stages"]["merge"]["done"] and marker["stages"]["pretrain"]["steps"] == 4
-        assert (out / "pretrain" / "metrics.jsonl").is_file() and (out / "report.html").is_file()
+    demo(str(out), minutes=1, recipe=str(recipe), stages="merge", sizes=TINY_SIZES, speed="fp32 eager")
+    marker = json.loads((out / "demo.json").read_text())
+    assert marker["stages"]["merge"]["done"] and marker["stages"]["pretrain"]["steps"] == 4
+    assert (out / "pretrain" / "metrics.jsonl").is_file() and (out / "report.html").is_file()
 
 
 @pytest.mark.slow
@@ -228,8 +214,8 @@ def test_long_context_stage_extends_the_base_model_8x_and_scores_it_before_and_a
     from smoltrain.eval.run import evaluate
 
     out, sizes = tmp_path / "demo", PostSizes(**{**asdict(TINY_SIZES), "needles": 2, "long_val_batches": 2})
-    demo(str(out), minutes=1, recipe=str(_tiny_demo_recipe(tmp_path, data_cache)), stages="pretrain,long-context", pretrain_steps=4,
-         steps={"long-context": 2}, sizes=sizes, speed="fp32 eager")
+    demo(str(out), minutes=1, recipe=str(_tiny_demo_recipe(tmp_path, data_cache)), stages="pretrain,long-context",
+         steps={"pretrain": 4, "long-context": 2}, sizes=sizes, speed="fp32 eager")
     record = json.loads((out / "demo.json").read_text())["stages"]["long-context"]
     base, extended = load_config(out / "pretrain" / "config.yaml"), load_config(Path(record["model"]) / "config.yaml")
     assert extended.model.max_seq_len == extended.data.seq_len == 8 * base.data.seq_len == 2048
@@ -254,25 +240,13 @@ def test_long_context_stage_extends_the_base_model_8x_and_scores_it_before_and_a
     assert "| SFT | - |" in card  # the default card is unchanged: a stage that did not run says so
 
 
-def _stages_that_can_run() -> set[str]:
-    """Stages whose library is part of this smoltrain and whose starting stage can run too."""
-    runs = {"pretrain"}
-    for stage, start in (("sft", "pretrain"), ("apo", "sft"), ("grpo", "sft"), ("merge", "apo")):
-        if start in runs and not stage_available(stage):
-            runs.add(stage)
-    return runs
-
-
 def test_time_box_stops_the_trainer_which_saves_and_returns(tmp_path):
-    """The demo's time box: the real trainer, told to run 100,000 steps, stops at the deadline with
-    a complete checkpoint, and the demo process goes on."""
-    from rich.console import Console
-
+    """A stage's time box (what the demo runs each stage in): the real trainer, told to run 100,000 steps,
+    stops at the deadline with a complete checkpoint, and the caller goes on."""
     from smoltrain.config import config_from_dict
     from smoltrain.data.synthetic import write_synthetic_shards
-    from smoltrain.demo_post import time_boxed
+    from smoltrain.stages import STAGES
     from smoltrain.train.checkpoint import load_model_from_checkpoint
-    from smoltrain.train.trainer import run
 
     write_synthetic_shards(tmp_path / "data", 50_000, vocab_size=64, mean_document_tokens=50)
     config = config_from_dict({
@@ -282,8 +256,9 @@ def test_time_box_stops_the_trainer_which_saves_and_returns(tmp_path):
         "train": {"out_dir": str(tmp_path / "run"), "max_steps": 100_000, "global_batch_tokens": 64, "micro_batch_size": 4,
                   "log_every": 50, "save_every": 100_000, "eval_every": 100_000, "device": "cpu", "tensorboard": False},
     })
-    summary, stopped = time_boxed(run, config, 2.0, Console(quiet=True), minimum=0.0)
-    assert stopped and not summary["finished"] and summary["stopped_by"] == "should_stop"
+    told = []
+    summary, stopped = STAGES["pretrain"].run_for(config, 2.0, on_deadline=lambda: told.append(True))
+    assert stopped and told == [True] and not summary["finished"] and summary["stopped_by"] == "should_stop"
     assert 0 < summary["step"] < 100_000
     model, saved = load_model_from_checkpoint(tmp_path / "run", "cpu")
     assert saved.train.max_steps == 100_000
@@ -293,7 +268,8 @@ def test_stages_scored_on_the_same_items_are_compared_item_by_item():
     """A paired comparison: 20 of 400 items turned right and none wrong is a clear move, although the
     two rows' own standard errors (+-2.4 points each) overlap; the standard error is that of the
     per-item differences, checked against numpy."""
-    from smoltrain.report.demo_report import moved, paired_difference
+    from smoltrain.demo.report import moved
+    from smoltrain.post.chat.evals import paired_difference
 
     rng = np.random.default_rng(0)
     start = (rng.random(400) < 0.3).astype(float)
@@ -306,7 +282,7 @@ def test_stages_scored_on_the_same_items_are_compared_item_by_item():
                          "no_think_accuracy": p, "no_think_accuracy_stderr": float(np.sqrt(p * (1 - p) / 399)),
                          "items": {"adherence": values.tolist(), "no_think_accuracy": values.tolist()}}}
 
-    diff, stderr = paired_difference(row(start), row(better), "adherence")
+    diff, stderr = paired_difference(row(start)["chat"], row(better)["chat"], "adherence")
     d = better - start
     assert diff == pytest.approx(d.mean()) and stderr == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
     assert moved({"sft": row(start), "apo": row(better)}, "apo").startswith("adherence +5 pts (moved)")
@@ -318,11 +294,11 @@ def test_stages_scored_on_the_same_items_are_compared_item_by_item():
     mixed[np.flatnonzero(start == 1)[:15]] = 0.0
     assert moved({"sft": row(start), "apo": row(mixed)}, "apo").startswith("adherence +1 pts (no clear change)")
     # rows scored on different numbers of items are not paired
-    assert paired_difference(row(start), row(better[:200]), "adherence") is None
+    assert paired_difference(row(start)["chat"], row(better[:200])["chat"], "adherence") is None
 
 
 def test_a_stage_moved_its_target_when_the_difference_exceeds_two_combined_standard_errors():
-    from smoltrain.report.demo_report import moved
+    from smoltrain.demo.report import moved
 
     def row(**chat):
         return {"chat": chat, "val": {"prose": {"loss": chat.pop("loss", 5.0)}}}

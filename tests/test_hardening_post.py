@@ -412,7 +412,7 @@ def test_the_demo_budget_counts_from_the_command_and_pretraining_gives_back_the_
 
     from rich.console import Console as RichConsole
 
-    from smoltrain.demo import Stages, nominal_seconds, pretraining_left, stage_seconds
+    from smoltrain.demo.chain import Stages, nominal_seconds, pretraining_left, stage_seconds
 
     stages = ["pretrain", "sft", "apo", "grpo", "merge"]
     nominal = nominal_seconds(600.0, stages)  # the plan of a fresh machine

@@ -5,7 +5,7 @@ The order, lowest first (a module may import its own layer and the ones before i
 
     errors, files, the package root (__version__)
     < config < data < model < train < eval < post < stages (the registry of training stages)
-    < report, serve < ablate, demo, demo_post, doctor < cli < __main__
+    < report, serve < ablate, demo, doctor < cli < __main__
 
 eval sits below post: the chat evals, GRPO's rewards and DPO's metrics use eval's scoring and its
 one answer checker (eval/answers.py), and eval needs nothing from post. A lower layer that needs
@@ -29,7 +29,7 @@ LAYERS = [
     {"post"},
     {"stages"},
     {"report", "serve"},
-    {"ablate", "demo", "demo_post", "doctor"},
+    {"ablate", "demo", "doctor"},
     {"cli"},
     {"__main__"},
 ]

@@ -17,7 +17,7 @@ import string
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -430,3 +430,19 @@ def loss_by_position_per_source(model, config, num_batches: int, batch_size: int
     with evaluating(model):
         return {source: loss_by_position(model, list(validation_batches(config, source, num_batches, batch_size)), buckets, device)
                 for source in config.data.validation}
+
+
+def compare_extension(models: Iterable[tuple[str, object]], tokenizer, config, lengths: Sequence[int], needles: int,
+                      needle_tokens: int, val_batches: int, buckets: int = 8) -> dict[str, dict]:
+    """{name: {"needle": {length: RULER string match}, "needle_stderr", "loss_by_position": {source: curve}}} of
+    each model (taken one at a time: a generator may load them lazily): single-needle accuracy (niah_single_1)
+    at each of `lengths` and validation loss by position over rows of `config`'s data length. Models before
+    and after a context extension, side by side."""
+    results = {}
+    for name, model in models:
+        needle = {str(n): score_long_context(model, tokenizer, LongContextTask(
+            f"niah_single_1@{n}", "niah_single_1", n, needles, answer_tokens=needle_tokens)) for n in lengths}
+        results[name] = {"needle": {n: r["ruler_match"] for n, r in needle.items()},  # str keys: as JSON keeps them
+                         "needle_stderr": {n: r["ruler_match_stderr"] for n, r in needle.items()},
+                         "loss_by_position": loss_by_position_per_source(model, config, val_batches, 2, buckets)}
+    return results

@@ -1,4 +1,5 @@
-"""Validation loss per data source, and bits per byte so different tokenizers can be compared.
+"""Validation loss per data source, and bits per byte so different tokenizers can be compared; the
+unigram loss is the reference a model that ignores context scores.
 
 bpb = (nats over the text's tokens) / (ln 2 x the text's UTF-8 bytes). Special tokens (end of
 text) have no bytes and are left out of both sums, as nanochat does; the loss keeps them.
@@ -11,6 +12,7 @@ import json
 import math
 from typing import Iterable
 
+import numpy as np
 import torch
 
 from smoltrain.eval.scoring import LOGPROB_CHUNK_ELEMENTS, _autocast, load_tokenizer, sum_over_ranks
@@ -197,3 +199,26 @@ def loss_by_position(model, config, num_batches: int, batch_size: int, buckets: 
     width = -(-config.data.seq_len // buckets)
     return {f"val/position/{i * width}-{(i + 1) * width - 1}": float(nats / tokens)
             for i, (nats, tokens) in enumerate(sums.tolist()) if tokens}
+
+
+def unigram_losses(data, vocab_size: int) -> dict[str, float]:
+    """Cross-entropy (nats/token) of each source's validation tokens under the unigram distribution
+    of its training tokens (add-1/2 smoothing): the loss of a model that ignores context."""
+    from smoltrain.data.shards import TokenSource
+
+    def tokens(folder: str, start: int = 0, size: int | None = None) -> np.ndarray:
+        source = TokenSource(folder)
+        out = np.empty(min(size or source.num_tokens, source.num_tokens - start), dtype=np.int64)
+        source.read(start, out)
+        source.close()
+        return out
+
+    losses = {}
+    for source, val_folder in data.validation.items():
+        counts, start = np.zeros(vocab_size, dtype=np.int64), 0
+        while len(chunk := tokens(data.sources[source], start, 1 << 20)):  # 1M tokens at a time
+            counts += np.bincount(chunk, minlength=vocab_size)[:vocab_size]
+            start += len(chunk)
+        log_probs = np.log((counts + 0.5) / (counts.sum() + 0.5 * vocab_size))
+        losses[source] = float(-log_probs[tokens(val_folder)].mean())
+    return losses

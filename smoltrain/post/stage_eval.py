@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from smoltrain.files import write_atomic
@@ -19,18 +20,20 @@ from smoltrain.model.modes import evaluating
 CHAT_BEFORE, CHAT_AFTER = "chat_before.json", "chat_after.json"
 
 
-def run_chat_evals(model: nn.Module, tokenizer, items: int | None = None, seed: int = 0, vibe: bool = False) -> dict:
+def run_chat_evals(model: nn.Module, tokenizer, items: int | None = None, seed: int = 0, vibe: bool = False,
+                   vibe_new_tokens: int = 160, **settings) -> dict:
     """{"chat": the chat evals (accuracy in both modes, rule adherence, think format, stop rate, each with
     its standard error) of `items` held-out items per set (None: chat_evals' defaults)} plus, with vibe,
-    {"vibe": the vibe test's replies}; in eval mode, the model's mode restored after."""
+    {"vibe": the vibe test's replies}; in eval mode, the model's mode restored after. settings: chat_evals'
+    own (think_count, max_new_tokens, think_max_new_tokens, per_item)."""
     from smoltrain.post.chat.evals import chat_evals, vibe_test
 
     base = getattr(model, "_orig_mod", model)
     counts = {} if items is None else {"count": items, "persona_count": items}
-    with evaluating(base):
-        record = {"chat": chat_evals(base, tokenizer, seed=seed, **counts)}
+    with evaluating(base), torch.no_grad():
+        record = {"chat": chat_evals(base, tokenizer, seed=seed, **counts, **settings)}
         if vibe:
-            record["vibe"] = vibe_test(base, tokenizer)
+            record["vibe"] = vibe_test(base, tokenizer, max_new_tokens=vibe_new_tokens)
     return record
 
 

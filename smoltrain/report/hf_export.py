@@ -81,3 +81,20 @@ def _write_chat_generation_config(out: Path, special_ids: dict[str, int]) -> Non
             config[f"{role}_token_id"] = special_ids[role]
     write_atomic(out / "generation_config.json", json.dumps(config, indent=2) + "\n")
 
+
+def check_export(model: nn.Module, hf_dir: str | os.PathLike, input_ids: torch.Tensor, new_tokens: int = 24) -> dict:
+    """Load an exported folder with transformers and compare it with `model` (ours, in eval mode, of the
+    same dtype): the largest logit difference on `input_ids`, and whether greedy continuations of the
+    first row's first 16 tokens agree token for token."""
+    from transformers import AutoModelForCausalLM
+
+    from smoltrain.model.generate import generate
+
+    theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=next(model.parameters()).dtype).eval()
+    prompt = input_ids[0, :16].tolist()
+    with torch.no_grad():
+        diff = float((model(input_ids) - theirs(input_ids=input_ids).logits).abs().max())
+        greedy = theirs.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        greedy_match = generate(model, [prompt], new_tokens)[0] == greedy
+    return {"architecture": theirs.config.architectures[0], "max_logit_diff": diff, "greedy_match": greedy_match}

@@ -146,6 +146,24 @@ def bar_panels(
     return save_figure(fig, path)
 
 
+def line_panels(path: str | os.PathLike, panels: Mapping[str, Sequence[tuple[float, float]]], *, ncols: int = 3,
+                xlabel: str = "step") -> Path:
+    """Small multiples: one curve of (x, y) points per panel (curves of different quantities and scales)."""
+    n = max(1, len(panels))
+    ncols = min(ncols, n)
+    fig = Figure(figsize=(3.6 * ncols, 2.8 * math.ceil(n / ncols)))
+    axes = fig.subplots(math.ceil(n / ncols), ncols, squeeze=False)
+    for i, (ax, (title, points)) in enumerate(zip(axes.flat, panels.items())):
+        ax.plot(*zip(*points), color=color_of(i), linewidth=1.4, marker="o" if len(points) < 12 else None, markersize=3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def _bars(ax, labels, values, errors, colors, value_format, zoom: bool = True) -> None:
     """zoom: values far from zero that differ little (losses) get an axis around them, not from 0."""
     colors = list(colors) if colors else [color_of(i) for i in range(len(labels))]

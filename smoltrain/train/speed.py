@@ -1,6 +1,7 @@
 """How fast a training step runs on this machine in each (precision, compile) choice: the demo's speed
 probe, timed with the Trainer's own step (forward_backward + the recipe's optimizer), so the choice it
-makes is measured on what training will run, not on a lookalike loop.
+makes is measured on what training will run, not on a lookalike loop; the choice for a time budget, each
+stage's settings from it, and the CPU's matmul peak (what MFU is quoted against on CPU).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from smoltrain.config import Config
+from smoltrain.errors import ConfigError
 from smoltrain.model.transformer import build_model
 from smoltrain.train.distributed import single_process_context
 from smoltrain.train.optim import build_optimizer
@@ -75,4 +77,63 @@ def probe_speed(config: Config, rounds: int = 2, bf16: bool | None = None) -> di
     return {"configs": results, "native_bf16": bf16}
 
 
-__all__ = ["SPEED_CONFIGS", "probe_speed"]
+def fastest_config(probe: dict, training_s: float, compiled_stages: int) -> str:
+    """The probed configuration that trains the most tokens in `training_s` seconds when each of
+    `compiled_stages` stages pays its compile (warm, from the caches the probe's cold compile filled)."""
+    def tokens(entry: dict) -> float:
+        return entry["tokens_per_s"] * max(0.0, training_s - compiled_stages * entry.get("recompile_s", 0.0))
+
+    return max(probe["configs"], key=lambda name: tokens(probe["configs"][name]))
+
+
+def forced_probe(speed: str) -> dict:
+    """A probe of one configuration named by the user ("bf16 compile"), not measured."""
+    names = {f"{p} {'compile' if c == 'on' else 'eager'}": (p, c) for p in ("fp32", "bf16") for c in ("off", "on")}
+    if speed not in names:
+        raise ConfigError(f"speed must be one of {', '.join(names)}, got {speed!r}")
+    return {"configs": {speed: {"precision": names[speed][0], "compile": names[speed][1], "tokens_per_s": None}},
+            "native_bf16": None, "forced": True}
+
+
+def stage_settings(probe: dict | None, choice: str | None, fixed_shapes: bool) -> dict:
+    """train.precision / train.compile of a stage: the choice, but eager for stages whose batches change length
+    every step (preference pairs, rollouts), where compile would recompile (then the fastest eager one)."""
+    if probe is None:
+        return {"precision": "auto", "compile": "auto"}
+    configs = probe["configs"]
+    if not fixed_shapes and configs[choice]["compile"] == "on":
+        eager = [k for k, v in configs.items() if v["compile"] == "off" and v["tokens_per_s"]]
+        if not eager:  # a forced compiled configuration: its precision, eager
+            precision = configs[choice]["precision"]
+            return {"precision": precision, "compile": "off", "name": f"{precision} eager", "tokens_per_s": None}
+        choice = max(eager, key=lambda k: configs[k]["tokens_per_s"])
+    return {**{k: configs[choice][k] for k in ("precision", "compile", "tokens_per_s")}, "name": choice}
+
+
+def describe_probe(probe: dict, choice: str) -> list[str]:
+    """One line per probed configuration: its tokens/s, its compile times, the chosen one marked."""
+    lines = []
+    for name, e in probe["configs"].items():
+        compiles = f", compile {e['compile_s']:.1f} s (then {e['recompile_s']:.1f} s)" if e["compile"] == "on" else ""
+        lines.append(f"{name:<13} {e['tokens_per_s']:>9,.0f} tokens/s{compiles}" + ("   <- chosen" if name == choice else ""))
+    return lines + ([] if probe["native_bf16"] else ["no native bf16 on this CPU: fp32 only (bf16 would be emulated)"])
+
+
+def cpu_peak_tflops(trials: int = 10, seconds: float = 0.1) -> float:
+    """This CPU's matmul throughput in fp32 and bf16, whichever is faster, the best of short trials (a
+    busy neighbour only lowers some): the peak MFU is quoted against on CPU. (An fp32-only peak put a
+    bf16-compiled run at "MFU 165%" on a CPU with native bf16.)"""
+    best = 0.0
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        a @ b
+        for _ in range(trials // 2 if dtype == torch.bfloat16 else trials):
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                a @ b
+                count += 1
+            best = max(best, 2 * 1024**3 * count / (time.perf_counter() - start))
+    return best / 1e12
+
+
+__all__ = ["SPEED_CONFIGS", "probe_speed", "fastest_config", "forced_probe", "stage_settings", "describe_probe", "cpu_peak_tflops"]

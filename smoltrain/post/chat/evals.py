@@ -11,6 +11,7 @@ reply length. Greedy decoding with the KV cache; every rate comes with its stand
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -153,4 +154,25 @@ def vibe_markdown(samples: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["VIBE_PROMPTS", "chat_evals", "generate_replies", "think_format_ok", "vibe_markdown", "vibe_test"]
+POOLED = {"accuracy": ("no_think_accuracy", "think_accuracy")}  # a metric that is the mean of per-mode rates
+
+
+def mean_of(parts: list[tuple[float, float]]) -> tuple[float, float]:
+    """(mean of the values, standard error of that mean) of independent (value, standard error) parts."""
+    return sum(v for v, _ in parts) / len(parts), math.hypot(*(e for _, e in parts)) / len(parts)
+
+
+def paired_difference(before: dict, after: dict, metric: str) -> tuple[float, float] | None:
+    """(mean per-item difference after - before, its standard error) of `metric` in two chat_evals results
+    (per_item=True) of the same items: a POOLED metric per part, then pooled like the rates; None when the
+    two were not scored on the same items."""
+    parts = []
+    for name in POOLED.get(metric, (metric,)):
+        a, b = ((r.get("items") or {}).get(name) for r in (before, after))
+        if not a or not b or len(a) != len(b):
+            return None
+        diffs = [y - x for x, y in zip(a, b)]
+        parts.append((sum(diffs) / len(diffs), standard_error(diffs)))
+    return mean_of(parts)
+
+__all__ = ["POOLED", "VIBE_PROMPTS", "mean_of", "paired_difference", "chat_evals", "generate_replies", "think_format_ok", "vibe_markdown", "vibe_test"]
