@@ -126,6 +126,8 @@ def _add_model_file_verbs(verbs) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "q8_0"], default="auto",
                    help="weight dtype (auto: as stored; q8_0: GGUF only)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder or an existing --gguf file")
+    p.add_argument("--check", action="store_true", help="load --out with transformers and compare its logits and greedy "
+                   "continuation with ours on random tokens (exit 1 when they differ)")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("import", help="read a Hugging Face Llama / SmolLM3 / Qwen3 folder (or a GGUF file) into a model folder")
@@ -427,7 +429,23 @@ def cmd_export(args) -> int:
     architecture = json.loads((out / "config.json").read_text())["architectures"][0]
     tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer"
     print(f"wrote {out} ({architecture}, {tokenizer})")
-    return 0
+    return _check_export(args.model, out) if args.check else 0
+
+
+def _check_export(model_path: str, out: Path) -> int:
+    """`export --check`: ours and transformers' on the same random tokens, both in fp32 (bf16 weights upcast alike)."""
+    import torch
+
+    from smoltrain.report.hf_export import check_export
+    from smoltrain.train.load_model import load_any
+
+    model = load_any(model_path)[0].float().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, min(64, model.config.max_seq_len)), generator=torch.Generator().manual_seed(0))
+    checked = check_export(model, out, ids)
+    same = checked["greedy_match"] and checked["max_logit_diff"] <= 1e-3
+    print(f"check: transformers loads it as {checked['architecture']}; max |logit diff| {checked['max_logit_diff']:.1e} on random "
+          f"tokens, greedy continuation {'identical' if checked['greedy_match'] else 'DIFFERENT'}: {'ok' if same else 'MISMATCH'}")
+    return 0 if same else 1
 
 
 def _export_gguf(args) -> int:

@@ -20,7 +20,7 @@ from smoltrain.cli import main
 from smoltrain.config import DataConfig
 from smoltrain.data.shards import ShardWriter, shard_name, token_dtype, write_meta
 from smoltrain.demo.chain import STAGE_FLOOR, TRAIN_SHARES, nominal_seconds, parse_stages, reused_records, stage_seconds
-from smoltrain.demo.post import PostSizes
+from smoltrain.demo.steps import PostSizes
 from smoltrain.eval.validation import unigram_losses
 from smoltrain.files import write_json
 from smoltrain.train.speed import fastest_config

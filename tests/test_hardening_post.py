@@ -405,14 +405,16 @@ def test_a_no_think_answer_with_think_text_never_puts_template_text_into_the_pai
     assert verdict(persona, reply, {"text": "a format.", "stopped": True}, None) is None
 
 
-def test_the_demo_budget_counts_from_the_command_and_pretraining_gives_back_the_time_lost_before(capsys):
+def test_the_demo_budget_counts_from_the_command_and_pretraining_gives_back_the_time_lost_before(capsys, tmp_path):
     """`make demo` passes its start: the install and cold caches are in the 15 minutes, and the post-training
     stages keep their nominal time (a fresh clone's SFT got 666 steps instead of 999 when all shrank alike)."""
     import time
 
     from rich.console import Console as RichConsole
 
-    from smoltrain.demo.chain import Stages, nominal_seconds, pretraining_left, stage_seconds
+    from smoltrain.config import Config
+    from smoltrain.demo.chain import DemoRun, nominal_seconds, pretraining_left, stage_seconds
+    from smoltrain.demo.steps import PostSizes
 
     stages = ["pretrain", "sft", "apo", "grpo", "merge"]
     nominal = nominal_seconds(600.0, stages)  # the plan of a fresh machine
@@ -426,8 +428,8 @@ def test_the_demo_budget_counts_from_the_command_and_pretraining_gives_back_the_
         assert seconds == pytest.approx(nominal[stage])
         after -= seconds
 
-    bar = Stages(RichConsole(file=io.StringIO()), 1, before_s=90.0)
-    assert 90.0 <= bar.elapsed() < 95.0
+    run = DemoRun(tmp_path, ["sft"], {}, Config(), 15.0, PostSizes(), {}, {}, RichConsole(file=io.StringIO()), 90.0, {})
+    assert 90.0 <= run.elapsed() < 95.0
     assert cli.main(["demo", "--started", str(time.time() + 3600)]) == 2
     assert "--started must be a time (seconds since the epoch) in the last day" in capsys.readouterr().err
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()

@@ -263,6 +263,26 @@ def test_cli_export_then_import_round_trip(tmp_path, capsys):
         assert torch.equal(a.to(torch.bfloat16).float(), b), name
 
 
+def test_export_check_compares_with_transformers_and_fails_on_a_broken_folder(tmp_path, capsys):
+    """`export --check`: a faithful export passes; the same folder with one weight changed on disk fails (exit 1)."""
+    from safetensors.torch import load_file, save_file
+
+    config = Config(model=ModelConfig(**BASE, num_layers=2, num_heads=4, num_kv_heads=2))
+    config.data.seq_len = 64
+    model = build_model(config.model, seed=0)
+    _randomise(model, 1)
+    save_model_folder(model, config, tmp_path / "folder")
+    assert cli.main(["export", str(tmp_path / "folder"), "--out", str(tmp_path / "hf"), "--check"]) == 0
+    assert "greedy continuation identical: ok" in capsys.readouterr().out
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(weights)
+    name = next(n for n in state if n.endswith("mlp.down_proj.weight"))
+    state[name] = state[name] + 0.5
+    save_file(state, weights, metadata={"format": "pt"})
+    assert cli._check_export(str(tmp_path / "folder"), tmp_path / "hf") == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
 def test_missing_tokenizer_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
     model = build_model(ModelConfig(**BASE, num_layers=1, num_heads=4, num_kv_heads=2), seed=0)
     config = Config(model=model.config)

@@ -85,6 +85,13 @@ def _loss_against(report: Report, fig_dir: Path, series: dict, axes: dict[str, d
                          f"training loss per arm against {label}")
 
 
+def add_verdicts(report: Report, results: dict) -> Report:
+    """The verdict table: each variant's metric against the baseline's, the difference and the noise threshold."""
+    return report.table(["variant", "metric", "baseline", "variant", "difference", "noise threshold", "verdict"], [
+        (v["variant"], v["metric"], v["baseline_mean"], v["variant_mean"], f"{v['difference']:+.4g}", v["threshold"],
+         f"**{v['verdict']}**" if v["verdict"] in (BETTER, WORSE) else v["verdict"]) for v in results["verdicts"]])
+
+
 def write_report(results: dict, curves: dict[str, list[dict[int, float]]], out_dir: Path,
                  axes: dict[str, dict[str, list[dict[int, float]]]] | None = None) -> tuple[Path, Path]:
     """curves[arm] = one {step: loss} per seed; axes[arm][tokens | elapsed_s] = one {step: value} per seed."""
@@ -102,13 +109,7 @@ def write_report(results: dict, curves: dict[str, list[dict[int, float]]], out_d
         f"spread pooled over all arms."
     )
 
-    report.heading("Verdicts")
-    rows = []
-    for v in results["verdicts"]:
-        verdict = f"**{v['verdict']}**" if v["verdict"] in (BETTER, WORSE) else v["verdict"]
-        rows.append((v["variant"], v["metric"], v["baseline_mean"], v["variant_mean"], f"{v['difference']:+.4g}",
-                     v["threshold"], verdict))
-    report.table(["variant", "metric", "baseline", "variant", "difference", "noise threshold", "verdict"], rows)
+    add_verdicts(report.heading("Verdicts"), results)
 
     report.heading("Parameters")
     report.table(["arm", "overrides", "parameters", "vs baseline"],

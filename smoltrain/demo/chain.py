@@ -1,12 +1,10 @@
 """`smoltrain demo`: the whole playbook in miniature on the embedded corpus, ending in one report.
 
-STEPS chains the stages the way nanochat's speedrun chains its scripts: each step names its training stage in
-the registry (smoltrain/stages.py), the steps it starts from, its share of the time and its row of the report
-card, and one loop runs them. A training step completes its recipe (recipes/demo.yaml, recipes/demo/*.yaml),
-writes it to `<out>/recipes/` and runs it in a time box: a short probe picks the fastest precision/compile, and
-each box is re-planned from what is really left, never below half its nominal share (a slowed machine ends late
-rather than reporting stages trained for three seconds). `--stages` runs a subset; the others are reused from
-`--from` (default: the output folder).
+STEPS chains the stages as nanochat's speedrun chains its scripts: each step names its training stage in the registry
+(smoltrain/stages.py), the steps it starts from, its share of the time and its report card row; steps.py says what
+each does. A training step runs in a time box re-planned from what is really left, never below half its nominal share
+(a slowed machine ends late rather than reporting stages trained for three seconds). `--stages` runs a subset and
+reuses the others from `--from` (default: the output folder).
 """
 
 from __future__ import annotations
@@ -21,14 +19,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from rich.console import Console
 
 from smoltrain.config import Config, apply_overrides, config_from_dict, load_config
-from smoltrain.demo import post
-from smoltrain.demo.post import PostSizes
+from smoltrain.demo import steps as demo_steps
+from smoltrain.demo.report import CHAT_METRICS
+from smoltrain.demo.steps import PLAN_OVERHEAD, RECIPES, PostSizes
 from smoltrain.errors import ConfigError
 from smoltrain.files import write_atomic, write_json
 from smoltrain.report.model_card import CHAT_EVALS
@@ -74,13 +72,6 @@ CHAIN = ("pretrain", "sft", "apo", "grpo")  # a post-training stage starts from 
 FIXED_SHAPES = ("ablation", "pretrain", "sft", "long-context")  # the speed choice applies; the others run eager
 STAGE_FLOOR = 0.5  # a stage never gets less than this share of its nominal time, even when earlier ones overran
 ROW_S, FINAL_S = 45.0, 25.0  # a row's evaluation (re-estimated from each one measured); the export and report
-# Plan steps at (1 - PLAN_OVERHEAD) of the measured steady tokens/s: evaluations and saves, and a machine shared
-# with others (planned at 85%, a quiet-looking run was cut at step 466 of 666, before its WSD decay). Planning
-# short costs little: the time a stage leaves goes to the next ones.
-PLAN_OVERHEAD = 0.35
-
-
-# ----------------------------------------------------------------------------- the budget
 
 
 def nominal_seconds(training_s: float, stages: list[str]) -> dict[str, float]:
@@ -95,10 +86,9 @@ def reserve_seconds(pending: list[str], rows_left: int, row_s: float) -> float:
 
 
 def pretraining_left(left_s: float, pending: list[str], nominal: dict[str, float]) -> tuple[float, list[str]]:
-    """What the pretraining stages may share of `left_s`, and which of them are pending: the stages after them
-    keep their nominal time, so time lost before them (an install, a cold compile) comes out of pretraining. A
-    fresh clone's SFT got 666 steps instead of 999 when every stage shrank alike (issue 24), and a shorter
-    pretraining costs the card least: its loss curve is still falling either way."""
+    """What the pretraining stages may share of `left_s`, and which are pending: the later stages keep their nominal
+    time, so time lost before (an install, a cold compile) comes out of pretraining, which it costs least (its loss
+    is still falling either way; a fresh clone's SFT got 666 steps instead of 999 when every stage shrank alike)."""
     held = sum(nominal[s] for s in pending if s in nominal and s not in PRETRAINING)
     return left_s - held, [s for s in pending if s in PRETRAINING]
 
@@ -110,63 +100,27 @@ def stage_seconds(stage: str, left_s: float, pending: list[str], nominal_s: floa
     return max(left_s * share, STAGE_FLOOR * nominal_s)
 
 
-def planned_steps(seconds: float, tokens_per_step: float, rate: float, low: int, high: int) -> int:
-    """The steps `rate` tokens/s trains in `seconds`, clipped to [low, high]."""
-    return int(np.clip(seconds * rate / tokens_per_step, low, high))
-
-
-class Stages:
-    """Prints a numbered header per stage and records its wall time; before_s: seconds the user's command ran
-    before the demo (`make demo`: the install, cold caches), which the budget counts."""
-
-    def __init__(self, console: Console, total: int, before_s: float = 0.0):
-        self.console, self.total, self.index, self.before_s, self.wall = console, total, 0, before_s, {}
-        self.started = time.perf_counter() - before_s
-
-    @contextmanager
-    def __call__(self, name: str, title: str):
-        self.index += 1
-        self.console.rule(f"[bold][{self.index}/{self.total}] {title}")
-        start = time.perf_counter()
-        yield
-        self.wall[name] = time.perf_counter() - start
-        self.console.print(f"[dim]{name}: {self.wall[name]:.1f} s (total {self.elapsed() / 60:.1f} min)[/dim]")
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-
-# ----------------------------------------------------------------------------- stages and folders
-
-
 def parse_stages(text: str | None) -> list[str]:
     """`--stages sft,apo` -> the named stages in playbook order; one-line error with a hint otherwise."""
     names = list(DEFAULT_STAGES) if text is None else [n.strip() for n in text.split(",") if n.strip()]
-    for name in names:
-        if name not in STAGES:
-            close = difflib.get_close_matches(name, STAGES, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (expected some of: {', '.join(STAGES)})"
-            raise ConfigError(f"--stages: unknown stage '{name}'{hint}")
-    if not names:
-        raise ConfigError(f"--stages names no stage (expected some of: {', '.join(STAGES)})")
+    if bad := [n for n in names if n not in STAGES] or ([] if names else [""]):
+        close = difflib.get_close_matches(bad[0], STAGES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (expected some of: {', '.join(STAGES)})"
+        raise ConfigError(f"--stages: unknown stage '{bad[0]}'{hint}" if bad[0] else f"--stages names no stage{hint}")
     return [s for s in STAGES if s in names]
 
 
 def reused_records(source: Path, run: list[str]) -> dict[str, dict]:
     """The finished stages of an earlier demo folder that this run keeps: those not re-run and with no re-run
     stage upstream of them (a re-run SFT makes the old APO stale)."""
-    try:
-        records = json.loads((source / MARKER).read_text()).get("stages", {}) if (source / MARKER).is_file() else {}
-    except json.JSONDecodeError:
-        records = {}
+    records = json.loads((source / MARKER).read_text()).get("stages", {}) if (source / MARKER).is_file() else {}
     return {s: records[s] for s in STAGES if s not in run and (records.get(s) or {}).get("done")
             and not any(u in run for u in STEP[s].upstream)}
 
 
 def reuse(out: Path, run: list[str], from_run: str | None) -> tuple[Path | None, dict[str, dict]]:
     """(the demo folder stages are reused from, their records): every stage that runs must find the ones it starts
-    from, run now or reused. Empties `out` but for the reused stages' own folders; refuses a folder the demo did
-    not make."""
+    from, run now or reused. Empties `out` but for the reused stages' folders; refuses a folder the demo did not make."""
     # by default a subset reuses the output folder's earlier stages, when it has any
     source = Path(from_run) if from_run else (out if set(DEFAULT_STAGES) - set(run) and (out / MARKER).is_file() else None)
     if source is not None and not (source / MARKER).is_file():
@@ -188,29 +142,37 @@ def reuse(out: Path, run: list[str], from_run: str | None) -> tuple[Path | None,
     return source, keep
 
 
-# ----------------------------------------------------------------------------- the demo
-
-
 class DemoRun:
-    """One demo run: its shared state (the output folder, the stage records, the report card's rows, the time
-    budget, the speed settings) and a method per step, which `demo()` calls in STEPS order."""
+    """One demo run's shared state (the output folder, the stage records, the report card's rows, the time budget,
+    the speed settings); `demo()` runs each step's function (steps.py) with it, in STEPS order."""
 
     def __init__(self, out: Path, run: list[str], keep: dict[str, dict], base: Config, minutes: float, sizes: PostSizes,
                  steps: dict[str, int], overrides: dict[str, list[str]], console: Console, before_s: float, facts: dict):
-        self.out, self.run, self.keep, self.base, self.minutes, self.sizes = out, run, keep, base, minutes, sizes
+        self.out, self.run, self.keep, self.base, self.sizes = out, run, keep, base, sizes
         self.steps, self.overrides, self.console, self.budget_s, self.row_s = steps, overrides, console, minutes * 60, ROW_S
         self.records: dict[str, dict] = dict(keep)
         self.marker = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": self.records}
         write_json(out / MARKER, self.marker)
-        headers = {"ablation": 1, "apo": 3, "long-context": 2}  # apo: pairs, training, evals
-        self.bar = Stages(console, 4 + sum(headers.get(s, 2) for s in run), before_s)
-        if before_s:
-            console.print(f"the command started {before_s:.0f} s before the demo (install, cold caches): the "
-                          f"{minutes:g}-minute budget counts them")
+        # the clock counts from the user's command (`make demo`'s install, cold caches); one numbered header per stage
+        self.started, self.before_s, self.wall, self.index = time.perf_counter() - before_s, before_s, {}, 0
+        self.total = 4 + sum({"ablation": 1, "apo": 3, "long-context": 2}.get(s, 2) for s in run)
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
             f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
         self.facts = {**facts, "minutes": minutes, "device": device, "run": run, "sizes": sizes, "records": self.records}
         self.rows = {STEP[s].row: json.loads(Path(r["row"]).read_text()) for s, r in keep.items() if r.get("row")}
+
+    @contextmanager
+    def bar(self, name: str, title: str):
+        """A numbered header for a stage; its wall time recorded."""
+        self.index += 1
+        self.console.rule(f"[bold][{self.index}/{self.total}] {title}")
+        start = time.perf_counter()
+        yield
+        self.wall[name] = time.perf_counter() - start
+        self.console.print(f"[dim]{name}: {self.wall[name]:.1f} s (total {self.elapsed() / 60:.1f} min)[/dim]")
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
     def run_step(self, step: Step) -> None:
         """One step: skipped with the reason when a stage it starts from did not run (APO kept no pair), else run,
@@ -218,8 +180,8 @@ class DemoRun:
         if absent := [n for n in step.needs if not self.records.get(n, {}).get("model")]:
             self.records[step.name] = {"done": False, "skipped": f"not run: it starts from {absent[0]}, which did not run"}
             self.console.print(f"[yellow]{step.name}: {self.records[step.name]['skipped']}[/yellow]")
-        elif (record := getattr(self, step.name.replace("-", "_"))(step)) is not None:
-            self.records[step.name] = {**record, "done": True, "folders": list(step.folders), "wall_s": self.bar.wall.get(step.name)}
+        elif (record := getattr(demo_steps, step.name.replace("-", "_"))(self, step)) is not None:
+            self.records[step.name] = {**record, "done": True, "folders": list(step.folders), "wall_s": self.wall.get(step.name)}
             write_json(self.out / MARKER, self.marker)
             if step.row:
                 self.evaluate(step.name, step.row, record["model"])
@@ -230,7 +192,7 @@ class DemoRun:
             return float("inf")
         pending = [s for s in self.run if s not in self.records or s == stage]
         pending = pending[pending.index(stage):]
-        left = self.budget_s - self.bar.elapsed() - reserve_seconds(pending, len([s for s in pending if STEP[s].row]), self.row_s)
+        left = self.budget_s - self.elapsed() - reserve_seconds(pending, len([s for s in pending if STEP[s].row]), self.row_s)
         if stage in PRETRAINING:
             left, pending = pretraining_left(left, pending, self.nominal)
         seconds = stage_seconds(stage, left, pending, self.nominal[stage])
@@ -247,9 +209,7 @@ class DemoRun:
                            f"steps, {raw['train'].get('precision')} precision")
         stage = TRAINING_STAGES[step.kind]
         summary, stopped = stage.run_for(stage.load(path), max(seconds, 10.0), on_deadline=lambda: self.console.print(
-            "  time budget reached: asking the trainer to stop after this step"))
-        if stopped:
-            self.console.print(f"  time budget reached: {step.name} stopped at step {summary['step']}")
+            "  time budget reached: the trainer stops after this step"))
         return {"summary": summary, "stopped_by_budget": stopped, "model": raw["train"]["out_dir"], "recipe": str(path),
                 "planned_s": seconds if seconds != float("inf") else None, "init": raw["train"].get("init")}
 
@@ -257,13 +217,11 @@ class DemoRun:
         """The report card's row `name` for the model of `stage`."""
         path = self.out / "rows" / f"{name}.json"
         with self.bar(f"{name} evals", f"evaluate {name}: chat evals, pretraining evals, sample chats"):
-            row = self.rows[name] = post.evaluate_row(model_path, self.chat_tok, self.data.tokenizer, self.base_config,
-                                                      self.sizes, path, self.out / "eval.json" if name == "base" else None)
-            c = row["chat"]
-            self.console.print(f"  {name}: no_think {c['no_think_accuracy']:.0%}, think {c['think_accuracy']:.0%}, adherence "
-                               f"{c['adherence']:.0%}, format {c['think_format']:.0%}, stop {c['stop_rate']:.0%}, length "
-                               f"{c['no_think_length']:.0f}/{c['think_length']:.0f} tokens; suite centred {row['suite']['centred']:+.3f}")
-        self.row_s = self.bar.wall[f"{name} evals"]
+            row = self.rows[name] = demo_steps.evaluate_row(model_path, self.chat_tok, self.data.tokenizer, self.base_config,
+                                                            self.sizes, path, self.out / "eval.json" if name == "base" else None)
+            self.console.print(f"  {name}: " + ", ".join(f"{k} {row['chat'][k]:.0%}" for k in CHAT_METRICS)
+                               + f"; suite centred {row['suite']['centred']:+.3f}")
+        self.row_s = self.wall[f"{name} evals"]
         if Path(model_path).resolve().is_relative_to(self.out.resolve()):  # never into a reused folder elsewhere
             # the stage's final chat evals beside its model, where sft and dpo keep theirs: the model card reads them
             write_json(Path(model_path) / CHAT_EVALS, {"chat": row["chat"], "vibe": row["samples"]})
@@ -278,15 +236,6 @@ class DemoRun:
     def start_model(self, stage: str) -> str:
         """The newest model of the chain before `stage`."""
         return next(self.records[s]["model"] for s in reversed(CHAIN[: CHAIN.index(stage)]) if self.records.get(s, {}).get("model"))
-
-    def pretrain_rate(self) -> float | None:
-        """The median logged tokens/s of this demo's pretraining run (None when it did not run here)."""
-        from smoltrain.report.run import median_of, read_metrics
-
-        model = self.records.get("pretrain", {}).get("model")
-        return median_of(read_metrics(model)[0], "tokens_per_s") if model and (Path(model) / "metrics.jsonl").is_file() else None
-
-    # ------------------------------------------------------------------------- before the steps
 
     def prepare(self, speed: str | None) -> None:
         """Data (corpus -> tokenizer -> shards, cached after the first run), reference points, this machine's speed
@@ -303,24 +252,24 @@ class DemoRun:
                 console.print(f"  {key:<18} {value:>12,} tokens")
             # the data tokenizer with the smollm3 chat template (what SFT writes into its run)
             self.chat_tok = load_chat_tokenizer(write_chat_tokenizer(self.data.tokenizer, self.out / "chat-tokenizer", "smollm3"))
-        self.facts["data"] = {"manifest": manifest, "cached": self.bar.wall["data"] < 0.5 * sum(manifest["timings"].values())}
+        self.facts["data"] = {"manifest": manifest, "cached": self.wall["data"] < 0.5 * sum(manifest["timings"].values())}
         with self.bar("baselines", "baselines, speed probe and budget"):
-            self.unigram = unigram_losses(self.data, base.model.vocab_size)
-            console.print("  unigram loss (nats/token): " + ", ".join(f"{s} {v:.3f}" for s, v in self.unigram.items()))
+            unigram = unigram_losses(self.data, base.model.vocab_size)
+            console.print("  unigram loss (nats/token): " + ", ".join(f"{s} {v:.3f}" for s, v in unigram.items()))
             on_cpu = resolve_device(base.train.device).type == "cpu"
             peak = speeds.cpu_peak_tflops() if on_cpu else None  # on CUDA the trainer knows the accelerator's peak
             rows = len([s for s in self.run if STEP[s].row]) + ("pretrain" in self.keep and "base" not in self.rows)
             # the demo's own time so far, not the command's: the nominal plan is a fresh machine's, and pretraining's
             # box gives back what the install and cold caches took (pretraining_left)
-            left = self.budget_s - (self.bar.elapsed() - self.bar.before_s) - reserve_seconds(self.run, rows, ROW_S)
+            left = self.budget_s - (self.elapsed() - self.before_s) - reserve_seconds(self.run, rows, ROW_S)
             self.nominal = nominal_seconds(max(left, 0.0), self.run)
             self.probe, self.choice = (speeds.forced_probe(speed), speed) if speed else self.probe_speed(on_cpu)
             self.settings = {"fixed": speeds.stage_settings(self.probe, self.choice, True),
                              "variable": speeds.stage_settings(self.probe, self.choice, False)}
-            console.print((f"  matmul peak {peak * 1e3:.1f} GFLOP/s; plan: " if peak else "  plan: ")
-                          + ", ".join(f"{s} {v:.0f} s" for s, v in self.nominal.items()))
-            self.facts.update(unigram=self.unigram, peak_tflops=peak, probe=self.probe, speed_choice=self.choice,
-                              speed=self.settings, nominal_s=self.nominal)
+            console.print((f"  matmul peak {peak * 1e3:.1f} GFLOP/s; plan: " if peak else "  plan: ") + ", ".join(
+                f"{s} {v:.0f} s" for s, v in self.nominal.items()) + (f" (the command ran {self.before_s:.0f} s before the demo: "
+                                                                    f"the budget counts them)" if self.before_s else ""))
+            self.facts.update(unigram=unigram, probe=self.probe, speed_choice=self.choice, speed=self.settings)
         fixed = self.settings["fixed"]
         self.base_config = config_from_dict(base.to_dict(), [
             f"train.peak_tflops={json.dumps(peak)}", f"train.precision={fixed['precision']}", f"train.compile={fixed['compile']}",
@@ -336,142 +285,35 @@ class DemoRun:
         # nothing here once, and an empty sum picked fp32 eager at 0.6x bf16 + compile)
         compiled = len([s for s in self.nominal if s in FIXED_SHAPES]) + 3 * ("ablation" in self.nominal)
         choice = speeds.fastest_config(probe, sum(self.nominal.get(s, 0.0) for s in FIXED_SHAPES), compiled)
-        for line in speeds.describe_probe(probe, choice):
-            self.console.print(f"  {line}")
+        for name, tokens_per_s, compiles, chosen in speeds.probe_table(probe, choice)[1]:
+            self.console.print(f"  {name:<13} {tokens_per_s:>9,} tokens/s" + (f", compile {compiles} s (first / later)" if compiles != "-"
+                                                                               else "") + ("   <- chosen" if chosen else ""))
         return probe, choice
-
-    # ------------------------------------------------------------------------- the steps, in STEPS order
-
-    def ablation(self, step: Step) -> dict:
-        """Intra-document masking on/off, 2 seeds, judged against the seed-to-seed spread."""
-        from smoltrain.ablate.grid import ablate
-        from smoltrain.ablate.spec import AblationSpec
-        from smoltrain.report.run import median_of, read_metrics
-
-        with self.bar(step.name, step.title):
-            seconds, gbt = self.seconds_for("ablation"), self.gbt
-            n = self.steps.get("ablation") or (planned_steps(seconds, 4 * gbt, self.rate, 6, 60) if self.rate else 60)
-            self.console.print(f"  ablation budget: {n} steps x {gbt:,} tokens per run, 4 runs")
-            raw = self.base_config.to_dict()
-            raw["train"].update(eval_every=n, save_every=n, log_every=max(1, n // 10), tensorboard=False)
-            raw["optim"]["warmup_steps"] = max(1, min(self.base.optim.warmup_steps, n // 10))
-            results = ablate(spec=AblationSpec(
-                name="document-masking", baseline=raw, variants={"baseline": [], "no-document-masking": ["model.document_masking=false"]},
-                seeds=[0, 1], budget_steps=n, eval={"tasks": [], "val_batches": self.sizes.val_batches},
-                out_dir=str(self.out / "ablation"), source=f"{self.facts['recipe']} (smoltrain demo)"), console=self.console)
-            runs = [r for arm in results["arms"].values() for r in arm["runs"]]
-            # Plan pretraining from the fastest run's steady tokens/s (the median of its logged intervals; a run of a
-            # few steps is mostly startup, compile and evaluation) less PLAN_OVERHEAD, never below its tokens per wall
-            # second. The ablation runs the chosen (compiled) configuration on purpose: the probe's few steps
-            # under-read a compiled step ~3x (3.6k vs 11.5k tokens/s), and its cold compiles warm the caches.
-            steady = max(median_of(read_metrics(r["run_dir"])[0], "tokens_per_s") or 0.0 for r in runs)
-            self.rate = max(max(r["tokens"] / r["wall_s"] for r in runs), (1 - PLAN_OVERHEAD) * steady)
-        return {"results": str(self.out / "ablation" / "results.json"), "steps": n, "planning_tokens_per_s": self.rate}
-
-    def pretrain(self, step: Step) -> dict:
-        with self.bar(step.name, step.title):
-            seconds, gbt, rate = self.seconds_for("pretrain"), self.gbt, self.rate
-            n = self.steps.get("pretrain") or (planned_steps(0.95 * seconds, gbt, rate, 10, 5000) if rate else self.base.train.max_steps)
-            self.console.print(f"  {n} steps x {gbt:,} tokens" + (f" at {rate:,.0f} tokens/s" if rate else "")
-                               + f", {self.settings['fixed'].get('name', 'the recipe precision')}")
-            raw = config_from_dict(self.base_config.to_dict(), [
-                f"train.out_dir={json.dumps(str(self.out / 'pretrain'))}", f"train.max_steps={n}", f"train.eval_every={max(1, n // 4)}",
-                f"train.save_every={n}", f"train.log_every={max(1, n // 50)}",
-                f"optim.warmup_steps={max(1, min(self.base.optim.warmup_steps, n // 10))}"]).to_dict()
-            record = self.train(step, raw, seconds)
-        return {**record, "config": str(self.out / "pretrain" / "config.yaml"), "steps": n}
-
-    def sft(self, step: Step) -> dict:
-        """SFT trains pretraining's shape at its speed: steps planned from pretraining's steady tokens/s."""
-        config = self.pretrain_config
-        with self.bar(step.name, step.title):
-            seconds, measured = self.seconds_for("sft"), self.pretrain_rate()
-            rate = ((1 - PLAN_OVERHEAD) * measured if measured else self.rate) or self.settings["fixed"].get("tokens_per_s") or 1e4
-            n = self.steps.get("sft") or planned_steps(0.9 * seconds, self.sizes.sft_rows_per_step * config.data.seq_len, rate, 3, 100_000)
-            record = self.train(step, post.sft_recipe(config, self.start_model("sft"), self.out / "sft", n, self.settings["fixed"],
-                                                      self.sizes), seconds)
-        return {**record, "tokenizer": str(Path(record["model"]) / "tokenizer" / "tokenizer.json")}
-
-    def apo(self, step: Step) -> dict | None:
-        """Preference pairs from the SFT model's own rule-breaking replies, then APO-zero (None: no pair kept)."""
-        with self.bar("preferences", "preference pairs: rule-keeping replies vs the SFT model's own rule-breaking ones"):
-            pairs = post.build_pairs(self.records["sft"]["model"], self.out / "preferences", self.sizes, self.console)
-        if not pairs["kept"]:
-            self.records["apo"] = {"done": False, "skipped": "no preference pair was kept", "pairs": pairs}
-            self.console.print("[yellow]apo: no preference pair was kept: stage skipped[/yellow]")
-            return None
-        with self.bar(step.name, step.title):
-            raw = post.apo_recipe(self.pretrain_config, self.start_model("apo"), self.records["sft"]["tokenizer"], pairs,
-                                  self.out / "apo", self.settings["variable"], self.sizes)
-            raw["train"]["max_steps"] = self.steps.get("apo", raw["train"]["max_steps"])
-            return {**self.train(step, raw, self.seconds_for("apo")), "pairs": pairs}
-
-    def grpo(self, step: Step) -> dict:
-        """GRPO: the deadline decides (rollouts' speed is not probed; constant lr): a cap it comes before."""
-        with self.bar(step.name, step.title):
-            n = self.steps.get("grpo", 200)
-            raw = post.stage_recipe("demo/grpo", self.pretrain_config, self.start_model("grpo"), self.out / "grpo", n,
-                                    self.settings["variable"], {"save_every": n}, data={"tokenizer": self.records["sft"]["tokenizer"]})
-            return self.train(step, raw, self.seconds_for("grpo"))
-
-    def merge(self, step: Step) -> dict:
-        with self.bar(step.name, step.title):
-            record = post.run_merge(self.records["apo"]["model"], self.records["pretrain"]["model"], self.out / "merge", self.sizes)
-            self.console.print(f"  soup of {len(record['soup_of'])} checkpoints -> {record['soup']}; 0.9 soup + 0.1 base -> {record['model']}")
-        return record
-
-    def long_context(self, step: Step) -> dict:
-        """ABF at 8x the training length in its time box; needle accuracy and loss by position of the base model, the
-        base with YaRN x8 (no training) and the extended model."""
-        config, base_model = self.pretrain_config, self.records["pretrain"]["model"]
-        with self.bar(step.name, step.title):
-            seconds = self.seconds_for("long-context")
-            raw = post.long_context_recipe(config, base_model, self.out / "long-context", self.settings["fixed"])
-            # attention's share of a step grows with the length: planned at half pretraining's rate
-            rate = 0.5 * (self.pretrain_rate() or self.rate or 1e4)
-            n = self.steps.get("long-context") or planned_steps(0.9 * seconds, raw["train"]["global_batch_tokens"], rate, 3, 5000)
-            raw["train"].update(max_steps=n, eval_every=n, save_every=n, log_every=max(1, n // 20))
-            raw["optim"]["warmup_steps"] = max(1, min(raw["optim"]["warmup_steps"], n // 10))
-            record = self.train(step, raw, seconds)
-        with self.bar("long-context evals", "long context: needle accuracy and loss by position, before and after"):
-            record["evals"] = self.facts["long_context"] = post.long_context_evals(
-                base_model, record["model"], self.data.tokenizer, config, raw["data"]["seq_len"], self.sizes, self.console)
-        return record
-
-    # ------------------------------------------------------------------------- after the steps
 
     def export(self) -> None:
         """Export the final model to Hugging Face (with its model card) and load it back with transformers."""
         from smoltrain.data.loader import validation_batches
-        from smoltrain.report.hf_export import check_export, export_hf
-        from smoltrain.report.model_card import lineage
-        from smoltrain.train.load_model import load_any
+        from smoltrain.report.hf_export import export_checked
 
         if final := next((self.records[s]["model"] for s in reversed(CHAIN + ("merge",)) if self.records.get(s, {}).get("model")), None):
             with self.bar("export", "export to Hugging Face and load with transformers"):
-                model, _, known = load_any(final)
-                path = export_hf(final, self.out / "hf", tokenizer=None if known else self.data.tokenizer, dtype=torch.float32)
                 batch = next(iter(validation_batches(self.pretrain_config, next(iter(self.data.validation)), 1, 2)))
-                e = self.facts["export"] = {"path": str(path), "model": final, "files": sorted(p.name for p in path.iterdir()),
-                                            "card_stages": " -> ".join(s.objective for s in lineage(final)),
-                                            **check_export(model.float().eval(), path, batch["input_ids"])}
-                self.console.print(f"  {e['architecture']} in {path}: max |logit diff| {e['max_logit_diff']:.2e}, greedy "
+                e = self.facts["export"] = export_checked(final, self.out / "hf", batch["input_ids"], self.data.tokenizer)
+                self.console.print(f"  {e['architecture']} in {e['path']}: max |logit diff| {e['max_logit_diff']:.2e}, greedy "
                                    f"continuation identical: {e['greedy_match']}; model card: {e['card_stages']}")
 
     def report(self) -> Path:
         """One report (its own stage's time is known once the figures are drawn; writing is instant)."""
         from smoltrain.demo.report import add_wall_times, build_demo_report, print_summary
 
-        bar = self.bar
-        with bar("report", "report"):
+        with self.bar("report", "report"):
             self.facts["rows"] = self.rows
-            report = build_demo_report(self.out, self.facts, self.pretrain_config, bar.elapsed())
-        add_wall_times(report, self.out / "figures", bar.wall, bar.elapsed(), self.records)
+            report = build_demo_report(self.out, self.facts, self.pretrain_config, self.elapsed())
+        add_wall_times(report, self.out / "figures", self.wall, self.elapsed(), self.records)
         md_path, html_path = report.write(self.out)
-        self.marker.update(wall_s=bar.wall, total_s=bar.elapsed(), speed_choice=self.choice, probe=self.probe,
-                           minutes=self.minutes, device=self.facts["device"], unigram=self.unigram)
+        self.marker.update(wall_s=self.wall, total_s=self.elapsed(), speed_choice=self.choice, device=self.facts["device"])
         write_json(self.out / MARKER, self.marker)
-        print_summary(self.console, self.facts, bar.elapsed())
+        print_summary(self.console, self.facts, self.elapsed())
         self.console.print(f"report: {html_path} (markdown: {md_path})", soft_wrap=True)
         return html_path
 
@@ -480,14 +322,11 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
          stages: str | list[str] | None = None, from_run: str | None = None, steps: dict[str, int] | None = None,
          sizes: PostSizes | None = None, speed: str | None = None, started: float | None = None,
          overrides: dict[str, list[str]] | None = None) -> Path:
-    """Run the playbook; returns the path of the HTML report (markdown beside it).
-
-    stages: some of STAGES (a list or "sft,apo"; default all but long-context); the others are reused from `from_run`
-    (default: the output folder itself when a subset is asked for). steps ({"pretrain": 4, "sft": 20, ...}): fixed
-    steps instead of ones from `minutes` and the measured throughput. sizes: how much the demo's evaluations and pairs
-    do. overrides ({"grpo": ["grpo.num_generations=4"]}): `--set`s on a stage's recipe. speed: "fp32 eager", "bf16
-    compile", ... without probing. started: when the user's command started (seconds since the epoch; `make demo`
-    passes its own), from which the budget counts."""
+    """Run the playbook; returns the path of the HTML report (markdown beside it). stages: some of STAGES ("sft,apo";
+    default all but long-context), the others reused from `from_run` (default: the output folder). steps ({"sft": 20}):
+    fixed steps, not planned from `minutes`. sizes: what the demo's evaluations and pairs do. overrides ({"grpo":
+    ["grpo.num_generations=4"]}): `--set`s on a stage's recipe. speed: "bf16 compile", ... without probing. started:
+    when the user's command started (seconds since the epoch; `make demo` passes its own): the budget counts from it."""
     if minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {minutes}")
     before_s = 0.0 if started is None else time.time() - started
@@ -498,7 +337,7 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     if unknown := sorted(set(overrides or {}) - set(STAGES)):
         raise ConfigError(f"--set {unknown[0]}:...: no such demo stage (expected one of: {', '.join(STAGES)})")
     run = parse_stages(",".join(stages) if isinstance(stages, list) else stages)
-    recipe_path = Path(recipe) if recipe else post.RECIPES / "demo.yaml"
+    recipe_path = Path(recipe) if recipe else RECIPES / "demo.yaml"
     if not (base := load_config(recipe_path)).data.embedded:
         raise ConfigError(f"{recipe_path}: the demo trains on the embedded corpus (data.embedded: true)")
     source, keep = reuse(Path(out_dir), run, from_run)

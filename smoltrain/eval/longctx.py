@@ -446,3 +446,18 @@ def compare_extension(models: Iterable[tuple[str, object]], tokenizer, config, l
                          "needle_stderr": {n: r["ruler_match_stderr"] for n, r in needle.items()},
                          "loss_by_position": loss_by_position_per_source(model, config, val_batches, 2, buckets)}
     return results
+
+
+def extension_rows(results: dict[str, dict], trained: int) -> tuple[list[str], list[list[str]]]:
+    """compare_extension's results as a table: needle accuracy per length (± standard error), and validation loss
+    at positions inside and beyond the `trained` length (token-weighted over sources; a bucket across the boundary
+    counts in neither)."""
+    def loss(curves: dict, within: bool) -> str:
+        buckets = [b for c in curves.values() for b in c if (b["end"] <= trained if within else b["start"] >= trained)]
+        tokens = sum(b["tokens"] for b in buckets)
+        return f"{sum(b['loss'] * b['tokens'] for b in buckets) / tokens:.3f}" if tokens else "-"
+
+    lengths = list(next(iter(results.values()))["needle"])
+    return (["model", *(f"needle @{int(n):,}" for n in lengths), f"loss @<{trained}", f"loss @>={trained}"],
+            [[name, *(f"{100 * m['needle'][n]:.0f}% ± {100 * m['needle_stderr'][n]:.0f}" for n in lengths),
+              loss(m["loss_by_position"], True), loss(m["loss_by_position"], False)] for name, m in results.items()])

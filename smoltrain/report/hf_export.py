@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from smoltrain.files import write_atomic
 from smoltrain.model.hf import hf_architecture, to_hf_config, to_hf_names
-from smoltrain.report.model_card import model_card
+from smoltrain.report.model_card import lineage, model_card
 from smoltrain.train.load_model import (
     WEIGHTS_FILE,
     _full_state_dict,
@@ -98,3 +98,16 @@ def check_export(model: nn.Module, hf_dir: str | os.PathLike, input_ids: torch.T
                                  do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         greedy_match = generate(model, [prompt], new_tokens)[0] == greedy
     return {"architecture": theirs.config.architectures[0], "max_logit_diff": diff, "greedy_match": greedy_match}
+
+
+
+def export_checked(model_path: str | os.PathLike, out_dir: str | os.PathLike, input_ids: torch.Tensor,
+                   fallback_tokenizer: str | None = None) -> dict:
+    """`export_hf` in fp32 (with the tokenizer the model knows, else `fallback_tokenizer`), then check_export on
+    `input_ids`: {"path", "model", "files", "card_stages" (the model card's lineage), "architecture",
+    "max_logit_diff", "greedy_match"}."""
+    model, _, known = load_any(model_path)
+    path = export_hf(model_path, out_dir, tokenizer=None if known else fallback_tokenizer, dtype=torch.float32)
+    return {"path": str(path), "model": str(model_path), "files": sorted(p.name for p in path.iterdir()),
+            "card_stages": " -> ".join(s.objective for s in lineage(model_path)),
+            **check_export(model.float().eval(), path, input_ids)}

@@ -110,13 +110,11 @@ def stage_settings(probe: dict | None, choice: str | None, fixed_shapes: bool) -
     return {**{k: configs[choice][k] for k in ("precision", "compile", "tokens_per_s")}, "name": choice}
 
 
-def describe_probe(probe: dict, choice: str) -> list[str]:
-    """One line per probed configuration: its tokens/s, its compile times, the chosen one marked."""
-    lines = []
-    for name, e in probe["configs"].items():
-        compiles = f", compile {e['compile_s']:.1f} s (then {e['recompile_s']:.1f} s)" if e["compile"] == "on" else ""
-        lines.append(f"{name:<13} {e['tokens_per_s']:>9,.0f} tokens/s{compiles}" + ("   <- chosen" if name == choice else ""))
-    return lines + ([] if probe["native_bf16"] else ["no native bf16 on this CPU: fp32 only (bf16 would be emulated)"])
+def probe_table(probe: dict, choice: str) -> tuple[list[str], list[list]]:
+    """(headers, rows): each probed configuration's tokens/s and compile times, the chosen one marked."""
+    return ["configuration", "tokens/s (best step)", "compile s (first / later copies)", "chosen"], [
+        [name, round(e["tokens_per_s"]), f"{e['compile_s']:.1f} / {e['recompile_s']:.1f}" if e["compile"] == "on" else "-",
+         "yes" if name == choice else ""] for name, e in probe["configs"].items()]
 
 
 def cpu_peak_tflops(trials: int = 10, seconds: float = 0.1) -> float:
@@ -136,4 +134,4 @@ def cpu_peak_tflops(trials: int = 10, seconds: float = 0.1) -> float:
     return best / 1e12
 
 
-__all__ = ["SPEED_CONFIGS", "probe_speed", "fastest_config", "forced_probe", "stage_settings", "describe_probe", "cpu_peak_tflops"]
+__all__ = ["SPEED_CONFIGS", "probe_speed", "fastest_config", "forced_probe", "stage_settings", "probe_table", "cpu_peak_tflops"]

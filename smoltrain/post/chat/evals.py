@@ -155,11 +155,21 @@ def vibe_markdown(samples: list[dict]) -> str:
 
 
 POOLED = {"accuracy": ("no_think_accuracy", "think_accuracy")}  # a metric that is the mean of per-mode rates
+SIGNIFICANT = 2.0  # standard errors of the difference: a change inside them is no clear change
+MIN_LENGTH_CHANGE = 1.0  # tokens: a reply length that moves less is no clear change however tight its error
 
 
 def mean_of(parts: list[tuple[float, float]]) -> tuple[float, float]:
     """(mean of the values, standard error of that mean) of independent (value, standard error) parts."""
     return sum(v for v, _ in parts) / len(parts), math.hypot(*(e for _, e in parts)) / len(parts)
+
+
+def rate(chat: dict, metric: str) -> tuple[float | None, float | None]:
+    """(value, standard error) of a metric of chat_evals' results, a POOLED one too (the mean of its parts)."""
+    if metric in POOLED:
+        parts = [(chat.get(n), chat.get(f"{n}_stderr") or 0) for n in POOLED[metric]]
+        return (None, None) if any(v is None for v, _ in parts) else mean_of(parts)
+    return chat.get(metric), chat.get(f"{metric}_stderr")
 
 
 def paired_difference(before: dict, after: dict, metric: str) -> tuple[float, float] | None:
@@ -175,4 +185,18 @@ def paired_difference(before: dict, after: dict, metric: str) -> tuple[float, fl
         parts.append((sum(diffs) / len(diffs), standard_error(diffs)))
     return mean_of(parts)
 
-__all__ = ["POOLED", "VIBE_PROMPTS", "mean_of", "paired_difference", "chat_evals", "generate_replies", "think_format_ok", "vibe_markdown", "vibe_test"]
+
+def change(before: dict, after: dict, metric: str) -> tuple[float, str] | None:
+    """(after - before, "moved" or "no clear change") of a metric of two chat_evals results; None when either
+    lacks it. The noise is the standard error of the per-item differences when both scored the same items (a
+    paired test: 20 of 400 items turning right is a clear move although each side is +-2.4 points), else the
+    two standard errors combined. A rate at 0% or 100% on both sides has no noise: any difference is a move."""
+    (a, sa), (b, sb) = rate(before, metric), rate(after, metric)
+    if a is None or b is None:
+        return None
+    diff, noise = paired_difference(before, after, metric) or (b - a, math.hypot(sa or 0, sb or 0))
+    small = metric.endswith("length") and abs(diff) < MIN_LENGTH_CHANGE  # 7.0 -> 6.9 tokens is no story
+    return diff, "no clear change" if abs(diff) < SIGNIFICANT * noise or diff == 0 or small else "moved"
+
+__all__ = ["POOLED", "VIBE_PROMPTS", "change", "chat_evals", "generate_replies", "mean_of", "paired_difference", "rate",
+           "think_format_ok", "vibe_markdown", "vibe_test"]

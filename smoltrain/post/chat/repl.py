@@ -209,7 +209,9 @@ CHAT_METRICS = [("no_think_accuracy", "no_think answer accuracy", True), ("think
 
 
 def chat_markdown(results: dict, before: dict | None = None) -> str:
-    """A table of the chat evals (with a `before` column when given), each value ± its standard error."""
+    """A table of the chat evals (with `before` and change columns when given), each value ± its standard error."""
+    from smoltrain.post.chat.evals import change
+
     def cell(r: dict, key: str, rate: bool) -> str:
         value, se = r.get(key), r.get(f"{key}_stderr", 0.0)
         if key.startswith("think") and r.get("reasoning_modes") is False:
@@ -218,11 +220,15 @@ def chat_markdown(results: dict, before: dict | None = None) -> str:
             return "-"
         return f"{100 * value:.1f}% ± {100 * se:.1f}" if rate else f"{value:.1f} ± {se:.1f}"
 
-    head = "| chat eval | before | after |\n|---|---|---|" if before else "| chat eval | value |\n|---|---|"
+    def moved(key: str, rate: bool) -> str:  # after - before, paired when both scored the same items
+        found = change(before, results, key)
+        return "-" if found is None or math.isnan(found[0]) else f"{found[0] * (100 if rate else 1):+.1f} ({found[1]})"
+
+    head = "| chat eval | before | after | change |\n|---|---|---|---|" if before else "| chat eval | value |\n|---|---|"
     lines = [head]
     for key, name, rate in CHAT_METRICS:
         row = f"| {name} | " + (f"{cell(before, key, rate)} | " if before else "") + f"{cell(results, key, rate)} |"
-        lines.append(row)
+        lines.append(row + (f" {moved(key, rate)} |" if before else ""))
     n = results.get("n", {})
     lines.append(f"\nitems: {', '.join(f'{k} {v}' for k, v in n.items())}; greedy decoding.\n")
     return "\n".join(lines)
