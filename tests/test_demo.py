@@ -20,7 +20,7 @@ from smoltrain.cli import main
 from smoltrain.config import DataConfig
 from smoltrain.data.shards import ShardWriter, shard_name, token_dtype, write_meta
 from smoltrain.demo.chain import STAGE_FLOOR, TRAIN_SHARES, nominal_seconds, parse_stages, reused_records, stage_seconds
-from smoltrain.demo.steps import PostSizes
+from smoltrain.demo.steps import DemoSizes
 from smoltrain.eval.validation import unigram_losses
 from smoltrain.files import write_json
 from smoltrain.train.speed import fastest_config
@@ -112,7 +112,7 @@ TINY_RECIPE = {
 }
 
 
-TINY_SIZES = PostSizes(sft_rows_per_step=8, chat_items=2, think_items=2, suite_items=4, val_batches=1, chat_new_tokens=8,
+TINY_SIZES = DemoSizes(sft_rows_per_step=8, chat_items=2, think_items=2, suite_items=4, val_batches=1, chat_new_tokens=8,
                        think_new_tokens=12, sample_new_tokens=8, preference_prompts=8, apo_pairs_per_step=4, apo_epochs=1,
                        soup_checkpoints=2, rejected_temperature=1.0)
 # the stages' recipes shrunk the way a user changes them: `--set STAGE:KEY=VALUE`
@@ -213,7 +213,7 @@ def test_long_context_stage_extends_the_base_model_8x_and_scores_it_before_and_a
     from smoltrain.demo import demo
     from smoltrain.eval.run import evaluate
 
-    out, sizes = tmp_path / "demo", PostSizes(**{**asdict(TINY_SIZES), "needles": 2, "long_val_batches": 2})
+    out, sizes = tmp_path / "demo", DemoSizes(**{**asdict(TINY_SIZES), "needles": 2, "long_val_batches": 2})
     demo(str(out), minutes=1, recipe=str(_tiny_demo_recipe(tmp_path, data_cache)), stages="pretrain,long-context",
          steps={"pretrain": 4, "long-context": 2}, sizes=sizes, speed="fp32 eager")
     record = json.loads((out / "demo.json").read_text())["stages"]["long-context"]

@@ -414,7 +414,7 @@ def test_the_demo_budget_counts_from_the_command_and_pretraining_gives_back_the_
 
     from smoltrain.config import Config
     from smoltrain.demo.chain import DemoRun, nominal_seconds, pretraining_left, stage_seconds
-    from smoltrain.demo.steps import PostSizes
+    from smoltrain.demo.steps import DemoSizes
 
     stages = ["pretrain", "sft", "apo", "grpo", "merge"]
     nominal = nominal_seconds(600.0, stages)  # the plan of a fresh machine
@@ -428,7 +428,7 @@ def test_the_demo_budget_counts_from_the_command_and_pretraining_gives_back_the_
         assert seconds == pytest.approx(nominal[stage])
         after -= seconds
 
-    run = DemoRun(tmp_path, ["sft"], {}, Config(), 15.0, PostSizes(), {}, {}, RichConsole(file=io.StringIO()), 90.0, {})
+    run = DemoRun(tmp_path, ["sft"], {}, Config(), 15.0, DemoSizes(), {}, {}, RichConsole(file=io.StringIO()), 90.0, {})
     assert 90.0 <= run.elapsed() < 95.0
     assert cli.main(["demo", "--started", str(time.time() + 3600)]) == 2
     assert "--started must be a time (seconds since the epoch) in the last day" in capsys.readouterr().err

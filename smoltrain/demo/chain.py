@@ -25,8 +25,8 @@ from rich.console import Console
 
 from smoltrain.config import Config, apply_overrides, config_from_dict, load_config
 from smoltrain.demo import steps as demo_steps
-from smoltrain.demo.report import CHAT_METRICS
-from smoltrain.demo.steps import PLAN_OVERHEAD, RECIPES, PostSizes
+from smoltrain.demo.report import CHAT_METRICS, add_wall_times, build_demo_report, print_summary
+from smoltrain.demo.steps import PLAN_OVERHEAD, RECIPES, DemoSizes
 from smoltrain.errors import ConfigError
 from smoltrain.files import write_atomic, write_json
 from smoltrain.report.model_card import CHAT_EVALS
@@ -39,6 +39,8 @@ MARKER = "demo.json"  # marks a folder as the demo's own output, which a re-run 
 
 @dataclass(frozen=True)
 class Step:
+    """A step of the chain: what it is called, its training stage, its time, its row, what it needs and writes."""
+
     name: str  # what --stages names
     title: str
     kind: str | None  # its training stage in smoltrain/stages.py (None: trains nothing, or a grid of runs)
@@ -146,10 +148,10 @@ class DemoRun:
     """One demo run's shared state (the output folder, the stage records, the report card's rows, the time budget,
     the speed settings); `demo()` runs each step's function (steps.py) with it, in STEPS order."""
 
-    def __init__(self, out: Path, run: list[str], keep: dict[str, dict], base: Config, minutes: float, sizes: PostSizes,
+    def __init__(self, out: Path, run: list[str], keep: dict[str, dict], base: Config, minutes: float, sizes: DemoSizes,
                  steps: dict[str, int], overrides: dict[str, list[str]], console: Console, before_s: float, facts: dict):
         self.out, self.run, self.keep, self.base, self.sizes = out, run, keep, base, sizes
-        self.steps, self.overrides, self.console, self.budget_s, self.row_s = steps, overrides, console, minutes * 60, ROW_S
+        self.fixed_steps, self.overrides, self.console, self.budget_s, self.row_s = steps, overrides, console, minutes * 60, ROW_S
         self.records: dict[str, dict] = dict(keep)
         self.marker = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": self.records}
         write_json(out / MARKER, self.marker)
@@ -175,8 +177,8 @@ class DemoRun:
         return time.perf_counter() - self.started
 
     def run_step(self, step: Step) -> None:
-        """One step: skipped with the reason when a stage it starts from did not run (APO kept no pair), else run,
-        recorded and evaluated into its row of the report card."""
+        """One step (steps.py's function of its name): skipped with the reason when a stage it starts from did not run
+        (APO kept no pair), else run, recorded and evaluated into its row of the report card."""
         if absent := [n for n in step.needs if not self.records.get(n, {}).get("model")]:
             self.records[step.name] = {"done": False, "skipped": f"not run: it starts from {absent[0]}, which did not run"}
             self.console.print(f"[yellow]{step.name}: {self.records[step.name]['skipped']}[/yellow]")
@@ -188,7 +190,7 @@ class DemoRun:
 
     def seconds_for(self, stage: str) -> float:
         """The stage's time box, planned from what is really left now (inf for fixed steps)."""
-        if stage in self.steps:
+        if stage in self.fixed_steps:
             return float("inf")
         pending = [s for s in self.run if s not in self.records or s == stage]
         pending = pending[pending.index(stage):]
@@ -266,9 +268,9 @@ class DemoRun:
             self.probe, self.choice = (speeds.forced_probe(speed), speed) if speed else self.probe_speed(on_cpu)
             self.settings = {"fixed": speeds.stage_settings(self.probe, self.choice, True),
                              "variable": speeds.stage_settings(self.probe, self.choice, False)}
-            console.print((f"  matmul peak {peak * 1e3:.1f} GFLOP/s; plan: " if peak else "  plan: ") + ", ".join(
-                f"{s} {v:.0f} s" for s, v in self.nominal.items()) + (f" (the command ran {self.before_s:.0f} s before the demo: "
-                                                                    f"the budget counts them)" if self.before_s else ""))
+            plan = ", ".join(f"{s} {v:.0f} s" for s, v in self.nominal.items())
+            console.print(f"  {f'matmul peak {peak * 1e3:.1f} GFLOP/s; ' if peak else ''}plan: {plan}"
+                          + (f" (the command ran {self.before_s:.0f} s before the demo: the budget counts them)" if self.before_s else ""))
             self.facts.update(unigram=unigram, probe=self.probe, speed_choice=self.choice, speed=self.settings)
         fixed = self.settings["fixed"]
         self.base_config = config_from_dict(base.to_dict(), [
@@ -286,8 +288,8 @@ class DemoRun:
         compiled = len([s for s in self.nominal if s in FIXED_SHAPES]) + 3 * ("ablation" in self.nominal)
         choice = speeds.fastest_config(probe, sum(self.nominal.get(s, 0.0) for s in FIXED_SHAPES), compiled)
         for name, tokens_per_s, compiles, chosen in speeds.probe_table(probe, choice)[1]:
-            self.console.print(f"  {name:<13} {tokens_per_s:>9,} tokens/s" + (f", compile {compiles} s (first / later)" if compiles != "-"
-                                                                               else "") + ("   <- chosen" if chosen else ""))
+            compiled = f", compile {compiles} s (first / later)" if compiles != "-" else ""
+            self.console.print(f"  {name:<13} {tokens_per_s:>9,} tokens/s{compiled}" + ("   <- chosen" if chosen else ""))
         return probe, choice
 
     def export(self) -> None:
@@ -304,8 +306,6 @@ class DemoRun:
 
     def report(self) -> Path:
         """One report (its own stage's time is known once the figures are drawn; writing is instant)."""
-        from smoltrain.demo.report import add_wall_times, build_demo_report, print_summary
-
         with self.bar("report", "report"):
             self.facts["rows"] = self.rows
             report = build_demo_report(self.out, self.facts, self.pretrain_config, self.elapsed())
@@ -320,7 +320,7 @@ class DemoRun:
 
 def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: str | None = None, console: Console | None = None,
          stages: str | list[str] | None = None, from_run: str | None = None, steps: dict[str, int] | None = None,
-         sizes: PostSizes | None = None, speed: str | None = None, started: float | None = None,
+         sizes: DemoSizes | None = None, speed: str | None = None, started: float | None = None,
          overrides: dict[str, list[str]] | None = None) -> Path:
     """Run the playbook; returns the path of the HTML report (markdown beside it). stages: some of STAGES ("sft,apo";
     default all but long-context), the others reused from `from_run` (default: the output folder). steps ({"sft": 20}):
@@ -341,7 +341,7 @@ def demo(out_dir: str = "runs/smoltrain-demo", minutes: float = 15.0, recipe: st
     if not (base := load_config(recipe_path)).data.embedded:
         raise ConfigError(f"{recipe_path}: the demo trains on the embedded corpus (data.embedded: true)")
     source, keep = reuse(Path(out_dir), run, from_run)
-    demo_run = DemoRun(Path(out_dir), run, keep, base, minutes, sizes or PostSizes(), dict(steps or {}), overrides or {},
+    demo_run = DemoRun(Path(out_dir), run, keep, base, minutes, sizes or DemoSizes(), dict(steps or {}), overrides or {},
                        console or Console(highlight=False), before_s,
                        {"recipe": str(recipe_path), "reused_from": str(source) if keep else None})
     demo_run.prepare(speed)

@@ -29,7 +29,7 @@ PLAN_OVERHEAD = 0.35
 
 
 @dataclass
-class PostSizes:
+class DemoSizes:
     """How much the demo's own work does: rows' evaluations, preference pairs, merge, long-context evals (what a
     stage trains is in its recipe; the test shrinks both)."""
 
@@ -83,7 +83,7 @@ def ablation(run: DemoRun, step: Step) -> dict:
 
     with run.bar(step.name, step.title):
         seconds, gbt = run.seconds_for("ablation"), run.gbt
-        n = run.steps.get("ablation") or (planned_steps(seconds, 4 * gbt, run.rate, 6, 60) if run.rate else 60)
+        n = run.fixed_steps.get("ablation") or (planned_steps(seconds, 4 * gbt, run.rate, 6, 60) if run.rate else 60)
         run.console.print(f"  ablation budget: {n} steps x {gbt:,} tokens per run, 4 runs")
         raw = run.base_config.to_dict()
         raw["train"].update(eval_every=n, save_every=n, log_every=max(1, n // 10), tensorboard=False)
@@ -108,7 +108,7 @@ def pretrain(run: DemoRun, step: Step) -> dict:
 
     with run.bar(step.name, step.title):
         seconds, gbt, rate = run.seconds_for("pretrain"), run.gbt, run.rate
-        n = run.steps.get("pretrain") or (planned_steps(0.95 * seconds, gbt, rate, 10, 5000) if rate else run.base.train.max_steps)
+        n = run.fixed_steps.get("pretrain") or (planned_steps(0.95 * seconds, gbt, rate, 10, 5000) if rate else run.base.train.max_steps)
         run.console.print(f"  {n} steps x {gbt:,} tokens" + (f" at {rate:,.0f} tokens/s" if rate else "")
                           + f", {run.settings['fixed'].get('name', 'the recipe precision')}")
         raw = run.base_config.to_dict()
@@ -127,7 +127,7 @@ def sft(run: DemoRun, step: Step) -> dict:
     with run.bar(step.name, step.title):
         seconds, measured = run.seconds_for("sft"), run.records["pretrain"].get("tokens_per_s")
         rate = ((1 - PLAN_OVERHEAD) * measured if measured else run.rate) or run.settings["fixed"].get("tokens_per_s") or 1e4
-        n = run.steps.get("sft") or planned_steps(0.9 * seconds, run.sizes.sft_rows_per_step * config.data.seq_len, rate, 3, 100_000)
+        n = run.fixed_steps.get("sft") or planned_steps(0.9 * seconds, run.sizes.sft_rows_per_step * config.data.seq_len, rate, 3, 100_000)
         record = run.train(step, stage_recipe("demo/sft", run, "sft", run.start_model("sft"), n, "fixed", {
             "save_every": max(1, n // 3), "log_every": max(1, n // 40), "micro_batch_size": config.train.micro_batch_size,
             "global_batch_tokens": run.sizes.sft_rows_per_step * config.data.seq_len},
@@ -148,15 +148,16 @@ def apo(run: DemoRun, step: Step) -> dict | None:
         per_step = max(1, min(run.sizes.apo_pairs_per_step, kept, max(4, kept // 8)))
         micro = max(1, min(run.pretrain_config.train.micro_batch_size, per_step))
         per_step -= per_step % micro
-        n = run.steps.get("apo") or max(run.sizes.soup_checkpoints, run.sizes.apo_epochs * kept // per_step)
+        n = run.fixed_steps.get("apo") or max(run.sizes.soup_checkpoints, run.sizes.apo_epochs * kept // per_step)
         # a checkpoint every ~sixth of the run: the soup averages the last few; SFT's tokenizer (its chat template)
-        raw = stage_recipe("demo/apo", run, "apo", run.start_model("apo"), n, "variable", {"save_every": max(1, n // 6),
-                           "micro_batch_size": micro}, data={"tokenizer": run.records["sft"]["tokenizer"]},
-                           dpo={"train_data": pairs["files"], "max_length": run.pretrain_config.data.seq_len, "pairs_per_step": per_step})
+        train = {"save_every": max(1, n // 6), "micro_batch_size": micro}
+        dpo = {"train_data": pairs["files"], "max_length": run.pretrain_config.data.seq_len, "pairs_per_step": per_step}
+        raw = stage_recipe("demo/apo", run, "apo", run.start_model("apo"), n, "variable", train, dpo=dpo,
+                           data={"tokenizer": run.records["sft"]["tokenizer"]})
         return {**run.train(step, raw, run.seconds_for("apo")), "pairs": pairs}
 
 
-def build_pairs(sft_dir: str, out: Path, sizes: PostSizes, console) -> dict:
+def build_pairs(sft_dir: str, out: Path, sizes: DemoSizes, console) -> dict:
     """SmolLM3's strong-vs-weak pairs in small, the policy the weak side, in both modes (as its APO gained IFEval):
     chosen = the embedded reply that keeps the system prompt's rule, rejected = the SFT model's own reply where it
     breaks it (on-policy rejected replies moved adherence +13 points, an early checkpoint's +7) and, on arithmetic,
@@ -182,7 +183,7 @@ def build_pairs(sft_dir: str, out: Path, sizes: PostSizes, console) -> dict:
 def grpo(run: DemoRun, step: Step) -> dict:
     """GRPO: the deadline decides (rollouts' speed is not probed; constant lr): a cap it comes before."""
     with run.bar(step.name, step.title):
-        n = run.steps.get("grpo", 200)
+        n = run.fixed_steps.get("grpo", 200)
         raw = stage_recipe("demo/grpo", run, "grpo", run.start_model("grpo"), n, "variable", {"save_every": n},
                            data={"tokenizer": run.records["sft"]["tokenizer"]})
         return run.train(step, raw, run.seconds_for("grpo"))
@@ -190,22 +191,21 @@ def grpo(run: DemoRun, step: Step) -> dict:
 
 def merge(run: DemoRun, step: Step) -> dict:
     """SmolLM3's release recipe: a linear soup of the last APO checkpoints, then 0.9 soup + 0.1 base."""
-    from smoltrain.post.merge import last_checkpoints, merge
+    from smoltrain.post import merge as merging
 
     with run.bar(step.name, step.title):
         apo_dir, weights = run.records["apo"]["model"], list(run.sizes.merge_weights)
         k = max(1, min(run.sizes.soup_checkpoints, len(list((Path(apo_dir) / "checkpoints").glob("step_*")))))
-        checkpoints = [str(p) for p in last_checkpoints(apo_dir, k)]
-        soup = merge(checkpoints, run.out / "merge" / "soup")
-        merged = merge([str(soup), run.records["pretrain"]["model"]], run.out / "merge" / "merged", weights=weights)
+        checkpoints = [str(p) for p in merging.last_checkpoints(apo_dir, k)]
+        soup = merging.merge(checkpoints, run.out / "merge" / "soup")
+        merged = merging.merge([str(soup), run.records["pretrain"]["model"]], run.out / "merge" / "merged", weights=weights)
         run.console.print(f"  soup of {len(checkpoints)} checkpoints -> {soup}; {weights[0]:g} soup + {weights[1]:g} base -> {merged}")
     return {"soup_of": checkpoints, "soup": str(soup), "model": str(merged), "weights": weights}
 
 
 def long_context(run: DemoRun, step: Step) -> dict:
-    """ABF in its time box: recipes/long-context.yaml with length and RoPE base LONG_CONTEXT_FACTOR x pretraining's (256 ->
-    2048 tokens, 10k -> 80k) on pretraining's data; then needle accuracy and loss by position of the base model, the
-    base with YaRN (no training) and the extended model."""
+    """ABF in its time box: recipes/long-context.yaml at LONG_CONTEXT_FACTOR x pretraining's length and RoPE base (256 -> 2048
+    tokens, 10k -> 80k) on its data; then the base model, the base with YaRN (untrained) and the extended one scored."""
     config, base_model = run.pretrain_config, run.records["pretrain"]["model"]
     length = LONG_CONTEXT_FACTOR * config.data.seq_len
     with run.bar(step.name, step.title):
@@ -215,7 +215,7 @@ def long_context(run: DemoRun, step: Step) -> dict:
         gbt = raw["train"]["global_batch_tokens"] = 2 * raw["train"]["micro_batch_size"] * length
         # attention's share of a step grows with the length: planned at half pretraining's rate
         rate = 0.5 * (run.records["pretrain"].get("tokens_per_s") or run.rate or 1e4)
-        n = run.steps.get("long-context") or planned_steps(0.9 * seconds, gbt, rate, 3, 5000)
+        n = run.fixed_steps.get("long-context") or planned_steps(0.9 * seconds, gbt, rate, 3, 5000)
         raw["train"].update(max_steps=n, eval_every=n, save_every=n, log_every=max(1, n // 20))
         raw["model"].update(max_seq_len=length, rope_theta=LONG_CONTEXT_FACTOR * config.model.rope_theta)
         raw["optim"]["warmup_steps"] = max(1, min(raw["optim"]["warmup_steps"], n // 10))
@@ -226,7 +226,7 @@ def long_context(run: DemoRun, step: Step) -> dict:
     return record
 
 
-def long_context_evals(base: str, extended: str, data_tokenizer: str, pretrain: Config, length: int, sizes: PostSizes, console) -> dict:
+def long_context_evals(base: str, extended: str, data_tokenizer: str, pretrain: Config, length: int, sizes: DemoSizes, console) -> dict:
     """Single-needle accuracy at 1x to 8x the training length and validation loss by position at 8x of the base model,
     the base stretched with YaRN (no training) and the ABF-extended model."""
     import torch
@@ -255,7 +255,7 @@ def long_context_evals(base: str, extended: str, data_tokenizer: str, pretrain: 
     return {"trained_length": trained, "length": length, "lengths": lengths, "models": models}
 
 
-def evaluate_row(model_path: str, tokenizer, data_tokenizer: str, eval_config: Config, sizes: PostSizes, out: Path,
+def evaluate_row(model_path: str, tokenizer, data_tokenizer: str, eval_config: Config, sizes: DemoSizes, out: Path,
                  pre_out: Path | None = None) -> dict:
     """A report card row: the chat evals (item by item), the pretraining evals (validation loss per source, the embedded
     suite) and side-by-side chats of a stage's model; to `out` (JSON), the pretraining evals also to `pre_out` as `eval` does."""
