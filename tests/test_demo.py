@@ -84,6 +84,15 @@ def test_stages_are_named_in_playbook_order_and_typos_get_a_hint(tmp_path, capsy
     assert "--stages grpo needs a finished sft stage" in capsys.readouterr().err
 
 
+def test_set_names_a_stage_and_a_key(tmp_path, capsys):
+    """`--set STAGE:KEY=VALUE` changes one stage's recipe; a missing stage or an unknown one is a one-line error."""
+    assert main(["demo", "--out", str(tmp_path / "d"), "--set", "optim.lr=1e-3"]) == 2
+    assert "--set optim.lr=1e-3: expected STAGE:KEY=VALUE" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "d"), "--set", "sftt:optim.lr=1e-3"]) == 2
+    assert "--set sftt:...: no such demo stage" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
 def test_a_rerun_stage_makes_the_stages_after_it_stale(tmp_path):
     done = {stage: {"done": True, "model": f"m/{stage}"} for stage in ("ablation", "pretrain", "sft", "apo", "grpo", "merge")}
     write_json(tmp_path / "demo.json", {"stages": done})

@@ -81,9 +81,9 @@ def card_rows(facts: dict) -> tuple[list[str], list[list[str]]]:
             continue
         step = (record.get("summary") or {}).get("step")
         steps = f"{step:,}" + ("*" if record.get("stopped_by_budget") else "") if step else "soup" if name == "merged" else "-"
-        c, (val, _) = row["chat"], metric(row, "val_loss")
+        c, val, verdict = row["chat"], metric(row, "val_loss")[0], moved(rows, name) if name in TARGETS else "-"
         table.append([title, steps, *(_pm(*metric(row, m)) for m in CHAT_METRICS), f"{c['no_think_length']:.0f} / {c['think_length']:.0f}",
-                      format_value(val), f"{row['suite']['centred']:+.3f}", moved(rows, name) if name in TARGETS else "-"])
+                      "-" if val is None else f"{val:.3f}", f"{row['suite']['centred']:+.3f}", verdict])
     return headers, table
 
 
