@@ -17,8 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from spawn_helpers import leaves_without_teardown
-from synthetic_shards import write_random_documents
-from test_parallel_trainer import _free_ports, assert_same_curve, final_val, make_config, steps, write_byte_tokenizer
+from test_parallel_trainer import _free_ports, assert_same_curve, final_val, make_config, steps, write_two_sources
 
 from smoltrain.cli import main as cli_main
 from smoltrain.stages import pretrain
@@ -29,10 +28,7 @@ STEPS, SAVE_AT = 8, 4  # 4 micro-batches a step (128 tokens / (2 rows x 16)): 32
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cp_trainer")
-    write_random_documents(root / "low", "low", 1, 100, 6000, seed=1)
-    write_random_documents(root / "high", "high", 100, 200, 6000, seed=2)
-    write_random_documents(root / "val", "val", 1, 100, 1000, seed=3)
-    write_byte_tokenizer(root / "tokenizer.json")
+    write_two_sources(root)
     return root
 
 

@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from spawn_helpers import leaves_without_teardown
-from synthetic_shards import write_random_documents
 from test_moe_parallel import ACCUMULATION, LR, MAX_NORM, STEPS, WORLD, _worker, make_config, micro_batches, reference
-from test_parallel_trainer import SAVE_AT, assert_same_curve, steps, write_byte_tokenizer
+from test_parallel_trainer import SAVE_AT, assert_same_curve, steps, write_two_sources
 from test_parallel_trainer import make_config as dense_config
 
 from smoltrain.config import ModelConfig, ParallelConfig, config_from_dict
@@ -129,10 +128,7 @@ def _trainer_worker(rank: int, root: str, port: int) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("moe_ep_trainer")
-    write_random_documents(root / "low", "low", 1, 100, 6000, seed=1)
-    write_random_documents(root / "high", "high", 100, 200, 6000, seed=2)
-    write_random_documents(root / "val", "val", 1, 100, 1000, seed=3)
-    write_byte_tokenizer(root / "tokenizer.json")
+    write_two_sources(root)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

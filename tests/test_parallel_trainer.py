@@ -39,6 +39,14 @@ REL_TOL = 1e-5  # losses (float32); gradient norms get 1e-4
 # ----------------------------------------------------------------------------- data and config
 
 
+def write_two_sources(root: Path) -> None:
+    """Two training sources with disjoint token ranges, a validation set and a byte tokenizer under `root`."""
+    write_random_documents(root / "low", "low", 1, 100, 6000, seed=1)
+    write_random_documents(root / "high", "high", 100, 200, 6000, seed=2)
+    write_random_documents(root / "val", "val", 1, 100, 1000, seed=3)
+    write_byte_tokenizer(root / "tokenizer.json")
+
+
 def write_byte_tokenizer(path: Path) -> None:
     """Byte-level BPE without merges: token i is one byte, 256 is end of text (bits per byte are exact)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -112,10 +120,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("parallel_trainer")
-    write_random_documents(root / "low", "low", 1, 100, 6000, seed=1)
-    write_random_documents(root / "high", "high", 100, 200, 6000, seed=2)
-    write_random_documents(root / "val", "val", 1, 100, 1000, seed=3)
-    write_byte_tokenizer(root / "tokenizer.json")
+    write_two_sources(root)
     return root
 
 

@@ -25,6 +25,11 @@ from smoltrain.train.trainer import forward_backward
 SPEED_CONFIGS = (("fp32", "off"), ("bf16", "off"), ("bf16", "on"))  # (train.precision, train.compile)
 
 
+def config_name(precision: str, compile: str) -> str:
+    """("bf16", "on") -> "bf16 compile": how the probe, its table and `--speed` name a configuration."""
+    return f"{precision} {'compile' if compile == 'on' else 'eager'}"
+
+
 def probe_speed(config: Config, rounds: int = 2, bf16: bool | None = None) -> dict:
     """Training tokens/s (forward, backward, AdamW on random tokens, one micro-batch a step) of each
     (precision, compile) choice: steps of the configurations interleaved over `rounds` rounds, the
@@ -60,7 +65,7 @@ def probe_speed(config: Config, rounds: int = 2, bf16: bool | None = None) -> di
 
     parts, first, best = {}, {}, {}
     for precision, compile in configs:
-        name = f"{precision} {'compile' if compile == 'on' else 'eager'}"
+        name = config_name(precision, compile)
         parts[name] = (*build(compile), precision, compile)
         first[name] = step(*parts[name][:3])  # compiles a compiled configuration
     for _ in range(rounds):
@@ -88,7 +93,7 @@ def fastest_config(probe: dict, training_s: float, compiled_stages: int) -> str:
 
 def forced_probe(speed: str) -> dict:
     """A probe of one configuration named by the user ("bf16 compile"), not measured."""
-    names = {f"{p} {'compile' if c == 'on' else 'eager'}": (p, c) for p in ("fp32", "bf16") for c in ("off", "on")}
+    names = {config_name(p, c): (p, c) for p in ("fp32", "bf16") for c in ("off", "on")}
     if speed not in names:
         raise ConfigError(f"speed must be one of {', '.join(names)}, got {speed!r}")
     return {"configs": {speed: {"precision": names[speed][0], "compile": names[speed][1], "tokens_per_s": None}},
@@ -105,7 +110,7 @@ def stage_settings(probe: dict | None, choice: str | None, fixed_shapes: bool) -
         eager = [k for k, v in configs.items() if v["compile"] == "off" and v["tokens_per_s"]]
         if not eager:  # a forced compiled configuration: its precision, eager
             precision = configs[choice]["precision"]
-            return {"precision": precision, "compile": "off", "name": f"{precision} eager", "tokens_per_s": None}
+            return {"precision": precision, "compile": "off", "name": config_name(precision, "off"), "tokens_per_s": None}
         choice = max(eager, key=lambda k: configs[k]["tokens_per_s"])
     return {**{k: configs[choice][k] for k in ("precision", "compile", "tokens_per_s")}, "name": choice}
 
@@ -134,4 +139,5 @@ def cpu_peak_tflops(trials: int = 10, seconds: float = 0.1) -> float:
     return best / 1e12
 
 
-__all__ = ["SPEED_CONFIGS", "probe_speed", "fastest_config", "forced_probe", "stage_settings", "probe_table", "cpu_peak_tflops"]
+__all__ = ["SPEED_CONFIGS", "config_name", "probe_speed", "fastest_config", "forced_probe", "stage_settings", "probe_table",
+           "cpu_peak_tflops"]
